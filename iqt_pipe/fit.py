@@ -1,0 +1,88 @@
+"""DTI fitting (dipy weighted least squares) and brain masking, in iqt-pipe's conventions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from iqt_pipe.dti import from_dipy_order
+from iqt_pipe.gradients import GradientTable, select_dti_volumes
+from iqt_pipe.io import InputError
+
+
+@dataclass
+class DTIFit:
+    """A fitted tensor field: BEP016 components in the *voxel* frame of its grid."""
+
+    tensors: np.ndarray  # (X, Y, Z, 6) float32, mm²/s, voxel frame, zero outside the mask
+    s0: np.ndarray  # (X, Y, Z) float32, fitted non-diffusion-weighted signal
+    mask: np.ndarray  # (X, Y, Z) bool, voxels that were fitted
+    volumes: np.ndarray  # (N,) bool, the DWI volumes the fit used
+
+
+def valid_signal_mask(dwi: np.ndarray) -> np.ndarray:
+    """Voxels whose signal is finite and positive in every volume.
+
+    Zero-filled background (or a volume with dropped-out voxels) gives absurd tensors
+    (up to 1e3 mm²/s) that interpolation would carry far into the brain.
+    """
+    return np.all(np.isfinite(dwi) & (dwi > 0), axis=-1)
+
+
+def brain_mask(dwi: np.ndarray, gtab: GradientTable, voxel_size=None) -> np.ndarray:
+    """Brain mask by dipy's ``median_otsu`` on the mean b = 0 image.
+
+    The median filter radius is ~4 mm (at least 1 voxel) so the result does not depend on
+    the resolution more than necessary.
+    """
+    from dipy.segment.mask import median_otsu
+
+    b0 = dwi[..., gtab.b0_mask].mean(axis=-1)
+    b0 = np.where(np.isfinite(b0), b0, 0)
+    radius = 2
+    if voxel_size is not None:
+        radius = int(max(1, round(4.0 / float(np.mean(voxel_size)))))
+    _, mask = median_otsu(b0, median_radius=radius, numpass=2)
+    return mask.astype(bool)
+
+
+def fit_dti(
+    dwi: np.ndarray,
+    affine: np.ndarray,
+    gtab: GradientTable,
+    mask: np.ndarray | None = None,
+    source: str = "DWI series",
+) -> DTIFit:
+    """Fit DTI by WLS on b = 0 plus one shell (IQT protocol, see
+    :func:`iqt_pipe.gradients.select_dti_volumes`), returning voxel-frame tensors.
+
+    ``mask`` limits the fit (all voxels when None); voxels without a positive finite signal
+    in every used volume are never fitted and stay zero.
+    """
+    import dipy.reconst.dti as dipy_dti
+    from dipy.core.gradients import gradient_table
+
+    if dwi.ndim != 4 or dwi.shape[-1] != len(gtab.bvals):
+        raise InputError(
+            f"{source}: expected a 4-D series with {len(gtab.bvals)} volumes, got shape {dwi.shape}"
+        )
+    keep = select_dti_volumes(gtab, source)
+    sub = gtab.subset(keep)
+    data = dwi[..., keep]
+    fit_mask = valid_signal_mask(data)
+    if mask is not None:
+        fit_mask &= np.asarray(mask, dtype=bool)
+    # Fitting with voxel-frame directions gives voxel-frame tensors directly.
+    dipy_gtab = gradient_table(
+        sub.bvals, bvecs=sub.bvecs_voxel(affine), b0_threshold=sub.b0_threshold
+    )
+    model = dipy_dti.TensorModel(dipy_gtab, fit_method="WLS", return_S0_hat=True)
+    tensors = np.zeros(dwi.shape[:3] + (6,), dtype=np.float32)
+    s0 = np.zeros(dwi.shape[:3], dtype=np.float32)
+    if np.any(fit_mask):
+        fit = model.fit(data[fit_mask].astype(np.float64))
+        tensors[fit_mask] = from_dipy_order(fit.lower_triangular())
+        s0[fit_mask] = fit.S0_hat
+    tensors[~np.isfinite(tensors)] = 0
+    return DTIFit(tensors=tensors, s0=s0, mask=fit_mask, volumes=keep)

@@ -1,0 +1,106 @@
+"""Reading NIfTI with scale factors applied, and atomic writes (temporary file + rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import nibabel as nb
+import numpy as np
+
+
+class InputError(ValueError):
+    """A user's input is unusable; the message is one line naming the file and the fix."""
+
+
+def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, nb.Nifti1Header]:
+    """Read a NIfTI image as a float32 working copy with ``scl_slope``/``scl_inter`` applied.
+
+    Returns ``(data, affine, header)``. Non-finite voxels are kept as they are: callers
+    decide whether that is an error.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    try:
+        img = nb.load(path)
+        # get_fdata applies the scale factors (Philips scans carry scl_slope up to ~2.4e6).
+        data = np.asarray(img.get_fdata(dtype=np.float64), dtype=np.float32)
+    except Exception as exc:  # nibabel raises many types for damaged files
+        raise InputError(
+            f"{path}: cannot read as NIfTI ({exc.__class__.__name__}: {exc}); "
+            "re-export or re-download the file"
+        ) from exc
+    affine = img.affine
+    if affine is None or not np.all(np.isfinite(affine)):
+        raise InputError(f"{path}: the header has no valid affine; fix the qform/sform")
+    return data, np.asarray(affine, dtype=np.float64), img.header
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    The temporary name keeps the final suffixes (``.nii.gz``) so writers that pick a
+    format from the name behave as for the real file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file for writing that replaces ``path`` when the block succeeds."""
+    with atomic_path(path) as tmp, open(tmp, mode) as fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save_nifti(
+    data: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    header: nb.Nifti1Header | None = None,
+    dtype: type | None = np.float32,
+) -> Path:
+    """Write ``data`` atomically as NIfTI (scale factors reset; qform = sform = affine)."""
+    data = np.asarray(data if dtype is None else data.astype(dtype, copy=False))
+    hdr = header.copy() if header is not None else None
+    img = nb.Nifti1Image(data, affine, hdr)
+    img.header.set_data_dtype(data.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        nb.save(img, tmp)
+    return path
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_open(path) as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    return Path(path)
+
+
+def save_text(text: str, path: str | os.PathLike) -> Path:
+    """Write text atomically."""
+    with atomic_open(path) as fh:
+        fh.write(text)
+    return Path(path)

@@ -1,0 +1,40 @@
+"""Shared fixtures: the real-data folder, MRtrix3 availability, the venv's tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+REALDWI = Path(os.environ.get("IQT_REALDWI", REPO.parent / "shared" / "data" / "ds-realdwi"))
+
+
+def venv_tool(name: str) -> str | None:
+    """A console script installed beside the running interpreter, else on PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else shutil.which(name)
+
+
+@pytest.fixture(scope="session")
+def realdwi() -> Path:
+    if not (REALDWI / "dataset_description.json").exists():
+        pytest.skip(f"real-data tests need ../shared/data/ds-realdwi (not found at {REALDWI})")
+    return REALDWI
+
+
+def real_runs(root: Path = REALDWI) -> list[Path]:
+    """Every DWI NIfTI of the real dataset (empty when it is absent)."""
+    return sorted(root.glob("sub-*/dwi/*_dwi.nii.gz")) if root.exists() else []
+
+
+@pytest.fixture(scope="session")
+def mrtrix():
+    if shutil.which("dwi2tensor") is None:
+        pytest.skip("MRtrix3 not installed (scripts/setup.sh installs it as root; or conda install -c mrtrix3 mrtrix3)")
+    return True
