@@ -104,3 +104,43 @@ def save_text(text: str, path: str | os.PathLike) -> Path:
     with atomic_open(path) as fh:
         fh.write(text)
     return Path(path)
+
+
+#: BEP016 sidecar fields of a tensor file written by iqt-pipe (world frame).
+TENSOR_ORIENTATION = {"Type": "tensor", "Reference": "xyz", "TensorRank": 2, "EncodingAxis": 3}
+
+
+def save_tensors(
+    tensors_voxel: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    metadata: dict | None = None,
+) -> Path:
+    """Write voxel-frame tensors as a BEP016 world-frame tensor image plus JSON sidecar.
+
+    The file holds 6 volumes (D11, D12, D13, D22, D23, D33) in mm²/s, expressed in world
+    (scanner RAS) coordinates, which any tool can use whatever the voxel grid.
+    """
+    from iqt_pipe.dti import COMPONENTS, tensors_voxel_to_world
+
+    path = Path(path)
+    save_nifti(tensors_voxel_to_world(tensors_voxel, affine), affine, path)
+    sidecar = {
+        "Model": {"Description": "Diffusion tensor, weighted linear least squares"},
+        "OrientationEncoding": dict(TENSOR_ORIENTATION),
+        "TensorComponents": list(COMPONENTS),
+        "Units": "mm^2/s",
+        **(metadata or {}),
+    }
+    save_json(sidecar, sidecar_path(path))
+    return path
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """``x.nii.gz`` → ``x.json``."""
+    path = Path(path)
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".tck", ".trk"):
+        if name.endswith(ext):
+            return path.with_name(name[: -len(ext)] + ".json")
+    return path.with_suffix(".json")

@@ -1,0 +1,31 @@
+"""What every iqt-pipe command shares: one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+from iqt_pipe.io import InputError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISSING_EXECUTABLE = 0, 1, 2, 127
+
+
+def run_guarded(prog: str, work: Callable[[], int | None], verbose: bool = False) -> int:
+    """Run ``work``; turn a bad input into ``prog: error: <one line>`` and exit code 2,
+    an unexpected failure into one line (the traceback only with ``-v``) and exit code 1."""
+    try:
+        return work() or EXIT_OK
+    except InputError as exc:
+        if verbose:
+            logging.exception("bad input")
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the top level reports, never hides
+        if verbose:
+            logging.exception("unexpected failure")
+        print(f"{prog}: failed: {exc.__class__.__name__}: {exc} (rerun with -v for details)", file=sys.stderr)
+        return EXIT_FAILED

@@ -1,0 +1,103 @@
+"""Low-resolution synthesis by the IQT protocol.
+
+An HR DWI series is block-averaged over r×r×r voxels (every volume, one LR voxel per
+block), then DTI is fitted on the LR series. The HR DTI fitted the same way is the
+target. DWIs are downsampled first and fitted second — tensors are never downsampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import nibabel as nb
+
+from iqt_pipe.fit import DTIFit, brain_mask, fit_dti
+from iqt_pipe.gradients import GradientTable
+
+
+def crop_to_multiple(data: np.ndarray, r: int) -> np.ndarray:
+    """Drop the trailing voxels of each spatial axis so its length is a multiple of ``r``.
+
+    Cropping at the far end keeps voxel (0, 0, 0), hence the affine, unchanged.
+    """
+    x, y, z = (s - s % r for s in data.shape[:3])
+    return data[:x, :y, :z]
+
+
+def block_average(data: np.ndarray, r: int) -> np.ndarray:
+    """Mean over r×r×r blocks of the first three axes (after cropping to a multiple of r)."""
+    _check_factor(r)
+    data = crop_to_multiple(np.asarray(data), r)
+    x, y, z = (s // r for s in data.shape[:3])
+    if min(x, y, z) < 1:
+        raise ValueError(f"volume of shape {data.shape[:3]} is smaller than one {r}³ block")
+    blocks = data.reshape((x, r, y, r, z, r) + data.shape[3:])
+    return blocks.mean(axis=(1, 3, 5), dtype=np.float64).astype(np.float32)
+
+
+def downsample_affine(affine: np.ndarray, r: int) -> np.ndarray:
+    """Affine of the block-averaged grid: LR voxel i sits at the centre of HR voxels
+    r·i … r·i + r − 1, i.e. at HR index r·i + (r − 1)/2."""
+    _check_factor(r)
+    scale = np.diag([r, r, r, 1.0])
+    scale[:3, 3] = (r - 1) / 2.0
+    return np.asarray(affine, dtype=np.float64) @ scale
+
+
+def upsample_affine(affine: np.ndarray, r: int) -> np.ndarray:
+    """Inverse of :func:`downsample_affine`: the HR grid whose r³ blocks are the LR voxels."""
+    return np.asarray(affine, dtype=np.float64) @ np.linalg.inv(downsample_affine(np.eye(4), r))
+
+
+def degrade_dwi(dwi: np.ndarray, affine: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block-average every DWI volume; returns the LR series and its affine."""
+    return block_average(dwi, r), downsample_affine(affine, r)
+
+
+@dataclass
+class TrainingPair:
+    """An LR/HR DTI pair made by the IQT protocol, both fitted on the whole volume."""
+
+    r: int
+    hr: DTIFit
+    lr: DTIFit
+    hr_affine: np.ndarray
+    lr_affine: np.ndarray
+    hr_mask: np.ndarray  # brain mask of the (cropped) HR series
+    lr_mask: np.ndarray  # brain mask of the LR series
+    lr_dwi: np.ndarray
+
+
+def make_pair(
+    dwi: np.ndarray, affine: np.ndarray, gtab: GradientTable, r: int = 2, source: str = "DWI"
+) -> TrainingPair:
+    """LR synthesis plus DTI fits of both resolutions, with a brain mask for each.
+
+    Fits cover every voxel with a positive signal (masking is for scoring and sampling,
+    not for the fit); each mask comes from ``median_otsu`` on its own mean b = 0.
+    """
+    hr_dwi = crop_to_multiple(dwi, r)
+    lr_dwi, lr_affine = degrade_dwi(hr_dwi, affine, r)
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    return TrainingPair(
+        r=r,
+        hr=fit_dti(hr_dwi, affine, gtab, source=source),
+        lr=fit_dti(lr_dwi, lr_affine, gtab, source=f"{source} (LR)"),
+        hr_affine=np.asarray(affine, dtype=np.float64),
+        lr_affine=lr_affine,
+        hr_mask=brain_mask(hr_dwi, gtab, zooms),
+        lr_mask=brain_mask(lr_dwi, gtab, zooms * r),
+        lr_dwi=lr_dwi,
+    )
+
+
+def voxel_centres(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
+    """World coordinates (mm) of every voxel centre, shape ``shape + (3,)``."""
+    ijk = np.stack(np.meshgrid(*(np.arange(s) for s in shape), indexing="ij"), axis=-1)
+    return nb.affines.apply_affine(affine, ijk)
+
+
+def _check_factor(r: int) -> None:
+    if int(r) != r or r < 1:
+        raise ValueError(f"the upsampling factor must be a positive integer, got {r!r}")
