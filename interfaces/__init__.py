@@ -1,0 +1,8 @@
+"""Nipype interfaces of iqt-pipe: thin ``SimpleInterface`` wrappers around core functions.
+
+Installed as :mod:`iqt_pipe.interfaces`.
+"""
+
+from iqt_pipe.interfaces.dti import DegradeDWI, FitDTI
+
+__all__ = ["DegradeDWI", "FitDTI"]

@@ -1,0 +1,98 @@
+"""DTI fitting and LR synthesis as Nipype interfaces."""
+
+from __future__ import annotations
+
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+from nipype.utils.filemanip import fname_presuffix
+
+
+class _FitDTIInputSpec(BaseInterfaceInputSpec):
+    dwi_file = File(exists=True, mandatory=True, desc="DWI series (4-D NIfTI)")
+    bval_file = File(exists=True, mandatory=True, desc="FSL b-value file")
+    bvec_file = File(exists=True, mandatory=True, desc="FSL b-vector file")
+    mask_file = File(exists=True, desc="brain mask; median_otsu on the mean b=0 when not given")
+
+
+class _FitDTIOutputSpec(TraitedSpec):
+    tensor_file = File(exists=True, desc="tensors, BEP016 order, world frame (mm²/s)")
+    fa_file = File(exists=True, desc="fractional anisotropy")
+    md_file = File(exists=True, desc="mean diffusivity (mm²/s)")
+    ad_file = File(exists=True, desc="axial diffusivity (mm²/s)")
+    rd_file = File(exists=True, desc="radial diffusivity (mm²/s)")
+    s0_file = File(exists=True, desc="fitted non-diffusion-weighted signal")
+    mask_file = File(exists=True, desc="voxels that were fitted")
+
+
+class FitDTI(SimpleInterface):
+    """Weighted least-squares DTI on b=0 plus one shell (IQT protocol), written in world
+    coordinates with scalar maps."""
+
+    input_spec = _FitDTIInputSpec
+    output_spec = _FitDTIOutputSpec
+
+    def _run_interface(self, runtime):
+        from iqt_pipe.dti import scalar_maps
+        from iqt_pipe.dwi import load_dwi
+        from iqt_pipe.fit import brain_mask, fit_dti
+        from iqt_pipe.io import load_nifti, save_nifti, save_tensors
+
+        series = load_dwi(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file)
+        if self.inputs.mask_file:
+            mask = load_nifti(self.inputs.mask_file)[0] > 0
+        else:
+            mask = brain_mask(series.data, series.gtab, series.zooms)
+        fit = fit_dti(series.data, series.affine, series.gtab, mask=mask, source=self.inputs.dwi_file)
+
+        def out(suffix):
+            return fname_presuffix(self.inputs.dwi_file, suffix=suffix, newpath=runtime.cwd)
+
+        self._results["tensor_file"] = str(save_tensors(fit.tensors, series.affine, out("_tensor")))
+        for name, volume in scalar_maps(fit.tensors).items():
+            self._results[f"{name}_file"] = str(save_nifti(volume, series.affine, out(f"_{name}")))
+        self._results["s0_file"] = str(save_nifti(fit.s0, series.affine, out("_s0")))
+        self._results["mask_file"] = str(
+            save_nifti(fit.mask.astype(np.uint8), series.affine, out("_mask"), dtype=np.uint8)
+        )
+        return runtime
+
+
+class _DegradeDWIInputSpec(BaseInterfaceInputSpec):
+    dwi_file = File(exists=True, mandatory=True, desc="HR DWI series")
+    bval_file = File(exists=True, mandatory=True, desc="FSL b-value file")
+    bvec_file = File(exists=True, mandatory=True, desc="FSL b-vector file")
+    upsample = traits.Int(2, usedefault=True, desc="block size r")
+
+
+class _DegradeDWIOutputSpec(TraitedSpec):
+    dwi_file = File(exists=True, desc="block-averaged LR series")
+    bval_file = File(exists=True, desc="its b-values (unchanged)")
+    bvec_file = File(exists=True, desc="its b-vectors (unchanged: the LR grid keeps the axes)")
+
+
+class DegradeDWI(SimpleInterface):
+    """Block-average every DWI volume over r×r×r voxels (IQT protocol LR synthesis)."""
+
+    input_spec = _DegradeDWIInputSpec
+    output_spec = _DegradeDWIOutputSpec
+
+    def _run_interface(self, runtime):
+        from iqt_pipe.degrade import degrade_dwi
+        from iqt_pipe.dwi import load_dwi
+        from iqt_pipe.gradients import write_gradients
+        from iqt_pipe.io import save_nifti
+
+        series = load_dwi(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file)
+        lr, lr_affine = degrade_dwi(series.data, series.affine, self.inputs.upsample)
+        out = fname_presuffix(self.inputs.dwi_file, suffix=f"_lr{self.inputs.upsample}", newpath=runtime.cwd)
+        self._results["dwi_file"] = str(save_nifti(lr, lr_affine, out))
+        stem = out.removesuffix(".gz").removesuffix(".nii")
+        write_gradients(series.gtab, stem + ".bval", stem + ".bvec")
+        self._results["bval_file"], self._results["bvec_file"] = stem + ".bval", stem + ".bvec"
+        return runtime
