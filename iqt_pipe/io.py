@@ -13,6 +13,15 @@ import nibabel as nb
 import numpy as np
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 class InputError(ValueError):
     """A user's input is unusable; the message is one line naming the file and the fix."""
 
@@ -53,6 +62,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     suffix = "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     tmp = Path(tmp)
     try:
         yield tmp

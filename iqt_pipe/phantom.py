@@ -39,6 +39,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -124,7 +125,7 @@ class Preset:
 PRESETS = {
     p.name: p
     for p in (
-        Preset("tiny", 6.5, 3, 30, "unit tests: generation and fit in about a second"),
+        Preset("tiny", 6.5, 3, 30, "unit tests: ~0.15 s per subject once the templates are loaded"),
         Preset("small", 4.0, 4, 32, "integration tests and quick training runs"),
         Preset("demo", 2.5, 6, 48, "a small whole brain for demos"),
     )
@@ -188,7 +189,7 @@ class Phantom:
     fa: np.ndarray  # (X, Y, Z) float32, ground-truth FA
     md: np.ndarray  # (X, Y, Z) float32, ground-truth MD (mm²/s)
     fractions: np.ndarray  # (X, Y, Z, 4) float32, volume fractions of FRACTION_NAMES
-    tissue: np.ndarray  # (X, Y, Z) uint8, TISSUE_LABELS (before the lesion)
+    tissue: np.ndarray  # (X, Y, Z) uint8, TISSUE_LABELS (tubes count as WM; no lesion label)
     mask: np.ndarray  # (X, Y, Z) bool, brain fraction ≥ 0.5
     bundles: np.ndarray  # (X, Y, Z, len(BUNDLES)) float32, tube profile weights in [0, 1]
     lesion: np.ndarray | None  # (X, Y, Z) bool lesion mask, None without a lesion
@@ -200,7 +201,7 @@ class Phantom:
     rotation: np.ndarray  # (3, 3) subject head rotation (world → MNI frame)
     shift: np.ndarray  # (3,) subject head shift, mm
 
-    bundle_names = tuple(b.name for b in BUNDLES)
+    bundle_names: ClassVar[tuple[str, ...]] = tuple(b.name for b in BUNDLES)
 
     @property
     def voxel_size(self) -> np.ndarray:
@@ -226,11 +227,13 @@ def make_affine(voxel_size: float, shape_ras, orientation: str = "RAS") -> tuple
 
     try:
         ornt = axcodes2ornt(tuple(orientation.upper()))
-    except Exception:
-        ornt = None
-    if ornt is None or len(orientation) != 3 or np.isnan(ornt).any():
+        valid = len(orientation) == 3 and len(set(ornt[:, 0].tolist())) == 3
+    except Exception:  # nibabel raises ValueError or TypeError for odd codes
+        valid = False
+    if not valid:
         raise InputError(
-            f"orientation {orientation!r} is not three distinct axis codes such as RAS or LPS"
+            f"orientation {orientation!r} is not three axis codes naming three different "
+            "axes, such as RAS or LPS"
         )
     shape_ras = np.asarray(shape_ras)
     lo = FOV_CENTRE - voxel_size * (shape_ras - 1) / 2.0  # world centre of the first voxel
@@ -365,7 +368,7 @@ def white_matter_tensors(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     tensors = (1.0 - weights.sum(axis=-1) * scale)[:, None] * axial_tensors(
         WM_BACKGROUND, radial_field(points)
     )
-    for (w, direction), _ in zip(fields, BUNDLES):
+    for w, direction in fields:
         tensors += (w * scale)[:, None] * axial_tensors(WM_TUBE, direction)
     return tensors, weights
 
@@ -698,9 +701,10 @@ def _readme(spec: Preset, seed: int, snr) -> str:
 
 
 def _write_subject(root: Path, label: str, p: Phantom, spec: Preset) -> None:
-    dwi_dir = root / f"sub-{label}" / "dwi"
-    stem = dwi_dir / f"sub-{label}_dwi"
-    save_nifti(p.dwi, p.affine, f"{stem}.nii.gz", header=_nifti_header(p.dwi.shape, spec.voxel_size))
+    """The raw DWI series of one subject with its .bval/.bvec and JSON sidecar."""
+    stem = root / f"sub-{label}" / "dwi" / f"sub-{label}_dwi"
+    header = _nifti_header(p.dwi.shape, spec.voxel_size)
+    save_nifti(p.dwi, p.affine, f"{stem}.nii.gz", header=header)
     write_gradients(p.gtab, f"{stem}.bval", f"{stem}.bvec")
     save_json(
         {
@@ -815,8 +819,9 @@ def write_bids_dataset(
     spec = get_preset(preset)
     _check_snr(snr)
     _check_seed(seed, "seed")
-    if isinstance(n_subjects, bool) or not isinstance(n_subjects, (int, np.integer)) or n_subjects < 1:
-        raise InputError(f"the number of subjects must be a positive integer, got {n_subjects!r}")
+    if _check_seed(n_subjects, "the number of subjects") < 1:
+        raise InputError("the number of subjects must be at least 1")
+    make_affine(spec.voxel_size, spec.shape, orientation)  # checks the codes
     _check_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = _hidden_sibling(out, "tmp")

@@ -1,0 +1,98 @@
+"""3D-ESPCN and its Bayesian variants (Tanno et al. 2017, 2021).
+
+Three valid convolutions 3³×50 → ReLU → 1³×100 → ReLU → 3³×(6·r³), then a periodic shuffle:
+an LR input of n³ voxels gives (n − 4)³ LR positions, i.e. (r·(n − 4))³ HR voxels (receptive
+field 5³ LR voxels). ``hetero`` variants add a twin network predicting a per-voxel,
+per-component precision softplus(h) + 1e-6; ``-var1``/``-var2`` variants make every
+convolution of both networks a variational-dropout convolution (α per weight / per filter).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iqt_pipe.models.layers import VarConv3d
+from iqt_pipe.models.shuffle import periodic_shuffle
+
+#: variant → (heteroscedastic, variational dropout granularity or None)
+VARIANTS: dict[str, tuple[bool, str | None]] = {
+    "espcn": (False, None),
+    "espcn-var1": (False, "weight"),
+    "espcn-var2": (False, "filter"),
+    "hetero": (True, None),
+    "hetero-var1": (True, "weight"),
+    "hetero-var2": (True, "filter"),
+}
+WIDTHS = (50, 100)
+KERNELS = (3, 1, 3)
+N_COMPONENTS = 6
+PRECISION_FLOOR = 1e-6
+
+
+def margin(kernels=KERNELS) -> int:
+    """LR voxels lost on each side by the valid convolutions (2 for 3-1-3)."""
+    return sum(k - 1 for k in kernels) // 2
+
+
+class ESPCN(nn.Module):
+    """One 3D-ESPCN: LR (B, C, X, Y, Z) → HR (B, C, r(X−4), r(Y−4), r(Z−4))."""
+
+    def __init__(self, r: int, channels: int = N_COMPONENTS, widths=WIDTHS, kernels=KERNELS, var: str | None = None):
+        super().__init__()
+        self.r = r
+        sizes = (channels, *widths, channels * r**3)
+        make = (lambda i, o, k: VarConv3d(i, o, k, per=var)) if var else nn.Conv3d
+        self.convs = nn.ModuleList(make(sizes[n], sizes[n + 1], kernels[n]) for n in range(len(kernels)))
+
+    def forward(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        for n, conv in enumerate(self.convs):
+            x = conv(x, sample) if isinstance(conv, VarConv3d) else conv(x)
+            if n < len(self.convs) - 1:
+                x = F.relu(x)
+        return periodic_shuffle(x, self.r)
+
+    def kl(self) -> torch.Tensor:
+        terms = [c.kl() for c in self.convs if isinstance(c, VarConv3d)]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+class IQTNet(nn.Module):
+    """The mean network and, for ``hetero`` variants, the precision network."""
+
+    def __init__(self, variant: str = "hetero-var2", r: int = 2, widths=WIDTHS, kernels=KERNELS):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        if int(r) != r or r < 2:
+            raise ValueError(f"the upsampling factor must be an integer ≥ 2, got {r!r}")
+        hetero, var = VARIANTS[variant]
+        self.variant, self.r, self.widths, self.kernels = variant, int(r), tuple(widths), tuple(kernels)
+        self.hetero, self.var = hetero, var
+        self.mean_net = ESPCN(self.r, widths=widths, kernels=kernels, var=var)
+        self.prec_net = ESPCN(self.r, widths=widths, kernels=kernels, var=var) if hetero else None
+
+    @property
+    def margin(self) -> int:
+        return margin(self.kernels)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.var is not None
+
+    def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the HR mean and precision (None for non-hetero variants)."""
+        mean = self.mean_net(x, sample)
+        if self.prec_net is None:
+            return mean, None
+        return mean, F.softplus(self.prec_net(x, sample)) + PRECISION_FLOOR
+
+    def kl(self) -> torch.Tensor:
+        kl = self.mean_net.kl()
+        return kl + self.prec_net.kl() if self.prec_net is not None else kl
+
+
+def gaussian_nll(mean: torch.Tensor, precision: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Heteroscedastic loss: mean(prec·(y − μ)²) − mean(log prec)."""
+    return (precision * (target - mean) ** 2).mean() - torch.log(precision).mean()

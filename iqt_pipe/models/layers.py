@@ -1,0 +1,58 @@
+"""Variational-dropout 3-D convolution with the local reparameterisation trick.
+
+Kingma, Salimans & Welling (2015), adapted to convolution as in Tanno et al.: with weights
+w ~ N(η, α·η²), a pre-activation has mean x∗η and variance x²∗(α·η²); a sample is
+mean + sd·ε. ``per="weight"`` is Var.(I) (one α per weight), ``per="filter"`` is Var.(II)
+(one α per output channel). α = sigmoid(ρ), ρ initialised at −2.079 (α ≈ 0.11).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Kingma et al. (2015) approximation of −KL(q‖log-uniform prior), up to a constant.
+KL_C1, KL_C2, KL_C3 = 1.16145, -1.50204, 0.58630
+RHO_INIT = -2.079
+
+
+def kl_log_uniform(alpha: torch.Tensor) -> torch.Tensor:
+    """KL(q(w) ‖ p(w)) per weight, for a log-uniform prior: −(½ log α + c1 α + c2 α² + c3 α³)."""
+    return -(0.5 * torch.log(alpha) + KL_C1 * alpha + KL_C2 * alpha**2 + KL_C3 * alpha**3)
+
+
+class VarConv3d(nn.Conv3d):
+    """A valid (unpadded) 3-D convolution whose weights carry multiplicative Gaussian noise.
+
+    ``sample=True`` draws one pre-activation sample per element (local reparameterisation);
+    ``sample=False`` uses the mean weights.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, per: str = "weight"):
+        super().__init__(in_channels, out_channels, kernel_size)
+        if per not in ("weight", "filter"):
+            raise ValueError(f"per must be 'weight' (Var.I) or 'filter' (Var.II), got {per!r}")
+        self.per = per
+        shape = self.weight.shape if per == "weight" else (out_channels, 1, 1, 1, 1)
+        self.rho = nn.Parameter(torch.full(shape, RHO_INIT))
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return torch.sigmoid(self.rho)
+
+    def forward(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        mean = F.conv3d(x, self.weight, self.bias)
+        if not sample:
+            return mean
+        var = F.conv3d(x * x, self.alpha * self.weight**2)
+        return mean + torch.sqrt(var + 1e-16) * torch.randn_like(mean)
+
+    def kl(self) -> torch.Tensor:
+        """Sum of the per-weight KL terms (a filter's α counts once per weight it scales)."""
+        kl = kl_log_uniform(self.alpha)
+        if self.per == "filter":
+            kl = kl * math.prod(self.weight.shape[1:])
+        return kl.sum()
