@@ -53,7 +53,7 @@ from iqt_pipe.dti import (
     voxel_to_world_rotation,
 )
 from iqt_pipe.gradients import GradientTable, write_gradients
-from iqt_pipe.io import InputError, save_json, save_nifti, save_text
+from iqt_pipe.io import TENSOR_ORIENTATION, InputError, save_json, save_nifti, save_text
 
 # --------------------------------------------------------------------------- parameters
 
@@ -737,8 +737,7 @@ def _truth_sidecar(label: str, p: Phantom, description: str, **extra) -> dict:
 #: Sidecar fields of the ground-truth tensor file (BEP016 draft).
 TENSOR_SIDECAR = {
     "Model": {"Description": "single diffusion tensor (ground truth of the phantom)"},
-    "OrientationEncoding": {"Type": "tensor", "Reference": "xyz", "TensorRank": 2,
-                            "EncodingAxis": 3},
+    "OrientationEncoding": dict(TENSOR_ORIENTATION),
     "TensorComponents": ["D11", "D12", "D13", "D22", "D23", "D33"],
     "Units": "mm^2/s",
 }

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import traceback
 
 from iqt_pipe import __version__
 
@@ -88,10 +87,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    from iqt_pipe.io import InputError
+    from iqt_pipe.cli._common import run_guarded
     from iqt_pipe.phantom import get_preset, write_bids_dataset
 
-    try:
+    def work() -> int:
         out = write_bids_dataset(
             args.out_dir,
             n_subjects=args.subjects,
@@ -101,20 +100,17 @@ def main(argv: list[str] | None = None) -> int:
             lesion=args.lesion,
             orientation=args.orientation,
         )
-    except InputError as exc:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    spec = get_preset(args.preset)
-    noise = "noise-free" if args.snr is None else f"SNR {args.snr:g}"
-    grid = "x".join(str(n) for n in spec.shape)
-    print(
-        f"{PROG}: wrote {args.subjects} subject(s) to {out} (preset {spec.name}: {grid} voxels "
-        f"of {spec.voxel_size:g} mm, {spec.n_b0 + spec.n_directions} volumes, {noise}"
-        f"{', lesion' if args.lesion else ''}; truth in derivatives/phantom-truth)"
-    )
-    return 0
+        spec = get_preset(args.preset)
+        noise = "noise-free" if args.snr is None else f"SNR {args.snr:g}"
+        grid = "x".join(str(n) for n in spec.shape)
+        print(
+            f"{PROG}: wrote {args.subjects} subject(s) to {out} (preset {spec.name}: {grid} voxels "
+            f"of {spec.voxel_size:g} mm, {spec.n_b0 + spec.n_directions} volumes, {noise}"
+            f"{', lesion' if args.lesion else ''}; truth in derivatives/phantom-truth)"
+        )
+        return 0
+
+    return run_guarded(PROG, work, args.verbose)
 
 
 if __name__ == "__main__":

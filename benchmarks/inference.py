@@ -1,0 +1,159 @@
+"""Whole-volume super-resolution speed on an HCP-sized box (run on demand, not a test).
+
+    .venv/bin/python benchmarks/inference.py [--json FILE] [--threads N] [--device cpu|cuda]
+                                             [--quick]
+
+LR 72×87×72 → HR 145×174×145 (r = 2; HR cropped to the HCP box when reported), brain an
+ellipsoid of ~40 % of the box. For `espcn` and `hetero-var2`: a deterministic whole-brain
+pass, T = 8 and T = 32 Monte-Carlo samples; the original implementation's patch-by-patch loop
+(11³ patches, stride 7) on the same input, whose output the whole-volume path must equal; the
+peak of a large conv3d measured in the same run. Each case runs in a fresh process so its peak
+memory (RSS) is its own. Prints HR voxels/s, GFLOP/s and the fraction of the conv3d peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+LR_SHAPE = (72, 87, 72)
+R = 2
+
+
+def espcn_flops(shape, r=R, widths=(50, 100), kernels=(3, 1, 3), channels=6) -> float:
+    """Multiply-adds ×2 of one valid 3-1-3 ESPCN pass giving every LR position of ``shape``."""
+    sizes = (channels, *widths, channels * r**3)
+    margin_left = [sum(k - 1 for k in kernels[i + 1:]) // 2 for i in range(len(kernels))]
+    total = 0.0
+    for i, k in enumerate(kernels):
+        out_voxels = np.prod([s + 2 * margin_left[i] for s in shape])
+        total += 2 * sizes[i] * sizes[i + 1] * k**3 * out_voxels
+    return float(total)
+
+
+def synthetic_case():
+    from iqt_pipe import dti
+
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in LR_SHAPE], indexing="ij"), -1)
+    mask = (grid**2).sum(-1) <= (0.4 / (np.pi / 6)) ** (2 / 3)
+    q, _ = np.linalg.qr(rng.normal(size=LR_SHAPE + (3, 3)))
+    evals = np.broadcast_to(np.array([1.5e-3, 0.5e-3, 0.4e-3]), LR_SHAPE + (3,))
+    return dti.tensors_from_eig(evals, q).astype(np.float32), mask
+
+
+def conv3d_peak(device) -> float:
+    """GFLOP/s of a large 3³ conv3d (100 → 100 channels, channels_last_3d)."""
+    conv = torch.nn.Conv3d(100, 100, 3).to(device).eval()
+    x = torch.randn(1, 100, 40, 40, 40, device=device)
+    if device.type == "cpu":
+        conv, x = conv.to(memory_format=torch.channels_last_3d), x.contiguous(memory_format=torch.channels_last_3d)
+    flops = 2 * 100 * 100 * 27 * 38**3
+    with torch.no_grad():
+        conv(x)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            conv(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e9
+
+
+def run_case(variant: str, case: str, device: str, threads: int) -> dict:
+    from iqt_pipe.inference import predict_patchwise, predict_volume
+    from iqt_pipe.models import IQTNet
+
+    torch.set_num_threads(threads)
+    lr, mask = synthetic_case()
+    torch.manual_seed(0)
+    model = IQTNet(variant, R)
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    if case == "patchwise":
+        mean = predict_patchwise(model, lr, mask, device=dev)
+        info = {}
+    else:
+        T = {"deterministic": 1, "mc8": 8, "mc32": 32}[case]
+        pred = predict_volume(model, lr, mask, np.eye(4), mc_samples=T, device=dev, mem_mb=1024)
+        mean, info = pred.mean, pred.info
+    seconds = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    np.save(f"/tmp/iqt-bench-{variant}-{case}.npy", mean)
+    return {"variant": variant, "case": case, "seconds": seconds, "peak_mem_mb": peak_mb, "info": info,
+            "hr_voxels_in_mask": int(mask.sum()) * R**3}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", help="also write the default variant's figures here")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--variants", nargs="+", default=["espcn", "hetero-var2"])
+    p.add_argument("--quick", action="store_true", help="skip T = 32")
+    p.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._one:
+        print(json.dumps(run_case(*args._one, args.device, args.threads)))
+        return
+
+    torch.set_num_threads(args.threads)
+    peak = conv3d_peak(torch.device(args.device))
+    lr, mask = synthetic_case()
+    flops = espcn_flops(LR_SHAPE)
+    print(f"box LR {LR_SHAPE} → HR {tuple(2 * s for s in LR_SHAPE)}, brain {mask.mean():.0%} of the box, "
+          f"{args.threads} threads, device {args.device}")
+    print(f"conv3d peak: {peak:.0f} GFLOP/s; one ESPCN pass over the whole box: {flops / 1e9:.0f} GFLOP")
+    print(f"{'variant':<12} {'case':<14} {'seconds':>8} {'HR vox/s':>10} {'GFLOP/s':>8} {'of peak':>8} {'RSS MB':>7}")
+    results = {}
+    cases = ["deterministic", "mc8"] + ([] if args.quick else ["mc32"]) + ["patchwise"]
+    for variant in args.variants:
+        for case in cases:
+            if case == "patchwise" and variant != args.variants[0]:
+                continue
+            out = subprocess.run(
+                [sys.executable, __file__, "--_one", variant, case, "--threads", str(args.threads), "--device", args.device],
+                check=True, capture_output=True, text=True,
+            ).stdout
+            res = json.loads(out.strip().splitlines()[-1])
+            results[(variant, case)] = res
+            nets = 2 if variant.startswith("hetero") else 1
+            samples = {"mc8": 8, "mc32": 32}.get(case, 1)
+            # Work actually run: only tiles touching the brain, incl. their margins.
+            info = res["info"]
+            frac = info.get("tiles", 1) / max(info.get("tiles_total", 1), 1) if info else 1.0
+            gflops = flops * frac * nets * samples * (2 if "var" in variant and samples > 1 else 1) / 1e9
+            rate = gflops / res["seconds"]
+            print(f"{variant:<12} {case:<14} {res['seconds']:8.2f} {res['hr_voxels_in_mask'] / res['seconds']:10.3g} "
+                  f"{rate:8.0f} {rate / peak:8.0%} {res['peak_mem_mb']:7.0f}")
+    first = args.variants[0]
+    same = np.abs(np.load(f"/tmp/iqt-bench-{first}-deterministic.npy") - np.load(f"/tmp/iqt-bench-{first}-patchwise.npy")).max()
+    scale = np.abs(np.load(f"/tmp/iqt-bench-{first}-patchwise.npy")).max()
+    print(f"whole-volume vs patch-by-patch ({first}): max |Δ| = {same:.2e} ({same / scale:.1e} of max); "
+          f"speed-up {results[(first, 'patchwise')]['seconds'] / results[(first, 'deterministic')]['seconds']:.2f}×")
+    if args.json:
+        d = {c: results[(first, c)]["seconds"] for c in cases}
+        summary = {
+            "variant": first,
+            "deterministic_s": d["deterministic"], "mc8_s": d["mc8"], "mc32_s": d.get("mc32"),
+            "patchwise_s": d["patchwise"],
+            "conv3d_peak_gflops": peak,
+            "conv3d_peak_fraction": flops * results[(first, "deterministic")]["info"]["tiles"]
+            / results[(first, "deterministic")]["info"]["tiles_total"] / 1e9 / d["deterministic"] / peak,
+            "peak_mem_mb": max(r["peak_mem_mb"] for (v, _), r in results.items() if v == first),
+            "all": {f"{v}/{c}": r for (v, c), r in results.items()},
+        }
+        with open(args.json, "w") as fh:
+            json.dump(summary, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
