@@ -126,11 +126,13 @@ def main():
             res = json.loads(out.strip().splitlines()[-1])
             results[(variant, case)] = res
             nets = 2 if variant.startswith("hetero") else 1
-            samples = {"mc8": 8, "mc32": 32}.get(case, 1)
-            # Work actually run: only tiles touching the brain, incl. their margins.
+            stochastic = "var" in variant
+            samples = {"mc8": 8, "mc32": 32}.get(case, 1) if stochastic else 1
+            # Convolutions actually run: only tiles touching the brain (their margins
+            # ignored); a sampled variational layer runs a second convolution for the variance.
             info = res["info"]
             frac = info.get("tiles", 1) / max(info.get("tiles_total", 1), 1) if info else 1.0
-            gflops = flops * frac * nets * samples * (2 if "var" in variant and samples > 1 else 1) / 1e9
+            gflops = flops * frac * nets * samples * (2 if stochastic and samples > 1 else 1) / 1e9
             rate = gflops / res["seconds"]
             print(f"{variant:<12} {case:<14} {res['seconds']:8.2f} {res['hr_voxels_in_mask'] / res['seconds']:10.3g} "
                   f"{rate:8.0f} {rate / peak:8.0%} {res['peak_mem_mb']:7.0f}")

@@ -3,17 +3,24 @@
 The 3D-ESPCN is fully convolutional: an LR tile of (t + 2m)³ voxels (m = 2 lost to the valid
 convolutions on each side) gives the HR voxels of its t³ central LR positions. The LR volume
 is padded by m with background (zero tensors), split into equal tiles, and only tiles whose
-LR positions touch the brain mask run — in batches, with the T Monte-Carlo weight samples
-batched together. No per-patch Python loop, and every in-mask HR voxel is predicted.
+LR positions touch the brain mask run, in batches. No per-patch Python loop, and every in-mask
+HR voxel is predicted.
 
-Predictive mean = mean of the sampled means; intrinsic variance = mean of the predicted
-variances 1/precision; parameter variance = variance of the sampled means; total = their sum.
-FA and MD mean and sd come from tensor samples drawn from the predictive distribution.
+Monte-Carlo. Each of the T samples draws one set of weights from the variational posterior,
+w = η·(1 + √α·ε), and runs it over the whole volume (every tile uses the same draw), so the
+result does not depend on the tiling. (Training uses the local reparameterisation trick, which
+samples activations instead: the same marginal per activation with less gradient variance, but
+not one network per sample.) Predictive mean = mean of the sampled means; intrinsic variance =
+mean of the predicted variances 1/precision; parameter variance = variance of the sampled
+means; total = their sum. FA and MD mean and sd come from tensor samples drawn from the
+predictive distribution (per MC sample, Gaussians with the predicted variances).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,24 +93,21 @@ def _fa_md(d: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]
     return fa, md
 
 
-def _bytes_per_tile_sample(model: IQTNet, t: int, scalar_samples: int) -> int:
-    """Rough peak bytes of one tile and one MC sample: the widest activations (doubled for
-    variational layers' variances, twice for the hetero twin), the shuffled outputs and the
-    float64 statistics and tensor samples behind FA/MD."""
+def _bytes_per_tile(model: IQTNet, t: int, scalar_samples: int) -> int:
+    """Rough peak bytes of one tile in one forward pass: the widest activations (twice for the
+    hetero twin), the shuffled outputs, and the tensor samples behind FA/MD."""
     n_in = (t + 2 * model.margin) ** 3
     n_hr = (t * model.r) ** 3
-    widest = max(model.widths) * (2 if model.stochastic else 1) * (2 if model.hetero else 1)
-    return n_in * (6 + 2 * widest) * _F32 + n_hr * 6 * 8 * (4 + scalar_samples)
+    widest = max(model.widths) * (2 if model.hetero else 1)
+    return n_in * (6 + 2 * widest) * _F32 + n_hr * 6 * _F32 * (6 + 2 * scalar_samples)
 
 
-def tile_size_for_budget(
-    model: IQTNet, mem_mb: float, batch: int, scalar_samples: int = 1, device_type: str = "cpu"
-) -> int:
+def tile_size_for_budget(model: IQTNet, mem_mb: float, scalar_samples: int = 1, device_type: str = "cpu") -> int:
     """LR tile edge t: 16 on CPU (measured fastest: its working set stays in cache; 32 is
-    ~50 % slower), up to 48 on GPUs; smaller when ``batch`` MC samples would not fit ``mem_mb``."""
+    ~50 % slower), up to 48 on GPUs; smaller when a tile would not fit ``mem_mb``."""
     start = 48 if device_type == "cuda" else 16
     for t in range(start, 7, -4):
-        if _bytes_per_tile_sample(model, t, scalar_samples) * batch <= mem_mb * 2**20:
+        if _bytes_per_tile(model, t, scalar_samples) <= mem_mb * 2**20:
             return t
     return 8
 
@@ -153,6 +157,52 @@ def _hr_baseline(lr_tensors, stats: ChannelStats, r: int, target: str) -> np.nda
     return stats.mean.astype(np.float32)
 
 
+@contextmanager
+def _torch_threads(threads: int | None):
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _target_of(model: IQTNet, target: str | None) -> str:
+    """The model's own target (set from its card by ``load_model``) unless one is given that
+    agrees with it."""
+    own = getattr(model, "target", None)
+    if target is not None and own is not None and target != own:
+        raise ValueError(f"target {target!r} disagrees with the model's own target {own!r}")
+    return target or own or "hr"
+
+
+class _Accumulator:
+    """Running per-voxel statistics over the MC samples (Welford for mean and variance)."""
+
+    def __init__(self, hr_shape, hetero: bool, with_sd: bool):
+        self.count = 0
+        self.mean = np.zeros(hr_shape + (6,), np.float32)
+        self.m2 = np.zeros(hr_shape + (6,), np.float32)
+        self.var_int = np.zeros(hr_shape + (6,), np.float32) if hetero else None
+        self.scalars = {k: np.zeros(hr_shape, np.float64) for k in ("fa", "fa2", "md", "md2")}
+        self.n_scalar = 0
+        self.with_sd = with_sd
+
+    def add(self, hs, mu: np.ndarray, var_i: np.ndarray | None, inside: np.ndarray, fa, md) -> None:
+        """One MC sample of one tile: ``mu``/``var_i`` (x, y, z, 6); ``fa``/``md`` (S, K)."""
+        mean = self.mean[hs]
+        delta = mu - mean
+        mean += delta / (self.count + 1)
+        self.m2[hs] += delta * (mu - mean)
+        if var_i is not None:
+            self.var_int[hs] += var_i
+        for key, val in (("fa", fa), ("md", md)):
+            arr, sq = self.scalars[key][hs], self.scalars[key + "2"][hs]
+            arr[inside] += val.sum(0)
+            sq[inside] += (val * val).sum(0)
+
+
 @torch.no_grad()
 def predict_volume(
     model: IQTNet,
@@ -167,97 +217,104 @@ def predict_volume(
     device: str | torch.device = "cpu",
     mem_mb: float = 1024,
     tile: int | None = None,
-    target: str = "hr",
+    target: str | None = None,
+    threads: int | None = None,
 ) -> Prediction:
     """Super-resolve a voxel-frame LR tensor field; see the module docstring.
 
     ``mc_samples`` applies to variational variants (deterministic ones use one pass);
     ``mc_samples=1`` is a deterministic pass with the mean weights (no parameter variance);
-    ``scalar_samples`` is the number of tensor samples per voxel behind FA/MD mean and sd;
-    ``target`` is the model card's (``"residual-cubic"`` adds the cubic B-spline upsampling).
+    ``scalar_samples`` is the number of tensor samples per voxel behind FA/MD mean and sd
+    (hetero variants; otherwise the MC samples' means are used); ``target`` defaults to the
+    model's own (from its card); ``threads`` sets PyTorch's CPU threads for this call.
+    The caller's model is not modified.
     """
     from iqt_pipe.degrade import upsample_affine
 
-    device = torch.device(device) if isinstance(device, str) else device
+    device = resolve_device(device) if isinstance(device, str) else device
     lr_mask = np.asarray(lr_mask, dtype=bool)
     if lr_tensors.shape[:3] != lr_mask.shape or lr_tensors.shape[-1] != 6:
         raise ValueError(f"tensors {lr_tensors.shape} and mask {lr_mask.shape} do not match")
+    target = _target_of(model, target)
     r, m = model.r, model.margin
     stats = stats or channel_stats(lr_tensors, lr_mask)
     T = max(1, mc_samples) if model.stochastic else 1
-    # Tensor samples per MC sample behind FA/MD: only the hetero Gaussian is sampled.
     per_sample = max(1, math.ceil(scalar_samples / T)) if model.hetero else 1
     hr_shape = tuple(s * r for s in lr_mask.shape)
     hr_mask = expand_mask(lr_mask, r)
 
-    model = model.to(device).eval()
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last_3d)
-    t = tile or tile_size_for_budget(model, mem_mb, T, per_sample, device.type)
+    net = copy.deepcopy(model).to(device).eval()
+    channels_last = device.type == "cpu"
+    t = tile or tile_size_for_budget(net, mem_mb, per_sample, device.type)
+    per_call = max(1, int(mem_mb * 2**20 // _bytes_per_tile(net, t, per_sample)))
     tiler = _Tiler(lr_mask.shape, t, m, r)
     z = tiler.pad(stats.standardise(lr_tensors), stats.standardise(np.zeros(6)))
     tiles = tiler.tiles_touching(lr_mask)
     baseline = _hr_baseline(lr_tensors, stats, r, target)
-    # Tiles per forward call: as many as the budget allows with T samples each.
-    per_call = max(1, int(mem_mb * 2**20 // (_bytes_per_tile_sample(model, t, per_sample) * T)))
-
-    keys = ["mean", "fa_mean", "md_mean"]
-    keys += ["var_int"] * model.hetero + ["var_par"] * (T > 1)
-    keys += ["fa_sd", "md_sd"] * (model.hetero or T > 1)
-    out = {k: np.zeros(hr_shape + (6,) if k in ("mean", "var_int", "var_par") else hr_shape, np.float32) for k in keys}
     sd = torch.as_tensor(stats.sd, dtype=torch.float32, device=device).view(6, 1, 1, 1)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for start in range(0, len(tiles), per_call):
-            chunk = tiles[start:start + per_call]
-            x = torch.from_numpy(np.stack([z[tiler.input_slices(tl)] for tl in chunk])).to(device)
-            x = x.permute(0, 4, 1, 2, 3).repeat_interleave(T, dim=0)  # (n·T, 6, X, Y, Z)
-            if device.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last_3d)
-            mean, prec = model(x, sample=T > 1)
-            n = len(chunk)
-            # (n, T, 6, X, Y, Z) in plain layout: elementwise work on strided views is slow.
-            mean = mean.contiguous().reshape(n, T, *mean.shape[1:]) * sd  # mm²/s minus baseline
-            if prec is not None:
-                prec = prec.contiguous().reshape(n, T, *prec.shape[1:])
-            for j, tl in enumerate(chunk):
-                hs = tiler.hr_slices(tl)
-                crop = (slice(None),) * 2 + tuple(slice(0, s.stop - s.start) for s in hs)
-                if baseline.ndim == 1:
-                    base = torch.from_numpy(baseline).to(device).view(6, 1, 1, 1)
-                else:
-                    base = torch.from_numpy(baseline[hs]).to(device).permute(3, 0, 1, 2)
-                mu = mean[j][crop] + base  # (T, 6, x, y, z)
-                stats_j = {"mean": mu.mean(0)}
-                if T > 1:
-                    stats_j["var_par"] = mu.var(0, unbiased=False)
-                var_i = None
-                if prec is not None:
-                    var_i = sd**2 / prec[j][crop]
-                    stats_j["var_int"] = var_i.mean(0)
-                    eps = torch.randn((per_sample,) + tuple(mu.shape), generator=gen, device=device)
-                    samples = (mu + eps * var_i.sqrt()).flatten(0, 1)  # (S·T, 6, x, y, z)
-                else:
-                    samples = mu
-                fa, md = _fa_md(samples, axis=1)
-                stats_j |= {"fa_mean": fa.mean(0), "md_mean": md.mean(0)}
-                if "fa_sd" in out:
-                    stats_j |= {"fa_sd": fa.std(0, unbiased=False), "md_sd": md.std(0, unbiased=False)}
-                keep = torch.from_numpy(hr_mask[hs]).to(device)
-                for key, val in stats_j.items():
-                    val = (val * keep).cpu().numpy()
-                    out[key][hs] = np.moveaxis(val, 0, -1) if val.ndim == 4 else val
+    # Independent streams: weights from (seed, sample), FA/MD noise from (seed, "scalars").
+    seeds = np.random.SeedSequence(seed).spawn(T + 1)
+    scalar_gen = torch.Generator(device=device).manual_seed(int(seeds[-1].generate_state(1)[0]))
+    acc = _Accumulator(hr_shape, net.hetero, with_sd=net.hetero or T > 1)
+
+    with _torch_threads(threads):
+        for k in range(T):
+            weight_gen = torch.Generator(device=device).manual_seed(int(seeds[k].generate_state(1)[0]))
+            draw = net.sample_weights(weight_gen) if T > 1 else net
+            if channels_last:
+                draw = draw.to(memory_format=torch.channels_last_3d)
+            for start in range(0, len(tiles), per_call):
+                chunk = tiles[start:start + per_call]
+                x = torch.from_numpy(np.stack([z[tiler.input_slices(tl)] for tl in chunk])).to(device)
+                x = x.permute(0, 4, 1, 2, 3)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last_3d)
+                mean, prec = draw(x, sample=False)
+                # Plain layout: elementwise work on channels_last views is slow.
+                mean = mean.contiguous() * sd
+                prec = prec.contiguous() if prec is not None else None
+                for j, tl in enumerate(chunk):
+                    hs = tiler.hr_slices(tl)
+                    crop = (slice(None),) + tuple(slice(0, s.stop - s.start) for s in hs)
+                    base = torch.from_numpy(baseline if baseline.ndim == 1 else baseline[hs]).to(device)
+                    base = base.view(6, 1, 1, 1) if baseline.ndim == 1 else base.permute(3, 0, 1, 2)
+                    mu = mean[j][crop] + base  # (6, x, y, z)
+                    inside_np = hr_mask[hs]
+                    inside = torch.from_numpy(inside_np).to(device)
+                    mu_in = mu[:, inside]  # (6, K)
+                    var_i = None
+                    if prec is not None:
+                        var_i = sd**2 / prec[j][crop]
+                        eps = torch.randn((per_sample,) + tuple(mu_in.shape), generator=scalar_gen, device=device)
+                        samples = mu_in + eps * var_i[:, inside].sqrt()  # (S, 6, K)
+                    else:
+                        samples = mu_in[None]
+                    fa, md = _fa_md(samples, axis=1)
+                    acc.add(
+                        hs,
+                        (mu * inside).permute(1, 2, 3, 0).cpu().numpy(),
+                        None if var_i is None else (var_i * inside).permute(1, 2, 3, 0).cpu().numpy(),
+                        inside_np, fa.double().cpu().numpy(), md.double().cpu().numpy(),
+                    )
+            acc.count += 1
+    n = T * per_sample
+    sc = acc.scalars
+    fa_mean, md_mean = sc["fa"] / n, sc["md"] / n
     zeros = np.zeros(hr_shape, np.float32)
+    if acc.with_sd:
+        fa_sd = np.sqrt(np.maximum(sc["fa2"] / n - fa_mean**2, 0)).astype(np.float32)
+        md_sd = np.sqrt(np.maximum(sc["md2"] / n - md_mean**2, 0)).astype(np.float32)
+    else:
+        fa_sd = md_sd = zeros
     return Prediction(
-        mean=out["mean"],
-        var_intrinsic=out.get("var_int"),
-        var_parameter=out.get("var_par"),
-        fa_mean=out["fa_mean"], fa_sd=out.get("fa_sd", zeros), md_mean=out["md_mean"], md_sd=out.get("md_sd", zeros),
+        mean=acc.mean,
+        var_intrinsic=acc.var_int / T if acc.var_int is not None else None,
+        var_parameter=acc.m2 / T if T > 1 else None,
+        fa_mean=fa_mean.astype(np.float32), fa_sd=fa_sd, md_mean=md_mean.astype(np.float32), md_sd=md_sd,
         mask=hr_mask,
         affine=upsample_affine(lr_affine, r),
-        info={"mc_samples": T, "scalar_samples": per_sample * T, "target": target, "tile": t,
-              "tiles": len(tiles), "tiles_total": int(np.prod(tiler.n_tiles)), "seed": seed, "device": str(device)},
+        info={"mc_samples": T, "scalar_samples": n, "target": target, "tile": t, "tiles": len(tiles),
+              "tiles_total": int(np.prod(tiler.n_tiles)), "seed": seed, "device": str(device)},
     )
 
 
@@ -271,19 +328,20 @@ def predict_patchwise(
     patch: int = 11,
     batch: int = 64,
     device: str | torch.device = "cpu",
-    target: str = "hr",
+    target: str | None = None,
 ) -> np.ndarray:
     """The original implementation's deterministic prediction: overlapping LR patches of
     ``patch``³ voxels (stride patch − 2m), run in batches and stitched. Reference for tests
     and benchmarks; :func:`predict_volume` must give the same mean."""
     lr_mask = np.asarray(lr_mask, dtype=bool)
+    target = _target_of(model, target)
     r, m = model.r, model.margin
     stride = patch - 2 * m
     stats = stats or channel_stats(lr_tensors, lr_mask)
     tiler = _Tiler(lr_mask.shape, stride, m, r)
     z = tiler.pad(stats.standardise(lr_tensors), stats.standardise(np.zeros(6)))
     out = np.zeros(tuple(s * r for s in lr_mask.shape) + (6,), np.float32)
-    model = model.to(device).eval()
+    model = copy.deepcopy(model).to(device).eval()
     corners = [tl for tl in np.ndindex(*tiler.n_tiles)]
     for start in range(0, len(corners), batch):
         chunk = corners[start:start + batch]
@@ -304,44 +362,50 @@ def predict_patchwise(
 
 
 def combine_ensemble(predictions: list[Prediction], scalar_samples: int = 32, seed: int = 0) -> Prediction:
-    """Average several models' predictions, each weighted by the inverse of its predicted
-    total variance (per voxel and component; equal weights where a model predicts none).
-    FA/MD mean and sd come from samples of the combined Gaussian."""
+    """Average several models' predictions, each weighted per voxel by the inverse of its
+    predicted total variance (``sd_frobenius²``; equal weights at voxels where any member
+    predicts none). The combination is the weighted mixture: intrinsic variance is the
+    weighted mean of the members', parameter variance adds their disagreement
+    Σ w (var_par + (μ − μ̄)²) / Σ w. FA/MD mean and sd come from samples of the mixture."""
     if not predictions:
         raise ValueError("an ensemble needs at least one prediction")
     first = predictions[0]
     for p in predictions[1:]:
         if p.mean.shape != first.mean.shape or not np.allclose(p.affine, first.affine):
             raise ValueError("ensemble members must predict on the same HR grid")
-    totals = [p.var_total.astype(np.float64) for p in predictions]
-    if all(np.all(v[first.mask] > 0) for v in totals):
-        weights = [1.0 / np.maximum(v, 1e-30) for v in totals]
-    else:
-        weights = [np.ones_like(first.mean, dtype=np.float64) for _ in predictions]
-    wsum = sum(weights)
-    mean = sum(w * p.mean for w, p in zip(weights, predictions)) / wsum
-
-    def combined(part):
-        vals = [getattr(p, part) for p in predictions]
-        if all(v is None for v in vals):
-            return None
-        return (sum(w**2 * (v if v is not None else 0) for w, v in zip(weights, vals)) / wsum**2).astype(np.float32)
-
-    var_i, var_p = combined("var_intrinsic"), combined("var_parameter")
-    total = (var_i if var_i is not None else 0) + (var_p if var_p is not None else 0)
-    gen = torch.Generator().manual_seed(seed)
-    fa_m, fa_s, md_m, md_s = (np.zeros(first.mask.shape, np.float32) for _ in range(4))
+    v = np.stack([p.sd_frobenius.astype(np.float64) ** 2 for p in predictions])  # (M, X, Y, Z)
+    w = np.where(np.all(v > 0, axis=0), 1.0 / np.maximum(v, 1e-300), 1.0)
+    w = w / w.sum(0)
+    mus = np.stack([p.mean.astype(np.float64) for p in predictions])
+    mean = np.einsum("m...,m...c->...c", w, mus)
+    var_i = None
+    if any(p.var_intrinsic is not None for p in predictions):
+        var_i = sum(wm[..., None] * (p.var_intrinsic if p.var_intrinsic is not None else 0)
+                    for wm, p in zip(w, predictions))
+    var_p = sum(wm[..., None] * ((p.var_parameter if p.var_parameter is not None else 0) + (p.mean - mean) ** 2)
+                for wm, p in zip(w, predictions))
+    member_var = np.stack([p.var_total.astype(np.float64) for p in predictions])
+    # Mixture samples: per voxel and sample, pick a member by weight, then draw its Gaussian.
+    rng = np.random.default_rng(seed)
     idx = np.flatnonzero(first.mask)
-    for start in range(0, idx.size, 1 << 16):
-        sel = idx[start:start + 1 << 16]
-        mu = torch.from_numpy(mean.reshape(-1, 6)[sel])
-        sd = torch.from_numpy(np.sqrt(np.broadcast_to(total, mean.shape).reshape(-1, 6)[sel]).astype(np.float64))
-        eps = torch.randn((scalar_samples,) + tuple(mu.shape), generator=gen, dtype=torch.float64)
-        fa, md = _fa_md(mu + eps * sd)
-        for arr, val in ((fa_m, fa.mean(0)), (fa_s, fa.std(0, unbiased=False)), (md_m, md.mean(0)), (md_s, md.std(0, unbiased=False))):
-            arr.reshape(-1)[sel] = val.numpy()
+    cum = np.cumsum(w.reshape(len(predictions), -1)[:, idx], axis=0)
+    pick = (rng.random((scalar_samples, idx.size))[None] > cum[:, None]).sum(0)  # (S, K)
+    pick = np.minimum(pick, len(predictions) - 1)
+    mu_k = mus.reshape(len(predictions), -1, 6)[:, idx]  # (M, K, 6)
+    sd_k = np.sqrt(member_var.reshape(len(predictions), -1, 6)[:, idx])
+    cols = np.arange(idx.size)
+    draws = mu_k[pick, cols] + rng.standard_normal((scalar_samples, idx.size, 6)) * sd_k[pick, cols]
+    fa, md = (a.numpy() for a in _fa_md(torch.from_numpy(draws)))
+    scal = {}
+    for name, val, fn in (("fa_mean", fa, np.mean), ("fa_sd", fa, np.std), ("md_mean", md, np.mean), ("md_sd", md, np.std)):
+        arr = np.zeros(first.mask.shape, np.float32)
+        arr.reshape(-1)[idx] = fn(val, axis=0)
+        scal[name] = arr
     return Prediction(
-        mean=mean.astype(np.float32), var_intrinsic=var_i, var_parameter=var_p,
-        fa_mean=fa_m, fa_sd=fa_s, md_mean=md_m, md_sd=md_s, mask=first.mask, affine=first.affine,
+        mean=mean.astype(np.float32),
+        var_intrinsic=None if var_i is None else var_i.astype(np.float32),
+        var_parameter=var_p.astype(np.float32),
+        mask=first.mask, affine=first.affine,
         info={"ensemble": [p.info for p in predictions], "scalar_samples": scalar_samples, "seed": seed},
+        **scal,
     )

@@ -9,13 +9,13 @@ HR voxels):
 * ``espcn``, ``espcn-var*``: mean squared error of the standardised target;
 * ``hetero``, ``hetero-var*``: heteroscedastic Gaussian NLL,
   mean(prec·(y − μ)²) − mean(log prec) (:func:`iqt_pipe.models.gaussian_nll`);
-* variational variants (``*-var1``, ``*-var2``) add **KL / N**, where N is the number of
-  training target elements (training patches × 6 × (r·7)³). This is the negative ELBO divided
-  by N, i.e. on the same per-element scale as the data term (Kingma et al. 2015, with the MSE
-  standing in for the Gaussian log-likelihood as in the authors' code). Training draws one
+* variational variants (``*-var1``, ``*-var2``) add **2·KL / N**, where N is the number of
+  training target elements (training patches × 6 × (r·7)³). Both data terms are twice a
+  per-element Gaussian negative log-likelihood (the MSE with unit variance; the NLL without
+  its ½), so 2·KL/N makes the loss exactly 2/N times the negative ELBO (Kingma et al. 2015). Training draws one
   weight sample per element (local reparameterisation, ``sample=True``).
 
-``schedule="anneal"`` (hetero variants only; the authors' schedule): MSE (+ KL/N) for
+``schedule="anneal"`` (hetero variants only; the authors' schedule): MSE (+ 2·KL/N) for
 ``anneal_start`` epochs, then the loss moves linearly, step by step, over ``anneal_epochs``
 epochs from MSE to the NLL: ``(1 − w)·MSE + w·NLL`` with w going 0 → 1; NLL afterwards.
 
@@ -239,7 +239,7 @@ def loss_description(variant: str, schedule: str) -> str:
     if schedule == "anneal":
         data = "MSE, then a linear switch to " + data
     if var:
-        data += " + KL/N (N = training target elements; Kingma 2015 log-uniform approximation)"
+        data += " + 2·KL/N (N = training target elements; Kingma 2015 log-uniform approximation)"
     return data + " on standardised targets"
 
 
@@ -541,7 +541,7 @@ def train(
                 mean, prec = net(x, sample=model.stochastic)
                 loss = data_loss(mean, prec, y, w)
                 if var:
-                    loss = loss + model.kl() / n_elements
+                    loss = loss + 2 * model.kl() / n_elements
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -125,13 +125,23 @@ def test_ensemble_weights_by_inverse_variance():
     m2 = np.full((2, 2, 2, 6), 2e-3, np.float32)
     v1 = np.full((2, 2, 2, 6), 1e-8, np.float32)
     v2 = np.full((2, 2, 2, 6), 3e-8, np.float32)
-    e = combine_ensemble([_pred(m1, v1, mask), _pred(m2, v2, mask)])
-    # weights 3:1 → 1.25e-3; combined variance 1 / (1/v1 + 1/v2) = 0.75e-8
+    e = combine_ensemble([_pred(m1, v1, mask), _pred(m2, v2, mask)], scalar_samples=4000)
+    # Weights 3:1 → mean 1.25e-3; intrinsic (3·1 + 1·3)/4 e-8; disagreement (3·0.25² + 0.75²)/4 e-6.
     np.testing.assert_allclose(e.mean, 1.25e-3, rtol=1e-6)
-    np.testing.assert_allclose(e.var_total, 0.75e-8, rtol=1e-5)
-    assert np.all(e.md_sd > 0)
+    np.testing.assert_allclose(e.var_intrinsic, 1.5e-8, rtol=1e-5)
+    np.testing.assert_allclose(e.var_parameter, 18.75e-8, rtol=1e-5)
+    # MD of the mixture: 3/4 at 1e-3, 1/4 at 2e-3 → mean 1.25e-3, sd ≈ 0.433e-3.
+    np.testing.assert_allclose(e.md_mean, 1.25e-3, rtol=0.03)
+    np.testing.assert_allclose(e.md_sd, 0.433e-3, rtol=0.06)
     same = combine_ensemble([_pred(m1, v1, mask), _pred(m1, v1, mask)])
     np.testing.assert_allclose(same.mean, m1)
+    np.testing.assert_allclose(same.var_parameter, 0, atol=1e-20)
+    # Weights are per voxel: a member that is sure at one voxel dominates there only.
+    v3 = v2.copy()
+    v3[0, 0, 0] = 1e-12
+    mixed = combine_ensemble([_pred(m1, v1, mask), _pred(m2, v3, mask)])
+    assert mixed.mean[0, 0, 0, 0] == pytest.approx(2e-3, rel=1e-3)
+    assert mixed.mean[1, 1, 1, 0] == pytest.approx(1.25e-3, rel=1e-6)
 
 
 def test_cuda_without_gpu_is_a_clear_error():
@@ -140,3 +150,55 @@ def test_cuda_without_gpu_is_a_clear_error():
     with pytest.raises(InputError, match="no CUDA GPU"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_mc_statistics_equal_explicit_weight_samples_and_ignore_tiling(field):
+    """Every MC sample is one posterior weight draw run over the whole volume: the tiled
+    statistics equal T explicit whole-volume passes, and do not depend on the tile size."""
+    lr, mask = field
+    model = net("hetero-var2", seed=7)
+    T, seed = 5, 3
+    tiled = predict_volume(model, lr, mask, np.eye(4), mc_samples=T, seed=seed, tile=8)
+    other = predict_volume(model, lr, mask, np.eye(4), mc_samples=T, seed=seed, tile=12)
+    stats = channel_stats(lr, mask)
+    z = np.zeros((SHAPE[0] + 4, SHAPE[1] + 4, SHAPE[2] + 4, 6), np.float32) + stats.standardise(np.zeros(6))
+    z[2:-2, 2:-2, 2:-2] = stats.standardise(lr)
+    x = torch.from_numpy(z).permute(3, 0, 1, 2)[None]
+    means, variances = [], []
+    for ss in np.random.SeedSequence(seed).spawn(T + 1)[:T]:
+        draw = model.sample_weights(torch.Generator().manual_seed(int(ss.generate_state(1)[0])))
+        with torch.no_grad():
+            mu, prec = draw(x, sample=False)
+        means.append(mu[0].permute(1, 2, 3, 0).numpy() * stats.sd + stats.mean)
+        variances.append(stats.sd**2 / prec[0].permute(1, 2, 3, 0).numpy())
+    means, variances = np.array(means), np.array(variances)
+    m = tiled.mask
+    scale = np.abs(means).max()
+    np.testing.assert_allclose(tiled.mean[m], means.mean(0)[m], atol=1e-5 * scale, rtol=0)
+    np.testing.assert_allclose(tiled.var_parameter[m], means.var(0)[m], rtol=2e-3, atol=1e-6 * scale**2)
+    np.testing.assert_allclose(tiled.var_intrinsic[m], variances.mean(0)[m], rtol=1e-4)
+    for key in ("mean", "var_parameter", "var_intrinsic"):
+        np.testing.assert_allclose(getattr(other, key)[m], getattr(tiled, key)[m], rtol=2e-3, atol=1e-6 * scale**2)
+    # MD is linear: the mean MD of the predictive samples is the MD of the predictive mean,
+    # up to the sampling error md_sd / sqrt(n).
+    n = tiled.info["scalar_samples"]
+    md_of_mean = dti.scalar_maps(tiled.mean[m])["md"]
+    err = np.abs(tiled.md_mean[m] - md_of_mean)
+    assert np.median(err) < 1.5 * np.median(tiled.md_sd[m]) / np.sqrt(n)
+    assert np.all(tiled.fa_sd[m] > 0)
+
+
+def test_model_target_comes_from_the_card(field, tmp_path):
+    from iqt_pipe.models import load_model, save_model
+
+    lr, mask = field
+    model = net("espcn")
+    save_model(model, tmp_path / "model.safetensors", {"target": "residual-cubic"})
+    loaded, _ = load_model(tmp_path)
+    assert loaded.target == "residual-cubic"
+    a = predict_volume(loaded, lr, mask, np.eye(4), tile=8)
+    b = predict_volume(model, lr, mask, np.eye(4), tile=8, target="residual-cubic")
+    np.testing.assert_array_equal(a.mean, b.mean)
+    assert a.info["target"] == "residual-cubic"
+    with pytest.raises(ValueError, match="disagrees"):
+        predict_volume(loaded, lr, mask, np.eye(4), target="hr")

@@ -9,6 +9,8 @@ convolution of both networks a variational-dropout convolution (α per weight / 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,6 +72,8 @@ class IQTNet(nn.Module):
         hetero, var = VARIANTS[variant]
         self.variant, self.r, self.widths, self.kernels = variant, int(r), tuple(widths), tuple(kernels)
         self.hetero, self.var = hetero, var
+        #: What the network predicts ("hr" or "residual-cubic"); set from the model card.
+        self.target: str | None = None
         self.mean_net = ESPCN(self.r, widths=widths, kernels=kernels, var=var)
         self.prec_net = ESPCN(self.r, widths=widths, kernels=kernels, var=var) if hetero else None
 
@@ -87,6 +91,16 @@ class IQTNet(nn.Module):
         if self.prec_net is None:
             return mean, None
         return mean, F.softplus(self.prec_net(x, sample)) + PRECISION_FLOOR
+
+    @torch.no_grad()
+    def sample_weights(self, generator: torch.Generator | None = None) -> "IQTNet":
+        """A copy whose variational convolutions hold one posterior weight draw each (use it
+        with ``sample=False``): one Monte-Carlo network for prediction."""
+        net = copy.deepcopy(self)
+        for conv in net.modules():
+            if isinstance(conv, VarConv3d):
+                conv.weight.copy_(conv.sampled_weight(generator))
+        return net
 
     def kl(self) -> torch.Tensor:
         kl = self.mean_net.kl()

@@ -19,6 +19,7 @@ import torch
 from iqt_pipe import __version__
 from iqt_pipe.io import InputError, atomic_path, save_json
 from iqt_pipe.models.espcn import KERNELS, VARIANTS, WIDTHS, IQTNet
+from iqt_pipe.normalise import TARGETS
 
 FORMAT = "iqt-pipe-model"
 FORMAT_VERSION = 1
@@ -100,6 +101,12 @@ def read_card(path: str | os.PathLike) -> dict[str, Any]:
     r = card.get("upsample")
     if not isinstance(r, int) or r < 2:
         raise ModelFileError(f"{card_path}: upsampling factor {r!r} is not an integer ≥ 2")
+    if card.get("target", "hr") not in TARGETS:
+        raise ModelFileError(f"{card_path}: unknown target {card.get('target')!r}; known: {', '.join(TARGETS)}")
+    for key in ("widths", "kernels"):
+        value = card.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, int) and v > 0 for v in value)):
+            raise ModelFileError(f"{card_path}: {key} must be a list of positive integers, got {value!r}")
     if not isinstance(card.get("weights"), dict) or "sha256" not in card["weights"]:
         raise ModelFileError(f"{card_path}: the card records no weights checksum; re-export the model")
     return card
@@ -135,4 +142,5 @@ def load_model(
         diff = sorted(set(expected.items()) ^ set(found.items()))[:3]
         raise ModelFileError(f"{weights}: tensors do not match a {card['variant']} r={card['upsample']} network (e.g. {diff}); the card and weights belong to different models")
     model.load_state_dict(state)
+    model.target = card.get("target", "hr")
     return model.to(device).eval(), card

@@ -24,6 +24,15 @@ def kl_log_uniform(alpha: torch.Tensor) -> torch.Tensor:
     return -(0.5 * torch.log(alpha) + KL_C1 * alpha + KL_C2 * alpha**2 + KL_C3 * alpha**3)
 
 
+def randn_like(t: torch.Tensor) -> torch.Tensor:
+    """``torch.randn_like``, but drawn in the tensor's physical order: for channels_last_3d
+    tensors randn_like is ~4× slower on CPU (measured 44 vs 185 M samples/s)."""
+    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        n, c, d, h, w = t.shape
+        return torch.randn(n, d, h, w, c, dtype=t.dtype, device=t.device).permute(0, 4, 1, 2, 3)
+    return torch.randn_like(t)
+
+
 class VarConv3d(nn.Conv3d):
     """A valid (unpadded) 3-D convolution whose weights carry multiplicative Gaussian noise.
 
@@ -48,7 +57,12 @@ class VarConv3d(nn.Conv3d):
         if not sample:
             return mean
         var = F.conv3d(x * x, self.alpha * self.weight**2)
-        return mean + torch.sqrt(var + 1e-16) * torch.randn_like(mean)
+        return torch.addcmul(mean, torch.sqrt(var + 1e-16), randn_like(mean))
+
+    def sampled_weight(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One draw from the weight posterior: w = η·(1 + √α·ε), i.e. N(η, α·η²)."""
+        eps = torch.randn(self.weight.shape, generator=generator, device=self.weight.device, dtype=self.weight.dtype)
+        return self.weight * (1 + self.alpha.sqrt() * eps)
 
     def kl(self) -> torch.Tensor:
         """Sum of the per-weight KL terms (a filter's α counts once per weight it scales)."""
