@@ -41,11 +41,16 @@ class FitDTI(SimpleInterface):
         from iqt_pipe.dti import scalar_maps
         from iqt_pipe.dwi import load_dwi
         from iqt_pipe.fit import brain_mask, fit_dti
-        from iqt_pipe.io import load_nifti, save_nifti, save_tensors
+        from iqt_pipe.io import InputError, load_nifti, save_nifti, save_tensors
 
         series = load_dwi(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file)
         if self.inputs.mask_file:
             mask = load_nifti(self.inputs.mask_file)[0] > 0
+            if mask.shape != series.data.shape[:3]:
+                raise InputError(
+                    f"{self.inputs.mask_file}: mask grid {mask.shape} differs from the DWI grid "
+                    f"{series.data.shape[:3]}; give a mask of the same series"
+                )
         else:
             mask = brain_mask(series.data, series.gtab, series.zooms)
         fit = fit_dti(series.data, series.affine, series.gtab, mask=mask, source=self.inputs.dwi_file)

@@ -79,7 +79,7 @@ def make_pair(
     """
     hr_dwi = crop_to_multiple(dwi, r)
     lr_dwi, lr_affine = degrade_dwi(hr_dwi, affine, r)
-    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    zooms = nb.affines.voxel_sizes(affine)
     return TrainingPair(
         r=r,
         hr=fit_dti(hr_dwi, affine, gtab, source=source),

@@ -118,11 +118,6 @@ def tensors_world_to_voxel(d6: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return rotate_tensors(d6, voxel_to_world_rotation(affine).T)
 
 
-def tensors_fsl_to_voxel(d6: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Tensors fitted with FSL-convention bvecs (e.g. by dipy) → voxel frame."""
-    return rotate_tensors(d6, fsl_flip(affine))
-
-
 # --------------------------------------------------------------------------- eigen and scalars
 
 

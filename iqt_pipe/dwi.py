@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nb
 import numpy as np
 
 from iqt_pipe.gradients import GradientTable, read_gradients
@@ -22,7 +23,7 @@ class DWISeries:
     @property
     def zooms(self) -> np.ndarray:
         """Voxel sizes (mm) from the affine's column norms."""
-        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        return nb.affines.voxel_sizes(self.affine)
 
 
 def gradient_paths(dwi_path: str | os.PathLike) -> tuple[Path, Path]:
@@ -46,7 +47,7 @@ def load_dwi(
         )
     if data.shape[-1] < 2:
         raise InputError(f"{path}: a single volume is not a DWI series; DTI needs b=0 plus ≥ 6 directions")
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    zooms = nb.affines.voxel_sizes(affine)
     if np.any(zooms < 1e-3) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(f"{path}: the affine has a zero voxel size; fix the image header (qform/sform)")
     default_bval, default_bvec = gradient_paths(path)

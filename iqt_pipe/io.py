@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -37,9 +38,10 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, nb.Nift
         raise InputError(f"{path}: file not found")
     try:
         img = nb.load(path)
-        # get_fdata applies the scale factors (Philips scans carry scl_slope up to ~2.4e6).
-        data = np.asarray(img.get_fdata(dtype=np.float64), dtype=np.float32)
-    except Exception as exc:  # nibabel raises many types for damaged files
+        # get_fdata applies the scale factors (Philips scans carry scl_slope up to ~2.4e6);
+        # float32 directly keeps the peak memory at one float32 copy.
+        data = img.get_fdata(dtype=np.float32)
+    except (OSError, EOFError, ValueError, TypeError, nb.filebasedimages.ImageFileError, zlib.error) as exc:
         raise InputError(
             f"{path}: cannot read as NIfTI ({exc.__class__.__name__}: {exc}); "
             "re-export or re-download the file"
@@ -154,3 +156,27 @@ def sidecar_path(path: str | os.PathLike) -> Path:
         if name.endswith(ext):
             return path.with_name(name[: -len(ext)] + ".json")
     return path.with_suffix(".json")
+
+
+@contextlib.contextmanager
+def staged_outputs(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden staging folder beside ``out_dir``; when the block succeeds, move every
+    file written there into ``out_dir`` (each by an atomic rename), else delete it all.
+
+    A run that fails half-way leaves nothing in ``out_dir``.
+    """
+    import secrets
+    import shutil
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(6)}.staging"
+    stage.mkdir()
+    try:
+        yield stage
+        for src in sorted(p for p in stage.rglob("*") if p.is_file()):
+            dest = out_dir / src.relative_to(stage)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

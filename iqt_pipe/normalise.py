@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from iqt_pipe.io import InputError
+
 SD_FLOOR = 1e-12
 
 
@@ -39,7 +41,7 @@ def channel_stats(tensors: np.ndarray, mask: np.ndarray) -> ChannelStats:
     """In-mask mean and sd of each of the six components of an LR tensor field."""
     values = np.asarray(tensors, dtype=np.float64)[np.asarray(mask, dtype=bool)]
     if values.shape[0] < 2:
-        raise ValueError("the brain mask holds fewer than two voxels; cannot standardise")
+        raise InputError("the brain mask holds fewer than two voxels; cannot standardise (check the mask)")
     return ChannelStats(values.mean(axis=0), np.maximum(values.std(axis=0), SD_FLOOR))
 
 

@@ -52,6 +52,7 @@ from iqt_pipe.dti import (
     tensors_world_to_voxel,
     voxel_to_world_rotation,
 )
+from iqt_pipe.degrade import voxel_centres
 from iqt_pipe.gradients import GradientTable, write_gradients
 from iqt_pipe.io import TENSOR_ORIENTATION, InputError, save_json, save_nifti, save_text
 
@@ -247,11 +248,6 @@ def make_affine(voxel_size: float, shape_ras, orientation: str = "RAS") -> tuple
         shape.append(int(n))
     return affine, tuple(shape)
 
-
-def voxel_centres(affine: np.ndarray, shape) -> np.ndarray:
-    """World coordinates (mm) of every voxel centre, shape ``shape + (3,)``."""
-    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
-    return ijk @ affine[:3, :3].T + affine[:3, 3]
 
 
 def random_head_pose(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -561,7 +557,7 @@ def make_phantom(
     rng = np.random.default_rng([seed, subject])
     rotation, shift = random_head_pose(rng)
     affine, shape = make_affine(spec.voxel_size, spec.shape, orientation)
-    template = world_to_template(voxel_centres(affine, shape), rotation, shift)
+    template = world_to_template(voxel_centres(shape, affine), rotation, shift)
     brain = build_brain(template, spec.voxel_size, lesion)
 
     # MNI-frame vectors are world vectors rotated by `rotation`, so D_world = Rᵀ D R.

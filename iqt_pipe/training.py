@@ -12,8 +12,8 @@ HR voxels):
 * variational variants (``*-var1``, ``*-var2``) add **2·KL / N**, where N is the number of
   training target elements (training patches × 6 × (r·7)³). Both data terms are twice a
   per-element Gaussian negative log-likelihood (the MSE with unit variance; the NLL without
-  its ½), so 2·KL/N makes the loss exactly 2/N times the negative ELBO (Kingma et al. 2015). Training draws one
-  weight sample per element (local reparameterisation, ``sample=True``).
+  its ½), so 2·KL/N makes the loss 2/N times the negative ELBO (Kingma et al. 2015).
+  Training draws one weight sample per element (local reparameterisation, ``sample=True``).
 
 ``schedule="anneal"`` (hetero variants only; the authors' schedule): MSE (+ 2·KL/N) for
 ``anneal_start`` epochs, then the loss moves linearly, step by step, over ``anneal_epochs``

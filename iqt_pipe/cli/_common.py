@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Callable
@@ -9,6 +10,28 @@ from typing import Callable
 from iqt_pipe.io import InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISSING_EXECUTABLE = 0, 1, 2, 127
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``prog: error: … (see prog --help)``), exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def int_at_least(minimum: int, what: str):
+    """An argparse ``type`` accepting integers ≥ ``minimum``, with a one-line message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer ≥ {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
 def run_guarded(prog: str, work: Callable[[], int | None], verbose: bool = False) -> int:

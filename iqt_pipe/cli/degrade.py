@@ -10,19 +10,20 @@ import argparse
 import sys
 from pathlib import Path
 
+import nibabel as nb
 import numpy as np
 
 from iqt_pipe import __version__
-from iqt_pipe.cli._common import run_guarded
+from iqt_pipe.cli._common import Parser, run_guarded
 from iqt_pipe.degrade import make_pair
 from iqt_pipe.dti import scalar_maps
 from iqt_pipe.dwi import load_dwi
 from iqt_pipe.gradients import write_gradients
-from iqt_pipe.io import InputError, save_nifti, save_tensors
+from iqt_pipe.io import InputError, save_nifti, save_tensors, staged_outputs
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="iqt-degrade",
         description="Block-average an HR DWI series over r×r×r voxels and fit DTI at both resolutions.",
     )
@@ -50,27 +51,30 @@ def degrade(args: argparse.Namespace) -> int:
             f"{args.dwi}: matrix {series.data.shape[:3]} is too small for {args.upsample}³ blocks"
         )
     pair = make_pair(series.data, series.affine, series.gtab, args.upsample, str(args.dwi))
-    # Everything is computed before anything is written: a failure leaves no partial output.
-    out, stem = args.output_dir, _entities_stem(args.dwi)
+    # Written to a staging folder first: a failure leaves nothing in the output folder.
+    stem = _entities_stem(args.dwi)
     meta = {"SourceFile": str(args.dwi), "UpsampleFactor": args.upsample, "Software": f"iqt-pipe {__version__}"}
-    save_nifti(pair.lr_dwi, pair.lr_affine, out / f"{stem}_res-lo_dwi.nii.gz")
-    write_gradients(series.gtab, out / f"{stem}_res-lo_dwi.bval", out / f"{stem}_res-lo_dwi.bvec")
     lines = []
-    for res, fit, affine, mask in (
-        ("lo", pair.lr, pair.lr_affine, pair.lr_mask),
-        ("hi", pair.hr, pair.hr_affine, pair.hr_mask),
-    ):
-        save_tensors(fit.tensors, affine, out / f"{stem}_res-{res}_model-tensor_param-tensor_dwimap.nii.gz", meta)
-        maps = scalar_maps(fit.tensors)
-        for param in ("fa", "md"):
-            save_nifti(maps[param], affine, out / f"{stem}_res-{res}_model-tensor_param-{param}_dwimap.nii.gz")
-        save_nifti(mask.astype(np.uint8), affine, out / f"{stem}_res-{res}_desc-brain_mask.nii.gz", dtype=np.uint8)
-        zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-        lines.append(
-            f"  res-{res}: {'×'.join(map(str, fit.tensors.shape[:3]))} at "
-            f"{'×'.join(f'{z:.2f}' for z in zooms)} mm, brain median FA {np.median(maps['fa'][mask]):.3f}, "
-            f"MD {np.median(maps['md'][mask]) * 1e3:.3f}e-3 mm²/s"
-        )
+    with staged_outputs(args.output_dir) as out:
+        save_nifti(pair.lr_dwi, pair.lr_affine, out / f"{stem}_res-lo_dwi.nii.gz")
+        write_gradients(series.gtab, out / f"{stem}_res-lo_dwi.bval", out / f"{stem}_res-lo_dwi.bvec")
+        for res, fit, affine, mask in (
+            ("lo", pair.lr, pair.lr_affine, pair.lr_mask),
+            ("hi", pair.hr, pair.hr_affine, pair.hr_mask),
+        ):
+            prefix = out / f"{stem}_res-{res}"
+            save_tensors(fit.tensors, affine, f"{prefix}_model-tensor_param-tensor_dwimap.nii.gz", meta)
+            maps = scalar_maps(fit.tensors)
+            for param in ("fa", "md"):
+                save_nifti(maps[param], affine, f"{prefix}_model-tensor_param-{param}_dwimap.nii.gz")
+            save_nifti(mask.astype(np.uint8), affine, f"{prefix}_desc-brain_mask.nii.gz", dtype=np.uint8)
+            zooms = nb.affines.voxel_sizes(affine)
+            lines.append(
+                f"  res-{res}: {'×'.join(map(str, fit.tensors.shape[:3]))} at "
+                f"{'×'.join(f'{z:.2f}' for z in zooms)} mm, brain median FA {np.median(maps['fa'][mask]):.3f}, "
+                f"MD {np.median(maps['md'][mask]) * 1e3:.3f}e-3 mm²/s"
+            )
+    out = args.output_dir
     print(f"iqt-degrade: {args.dwi.name} → {out} (r = {args.upsample})")
     print("\n".join(lines))
     return 0

@@ -14,28 +14,9 @@ import math
 import sys
 
 from iqt_pipe import __version__
+from iqt_pipe.cli._common import Parser, int_at_least, run_guarded
 
 PROG = "iqt-phantom"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
 
 
 def _snr(text: str) -> float | None:
@@ -57,7 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from iqt_pipe.phantom import PRESETS
 
     presets = ", ".join(f"{p.name} ({p.voxel_size:g} mm)" for p in PRESETS.values())
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG,
         description=(
             "Write a synthetic brain diffusion MRI dataset in BIDS, deterministic from a seed, "
@@ -68,9 +49,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out_dir", help="new or empty folder (or an earlier phantom to replace)")
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny",
                         help=f"size of the phantom: {presets} (default: tiny)")
-    parser.add_argument("--subjects", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--subjects", type=int_at_least(1, "the number of subjects"), default=1, metavar="N",
                         help="number of subjects; they differ by head pose and noise (default: 1)")
-    parser.add_argument("--seed", type=_seed, default=0, metavar="N",
+    parser.add_argument("--seed", type=int_at_least(0, "the seed"), default=0, metavar="N",
                         help="random seed; the same seed writes the same data (default: 0)")
     parser.add_argument("--snr", type=_snr, default=30.0, metavar="X",
                         help="mean white-matter b=0 signal over the Rician noise level; "
@@ -87,7 +68,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    from iqt_pipe.cli._common import run_guarded
     from iqt_pipe.phantom import get_preset, write_bids_dataset
 
     def work() -> int:

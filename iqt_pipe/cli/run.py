@@ -9,10 +9,11 @@ import argparse
 import sys
 
 from iqt_pipe import __version__
+from iqt_pipe.cli._common import Parser
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="iqt-pipe",
         description=(
             "Bayesian Image Quality Transfer for diffusion MRI: super-resolved diffusion "

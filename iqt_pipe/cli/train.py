@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from iqt_pipe import __version__
+from iqt_pipe.cli._common import Parser, int_at_least
 
 PROG = "iqt-train"
 EPILOG = (
@@ -33,26 +34,6 @@ EPILOG = (
     "(both measured to beat cubic spline sooner, see DESIGN §1; --target hr --no-augment is "
     "the paper's setting)."
 )
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``iqt-train: error: …``), exit code 2."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _int_at_least(minimum: int, what: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be an integer ≥ {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{what} must be an integer ≥ {minimum}, got {text!r}")
-        return value
-
-    return parse
 
 
 def _fraction(text: str) -> float:
@@ -82,7 +63,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from iqt_pipe.training import (DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET,
                                    DEFAULT_VAL_FRACTION, DEFAULT_VARIANT, SCHEDULES)
 
-    p = _Parser(
+    p = Parser(
         prog=PROG,
         description="Train a Bayesian 3D-ESPCN (Image Quality Transfer) on the DWI runs of BIDS datasets.",
         epilog=EPILOG,
@@ -96,24 +77,24 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="sessions to train on, with or without 'ses-' (default: all)")
     p.add_argument("--variant", choices=list(VARIANTS), default=DEFAULT_VARIANT,
                    help=f"network variant (default: {DEFAULT_VARIANT})")
-    p.add_argument("-r", "--upsample", type=_int_at_least(2, "the upsampling factor"), default=2, metavar="R",
+    p.add_argument("-r", "--upsample", type=int_at_least(2, "the upsampling factor"), default=2, metavar="R",
                    help="upsampling factor r, an integer ≥ 2 (default: 2)")
-    p.add_argument("--patches-per-subject", type=_int_at_least(2, "patches per subject"),
+    p.add_argument("--patches-per-subject", type=int_at_least(2, "patches per subject"),
                    default=DEFAULT_PATCHES_PER_SUBJECT, metavar="N",
                    help=f"patch pairs sampled per subject (default: {DEFAULT_PATCHES_PER_SUBJECT}, the paper's)")
-    p.add_argument("--epochs", type=_int_at_least(1, "epochs"), default=DEFAULT_EPOCHS, metavar="N",
+    p.add_argument("--epochs", type=int_at_least(1, "epochs"), default=DEFAULT_EPOCHS, metavar="N",
                    help=f"training epochs (default: {DEFAULT_EPOCHS}; the paper used 200 on a GPU)")
-    p.add_argument("--batch-size", type=_int_at_least(1, "the batch size"), default=DEFAULT_BATCH, metavar="N",
+    p.add_argument("--batch-size", type=int_at_least(1, "the batch size"), default=DEFAULT_BATCH, metavar="N",
                    help=f"patch pairs per optimiser step, over all processes (default: {DEFAULT_BATCH})")
     p.add_argument("--lr", type=_positive_float, default=DEFAULT_LR, metavar="X",
                    help=f"Adam learning rate (default: {DEFAULT_LR:g})")
     p.add_argument("--val-fraction", type=_fraction, default=DEFAULT_VAL_FRACTION, metavar="X",
                    help=f"fraction of patch pairs held out for validation (default: {DEFAULT_VAL_FRACTION:g})")
-    p.add_argument("--seed", type=_int_at_least(0, "the seed"), default=0, metavar="N",
+    p.add_argument("--seed", type=int_at_least(0, "the seed"), default=0, metavar="N",
                    help="random seed: patches, split, initialisation, shuffles (default: 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="compute device (default: auto = CUDA when visible)")
-    p.add_argument("--nthreads", type=_int_at_least(1, "the number of threads"), metavar="N",
+    p.add_argument("--nthreads", type=int_at_least(1, "the number of threads"), metavar="N",
                    help="CPU threads per process (default: PyTorch's; torchrun sets 1)")
     p.add_argument("--resume", action="store_true",
                    help="continue the training in OUT_DIR from its last checkpoint")

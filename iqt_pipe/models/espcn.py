@@ -52,7 +52,7 @@ class ESPCN(nn.Module):
         for n, conv in enumerate(self.convs):
             x = conv(x, sample) if isinstance(conv, VarConv3d) else conv(x)
             if n < len(self.convs) - 1:
-                x = F.relu(x)
+                x = F.relu(x, inplace=True)
         return periodic_shuffle(x, self.r)
 
     def kl(self) -> torch.Tensor:
