@@ -33,9 +33,6 @@ class ChannelStats:
         """Standardised (..., 6) values → tensors (mm²/s)."""
         return (z * self.sd + self.mean).astype(np.float32)
 
-    def as_dict(self) -> dict:
-        return {"mean": self.mean.tolist(), "sd": self.sd.tolist()}
-
 
 def channel_stats(tensors: np.ndarray, mask: np.ndarray) -> ChannelStats:
     """In-mask mean and sd of each of the six components of an LR tensor field."""
