@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from iqt_pipe import __version__
-from iqt_pipe.cli._common import Parser, int_at_least
+from iqt_pipe.cli._common import Parser, int_at_least, run_guarded
 
 PROG = "iqt-train"
 EPILOG = (
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from iqt_pipe.io import InputError
     from iqt_pipe.models import VARIANTS
     from iqt_pipe.training import (CHECKPOINT_DIR, CHECKPOINT_JSON, build_library_distributed,
-                                   check_output_dir, init_distributed, train)
+                                   check_output_dir, init_distributed, split_indices, train)
 
     if args.schedule == "anneal" and not VARIANTS[args.variant][0]:
         raise InputError(f"--schedule anneal switches to the heteroscedastic NLL; variant {args.variant} has none (use a hetero variant)")
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             target=args.target, cache_dir=args.cache_dir or out / "cache", quiet=quiet,
         )
         subjects = sorted({f"sub-{r.subject}" for r in runs})
-        n_val = min(len(library) - 1, max(1, round(args.val_fraction * len(library))))
+        n_val = len(split_indices(len(library), args.val_fraction, args.seed)[1])
         if dist.is_main:
             datasets = ", ".join(str(d) for d in args.bids_dirs)
             cached = "reused cache" if library.from_cache else "new cache"
@@ -178,8 +178,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from iqt_pipe.cli._common import run_guarded
-
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(message)s")
