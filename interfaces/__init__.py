@@ -4,5 +4,6 @@ Installed as :mod:`iqt_pipe.interfaces`.
 """
 
 from iqt_pipe.interfaces.dti import DegradeDWI, FitDTI
+from iqt_pipe.interfaces.sr import SuperResolve
 
-__all__ = ["DegradeDWI", "FitDTI"]
+__all__ = ["DegradeDWI", "FitDTI", "SuperResolve"]

@@ -27,12 +27,16 @@ class _FitDTIOutputSpec(TraitedSpec):
     ad_file = File(exists=True, desc="axial diffusivity (mm²/s)")
     rd_file = File(exists=True, desc="radial diffusivity (mm²/s)")
     s0_file = File(exists=True, desc="fitted non-diffusion-weighted signal")
-    mask_file = File(exists=True, desc="voxels that were fitted")
+    mask_file = File(exists=True, desc="brain mask (the input's, or median_otsu's)")
 
 
 class FitDTI(SimpleInterface):
     """Weighted least-squares DTI on b=0 plus one shell (IQT protocol), written in world
-    coordinates with scalar maps."""
+    coordinates with scalar maps.
+
+    Every voxel with a positive signal is fitted, not only the brain: super-resolution sees
+    the brain's surroundings through its 5³ receptive field, and was trained on whole-volume
+    fits (:func:`iqt_pipe.degrade.make_pair`). The brain mask is an output of its own."""
 
     input_spec = _FitDTIInputSpec
     output_spec = _FitDTIOutputSpec
@@ -53,17 +57,17 @@ class FitDTI(SimpleInterface):
                 )
         else:
             mask = brain_mask(series.data, series.gtab, series.zooms)
-        fit = fit_dti(series.data, series.affine, series.gtab, mask=mask, source=self.inputs.dwi_file)
+        fit = fit_dti(series.data, series.affine, series.gtab, source=self.inputs.dwi_file)
 
         def out(suffix):
             return fname_presuffix(self.inputs.dwi_file, suffix=suffix, newpath=runtime.cwd)
 
-        self._results["tensor_file"] = str(save_tensors(fit.tensors, series.affine, out("_tensor")))
+        self._results["tensor_file"] = str(save_tensors(fit.tensors, series.affine, out("_tensor"), sidecar=False))
         for name, volume in scalar_maps(fit.tensors).items():
             self._results[f"{name}_file"] = str(save_nifti(volume, series.affine, out(f"_{name}")))
         self._results["s0_file"] = str(save_nifti(fit.s0, series.affine, out("_s0")))
         self._results["mask_file"] = str(
-            save_nifti(fit.mask.astype(np.uint8), series.affine, out("_mask"), dtype=np.uint8)
+            save_nifti(mask.astype(np.uint8), series.affine, out("_mask"), dtype=np.uint8)
         )
         return runtime
 

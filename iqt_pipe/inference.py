@@ -59,9 +59,14 @@ class Prediction:
 
     @property
     def sd_frobenius(self) -> np.ndarray:
-        """sqrt(E‖D − D̂‖²_F): one rotation-invariant uncertainty number per voxel (mm²/s)."""
-        v = self.var_total
-        return np.sqrt(v[..., 0] + v[..., 3] + v[..., 5] + 2 * (v[..., 1] + v[..., 2] + v[..., 4]))
+        """Frobenius sd of the total predictive uncertainty (see :func:`frobenius_sd`)."""
+        return frobenius_sd(self.var_total)
+
+
+def frobenius_sd(var: np.ndarray) -> np.ndarray:
+    """sqrt(E‖D − D̂‖²_F) from per-component variances (..., 6) in BEP016 order: one
+    rotation-invariant uncertainty number per voxel (mm²/s); off-diagonals count twice."""
+    return np.sqrt(var[..., 0] + var[..., 3] + var[..., 5] + 2 * (var[..., 1] + var[..., 2] + var[..., 4]))
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -127,25 +127,34 @@ def save_tensors(
     affine: np.ndarray,
     path: str | os.PathLike,
     metadata: dict | None = None,
+    sidecar: bool = True,
 ) -> Path:
-    """Write voxel-frame tensors as a BEP016 world-frame tensor image plus JSON sidecar.
+    """Write voxel-frame tensors as a BEP016 world-frame tensor image plus JSON sidecar
+    (see :func:`tensor_sidecar`; ``sidecar=False`` leaves it to a data sink).
 
     The file holds 6 volumes (D11, D12, D13, D22, D23, D33) in mm²/s, expressed in world
     (scanner RAS) coordinates, which any tool can use whatever the voxel grid.
     """
-    from iqt_pipe.dti import COMPONENTS, tensors_voxel_to_world
+    from iqt_pipe.dti import tensors_voxel_to_world
 
     path = Path(path)
     save_nifti(tensors_voxel_to_world(tensors_voxel, affine), affine, path)
-    sidecar = {
+    if sidecar:
+        save_json(tensor_sidecar(metadata), sidecar_path(path))
+    return path
+
+
+def tensor_sidecar(metadata: dict | None = None) -> dict:
+    """BEP016 sidecar fields of a world-frame tensor image written by iqt-pipe."""
+    from iqt_pipe.dti import COMPONENTS
+
+    return {
         "Model": {"Description": "Diffusion tensor, weighted linear least squares"},
         "OrientationEncoding": dict(TENSOR_ORIENTATION),
         "TensorComponents": list(COMPONENTS),
         "Units": "mm^2/s",
         **(metadata or {}),
     }
-    save_json(sidecar, sidecar_path(path))
-    return path
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:

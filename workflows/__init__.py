@@ -1,5 +1,9 @@
 """Nipype workflow factories of iqt-pipe (``init_*_wf``), installed as :mod:`iqt_pipe.workflows`.
 
-The BIDS App's graph (preprocessing, DTI, super-resolution, outputs) is assembled here from
-:mod:`iqt_pipe.interfaces`.
+Factories are keyword-only and return niworkflows ``LiterateWorkflow``s with an ``inputnode``,
+an ``outputnode`` and a ``__desc__`` methods paragraph, so other pipelines can embed them.
 """
+
+from iqt_pipe.workflows.sr import init_sr_wf
+
+__all__ = ["init_sr_wf"]

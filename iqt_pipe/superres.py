@@ -1,0 +1,97 @@
+"""Super-resolution of a fitted tensor image: world-frame tensors in, world-frame maps out.
+
+Tensor files are in world coordinates (DESIGN §3); the network works in the voxel frame of
+its input grid, so tensors are rotated in, predicted, and the mean tensor rotated back out.
+Per-component variances depend on the frame, so the uncertainty written to files is the
+rotation-invariant Frobenius sd ``sqrt(E‖D − D̂‖²_F)`` (mm²/s) of each part: intrinsic,
+parameter and total — the last is the scalar map fit for thresholding.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from iqt_pipe import __version__
+from iqt_pipe.dti import tensors_world_to_voxel
+from iqt_pipe.inference import Prediction, frobenius_sd, predict_volume
+from iqt_pipe.io import InputError, load_nifti, save_json, save_nifti, save_tensors, sidecar_path
+from iqt_pipe.models.espcn import IQTNet
+
+
+def super_resolve_tensors(
+    world_tensors: np.ndarray, mask: np.ndarray, affine: np.ndarray, model: IQTNet, **predict_kwargs
+) -> Prediction:
+    """:func:`~iqt_pipe.inference.predict_volume` on world-frame tensors (result in the
+    voxel frame of the HR grid, as ``predict_volume`` returns it)."""
+    return predict_volume(model, tensors_world_to_voxel(world_tensors, affine), mask, affine, **predict_kwargs)
+
+
+def load_tensor_image(tensor_file: str | os.PathLike, mask_file: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A world-frame BEP016 tensor image and its brain mask, checked against each other."""
+    tensors, affine, _ = load_nifti(tensor_file)
+    if tensors.ndim != 4 or tensors.shape[-1] != 6:
+        raise InputError(f"{tensor_file}: expected 6 tensor volumes (D11 … D33), got shape {tensors.shape}")
+    mask, mask_affine, _ = load_nifti(mask_file)
+    if mask.shape != tensors.shape[:3] or not np.allclose(mask_affine, affine, atol=1e-3):
+        raise InputError(f"{mask_file}: the mask's grid differs from {Path(tensor_file).name}'s; use the mask of the same run")
+    mask = mask > 0
+    if not mask.any():
+        raise InputError(f"{mask_file}: the brain mask is empty; check the masking step")
+    return np.nan_to_num(tensors), mask, affine
+
+
+def write_prediction(
+    pred: Prediction, prefix: str | os.PathLike, metadata: dict[str, Any] | None = None, sidecars: bool = True
+) -> dict[str, Path]:
+    """Write a prediction as ``<prefix>_<name>.nii.gz`` files, with JSON sidecars unless
+    ``sidecars=False`` (a Nipype data sink writes them from the interface's metadata).
+
+    Names: ``tensor`` (world frame, BEP016), ``fa``, ``fasd``, ``md``, ``mdsd``, ``sdint``,
+    ``sdpar``, ``sdtot`` (Frobenius sd, mm²/s; the parts the model predicts) and ``mask``.
+    Returns the paths by name.
+    """
+    meta = {"Software": f"iqt-pipe {__version__}", **(metadata or {})}
+    prefix = str(prefix)
+    paths = {"tensor": save_tensors(pred.mean, pred.affine, f"{prefix}_tensor.nii.gz", meta, sidecar=sidecars)}
+    maps = {
+        "fa": (pred.fa_mean, "FA: mean over samples of the predictive distribution", "arbitrary"),
+        "fasd": (pred.fa_sd, "FA: sd over samples of the predictive distribution", "arbitrary"),
+        "md": (pred.md_mean, "MD: mean over samples of the predictive distribution", "mm^2/s"),
+        "mdsd": (pred.md_sd, "MD: sd over samples of the predictive distribution", "mm^2/s"),
+    }
+    parts = {"sdint": pred.var_intrinsic, "sdpar": pred.var_parameter}
+    for name, var in parts.items():
+        if var is not None:
+            kind = "intrinsic (heteroscedastic noise model)" if name == "sdint" else "parameter (variational dropout)"
+            maps[name] = (frobenius_sd(var), f"Frobenius sd of the {kind} uncertainty", "mm^2/s")
+    if any(v is not None for v in parts.values()):
+        maps["sdtot"] = (pred.sd_frobenius, "Frobenius sd of the total predictive uncertainty", "mm^2/s")
+    for name, (data, description, units) in maps.items():
+        paths[name] = save_nifti(data, pred.affine, f"{prefix}_{name}.nii.gz")
+        if sidecars:
+            save_json({"Description": description, "Units": units, **meta}, sidecar_path(paths[name]))
+    paths["mask"] = save_nifti(pred.mask.astype(np.uint8), pred.affine, f"{prefix}_mask.nii.gz", dtype=np.uint8)
+    if sidecars:
+        save_json({"Description": "HR brain mask: each LR mask voxel's r×r×r block", **meta}, sidecar_path(paths["mask"]))
+    return paths
+
+
+def prediction_metadata(card: dict[str, Any], pred: Prediction) -> dict[str, Any]:
+    """Provenance for every output sidecar: the model file and the sampling settings."""
+    return {
+        "Model": {
+            "Variant": card["variant"],
+            "UpsampleFactor": card["upsample"],
+            "Target": card.get("target", "hr"),
+            "WeightsSHA256": card["weights"]["sha256"],
+            "Version": card.get("iqt_pipe_version"),
+        },
+        "MonteCarloSamples": pred.info["mc_samples"],
+        "ScalarSamples": pred.info["scalar_samples"],
+        "Seed": pred.info["seed"],
+        "Device": pred.info["device"],
+    }
