@@ -1,0 +1,91 @@
+"""DIPY denoising and Gibbs-ringing removal as Nipype interfaces (the fallbacks of
+MRtrix3's ``dwidenoise`` and ``mrdegibbs``, which Nipype wraps itself)."""
+
+from __future__ import annotations
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+from nipype.utils.filemanip import fname_presuffix
+
+
+def _load_series(path: str):
+    from iqt_pipe.io import InputError, load_nifti
+
+    data, affine, header = load_nifti(path)
+    if data.ndim != 4:
+        raise InputError(f"{path}: a DWI series must be 4-D (x, y, z, volumes), this image is {data.ndim}-D")
+    return data, affine, header
+
+
+def _out_path(in_file: str, suffix: str, cwd: str) -> str:
+    return fname_presuffix(in_file, suffix=f"{suffix}.nii.gz", newpath=cwd, use_ext=False)
+
+
+class _DenoiseMPPCAInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="DWI series (4-D NIfTI), before any interpolation")
+    mask_file = File(exists=True, desc="denoise only these voxels (all voxels when not given)")
+    patch_radius = traits.Int(2, usedefault=True, desc="patch radius in voxels (2: 5×5×5 patches)")
+
+
+class _DenoiseMPPCAOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="denoised DWI series")
+    noise_file = File(exists=True, desc="estimated noise standard deviation (3-D)")
+
+
+class DenoiseMPPCA(SimpleInterface):
+    """Marchenko–Pastur PCA denoising with DIPY (:func:`iqt_pipe.preproc.denoise_mppca`)."""
+
+    input_spec = _DenoiseMPPCAInputSpec
+    output_spec = _DenoiseMPPCAOutputSpec
+
+    def _run_interface(self, runtime):
+        from iqt_pipe.io import InputError, load_nifti, save_nifti
+        from iqt_pipe.preproc import denoise_mppca
+
+        data, affine, header = _load_series(self.inputs.in_file)
+        mask = None
+        if self.inputs.mask_file:
+            mask = load_nifti(self.inputs.mask_file)[0] > 0
+            if mask.shape != data.shape[:3]:
+                raise InputError(
+                    f"{self.inputs.mask_file}: mask grid {mask.shape} differs from the DWI grid "
+                    f"{data.shape[:3]}; give a mask of the same series"
+                )
+        denoised, sigma = denoise_mppca(data, mask=mask, patch_radius=self.inputs.patch_radius)
+        out = _out_path(self.inputs.in_file, "_denoised", runtime.cwd)
+        noise = _out_path(self.inputs.in_file, "_noise", runtime.cwd)
+        self._results["out_file"] = str(save_nifti(denoised, affine, out, header=header))
+        self._results["noise_file"] = str(save_nifti(sigma, affine, noise, header=header))
+        return runtime
+
+
+class _RemoveGibbsInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="DWI series (4-D NIfTI), before any interpolation")
+    slice_axis = traits.Enum(2, 0, 1, usedefault=True, desc="voxel axis across the acquired slices")
+
+
+class _RemoveGibbsOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="series with Gibbs ringing removed")
+
+
+class RemoveGibbs(SimpleInterface):
+    """Gibbs-ringing removal by local sub-voxel shifts with DIPY
+    (:func:`iqt_pipe.preproc.remove_gibbs`)."""
+
+    input_spec = _RemoveGibbsInputSpec
+    output_spec = _RemoveGibbsOutputSpec
+
+    def _run_interface(self, runtime):
+        from iqt_pipe.io import save_nifti
+        from iqt_pipe.preproc import remove_gibbs
+
+        data, affine, header = _load_series(self.inputs.in_file)
+        out = _out_path(self.inputs.in_file, "_unringed", runtime.cwd)
+        unringed = remove_gibbs(data, slice_axis=self.inputs.slice_axis)
+        self._results["out_file"] = str(save_nifti(unringed, affine, out, header=header))
+        return runtime
