@@ -1,11 +1,21 @@
 """Nipype interfaces of iqt-pipe: thin ``SimpleInterface`` wrappers around core functions.
 
-Installed as :mod:`iqt_pipe.interfaces`.
+Installed as :mod:`iqt_pipe.interfaces`. Names load on first use: the derivatives sinks pull
+in niworkflows' BIDS module, whose TemplateFlow indexing costs seconds.
 """
 
-from iqt_pipe.interfaces.dti import DegradeDWI, FitDTI
-from iqt_pipe.interfaces.preproc import DenoiseMPPCA, RemoveGibbs
-from iqt_pipe.interfaces.qc import RunQC
-from iqt_pipe.interfaces.sr import SuperResolve
+import importlib
 
-__all__ = ["DegradeDWI", "FitDTI", "SuperResolve", "DenoiseMPPCA", "RemoveGibbs", "RunQC"]
+_WHERE = {
+    "DegradeDWI": "dti", "FitDTI": "dti",
+    "DenoiseMPPCA": "preproc", "RemoveGibbs": "preproc",
+    "RunQC": "qc", "SuperResolve": "sr",
+    "DerivativesDataSink": "bids", "OptionalDerivativesDataSink": "bids", "SidecarMetadata": "bids",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

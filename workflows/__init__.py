@@ -2,9 +2,20 @@
 
 Factories are keyword-only and return niworkflows ``LiterateWorkflow``s with an ``inputnode``,
 an ``outputnode`` and a ``__desc__`` methods paragraph, so other pipelines can embed them.
+Names load on first use (the output sinks import niworkflows' BIDS module, which is slow).
 """
 
-from iqt_pipe.workflows.dwi import init_dti_wf, init_dwi_preproc_wf
-from iqt_pipe.workflows.sr import init_sr_wf
+import importlib
 
-__all__ = ["init_sr_wf", "init_dwi_preproc_wf", "init_dti_wf"]
+_WHERE = {
+    "init_iqt_wf": "base", "init_single_subject_wf": "base",
+    "init_dwi_preproc_wf": "dwi", "init_dti_wf": "dwi",
+    "init_sr_wf": "sr", "init_outputs_wf": "outputs",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,43 +1,171 @@
 """``iqt-pipe``: the BIDS App entry point.
 
-The parser is built by :func:`_build_parser` so tests and docs can call it directly.
+``participant``: dependency check, BIDS validation, pybids query, a summary of what will run,
+then the Nipype graph of :func:`iqt_pipe.workflows.init_iqt_wf`. The dataset-level files
+(``dataset_description.json``, ``.bidsignore``, ``logs/CITATION.*``) are written under a
+lock and only when absent or different, so job-array tasks sharing an output folder never
+clobber each other; each subject's log folder gets the run configuration and text crash files.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 from iqt_pipe import __version__
-from iqt_pipe.cli._common import Parser
+from iqt_pipe.cli._common import EXIT_FAILED, EXIT_MISSING_EXECUTABLE, EXIT_OK, run_guarded
+from iqt_pipe.cli.parser import PROG, _build_parser, parse_args  # noqa: F401 - _build_parser for docs/tests
+from iqt_pipe.config import RunConfig
+from iqt_pipe.io import InputError, save_json, save_text
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="iqt-pipe",
-        description=(
-            "Bayesian Image Quality Transfer for diffusion MRI: super-resolved diffusion "
-            "tensors with per-voxel uncertainty, from a BIDS dataset."
-        ),
-    )
-    parser.add_argument("bids_dir", help="root folder of a BIDS dataset with DWI runs")
-    parser.add_argument("output_dir", help="folder for the BIDS derivatives")
-    parser.add_argument(
-        "analysis_level", choices=["participant", "group"], help="processing stage to run"
-    )
-    parser.add_argument("--version", action="version", version=f"iqt-pipe {__version__}")
-    return parser
+class MissingExecutable(InputError):
+    """A tool the requested options need is not installed (exit code 127)."""
+
+
+def check_dependencies(config: RunConfig) -> None:
+    if config.denoise == "mrtrix" and not (shutil.which("dwidenoise") and shutil.which("mrdegibbs")):
+        raise MissingExecutable(
+            "--denoise mrtrix needs MRtrix3's dwidenoise and mrdegibbs on PATH; install MRtrix3 "
+            "(conda install -c mrtrix3 mrtrix3) or use --denoise dipy"
+        )
+    if config.tractography != "none":
+        raise InputError(
+            f"--tractography {config.tractography}: tractography is not part of iqt-pipe {__version__} yet; "
+            "use --tractography none"
+        )
+
+
+def validate_bids(bids_dir: Path) -> None:
+    """Run ``bids-validator-deno``; any error (not warning) is a one-line refusal."""
+    exe = Path(sys.executable).parent / "bids-validator-deno"
+    exe = str(exe) if exe.exists() else shutil.which("bids-validator-deno")
+    if exe is None:
+        raise MissingExecutable(
+            "bids-validator-deno not found; install it (pip install bids-validator-deno) or pass --skip-bids-validation"
+        )
+    proc = subprocess.run([exe, str(bids_dir), "--format", "json"], capture_output=True, text=True)
+    try:
+        issues = json.loads(proc.stdout)["issues"]["issues"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise InputError(
+            f"{bids_dir}: the BIDS validator failed ({(proc.stderr or proc.stdout).strip()[:200]}); "
+            "pass --skip-bids-validation to go on without it"
+        ) from None
+    errors = [i for i in issues if i.get("severity") == "error"]
+    if errors:
+        first = errors[0]
+        where = first.get("location", "")
+        raise InputError(
+            f"{bids_dir}: the BIDS validator found {len(errors)} error(s), first {first.get('code')} "
+            f"{where}; fix them or pass --skip-bids-validation"
+        )
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: Path):
+    """An exclusive lock on the output folder's dataset-level files (job-array tasks)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / ".iqt-pipe.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        save_text(text, path)
+
+
+def write_dataset_files(config: RunConfig, methods: str) -> None:
+    """``dataset_description.json``, ``.bidsignore`` and ``logs/CITATION.{md,bib}``, idempotent."""
+    from importlib.resources import files
+
+    description = {
+        "Name": "iqt-pipe derivatives: super-resolved diffusion tensors with uncertainty",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "iqt-pipe", "Version": __version__,
+                         "CodeURL": "https://github.com/iqt-pipe/iqt-pipe"}],
+        "DatasetLinks": {"raw": str(config.bids_dir)},
+    }
+    out = config.output_dir
+    with output_lock(out):
+        _write_if_changed(out / "dataset_description.json", json.dumps(description, indent=2) + "\n")
+        _write_if_changed(out / ".bidsignore", "*_dwimap.*\n*.lock\nlogs/\n")
+        bib = files("iqt_pipe.data").joinpath("boilerplate.bib").read_text()
+        _write_if_changed(out / "logs" / "CITATION.bib", bib)
+        _write_if_changed(out / "logs" / "CITATION.md", "# Methods\n\n" + methods.strip() + "\n\n"
+                          "Citation keys (`@key`) refer to `CITATION.bib` beside this file.\n")
+
+
+def participant(config: RunConfig) -> int:
+    from iqt_pipe.bids import find_dwi_runs
+    from iqt_pipe.inference import resolve_device
+    from iqt_pipe.workflows import init_iqt_wf
+
+    check_dependencies(config)
+    if not config.skip_bids_validation:
+        validate_bids(config.bids_dir)
+    filters = (config.bids_filters or {}).get("dwi")
+    runs = find_dwi_runs(config.bids_dir, config.participant_label, config.session_label, filters=filters)
+    print(config.summary(runs=runs, device=str(resolve_device(config.device))), flush=True)
+    workflow = init_iqt_wf(config=config, runs=runs)
+    write_dataset_files(config, workflow.visit_desc())
+    if config.boilerplate_only:
+        print(f"{PROG}: methods text written to {config.output_dir / 'logs' / 'CITATION.md'}")
+        return EXIT_OK
+    for subject in sorted({r.subject for r in runs}):
+        config.archive(subject)
+    workflow.config["execution"].update({
+        "crashfile_format": "txt",
+        "stop_on_first_crash": config.stop_on_first_crash,
+    })
+    if not config.verbose:
+        logging.getLogger("nipype.workflow").setLevel(logging.WARNING)
+    if config.write_graph:
+        try:
+            workflow.write_graph(graph2use="colored", format="svg", simple_form=True)
+        except Exception as exc:  # noqa: BLE001 - graphviz may be absent; the run goes on
+            print(f"{PROG}: warning: could not draw the workflow graph ({exc})", file=sys.stderr)
+    settings = config.plugin_settings()
+    if settings["plugin"] in ("MultiProc", "LegacyMultiProc"):
+        settings["plugin_args"].setdefault("poll_sleep_duration", 0.2)
+    try:
+        workflow.run(**settings)
+    except RuntimeError as exc:
+        crashes = sorted(config.output_dir.glob(f"sub-*/log/{config.run_uuid}/crash-*.txt"))
+        print(f"{PROG}: some steps failed ({exc.__class__.__name__}); "
+              f"{len(crashes)} crash report(s) under {config.output_dir}/sub-*/log/{config.run_uuid}/", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{PROG}: finished; derivatives in {config.output_dir}")
+    return EXIT_OK
+
+
+def group(config: RunConfig) -> int:
+    raise InputError("the group level is not part of this version yet; run the participant level")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _build_parser()
-    parser.parse_args(argv)
-    print(
-        f"iqt-pipe {__version__}: the participant and group levels are not part of this "
-        "release yet; use iqt-phantom and iqt-degrade.",
-        file=sys.stderr,
-    )
-    return 2
+    args = parse_args(argv)
+    config = RunConfig.from_args(args)
+
+    def work() -> int:
+        try:
+            return participant(config) if config.analysis_level == "participant" else group(config)
+        except MissingExecutable as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return EXIT_MISSING_EXECUTABLE
+
+    return run_guarded(PROG, work, bool(config.verbose))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,160 @@
+"""``iqt-pipe participant`` end to end: the derivatives tree and sidecars against the
+checked-in list, cache reuse with identical outputs, two job-array tasks writing one output
+folder, a failing run that does not stop the others, the methods boilerplate, real data."""
+
+import gzip
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from iqt_pipe.models import IQTNet, save_model
+from iqt_pipe.phantom import write_bids_dataset
+
+EXPECTED = json.loads((REPO / "tests/data/expected_participant_outputs.json").read_text())
+FAST = ["--denoise", "dipy", "--no-degibbs", "--mc-samples", "2", "--nprocs", "2", "--omp-nthreads", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("app")
+    root = write_bids_dataset(tmp / "ds", n_subjects=2, preset="tiny", seed=1, snr=30)
+    torch.manual_seed(0)
+    save_model(IQTNet("hetero-var2", 2), tmp / "model" / "model.safetensors", {"target": "residual-cubic"})
+    return root, tmp / "model"
+
+
+def iqt_pipe(*args, check_rc=0):
+    proc = subprocess.run([sys.executable, "-m", "iqt_pipe.cli.run", *map(str, args)], capture_output=True, text=True)
+    assert proc.returncode == check_rc, proc.stderr[-3000:]
+    return proc
+
+
+def tree(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                  if p.is_file() and "/log/" not in str(p) and not p.name.startswith(".iqt-pipe"))
+
+
+def image_digests(out: Path) -> dict[str, str]:
+    """sha256 of every NIfTI's decompressed bytes (gzip headers carry a time stamp)."""
+    return {str(p.relative_to(out)): hashlib.sha256(gzip.decompress(p.read_bytes())).hexdigest()
+            for p in sorted(out.rglob("*.nii.gz"))}
+
+
+@pytest.fixture(scope="module")
+def first_run(data, tmp_path_factory):
+    root, model = data
+    tmp = tmp_path_factory.mktemp("run")
+    proc = iqt_pipe(root, tmp / "out", "participant", "--participant-label", "sub-01", "--model", model,
+                    "-w", tmp / "work", *FAST)
+    return tmp, proc
+
+
+def test_outputs_and_sidecars_match_the_checked_in_list(first_run, data):
+    tmp, proc = first_run
+    out = tmp / "out"
+    assert "participant level" in proc.stdout and "DWI runs       1" in proc.stdout
+    assert tree(out) == EXPECTED["files"]
+    for rel, keys in EXPECTED["sidecar_keys"].items():
+        assert sorted(json.loads((out / rel).read_text())) == keys, rel
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "iqt-pipe"
+    tensor = json.loads((out / "sub-01/dwi/sub-01_res-hi_model-tensor_param-tensor_dwimap.json").read_text())
+    card = json.loads((data[1] / "model.json").read_text())
+    assert tensor["OrientationEncoding"]["Reference"] == "xyz"
+    assert tensor["Model"]["WeightsSHA256"] == card["weights"]["sha256"] and tensor["MonteCarloSamples"] == 2
+    native = nb.load(out / "sub-01/dwi/sub-01_model-tensor_param-tensor_dwimap.nii.gz")
+    sr = nb.load(out / "sub-01/dwi/sub-01_res-hi_model-tensor_param-tensor_dwimap.nii.gz")
+    assert sr.shape == tuple(2 * s for s in native.shape[:3]) + (6,)
+    np.testing.assert_allclose(nb.affines.voxel_sizes(sr.affine) * 2, nb.affines.voxel_sizes(native.affine))
+    sd = nb.load(out / "sub-01/dwi/sub-01_res-hi_model-tensor_param-tensor_desc-totalsd_dwimap.nii.gz").get_fdata()
+    mask = nb.load(out / "sub-01/dwi/sub-01_res-hi_desc-brain_mask.nii.gz").get_fdata() > 0
+    assert np.all(sd[mask] > 0) and np.all(np.isfinite(sd))
+    logs = list((out / "sub-01" / "log").glob("*/iqt-pipe.toml"))
+    assert len(logs) == 1 and "hetero-var2" in logs[0].read_text()
+    assert "Bayesian Image Quality Transfer" in (out / "logs/CITATION.md").read_text()
+    assert "@article{tanno2021" in (out / "logs/CITATION.bib").read_text()
+
+
+def test_rerun_with_the_same_work_dir_reuses_it_and_gives_identical_outputs(first_run, data):
+    tmp, _ = first_run
+    root, model = data
+    sr_result = next((tmp / "work").rglob("super_resolve/result_super_resolve.pklz"))
+    before, stamp = image_digests(tmp / "out"), sr_result.stat().st_mtime_ns
+    iqt_pipe(root, tmp / "out", "participant", "--participant-label", "01", "--model", model,
+             "-w", tmp / "work", *FAST)
+    assert sr_result.stat().st_mtime_ns == stamp, "the super-resolution node ran again"
+    assert image_digests(tmp / "out") == before
+
+
+def test_two_job_array_tasks_share_one_output_folder(data, tmp_path):
+    root, model = data
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "iqt_pipe.cli.run", str(root), str(tmp_path / "out"), "participant",
+                          "--participant-label", label, "--model", str(model), "-w", str(tmp_path / f"work{label}"),
+                          "--skip-bids-validation", *FAST], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for label in ("01", "02")
+    ]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()[-2000:]
+    files = tree(tmp_path / "out")
+    for sub in ("sub-01", "sub-02"):
+        expected = [f.replace("sub-01", sub) for f in EXPECTED["files"]]
+        assert set(expected) <= set(files)
+    json.loads((tmp_path / "out" / "dataset_description.json").read_text())
+    assert (tmp_path / "out" / ".bidsignore").read_text().count("*_dwimap.*") == 1
+
+
+def test_a_failing_run_does_not_stop_the_others(data, tmp_path):
+    root, model = data
+    broken = tmp_path / "ds"
+    shutil.copytree(root, broken)
+    (broken / "sub-02/dwi/sub-02_dwi.bvec").write_text("0 1 0\n0 0 1\n")
+    proc = iqt_pipe(broken, tmp_path / "out", "participant", "--model", model, "-w", tmp_path / "work",
+                    "--skip-bids-validation", *FAST, check_rc=1)
+    assert "crash report" in proc.stderr
+    assert (tmp_path / "out/sub-01/dwi/sub-01_res-hi_model-tensor_param-tensor_dwimap.nii.gz").exists()
+    assert not list((tmp_path / "out").glob("sub-02/dwi/*"))
+    crashes = list((tmp_path / "out/sub-02/log").glob("*/crash-*.txt"))
+    assert crashes and "sub-02_dwi.bvec" in crashes[0].read_text()
+
+
+def test_boilerplate_only(data, tmp_path):
+    root, model = data
+    iqt_pipe(root, tmp_path / "out", "participant", "--model", model, "-w", tmp_path / "work",
+             "--boilerplate-only", "--skip-bids-validation")
+    text = (tmp_path / "out/logs/CITATION.md").read_text()
+    assert "weighted linear least squares" in text and "@tanno2017" in text
+    assert not list((tmp_path / "out").glob("sub-*/dwi"))
+
+
+def test_missing_executable_exits_127(data, tmp_path, monkeypatch):
+    root, model = data
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    proc = iqt_pipe(root, tmp_path / "out", "participant", "--model", model, "-w", tmp_path / "work",
+                    "--denoise", "mrtrix", "--skip-bids-validation", check_rc=127)
+    assert proc.stderr.strip().count("\n") == 0 and "dwidenoise" in proc.stderr
+
+
+@pytest.mark.realdata
+def test_real_subject_end_to_end(realdwi, data, tmp_path):
+    _, model = data
+    filters = tmp_path / "filters.json"
+    filters.write_text(json.dumps({"dwi": {"run": 1}}))
+    iqt_pipe(realdwi, tmp_path / "out", "participant", "--participant-label", "galan02", "--model", model,
+             "-w", tmp_path / "work", "--bids-filter-file", filters, "--skip-bids-validation",
+             "--mc-samples", "2", "--nprocs", "2", "--omp-nthreads", "1")
+    files = tree(tmp_path / "out")
+    stem = "sub-galan02/dwi/sub-galan02_run-1_"
+    assert f"{stem}res-hi_model-tensor_param-tensor_desc-totalsd_dwimap.nii.gz" in files
+    native = nb.load(tmp_path / "out" / f"{stem}model-tensor_param-md_dwimap.nii.gz").get_fdata()
+    mask = nb.load(tmp_path / "out" / f"{stem}desc-brain_mask.nii.gz").get_fdata() > 0
+    assert 0.5e-3 < np.median(native[mask]) < 1.2e-3

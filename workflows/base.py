@@ -1,0 +1,115 @@
+"""The BIDS App's top-level workflows: all participants, then one participant's DWI runs.
+
+Only these two factories read the run configuration (:class:`iqt_pipe.config.RunConfig`);
+the science factories they call take explicit arguments.
+"""
+
+from __future__ import annotations
+
+import re
+from copy import deepcopy
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
+
+from iqt_pipe import __version__
+from iqt_pipe.bids import DWIRun
+from iqt_pipe.config import RunConfig
+from iqt_pipe.workflows.dwi import init_dti_wf, init_dwi_preproc_wf
+from iqt_pipe.workflows.outputs import init_outputs_wf
+from iqt_pipe.workflows.sr import init_sr_wf
+
+
+def init_iqt_wf(*, config: RunConfig, runs: list[DWIRun], name: str = "iqt_wf") -> Workflow:
+    """One :func:`init_single_subject_wf` per participant with DWI runs.
+
+    Workflow Graph
+        .. workflow::
+            :graph2use: orig
+            :simple_form: yes
+
+            # needs a RunConfig and the runs found by iqt_pipe.bids.find_dwi_runs
+    """
+    workflow = Workflow(name=name)
+    workflow.base_dir = str(config.work_dir)
+    for subject in sorted({run.subject for run in runs}):
+        subject_wf = init_single_subject_wf(
+            config=config, subject=subject, runs=[r for r in runs if r.subject == subject]
+        )
+        # Crash reports as text in the subject's log folder of this run.
+        subject_wf.config["execution"].update(
+            {"crashdump_dir": str(config.log_dir(subject)), "crashfile_format": "txt"}
+        )
+        for node in subject_wf._get_all_nodes():
+            node.config = deepcopy(subject_wf.config)
+        workflow.add_nodes([subject_wf])
+    return workflow
+
+
+def _node_name(run: DWIRun) -> str:
+    """``sub-01_ses-1_run-2`` → ``ses_1_run_2`` (Nipype names: letters, digits, _)."""
+    tag = run.name.split("_", 1)[1] if "_" in run.name else "dwi"
+    return re.sub(r"\W", "_", tag.replace("-", "_"))
+
+
+def init_single_subject_wf(
+    *, config: RunConfig, subject: str, runs: list[DWIRun], name: str | None = None
+) -> Workflow:
+    """Every DWI run of one participant: preprocessing → DTI → super-resolution → outputs.
+
+    Runs are independent branches: one failing run does not stop the others.
+    """
+    from iqt_pipe.inference import resolve_device
+
+    workflow = Workflow(name=name or f"sub_{subject}_wf")
+    workflow.__desc__ = f"""
+Results included in this manuscript come from processing performed with iqt-pipe
+{__version__}, which uses Nipype [@nipype]. {len(runs)} diffusion-weighted series of this
+participant were processed independently.
+"""
+    workflow.__postdesc__ = """
+Many internal operations of iqt-pipe use DIPY [@dipy] and PyTorch; the methods of
+super-resolution follow @tanno2017 and @tanno2021.
+"""
+    use_gpu = resolve_device(config.device).type == "cuda"
+    mem_mb = config.mem_mb or 1024
+    for run in runs:
+        tag = _node_name(run)
+        inputnode = pe.Node(niu.IdentityInterface(fields=["dwi_file", "bval_file", "bvec_file"]), name=f"{tag}_inputs")
+        inputnode.inputs.dwi_file, inputnode.inputs.bval_file, inputnode.inputs.bvec_file = (
+            str(run.dwi), str(run.bval), str(run.bvec)
+        )
+        preproc_wf = init_dwi_preproc_wf(denoise=config.denoise, degibbs=config.degibbs,
+                                         omp_nthreads=config.omp_nthreads, name=f"{tag}_preproc_wf")
+        dti_wf = init_dti_wf(omp_nthreads=config.omp_nthreads, name=f"{tag}_dti_wf")
+        sr_wf = init_sr_wf(model=str(config.model), mc_samples=config.mc_samples, seed=config.seed,
+                           use_gpu=use_gpu, omp_nthreads=config.omp_nthreads, mem_mb=mem_mb,
+                           name=f"{tag}_sr_wf")
+        outputs_wf = init_outputs_wf(output_dir=str(config.output_dir), name=f"{tag}_outputs_wf")
+        outputs_wf.inputs.inputnode.source_file = str(run.dwi)
+        outputs_wf.inputs.inputnode.upsample = config.model_upsample
+        workflow.connect([
+            (inputnode, preproc_wf, [("dwi_file", "inputnode.dwi_file"), ("bval_file", "inputnode.bval_file"),
+                                     ("bvec_file", "inputnode.bvec_file")]),
+            (preproc_wf, dti_wf, [("outputnode.dwi_file", "inputnode.dwi_file"),
+                                  ("outputnode.bval_file", "inputnode.bval_file"),
+                                  ("outputnode.bvec_file", "inputnode.bvec_file")]),
+            (dti_wf, sr_wf, [("outputnode.tensor_file", "inputnode.tensor_file"),
+                             ("outputnode.mask_file", "inputnode.mask_file")]),
+            (dti_wf, outputs_wf, [("outputnode.tensor_file", "inputnode.tensor_file"),
+                                  ("outputnode.fa_file", "inputnode.fa_file"),
+                                  ("outputnode.md_file", "inputnode.md_file"),
+                                  ("outputnode.mask_file", "inputnode.mask_file")]),
+            (sr_wf, outputs_wf, [("outputnode.tensor_file", "inputnode.sr_tensor_file"),
+                                 ("outputnode.fa_file", "inputnode.sr_fa_file"),
+                                 ("outputnode.fa_sd_file", "inputnode.sr_fa_sd_file"),
+                                 ("outputnode.md_file", "inputnode.sr_md_file"),
+                                 ("outputnode.md_sd_file", "inputnode.sr_md_sd_file"),
+                                 ("outputnode.sd_intrinsic_file", "inputnode.sr_sd_intrinsic_file"),
+                                 ("outputnode.sd_parameter_file", "inputnode.sr_sd_parameter_file"),
+                                 ("outputnode.sd_total_file", "inputnode.sr_sd_total_file"),
+                                 ("outputnode.mask_file", "inputnode.sr_mask_file"),
+                                 ("outputnode.metadata", "inputnode.sr_metadata")]),
+        ])  # fmt:skip
+    return workflow

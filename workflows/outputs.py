@@ -1,0 +1,153 @@
+"""Derivatives of one DWI run — native DTI and super-resolved maps — as BIDS files with
+JSON sidecars, written by data sinks (names from ``iqt_pipe/data/io_spec.json``)."""
+
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
+
+from iqt_pipe.io import tensor_sidecar
+
+#: Label of the ``res-`` entity of super-resolved outputs (each sidecar's Resolution says what it means).
+SR_RES = "hi"
+
+_TENSOR = {"model": "tensor", "suffix": "dwimap"}
+_SR_TENSOR = {"res": SR_RES, **_TENSOR}
+_MASK = {"desc": "brain", "suffix": "mask"}
+_DIFFUSIVITY = "mm^2/s"
+
+#: Native-grid outputs of ``init_dti_wf``: inputnode field → (entities, sidecar fields).
+NATIVE_DERIVATIVES: dict[str, tuple[dict, dict]] = {
+    "tensor_file": ({**_TENSOR, "param": "tensor"}, tensor_sidecar({
+        "Description": "Diffusion tensor fitted at the native resolution, world (scanner RAS) frame"})),
+    "fa_file": ({**_TENSOR, "param": "fa"},
+                {"Description": "Fractional anisotropy of the tensor fit", "Units": "arbitrary"}),
+    "md_file": ({**_TENSOR, "param": "md"},
+                {"Description": "Mean diffusivity of the tensor fit", "Units": _DIFFUSIVITY}),
+    "mask_file": (_MASK, {"Description": "Brain mask: the supplied one, or DIPY's median_otsu on the "
+                                         "mean b=0 image", "Type": "Brain"}),
+}  # fmt:skip
+
+#: Super-resolved outputs of ``init_sr_wf``: inputnode field → (entities, sidecar fields,
+#: optional). Optional maps exist only for models with that part of the uncertainty.
+SR_DERIVATIVES: dict[str, tuple[dict, dict, bool]] = {
+    "sr_tensor_file": ({**_SR_TENSOR, "param": "tensor"}, tensor_sidecar({
+        "Description": "Super-resolved diffusion tensor: mean of the predictive distribution, "
+                       "world (scanner RAS) frame",
+        "Model": {"Description": "Diffusion tensor super-resolved by Bayesian Image Quality Transfer "
+                                 "(3D-ESPCN) from the native-resolution tensor fit"}}), False),
+    "sr_fa_file": ({**_SR_TENSOR, "param": "fa"}, {
+        "Description": "FA: mean over samples of the predictive distribution", "Units": "arbitrary"}, False),
+    "sr_fa_sd_file": ({**_SR_TENSOR, "param": "fa", "desc": "sd"}, {
+        "Description": "FA: sd over samples of the predictive distribution", "Units": "arbitrary"}, False),
+    "sr_md_file": ({**_SR_TENSOR, "param": "md"}, {
+        "Description": "MD: mean over samples of the predictive distribution", "Units": _DIFFUSIVITY}, False),
+    "sr_md_sd_file": ({**_SR_TENSOR, "param": "md", "desc": "sd"}, {
+        "Description": "MD: sd over samples of the predictive distribution", "Units": _DIFFUSIVITY}, False),
+    "sr_sd_intrinsic_file": ({**_SR_TENSOR, "param": "tensor", "desc": "intrinsicsd"}, {
+        "Description": "Frobenius sd of the intrinsic (heteroscedastic noise model) uncertainty "
+                       "of the tensor", "Units": _DIFFUSIVITY}, True),
+    "sr_sd_parameter_file": ({**_SR_TENSOR, "param": "tensor", "desc": "parametersd"}, {
+        "Description": "Frobenius sd of the parameter (variational dropout) uncertainty of the tensor",
+        "Units": _DIFFUSIVITY}, True),
+    "sr_sd_total_file": ({**_SR_TENSOR, "param": "tensor", "desc": "totalsd"}, {
+        "Description": "Frobenius sd of the total predictive uncertainty of the tensor (intrinsic "
+                       "and parameter parts together)", "Units": _DIFFUSIVITY}, True),
+    "sr_mask_file": ({"res": SR_RES, **_MASK}, {
+        "Description": "Super-resolved brain mask: each native mask voxel's r×r×r block",
+        "Type": "Brain"}, False),
+}  # fmt:skip
+
+
+def init_outputs_wf(*, output_dir: str, name: str = "outputs_wf") -> Workflow:
+    """Write the native DTI and super-resolved derivatives of one DWI run, with sidecars.
+
+    Names follow BEP016 (``model-``, ``param-``, ``res-``, ``desc-``; ``_dwimap``,
+    ``_mask``) and are derived from ``source_file`` by :class:`~iqt_pipe.interfaces.bids.DerivativesDataSink`.
+    Each sidecar holds the map's Description and Units (tensors: BEP016's
+    OrientationEncoding and TensorComponents), ``Sources`` as BIDS URIs, ``Resolution``
+    with the voxel size and ``SoftwareVersions``; super-resolved maps add the model's
+    provenance (``sr_metadata``). Maps a model does not produce (intrinsic, parameter or
+    total sd) are skipped.
+
+    Workflow Graph
+        .. workflow::
+            :graph2use: orig
+            :simple_form: yes
+
+            from iqt_pipe.workflows.outputs import init_outputs_wf
+            wf = init_outputs_wf(output_dir="derivatives/iqt-pipe")
+
+    Parameters
+    ----------
+    output_dir
+        Root of the derivative dataset (files go to ``sub-<label>[/ses-<label>]/dwi/``).
+
+    Inputs
+    ------
+    source_file
+        The raw DWI series (its entities name the outputs; ``Sources`` of native maps).
+    tensor_file, fa_file, md_file, mask_file
+        ``init_dti_wf``'s native-resolution outputs.
+    sr_tensor_file, sr_fa_file, sr_fa_sd_file, sr_md_file, sr_md_sd_file, sr_mask_file
+        ``init_sr_wf``'s outputs.
+    sr_sd_intrinsic_file, sr_sd_parameter_file, sr_sd_total_file
+        ``init_sr_wf``'s uncertainty maps; undefined where the model lacks that part.
+    sr_metadata
+        ``init_sr_wf``'s provenance (model sha256, variant, r, samples, seed, device).
+    upsample
+        Super-resolution factor r per axis (for the sidecars' Resolution).
+
+    Outputs
+    -------
+    tensor_file, fa_file, ..., sr_mask_file
+        Paths of the written derivatives (undefined for skipped maps).
+    """
+    workflow = Workflow(name=name)
+    fields = [*NATIVE_DERIVATIVES, *SR_DERIVATIVES]
+    inputnode = pe.Node(
+        niu.IdentityInterface(fields=["source_file", *fields, "sr_metadata", "upsample"]), name="inputnode"
+    )
+    outputnode = pe.Node(niu.IdentityInterface(fields=fields), name="outputnode")
+    # Sources of the super-resolved maps: the native tensor and mask as written.
+    native_sources = pe.Node(niu.Merge(2), name="native_sources", run_without_submitting=True)
+
+    connections = []
+    for field, (entities, sidecar) in NATIVE_DERIVATIVES.items():
+        meta, sink = _sink_nodes(field, entities, sidecar, output_dir, optional=False)
+        connections += _sink_connections(inputnode, outputnode, field, meta, sink)
+        connections.append((inputnode, meta, [("source_file", "raw_sources")]))
+        if field in ("tensor_file", "mask_file"):
+            connections.append((sink, native_sources, [("out_file", "in1" if field == "tensor_file" else "in2")]))
+    for field, (entities, sidecar, optional) in SR_DERIVATIVES.items():
+        meta, sink = _sink_nodes(field, entities, sidecar, output_dir, optional=optional)
+        connections += _sink_connections(inputnode, outputnode, field, meta, sink)
+        connections += [
+            (inputnode, meta, [("sr_metadata", "provenance"), ("upsample", "upsample")]),
+            (native_sources, meta, [("out", "derived_sources")]),
+        ]
+    workflow.connect(connections)
+    return workflow
+
+
+def _sink_nodes(field: str, entities: dict, sidecar: dict, output_dir: str, optional: bool):
+    """The sidecar node and the data sink of one output."""
+    from iqt_pipe.interfaces.bids import DerivativesDataSink, OptionalDerivativesDataSink, SidecarMetadata
+
+    stem = field.removesuffix("_file")
+    sink_class = OptionalDerivativesDataSink if optional else DerivativesDataSink
+    meta = pe.Node(SidecarMetadata(fields=sidecar, super_resolved=field.startswith("sr_")), name=f"meta_{stem}",
+                   run_without_submitting=True)  # fmt:skip
+    sink = pe.Node(sink_class(base_directory=str(output_dir), **entities), name=f"ds_{stem}",
+                   run_without_submitting=True)  # fmt:skip
+    return meta, sink
+
+
+def _sink_connections(inputnode, outputnode, field: str, meta, sink) -> list:
+    return [
+        (inputnode, meta, [(field, "in_file")]),
+        (inputnode, sink, [("source_file", "source_file"), (field, "in_file")]),
+        (meta, sink, [("meta_dict", "meta_dict")]),
+        (sink, outputnode, [("out_file", field)]),
+    ]
