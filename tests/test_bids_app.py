@@ -111,6 +111,17 @@ def test_two_job_array_tasks_share_one_output_folder(data, tmp_path):
         assert set(expected) <= set(files)
     json.loads((tmp_path / "out" / "dataset_description.json").read_text())
     assert (tmp_path / "out" / ".bidsignore").read_text().count("*_dwimap.*") == 1
+    # The group level on the shared folder: one QC row per run, and its summary.
+    proc = iqt_pipe(root, tmp_path / "out", "group", "--skip-bids-validation")
+    rows = (tmp_path / "out" / "group_qc.tsv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("subject\t") and rows[1].startswith("01\t")
+    assert "group QC of 2 run(s)" in proc.stdout and (tmp_path / "out" / "group_qc.txt").exists()
+
+
+def test_group_without_participant_outputs_is_refused(data, tmp_path):
+    root, _ = data
+    proc = iqt_pipe(root, tmp_path / "out", "group", "--skip-bids-validation", check_rc=2)
+    assert "run the participant level" in proc.stderr and proc.stderr.strip().count("\n") == 0
 
 
 def test_a_failing_run_does_not_stop_the_others(data, tmp_path):

@@ -150,8 +150,67 @@ def participant(config: RunConfig) -> int:
     return EXIT_OK
 
 
+def derivatives_layout(output_dir: Path):
+    """pybids' view of an iqt-pipe output folder, with the entities of ``io_spec.json``."""
+    from importlib.resources import files
+
+    from bids import BIDSLayout
+
+    spec = json.loads(files("iqt_pipe.data").joinpath("io_spec.json").read_text())
+    config = {key: spec[key] for key in ("name", "entities", "default_path_patterns") if key in spec}
+    return BIDSLayout(output_dir, validate=False, config=[config])
+
+
 def group(config: RunConfig) -> int:
-    raise InputError("the group level is not part of this version yet; run the participant level")
+    """``group_qc.tsv`` (one row per DWI run: uncertainty in white matter, the fraction of
+    voxels above the threshold, native vs super-resolved FA/MD) with robust outliers flagged,
+    and ``group_qc.txt``, a short summary."""
+    from bids.layout import Query
+
+    from iqt_pipe.qc import ENTITIES, group_table, metrics_from_files, run_name, write_group_qc
+
+    out = config.output_dir
+    if not (out / "dataset_description.json").exists():
+        raise InputError(f"{out}: no iqt-pipe derivatives here; run the participant level into it first")
+    layout = derivatives_layout(out)
+    common = {"suffix": "dwimap", "extension": ".nii.gz", "model": "tensor"}
+    if config.participant_label:
+        common["subject"] = list(config.participant_label)
+    if config.session_label:
+        common["session"] = list(config.session_label)
+    natives = layout.get(param="fa", res=Query.NONE, desc=Query.NONE, **common)
+    if not natives:
+        raise InputError(f"{out}: no participant outputs found (no *_model-tensor_param-fa_dwimap.nii.gz); "
+                         "run the participant level first")
+    rows = []
+    for native in natives:
+        entities = {k: v for k, v in native.get_entities().items() if k in ENTITIES}
+
+        def one(**query) -> str:
+            found = layout.get(return_type="file", **{**entities, **query})
+            if len(found) != 1:
+                raise InputError(f"{run_name(entities)}: expected one {query} output in {out}, found {len(found)}; "
+                                 "rerun its participant level")
+            return found[0]
+
+        base = {"extension": ".nii.gz"}
+        sr_tensor = one(suffix="dwimap", model="tensor", param="tensor", res="hi", desc=Query.NONE, **base)
+        r = json.loads(Path(sr_tensor.replace(".nii.gz", ".json")).read_text())["Model"]["UpsampleFactor"]
+        metrics = metrics_from_files(
+            native.path,
+            one(suffix="dwimap", model="tensor", param="md", res=Query.NONE, desc=Query.NONE, **base),
+            one(suffix="mask", desc="brain", res=Query.NONE, **base),
+            one(suffix="dwimap", model="tensor", param="fa", res="hi", desc=Query.NONE, **base),
+            one(suffix="dwimap", model="tensor", param="md", res="hi", desc=Query.NONE, **base),
+            one(suffix="dwimap", model="tensor", param="tensor", res="hi", desc="totalsd", **base),
+            one(suffix="mask", desc="brain", res="hi", **base),
+            r=int(r), name=run_name(entities),
+        )
+        rows.append({**entities, **metrics})
+    tsv, summary = write_group_qc(group_table(rows), out / "group_qc.tsv", out / "group_qc.txt")
+    print(summary.read_text(), end="")
+    print(f"{PROG}: group QC of {len(rows)} run(s) written to {tsv}")
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
