@@ -1,0 +1,68 @@
+"""Wall time, peak memory and per-stage share of a default ``iqt-pipe participant`` run
+(run on demand, not a test):
+
+    .venv/bin/python benchmarks/participant.py --model MODEL [--subject achieva01] [--bids DIR]
+
+Defaults: ../shared/data/ds-realdwi, sub-achieva01, default options (denoise auto, Gibbs removal,
+8 MC samples), all CPU cores. Stage times come from Nipype's runtime records in the work folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = {"dwidenoise": "denoise", "denoise_mppca": "denoise", "mrdegibbs": "Gibbs removal",
+          "remove_gibbs": "Gibbs removal", "fit_dti": "DTI fit", "super_resolve": "super-resolution"}
+
+
+def stage_times(work: Path) -> dict[str, float]:
+    from nipype.utils.filemanip import loadpkl
+
+    totals: dict[str, float] = defaultdict(float)
+    for result in work.rglob("result_*.pklz"):
+        node = result.parent.name
+        runtime = getattr(loadpkl(result), "runtime", None)
+        duration = getattr(runtime, "duration", None) if runtime is not None else None
+        if duration is None:
+            continue
+        stage = STAGES.get(node, "outputs and sidecars" if node.startswith(("ds_", "meta_")) else "other")
+        totals[stage] += float(duration)
+    return dict(totals)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--bids", type=Path, default=REPO.parent / "shared/data/ds-realdwi")
+    p.add_argument("--subject", default="achieva01")
+    p.add_argument("extra", nargs="*", help="more iqt-pipe options, after --")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cmd = [sys.executable, "-m", "iqt_pipe.cli.run", str(args.bids), str(tmp / "out"), "participant",
+               "--participant-label", args.subject, "--model", str(args.model), "-w", str(tmp / "work"),
+               "--skip-bids-validation", *args.extra]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode:
+            sys.exit(f"iqt-pipe failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        stages = stage_times(tmp / "work")
+    total = sum(stages.values())
+    print(f"sub-{args.subject}: wall {wall:.1f} s (goal ≤ 600 s), peak memory of the largest process {peak_mb:.0f} MB")
+    for stage, seconds in sorted(stages.items(), key=lambda kv: -kv[1]):
+        print(f"  {stage:<22} {seconds:7.1f} s  {seconds / total:6.1%} of node time")
+    print(f"  {'(start-up, scheduling)':<22} {wall - total:7.1f} s")
+
+
+if __name__ == "__main__":
+    main()
