@@ -7,18 +7,21 @@ VENV=${IQT_VENV:-.venv}
 TORCH_SPEC=${IQT_TORCH_SPEC:-torch==2.13.0}
 say() { printf 'iqt-pipe setup: %s\n' "$*" >&2; }
 
-# --- MRtrix3 (optional at run time; some steps and tests need it) -------------------------
-if ! command -v dwi2tensor >/dev/null 2>&1; then
+# --- MRtrix3 and Graphviz (optional at run time; some steps, --write-graph and tests need them)
+missing=()
+command -v dwi2tensor >/dev/null 2>&1 || missing+=(mrtrix3)
+command -v dot >/dev/null 2>&1 || missing+=(graphviz)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    say "installing MRtrix3 from Debian (apt-get install mrtrix3)"
+    say "installing ${missing[*]} from Debian (apt-get install)"
     if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
-           DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mrtrix3 >/dev/null; }; then
-      say "warning: apt-get could not install MRtrix3; its steps and tests are skipped until it is installed"
+           DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }; then
+      say "warning: apt-get could not install ${missing[*]}; the steps and tests that need them are skipped"
     fi
   else
-    say "MRtrix3 not found and cannot install it here (needs root and apt-get)."
-    say "  Install it with 'conda install -c mrtrix3 mrtrix3' or ask for 'apt-get install mrtrix3';"
-    say "  until then MRtrix3 steps are unavailable and their tests are skipped."
+    say "${missing[*]} not found and cannot be installed here (needs root and apt-get)."
+    say "  MRtrix3: 'conda install -c mrtrix3 mrtrix3' or 'apt-get install mrtrix3'; Graphviz: 'apt-get install graphviz'."
+    say "  Until then MRtrix3 steps and --write-graph's drawings are unavailable, and their tests are skipped."
   fi
 fi
 

@@ -88,8 +88,10 @@ def test_rerun_with_the_same_work_dir_reuses_it_and_gives_identical_outputs(firs
     root, model = data
     sr_result = next((tmp / "work").rglob("super_resolve/result_super_resolve.pklz"))
     before, stamp = image_digests(tmp / "out"), sr_result.stat().st_mtime_ns
+    plugin = tmp / "linear.yml"
+    plugin.write_text("plugin: Linear\nplugin_args: {}\n")
     iqt_pipe(root, tmp / "out", "participant", "--participant-label", "01", "--model", model,
-             "-w", tmp / "work", *FAST)
+             "-w", tmp / "work", *FAST, "--use-plugin", plugin)
     assert sr_result.stat().st_mtime_ns == stamp, "the super-resolution node ran again"
     assert image_digests(tmp / "out") == before
 
@@ -137,13 +139,16 @@ def test_a_failing_run_does_not_stop_the_others(data, tmp_path):
     assert crashes and "sub-02_dwi.bvec" in crashes[0].read_text()
 
 
-def test_boilerplate_only(data, tmp_path):
+def test_boilerplate_only_and_graph(data, tmp_path):
     root, model = data
     iqt_pipe(root, tmp_path / "out", "participant", "--model", model, "-w", tmp_path / "work",
-             "--boilerplate-only", "--skip-bids-validation")
+             "--boilerplate-only", "--write-graph", "--skip-bids-validation")
     text = (tmp_path / "out/logs/CITATION.md").read_text()
     assert "weighted linear least squares" in text and "@tanno2017" in text
     assert not list((tmp_path / "out").glob("sub-*/dwi"))
+    assert (tmp_path / "work/iqt_wf/graph.dot").exists()
+    if shutil.which("dot"):
+        assert (tmp_path / "work/iqt_wf/graph.svg").stat().st_size > 0
 
 
 def test_missing_executable_exits_127(data, tmp_path, monkeypatch):

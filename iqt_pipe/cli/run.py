@@ -120,6 +120,11 @@ def participant(config: RunConfig) -> int:
     print(config.summary(runs=runs, device=str(resolve_device(config.device))), flush=True)
     workflow = init_iqt_wf(config=config, runs=runs)
     write_dataset_files(config, workflow.visit_desc())
+    if config.write_graph:
+        try:
+            workflow.write_graph(graph2use="colored", format="svg", simple_form=True)
+        except Exception as exc:  # noqa: BLE001 - graphviz may be absent; the run goes on
+            print(f"{PROG}: warning: could not draw the workflow graph ({exc})", file=sys.stderr)
     if config.boilerplate_only:
         print(f"{PROG}: methods text written to {config.output_dir / 'logs' / 'CITATION.md'}")
         return EXIT_OK
@@ -131,11 +136,6 @@ def participant(config: RunConfig) -> int:
     })
     if not config.verbose:
         logging.getLogger("nipype.workflow").setLevel(logging.WARNING)
-    if config.write_graph:
-        try:
-            workflow.write_graph(graph2use="colored", format="svg", simple_form=True)
-        except Exception as exc:  # noqa: BLE001 - graphviz may be absent; the run goes on
-            print(f"{PROG}: warning: could not draw the workflow graph ({exc})", file=sys.stderr)
     settings = config.plugin_settings()
     if settings["plugin"] in ("MultiProc", "LegacyMultiProc"):
         settings["plugin_args"].setdefault("poll_sleep_duration", 0.2)
