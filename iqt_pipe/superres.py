@@ -22,6 +22,23 @@ from iqt_pipe.io import InputError, load_nifti, save_json, save_nifti, save_tens
 from iqt_pipe.models.espcn import IQTNet
 
 
+_DIFFUSIVITY = "mm^2/s"
+#: Sidecar fields of each map :func:`write_prediction` writes (the BIDS outputs reuse them).
+MAP_SIDECARS: dict[str, dict[str, str]] = {
+    "fa": {"Description": "FA: mean over samples of the predictive distribution", "Units": "arbitrary"},
+    "fasd": {"Description": "FA: sd over samples of the predictive distribution", "Units": "arbitrary"},
+    "md": {"Description": "MD: mean over samples of the predictive distribution", "Units": _DIFFUSIVITY},
+    "mdsd": {"Description": "MD: sd over samples of the predictive distribution", "Units": _DIFFUSIVITY},
+    "sdint": {"Description": "Frobenius sd of the intrinsic (heteroscedastic noise model) uncertainty "
+                             "of the tensor", "Units": _DIFFUSIVITY},
+    "sdpar": {"Description": "Frobenius sd of the parameter (variational dropout) uncertainty of the tensor",
+              "Units": _DIFFUSIVITY},
+    "sdtot": {"Description": "Frobenius sd of the total predictive uncertainty of the tensor (intrinsic "
+                             "and parameter parts together)", "Units": _DIFFUSIVITY},
+    "mask": {"Description": "Super-resolved brain mask: each native mask voxel's r×r×r block", "Type": "Brain"},
+}
+
+
 def super_resolve_tensors(
     world_tensors: np.ndarray, mask: np.ndarray, affine: np.ndarray, model: IQTNet, **predict_kwargs
 ) -> Prediction:
@@ -57,26 +74,19 @@ def write_prediction(
     meta = {"Software": f"iqt-pipe {__version__}", **(metadata or {})}
     prefix = str(prefix)
     paths = {"tensor": save_tensors(pred.mean, pred.affine, f"{prefix}_tensor.nii.gz", meta, sidecar=sidecars)}
-    maps = {
-        "fa": (pred.fa_mean, "FA: mean over samples of the predictive distribution", "arbitrary"),
-        "fasd": (pred.fa_sd, "FA: sd over samples of the predictive distribution", "arbitrary"),
-        "md": (pred.md_mean, "MD: mean over samples of the predictive distribution", "mm^2/s"),
-        "mdsd": (pred.md_sd, "MD: sd over samples of the predictive distribution", "mm^2/s"),
-    }
-    parts = {"sdint": pred.var_intrinsic, "sdpar": pred.var_parameter}
-    for name, var in parts.items():
-        if var is not None:
-            kind = "intrinsic (heteroscedastic noise model)" if name == "sdint" else "parameter (variational dropout)"
-            maps[name] = (frobenius_sd(var), f"Frobenius sd of the {kind} uncertainty", "mm^2/s")
-    if any(v is not None for v in parts.values()):
-        maps["sdtot"] = (pred.sd_frobenius, "Frobenius sd of the total predictive uncertainty", "mm^2/s")
-    for name, (data, description, units) in maps.items():
-        paths[name] = save_nifti(data, pred.affine, f"{prefix}_{name}.nii.gz")
+    maps = {"fa": pred.fa_mean, "fasd": pred.fa_sd, "md": pred.md_mean, "mdsd": pred.md_sd}
+    if pred.var_intrinsic is not None:
+        maps["sdint"] = frobenius_sd(pred.var_intrinsic)
+    if pred.var_parameter is not None:
+        maps["sdpar"] = frobenius_sd(pred.var_parameter)
+    if pred.var_intrinsic is not None or pred.var_parameter is not None:
+        maps["sdtot"] = pred.sd_frobenius
+    maps["mask"] = pred.mask.astype(np.uint8)
+    for name, data in maps.items():
+        dtype = np.uint8 if name == "mask" else np.float32
+        paths[name] = save_nifti(data, pred.affine, f"{prefix}_{name}.nii.gz", dtype=dtype)
         if sidecars:
-            save_json({"Description": description, "Units": units, **meta}, sidecar_path(paths[name]))
-    paths["mask"] = save_nifti(pred.mask.astype(np.uint8), pred.affine, f"{prefix}_mask.nii.gz", dtype=np.uint8)
-    if sidecars:
-        save_json({"Description": "HR brain mask: each LR mask voxel's r×r×r block", **meta}, sidecar_path(paths["mask"]))
+            save_json({**MAP_SIDECARS[name], **meta}, sidecar_path(paths[name]))
     return paths
 
 

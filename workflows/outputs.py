@@ -8,6 +8,7 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from iqt_pipe.io import tensor_sidecar
+from iqt_pipe.superres import MAP_SIDECARS
 
 #: Label of the ``res-`` entity of super-resolved outputs (each sidecar's Resolution says what it means).
 SR_RES = "hi"
@@ -37,26 +38,14 @@ SR_DERIVATIVES: dict[str, tuple[dict, dict, bool]] = {
                        "world (scanner RAS) frame",
         "Model": {"Description": "Diffusion tensor super-resolved by Bayesian Image Quality Transfer "
                                  "(3D-ESPCN) from the native-resolution tensor fit"}}), False),
-    "sr_fa_file": ({**_SR_TENSOR, "param": "fa"}, {
-        "Description": "FA: mean over samples of the predictive distribution", "Units": "arbitrary"}, False),
-    "sr_fa_sd_file": ({**_SR_TENSOR, "param": "fa", "desc": "sd"}, {
-        "Description": "FA: sd over samples of the predictive distribution", "Units": "arbitrary"}, False),
-    "sr_md_file": ({**_SR_TENSOR, "param": "md"}, {
-        "Description": "MD: mean over samples of the predictive distribution", "Units": _DIFFUSIVITY}, False),
-    "sr_md_sd_file": ({**_SR_TENSOR, "param": "md", "desc": "sd"}, {
-        "Description": "MD: sd over samples of the predictive distribution", "Units": _DIFFUSIVITY}, False),
-    "sr_sd_intrinsic_file": ({**_SR_TENSOR, "param": "tensor", "desc": "intrinsicsd"}, {
-        "Description": "Frobenius sd of the intrinsic (heteroscedastic noise model) uncertainty "
-                       "of the tensor", "Units": _DIFFUSIVITY}, True),
-    "sr_sd_parameter_file": ({**_SR_TENSOR, "param": "tensor", "desc": "parametersd"}, {
-        "Description": "Frobenius sd of the parameter (variational dropout) uncertainty of the tensor",
-        "Units": _DIFFUSIVITY}, True),
-    "sr_sd_total_file": ({**_SR_TENSOR, "param": "tensor", "desc": "totalsd"}, {
-        "Description": "Frobenius sd of the total predictive uncertainty of the tensor (intrinsic "
-                       "and parameter parts together)", "Units": _DIFFUSIVITY}, True),
-    "sr_mask_file": ({"res": SR_RES, **_MASK}, {
-        "Description": "Super-resolved brain mask: each native mask voxel's r×r×r block",
-        "Type": "Brain"}, False),
+    "sr_fa_file": ({**_SR_TENSOR, "param": "fa"}, MAP_SIDECARS["fa"], False),
+    "sr_fa_sd_file": ({**_SR_TENSOR, "param": "fa", "desc": "sd"}, MAP_SIDECARS["fasd"], False),
+    "sr_md_file": ({**_SR_TENSOR, "param": "md"}, MAP_SIDECARS["md"], False),
+    "sr_md_sd_file": ({**_SR_TENSOR, "param": "md", "desc": "sd"}, MAP_SIDECARS["mdsd"], False),
+    "sr_sd_intrinsic_file": ({**_SR_TENSOR, "param": "tensor", "desc": "intrinsicsd"}, MAP_SIDECARS["sdint"], True),
+    "sr_sd_parameter_file": ({**_SR_TENSOR, "param": "tensor", "desc": "parametersd"}, MAP_SIDECARS["sdpar"], True),
+    "sr_sd_total_file": ({**_SR_TENSOR, "param": "tensor", "desc": "totalsd"}, MAP_SIDECARS["sdtot"], True),
+    "sr_mask_file": ({"res": SR_RES, **_MASK}, MAP_SIDECARS["mask"], False),
 }  # fmt:skip
 
 
