@@ -9,6 +9,7 @@ is an :class:`~iqt_pipe.io.InputError` whose message is one line.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -57,6 +58,10 @@ class DWIRun:
         }
 
 
+#: A BIDS label: ASCII letters and digits only (no path tricks such as ``..`` or ``/``).
+LABEL = re.compile(r"[A-Za-z0-9]+")
+
+
 def strip_label(label: str, prefix: str) -> str:
     """``sub-01`` → ``01`` (and ``01`` → ``01``); ``prefix`` is ``sub`` or ``ses``."""
     label = str(label).strip()
@@ -69,7 +74,7 @@ def _labels(values: Iterable[str] | str | None, prefix: str) -> list[str] | None
     if isinstance(values, str):
         values = [values]
     out = [strip_label(v, prefix) for v in values]
-    bad = [v for v in out if not v or not v.isalnum()]
+    bad = [v for v in out if not LABEL.fullmatch(v)]
     if bad:
         raise InputError(
             f"{prefix}- label {bad[0]!r} is not a BIDS label (letters and digits only, e.g. 01 or {prefix}-01)"
@@ -90,6 +95,18 @@ def _layout(bids_dir: Path):
         return BIDSLayout(str(bids_dir), validate=False, derivatives=False)
     except Exception as exc:  # pybids raises several types for unreadable datasets
         raise InputError(f"{bids_dir}: cannot index as BIDS ({exc.__class__.__name__}: {exc})") from None
+
+
+def _check_known(labels: list[str] | None, known: list[set], what: str, prefix: str, where) -> None:
+    """Refuse the first label found in none of the datasets, listing the available ones."""
+    if labels is None:
+        return
+    everywhere = set().union(*known)
+    unknown = [label for label in labels if label not in everywhere]
+    if unknown:
+        raise InputError(
+            f"{where}: {what} label {prefix}-{unknown[0]} not found; available: {_available(everywhere, prefix)}"
+        )
 
 
 def _available(values: Iterable[str], prefix: str) -> str:
@@ -128,24 +145,12 @@ def find_dwi_runs_multi(
     sessions = _labels(session_labels, "ses")
     where = roots[0] if len(roots) == 1 else "the datasets"
     known_subjects = [set(layout.get_subjects()) for layout in layouts]
-    if subjects is not None:
-        everywhere = set().union(*known_subjects)
-        unknown = [s for s in subjects if s not in everywhere]
-        if unknown:
-            raise InputError(
-                f"{where}: participant label sub-{unknown[0]} not found; available: {_available(everywhere, 'sub')}"
-            )
+    _check_known(subjects, known_subjects, "participant", "sub", where)
     known_sessions = []
     for layout, ksub in zip(layouts, known_subjects):
         mine = [s for s in subjects if s in ksub] if subjects is not None else None
         known_sessions.append(set(layout.get_sessions(subject=mine) if mine else layout.get_sessions()))
-    if sessions is not None:
-        everywhere = set().union(*known_sessions)
-        unknown = [s for s in sessions if s not in everywhere]
-        if unknown:
-            raise InputError(
-                f"{where}: session label ses-{unknown[0]} not found; available: {_available(everywhere, 'ses')}"
-            )
+    _check_known(sessions, known_sessions, "session", "ses", where)
     runs: list[DWIRun] = []
     for root, layout, ksub, kses in zip(roots, layouts, known_subjects, known_sessions):
         query = {"suffix": "dwi", "datatype": "dwi", "extension": list(DWI_EXTENSIONS), **(filters or {})}

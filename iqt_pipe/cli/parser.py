@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from iqt_pipe import __version__
+from iqt_pipe.bids import LABEL
 from iqt_pipe.cli._common import Parser, int_at_least
 from iqt_pipe.config import DEFAULT_MC_SAMPLES, DEFAULT_SEED, DENOISE, DEVICES, TRACTOGRAPHY
 
@@ -25,7 +26,6 @@ MAX_DEFAULT_OMP = 8
 #: Queries a BIDS filter file may refine, and the entities it may not override.
 FILTER_QUERIES = ("dwi",)
 _FIXED_ENTITIES = ("suffix", "datatype")
-_LABEL = re.compile(r"[A-Za-z0-9]+")
 
 EPILOG = (
     "Exit codes: 0 success, 1 some subject failed, 2 bad command line or input, "
@@ -47,7 +47,7 @@ def _label_type(prefix: str, what: str):
 
     def parse(text: str) -> str:
         label = text[len(prefix) + 1:] if text.startswith(f"{prefix}-") else text
-        if not _LABEL.fullmatch(label):
+        if not LABEL.fullmatch(label):
             raise argparse.ArgumentTypeError(
                 f"{what} label {text!r} is not a BIDS label: letters and digits only, "
                 f"with or without '{prefix}-' (e.g. 01 or {prefix}-01)"
