@@ -1,0 +1,277 @@
+"""``iqt-eval``: score super-resolution methods against HR references made from BIDS DWI.
+
+Examples::
+
+    iqt-eval /data/ds-realdwi -o eval/ --model model.safetensors --participant-label prisma01
+    iqt-eval /data/ds-realdwi -o eval/ --model a.safetensors --ensemble a.safetensors b.safetensors \\
+        --mode raw known-truth lesion --calibration-label trio01
+    iqt-eval /data/ds-realdwi -o eval-cv/ --cross-validate 2 --epochs 8     # train per fold, score held-out
+
+Each run's DWI is the HR reference; the LR input is made by the IQT degradation. Nearest,
+trilinear and cubic B-spline interpolation of the LR tensors are scored beside every
+``--model`` (one method each) and ``--ensemble`` (one method per list). Outputs in OUT_DIR:
+``results.json`` (every number), ``results.md`` (tables), ``figures/`` (calibration curve,
+error vs uncertainty, slice maps). See :mod:`iqt_pipe.evaluation` for the protocol.
+
+Exit codes: 0 success, 1 unexpected failure, 2 bad command line or input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+from iqt_pipe import __version__
+from iqt_pipe.cli._common import Parser, int_at_least, run_guarded
+
+PROG = "iqt-eval"
+BASELINES = ("nearest", "trilinear", "cubic")
+
+
+def _snr(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"the SNR must be a positive number, got {text!r}")
+    return value
+
+
+def _folds(text: str) -> int | str:
+    if text == "loso":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"--cross-validate takes 'loso' or a number of folds ≥ 2, got {text!r}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from iqt_pipe.evaluation import MODES
+    from iqt_pipe.models import VARIANTS
+    from iqt_pipe.training import DEFAULT_EPOCHS, DEFAULT_VARIANT
+
+    p = Parser(prog=PROG, description="Score super-resolution (interpolation, models, ensembles) against HR "
+                                      "references made from BIDS DWI runs: accuracy and calibrated uncertainty.")
+    p.add_argument("bids_dirs", nargs="+", type=Path, metavar="BIDS_DIR", help="BIDS dataset root(s)")
+    p.add_argument("-o", "--output-dir", type=Path, required=True, metavar="OUT_DIR",
+                   help="folder for results.json, results.md and figures/")
+    p.add_argument("--participant-label", nargs="+", metavar="L", help="participants to score (default: all)")
+    p.add_argument("--session-label", nargs="+", metavar="S", help="sessions to score (default: all)")
+    p.add_argument("--model", nargs="+", type=Path, default=[], metavar="PATH",
+                   help="model file(s) to score, each as its own method")
+    p.add_argument("--ensemble", nargs="+", type=Path, action="append", default=[], metavar="PATH",
+                   help="model files scored together as one inverse-variance-weighted ensemble (repeatable)")
+    p.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES),
+                   help="interpolation baselines (default: all three; cubic is the reference of the ratios)")
+    p.add_argument("--mode", nargs="+", choices=MODES, default=["raw"],
+                   help="raw: the scan is the reference; known-truth: synthetic noisy HR series from the "
+                        "denoised scan's tensors, scored against the noise-free truth; lesion: a tumour-like "
+                        "lesion inserted before degradation (uncertainty AUC) (default: raw)")
+    p.add_argument("--snr", type=_snr, metavar="X",
+                   help="known-truth mode: b=0 SNR of the added Rician noise (default: each run's own, from MP-PCA)")
+    p.add_argument("--calibration-label", nargs="+", metavar="L",
+                   help="participants (not scored) on which the risky-voxel threshold is chosen; default: the "
+                        "model cards' training subjects found in BIDS_DIR and not scored")
+    p.add_argument("-r", "--upsample", type=int_at_least(2, "the upsampling factor"), metavar="R",
+                   help="upsampling factor (default: the models', else 2)")
+    p.add_argument("--mc-samples", type=int_at_least(1, "the number of Monte-Carlo samples"), default=8, metavar="T",
+                   help="Monte-Carlo weight samples per model (default: 8)")
+    p.add_argument("--seed", type=int_at_least(0, "the seed"), default=0, metavar="N", help="random seed (default: 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device (default: auto)")
+    p.add_argument("--mem-mb", type=int_at_least(256, "--mem-mb"), default=2048, metavar="MB",
+                   help="memory budget for prediction tiles (default: 2048)")
+    p.add_argument("--no-figures", action="store_true", help="write the tables only")
+    cv = p.add_argument_group("cross-validation (trains one model per fold with iqt-train's defaults)")
+    cv.add_argument("--cross-validate", type=_folds, metavar="{loso,K}",
+                    help="split the subjects into K folds (loso: one per subject), train on the others, score "
+                         "the held-out fold; the training subjects choose the risky-voxel threshold")
+    cv.add_argument("--variant", choices=list(VARIANTS), default=DEFAULT_VARIANT,
+                    help=f"variant trained per fold (default: {DEFAULT_VARIANT})")
+    cv.add_argument("--epochs", type=int_at_least(1, "epochs"), default=DEFAULT_EPOCHS, metavar="N",
+                    help=f"epochs per fold (default: {DEFAULT_EPOCHS})")
+    cv.add_argument("--patches-per-subject", type=int_at_least(2, "patches per subject"), metavar="N",
+                    help="patch pairs per subject (default: iqt-train's)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return p
+
+
+def _load(path: Path, device, r: int | None):
+    from iqt_pipe.models import ModelFileError, load_model
+    from iqt_pipe.io import InputError
+
+    try:
+        model, card = load_model(path, device=device, expect_r=r)
+    except ModelFileError as exc:
+        raise InputError(str(exc)) from None
+    return model, card, path
+
+
+def _methods(args, device):
+    from iqt_pipe.evaluation import Method, interpolation_methods
+    from iqt_pipe.io import InputError
+
+    methods = interpolation_methods(args.baselines)
+    loaded = {}
+    r = args.upsample
+    for path in args.model + [p for group in args.ensemble for p in group]:
+        if path not in loaded:
+            if not path.exists():
+                raise InputError(f"{path}: model file not found; pass a model.safetensors written by iqt-train")
+            loaded[path] = _load(path, device, r)
+            r = r or loaded[path][1]["upsample"]
+    names = set()
+    for path in args.model:
+        name = path.parent.name if path.name.startswith("model.") else path.name.split(".")[0]
+        while name in names or name in args.baselines:
+            name += "'"
+        names.add(name)
+        methods.append(Method(name=name, models=[loaded[path]]))
+    for i, group in enumerate(args.ensemble, 1):
+        methods.append(Method(name=f"ensemble{i}", models=[loaded[p] for p in group]))
+    return methods, r or 2
+
+
+def _calibration_runs(args, methods, scored_subjects):
+    from iqt_pipe.bids import find_dwi_runs_multi
+
+    labels = args.calibration_label
+    if labels is None:
+        labels = sorted({s.removeprefix("sub-") for m in methods for _, card, _ in m.models
+                         for s in card.get("training", {}).get("subjects", [])})
+        available = set()
+        for d in args.bids_dirs:
+            available |= {p.name.removeprefix("sub-") for p in Path(d).glob("sub-*") if p.is_dir()}
+        labels = [s for s in labels if s in available and s not in scored_subjects]
+    return find_dwi_runs_multi(args.bids_dirs, labels, args.session_label) if labels else []
+
+
+def _fold_subjects(subjects: list[str], folds: int | str) -> list[list[str]]:
+    k = len(subjects) if folds == "loso" else int(folds)
+    if k > len(subjects):
+        from iqt_pipe.io import InputError
+
+        raise InputError(f"--cross-validate {folds}: only {len(subjects)} subject(s); use at most that many folds")
+    return [subjects[i::k] for i in range(k)]
+
+
+def _cross_validate(args, device, runs, methods, folds):
+    """Train one model per fold on the other folds' subjects and score the held-out runs."""
+    from iqt_pipe.evaluation import Method, evaluate
+    from iqt_pipe.patches import DEFAULT_PATCHES_PER_SUBJECT, build_library
+    from iqt_pipe.training import DEFAULT_TARGET, train
+
+    records, thresholds, fold_info = [], {}, []
+    figures = None if args.no_figures else _figures()
+    r = args.upsample
+    for k, held_out in enumerate(folds, 1):
+        train_runs = [x for x in runs if x.subject not in held_out]
+        test_runs = [x for x in runs if x.subject in held_out]
+        fold_dir = args.output_dir / "cv" / f"fold-{k}"
+        print(f"{PROG}: fold {k}: train on {', '.join(sorted({x.subject for x in train_runs}))}; "
+              f"score {', '.join(held_out)}", flush=True)
+        library = build_library(train_runs, r=r, patches_per_subject=args.patches_per_subject or DEFAULT_PATCHES_PER_SUBJECT,
+                                seed=args.seed, target=DEFAULT_TARGET, cache_dir=fold_dir / "cache", quiet=args.quiet)
+        result = train(library, fold_dir, variant=args.variant, epochs=args.epochs, seed=args.seed, device=device,
+                       quiet=args.quiet, data_summary={"subjects": sorted({f"sub-{x.subject}" for x in train_runs})})
+        model = _load(result.model_path, device, r)
+        fold_methods = list(methods) + [Method(name=args.variant, models=[model])]
+        res = evaluate(test_runs, fold_methods, r=r, modes=args.mode, snr=args.snr, seed=args.seed,
+                       mc_samples=args.mc_samples, device=device, mem_mb=args.mem_mb, calibration_runs=train_runs,
+                       quiet=args.quiet, figures=figures)
+        for rec in res["records"]:
+            rec["fold"] = k
+        records += res["records"]
+        thresholds[f"fold-{k}"] = res["thresholds"]
+        fold_info.append({"fold": k, "train": sorted({x.subject for x in train_runs}), "test": held_out,
+                          "model": str(result.model_path)})
+    return {"records": records, "thresholds": thresholds, "folds": fold_info}, figures
+
+
+def _finite(obj):
+    """JSON-ready copy: numpy scalars as Python numbers, NaN/inf as null (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "item"):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _figures():
+    from iqt_pipe.evaluation import Figures
+
+    return Figures()
+
+
+def run(args: argparse.Namespace) -> int:
+    from iqt_pipe.bids import find_dwi_runs_multi
+    from iqt_pipe.evaluation import evaluate, summarise
+    from iqt_pipe.evalreport import markdown, plot_all
+    from iqt_pipe.inference import resolve_device
+    from iqt_pipe.io import InputError, save_json, save_text
+
+    device = resolve_device(args.device)
+    if not args.baselines and not args.model and not args.ensemble and not args.cross_validate:
+        raise InputError("nothing to evaluate: give --model, --ensemble, --cross-validate or at least one --baselines")
+    if "cubic" not in args.baselines:
+        logging.getLogger(PROG).warning("without the cubic baseline no ratios are reported")
+    out = args.output_dir
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder; choose another --output-dir")
+    methods, r = _methods(args, device)
+    args.upsample = r
+    runs = find_dwi_runs_multi(args.bids_dirs, args.participant_label, args.session_label)
+    scored = {x.subject for x in runs}
+    folds = _fold_subjects(sorted(scored), args.cross_validate) if args.cross_validate else None
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{PROG}: {len(runs)} DWI run(s) of {len(scored)} subject(s); methods: "
+          f"{', '.join(m.name for m in methods) + (' + one model per fold' if args.cross_validate else '')}; "
+          f"modes: {', '.join(args.mode)}; r = {r}", flush=True)
+    if args.cross_validate:
+        results, figures = _cross_validate(args, device, runs, methods, folds)
+    else:
+        calibration = _calibration_runs(args, methods, scored)
+        if any(m.is_model for m in methods):
+            print(f"{PROG}: risky-voxel threshold chosen on "
+                  f"{', '.join(sorted({c.subject for c in calibration})) or 'no subjects (precision/recall not reported)'}",
+                  flush=True)
+        figures = None if args.no_figures else _figures()
+        results = evaluate(runs, methods, r=r, modes=args.mode, snr=args.snr, seed=args.seed,
+                           mc_samples=args.mc_samples, device=device, mem_mb=args.mem_mb,
+                           calibration_runs=calibration, quiet=args.quiet, figures=figures)
+    results["summary"] = summarise(results["records"])
+    results["settings"] = {"r": r, "modes": args.mode, "mc_samples": args.mc_samples, "seed": args.seed,
+                           "snr": args.snr or "own", "device": str(device), "iqt_pipe_version": __version__,
+                           "models": [str(p) for p in args.model], "ensembles": [[str(p) for p in g] for g in args.ensemble],
+                           "cross_validate": args.cross_validate}
+    if figures is not None:
+        plot_all(figures, out / "figures")
+    save_json(_finite(results), out / "results.json")
+    text = markdown(results)
+    save_text(text, out / "results.md")
+    print(text.split("## Every run")[0].rstrip())
+    print(f"{PROG}: wrote {out / 'results.md'}, {out / 'results.json'}" + ("" if figures is None else f", {out / 'figures'}/"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(message)s")
+    return run_guarded(PROG, lambda: run(args), args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""``iqt-eval``'s outputs: the Markdown tables and the plots (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from iqt_pipe.io import atomic_path
+
+def _f(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return f"{v:.{digits}f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """Tables: per mode, the mean over runs per method; then every run; then the goals."""
+    lines = ["# iqt-eval results", ""]
+    settings = results.get("settings", {})
+    if settings:
+        lines += ["Settings: " + "; ".join(f"{k} = {v}" for k, v in settings.items() if not isinstance(v, (list, dict))), ""]
+    lines += [
+        "Tensor and MD RMSE in 1e-4 mm²/s over 6 components (tensor) or voxels (MD, FA); ratios are to cubic "
+        "B-spline interpolation of the LR tensors on the same voxels. *Interior*: HR voxels whose parent LR "
+        "voxel's 5³ neighbourhood lies in the LR brain mask; *exterior*: the rest of the HR brain mask. "
+        "*Floor*: the RMS noise of the HR reference itself (WLS delta method from an MP-PCA σ); *corrected* "
+        "= sqrt(max(RMSE² − floor², 0)).", "",
+    ]
+    for mode, methods in results["summary"].items():
+        lines += [f"## Mode: {mode} (mean over runs; [min, max] of ratios)", ""]
+        lines += ["| method | runs | tensor int. | ratio int. | tensor ext. | ratio ext. | MD brain | FA brain | FA ratio |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, slot in methods.items():
+            v = slot["values"]
+
+            def mean(key):
+                return _f(v.get(key, {}).get("mean"))
+
+            def ratio(key):
+                s = v.get(key)
+                return "–" if s is None else f"{s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
+
+            lines.append(f"| {name} | {slot['runs']} | {mean('tensor_rmse.interior')} | {ratio('tensor_rmse_ratio.interior')} | "
+                         f"{mean('tensor_rmse.exterior')} | {ratio('tensor_rmse_ratio.exterior')} | {mean('md_rmse.brain')} | "
+                         f"{mean('fa_rmse.brain')} | {ratio('fa_rmse_ratio.brain')} |")
+        lines.append("")
+        unc = {n: s for n, s in methods.items() if "spearman.brain" in s["values"]}
+        if unc:
+            lines += ["| method | Spearman(sd, err) | cov. 50 % | cov. 80 % | cov. 95 % | risky AUC | risky precision | risky recall | risky F1 | lesion AUC |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+            for name, slot in unc.items():
+                v = slot["values"]
+                g = [_f(v.get(k, {}).get("mean")) for k in ("spearman.brain", "coverage0.5.brain", "coverage0.8.brain",
+                                                             "coverage0.95.brain", "risky.auc", "risky.precision",
+                                                             "risky.recall", "risky.f1", "lesion.auc")]
+                lines.append(f"| {name} | " + " | ".join(g) + " |")
+            lines.append("")
+        goals = {n: s["goals"] for n, s in methods.items() if s.get("goals") and n not in ("nearest", "trilinear", "cubic")}
+        if goals:
+            lines += ["Goals (every run):", ""]
+            for name, g in goals.items():
+                lines += [f"- {name}: " + "; ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in g.items())]
+            lines.append("")
+    lines += ["## Every run", "",
+              "| run | mode | floor int. | method | tensor int. | corrected int. | ratio int. | tensor ext. | ratio ext. | FA ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for rec in results["records"]:
+        floor = rec.get("noise_floor", {}).get("interior")
+        for name, s in rec["methods"].items():
+            corr = s.get("tensor_rmse_corrected", s.get("tensor_rmse_vs_noisy_reference_corrected", {})).get("interior")
+            lines.append(
+                f"| {rec['run']} | {rec['mode']} | {_f(floor)} | {name} | {_f(s['tensor_rmse'].get('interior'))} | {_f(corr)} | "
+                f"{_f(s.get('tensor_rmse_ratio', {}).get('interior'))} | {_f(s['tensor_rmse'].get('exterior'))} | "
+                f"{_f(s.get('tensor_rmse_ratio', {}).get('exterior'))} | {_f(s.get('fa_rmse_ratio', {}).get('brain'))} |")
+    truth = [r for r in results["records"] if r["mode"] == "known-truth"]
+    if truth:
+        lines += ["", "## Noise correction against known truth", "",
+                  "Known-truth mode scores each method against the noise-free truth and against the noisy series' own "
+                  "HR fit (raw and noise-corrected), so the correction used in raw mode can be checked.", "",
+                  "| run | method | true RMSE int. | vs noisy ref. | corrected | corrected / true |", "|---|---|---|---|---|---|"]
+        for rec in truth:
+            for name, s in rec["methods"].items():
+                t = s["tensor_rmse"].get("interior")
+                noisy = s["tensor_rmse_vs_noisy_reference"].get("interior")
+                corr = s["tensor_rmse_vs_noisy_reference_corrected"].get("interior")
+                lines.append(f"| {rec['run']} | {name} | {_f(t)} | {_f(noisy)} | {_f(corr)} | {_f(corr / t if t else None)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format=path.suffix.lstrip("."))
+    plt.close(fig)
+    return path
+
+
+def plot_all(figures, out_dir: str | os.PathLike) -> list[Path]:
+    """Calibration curves, error-vs-uncertainty scatter plots and slice maps as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if figures.calibration:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
+        for (run, mode, method), (nominal, empirical) in figures.calibration.items():
+            ax.plot(nominal, empirical, lw=1, label=f"{run} {mode} {method}")
+        ax.set(xlabel="nominal coverage of the central interval", ylabel="empirical coverage",
+               title="Calibration of the predictive intervals", xlim=(0, 1), ylim=(0, 1))
+        if len(figures.calibration) <= 12:
+            ax.legend(fontsize=6)
+        written.append(_save_figure(fig, out / "calibration.png"))
+    for (run, mode, method), (sd, err) in figures.scatter.items():
+        fig, ax = plt.subplots(figsize=(5, 4))
+        hb = ax.hexbin(sd * 1e4, err * 1e4, gridsize=60, bins="log", mincnt=1, cmap="viridis")
+        top = float(np.quantile(np.r_[sd, err] * 1e4, 0.995))
+        ax.plot([0, top], [0, top], "r--", lw=1, label="|error| = sd")
+        ax.set(xlim=(0, top), ylim=(0, top), xlabel="predicted sd (Frobenius, 1e-4 mm²/s)",
+               ylabel="|error| (Frobenius, 1e-4 mm²/s)", title=f"{run} ({mode}): {method}")
+        ax.legend(fontsize=7)
+        fig.colorbar(hb, ax=ax, label="voxels")
+        written.append(_save_figure(fig, out / f"{run}_mode-{mode}_{method}_error-vs-sd.png"))
+    for (run, mode), maps in figures.slices.items():
+        panels = {k: v for k, v in maps.items() if k not in ("axis", "mask")}
+        fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2))
+        axes = np.atleast_1d(axes)
+        errors = [v for k, v in panels.items() if k.endswith("|error|") or k.endswith(" sd")]
+        vmax = float(np.quantile(np.concatenate([e[maps["mask"]] for e in errors]), 0.99)) * 1e4 if errors else None
+        for ax, (title, img) in zip(axes, panels.items()):
+            scale = 1e4 if title != "reference MD" else 1e3
+            im = ax.imshow(np.rot90(img * scale), cmap="gray" if title == "reference MD" else "inferno",
+                           vmin=0, vmax=None if title == "reference MD" else vmax)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+            fig.colorbar(im, ax=ax, fraction=0.046, label="1e-3 mm²/s" if title == "reference MD" else "1e-4 mm²/s")
+        fig.suptitle(f"{run} ({mode})", fontsize=9)
+        written.append(_save_figure(fig, out / f"{run}_mode-{mode}_maps.png"))
+    return written
+

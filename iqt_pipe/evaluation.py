@@ -1,0 +1,493 @@
+"""Evaluation of super-resolution against an HR reference: the protocol behind ``iqt-eval``.
+
+A *case* is one DWI run made ready for scoring (:func:`prepare_case`):
+
+* ``raw``: the run's own DWI is the HR series. LR synthesis and both fits follow the IQT
+  protocol (:func:`iqt_pipe.degrade.make_pair`): fits cover every voxel with a positive signal,
+  masks only decide what is scored. The reference (the HR fit) is itself noisy; its noise
+  floor is the per-voxel WLS covariance (:func:`iqt_pipe.metrics.wls_tensor_variance`) from an
+  MP-PCA noise map (dipy), reported beside the raw RMSE with the noise-corrected RMSE.
+* ``known-truth``: the truth is the tensor field fitted to the MP-PCA-denoised DWI; a
+  noise-free HR series is synthesised from it (and its S0) with the run's own gradient table,
+  Rician noise at ``snr`` (mean brain b = 0 over σ) is added, and the protocol runs on that
+  series while scoring against the noise-free truth. The noisy series' own HR fit and its
+  floor are scored too, which validates the noise correction of ``raw`` mode.
+* ``lesion``: ``raw`` with a tumour-like lesion (raised isotropic diffusivity and T2 signal,
+  smooth edge) written into the HR DWI before degradation; the lesion test asks whether the
+  predicted uncertainty separates lesion voxels from normal tissue (ROC AUC).
+
+Every method (interpolation of the LR tensors, a model, an ensemble) predicts the whole HR
+grid; :func:`score` compares it with the reference on the interior and exterior of the brain
+(:func:`iqt_pipe.metrics.region_masks`) and, for models, scores the uncertainty.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from iqt_pipe import metrics
+from iqt_pipe.baselines import ORDERS, interpolate_tensors
+from iqt_pipe.degrade import block_average, crop_to_multiple, make_pair
+from iqt_pipe.dti import scalar_maps
+from iqt_pipe.dwi import load_dwi
+from iqt_pipe.fit import brain_mask, fit_dti
+from iqt_pipe.gradients import GradientTable, select_dti_volumes
+from iqt_pipe.inference import Prediction, combine_ensemble, frobenius_sd, predict_volume
+from iqt_pipe.normalise import channel_stats
+
+MODES = ("raw", "known-truth", "lesion")
+#: Lesion: radius (mm), diffusivities (mm²/s, principal first) and b = 0 signal gain.
+LESION_RADIUS_MM = 12.0
+LESION_EVALS = (1.9e-3, 1.6e-3, 1.6e-3)
+LESION_S0_GAIN = 1.6
+#: Tensor errors and RMSEs are reported in this unit (the paper's), MD errors too.
+UNIT = 1e-4
+
+
+@dataclass
+class Case:
+    """One DWI run ready for scoring; arrays on the (cropped) HR grid, voxel frame."""
+
+    name: str
+    subject: str
+    mode: str
+    r: int
+    lr_tensors: np.ndarray  # (x, y, z, 6) LR fit of the whole LR volume
+    lr_mask: np.ndarray  # LR brain mask (normalisation statistics, interior definition)
+    lr_affine: np.ndarray
+    reference: np.ndarray  # (X, Y, Z, 6) what predictions are scored against
+    hr_mask: np.ndarray
+    interior: np.ndarray
+    exterior: np.ndarray
+    floor_var: np.ndarray | None = None  # (X, Y, Z, 6) the reference's noise variance (raw, lesion)
+    noisy_reference: np.ndarray | None = None  # known-truth: the noisy series' own HR fit
+    noisy_floor_var: np.ndarray | None = None
+    lesion: np.ndarray | None = None  # (X, Y, Z) lesion weight in [0, 1]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def coverage_mask(self) -> np.ndarray:
+        """LR voxels to predict: the LR mask plus every LR voxel whose block holds an HR
+        mask voxel, so each scored HR voxel gets a prediction."""
+        return self.lr_mask | (block_average(self.hr_mask[..., None].astype(np.float32), self.r)[..., 0] > 0)
+
+
+def _signal(tensors: np.ndarray, s0: np.ndarray, design: np.ndarray) -> np.ndarray:
+    """DTI signal (…, N) of voxel-frame tensors with :func:`metrics.dti_design` rows."""
+    params = np.concatenate([tensors.astype(np.float64), np.zeros(tensors.shape[:-1] + (1,))], axis=-1)
+    return (s0[..., None] * np.exp(np.clip(params @ design.T, -50, 50))).astype(np.float32)
+
+
+def _rician(clean: np.ndarray, sigma: float | np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    re = clean + rng.standard_normal(clean.shape, dtype=np.float32) * np.float32(sigma)
+    im = rng.standard_normal(clean.shape, dtype=np.float32) * np.float32(sigma)
+    return np.sqrt(re * re + im * im)
+
+
+def _noise_sigma(dwi: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """MP-PCA (dipy) over the mask dilated by 2 voxels: denoised series and σ map."""
+    from scipy import ndimage
+
+    from iqt_pipe.preproc import denoise_mppca
+
+    region = ndimage.binary_dilation(mask, iterations=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return denoise_mppca(dwi, mask=region)
+
+
+def _floor_variance(fit, gtab: GradientTable, affine: np.ndarray, sigma: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    design = metrics.dti_design(gtab.bvals, gtab.bvecs_voxel(affine))
+    out = np.zeros(fit.tensors.shape, np.float32)
+    sel = mask & fit.mask
+    out[sel] = metrics.wls_tensor_variance(fit.tensors[sel], fit.s0[sel], sigma[sel], design)
+    out[~np.isfinite(out)] = 0
+    return out
+
+
+def insert_lesion(
+    dwi: np.ndarray, gtab: GradientTable, affine: np.ndarray, fit, mask: np.ndarray, sigma: float,
+    rng: np.random.Generator, radius_mm: float = LESION_RADIUS_MM,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Write a tumour-like lesion into an HR series: a ball of ``radius_mm`` centred in white
+    matter (FA > 0.3) at least its radius plus 4 mm inside ``mask``, where the signal blends
+    (cosine edge over the outer 40 % of the radius) into that of a nearly isotropic tensor
+    with raised diffusivity and b = 0 signal (oedema), with Rician noise of ``sigma``.
+    Returns the new series and the lesion weight map (1 in the core)."""
+    from scipy import ndimage
+
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    depth = ndimage.distance_transform_edt(mask, sampling=zooms)
+    fa = scalar_maps(fit.tensors)["fa"]
+    candidates = np.argwhere((depth > radius_mm + 4) & (fa > 0.3) & fit.mask)
+    if len(candidates) == 0:
+        candidates = np.argwhere(depth >= depth.max() - 1e-6)
+    centre = candidates[rng.integers(len(candidates))]
+    grid = np.stack(np.meshgrid(*(np.arange(s) for s in mask.shape), indexing="ij"), axis=-1)
+    dist = np.sqrt((((grid - centre) * zooms) ** 2).sum(-1))
+    edge = 0.6 * radius_mm
+    weight = np.clip((radius_mm - dist) / (radius_mm - edge), 0, 1)
+    weight = np.where(dist <= edge, 1.0, 0.5 - 0.5 * np.cos(np.pi * weight)).astype(np.float32)
+    sel = weight > 0
+    # A random orientation for the slight anisotropy.
+    q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    lesion_d = q @ np.diag(LESION_EVALS) @ q.T
+    d6 = np.array([lesion_d[0, 0], lesion_d[0, 1], lesion_d[0, 2], lesion_d[1, 1], lesion_d[1, 2], lesion_d[2, 2]])
+    s0 = np.median(fit.s0[mask & fit.mask]) * LESION_S0_GAIN
+    design = metrics.dti_design(gtab.bvals, gtab.bvecs_voxel(affine))
+    clean = _signal(np.broadcast_to(d6, (int(sel.sum()), 6)), np.full(int(sel.sum()), s0), design)
+    out = dwi.copy()
+    w = weight[sel][:, None]
+    out[sel] = (1 - w) * dwi[sel] + w * _rician(clean, sigma, rng)
+    return out, weight
+
+
+def prepare_case(run, r: int = 2, mode: str = "raw", snr: float | None = None, seed: int = 0,
+                 noise_floor: bool = True) -> Case:
+    """Load a DWI run (:class:`~iqt_pipe.bids.DWIRun`) and make its :class:`Case`.
+
+    ``snr`` (known-truth mode): mean brain b = 0 signal over the added noise's σ; default
+    the run's own (its MP-PCA σ), so the synthetic series is as noisy as the scan.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown evaluation mode {mode!r}; choose from {', '.join(MODES)}")
+    series = load_dwi(run.dwi, run.bval, run.bvec)
+    keep = select_dti_volumes(series.gtab, str(series.path))
+    gtab = series.gtab.subset(keep)
+    hr_dwi = crop_to_multiple(series.data[..., keep], r)
+    affine = series.affine
+    zooms = series.zooms
+    rng = np.random.default_rng([seed, 7])
+    mask = brain_mask(hr_dwi, gtab, zooms)
+    info: dict[str, Any] = {"dwi": str(series.path), "volumes": int(keep.sum()),
+                            "bvals": sorted({int(round(b)) for b in gtab.bvals}), "voxel_size_mm": [float(z) for z in zooms]}
+    sigma_map = None
+    noise = mode != "raw" or noise_floor
+    if noise:
+        denoised, sigma_map = _noise_sigma(hr_dwi, mask)
+        info["noise_sigma"] = float(np.median(sigma_map[mask]))
+    lesion = None
+    truth = None
+    if mode == "known-truth":
+        truth_fit = fit_dti(denoised, affine, gtab, source=f"{series.path} (denoised)")
+        design = metrics.dti_design(gtab.bvals, gtab.bvecs_voxel(affine))
+        clean = np.zeros(hr_dwi.shape, np.float32)
+        clean[truth_fit.mask] = _signal(truth_fit.tensors[truth_fit.mask], truth_fit.s0[truth_fit.mask], design)
+        s0_mean = float(np.mean(truth_fit.s0[mask & truth_fit.mask]))
+        snr = float(snr) if snr else s0_mean / info["noise_sigma"]
+        sigma = s0_mean / snr
+        hr_dwi = _rician(clean, sigma, rng)
+        truth = truth_fit.tensors
+        info |= {"snr": float(snr), "synthetic_sigma": sigma}
+    elif mode == "lesion":
+        fit0 = fit_dti(hr_dwi, affine, gtab, source=str(series.path))
+        hr_dwi, lesion = insert_lesion(hr_dwi, gtab, affine, fit0, mask, info["noise_sigma"], rng)
+        info["lesion_voxels"] = int((lesion >= 0.5).sum())
+    pair = make_pair(hr_dwi, affine, gtab, r=r, source=str(series.path))
+    interior, exterior = metrics.region_masks(pair.lr_mask, mask, r)
+    case = Case(
+        name=run.name, subject=run.subject, mode=mode, r=r, lr_tensors=pair.lr.tensors, lr_mask=pair.lr_mask,
+        lr_affine=pair.lr_affine, reference=pair.hr.tensors, hr_mask=mask, interior=interior, exterior=exterior,
+        lesion=lesion, info=info,
+    )
+    if mode == "known-truth":
+        case.reference = truth
+        case.noisy_reference = pair.hr.tensors
+        # The floor of the noisy reference, as raw mode would estimate it (MP-PCA on that series).
+        _, sigma_noisy = _noise_sigma(hr_dwi, mask)
+        case.noisy_floor_var = _floor_variance(pair.hr, gtab, affine, sigma_noisy, mask)
+    elif noise_floor:
+        case.floor_var = _floor_variance(pair.hr, gtab, affine, sigma_map, mask)
+    return case
+
+
+# --------------------------------------------------------------------------------------- methods
+
+
+@dataclass
+class Method:
+    """Something that predicts HR tensors from a case: an interpolation, a model or an ensemble."""
+
+    name: str
+    interpolation: str | None = None
+    models: list = field(default_factory=list)  # [(IQTNet, card, path)]
+
+    @property
+    def is_model(self) -> bool:
+        return bool(self.models)
+
+
+def interpolation_methods(names: Sequence[str]) -> list[Method]:
+    unknown = [n for n in names if n not in ORDERS]
+    if unknown:
+        raise ValueError(f"unknown interpolation {unknown[0]!r}; choose from {', '.join(ORDERS)}")
+    return [Method(name=n, interpolation=n) for n in names]
+
+
+def predict(method: Method, case: Case, *, mc_samples: int = 8, seed: int = 0, device="cpu",
+            mem_mb: float = 1024) -> Prediction | np.ndarray:
+    """HR tensors (interpolation) or a :class:`Prediction` (model, ensemble) for ``case``."""
+    if method.interpolation:
+        return interpolate_tensors(case.lr_tensors, case.r, method.interpolation)
+    stats = channel_stats(case.lr_tensors, case.lr_mask)
+    preds = []
+    for model, card, _ in method.models:
+        if model.r != case.r:
+            raise ValueError(f"{method.name}: the model upsamples by {model.r}, the evaluation by {case.r}")
+        preds.append(predict_volume(model, case.lr_tensors, case.coverage_mask, case.lr_affine, stats=stats,
+                                    mc_samples=mc_samples, seed=seed, device=device, mem_mb=mem_mb))
+    return preds[0] if len(preds) == 1 else combine_ensemble(preds, seed=seed)
+
+
+# --------------------------------------------------------------------------------------- scoring
+
+
+def _regions(case: Case) -> dict[str, np.ndarray]:
+    return {"interior": case.interior, "exterior": case.exterior, "brain": case.hr_mask}
+
+
+def _scalars(d6: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    fa = np.zeros(mask.shape, np.float32)
+    md = np.zeros(mask.shape, np.float32)
+    maps = scalar_maps(d6[mask])
+    fa[mask], md[mask] = maps["fa"], maps["md"]
+    return fa, md
+
+
+def reference_scores(case: Case) -> dict[str, Any]:
+    """The reference's noise floor per region (×1e-4 mm²/s) and voxel counts."""
+    out: dict[str, Any] = {"voxels": {k: int(v.sum()) for k, v in _regions(case).items()}}
+    floor = case.floor_var if case.floor_var is not None else case.noisy_floor_var
+    if floor is not None:
+        out["noise_floor"] = {k: float(np.sqrt(np.mean(floor[v].astype(np.float64)))) / UNIT
+                              for k, v in _regions(case).items() if v.any()}
+    return out
+
+
+def score(case: Case, result: Prediction | np.ndarray, md_threshold: float | None = None) -> dict[str, Any]:
+    """Accuracy (and uncertainty, for a :class:`Prediction`) of one method on one case.
+
+    RMSEs are in units of 1e-4 mm²/s (tensor, MD) or plain (FA). ``md_threshold`` is the
+    MD-sd threshold (mm²/s) that flags risky voxels, chosen elsewhere (on training subjects).
+    """
+    pred = result.mean if isinstance(result, Prediction) else result
+    regions = _regions(case)
+    fa_ref, md_ref = _scalars(case.reference, case.hr_mask)
+    fa, md = _scalars(pred, case.hr_mask)
+    out: dict[str, Any] = {"tensor_rmse": {}, "md_rmse": {}, "fa_rmse": {}}
+    floor = case.floor_var
+    if floor is not None:
+        out["tensor_rmse_corrected"] = {}
+    for key, m in regions.items():
+        if not m.any():
+            continue
+        t = metrics.rmse(pred, case.reference, m) / UNIT
+        out["tensor_rmse"][key] = t
+        out["md_rmse"][key] = metrics.rmse(md, md_ref, m) / UNIT
+        out["fa_rmse"][key] = metrics.rmse(fa, fa_ref, m)
+        if floor is not None:
+            out["tensor_rmse_corrected"][key] = metrics.noise_corrected_rmse(t, math.sqrt(np.mean(floor[m].astype(np.float64))) / UNIT)
+    if case.noisy_reference is not None:
+        # Known truth: the same method scored against the noisy reference, raw and corrected.
+        out["tensor_rmse_vs_noisy_reference"] = {}
+        out["tensor_rmse_vs_noisy_reference_corrected"] = {}
+        for key, m in regions.items():
+            if m.any():
+                t = metrics.rmse(pred, case.noisy_reference, m) / UNIT
+                f = math.sqrt(np.mean(case.noisy_floor_var[m].astype(np.float64))) / UNIT
+                out["tensor_rmse_vs_noisy_reference"][key] = t
+                out["tensor_rmse_vs_noisy_reference_corrected"][key] = metrics.noise_corrected_rmse(t, f)
+    if isinstance(result, Prediction) and (result.var_intrinsic is not None or result.var_parameter is not None):
+        out["uncertainty"] = uncertainty_scores(case, result, md, md_ref, md_threshold)
+    return out
+
+
+def uncertainty_scores(case: Case, pred: Prediction, md: np.ndarray, md_ref: np.ndarray,
+                       md_threshold: float | None) -> dict[str, Any]:
+    """Spearman(sd, |error|), interval coverage, the risky-voxel test and, with a lesion, its AUC."""
+    var = pred.var_total
+    err = pred.mean.astype(np.float64) - case.reference
+    sd = frobenius_sd(var)
+    abs_err = metrics.frobenius(err)
+    out: dict[str, Any] = {"spearman": {}, "coverage": {}}
+    for key, m in _regions(case).items():
+        if m.any():
+            out["spearman"][key] = metrics.spearman(sd[m], abs_err[m])
+            out["coverage"][key] = {f"{p:g}": c for p, c in metrics.interval_coverage(err[m], np.sqrt(var[m])).items()}
+    levels, cov = metrics.calibration_curve(err[case.hr_mask], np.sqrt(var[case.hr_mask]))
+    out["calibration_curve"] = {"nominal": levels.tolist(), "empirical": cov.tolist()}
+    out["variance_scale_95"] = metrics.variance_scale(err[case.hr_mask], np.sqrt(var[case.hr_mask]))
+    risky = np.abs(md - md_ref) > metrics.RISKY_MD_ERROR
+    m = case.hr_mask
+    out["risky"] = {"fraction": float(risky[m].mean()), "auc": metrics.roc_auc(pred.md_sd[m], risky[m])}
+    if md_threshold is not None:
+        out["risky"] |= {"threshold": md_threshold, **metrics.detection(pred.md_sd[m] > md_threshold, risky[m])}
+    if case.lesion is not None:
+        lesion = case.lesion >= 0.5
+        normal = m & (case.lesion == 0)
+        sel = (lesion & m) | normal
+        out["lesion"] = {"auc": metrics.roc_auc(sd[sel], lesion[sel]), "voxels": int((lesion & m).sum()),
+                         "rmse": metrics.rmse(pred.mean, case.reference, lesion & m) / UNIT}
+    return out
+
+
+def risky_threshold(cases_and_predictions: Sequence[tuple[Case, Prediction]]) -> float:
+    """The MD-sd threshold maximising the F1 of flagging risky voxels (MD error
+    > 1.5e-4 mm²/s) over the given (training-subject) cases."""
+    scores, truth = [], []
+    for case, pred in cases_and_predictions:
+        _, md_ref = _scalars(case.reference, case.hr_mask)
+        _, md = _scalars(pred.mean, case.hr_mask)
+        scores.append(pred.md_sd[case.hr_mask])
+        truth.append(np.abs(md - md_ref)[case.hr_mask] > metrics.RISKY_MD_ERROR)
+    return metrics.best_f1_threshold(np.concatenate(scores), np.concatenate(truth))
+
+
+def add_ratios(method_scores: dict[str, dict], reference_method: str = "cubic") -> None:
+    """Add ``<metric>_ratio`` (to ``reference_method``) beside each RMSE, in place."""
+    ref = method_scores.get(reference_method)
+    if ref is None:
+        return
+    for s in method_scores.values():
+        for metric in ("tensor_rmse", "tensor_rmse_corrected", "md_rmse", "fa_rmse"):
+            if metric in s and metric in ref:
+                s[f"{metric}_ratio"] = {k: v / ref[metric][k] if ref[metric].get(k) else math.nan
+                                        for k, v in s[metric].items()}
+
+
+# --------------------------------------------------------------------------------------- driver
+
+
+def _progress(items, desc: str, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="run", disable=True if quiet else None, leave=False)
+
+
+@dataclass
+class Figures:
+    """What the plots need (kept out of the JSON): per (run, mode, method)."""
+
+    scatter: dict = field(default_factory=dict)  # (sd, |error|) samples, mm²/s
+    calibration: dict = field(default_factory=dict)  # (nominal, empirical)
+    slices: dict = field(default_factory=dict)  # name → 2-D arrays: reference MD, errors, sd
+
+
+def _mid_slice(case: Case) -> tuple[int, int]:
+    """Axis and index of the HR slice with the most brain voxels, or through the lesion."""
+    axis = int(np.argmin(case.hr_mask.shape))
+    region = case.hr_mask if case.lesion is None else case.lesion
+    counts = region.sum(axis=tuple(a for a in range(3) if a != axis))
+    return axis, int(np.argmax(counts))
+
+
+def _take(a: np.ndarray, axis: int, index: int) -> np.ndarray:
+    return np.take(a, index, axis=axis)
+
+
+def evaluate(
+    test_runs: Sequence, methods: Sequence[Method], *, r: int = 2, modes: Sequence[str] = ("raw",),
+    snr: float | None = None, seed: int = 0, mc_samples: int = 8, device="cpu", mem_mb: float = 1024,
+    calibration_runs: Sequence = (), quiet: bool = False, figures: Figures | None = None,
+    scatter_points: int = 20000,
+) -> dict[str, Any]:
+    """Score ``methods`` on ``test_runs`` in each of ``modes``; see the module docstring.
+
+    For every model method, the risky-voxel threshold is chosen on ``calibration_runs``
+    (training subjects; raw mode) when given. Returns JSON-ready results: one record per
+    (run, mode) with the reference's floor and each method's scores, ratios to cubic spline.
+    """
+    thresholds: dict[str, float] = {}
+    model_methods = [m for m in methods if m.is_model]
+    if calibration_runs and model_methods:
+        collected: dict[str, list] = {m.name: [] for m in model_methods}
+        for run in _progress(calibration_runs, "thresholds (training runs)", quiet):
+            case = prepare_case(run, r=r, mode="raw", seed=seed, noise_floor=False)
+            for m in model_methods:
+                pred = predict(m, case, mc_samples=mc_samples, seed=seed, device=device, mem_mb=mem_mb)
+                collected[m.name].append((case, pred))
+        thresholds = {name: risky_threshold(pairs) for name, pairs in collected.items()}
+        del collected
+    records = []
+    jobs = [(run, mode) for run in test_runs for mode in modes]
+    for run, mode in _progress(jobs, "evaluation", quiet):
+        case = prepare_case(run, r=r, mode=mode, snr=snr, seed=seed)
+        rec: dict[str, Any] = {"run": case.name, "subject": case.subject, "mode": mode, "info": case.info,
+                               **reference_scores(case), "methods": {}}
+        axis, index = _mid_slice(case)
+        key = (case.name, mode)
+        if figures is not None:
+            _, md_ref = _scalars(case.reference, case.hr_mask)
+            figures.slices[key] = {"axis": axis, "reference MD": _take(md_ref, axis, index),
+                                   "mask": _take(case.hr_mask, axis, index)}
+        for m in methods:
+            result = predict(m, case, mc_samples=mc_samples, seed=seed, device=device, mem_mb=mem_mb)
+            rec["methods"][m.name] = score(case, result, thresholds.get(m.name))
+            if figures is not None:
+                mean = result.mean if isinstance(result, Prediction) else result
+                err = metrics.frobenius(mean.astype(np.float64) - case.reference)
+                figures.slices[key][f"{m.name} |error|"] = _take(np.where(case.hr_mask, err, 0), axis, index)
+                if isinstance(result, Prediction) and "uncertainty" in rec["methods"][m.name]:
+                    sd = result.sd_frobenius
+                    figures.slices[key][f"{m.name} sd"] = _take(np.where(case.hr_mask, sd, 0), axis, index)
+                    sel = np.flatnonzero(case.hr_mask)
+                    rng = np.random.default_rng(seed)
+                    sel = rng.choice(sel, min(scatter_points, sel.size), replace=False)
+                    figures.scatter[key + (m.name,)] = (sd.reshape(-1)[sel], err.reshape(-1)[sel])
+                    curve = rec["methods"][m.name]["uncertainty"]["calibration_curve"]
+                    figures.calibration[key + (m.name,)] = (curve["nominal"], curve["empirical"])
+        add_ratios(rec["methods"])
+        records.append(rec)
+    return {"records": records, "thresholds": thresholds}
+
+
+#: Goals of the evaluation (issue [Evaluation]): ratio to cubic spline, or absolute.
+GOALS = {
+    "interior tensor RMSE ≤ 0.80 × cubic": ("tensor_rmse_ratio", "interior", "max", 0.80),
+    "exterior tensor RMSE ≤ 0.90 × cubic": ("tensor_rmse_ratio", "exterior", "max", 0.90),
+    "FA RMSE (brain) ≤ 0.70 × cubic": ("fa_rmse_ratio", "brain", "max", 0.70),
+}
+
+
+def summarise(records: Sequence[dict]) -> dict[str, Any]:
+    """Per (mode, method): mean and range over runs of every RMSE, ratio and uncertainty
+    score, and which goals hold on every run."""
+    out: dict[str, Any] = {}
+    for rec in records:
+        for name, s in rec["methods"].items():
+            slot = out.setdefault(rec["mode"], {}).setdefault(name, {"runs": 0, "values": {}})
+            slot["runs"] += 1
+            for metric, by_region in s.items():
+                if isinstance(by_region, dict) and metric != "uncertainty":
+                    for region, v in by_region.items():
+                        slot["values"].setdefault(f"{metric}.{region}", []).append(v)
+            u = s.get("uncertainty")
+            if u:
+                flat = {f"spearman.{k}": v for k, v in u["spearman"].items()}
+                flat |= {f"coverage{p}.{k}": c for k, cov in u["coverage"].items() for p, c in cov.items()}
+                flat |= {f"risky.{k}": v for k, v in u["risky"].items() if isinstance(v, float)}
+                if "lesion" in u:
+                    flat["lesion.auc"] = u["lesion"]["auc"]
+                for k, v in flat.items():
+                    slot["values"].setdefault(k, []).append(v)
+    for mode in out.values():
+        for slot in mode.values():
+            slot["values"] = {k: {"mean": float(np.nanmean(v)), "min": float(np.nanmin(v)), "max": float(np.nanmax(v))}
+                              for k, v in slot["values"].items() if np.isfinite(v).any()}
+            slot["goals"] = {}
+            for goal, (metric, region, how, limit) in GOALS.items():
+                stat = slot["values"].get(f"{metric}.{region}")
+                if stat is not None:
+                    slot["goals"][goal] = bool(stat[how] <= limit)
+            vals = slot["values"]
+            if "spearman.brain" in vals:
+                slot["goals"]["Spearman(sd, |error|) ≥ 0.5"] = bool(vals["spearman.brain"]["min"] >= 0.5)
+            if "coverage0.95.brain" in vals:
+                c = vals["coverage0.95.brain"]
+                slot["goals"]["95 % coverage in [0.90, 0.98]"] = bool(c["min"] >= 0.90 and c["max"] <= 0.98)
+            if "lesion.auc" in vals:
+                slot["goals"]["lesion AUC ≥ 0.9"] = bool(vals["lesion.auc"]["min"] >= 0.9)
+    return out

@@ -1,0 +1,136 @@
+"""iqt-eval: the evaluation protocol on phantoms with known truth, and the command end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from iqt_pipe import evaluation as ev
+from iqt_pipe import metrics
+from iqt_pipe.bids import find_dwi_runs
+from iqt_pipe.cli import eval as eval_cli
+from iqt_pipe.dti import tensors_world_to_voxel
+from iqt_pipe.io import load_nifti
+from iqt_pipe.phantom import TRUTH_DIR, write_bids_dataset
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    return write_bids_dataset(tmp_path_factory.mktemp("eval") / "ds", n_subjects=2, preset="tiny", seed=11, snr=25)
+
+
+@pytest.fixture(scope="module")
+def runs(phantom):
+    return find_dwi_runs(phantom)
+
+
+def _truth_voxel(phantom, run, r=2):
+    """The phantom's true tensors in the voxel frame, cropped like the HR reference."""
+    d, affine, _ = load_nifti(phantom / TRUTH_DIR / f"sub-{run.subject}" / "dwi" /
+                              f"sub-{run.subject}_model-tensor_param-tensor_dwimap.nii.gz")
+    d = tensors_world_to_voxel(d, affine)
+    return d[tuple(slice(0, s - s % r) for s in d.shape[:3])]
+
+
+def test_raw_case_noise_floor_predicts_the_reference_error(phantom, runs):
+    """The floor (WLS delta method with an MP-PCA σ) is the RMS error of the HR reference
+    against the phantom's truth."""
+    case = ev.prepare_case(runs[0], mode="raw")
+    truth = _truth_voxel(phantom, runs[0])
+    assert case.reference.shape == truth.shape
+    floor = ev.reference_scores(case)["noise_floor"]
+    for region in ("interior", "brain"):
+        m = getattr(case, region) if region != "brain" else case.hr_mask
+        actual = metrics.rmse(case.reference, truth, m) / ev.UNIT
+        assert floor[region] == pytest.approx(actual, rel=0.3), region
+    # Interior and exterior partition the HR mask; the LR grid is half the HR one.
+    assert np.array_equal(case.interior | case.exterior, case.hr_mask)
+    assert case.lr_tensors.shape[:3] == tuple(s // 2 for s in case.reference.shape[:3])
+    assert case.coverage_mask.sum() >= case.lr_mask.sum()
+
+
+def test_known_truth_mode_scores_against_the_clean_field(runs):
+    case = ev.prepare_case(runs[0], mode="known-truth", snr=25)
+    assert case.noisy_reference is not None and case.floor_var is None
+    # The noisy reference is off the truth by about its estimated floor.
+    m = case.hr_mask
+    noisy_err = metrics.rmse(case.noisy_reference, case.reference, m)
+    floor = float(np.sqrt(np.mean(case.noisy_floor_var[m])))
+    assert floor == pytest.approx(noisy_err, rel=0.3)
+    cubic = ev.score(case, ev.predict(ev.interpolation_methods(["cubic"])[0], case))
+    true, raw = cubic["tensor_rmse"]["interior"], cubic["tensor_rmse_vs_noisy_reference"]["interior"]
+    corrected = cubic["tensor_rmse_vs_noisy_reference_corrected"]["interior"]
+    assert corrected < raw
+    assert abs(corrected - true) < abs(raw - true) or abs(corrected - true) < 0.15 * true
+
+
+def test_lesion_is_written_where_its_weight_says(runs):
+    raw = ev.prepare_case(runs[0], mode="raw", noise_floor=False)
+    les = ev.prepare_case(runs[0], mode="lesion")
+    core = les.lesion >= 0.999
+    assert core.sum() >= 5  # 6.5 mm voxels: a 7 mm core
+    outside = les.hr_mask & (les.lesion == 0)
+    # Outside the lesion the reference is the same fit; inside, MD is the lesion's.
+    assert np.allclose(les.reference[outside], raw.reference[outside])
+    md = les.reference[core][:, [0, 3, 5]].mean(axis=1)
+    assert np.median(md) == pytest.approx(np.mean(ev.LESION_EVALS), rel=0.15)
+
+
+def test_baselines_order_and_ratios(runs):
+    case = ev.prepare_case(runs[1], mode="raw")
+    scores = {m.name: ev.score(case, ev.predict(m, case)) for m in ev.interpolation_methods(["nearest", "trilinear", "cubic"])}
+    ev.add_ratios(scores)
+    assert scores["cubic"]["tensor_rmse_ratio"]["interior"] == pytest.approx(1.0)
+    assert scores["cubic"]["tensor_rmse"]["interior"] < scores["nearest"]["tensor_rmse"]["interior"]
+    assert scores["cubic"]["tensor_rmse"]["interior"] < scores["trilinear"]["tensor_rmse"]["interior"]
+    assert scores["trilinear"]["tensor_rmse_ratio"]["interior"] == pytest.approx(
+        scores["trilinear"]["tensor_rmse"]["interior"] / scores["cubic"]["tensor_rmse"]["interior"])
+
+
+def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = eval_cli.main([str(phantom), "-o", str(out), "--cross-validate", "2", "--epochs", "1",
+                          "--patches-per-subject", "24", "--mode", "raw", "known-truth", "lesion",
+                          "--mc-samples", "2", "-q"])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert [f["test"] for f in res["folds"]] == [["01"], ["02"]]
+    assert len(res["records"]) == 2 * 3
+    for rec in res["records"]:
+        methods = rec["methods"]
+        assert set(methods) == {"nearest", "trilinear", "cubic", "hetero-var2"}
+        assert methods["cubic"]["tensor_rmse_ratio"]["interior"] == pytest.approx(1.0)
+        u = methods["hetero-var2"]["uncertainty"]
+        assert set(u["coverage"]["brain"]) == {"0.5", "0.8", "0.95"}
+        assert 0 <= u["coverage"]["brain"]["0.95"] <= 1
+        assert np.isfinite(u["risky"]["threshold"])  # chosen on the other fold's subject
+        assert 0 <= u["risky"]["recall"] <= 1
+        assert ("lesion" in u) == (rec["mode"] == "lesion")
+    summary = res["summary"]["raw"]["hetero-var2"]
+    assert summary["runs"] == 2 and "interior tensor RMSE ≤ 0.80 × cubic" in summary["goals"]
+    text = (out / "results.md").read_text()
+    assert "## Mode: known-truth" in text and "Noise correction against known truth" in text
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert "calibration.png" in figures
+    assert "sub-01_mode-lesion_maps.png" in figures and "sub-02_mode-raw_hetero-var2_error-vs-sd.png" in figures
+    assert (out / "cv" / "fold-1" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "missing.safetensors"], "missing.safetensors: model file not found"),
+    (["--cross-validate", "1"], "--cross-validate takes 'loso' or a number of folds ≥ 2"),
+    (["--cross-validate", "5"], "--cross-validate 5: only 2 subject(s)"),
+    (["--baselines", "--participant-label", "01"], "nothing to evaluate"),
+    (["--participant-label", "99"], "99"),
+])
+def test_cli_errors_are_one_line(phantom, tmp_path, capsys, extra, message):
+    try:
+        code = eval_cli.main([str(phantom), "-o", str(tmp_path / "o"), "-q", *extra])
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "results.json").exists()
