@@ -245,6 +245,8 @@ def predict_volume(
     (hetero variants; otherwise, or with 0, FA/MD of the MC samples' means are used — FA/MD of
     the predictive mean for a deterministic pass); ``target`` defaults to the
     model's own (from its card); ``threads`` sets PyTorch's CPU threads for this call.
+    The model's ``variance_scale`` (its card's calibration) multiplies every predictive
+    variance, and the FA/MD sd by its square root.
     The caller's model is not modified.
     """
     from iqt_pipe.degrade import upsample_affine
@@ -335,6 +337,13 @@ def predict_volume(
     for key in ("mean", "var_int", "m2"):
         if key in arrays:
             arrays[key][~hr_mask] = 0
+    # Calibration: every variance times s (FA/MD sd times √s, to first order).
+    s = float(getattr(model, "variance_scale", 1.0))
+    if s != 1.0:
+        for key in ("var_int", "m2"):
+            if key in arrays:
+                arrays[key] *= s
+        fa_sd, md_sd = fa_sd * np.float32(math.sqrt(s)), md_sd * np.float32(math.sqrt(s))
     return Prediction(
         mean=arrays["mean"],
         var_intrinsic=arrays.get("var_int"),
@@ -342,7 +351,7 @@ def predict_volume(
         fa_mean=arrays["fa"].astype(np.float32), fa_sd=fa_sd, md_mean=arrays["md"].astype(np.float32), md_sd=md_sd,
         mask=hr_mask,
         affine=upsample_affine(lr_affine, r),
-        info={"mc_samples": T, "scalar_samples": n, "target": target, "tile": t, "tiles": len(tiles),
+        info={"mc_samples": T, "scalar_samples": n, "target": target, "variance_scale": s, "tile": t, "tiles": len(tiles),
               "tiles_total": int(np.prod(tiler.n_tiles)), "seed": seed, "device": str(device)},
     )
 

@@ -100,6 +100,7 @@ def prediction_metadata(card: dict[str, Any], pred: Prediction) -> dict[str, Any
             "WeightsSHA256": card["weights"]["sha256"],
             "Version": card.get("iqt_pipe_version"),
         },
+        "VarianceScale": pred.info.get("variance_scale", 1.0),
         "MonteCarloSamples": pred.info["mc_samples"],
         "ScalarSamples": pred.info["scalar_samples"],
         "Seed": pred.info["seed"],

@@ -207,3 +207,23 @@ def test_model_target_comes_from_the_card(field, tmp_path):
     assert a.info["target"] == "residual-cubic"
     with pytest.raises(ValueError, match="disagrees"):
         predict_volume(loaded, lr, mask, np.eye(4), target="hr")
+
+
+def test_card_calibration_scales_every_predictive_variance(field, tmp_path):
+    from iqt_pipe.models import ModelFileError, load_model, save_model
+
+    lr, mask = field
+    model = net("hetero-var2")
+    save_model(model, tmp_path / "a" / "model.safetensors", {"calibration": {"variance_scale": 4.0}})
+    loaded, _ = load_model(tmp_path / "a")
+    assert loaded.variance_scale == 4.0
+    a = predict_volume(model, lr, mask, np.eye(4), mc_samples=3, seed=1, tile=8)
+    b = predict_volume(loaded, lr, mask, np.eye(4), mc_samples=3, seed=1, tile=8)
+    np.testing.assert_array_equal(a.mean, b.mean)
+    np.testing.assert_allclose(b.var_intrinsic, 4 * a.var_intrinsic, rtol=1e-6)
+    np.testing.assert_allclose(b.var_parameter, 4 * a.var_parameter, rtol=1e-6)
+    np.testing.assert_allclose(b.md_sd, 2 * a.md_sd, rtol=1e-6)
+    assert b.info["variance_scale"] == 4.0
+    save_model(model, tmp_path / "b" / "model.safetensors", {"calibration": {"variance_scale": -1}})
+    with pytest.raises(ModelFileError, match="variance_scale must be a positive number"):
+        load_model(tmp_path / "b")

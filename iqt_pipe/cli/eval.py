@@ -2,6 +2,7 @@
 
 Examples::
 
+    iqt-eval /data/ds-realdwi -o eval/ --participant-label prisma01      # the bundled model
     iqt-eval /data/ds-realdwi -o eval/ --model model.safetensors --participant-label prisma01
     iqt-eval /data/ds-realdwi -o eval/ --model a.safetensors --ensemble a.safetensors b.safetensors \\
         --mode raw known-truth lesion --calibration-label trio01
@@ -66,7 +67,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--participant-label", nargs="+", metavar="L", help="participants to score (default: all)")
     p.add_argument("--session-label", nargs="+", metavar="S", help="sessions to score (default: all)")
     p.add_argument("--model", nargs="+", type=Path, default=[], metavar="PATH",
-                   help="model file(s) to score, each as its own method")
+                   help="model file(s) to score, each as its own method (default, without --ensemble or "
+                        "--cross-validate: the bundled model)")
     p.add_argument("--ensemble", nargs="+", type=Path, action="append", default=[], metavar="PATH",
                    help="model files scored together as one inverse-variance-weighted ensemble (repeatable)")
     p.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES),
@@ -224,8 +226,10 @@ def run(args: argparse.Namespace) -> int:
     from iqt_pipe.io import InputError, save_json, save_text
 
     device = resolve_device(args.device)
-    if not args.baselines and not args.model and not args.ensemble and not args.cross_validate:
-        raise InputError("nothing to evaluate: give --model, --ensemble, --cross-validate or at least one --baselines")
+    if not args.model and not args.ensemble and not args.cross_validate:
+        from iqt_pipe.models.files import bundled_model
+
+        args.model = [bundled_model(args.upsample or 2)]
     if "cubic" not in args.baselines:
         logging.getLogger(PROG).warning("without the cubic baseline no ratios are reported")
     out = args.output_dir

@@ -74,6 +74,8 @@ class IQTNet(nn.Module):
         self.hetero, self.var = hetero, var
         #: What the network predicts ("hr" or "residual-cubic"); set from the model card.
         self.target: str | None = None
+        #: Factor on every predictive variance (calibration on held-out data); from the card.
+        self.variance_scale: float = 1.0
         self.mean_net = ESPCN(self.r, widths=widths, kernels=kernels, var=var)
         self.prec_net = ESPCN(self.r, widths=widths, kernels=kernels, var=var) if hetero else None
 

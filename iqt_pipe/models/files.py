@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,27 @@ _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol ≥ 2, zip (torch.sa
 
 class ModelFileError(InputError):
     """A model file that cannot be used safely; one line naming the file and the fix."""
+
+
+#: The bundled default models (weights + card in ``iqt_pipe/data/models/``), by upsampling factor.
+BUNDLED = {2: "iqt-hetero-var2-r2"}
+
+
+def bundled_dir() -> Path:
+    """``iqt_pipe/data/models``: where the bundled models live."""
+    return Path(__file__).resolve().parent.parent / "data" / "models"
+
+
+def bundled_model(r: int = 2) -> Path:
+    """The weights file of the default model for upsampling factor ``r``."""
+    if r not in BUNDLED:
+        raise ModelFileError(f"no model is bundled for r = {r} (only r = {', '.join(map(str, BUNDLED))}); "
+                             f"train one with iqt-train -r {r} and pass --model")
+    path = bundled_dir() / f"{BUNDLED[r]}.safetensors"
+    if not path.exists():
+        raise ModelFileError(f"{path}: the bundled model is missing from this installation; reinstall iqt-pipe "
+                             "or pass --model")
+    return path
 
 
 def model_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -143,4 +165,7 @@ def load_model(
         raise ModelFileError(f"{weights}: tensors do not match a {card['variant']} r={card['upsample']} network (e.g. {diff}); the card and weights belong to different models")
     model.load_state_dict(state)
     model.target = card.get("target", "hr")
+    model.variance_scale = float(card.get("calibration", {}).get("variance_scale", 1.0))
+    if not (math.isfinite(model.variance_scale) and model.variance_scale > 0):
+        raise ModelFileError(f"{card_path}: calibration.variance_scale must be a positive number; fix or remove it")
     return model.to(device).eval(), card
