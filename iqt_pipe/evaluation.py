@@ -334,16 +334,13 @@ def uncertainty_scores(case: Case, pred: Prediction, md: np.ndarray, md_ref: np.
     return out
 
 
-def risky_threshold(cases_and_predictions: Sequence[tuple[Case, Prediction]]) -> float:
-    """The MD-sd threshold maximising the F1 of flagging risky voxels (MD error
-    > 1.5e-4 mm²/s) over the given (training-subject) cases."""
-    scores, truth = [], []
-    for case, pred in cases_and_predictions:
-        _, md_ref = _scalars(case.reference, case.hr_mask)
-        _, md = _scalars(pred.mean, case.hr_mask)
-        scores.append(pred.md_sd[case.hr_mask])
-        truth.append(np.abs(md - md_ref)[case.hr_mask] > metrics.RISKY_MD_ERROR)
-    return metrics.best_f1_threshold(np.concatenate(scores), np.concatenate(truth))
+def risky_voxels(case: Case, pred: Prediction) -> tuple[np.ndarray, np.ndarray]:
+    """Over the HR mask: the predicted MD sd and whether the voxel is risky (MD error
+    > 1.5e-4 mm²/s); :func:`metrics.best_f1_threshold` of several cases' pooled values is
+    the risky-voxel threshold."""
+    _, md_ref = _scalars(case.reference, case.hr_mask)
+    _, md = _scalars(pred.mean, case.hr_mask)
+    return pred.md_sd[case.hr_mask], np.abs(md - md_ref)[case.hr_mask] > metrics.RISKY_MD_ERROR
 
 
 def add_ratios(method_scores: dict[str, dict], reference_method: str = "cubic") -> None:
@@ -408,9 +405,10 @@ def evaluate(
             case = prepare_case(run, r=r, mode="raw", seed=seed, noise_floor=False)
             for m in model_methods:
                 pred = predict(m, case, mc_samples=mc_samples, seed=seed, device=device, mem_mb=mem_mb)
-                collected[m.name].append((case, pred))
-        thresholds = {name: risky_threshold(pairs) for name, pairs in collected.items()}
-        del collected
+                collected[m.name].append(risky_voxels(case, pred))
+        thresholds = {name: metrics.best_f1_threshold(np.concatenate([s for s, _ in pairs]),
+                                                      np.concatenate([t for _, t in pairs]))
+                      for name, pairs in collected.items()}
     records = []
     jobs = [(run, mode) for run in test_runs for mode in modes]
     for run, mode in _progress(jobs, "evaluation", quiet):

@@ -8,7 +8,7 @@ import os
 import tempfile
 import zlib
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 import nibabel as nb
 import numpy as np
@@ -68,6 +68,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        # Again: writers that replace the file (safetensors) recreate it as 0600.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -116,6 +118,57 @@ def save_text(text: str, path: str | os.PathLike) -> Path:
     with atomic_open(path) as fh:
         fh.write(text)
     return Path(path)
+
+
+def tsv_cell(value: Any, float_format: str | None = None) -> str:
+    """One BIDS TSV cell: ``n/a`` for None and non-finite numbers, ``true``/``false`` for
+    booleans, floats as ``float_format`` (default: the shortest repr, which round-trips)."""
+    if value is None or (isinstance(value, (float, np.floating)) and not np.isfinite(value)):
+        return "n/a"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if float_format is not None and isinstance(value, (float, np.floating)):
+        return format(float(value), float_format)
+    return str(value)
+
+
+def write_tsv(
+    rows: Iterable[dict[str, Any]], columns: Sequence[str], path: str | os.PathLike, float_format: str | None = None
+) -> Path:
+    """Rows (dicts; keys outside ``columns`` ignored, missing ones ``n/a``) as a BIDS TSV with a
+    header line, cells as :func:`tsv_cell`, atomically."""
+    import csv
+    import io  # the standard library's (absolute import)
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([tsv_cell(row.get(c), float_format) for c in columns])
+    return save_text(buf.getvalue(), path)
+
+
+def read_tsv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Rows of a TSV with a header line, as text."""
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def load_tensor_image(tensor_file: str | os.PathLike, mask_file: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A world-frame BEP016 tensor image and its brain mask, checked against each other
+    (one-line :class:`InputError` otherwise); returns ``(tensors, mask, affine)``."""
+    tensors, affine, _ = load_nifti(tensor_file)
+    if tensors.ndim != 4 or tensors.shape[-1] != 6:
+        raise InputError(f"{tensor_file}: expected 6 tensor volumes (D11 … D33), got shape {tensors.shape}")
+    mask, mask_affine, _ = load_nifti(mask_file)
+    if mask.shape != tensors.shape[:3] or not np.allclose(mask_affine, affine, atol=1e-3):
+        raise InputError(f"{mask_file}: the mask's grid differs from {Path(tensor_file).name}'s; use the mask of the same run")
+    mask = mask > 0
+    if not mask.any():
+        raise InputError(f"{mask_file}: the brain mask is empty; check the masking step")
+    return np.nan_to_num(tensors), mask, affine
 
 
 #: BEP016 sidecar fields of a tensor file written by iqt-pipe (world frame).

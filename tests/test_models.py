@@ -1,6 +1,7 @@
 """3D-ESPCN variants, periodic shuffle, variational layers and model files."""
 
 import json
+import os
 import pickle
 
 import numpy as np
@@ -91,6 +92,10 @@ def test_model_file_round_trip(tmp_path, variant, r):
     net = IQTNet(variant, r)
     save_model(net, tmp_path / "m" / "model.safetensors", {"target": "hr", "normalisation": {"method": "per-subject"}})
     card = json.loads((tmp_path / "m" / "model.json").read_text())
+    # Readable like any other output (safetensors alone would leave the weights 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     assert card["variant"] == variant and card["upsample"] == r and card["widths"] == [50, 100]
     assert len(card["weights"]["sha256"]) == 64 and card["iqt_pipe_version"] and card["created"]
     loaded, card2 = load_model(tmp_path / "m")

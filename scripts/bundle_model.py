@@ -1,0 +1,84 @@
+"""Maintainers: make a trained model the bundled default (``iqt_pipe/data/models``).
+
+    .venv/bin/python scripts/bundle_model.py runs/all/model.safetensors \
+        --evaluation runs/eval-foldA/results.json --evaluation-model foldA-final \
+        --evaluation-command "iqt-train … && iqt-eval …"
+
+Copies the weights and rewrites the card: the training data's absolute paths become paths
+relative to each dataset (a card travels with the package), and the held-out evaluation of the
+same recipe (an ``iqt-eval`` results.json) is summarised under ``evaluation``. The weights are
+not changed, so the card's sha256 still holds; the result is loaded once to check it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from iqt_pipe.io import atomic_path, save_json
+from iqt_pipe.models import load_model, read_card
+from iqt_pipe.models.files import BUNDLED, bundled_dir, model_paths
+
+_KEEP = ("tensor_rmse_ratio", "tensor_rmse_corrected_ratio", "fa_rmse_ratio", "md_rmse_ratio", "spearman",
+         "coverage0.5", "coverage0.8", "coverage0.95", "risky", "lesion")
+
+
+def _relative(card: dict) -> dict:
+    training = card.get("training", {})
+    datasets = [Path(d) for d in training.get("datasets", [])]
+
+    def rel(path: str) -> str:
+        for d in datasets:
+            if Path(path).is_relative_to(d):
+                return f"{d.name}/{Path(path).relative_to(d)}"
+        return Path(path).name
+
+    for run in training.get("dwi_runs", []):
+        for key in ("dwi", "bval", "bvec"):
+            run[key] = rel(run[key])
+        run["dataset"] = Path(run["dataset"]).name if run.get("dataset") else None
+    training["datasets"] = [d.name for d in datasets]
+    return card
+
+
+def _evaluation(results: Path, method: str, command: str | None) -> dict:
+    res = json.loads(results.read_text())
+    summary = {}
+    for mode, methods in res["summary"].items():
+        values = methods[method]["values"]
+        summary[mode] = {k: v for k, v in values.items() if k.split(".")[0] in _KEEP and k.endswith((".interior", ".exterior", ".brain", ".auc", ".f1", ".precision", ".recall"))}
+    return {
+        "protocol": "iqt-eval on held-out subjects with a model of the same recipe trained without them",
+        "runs": sorted({r["run"] for r in res["records"]}),
+        "method": method,
+        "summary": summary,
+        "risky_threshold_md_sd": res.get("thresholds", {}).get(method),
+        "command": command,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", type=Path)
+    p.add_argument("--evaluation", type=Path, help="iqt-eval results.json of the same recipe on held-out subjects")
+    p.add_argument("--evaluation-model", help="the method name in that results.json")
+    p.add_argument("--evaluation-command", help="the commands that reproduce the evaluation")
+    args = p.parse_args()
+    card = _relative(read_card(args.model))
+    if args.evaluation:
+        card["evaluation"] = _evaluation(args.evaluation, args.evaluation_model, args.evaluation_command)
+    weights, _ = model_paths(args.model)
+    r = card["upsample"]
+    out = bundled_dir() / f"{BUNDLED[r]}.safetensors"
+    with atomic_path(out) as tmp:
+        shutil.copyfile(weights, tmp)
+    card["weights"]["file"] = out.name
+    save_json(card, out.with_suffix(".json"))
+    load_model(out)
+    print(f"bundled {weights} as {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
