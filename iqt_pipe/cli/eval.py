@@ -90,6 +90,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device (default: auto)")
     p.add_argument("--mem-mb", type=int_at_least(256, "--mem-mb"), default=2048, metavar="MB",
                    help="memory budget for prediction tiles (default: 2048)")
+    p.add_argument("--runs-per-subject", type=int_at_least(1, "--runs-per-subject"), metavar="N",
+                   help="score (and calibrate on) only the first N DWI runs of each subject (default: all)")
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
     cv = p.add_argument_group("cross-validation (trains one model per fold with iqt-train's defaults)")
     cv.add_argument("--cross-validate", type=_folds, metavar="{loso,K}",
@@ -154,7 +156,20 @@ def _calibration_runs(args, methods, scored_subjects):
         for d in args.bids_dirs:
             available |= {p.name.removeprefix("sub-") for p in Path(d).glob("sub-*") if p.is_dir()}
         labels = [s for s in labels if s in available and s not in scored_subjects]
-    return find_dwi_runs_multi(args.bids_dirs, labels, args.session_label) if labels else []
+    return _first_runs(find_dwi_runs_multi(args.bids_dirs, labels, args.session_label), args.runs_per_subject) if labels else []
+
+
+def _first_runs(runs, n: int | None):
+    """The first ``n`` runs of each subject (all when ``n`` is None), order kept."""
+    if n is None:
+        return list(runs)
+    seen: dict[str, int] = {}
+    kept = []
+    for run in runs:
+        seen[run.subject] = seen.get(run.subject, 0) + 1
+        if seen[run.subject] <= n:
+            kept.append(run)
+    return kept
 
 
 def _fold_subjects(subjects: list[str], folds: int | str) -> list[list[str]]:
@@ -167,7 +182,8 @@ def _fold_subjects(subjects: list[str], folds: int | str) -> list[list[str]]:
 
 
 def _cross_validate(args, device, runs, methods, folds):
-    """Train one model per fold on the other folds' subjects and score the held-out runs."""
+    """Train one model per fold on every run of the other folds' subjects and score the
+    held-out runs (``runs``: all runs found)."""
     from iqt_pipe.evaluation import Method, evaluate
     from iqt_pipe.patches import DEFAULT_PATCHES_PER_SUBJECT, build_library
     from iqt_pipe.training import DEFAULT_TARGET, train
@@ -176,8 +192,8 @@ def _cross_validate(args, device, runs, methods, folds):
     figures = None if args.no_figures else _figures()
     r = args.upsample
     for k, held_out in enumerate(folds, 1):
-        train_runs = [x for x in runs if x.subject not in held_out]
-        test_runs = [x for x in runs if x.subject in held_out]
+        train_runs = [x for x in runs if x.subject not in held_out]  # every run of the others
+        test_runs = _first_runs([x for x in runs if x.subject in held_out], args.runs_per_subject)
         fold_dir = args.output_dir / "cv" / f"fold-{k}"
         print(f"{PROG}: fold {k}: train on {', '.join(sorted({x.subject for x in train_runs}))}; "
               f"score {', '.join(held_out)}", flush=True)
@@ -188,7 +204,8 @@ def _cross_validate(args, device, runs, methods, folds):
         model = _load(result.model_path, device, r)
         fold_methods = list(methods) + [Method(name=args.variant, models=[model])]
         res = evaluate(test_runs, fold_methods, r=r, modes=args.mode, snr=args.snr, seed=args.seed,
-                       mc_samples=args.mc_samples, device=device, mem_mb=args.mem_mb, calibration_runs=train_runs,
+                       mc_samples=args.mc_samples, device=device, mem_mb=args.mem_mb,
+                       calibration_runs=_first_runs(train_runs, args.runs_per_subject),
                        quiet=args.quiet, figures=figures)
         for rec in res["records"]:
             rec["fold"] = k
@@ -237,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{out}: exists and is not a folder; choose another --output-dir")
     methods, r = _methods(args, device)
     args.upsample = r
-    runs = find_dwi_runs_multi(args.bids_dirs, args.participant_label, args.session_label)
+    all_runs = find_dwi_runs_multi(args.bids_dirs, args.participant_label, args.session_label)
+    runs = _first_runs(all_runs, args.runs_per_subject)
     scored = {x.subject for x in runs}
     folds = _fold_subjects(sorted(scored), args.cross_validate) if args.cross_validate else None
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
           f"{', '.join(m.name for m in methods) + (' + one model per fold' if args.cross_validate else '')}; "
           f"modes: {', '.join(args.mode)}; r = {r}", flush=True)
     if args.cross_validate:
-        results, figures = _cross_validate(args, device, runs, methods, folds)
+        results, figures = _cross_validate(args, device, all_runs, methods, folds)
     else:
         calibration = _calibration_runs(args, methods, scored)
         if any(m.is_model for m in methods):
