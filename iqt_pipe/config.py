@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from iqt_pipe import __version__
 from iqt_pipe.io import InputError, save_text
+from iqt_pipe.tractography import DEFAULT_SEED_DENSITY, UNCERTAINTY_ACTIONS
 
 DEVICES = ("auto", "cpu", "cuda")
 TRACTOGRAPHY = ("none", "dipy", "mrtrix", "both")
@@ -61,6 +62,9 @@ class RunConfig:
     denoise: str = "auto"
     degibbs: bool = True
     tractography: str = "none"
+    seed_density: float = DEFAULT_SEED_DENSITY
+    max_uncertainty: float | None = None
+    uncertainty_action: str = "stop"
     nprocs: int = 1
     omp_nthreads: int = 1
     mem_mb: int | None = None
@@ -89,6 +93,8 @@ class RunConfig:
             model_sha256=(card.get("weights") or {}).get("sha256"),
             device=args.device, mc_samples=args.mc_samples, seed=args.seed,
             denoise=args.denoise, degibbs=args.degibbs, tractography=args.tractography,
+            seed_density=args.seed_density, max_uncertainty=args.max_uncertainty,
+            uncertainty_action=args.max_uncertainty_action,
             nprocs=args.nprocs, omp_nthreads=args.omp_nthreads, mem_mb=args.mem_mb,
             use_plugin=args.use_plugin, plugin=args.plugin, plugin_args=dict(args.plugin_args),
             stop_on_first_crash=args.stop_on_first_crash, write_graph=args.write_graph,
@@ -204,6 +210,10 @@ class RunConfig:
         rows.append(("inference", f"device {dev}, {self.mc_samples} MC sample(s), seed {self.seed}"))
         rows.append(("preprocessing", f"denoise {self.denoise}, Gibbs removal {'on' if self.degibbs else 'off'}"))
         rows.append(("tractography", self.tractography))
+        if self.tractography != "none":
+            limit = (f"{self.uncertainty_action} where the uncertainty exceeds {self.max_uncertainty:g} mm²/s"
+                     if self.max_uncertainty is not None else "no uncertainty limit")
+            rows.append(("streamlines", f"{self.seed_density:g} seeds/mm³ of white matter, {limit}"))
         memory = f"{self.mem_mb} MB" if self.mem_mb is not None else "no limit"
         source = f" (from {self.use_plugin})" if self.use_plugin else ""
         rows.append(("execution", f"Nipype {self.plugin}{source}: {self.nprocs} process(es), "
@@ -223,14 +233,15 @@ class RunConfig:
 
 # -- the flat TOML form ---------------------------------------------------------------------
 
-#: How each field is stored: "path", "labels", "json", "str", "int", "bool"; "?" = may be unset.
+#: How each field is stored: "path", "labels", "json", "str", "int", "float", "bool"; "?" = may be unset.
 _KINDS = {
     "bids_dir": "path", "output_dir": "path", "analysis_level": "str", "work_dir": "path",
     "participant_label": "labels?", "session_label": "labels?",
     "bids_filter_file": "path?", "bids_filters": "json?", "skip_bids_validation": "bool",
     "model": "path?", "model_variant": "str?", "model_upsample": "int?", "model_sha256": "str?",
     "device": "str", "mc_samples": "int", "seed": "int", "denoise": "str", "degibbs": "bool",
-    "tractography": "str", "nprocs": "int", "omp_nthreads": "int", "mem_mb": "int?",
+    "tractography": "str", "seed_density": "float", "max_uncertainty": "float?", "uncertainty_action": "str",
+    "nprocs": "int", "omp_nthreads": "int", "mem_mb": "int?",
     "use_plugin": "path?", "plugin": "str", "plugin_args": "json",
     "stop_on_first_crash": "bool", "write_graph": "bool", "boilerplate_only": "bool", "verbose": "int",
     "version": "str", "run_uuid": "str",
@@ -240,7 +251,7 @@ assert set(_KINDS) == {f.name for f in dataclasses.fields(RunConfig)}
 _DEFAULTED = {f.name for f in dataclasses.fields(RunConfig)
               if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
 _CHOICES = {"analysis_level": ("participant", "group"), "device": DEVICES, "denoise": DENOISE,
-            "tractography": TRACTOGRAPHY}
+            "tractography": TRACTOGRAPHY, "uncertainty_action": UNCERTAINTY_ACTIONS}
 
 
 def _decode(name: str, kind: str, value: Any, source: str) -> Any:
@@ -273,6 +284,10 @@ def _decode(name: str, kind: str, value: Any, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
         return value
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad("a number")
+        return float(value)
     if not isinstance(value, str):
         raise bad("text")
     if name in _CHOICES and value not in _CHOICES[name]:

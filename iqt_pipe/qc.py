@@ -33,8 +33,6 @@ the TSV) and no run is flagged.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from pathlib import Path
@@ -42,7 +40,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from iqt_pipe.io import InputError, atomic_open, load_nifti, save_json, save_text
+from iqt_pipe.io import InputError, load_nifti, save_json, save_text, write_tsv
 
 #: FA above which a native voxel inside the eroded brain mask counts as white matter.
 WM_FA_THRESHOLD = 0.3
@@ -313,14 +311,6 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
     return [k for k in known if k in present] + list(dict.fromkeys(extra))
 
 
-def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)  # shortest repr: floats round-trip exactly
-
-
 def _sort_key(row: dict[str, Any]) -> tuple:
     return tuple(str(row.get(key, "")) for key in ENTITIES)
 
@@ -369,13 +359,7 @@ def write_group_qc(
     the columns (unless ``sidecar=False``) and a plain-text summary, each atomically."""
     rows = sorted(rows, key=_sort_key)
     columns = _columns(rows)
-    buf = io.StringIO()
-    writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_cell(row.get(col)) for col in columns])
-    with atomic_open(tsv_path) as fh:
-        fh.write(buf.getvalue())
+    write_tsv(rows, columns, tsv_path)  # shortest float repr: values round-trip exactly
     if sidecar:
         from iqt_pipe.io import sidecar_path
 

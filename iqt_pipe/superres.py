@@ -18,7 +18,8 @@ import numpy as np
 from iqt_pipe import __version__
 from iqt_pipe.dti import tensors_world_to_voxel
 from iqt_pipe.inference import Prediction, frobenius_sd, predict_volume
-from iqt_pipe.io import InputError, load_nifti, save_json, save_nifti, save_tensors, sidecar_path
+from iqt_pipe.io import load_tensor_image  # noqa: F401 - re-exported; it lives in io so tractography needs no torch
+from iqt_pipe.io import save_json, save_nifti, save_tensors, sidecar_path
 from iqt_pipe.models.espcn import IQTNet
 
 
@@ -45,20 +46,6 @@ def super_resolve_tensors(
     """:func:`~iqt_pipe.inference.predict_volume` on world-frame tensors (result in the
     voxel frame of the HR grid, as ``predict_volume`` returns it)."""
     return predict_volume(model, tensors_world_to_voxel(world_tensors, affine), mask, affine, **predict_kwargs)
-
-
-def load_tensor_image(tensor_file: str | os.PathLike, mask_file: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A world-frame BEP016 tensor image and its brain mask, checked against each other."""
-    tensors, affine, _ = load_nifti(tensor_file)
-    if tensors.ndim != 4 or tensors.shape[-1] != 6:
-        raise InputError(f"{tensor_file}: expected 6 tensor volumes (D11 … D33), got shape {tensors.shape}")
-    mask, mask_affine, _ = load_nifti(mask_file)
-    if mask.shape != tensors.shape[:3] or not np.allclose(mask_affine, affine, atol=1e-3):
-        raise InputError(f"{mask_file}: the mask's grid differs from {Path(tensor_file).name}'s; use the mask of the same run")
-    mask = mask > 0
-    if not mask.any():
-        raise InputError(f"{mask_file}: the brain mask is empty; check the masking step")
-    return np.nan_to_num(tensors), mask, affine
 
 
 def write_prediction(

@@ -62,6 +62,15 @@ def test_defaults(here):
     assert args.verbose == 0
 
 
+def test_default_model_is_the_bundled_one(here):
+    from iqt_pipe.models.files import bundled_model
+
+    args = parse_args(base(model=False))
+    assert args.model == bundled_model(2)
+    assert args.model_card["upsample"] == 2 and args.model_card["variant"] == "hetero-var2"
+    assert args.model_card["training"]["subjects"]  # trained on real subjects, recorded in its card
+
+
 def test_every_flag(here):
     (here / "plugin.yml").write_text("plugin: MultiProc\nplugin_args:\n  n_procs: 2\n  memory_gb: 3\n")
     (here / "filter.json").write_text(json.dumps({"dwi": {"acquisition": "hr", "run": [1, 2]}}))
@@ -182,7 +191,6 @@ REFUSALS = [
     (base("--participant-label", "01_x"), "is not a BIDS label"),
     (base("--participant-label", "é1"), "is not a BIDS label"),
     (base("--session-label", "ses-.."), "session label 'ses-..' is not a BIDS label"),
-    (base(model=False), "--model is required at the participant level"),
     (base("--model", "nothing/here"), "no such file or folder"),
     (base("--model", "broken_model"), "--model: "),
     (base("--model", "lonely_model"), "weights file not found"),

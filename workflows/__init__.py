@@ -11,6 +11,7 @@ _WHERE = {
     "init_iqt_wf": "base", "init_single_subject_wf": "base",
     "init_dwi_preproc_wf": "dwi", "init_dti_wf": "dwi",
     "init_sr_wf": "sr", "init_outputs_wf": "outputs",
+    "init_tractography_wf": "tractography", "init_tractography_outputs_wf": "outputs",
 }
 __all__ = sorted(_WHERE)
 

@@ -89,6 +89,8 @@ super-resolution follow @tanno2017 and @tanno2021.
         outputs_wf = init_outputs_wf(output_dir=str(config.output_dir), name=f"{tag}_outputs_wf")
         outputs_wf.inputs.inputnode.source_file = str(run.dwi)
         outputs_wf.inputs.inputnode.upsample = config.model_upsample
+        if config.tractography != "none":
+            _add_tractography(workflow, config, run, tag, preproc_wf, dti_wf, sr_wf, outputs_wf)
         workflow.connect([
             (inputnode, preproc_wf, [("dwi_file", "inputnode.dwi_file"), ("bval_file", "inputnode.bval_file"),
                                      ("bvec_file", "inputnode.bvec_file")]),
@@ -113,3 +115,37 @@ super-resolution follow @tanno2017 and @tanno2021.
                                  ("outputnode.metadata", "inputnode.sr_metadata")]),
         ])  # fmt:skip
     return workflow
+
+
+def _add_tractography(workflow, config: RunConfig, run: DWIRun, tag: str, preproc_wf, dti_wf, sr_wf, outputs_wf):
+    """Tractography on the native and super-resolved tensors of one run, and its derivatives."""
+    from iqt_pipe.workflows.outputs import init_tractography_outputs_wf
+    from iqt_pipe.workflows.tractography import TRACTOGRAM_FIELDS, init_tractography_wf, software_for, tractogram_keys
+
+    software = software_for(config.tractography)
+    tract_wf = init_tractography_wf(
+        software=software, seed_density=config.seed_density, max_uncertainty=config.max_uncertainty,
+        uncertainty_action=config.uncertainty_action, random_seed=config.seed,
+        omp_nthreads=config.omp_nthreads, name=f"{tag}_tractography_wf",
+    )
+    keys = tractogram_keys(software)
+    tract_outputs_wf = init_tractography_outputs_wf(output_dir=str(config.output_dir), keys=keys,
+                                                    name=f"{tag}_tractography_outputs_wf")
+    tract_outputs_wf.inputs.inputnode.source_file = str(run.dwi)
+    tract_wf.inputs.inputnode.dwi_file = str(run.dwi)  # the raw series: the run's noise level (Tensor_Prob)
+    tract_outputs_wf.inputs.inputnode.upsample = config.model_upsample
+    fields = ["summary_file"] + [f"{k}_{f}" for k in keys for f in TRACTOGRAM_FIELDS]
+    workflow.connect([
+        (preproc_wf, tract_wf, [("outputnode.bval_file", "inputnode.bval_file"),
+                                ("outputnode.bvec_file", "inputnode.bvec_file")]),
+        (dti_wf, tract_wf, [("outputnode.tensor_file", "inputnode.tensor_file"),
+                            ("outputnode.mask_file", "inputnode.mask_file"),
+                            ("outputnode.s0_file", "inputnode.s0_file")]),
+        (sr_wf, tract_wf, [("outputnode.tensor_file", "inputnode.sr_tensor_file"),
+                           ("outputnode.mask_file", "inputnode.sr_mask_file"),
+                           ("outputnode.sd_total_file", "inputnode.sr_sd_total_file")]),
+        (tract_wf, tract_outputs_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fields]),
+        (outputs_wf, tract_outputs_wf, [("outputnode.tensor_file", "inputnode.tensor_file"),
+                                        ("outputnode.sr_tensor_file", "inputnode.sr_tensor_file"),
+                                        ("outputnode.sr_sd_total_file", "inputnode.sr_sd_total_file")]),
+    ])  # fmt:skip

@@ -20,6 +20,7 @@ from iqt_pipe import __version__
 from iqt_pipe.bids import LABEL
 from iqt_pipe.cli._common import Parser, int_at_least
 from iqt_pipe.config import DEFAULT_MC_SAMPLES, DEFAULT_SEED, DENOISE, DEVICES, TRACTOGRAPHY
+from iqt_pipe.tractography import DEFAULT_SEED_DENSITY, UNCERTAINTY_ACTIONS
 
 PROG = "iqt-pipe"
 MAX_DEFAULT_OMP = 8
@@ -84,8 +85,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("processing")
     g.add_argument("--model", type=Path, metavar="PATH",
-                   help="model file (model.safetensors beside its model.json, or their folder); "
-                        "required at the participant level")
+                   help="model file (model.safetensors beside its model.json, or their folder), as written "
+                        "by iqt-train (default: the bundled r = 2 model, trained on real multi-vendor DWI; "
+                        "see README)")
     g.add_argument("--device", choices=DEVICES, default="auto",
                    help="compute device for the network (default: auto = CUDA when visible, else CPU)")
     g.add_argument("--mc-samples", type=int_at_least(1, "the number of MC samples"), default=DEFAULT_MC_SAMPLES,
@@ -98,7 +100,16 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-degibbs", dest="degibbs", action="store_false",
                    help="skip Gibbs-ringing removal (default: on)")
     g.add_argument("--tractography", choices=TRACTOGRAPHY, default="none",
-                   help="deterministic tractography on the super-resolved tensors (default: none)")
+                   help="deterministic and probabilistic tractography on the native and the super-resolved "
+                        "tensors with DIPY, MRtrix3 (tckgen, tckmap) or both (default: none)")
+    g.add_argument("--seed-density", type=_positive_float("the seed density"), default=DEFAULT_SEED_DENSITY,
+                   metavar="N", help=f"tractography seeds per mm³ of white matter, whatever the voxel size "
+                                     f"(default: {DEFAULT_SEED_DENSITY})")
+    g.add_argument("--max-uncertainty", type=_positive_float("--max-uncertainty"), metavar="SD",
+                   help="stop super-resolved streamlines where they enter a voxel whose total uncertainty "
+                        "(Frobenius sd, mm²/s) exceeds SD, e.g. 1.5e-4 (default: no limit)")
+    g.add_argument("--max-uncertainty-action", choices=UNCERTAINTY_ACTIONS, default="stop",
+                   help="what --max-uncertainty does: stop a streamline there, or drop it (default: stop)")
 
     g = p.add_argument_group("execution")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
@@ -142,12 +153,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.bids_filters = _read_bids_filters(parser, args.bids_filter_file) if args.bids_filter_file else None
     args.plugin, args.plugin_args = _read_plugin(parser, args.use_plugin) if args.use_plugin else ("MultiProc", {})
     _settle_resources(parser, args)
-    args.model_card = _check_model(parser, args.model, args.analysis_level)
+    if args.model is None and args.analysis_level == "participant":
+        from iqt_pipe.models import ModelFileError
+        from iqt_pipe.models.files import bundled_model
+
+        try:
+            args.model = bundled_model(2)
+        except ModelFileError as exc:
+            _fail(parser, str(exc))
+    args.model_card = _check_model(parser, args.model)
     if args.model is not None:
         from iqt_pipe.models.files import model_paths
 
         args.model = model_paths(args.model)[0]  # the weights file, whichever of the pair was named
     _check_device(parser, args.device)
+    _check_tractography(parser, args)
     return args
 
 
@@ -309,13 +329,10 @@ def _settle_resources(parser, args: argparse.Namespace) -> None:
         _fail(parser, f"--omp-nthreads {args.omp_nthreads} exceeds {source}; lower --omp-nthreads or raise --nprocs")
 
 
-def _check_model(parser, model: Path | None, analysis_level: str) -> dict | None:
-    """The model card (checked by :func:`iqt_pipe.models.read_card`), or None without --model
-    (allowed at the group level only)."""
+def _check_model(parser, model: Path | None) -> dict | None:
+    """The model card (checked by :func:`iqt_pipe.models.read_card`); None without a model
+    (the group level)."""
     if model is None:
-        if analysis_level == "participant":
-            _fail(parser, "--model is required at the participant level (no model is bundled yet): "
-                          "pass --model path/to/model.safetensors, as written by iqt-train")
         return None
     if not model.exists():
         _fail(parser, f"--model {model}: no such file or folder")
@@ -330,6 +347,40 @@ def _check_model(parser, model: Path | None, analysis_level: str) -> dict | None
     if not weights.is_file():
         _fail(parser, f"--model: {weights}: weights file not found beside its card {model_paths(model)[1].name}")
     return card
+
+
+def _positive_float(what: str):
+    """An argparse ``type`` accepting finite numbers > 0, with a one-line message."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (value > 0 and value != float("inf")):
+            raise argparse.ArgumentTypeError(f"{what} must be a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
+def _check_tractography(parser, args: argparse.Namespace) -> None:
+    """``--max-uncertainty`` needs tractography and a model that predicts uncertainty."""
+    if args.max_uncertainty is None:
+        return
+    if args.tractography == "none":
+        _fail(parser, "--max-uncertainty limits tractography; add --tractography dipy, mrtrix or both")
+    from iqt_pipe.models import VARIANTS
+
+    variant = (args.model_card or {}).get("variant")
+    if variant not in VARIANTS:
+        return  # no model card (checked elsewhere)
+    hetero, variational = VARIANTS[variant]
+    if not hetero and (not variational or args.mc_samples == 1):
+        why = (f"(variant {variant}) predicts no uncertainty" if not variational
+               else f"(variant {variant}) predicts uncertainty only with --mc-samples above 1")
+        _fail(parser, f"--max-uncertainty: the model {args.model} {why}; use a hetero model, raise "
+                      "--mc-samples for a variational one, or drop --max-uncertainty")
 
 
 def _check_device(parser, device: str) -> None:

@@ -35,11 +35,13 @@ def check_dependencies(config: RunConfig) -> None:
             "--denoise mrtrix needs MRtrix3's dwidenoise and mrdegibbs on PATH; install MRtrix3 "
             "(conda install -c mrtrix3 mrtrix3) or use --denoise dipy"
         )
-    if config.tractography != "none":
-        raise InputError(
-            f"--tractography {config.tractography}: tractography is not part of iqt-pipe {__version__} yet; "
-            "use --tractography none"
-        )
+    if config.tractography in ("mrtrix", "both"):
+        missing = [tool for tool in ("tckgen", "tckmap") if shutil.which(tool) is None]
+        if missing:
+            raise MissingExecutable(
+                f"--tractography {config.tractography} needs MRtrix3's {' and '.join(missing)} on PATH; install "
+                "MRtrix3 (conda install -c mrtrix3 mrtrix3) or use --tractography dipy"
+            )
 
 
 def validate_bids(bids_dir: Path) -> None:
@@ -100,7 +102,7 @@ def write_dataset_files(config: RunConfig, methods: str) -> None:
     out = config.output_dir
     with output_lock(out):
         _write_if_changed(out / "dataset_description.json", json.dumps(description, indent=2) + "\n")
-        _write_if_changed(out / ".bidsignore", "*_dwimap.*\n*.lock\nlogs/\n")
+        _write_if_changed(out / ".bidsignore", "*_dwimap.*\n*_tractogram.*\n*_tdi.*\n*.lock\nlogs/\n")
         bib = files("iqt_pipe.data").joinpath("boilerplate.bib").read_text()
         _write_if_changed(out / "logs" / "CITATION.bib", bib)
         _write_if_changed(out / "logs" / "CITATION.md", "# Methods\n\n" + methods.strip() + "\n\n"

@@ -1,0 +1,273 @@
+"""Tractography on the native and the super-resolved tensors as a Nipype workflow."""
+
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+from niworkflows.engine.workflows import LiterateWorkflow as Workflow
+
+from iqt_pipe.tractography import (
+    ALGORITHMS,
+    DEFAULT_FA_THRESHOLD,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MIN_LENGTH,
+    DEFAULT_SEED_DENSITY,
+    DEFAULT_SEED_FA,
+    DEFAULT_SYNTH_SNR,
+    TrackingParams,
+    check_uncertainty_limit,
+)
+
+SOFTWARE = ("dipy", "mrtrix")
+SPACES = ("native", "sr")
+#: Outputs per tractogram: ``<key>_<field>`` on the outputnode.
+TRACTOGRAM_FIELDS = ("tck", "trk", "tsv", "tdi", "metadata")
+_INPUTS = ["tensor_file", "mask_file", "s0_file", "bval_file", "bvec_file", "dwi_file",
+           "sr_tensor_file", "sr_mask_file", "sr_sd_total_file"]
+
+
+def software_for(tractography: str) -> tuple[str, ...]:
+    """``--tractography`` choice → the tracking software to run."""
+    return {"none": (), "dipy": ("dipy",), "mrtrix": ("mrtrix",), "both": SOFTWARE}[tractography]
+
+
+def tractogram_keys(software=SOFTWARE, algorithms=ALGORITHMS, spaces=SPACES) -> list[str]:
+    """Names of the tractograms, ``<space>_<software><algorithm>`` (e.g. ``sr_dipydet``)."""
+    return [f"{space}_{sw}{alg}" for space in spaces for sw in software for alg in algorithms]
+
+
+def split_key(key: str) -> tuple[str, str, str]:
+    """``sr_dipydet`` → ``("sr", "dipy", "det")``."""
+    space, rest = key.split("_", 1)
+    sw = next(s for s in SOFTWARE if rest.startswith(s))
+    return space, sw, rest[len(sw):]
+
+
+def init_tractography_wf(
+    *,
+    software: tuple[str, ...] = ("dipy",),
+    algorithms: tuple[str, ...] = ALGORITHMS,
+    spaces: tuple[str, ...] = SPACES,
+    seed_density: float = DEFAULT_SEED_DENSITY,
+    step_mm: float | None = None,
+    max_angle: float | None = None,
+    fa_threshold: float = DEFAULT_FA_THRESHOLD,
+    seed_fa: float = DEFAULT_SEED_FA,
+    min_length: float = DEFAULT_MIN_LENGTH,
+    max_length: float = DEFAULT_MAX_LENGTH,
+    max_uncertainty: float | None = None,
+    uncertainty_action: str = "stop",
+    random_seed: int = 0,
+    omp_nthreads: int = 1,
+    name: str = "tractography_wf",
+) -> Workflow:
+    """Streamlines on the native and the super-resolved tensors, with DIPY and/or MRtrix3.
+
+    Workflow Graph
+        .. workflow::
+            :graph2use: orig
+            :simple_form: yes
+
+            from iqt_pipe.workflows.tractography import init_tractography_wf
+            wf = init_tractography_wf(software=("dipy", "mrtrix"))
+
+    DIPY: ``LocalTracking`` on the tensors (:class:`~iqt_pipe.interfaces.tractography.DipyTracking`).
+    MRtrix3: a DWI series synthesised from the tensors and the subject's S0 and gradient
+    table, then ``tckgen -algorithm Tensor_Det/Tensor_Prob`` (Nipype's ``Tractography``) and
+    ``tckmap`` (``ComputeTDI``); ``Tensor_Prob`` tracks the series with Rician noise added at the
+    run's noise level (measured on ``dwi_file``'s repeated b=0 volumes, else SNR
+    :data:`~iqt_pipe.tractography.DEFAULT_SYNTH_SNR` of the synthesised b=0), so its wild
+    bootstrap has residuals to resample. Every tractogram then gets the uncertainty limit (super-resolved
+    ones only), its ``.tck``/``.trk``/per-streamline TSV and a track-density image; the summary
+    TSV has one row per tractogram.
+
+    Parameters
+    ----------
+    software
+        ``"dipy"`` and/or ``"mrtrix"``.
+    algorithms
+        ``"det"`` (deterministic) and/or ``"prob"`` (probabilistic).
+    spaces
+        ``"native"`` and/or ``"sr"`` (super-resolved).
+    seed_density
+        Seeds per mm³ of white matter (FA ≥ ``seed_fa`` in the brain mask), whatever the voxel size.
+    step_mm, max_angle
+        Step size (mm) and angle limit (degrees per step); default half a voxel and
+        60° × step / voxel, so each grid is tracked at its own resolution.
+    fa_threshold, min_length, max_length
+        Stopping FA, and the streamline lengths kept (mm).
+    max_uncertainty, uncertainty_action
+        Threshold on the super-resolution's total Frobenius sd (mm²/s) and what happens to a
+        streamline entering a voxel above it: ``"stop"`` or ``"drop"``.
+    random_seed
+        Seeds of the random seeding and of the probabilistic steps (``MRTRIX_RNG_SEED`` for tckgen).
+
+    Inputs
+    ------
+    tensor_file, mask_file, s0_file
+        Native tensors (world frame), brain mask and fitted b=0 (``init_dti_wf``'s).
+    bval_file, bvec_file
+        The subject's gradient table (for the MRtrix3 synthesis).
+    dwi_file
+        The run's native DWI series (optional; MRtrix3 ``Tensor_Prob``: its noise level).
+    sr_tensor_file, sr_mask_file, sr_sd_total_file
+        ``init_sr_wf``'s mean tensor, mask and total uncertainty (may be undefined).
+
+    Outputs
+    -------
+    <key>_tck, <key>_trk, <key>_tsv, <key>_tdi, <key>_metadata
+        For each key of :func:`tractogram_keys`: the tractogram files, its track-density image
+        and the sidecar fields.
+    summary_file
+        Per-run summary TSV.
+    """
+    for sw in software:
+        if sw not in SOFTWARE:
+            raise ValueError(f"unknown tractography software {sw!r}; choose from {', '.join(SOFTWARE)}")
+    for space in spaces:
+        if space not in SPACES:
+            raise ValueError(f"unknown space {space!r}; choose from {', '.join(SPACES)}")
+    check_uncertainty_limit(max_uncertainty, uncertainty_action)
+    for alg in algorithms:
+        TrackingParams(algorithm=alg, seed_density=seed_density, step_mm=step_mm, max_angle=max_angle,
+                       fa_threshold=fa_threshold, seed_fa=seed_fa, min_length=min_length,
+                       max_length=max_length).check()
+    keys = tractogram_keys(software, algorithms, spaces)
+    if not keys:
+        raise ValueError("nothing to track: give at least one software, algorithm and space")
+
+    workflow = Workflow(name=name)
+    workflow.__desc__ = _methods(software, algorithms, spaces, seed_density, fa_threshold, seed_fa,
+                                 min_length, max_length, max_uncertainty, uncertainty_action)
+    inputnode = pe.Node(niu.IdentityInterface(fields=_INPUTS), name="inputnode")
+    outputnode = pe.Node(
+        niu.IdentityInterface(fields=[f"{k}_{f}" for k in keys for f in TRACTOGRAM_FIELDS] + ["summary_file"]),
+        name="outputnode",
+    )
+    summaries = pe.Node(niu.Merge(len(keys)), name="summaries", run_without_submitting=True)
+    summary = pe.Node(_summary_interface(), name="summary")
+    settings = dict(seed_density=seed_density, seed_fa=seed_fa, random_seed=random_seed)
+    if step_mm is not None:
+        settings["step_mm"] = step_mm
+    if max_angle is not None:
+        settings["max_angle"] = max_angle
+    inputs = {"native": ("tensor_file", "mask_file"), "sr": ("sr_tensor_file", "sr_mask_file")}
+
+    connections = [(summaries, summary, [("out", "summaries")]), (summary, outputnode, [("out_file", "summary_file")])]
+    prepared = {}  # one MRtrix3 synthesis per space, shared by its algorithms
+    for i, key in enumerate(keys, start=1):
+        space, sw, alg = split_key(key)
+        tensor, mask = inputs[space]
+        finish = pe.Node(_finish_interface(key, space, sw, alg, max_uncertainty, uncertainty_action, min_length),
+                         name=f"finish_{key}")
+        connections += [
+            (inputnode, finish, [(tensor, "reference_file")]),
+            (finish, summaries, [("summary", f"in{i}")]),
+            (finish, outputnode, [("tck_file", f"{key}_tck"), ("trk_file", f"{key}_trk"),
+                                  ("tsv_file", f"{key}_tsv"), ("metadata", f"{key}_metadata")]),
+        ]
+        if space == "sr":
+            connections.append((inputnode, finish, [("sr_sd_total_file", "uncertainty_file")]))
+        if sw == "dipy":
+            from iqt_pipe.interfaces.tractography import DipyTracking, TrackDensity
+
+            track = pe.Node(DipyTracking(algorithm=alg, fa_threshold=fa_threshold, min_length=min_length,
+                                         max_length=max_length, **settings), name=f"track_{key}")
+            tdi = pe.Node(TrackDensity(), name=f"tdi_{key}")
+            connections += [
+                (inputnode, track, [(tensor, "tensor_file"), (mask, "mask_file")]),
+                (track, finish, [("tck_file", "in_file"), ("seeds_file", "seeds_file"), ("n_seeds", "n_seeds"),
+                                 ("step_mm", "step_mm"), ("max_angle", "max_angle"),
+                                 ("voxel_size_mm", "voxel_size_mm")]),
+                (inputnode, tdi, [(mask, "reference")]),
+            ]
+        else:
+            from nipype.interfaces.mrtrix3 import ComputeTDI
+
+            from iqt_pipe.interfaces.tractography import PrepareMRtrixTracking, TensorTractography
+
+            if space not in prepared:
+                prepared[space] = pe.Node(PrepareMRtrixTracking(noisy="prob" in algorithms, snr=DEFAULT_SYNTH_SNR,
+                                                                **settings), name=f"mrtrix_inputs_{space}")
+                connections.append((inputnode, prepared[space], [
+                    (tensor, "tensor_file"), (mask, "mask_file"), ("s0_file", "s0_file"),
+                    ("bval_file", "bval_file"), ("bvec_file", "bvec_file"), ("dwi_file", "noise_dwi_file"),
+                    ("mask_file", "noise_mask_file")]))
+            prep = prepared[space]
+            dwi = "dwi_file" if alg == "det" else "noisy_dwi_file"  # Tensor_Prob's bootstrap needs noise
+            track = pe.Node(TensorTractography(
+                algorithm="Tensor_Det" if alg == "det" else "Tensor_Prob", cutoff=fa_threshold,
+                min_length=min_length, max_length=max_length, out_file="tracked.tck", out_seeds="seeds.txt",
+                nthreads=omp_nthreads, environ={"MRTRIX_RNG_SEED": str(random_seed)},
+            ), name=f"tckgen_{key}", n_procs=omp_nthreads)
+            tdi = pe.Node(ComputeTDI(out_file="tdi.nii.gz", args="-quiet", nthreads=omp_nthreads),
+                          name=f"tckmap_{key}", n_procs=omp_nthreads)
+            connections += [
+                (prep, track, [(dwi, "in_file"), ("grad_file", "grad_file"), ("mask_file", "roi_mask"),
+                               ("seed_mask_file", "seed_image"), ("step_mm", "step_size"),
+                               ("max_angle", "angle"), ("tckgen_args", "args")]),
+                (track, finish, [("out_file", "in_file"), ("out_seeds", "seeds_file")]),
+                (prep, finish, [("n_seeds", "n_seeds"), ("step_mm", "step_mm"), ("max_angle", "max_angle"),
+                                ("voxel_size_mm", "voxel_size_mm"),
+                                *([("noise", "synthesis_noise")] if alg == "prob" else [])]),
+                (inputnode, tdi, [(mask, "reference")]),
+            ]
+        connections += [(finish, tdi, [("tck_file", "in_file")]), (tdi, outputnode, [("out_file", f"{key}_tdi")])]
+    workflow.connect(connections)
+    return workflow
+
+
+def _finish_interface(key, space, sw, alg, max_uncertainty, action, min_length):
+    from iqt_pipe.interfaces.tractography import FinishTractogram
+
+    node = FinishTractogram(tractogram=key, space=space, software=sw, algorithm=alg,
+                            uncertainty_action=action, min_length=min_length)
+    if max_uncertainty is not None and space == "sr":
+        node.inputs.max_uncertainty = max_uncertainty
+    return node
+
+
+def _summary_interface():
+    from iqt_pipe.interfaces.tractography import TractographySummary
+
+    return TractographySummary()
+
+
+def _methods(software, algorithms, spaces, density, fa, seed_fa, min_len, max_len, max_unc, action) -> str:
+    what = {"native": "the native-resolution tensors", "sr": "the super-resolved tensors"}
+    text = [f"Whole-brain streamline tractography was run on {' and on '.join(what[s] for s in spaces)}."]
+    algs = " and ".join({"det": "deterministic", "prob": "probabilistic"}[a] for a in algorithms)
+    if "dipy" in software:
+        text.append(
+            f"With DIPY [@dipy], {algs} local tracking used the tensors' diffusion orientation "
+            "distribution function, expressed in the voxel frame of each grid: deterministic tracking "
+            "followed its peak (the principal eigenvector), probabilistic tracking drew each step "
+            "from it."
+        )
+    if "mrtrix" in software:
+        mrtrix_algs = ", ".join("Tensor_Det" if a == "det" else "Tensor_Prob" for a in algorithms)
+        text.append(
+            "With MRtrix3 [@mrtrix3], a diffusion-weighted series was synthesised from each tensor "
+            "image and the fitted b=0 signal (interpolated to the tensor grid) with the subject's "
+            f"gradient table, and tracked with `tckgen` ({mrtrix_algs}); "
+            "track-density images were computed with `tckmap`."
+        )
+        if "prob" in algorithms:
+            text.append(
+                "For Tensor_Prob, whose wild bootstrap resamples the residuals of the tensor fit, Rician "
+                "noise (fixed seed) was added to the synthesised series at the run's noise level, "
+                "estimated from the repeated b=0 volumes of the native series (or, without repeats, at "
+                f"an SNR of {DEFAULT_SYNTH_SNR:g} for the synthesised b=0)."
+            )
+    text.append(
+        f"Seeds were placed at random in white matter (FA ≥ {seed_fa:g} in the brain mask) at "
+        f"{density:g} seeds per mm³; tracking stopped where FA fell below {fa:g} or the brain mask "
+        "ended, with a step of half a voxel and at most 60° × step / voxel between steps unless set "
+        f"otherwise, keeping streamlines {min_len:g}–{max_len:g} mm long. Each streamline's length and "
+        "the mean and maximum of the super-resolution's total uncertainty along it were recorded."
+    )
+    if max_unc is not None:
+        verb = "cut where they entered" if action == "stop" else "discarded when they entered"
+        text.append(f"Streamlines on the super-resolved tensors were {verb} a voxel whose total uncertainty "
+                    f"exceeded {max_unc:g} mm²/s.")
+    return "\n".join(text) + "\n"
