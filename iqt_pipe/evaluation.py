@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from iqt_pipe import metrics
 from iqt_pipe.baselines import ORDERS, interpolate_tensors
@@ -90,8 +91,6 @@ def _rician(clean: np.ndarray, sigma: float | np.ndarray, rng: np.random.Generat
 
 def _noise_sigma(dwi: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """MP-PCA (dipy) over the mask dilated by 2 voxels: denoised series and σ map."""
-    from scipy import ndimage
-
     from iqt_pipe.preproc import denoise_mppca
 
     region = ndimage.binary_dilation(mask, iterations=2)
@@ -117,8 +116,6 @@ def insert_lesion(
     (cosine edge over the outer 40 % of the radius) into that of a nearly isotropic tensor
     with raised diffusivity and b = 0 signal (oedema), with Rician noise of ``sigma``.
     Returns the new series and the lesion weight map (1 in the core)."""
-    from scipy import ndimage
-
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
     depth = ndimage.distance_transform_edt(mask, sampling=zooms)
     fa = scalar_maps(fit.tensors)["fa"]
