@@ -184,12 +184,12 @@ def _fold_subjects(subjects: list[str], folds: int | str) -> list[list[str]]:
 def _cross_validate(args, device, runs, methods, folds):
     """Train one model per fold on every run of the other folds' subjects and score the
     held-out runs (``runs``: all runs found)."""
-    from iqt_pipe.evaluation import Method, evaluate
+    from iqt_pipe.evaluation import Figures, Method, evaluate
     from iqt_pipe.patches import DEFAULT_PATCHES_PER_SUBJECT, build_library
     from iqt_pipe.training import DEFAULT_TARGET, train
 
     records, thresholds, fold_info = [], {}, []
-    figures = None if args.no_figures else _figures()
+    figures = None if args.no_figures else Figures()
     r = args.upsample
     for k, held_out in enumerate(folds, 1):
         train_runs = [x for x in runs if x.subject not in held_out]  # every run of the others
@@ -229,15 +229,9 @@ def _finite(obj):
     return obj
 
 
-def _figures():
-    from iqt_pipe.evaluation import Figures
-
-    return Figures()
-
-
 def run(args: argparse.Namespace) -> int:
     from iqt_pipe.bids import find_dwi_runs_multi
-    from iqt_pipe.evaluation import evaluate, summarise
+    from iqt_pipe.evaluation import Figures, evaluate, summarise
     from iqt_pipe.evalreport import markdown, plot_all
     from iqt_pipe.inference import resolve_device
     from iqt_pipe.io import InputError, save_json, save_text
@@ -270,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{PROG}: risky-voxel threshold chosen on "
                   f"{', '.join(sorted({c.subject for c in calibration})) or 'no subjects (precision/recall not reported)'}",
                   flush=True)
-        figures = None if args.no_figures else _figures()
+        figures = None if args.no_figures else Figures()
         results = evaluate(runs, methods, r=r, modes=args.mode, snr=args.snr, seed=args.seed,
                            mc_samples=args.mc_samples, device=device, mem_mb=args.mem_mb,
                            calibration_runs=calibration, quiet=args.quiet, figures=figures)
