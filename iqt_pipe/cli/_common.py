@@ -34,6 +34,21 @@ def int_at_least(minimum: int, what: str):
     return parse
 
 
+def positive_float(what: str):
+    """An argparse ``type`` accepting finite numbers > 0, with a one-line message."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (value > 0 and value != float("inf")):
+            raise argparse.ArgumentTypeError(f"{what} must be a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
 def run_guarded(prog: str, work: Callable[[], int | None], verbose: bool = False) -> int:
     """Run ``work``; turn a bad input into ``prog: error: <one line>`` and exit code 2,
     an unexpected failure into one line (the traceback only with ``-v``) and exit code 1."""

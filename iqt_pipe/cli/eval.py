@@ -26,20 +26,10 @@ import sys
 from pathlib import Path
 
 from iqt_pipe import __version__
-from iqt_pipe.cli._common import Parser, int_at_least, run_guarded
+from iqt_pipe.cli._common import Parser, int_at_least, positive_float, run_guarded
 
 PROG = "iqt-eval"
 BASELINES = ("nearest", "trilinear", "cubic")
-
-
-def _snr(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"the SNR must be a positive number, got {text!r}")
-    return value
 
 
 def _folds(text: str) -> int | str:
@@ -77,7 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="raw: the scan is the reference; known-truth: synthetic noisy HR series from the "
                         "denoised scan's tensors, scored against the noise-free truth; lesion: a tumour-like "
                         "lesion inserted before degradation (uncertainty AUC) (default: raw)")
-    p.add_argument("--snr", type=_snr, metavar="X",
+    p.add_argument("--snr", type=positive_float("the SNR"), metavar="X",
                    help="known-truth mode: b=0 SNR of the added Rician noise (default: each run's own, from MP-PCA)")
     p.add_argument("--calibration-label", nargs="+", metavar="L",
                    help="participants (not scored) on which the risky-voxel threshold is chosen; default: the "

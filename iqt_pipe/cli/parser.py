@@ -18,7 +18,7 @@ from pathlib import Path
 
 from iqt_pipe import __version__
 from iqt_pipe.bids import LABEL
-from iqt_pipe.cli._common import Parser, int_at_least
+from iqt_pipe.cli._common import Parser, int_at_least, positive_float
 from iqt_pipe.config import DEFAULT_MC_SAMPLES, DEFAULT_SEED, DENOISE, DEVICES, TRACTOGRAPHY
 from iqt_pipe.tractography import DEFAULT_SEED_DENSITY, UNCERTAINTY_ACTIONS
 
@@ -102,10 +102,10 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tractography", choices=TRACTOGRAPHY, default="none",
                    help="deterministic and probabilistic tractography on the native and the super-resolved "
                         "tensors with DIPY, MRtrix3 (tckgen, tckmap) or both (default: none)")
-    g.add_argument("--seed-density", type=_positive_float("the seed density"), default=DEFAULT_SEED_DENSITY,
+    g.add_argument("--seed-density", type=positive_float("the seed density"), default=DEFAULT_SEED_DENSITY,
                    metavar="N", help=f"tractography seeds per mm³ of white matter, whatever the voxel size "
                                      f"(default: {DEFAULT_SEED_DENSITY})")
-    g.add_argument("--max-uncertainty", type=_positive_float("--max-uncertainty"), metavar="SD",
+    g.add_argument("--max-uncertainty", type=positive_float("--max-uncertainty"), metavar="SD",
                    help="stop super-resolved streamlines where they enter a voxel whose total uncertainty "
                         "(Frobenius sd, mm²/s) exceeds SD, e.g. 1.5e-4 (default: no limit)")
     g.add_argument("--max-uncertainty-action", choices=UNCERTAINTY_ACTIONS, default="stop",
@@ -347,21 +347,6 @@ def _check_model(parser, model: Path | None) -> dict | None:
     if not weights.is_file():
         _fail(parser, f"--model: {weights}: weights file not found beside its card {model_paths(model)[1].name}")
     return card
-
-
-def _positive_float(what: str):
-    """An argparse ``type`` accepting finite numbers > 0, with a one-line message."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not (value > 0 and value != float("inf")):
-            raise argparse.ArgumentTypeError(f"{what} must be a positive number, got {text!r}")
-        return value
-
-    return parse
 
 
 def _check_tractography(parser, args: argparse.Namespace) -> None:

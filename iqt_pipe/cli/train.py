@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from iqt_pipe import __version__
-from iqt_pipe.cli._common import Parser, int_at_least, run_guarded
+from iqt_pipe.cli._common import Parser, int_at_least, positive_float, run_guarded
 
 PROG = "iqt-train"
 EPILOG = (
@@ -43,16 +43,6 @@ def _fraction(text: str) -> float:
         value = math.nan
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"the validation fraction must lie strictly between 0 and 1, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 
@@ -86,7 +76,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=f"training epochs (default: {DEFAULT_EPOCHS}; the paper used 200 on a GPU)")
     p.add_argument("--batch-size", type=int_at_least(1, "the batch size"), default=DEFAULT_BATCH, metavar="N",
                    help=f"patch pairs per optimiser step, over all processes (default: {DEFAULT_BATCH})")
-    p.add_argument("--lr", type=_positive_float, default=DEFAULT_LR, metavar="X",
+    p.add_argument("--lr", type=positive_float("the learning rate"), default=DEFAULT_LR, metavar="X",
                    help=f"Adam learning rate (default: {DEFAULT_LR:g})")
     p.add_argument("--val-fraction", type=_fraction, default=DEFAULT_VAL_FRACTION, metavar="X",
                    help=f"fraction of patch pairs held out for validation (default: {DEFAULT_VAL_FRACTION:g})")
