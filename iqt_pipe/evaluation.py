@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Sequence
 
 import numpy as np
@@ -69,6 +70,11 @@ class Case:
     noisy_floor_var: np.ndarray | None = None
     lesion: np.ndarray | None = None  # (X, Y, Z) lesion weight in [0, 1]
     info: dict = field(default_factory=dict)
+
+    @cached_property
+    def reference_scalars(self) -> tuple[np.ndarray, np.ndarray]:
+        """FA and MD of the reference in the HR mask (computed once, shared by every method)."""
+        return _scalars(self.reference, self.hr_mask)
 
     @property
     def coverage_mask(self) -> np.ndarray:
@@ -187,11 +193,10 @@ def prepare_case(run, r: int = 2, mode: str = "raw", snr: float | None = None, s
     interior, exterior = metrics.region_masks(pair.lr_mask, mask, r)
     case = Case(
         name=run.name, subject=run.subject, mode=mode, r=r, lr_tensors=pair.lr.tensors, lr_mask=pair.lr_mask,
-        lr_affine=pair.lr_affine, reference=pair.hr.tensors, hr_mask=mask, interior=interior, exterior=exterior,
-        lesion=lesion, info=info,
+        lr_affine=pair.lr_affine, reference=pair.hr.tensors if truth is None else truth, hr_mask=mask,
+        interior=interior, exterior=exterior, lesion=lesion, info=info,
     )
     if mode == "known-truth":
-        case.reference = truth
         case.noisy_reference = pair.hr.tensors
         # The floor of the noisy reference, as raw mode would estimate it (MP-PCA on that series).
         _, sigma_noisy = _noise_sigma(hr_dwi, mask)
@@ -272,7 +277,7 @@ def score(case: Case, result: Prediction | np.ndarray, md_threshold: float | Non
     """
     pred = result.mean if isinstance(result, Prediction) else result
     regions = _regions(case)
-    fa_ref, md_ref = _scalars(case.reference, case.hr_mask)
+    fa_ref, md_ref = case.reference_scalars
     fa, md = _scalars(pred, case.hr_mask)
     out: dict[str, Any] = {"tensor_rmse": {}, "md_rmse": {}, "fa_rmse": {}}
     floor = case.floor_var
@@ -335,7 +340,7 @@ def risky_voxels(case: Case, pred: Prediction) -> tuple[np.ndarray, np.ndarray]:
     """Over the HR mask: the predicted MD sd and whether the voxel is risky (MD error
     > 1.5e-4 mm²/s); :func:`metrics.best_f1_threshold` of several cases' pooled values is
     the risky-voxel threshold."""
-    _, md_ref = _scalars(case.reference, case.hr_mask)
+    _, md_ref = case.reference_scalars
     _, md = _scalars(pred.mean, case.hr_mask)
     return pred.md_sd[case.hr_mask], np.abs(md - md_ref)[case.hr_mask] > metrics.RISKY_MD_ERROR
 
@@ -415,7 +420,7 @@ def evaluate(
         axis, index = _mid_slice(case)
         key = (case.name, mode)
         if figures is not None:
-            _, md_ref = _scalars(case.reference, case.hr_mask)
+            _, md_ref = case.reference_scalars
             figures.slices[key] = {"axis": axis, "reference MD": _take(md_ref, axis, index),
                                    "mask": _take(case.hr_mask, axis, index)}
         for m in methods:
