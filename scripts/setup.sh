@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Set up iqt-pipe in ./.venv: Python virtual environment, CPU torch, the package with its
-# test extras, and MRtrix3 from Debian when run as root. Idempotent: a second run only checks.
+# test extras, and the optional system tools (MRtrix3, Graphviz, Chromium, SLURM) from Debian when run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${IQT_VENV:-.venv}
 TORCH_SPEC=${IQT_TORCH_SPEC:-torch==2.13.0}
 say() { printf 'iqt-pipe setup: %s\n' "$*" >&2; }
 
-# --- MRtrix3 and Graphviz (optional at run time; some steps, --write-graph and tests need them)
+# --- System tools, all optional at run time: MRtrix3 (steps and tests that use it), Graphviz
+# (--write-graph), and, for the test suite only, Chromium with ChromeDriver (the HTML reports
+# are opened in a real browser) and SLURM with munge (a one-machine cluster for job arrays
+# and Nipype's SLURM plugin). Tests whose tool is missing are skipped with the reason.
 missing=()
 command -v dwi2tensor >/dev/null 2>&1 || missing+=(mrtrix3)
 command -v dot >/dev/null 2>&1 || missing+=(graphviz)
+command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || missing+=(chromium chromium-driver)
+PATH="$PATH:/usr/sbin" command -v slurmctld >/dev/null 2>&1 || missing+=(slurmctld slurmd slurm-client munge)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     say "installing ${missing[*]} from Debian (apt-get install)"
@@ -22,6 +27,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     say "${missing[*]} not found and cannot be installed here (needs root and apt-get)."
     say "  MRtrix3: 'conda install -c mrtrix3 mrtrix3' or 'apt-get install mrtrix3'; Graphviz: 'apt-get install graphviz'."
     say "  Until then MRtrix3 steps and --write-graph's drawings are unavailable, and their tests are skipped."
+    say "  Chromium and SLURM only serve tests (reports in a browser, a one-machine cluster); those tests are skipped."
   fi
 fi
 
