@@ -51,6 +51,35 @@ class DerivativesDataSink(_BaseDerivativesDataSink):
         inputs.setdefault("compress", True)
         super().__init__(allowed_entities=allowed_entities, out_path_base=out_path_base, **inputs)
 
+    def _run_interface(self, runtime):
+        """niworkflows writes straight into the output folder (deleting an existing file
+        first); here it writes into the node's own folder, and each finished file then
+        replaces its destination atomically, so a killed run never leaves a partial one."""
+        import shutil
+        from pathlib import Path
+
+        from iqt_pipe.io import move_atomic
+
+        final = Path(self.inputs.base_directory if isdefined(self.inputs.base_directory) else runtime.cwd).absolute()
+        stage = Path(runtime.cwd, "staged").absolute()
+        shutil.rmtree(stage, ignore_errors=True)
+        self.inputs.base_directory = str(stage)
+        try:
+            runtime = super()._run_interface(runtime)
+        finally:
+            self.inputs.base_directory = str(final)
+
+        def moved(path: str) -> str:
+            dest = final / Path(path).relative_to(stage)
+            move_atomic(path, dest)
+            return str(dest)
+
+        if "out_meta" in self._results:
+            self._results["out_meta"] = moved(self._results["out_meta"])
+        files = self._results.get("out_file", [])
+        self._results["out_file"] = moved(files) if isinstance(files, str) else [moved(f) for f in files]
+        return runtime
+
 
 class _OptionalDerivativesDataSinkInputSpec(_DerivativesDataSinkInputSpec):
     in_file = InputMultiObject(File(exists=True), desc="the file to save; nothing is written when undefined")

@@ -28,6 +28,7 @@ class _FitDTIOutputSpec(TraitedSpec):
     rd_file = File(exists=True, desc="radial diffusivity (mm²/s)")
     s0_file = File(exists=True, desc="fitted non-diffusion-weighted signal")
     mask_file = File(exists=True, desc="brain mask (the input's, or median_otsu's)")
+    metadata = traits.Dict(desc="for the tensor's sidecar: NumericalGuards (voxels made finite, non-PD count)")
 
 
 class FitDTI(SimpleInterface):
@@ -69,6 +70,7 @@ class FitDTI(SimpleInterface):
         self._results["mask_file"] = str(
             save_nifti(mask.astype(np.uint8), series.affine, out("_mask"), dtype=np.uint8)
         )
+        self._results["metadata"] = {"NumericalGuards": fit.guards}
         return runtime
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from iqt_pipe.dti import from_dipy_order
+from iqt_pipe.dti import from_dipy_order, to_matrix
 from iqt_pipe.gradients import GradientTable, select_dti_volumes
 from iqt_pipe.io import InputError
 
@@ -19,6 +19,9 @@ class DTIFit:
     s0: np.ndarray  # (X, Y, Z) float32, fitted non-diffusion-weighted signal
     mask: np.ndarray  # (X, Y, Z) bool, voxels that were fitted
     volumes: np.ndarray  # (N,) bool, the DWI volumes the fit used
+    #: Fitted voxels whose tensor came out non-finite (written as zero) or with an eigenvalue
+    #: ≤ 0 (written as fitted: DIPY and MRtrix3 do the same); for the sidecars.
+    guards: dict = field(default_factory=dict)
 
 
 def valid_signal_mask(dwi: np.ndarray) -> np.ndarray:
@@ -84,5 +87,9 @@ def fit_dti(
         fit = model.fit(data[fit_mask].astype(np.float64))
         tensors[fit_mask] = from_dipy_order(fit.lower_triangular())
         s0[fit_mask] = fit.S0_hat
-    tensors[~np.isfinite(tensors)] = 0
-    return DTIFit(tensors=tensors, s0=s0, mask=fit_mask, volumes=keep)
+    bad = ~np.all(np.isfinite(tensors), axis=-1)
+    tensors[bad] = 0
+    s0[~np.isfinite(s0)] = 0
+    evals = np.linalg.eigvalsh(to_matrix(tensors[fit_mask & ~bad].astype(np.float64)))
+    guards = {"NonFiniteTensors": int(bad.sum()), "NonPositiveDefinite": int(np.sum(evals[:, 0] <= 0))}
+    return DTIFit(tensors=tensors, s0=s0, mask=fit_mask, volumes=keep, guards=guards)

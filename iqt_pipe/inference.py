@@ -344,6 +344,7 @@ def predict_volume(
             if key in arrays:
                 arrays[key] *= s
         fa_sd, md_sd = fa_sd * np.float32(math.sqrt(s)), md_sd * np.float32(math.sqrt(s))
+    guards = guard_outputs(arrays, fa_sd, md_sd, hr_mask)
     return Prediction(
         mean=arrays["mean"],
         var_intrinsic=arrays.get("var_int"),
@@ -352,8 +353,58 @@ def predict_volume(
         mask=hr_mask,
         affine=upsample_affine(lr_affine, r),
         info={"mc_samples": T, "scalar_samples": n, "target": target, "variance_scale": s, "tile": t, "tiles": len(tiles),
-              "tiles_total": int(np.prod(tiler.n_tiles)), "seed": seed, "device": str(device)},
+              "tiles_total": int(np.prod(tiler.n_tiles)), "seed": seed, "device": str(device), "guards": guards},
     )
+
+
+#: Bounds on a predicted variance, (mm²/s)²: an infinite precision (variance 0) becomes an sd
+#: of 1e-8 mm²/s, far below any real uncertainty; a zero precision (infinite variance) an sd
+#: of 0.01 mm²/s, three times the diffusivity of free water, i.e. "nothing is known".
+VAR_FLOOR, VAR_CAP = 1e-16, 1e-4
+
+
+def guard_outputs(arrays: dict[str, np.ndarray], fa_sd: np.ndarray, md_sd: np.ndarray, mask: np.ndarray) -> dict[str, int]:
+    """Make every output finite, in place, and count what needed it (for the sidecars).
+
+    In the mask: a non-finite mean tensor (a numerical failure of the network) becomes zero
+    with its variances at ``VAR_CAP``; an intrinsic variance of 0 (infinite precision) is
+    raised to ``VAR_FLOOR``, an infinite one (zero precision) lowered to ``VAR_CAP``; non-finite
+    FA/MD moments become 0. Non-positive-definite mean tensors are counted, not changed: the
+    mean is the estimate (as DIPY and MRtrix3 write theirs); FA is clipped to [0, 1] and
+    tractography projects onto positive semi-definite tensors.
+    """
+    from iqt_pipe.dti import to_matrix
+
+    mean = arrays["mean"]
+    bad_mean = ~np.all(np.isfinite(mean), axis=-1) & mask
+    mean[bad_mean] = 0
+    counts = {"NonFiniteTensors": int(bad_mean.sum())}
+    if "var_int" in arrays:
+        var = arrays["var_int"]
+        inside = mask[..., None]
+        zero = (var <= 0) & inside & np.isfinite(var)
+        infinite = ~np.isfinite(var) & inside
+        counts["InfinitePrecision"] = int(np.any(zero, axis=-1).sum())
+        counts["ZeroPrecision"] = int(np.any(infinite, axis=-1).sum())
+        var[zero] = VAR_FLOOR
+        var[infinite] = VAR_CAP
+    for key in ("var_int", "m2"):
+        if key in arrays:
+            arrays[key][bad_mean] = VAR_CAP
+            arrays[key][~np.isfinite(arrays[key])] = VAR_CAP
+    scalars = 0
+    for a in (arrays["fa"], arrays["md"], arrays.get("fa2"), arrays.get("md2"), fa_sd, md_sd):
+        if a is not None:
+            bad = ~np.isfinite(a)
+            scalars += int(bad.sum())
+            a[bad] = 0
+    counts["NonFiniteScalars"] = scalars
+    if mask.any():
+        evals = np.linalg.eigvalsh(to_matrix(mean[mask].astype(np.float64)))
+        counts["NonPositiveDefinite"] = int(np.sum(evals[:, 0] <= 0))
+    else:
+        counts["NonPositiveDefinite"] = 0
+    return counts
 
 
 @torch.no_grad()

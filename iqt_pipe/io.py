@@ -75,6 +75,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def move_atomic(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Move a finished file onto ``dest`` so that ``dest`` is never seen half-written: a
+    rename on the same file system, else a copy beside ``dest`` renamed onto it."""
+    import errno
+    import shutil
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(src, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
+        os.unlink(src)
+    return dest
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file for writing that replaces ``path`` when the block succeeds."""

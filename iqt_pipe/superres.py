@@ -92,4 +92,5 @@ def prediction_metadata(card: dict[str, Any], pred: Prediction) -> dict[str, Any
         "ScalarSamples": pred.info["scalar_samples"],
         "Seed": pred.info["seed"],
         "Device": pred.info["device"],
+        "NumericalGuards": pred.info.get("guards", {}),
     }

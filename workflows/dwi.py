@@ -166,6 +166,9 @@ def init_dti_wf(*, omp_nthreads: int = 1, name: str = "dti_wf") -> Workflow:
         Scalar maps of the tensors and the fitted b = 0 signal.
     mask_file
         Brain mask (the input's, or median_otsu's).
+    metadata
+        The tensor sidecar's run-time fields (``NumericalGuards``: counts of fitted voxels
+        made finite and of non-positive-definite tensors).
     """
     workflow = Workflow(name=name)
     workflow.__desc__ = """\
@@ -179,11 +182,11 @@ mask was estimated with DIPY's `median_otsu` on the mean b=0 image.
     inputnode = pe.Node(
         niu.IdentityInterface(fields=["dwi_file", "bval_file", "bvec_file", "mask_file"]), name="inputnode"
     )
-    outputnode = pe.Node(niu.IdentityInterface(fields=DTI_OUTPUTS), name="outputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=[*DTI_OUTPUTS, "metadata"]), name="outputnode")
     fit_dti = pe.Node(FitDTI(), name="fit_dti", n_procs=omp_nthreads)
     workflow.connect([
         (inputnode, fit_dti, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"),
                               ("bvec_file", "bvec_file"), ("mask_file", "mask_file")]),
-        (fit_dti, outputnode, [(out, out) for out in DTI_OUTPUTS]),
+        (fit_dti, outputnode, [(out, out) for out in [*DTI_OUTPUTS, "metadata"]]),
     ])  # fmt:skip
     return workflow

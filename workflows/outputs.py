@@ -84,6 +84,8 @@ def init_outputs_wf(*, output_dir: str, name: str = "outputs_wf") -> Workflow:
         ``init_sr_wf``'s outputs.
     sr_sd_intrinsic_file, sr_sd_parameter_file, sr_sd_total_file
         ``init_sr_wf``'s uncertainty maps; undefined where the model lacks that part.
+    metadata
+        ``init_dti_wf``'s run-time fields of the native tensor's sidecar.
     sr_metadata
         ``init_sr_wf``'s provenance (model sha256, variant, r, samples, seed, device).
     upsample
@@ -97,7 +99,7 @@ def init_outputs_wf(*, output_dir: str, name: str = "outputs_wf") -> Workflow:
     workflow = Workflow(name=name)
     fields = [*NATIVE_DERIVATIVES, *SR_DERIVATIVES]
     inputnode = pe.Node(
-        niu.IdentityInterface(fields=["source_file", *fields, "sr_metadata", "upsample"]), name="inputnode"
+        niu.IdentityInterface(fields=["source_file", *fields, "metadata", "sr_metadata", "upsample"]), name="inputnode"
     )
     outputnode = pe.Node(niu.IdentityInterface(fields=fields), name="outputnode")
     # Sources of the super-resolved maps: the native tensor and mask as written.
@@ -108,6 +110,8 @@ def init_outputs_wf(*, output_dir: str, name: str = "outputs_wf") -> Workflow:
         meta, sink = _sink_nodes(field, entities, sidecar, output_dir, optional=False)
         connections += _sink_connections(inputnode, outputnode, field, meta, sink)
         connections.append((inputnode, meta, [("source_file", "raw_sources")]))
+        if field == "tensor_file":
+            connections.append((inputnode, meta, [("metadata", "provenance")]))
         if field in ("tensor_file", "mask_file"):
             connections.append((sink, native_sources, [("out_file", "in1" if field == "tensor_file" else "in2")]))
     for field, (entities, sidecar, optional) in SR_DERIVATIVES.items():

@@ -134,12 +134,18 @@ def read_card(path: str | os.PathLike) -> dict[str, Any]:
     return card
 
 
-def load_model(
-    path: str | os.PathLike, device: str | torch.device = "cpu", expect_r: int | None = None
-) -> tuple[IQTNet, dict[str, Any]]:
-    """Load a model for inference (``eval()`` mode) after checking it against its card."""
+def check_model_file(path: str | os.PathLike, expect_r: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every check of a model file without running the network: the card, the weights'
+    sha256, safetensors (never a pickle), each tensor's name and shape, finite values and the
+    calibration. Returns ``(card, state)`` with the tensors as NumPy arrays.
+
+    No PyTorch computation happens here (the network is built on the ``meta`` device), so a
+    parent process may call it before forking workers: PyTorch's thread pool does not survive
+    a fork.
+    """
+    import numpy as np
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.numpy import load_file
 
     weights, card_path = model_paths(path)
     card = read_card(path)
@@ -154,18 +160,32 @@ def load_model(
     if sha256(weights) != card["weights"]["sha256"]:
         raise ModelFileError(f"{weights}: checksum differs from the card's (corrupt, truncated or mismatched file); re-download the model")
     try:
-        state = load_file(str(weights), device="cpu")
+        state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{weights}: not a readable safetensors file ({exc})") from None
-    model = IQTNet(card["variant"], card["upsample"], card.get("widths", WIDTHS), card.get("kernels", KERNELS))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with torch.device("meta"):
+        shapes = IQTNet(card["variant"], card["upsample"], card.get("widths", WIDTHS), card.get("kernels", KERNELS))
+    expected = {k: tuple(v.shape) for k, v in shapes.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:
         diff = sorted(set(expected.items()) ^ set(found.items()))[:3]
         raise ModelFileError(f"{weights}: tensors do not match a {card['variant']} r={card['upsample']} network (e.g. {diff}); the card and weights belong to different models")
-    model.load_state_dict(state)
+    broken = next((k for k, v in state.items() if not np.all(np.isfinite(v))), None)
+    if broken is not None:
+        raise ModelFileError(f"{weights}: the weights hold NaN or Inf (tensor {broken}); the training diverged, use another model")
+    scale = card.get("calibration", {}).get("variance_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise ModelFileError(f"{card_path}: calibration.variance_scale must be a positive number; fix or remove it")
+    return card, state
+
+
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", expect_r: int | None = None
+) -> tuple[IQTNet, dict[str, Any]]:
+    """Load a model for inference (``eval()`` mode) after :func:`check_model_file`."""
+    card, state = check_model_file(path, expect_r)
+    model = IQTNet(card["variant"], card["upsample"], card.get("widths", WIDTHS), card.get("kernels", KERNELS))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     model.target = card.get("target", "hr")
     model.variance_scale = float(card.get("calibration", {}).get("variance_scale", 1.0))
-    if not (math.isfinite(model.variance_scale) and model.variance_scale > 0):
-        raise ModelFileError(f"{card_path}: calibration.variance_scale must be a positive number; fix or remove it")
     return model.to(device).eval(), card

@@ -1,0 +1,117 @@
+"""Interrupted runs: ``iqt-pipe participant`` killed with SIGKILL (no chance to clean up) at
+several points, then rerun with the same work folder, completes, reuses the work finished
+before the kill, never leaves a partial file in the output folder, and writes outputs equal,
+byte for byte, to those of an uninterrupted run (same inputs, seed and device: determinism).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nb
+import pytest
+import torch
+
+from iqt_pipe.models import IQTNet, save_model
+from iqt_pipe.phantom import write_bids_dataset
+
+FAST = ["--denoise", "dipy", "--no-degibbs", "--mc-samples", "2", "--nprocs", "2", "--omp-nthreads", "1",
+        "--skip-bids-validation", "--seed", "7"]
+SUB = "iqt_wf/sub_01_wf"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    root = write_bids_dataset(tmp / "ds", n_subjects=1, preset="tiny", seed=5, snr=30)
+    torch.manual_seed(0)
+    save_model(IQTNet("hetero-var2", 2), tmp / "model" / "model.safetensors", {"target": "residual-cubic"})
+    return root, tmp / "model"
+
+
+def _command(data, out: Path, work: Path) -> list[str]:
+    root, model = data
+    return [sys.executable, "-m", "iqt_pipe.cli.run", str(root), str(out), "participant", "--model", str(model),
+            "-w", str(work), *FAST]
+
+
+def _digests(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("sub-*/dwi/*"))}
+
+
+def _run_until(cmd: list[str], ready, timeout: float = 600) -> bool:
+    """Start ``cmd`` in its own process group; SIGKILL the whole group (MultiProc workers
+    included) as soon as ``ready()`` holds. Returns whether it was killed before finishing."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if ready():
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return False
+
+
+def _assert_no_partial_files(out: Path) -> None:
+    """Every file in the output folder is whole: NIfTI decompress to the end, JSON parses,
+    and no temporary file is left beside them."""
+    for path in out.rglob("*"):
+        if not path.is_file():
+            continue
+        assert ".tmp" not in path.name, f"temporary file left behind: {path}"
+        if path.name.endswith(".nii.gz"):
+            nb.load(path).get_fdata()
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+
+
+def _result(work: Path, node: str) -> Path:
+    return next((work / SUB).glob(f"*/{node}/result_{node}.pklz"))
+
+
+@pytest.mark.slow
+def test_sigkill_at_several_points_then_resume(data, tmp_path):
+    reference = tmp_path / "ref"
+    subprocess.run(_command(data, reference / "out", reference / "work"), check=True, capture_output=True, timeout=600)
+    expected = _digests(reference / "out")
+    assert len(expected) >= 20
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = _command(data, out, work)
+    nodes = work / SUB
+    points = {
+        # while the denoising node runs (nothing finished downstream)
+        "preprocessing": lambda: any(nodes.glob("*/denoise_mppca/_report")),
+        # the DTI fit finished, the super-resolution node started
+        "super-resolution": lambda: any(nodes.glob("*/super_resolve/_report")),
+        # some derivatives written, others not yet
+        "writing outputs": lambda: (out / "sub-01" / "dwi").is_dir() and any((out / "sub-01" / "dwi").iterdir()),
+    }
+    killed_at = []
+    for name, ready in points.items():
+        if _run_until(cmd, ready):
+            killed_at.append(name)
+        _assert_no_partial_files(out)
+    assert {"preprocessing", "super-resolution"} <= set(killed_at), killed_at
+    fit = _result(work, "fit_dti")
+    stamp = fit.stat().st_mtime_ns
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert fit.stat().st_mtime_ns == stamp, "the DTI fit finished before the kill ran again"
+    _assert_no_partial_files(out)
+    assert _digests(out) == expected
