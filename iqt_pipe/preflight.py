@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nb
@@ -29,23 +28,16 @@ MIN_VOXELS_PER_AXIS = 8
 #: Largest ratio of the largest to the smallest voxel edge accepted: the network was trained
 #: on grids up to 2.5 × 2.5 × 4.2 mm (ratio 1.7); thicker slices need reslicing first.
 MAX_ANISOTROPY = 2.0
+#: Above this ratio a usable run gets a warning.
+WARN_ANISOTROPY = 1.5
 #: Largest |cos| between two voxel axes (about 0.6°): beyond it the grid is sheared, and the
 #: voxel → world map is no rotation that tensors and gradient directions could follow.
 MAX_SHEAR_COS = 1e-2
 #: Memory a participant run needs besides the super-resolution's arrays (Python, PyTorch,
 #: Nipype, one DWI series), MB.
 BASE_MEMORY_MB = 600
-
-
-@dataclass
-class RunCheck:
-    """What :func:`check_run` found about one usable run."""
-
-    run: DWIRun
-    shape: tuple[int, ...]
-    zooms: tuple[float, float, float]
-    memory_mb: int
-    warnings: list[str] = field(default_factory=list)
+#: The network's working memory (tiles in flight): at least this, at most the default, MB.
+MIN_TILE_MB, DEFAULT_TILE_MB = 64, 1024
 
 
 def _header(path: Path):
@@ -96,8 +88,9 @@ def check_geometry(path: Path, img) -> tuple[float, float, float]:
 
 def check_data(path: Path, img) -> None:
     """Read the voxels to the end: truncated files, NaN/Inf, empty volumes."""
-    try:
-        data = np.asanyarray(img.dataobj)
+    try:  # unscaled: an int16 series stays int16 (zeros and NaN do not depend on the scaling)
+        proxy = img.dataobj
+        data = np.asanyarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise InputError(f"{path}: the voxel data cannot be read ({exc.__class__.__name__}: {str(exc)[:80]}); "
                          "the file is truncated or corrupt, re-export or re-download it") from None
@@ -116,7 +109,7 @@ def check_data(path: Path, img) -> None:
                          "and their .bval/.bvec entries, or re-export the series")
 
 
-def memory_needed_mb(shape: tuple[int, ...], r: int, mc_samples: int = 1) -> int:
+def memory_needed_mb(shape: tuple[int, ...], r: int) -> int:
     """Peak memory (MB) of one participant run's super-resolution: the HR grid's float32
     outputs and running statistics (mean, intrinsic and parameter variance: 18 channels;
     FA/MD sums and squares in float64; the written maps), the native series, and the rest."""
@@ -126,8 +119,17 @@ def memory_needed_mb(shape: tuple[int, ...], r: int, mc_samples: int = 1) -> int
     return int(math.ceil((n_hr * per_hr_voxel + series) / 2**20)) + BASE_MEMORY_MB
 
 
+def tile_budget_mb(shape: tuple[int, ...], r: int, mem_mb: int | None) -> int:
+    """Memory for the network's tiles: what ``--mem-mb`` leaves after the run's arrays
+    (:func:`memory_needed_mb`), at most ``DEFAULT_TILE_MB``, at least ``MIN_TILE_MB``."""
+    if mem_mb is None:
+        return DEFAULT_TILE_MB
+    return int(max(MIN_TILE_MB, min(DEFAULT_TILE_MB, mem_mb - memory_needed_mb(shape, r))))
+
+
 def check_memory(path: Path, needed_mb: int, mem_mb: int | None) -> None:
     """Refuse a run that cannot fit ``--mem-mb`` (or, without it, the machine's memory)."""
+    needed_mb += MIN_TILE_MB
     if mem_mb is not None:
         if needed_mb > mem_mb:
             raise InputError(f"{path}: super-resolving this series needs about {needed_mb} MB but --mem-mb is "
@@ -146,8 +148,9 @@ def _machine_memory_mb() -> int | None:
         return None
 
 
-def check_run(run: DWIRun, *, upsample: int, mem_mb: int | None = None, mc_samples: int = 1) -> RunCheck:
-    """Every check of one run; raises :class:`InputError` (one line) at the first problem."""
+def check_run(run: DWIRun, *, upsample: int, mem_mb: int | None = None) -> list[str]:
+    """Every check of one run; raises :class:`InputError` (one line) at the first problem.
+    Returns warnings (one line each) about a usable run."""
     path = Path(run.dwi)
     img = _header(path)
     shape = tuple(int(n) for n in img.shape)
@@ -155,14 +158,10 @@ def check_run(run: DWIRun, *, upsample: int, mem_mb: int | None = None, mc_sampl
     gtab = read_gradients(run.bval, run.bvec, n_volumes=shape[3])
     select_dti_volumes(gtab, str(run.bval))
     check_data(path, img)
-    needed = memory_needed_mb(shape, upsample, mc_samples)
-    check_memory(path, needed, mem_mb)
-    warnings = []
-    ratio = max(zooms) / min(zooms)
-    if ratio > 1.5:
-        warnings.append(f"{path}: anisotropic voxels ({_mm(zooms)}); super-resolution is less accurate along "
-                        "the thick axis")
-    return RunCheck(run=run, shape=shape, zooms=zooms, memory_mb=needed, warnings=warnings)
+    check_memory(path, memory_needed_mb(shape, upsample), mem_mb)
+    if max(zooms) / min(zooms) > WARN_ANISOTROPY:
+        return [f"{path}: anisotropic voxels ({_mm(zooms)}); super-resolution is less accurate along the thick axis"]
+    return []
 
 
 def _mm(zooms) -> str:

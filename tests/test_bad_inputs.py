@@ -329,3 +329,24 @@ def test_one_bad_run_among_good_ones_is_named_and_the_others_finish(tmp_path):
     assert "1 run(s) refused" in proc.stderr
     assert (tmp_path / "out/sub-01/dwi/sub-01_res-hi_model-tensor_param-tensor_dwimap.nii.gz").exists()
     assert not (tmp_path / "out/sub-02").exists()
+
+
+def test_memory_estimate_and_tile_budget_honour_mem_mb(pristine, tmp_path):
+    """--mem-mb covers the run's arrays plus the network's tiles: a limit just large enough
+    passes and leaves MIN_TILE_MB for the tiles, one MB less is refused."""
+    from iqt_pipe.bids import find_dwi_runs
+    from iqt_pipe.preflight import MIN_TILE_MB, DEFAULT_TILE_MB, check_run, memory_needed_mb, tile_budget_mb
+
+    root, _ = pristine
+    run = find_dwi_runs(root)[0]
+    shape = nb.load(run.dwi).shape
+    needed = memory_needed_mb(shape, 2)
+    assert memory_needed_mb(shape, 3) > needed  # 27 vs 8 HR voxels per native voxel
+    check_run(run, upsample=2, mem_mb=needed + MIN_TILE_MB)
+    assert tile_budget_mb(shape, 2, needed + MIN_TILE_MB) == MIN_TILE_MB
+    assert tile_budget_mb(shape, 2, needed + 300) == 300
+    assert tile_budget_mb(shape, 2, None) == tile_budget_mb(shape, 2, 10**6) == DEFAULT_TILE_MB
+    from iqt_pipe.io import InputError
+
+    with pytest.raises(InputError, match=f"at least {needed + MIN_TILE_MB}"):
+        check_run(run, upsample=2, mem_mb=needed + MIN_TILE_MB - 1)
