@@ -60,7 +60,10 @@ def init_single_subject_wf(
 
     Runs are independent branches: one failing run does not stop the others.
     """
+    import nibabel as nb
+
     from iqt_pipe.inference import resolve_device
+    from iqt_pipe.preflight import tile_budget_mb
 
     workflow = Workflow(name=name or f"sub_{subject}_wf")
     workflow.__desc__ = f"""
@@ -73,7 +76,6 @@ Many internal operations of iqt-pipe use DIPY [@dipy] and PyTorch; the methods o
 super-resolution follow @tanno2017 and @tanno2021.
 """
     use_gpu = resolve_device(config.device).type == "cuda"
-    mem_mb = config.mem_mb or 1024
     for run in runs:
         tag = _node_name(run)
         inputnode = pe.Node(niu.IdentityInterface(fields=["dwi_file", "bval_file", "bvec_file"]), name=f"{tag}_inputs")
@@ -84,7 +86,8 @@ super-resolution follow @tanno2017 and @tanno2021.
                                          omp_nthreads=config.omp_nthreads, name=f"{tag}_preproc_wf")
         dti_wf = init_dti_wf(omp_nthreads=config.omp_nthreads, name=f"{tag}_dti_wf")
         sr_wf = init_sr_wf(model=str(config.model), mc_samples=config.mc_samples, seed=config.seed,
-                           use_gpu=use_gpu, omp_nthreads=config.omp_nthreads, mem_mb=mem_mb,
+                           use_gpu=use_gpu, omp_nthreads=config.omp_nthreads,
+                           mem_mb=tile_budget_mb(nb.load(run.dwi).shape, config.model_upsample or 2, config.mem_mb),
                            name=f"{tag}_sr_wf")
         outputs_wf = init_outputs_wf(output_dir=str(config.output_dir), name=f"{tag}_outputs_wf")
         outputs_wf.inputs.inputnode.source_file = str(run.dwi)
