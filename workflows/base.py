@@ -63,7 +63,7 @@ def init_single_subject_wf(
     import nibabel as nb
 
     from iqt_pipe.inference import resolve_device
-    from iqt_pipe.preflight import tile_budget_mb
+    from iqt_pipe.preflight import memory_needed_mb, tile_budget_mb
 
     workflow = Workflow(name=name or f"sub_{subject}_wf")
     workflow.__desc__ = f"""
@@ -85,10 +85,11 @@ super-resolution follow @tanno2017 and @tanno2021.
         preproc_wf = init_dwi_preproc_wf(denoise=config.denoise, degibbs=config.degibbs,
                                          omp_nthreads=config.omp_nthreads, name=f"{tag}_preproc_wf")
         dti_wf = init_dti_wf(omp_nthreads=config.omp_nthreads, name=f"{tag}_dti_wf")
+        shape, r = nb.load(run.dwi).shape, config.model_upsample or 2
+        tiles_mb = tile_budget_mb(shape, r, config.mem_mb)
         sr_wf = init_sr_wf(model=str(config.model), mc_samples=config.mc_samples, seed=config.seed,
-                           use_gpu=use_gpu, omp_nthreads=config.omp_nthreads,
-                           mem_mb=tile_budget_mb(nb.load(run.dwi).shape, config.model_upsample or 2, config.mem_mb),
-                           name=f"{tag}_sr_wf")
+                           use_gpu=use_gpu, omp_nthreads=config.omp_nthreads, mem_mb=tiles_mb,
+                           mem_gb=(tiles_mb + memory_needed_mb(shape, r)) / 1024, name=f"{tag}_sr_wf")
         outputs_wf = init_outputs_wf(output_dir=str(config.output_dir), name=f"{tag}_outputs_wf")
         outputs_wf.inputs.inputnode.source_file = str(run.dwi)
         outputs_wf.inputs.inputnode.upsample = config.model_upsample

@@ -23,6 +23,7 @@ def init_sr_wf(
     use_gpu: bool = False,
     omp_nthreads: int = 1,
     mem_mb: float = 1024,
+    mem_gb: float | None = None,
     name: str = "sr_wf",
 ) -> Workflow:
     """Bayesian super-resolution of a tensor image, with its uncertainty maps.
@@ -49,6 +50,11 @@ def init_sr_wf(
         Run on CUDA; the node then takes one of MultiProc's GPU slots.
     omp_nthreads
         CPU threads of the super-resolution node.
+    mem_mb
+        Memory for the network's tiles in flight (MB).
+    mem_gb
+        The node's whole memory use for Nipype's scheduler (GB; default: the tiles plus 1 GB
+        for the arrays of the super-resolved grid).
 
     Inputs
     ------
@@ -83,7 +89,7 @@ means and standard deviations from samples of the predictive distribution.
                      use_gpu=use_gpu, num_threads=omp_nthreads, mem_mb=mem_mb),
         name="super_resolve",
         n_procs=omp_nthreads,
-        mem_gb=max(mem_mb, 512) / 1024 + 1,
+        mem_gb=mem_gb if mem_gb is not None else max(mem_mb, 512) / 1024 + 1,
     )
     workflow.connect([
         (inputnode, super_resolve, [("tensor_file", "tensor_file"), ("mask_file", "mask_file")]),
