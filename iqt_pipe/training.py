@@ -38,6 +38,12 @@ process group (gloo on CPU, nccl on CUDA), the model is wrapped in DistributedDa
 the training set is sharded by ``DistributedSampler`` (each process takes
 ceil(batch_size / world_size) pairs per step), rank 0 builds the patch cache while the others
 wait, validation sums are all-reduced, and only rank 0 writes files, logs or progress bars.
+Every rank draws the same seeded permutation of an epoch and takes every world_size-th pair,
+so step k's pairs over all ranks are the single-process batch k, mirrored the same way (the
+codes are looked up by pair); with ``batch_size`` divisible by the world size and no padding
+by the sampler, W processes follow a one-process run to floating-point rounding. Variational
+weight noise is drawn per process (``seed, epoch, rank``): equal in distribution only
+(tests/test_ddp.py).
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Example::
 
     iqt-train /data/hcp -o models/hetero-var2 --participant-label 01 02 --epochs 20
     torchrun --nproc_per_node 4 -m iqt_pipe.cli.train /data/hcp -o models/x   # data-parallel
+    # several nodes: the same command on each, meeting at node01 (OUT_DIR on a shared disk)
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-id x --rdzv-backend c10d \
+        --rdzv-endpoint node01:29500 -m iqt_pipe.cli.train /data/hcp -o /shared/models/x --device cuda
 
 Each run is degraded by the IQT protocol (block averaging by r, DTI fitted at both
 resolutions), a patch library is sampled (cached in OUT_DIR/cache, or --cache-dir), and the
