@@ -74,6 +74,7 @@ class RunConfig:
     stop_on_first_crash: bool = False
     write_graph: bool = False
     boilerplate_only: bool = False
+    reports_only: bool = False
     verbose: int = 0
     version: str = __version__
     run_uuid: str = field(default_factory=new_run_uuid)
@@ -98,7 +99,7 @@ class RunConfig:
             nprocs=args.nprocs, omp_nthreads=args.omp_nthreads, mem_mb=args.mem_mb,
             use_plugin=args.use_plugin, plugin=args.plugin, plugin_args=dict(args.plugin_args),
             stop_on_first_crash=args.stop_on_first_crash, write_graph=args.write_graph,
-            boilerplate_only=args.boilerplate_only, verbose=args.verbose,
+            boilerplate_only=args.boilerplate_only, reports_only=args.reports_only, verbose=args.verbose,
         )
 
     # -- TOML ---------------------------------------------------------------------------------
@@ -222,7 +223,8 @@ class RunConfig:
         rows.append(("work dir", f"{self.work_dir} ({resumes})"))
         flags = [text for on, text in ((self.stop_on_first_crash, "stop on first crash"),
                                        (self.write_graph, "write workflow graphs"),
-                                       (self.boilerplate_only, "boilerplate only: methods text, then stop"))
+                                       (self.boilerplate_only, "boilerplate only: methods text, then stop"),
+                                       (self.reports_only, "reports only: rebuild the visual reports from the outputs"))
                  if on]
         if flags:
             rows.append(("options", ", ".join(flags)))
@@ -243,7 +245,8 @@ _KINDS = {
     "tractography": "str", "seed_density": "float", "max_uncertainty": "float?", "uncertainty_action": "str",
     "nprocs": "int", "omp_nthreads": "int", "mem_mb": "int?",
     "use_plugin": "path?", "plugin": "str", "plugin_args": "json",
-    "stop_on_first_crash": "bool", "write_graph": "bool", "boilerplate_only": "bool", "verbose": "int",
+    "stop_on_first_crash": "bool", "write_graph": "bool", "boilerplate_only": "bool", "reports_only": "bool",
+    "verbose": "int",
     "version": "str", "run_uuid": "str",
 }
 assert set(_KINDS) == {f.name for f in dataclasses.fields(RunConfig)}

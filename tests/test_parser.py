@@ -321,3 +321,15 @@ def test_summary_mentions_key_settings(here):
         assert piece in text, piece
     assert re.search(r"^  tractography +dipy$", text, re.M)
     assert "sessions" in text and "all" in RunConfig.from_args(parse_args(base())).summary()
+
+
+def test_reports_only(here, tmp_path, capsys):
+    args = parse_args(base("--reports-only", model=False))
+    assert args.reports_only and args.model is None  # rebuilding reports needs no model
+    assert not parse_args(base()).reports_only
+    config = RunConfig.from_args(args)
+    assert config.reports_only and "reports only: rebuild the visual reports" in config.summary()
+    assert RunConfig.from_toml(config.to_toml(tmp_path / "c.toml")) == config
+    err = refused(base("--reports-only", "--boilerplate-only"), capsys)
+    assert "--reports-only and --boilerplate-only exclude each other" in err
+    assert parse_args(base("--reports-only", level="group", model=False)).reports_only

@@ -809,7 +809,9 @@ def _tract_files(sub: str, software: tuple[str, ...]) -> list[str]:
                 stem = f"{sub}/dwi/{sub}_{res}model-tensor_track-{sw}{alg}"
                 files += [f"{stem}_tractogram.{ext}" for ext in ("json", "tck", "trk", "tsv")]
                 files += [f"{stem}_tdi.{ext}" for ext in ("json", "nii.gz")]
-    return files + [f"{sub}/dwi/{sub}_model-tensor_desc-summary_tractogram.{ext}" for ext in ("json", "tsv")]
+    figures = [f"{sub}/figures/{sub}_desc-{sw}{alg}_dwi.png" for sw in software for alg in ("det", "prob")]  # report
+    return files + [f"{sub}/dwi/{sub}_model-tensor_desc-summary_tractogram.{ext}" for ext in ("json", "tsv")] + \
+        figures + [f"{sub}/figures/{sub}_desc-tracts_dwi.html"]
 
 
 def _tree(out: Path) -> list[str]:

@@ -127,6 +127,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--write-graph", action="store_true", help="write the workflow graphs into the work folder")
     g.add_argument("--boilerplate-only", action="store_true",
                    help="write the methods text (logs/CITATION.md) and stop")
+    g.add_argument("--reports-only", action="store_true",
+                   help="only rebuild the visual reports (sub-<label>.html; group.html at the group level) "
+                        "from the outputs already in output_dir, without processing")
 
     p.add_argument("-v", "--verbose", action="count", default=0, help="more messages; tracebacks on errors")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -153,7 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.bids_filters = _read_bids_filters(parser, args.bids_filter_file) if args.bids_filter_file else None
     args.plugin, args.plugin_args = _read_plugin(parser, args.use_plugin) if args.use_plugin else ("MultiProc", {})
     _settle_resources(parser, args)
-    if args.model is None and args.analysis_level == "participant":
+    _check_reports_only(parser, args)
+    if args.model is None and args.analysis_level == "participant" and not args.reports_only:
         from iqt_pipe.models import ModelFileError
         from iqt_pipe.models.files import bundled_model
 
@@ -218,6 +222,21 @@ def _check_output_dir(parser, output_dir: Path, bids_dir: Path) -> None:
                           f"or below its derivatives/ (suggestion: {suggestion})")
     if output_dir.exists() and not output_dir.is_dir():
         _fail(parser, f"output_dir {output_dir} exists and is not a folder; choose another output folder")
+    _check_writable(parser, output_dir, "output_dir")
+
+
+def _check_writable(parser, folder: Path, what: str) -> None:
+    """Create (and remove) a folder in ``folder`` or its nearest existing parent: permission
+    bits say too little (root ignores them; read-only mounts and quotas do not)."""
+    import tempfile
+
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".iqt-pipe-probe.", dir=probe))
+    except OSError as exc:
+        _fail(parser, f"{what} {folder}: cannot write there ({exc.strerror or exc}); choose a folder you can write to")
 
 
 def _check_work_dir(parser, work_dir: Path, bids_dir: Path, output_dir: Path) -> None:
@@ -232,6 +251,7 @@ def _check_work_dir(parser, work_dir: Path, bids_dir: Path, output_dir: Path) ->
                       f"the derivatives (suggestion: -w {suggestion})")
     if work_dir.exists() and not work_dir.is_dir():
         _fail(parser, f"the work folder {work_dir} exists and is not a folder; choose another with -w")
+    _check_writable(parser, work_dir, "the work folder")
 
 
 def _read_file(parser, path: Path, flag: str) -> str:
@@ -337,7 +357,7 @@ def _check_model(parser, model: Path | None) -> dict | None:
     if not model.exists():
         _fail(parser, f"--model {model}: no such file or folder")
     from iqt_pipe.models import ModelFileError, read_card
-    from iqt_pipe.models.files import model_paths
+    from iqt_pipe.models.files import check_model_file, model_paths
 
     try:
         card = read_card(model)
@@ -346,6 +366,10 @@ def _check_model(parser, model: Path | None) -> dict | None:
     weights = model_paths(model)[0]
     if not weights.is_file():
         _fail(parser, f"--model: {weights}: weights file not found beside its card {model_paths(model)[1].name}")
+    try:  # the weights too (checksum, safetensors, shapes, finite), before any work starts
+        check_model_file(model)
+    except ModelFileError as exc:
+        _fail(parser, f"--model: {exc}")
     return card
 
 
@@ -366,6 +390,13 @@ def _check_tractography(parser, args: argparse.Namespace) -> None:
                else f"(variant {variant}) predicts uncertainty only with --mc-samples above 1")
         _fail(parser, f"--max-uncertainty: the model {args.model} {why}; use a hetero model, raise "
                       "--mc-samples for a variational one, or drop --max-uncertainty")
+
+
+def _check_reports_only(parser, args: argparse.Namespace) -> None:
+    """``--reports-only`` processes nothing, so it cannot go with ``--boilerplate-only``."""
+    if args.reports_only and args.boilerplate_only:
+        _fail(parser, "--reports-only and --boilerplate-only exclude each other: one rebuilds the reports of "
+                      "existing outputs, the other writes the methods text before processing; keep one")
 
 
 def _check_device(parser, device: str) -> None:

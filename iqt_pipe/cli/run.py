@@ -5,6 +5,9 @@ then the Nipype graph of :func:`iqt_pipe.workflows.init_iqt_wf`. The dataset-lev
 (``dataset_description.json``, ``.bidsignore``, ``logs/CITATION.*``) are written under a
 lock and only when absent or different, so job-array tasks sharing an output folder never
 clobber each other; each subject's log folder gets the run configuration and text crash files.
+Each processed subject then gets its visual report ``sub-<label>.html`` (also after a failed
+run), and ``group`` writes ``group.html``; ``--reports-only`` rebuilds them from existing outputs
+(:mod:`iqt_pipe.reports`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 from pathlib import Path
 
 from iqt_pipe import __version__
-from iqt_pipe.cli._common import EXIT_FAILED, EXIT_MISSING_EXECUTABLE, EXIT_OK, run_guarded
+from iqt_pipe.cli._common import EXIT_FAILED, EXIT_MISSING_EXECUTABLE, EXIT_OK, EXIT_USAGE, run_guarded
 from iqt_pipe.cli.parser import PROG, _build_parser, parse_args  # noqa: F401 - _build_parser for docs/tests
 from iqt_pipe.config import RunConfig
 from iqt_pipe.io import InputError, save_json, save_text
@@ -102,7 +105,8 @@ def write_dataset_files(config: RunConfig, methods: str) -> None:
     out = config.output_dir
     with output_lock(out):
         _write_if_changed(out / "dataset_description.json", json.dumps(description, indent=2) + "\n")
-        _write_if_changed(out / ".bidsignore", "*_dwimap.*\n*_tractogram.*\n*_tdi.*\n*.lock\nlogs/\n")
+        _write_if_changed(out / ".bidsignore",
+                          "*_dwimap.*\n*_tractogram.*\n*_tdi.*\n*.lock\nlogs/\nfigures/\n*.html\n")  # reports
         bib = files("iqt_pipe.data").joinpath("boilerplate.bib").read_text()
         _write_if_changed(out / "logs" / "CITATION.bib", bib)
         _write_if_changed(out / "logs" / "CITATION.md", "# Methods\n\n" + methods.strip() + "\n\n"
@@ -119,6 +123,7 @@ def participant(config: RunConfig) -> int:
         validate_bids(config.bids_dir)
     filters = (config.bids_filters or {}).get("dwi")
     runs = find_dwi_runs(config.bids_dir, config.participant_label, config.session_label, filters=filters)
+    runs, refused = preflight(config, runs)
     print(config.summary(runs=runs, device=str(resolve_device(config.device))), flush=True)
     workflow = init_iqt_wf(config=config, runs=runs)
     write_dataset_files(config, workflow.visit_desc())
@@ -147,9 +152,73 @@ def participant(config: RunConfig) -> int:
         crashes = sorted(config.output_dir.glob(f"sub-*/log/{config.run_uuid}/crash-*.txt"))
         print(f"{PROG}: some steps failed ({exc.__class__.__name__}); "
               f"{len(crashes)} crash report(s) under {config.output_dir}/sub-*/log/{config.run_uuid}/", file=sys.stderr)
+        write_reports(config, sorted({r.subject for r in runs}), run_uuid=config.run_uuid)
         return EXIT_FAILED
+    if not write_reports(config, sorted({r.subject for r in runs}), run_uuid=config.run_uuid):
+        return EXIT_FAILED
+    if refused:
+        print(f"{PROG}: {len(refused)} run(s) refused (see the errors above); the other {len(runs)} finished, "
+              f"derivatives in {config.output_dir}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"{PROG}: finished; derivatives in {config.output_dir}")
     return EXIT_OK
+
+
+def preflight(config: RunConfig, runs: list) -> tuple[list, list]:
+    """:func:`iqt_pipe.preflight.check_run` on every run before any work: each unusable run
+    is named on one line and left out; none usable (or --stop-on-first-crash) is an error."""
+    from iqt_pipe.preflight import check_run
+
+    usable, refused = [], []
+    for run in runs:
+        try:
+            warnings = check_run(run, upsample=config.model_upsample or 2, mem_mb=config.mem_mb)
+        except InputError as exc:
+            refused.append(run)
+            if len(runs) == 1 or config.stop_on_first_crash:
+                raise
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            continue
+        for warning in warnings:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        usable.append(run)
+    if not usable:
+        raise InputError(f"none of the {len(runs)} selected DWI runs is usable (see the errors above); fix them and rerun")
+    return usable, refused
+
+
+def write_reports(config: RunConfig, subjects: list[str], run_uuid: str | None = None) -> bool:
+    """``sub-<label>.html`` of each subject, built from its outputs (:mod:`iqt_pipe.reports`);
+    ``run_uuid``: the run whose logs they describe (default: each subject's latest). A report
+    that cannot be built, or a figure that cannot be drawn (the report shows why), is a warning
+    on stderr; returns whether all went well."""
+    from iqt_pipe.reports import build_subject_report_with_problems
+
+    ok = True
+    for subject in subjects:
+        try:
+            path, problems = build_subject_report_with_problems(config.output_dir, subject, run_uuid)
+        except Exception as exc:  # noqa: BLE001 - one subject's report must not hide the others'
+            print(f"{PROG}: warning: no report for sub-{subject}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+            ok = False
+            continue
+        for problem in problems:
+            print(f"{PROG}: warning: sub-{subject} report: {problem}", file=sys.stderr)
+        ok = ok and not problems
+        print(f"{PROG}: visual report {path}")
+    return ok
+
+
+def reports_only(config: RunConfig) -> int:
+    """``--reports-only``: rebuild the reports from the outputs already in the output folder
+    (subject reports at the participant level, ``group.html`` at the group level)."""
+    from iqt_pipe.reports import build_group_report, subjects_with_outputs
+
+    if config.analysis_level == "group":
+        print(f"{PROG}: group report {build_group_report(config.output_dir)}")
+        return EXIT_OK
+    subjects = subjects_with_outputs(config.output_dir, config.participant_label)
+    return EXIT_OK if write_reports(config, subjects) else EXIT_FAILED
 
 
 def derivatives_layout(output_dir: Path):
@@ -212,6 +281,13 @@ def group(config: RunConfig) -> int:
     tsv, summary = write_group_qc(group_table(rows), out / "group_qc.tsv", out / "group_qc.txt")
     print(summary.read_text(), end="")
     print(f"{PROG}: group QC of {len(rows)} run(s) written to {tsv}")
+    from iqt_pipe.reports import build_group_report
+
+    try:
+        print(f"{PROG}: group report {build_group_report(out)}")
+    except Exception as exc:  # noqa: BLE001 - the QC table is written; say what is missing
+        print(f"{PROG}: warning: no group report: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -221,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         try:
+            if config.reports_only:
+                return reports_only(config)
             return participant(config) if config.analysis_level == "participant" else group(config)
         except MissingExecutable as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
