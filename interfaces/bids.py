@@ -74,10 +74,11 @@ class DerivativesDataSink(_BaseDerivativesDataSink):
             move_atomic(path, dest)
             return str(dest)
 
-        if "out_meta" in self._results:
-            self._results["out_meta"] = moved(self._results["out_meta"])
+        # Data first, sidecar last: a kill in between never pairs a new sidecar with old data.
         files = self._results.get("out_file", [])
         self._results["out_file"] = moved(files) if isinstance(files, str) else [moved(f) for f in files]
+        if "out_meta" in self._results:
+            self._results["out_meta"] = moved(self._results["out_meta"])
         return runtime
 
 

@@ -333,7 +333,7 @@ def predict_volume(
         fa_sd = np.sqrt(np.maximum(arrays["fa2"] - arrays["fa"] ** 2, 0)).astype(np.float32)
         md_sd = np.sqrt(np.maximum(arrays["md2"] - arrays["md"] ** 2, 0)).astype(np.float32)
     else:
-        fa_sd = md_sd = zeros
+        fa_sd, md_sd = zeros, zeros.copy()  # separate: the guards write into each
     for key in ("mean", "var_int", "m2"):
         if key in arrays:
             arrays[key][~hr_mask] = 0
@@ -364,16 +364,18 @@ VAR_FLOOR, VAR_CAP = 1e-16, 1e-4
 
 
 def guard_outputs(arrays: dict[str, np.ndarray], fa_sd: np.ndarray, md_sd: np.ndarray, mask: np.ndarray) -> dict[str, int]:
-    """Make every output finite, in place, and count what needed it (for the sidecars).
+    """Make every output finite, in place, and count the voxels that needed it (for the sidecars).
 
     In the mask: a non-finite mean tensor (a numerical failure of the network) becomes zero
-    with its variances at ``VAR_CAP``; an intrinsic variance of 0 (infinite precision) is
-    raised to ``VAR_FLOOR``, an infinite one (zero precision) lowered to ``VAR_CAP``; non-finite
-    FA/MD moments become 0. Non-positive-definite mean tensors are counted, not changed: the
-    mean is the estimate (as DIPY and MRtrix3 write theirs); FA is clipped to [0, 1] and
-    tractography projects onto positive semi-definite tensors.
+    with every variance at ``VAR_CAP`` and FA/MD sd at their "nothing is known" values (FA
+    sd 0.5, MD sd √VAR_CAP), so no failed voxel reads as certain; an intrinsic variance of 0
+    (infinite precision) is raised to ``VAR_FLOOR``, an infinite one (zero precision) lowered
+    to ``VAR_CAP``; other non-finite FA/MD moments become 0 (means) or the same caps (sd).
+    Non-positive-definite mean tensors are counted, not changed: the mean is the estimate
+    (as DIPY and MRtrix3 write theirs); FA is clipped to [0, 1] and tractography projects
+    onto positive semi-definite tensors.
     """
-    from iqt_pipe.dti import to_matrix
+    from iqt_pipe.dti import not_positive_definite
 
     mean = arrays["mean"]
     bad_mean = ~np.all(np.isfinite(mean), axis=-1) & mask
@@ -392,18 +394,18 @@ def guard_outputs(arrays: dict[str, np.ndarray], fa_sd: np.ndarray, md_sd: np.nd
         if key in arrays:
             arrays[key][bad_mean] = VAR_CAP
             arrays[key][~np.isfinite(arrays[key])] = VAR_CAP
-    scalars = 0
-    for a in (arrays["fa"], arrays["md"], arrays.get("fa2"), arrays.get("md2"), fa_sd, md_sd):
-        if a is not None:
-            bad = ~np.isfinite(a)
-            scalars += int(bad.sum())
-            a[bad] = 0
-    counts["NonFiniteScalars"] = scalars
-    if mask.any():
-        evals = np.linalg.eigvalsh(to_matrix(mean[mask].astype(np.float64)))
-        counts["NonPositiveDefinite"] = int(np.sum(evals[:, 0] <= 0))
-    else:
-        counts["NonPositiveDefinite"] = 0
+    bad_scalars = np.zeros(mask.shape, bool)
+    for key in ("fa", "md", "fa2", "md2"):
+        if key in arrays:
+            bad = ~np.isfinite(arrays[key])
+            bad_scalars |= bad
+            arrays[key][bad] = 0
+    for sd, unknown in ((fa_sd, 0.5), (md_sd, math.sqrt(VAR_CAP))):
+        bad = ~np.isfinite(sd)
+        bad_scalars |= bad
+        sd[bad | bad_mean] = unknown
+    counts["NonFiniteScalars"] = int((bad_scalars & ~bad_mean).sum())
+    counts["NonPositiveDefinite"] = int(not_positive_definite(mean[mask & ~bad_mean]).sum())
     return counts
 
 

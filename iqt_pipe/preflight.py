@@ -37,7 +37,9 @@ MAX_SHEAR_COS = 1e-2
 #: Nipype, one DWI series), MB.
 BASE_MEMORY_MB = 600
 #: The network's working memory (tiles in flight): at least this, at most the default, MB.
-MIN_TILE_MB, DEFAULT_TILE_MB = 64, 1024
+#: 128 MB always holds one 16³ CPU tile (65 MB with 32 FA/MD samples), so on a CPU the
+#: tiling, and with it the FA/MD samples, never depends on --mem-mb.
+MIN_TILE_MB, DEFAULT_TILE_MB = 128, 1024
 
 
 def _header(path: Path):
@@ -94,18 +96,25 @@ def check_data(path: Path, img) -> None:
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise InputError(f"{path}: the voxel data cannot be read ({exc.__class__.__name__}: {str(exc)[:80]}); "
                          "the file is truncated or corrupt, re-export or re-download it") from None
-    if np.issubdtype(data.dtype, np.floating):
-        bad = ~np.isfinite(data)
-        if bad.any():
-            first = np.unravel_index(int(np.flatnonzero(bad)[0]), data.shape)
-            raise InputError(f"{path}: {int(bad.sum())} voxel values are NaN or Inf (first at {tuple(map(int, first))}); "
-                             "replace them with 0 (e.g. fslmaths in -nan out) or fix the step that made them")
-    flat = data.reshape(-1, data.shape[-1])
-    empty = np.flatnonzero(~np.any(flat != 0, axis=0))
-    if empty.size == flat.shape[1]:
+    # Volume by volume: the temporaries stay one volume large.
+    floating = np.issubdtype(data.dtype, np.floating)
+    n_bad, first, empty = 0, None, []
+    for k in range(data.shape[-1]):
+        volume = data[..., k]
+        if floating:
+            bad = ~np.isfinite(volume)
+            if bad.any():
+                n_bad += int(bad.sum())
+                first = first or (*np.unravel_index(int(np.flatnonzero(bad)[0]), volume.shape), k)
+        if not np.any(volume):
+            empty.append(k)
+    if n_bad:
+        raise InputError(f"{path}: {n_bad} voxel values are NaN or Inf (first at {tuple(map(int, first))}); "
+                         "replace them with 0 (e.g. fslmaths in -nan out) or fix the step that made them")
+    if len(empty) == data.shape[-1]:
         raise InputError(f"{path}: every voxel is zero; the image holds no data, re-export it")
-    if empty.size:
-        raise InputError(f"{path}: volume {int(empty[0])} is all zero ({empty.size} such volume(s)); remove them "
+    if empty:
+        raise InputError(f"{path}: volume {empty[0]} is all zero ({len(empty)} such volume(s)); remove them "
                          "and their .bval/.bvec entries, or re-export the series")
 
 

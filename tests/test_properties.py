@@ -16,6 +16,7 @@ from iqt_pipe.dti import (
     eig,
     fractional_anisotropy,
     mean_diffusivity,
+    not_positive_definite,
     project_psd,
     tensors_from_eig,
     tensors_voxel_to_world,
@@ -121,6 +122,9 @@ def test_frames_round_trip_and_invariants(world, affine):
 @SETTINGS
 @given(d=arrays(np.float64, (20, 6), elements=st.floats(-3e-3, 3e-3)), floor=st.floats(0, 1e-4))
 def test_psd_projection(d, floor):
+    evals = np.linalg.eigvalsh(to_matrix(d))
+    clear = np.abs(evals[:, 0]) > 1e-9  # Sylvester's test agrees with the eigenvalues away from 0
+    np.testing.assert_array_equal(not_positive_definite(d)[clear], (evals[:, 0] <= 0)[clear])
     out, changed = project_psd(d, floor)
     evals = np.linalg.eigvalsh(to_matrix(out))
     assert np.all(evals >= floor - 1e-12)
@@ -160,6 +164,7 @@ def test_numerical_guards_leave_only_finite_values_and_count_them(seed, n_nan, n
     arrays_["var_int"].reshape(-1, 6)[inf_at, 2] = np.inf
     arrays_["var_int"].reshape(-1, 6)[zero_at, 4] = 0
     fa_sd, md_sd = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    fa_sd.reshape(-1)[inf_at] = np.nan  # a non-finite sd where the tensor itself is fine
     counts = guard_outputs(arrays_, fa_sd, md_sd, mask)
     for a in (*arrays_.values(), fa_sd, md_sd):
         assert np.all(np.isfinite(a))
@@ -169,3 +174,7 @@ def test_numerical_guards_leave_only_finite_values_and_count_them(seed, n_nan, n
     var = arrays_["var_int"].reshape(-1, 6)
     assert np.all(var[zero_at, 4] == np.float32(VAR_FLOOR)) and np.all(var[inf_at, 2] == np.float32(VAR_CAP))
     assert np.all(arrays_["mean"].reshape(-1, 6)[nan_at] == 0)
+    # Failed voxels read as "nothing is known", never as certain; counts are per voxel.
+    assert np.all(fa_sd.reshape(-1)[nan_at] == 0.5) and np.all(md_sd.reshape(-1)[nan_at] == np.float32(VAR_CAP**0.5))
+    assert np.all(fa_sd.reshape(-1)[inf_at] == 0.5)
+    assert counts["NonFiniteScalars"] == n_inf

@@ -115,3 +115,42 @@ def test_sigkill_at_several_points_then_resume(data, tmp_path):
     assert fit.stat().st_mtime_ns == stamp, "the DTI fit finished before the kill ran again"
     _assert_no_partial_files(out)
     assert _digests(out) == expected
+
+
+def test_a_data_sink_that_fails_half_way_leaves_the_output_folder_untouched(tmp_path, monkeypatch):
+    """The sink writes in its own folder first: a copy that dies half-way (as under SIGKILL)
+    leaves the previous output as it was and no partial or temporary file beside it."""
+    import niworkflows.interfaces.bids as nw_bids
+    import numpy as np
+
+    from iqt_pipe.interfaces.bids import DerivativesDataSink
+
+    source = tmp_path / "ds" / "sub-01" / "dwi" / "sub-01_dwi.nii.gz"
+    source.parent.mkdir(parents=True)
+    nb.save(nb.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), source)
+
+    def sink(value: float):
+        image = tmp_path / f"fa{int(value)}.nii.gz"
+        nb.save(nb.Nifti1Image(np.full((4, 4, 4), value, np.float32), np.eye(4)), image)
+        node = DerivativesDataSink(base_directory=str(tmp_path / "out"), source_file=str(source), in_file=str(image),
+                                   model="tensor", param="fa", suffix="dwimap", check_hdr=False,
+                                   meta_dict={"Description": f"value {value}"})
+        cwd = tmp_path / f"node{int(value)}"
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)
+        return node.run()
+
+    result = sink(1.0)
+    dest = Path(result.outputs.out_file)
+    assert dest.parent == tmp_path / "out" / "sub-01" / "dwi" and nb.load(dest).get_fdata().max() == 1.0
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+
+    def dies_half_way(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(Path(src).read_bytes()[:40])
+        raise OSError("killed while copying")
+
+    monkeypatch.setattr(nw_bids, "_copy_any", dies_half_way)
+    with pytest.raises(OSError, match="killed while copying"):
+        sink(2.0)
+    after = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert after == before  # same files, same bytes: nothing partial, nothing temporary

@@ -206,9 +206,8 @@ def test_a_failing_node_job_is_reported_by_the_plugin(cluster, data, tmp_path):
 @pytest.mark.slurm
 def test_a_node_job_that_dies_fails_the_run(cluster, data, tmp_path):
     """A job killed by SLURM (cancelled here; a time or memory limit, preemption or a node
-    failure alike) leaves no result file: the run must end with a failure, not wait forever.
-    Nipype 1.11's batch plugins then fail while writing the crash file (nipy/nipype#3372),
-    so the message is Nipype's; the exit code is still 1."""
+    failure alike) leaves no result file: the run must end with a failure and a crash report
+    (iqt-pipe works around nipy/nipype#3372, where writing that report fails), not wait forever."""
     bids, model = data
     cancelled = []
 
@@ -223,6 +222,9 @@ def test_a_node_job_that_dies_fails_the_run(cluster, data, tmp_path):
     (record,) = cluster.jobs(cancelled[0])
     assert record["JobState"] == "CANCELLED"
     assert not list((tmp_path / "out").glob("sub-01/dwi/*res-hi*"))
+    assert "1 crash report(s)" in proc.stderr and "TypeError" not in proc.stderr, proc.stderr[-3000:]
+    (crash,) = (tmp_path / "out").glob("sub-01/log/*/crash-*.txt")
+    assert "could not be found" in crash.read_text()
 
 
 @pytest.mark.slurm

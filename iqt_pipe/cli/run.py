@@ -123,7 +123,9 @@ def participant(config: RunConfig) -> int:
         validate_bids(config.bids_dir)
     filters = (config.bids_filters or {}).get("dwi")
     runs = find_dwi_runs(config.bids_dir, config.participant_label, config.session_label, filters=filters)
-    runs, refused = preflight(config, runs)
+    refused = []
+    if not config.boilerplate_only:  # the methods text needs no data
+        runs, refused = preflight(config, runs)
     print(config.summary(runs=runs, device=str(resolve_device(config.device))), flush=True)
     workflow = init_iqt_wf(config=config, runs=runs)
     write_dataset_files(config, workflow.visit_desc())
@@ -147,21 +149,42 @@ def participant(config: RunConfig) -> int:
     if settings["plugin"] in ("MultiProc", "LegacyMultiProc"):
         settings["plugin_args"].setdefault("poll_sleep_duration", 0.2)
     try:
-        workflow.run(**settings)
+        workflow.run(plugin=plugin_instance(settings["plugin"], settings["plugin_args"]))
     except RuntimeError as exc:
         crashes = sorted(config.output_dir.glob(f"sub-*/log/{config.run_uuid}/crash-*.txt"))
         print(f"{PROG}: some steps failed ({exc.__class__.__name__}); "
               f"{len(crashes)} crash report(s) under {config.output_dir}/sub-*/log/{config.run_uuid}/", file=sys.stderr)
         write_reports(config, sorted({r.subject for r in runs}), run_uuid=config.run_uuid)
         return EXIT_FAILED
-    if not write_reports(config, sorted({r.subject for r in runs}), run_uuid=config.run_uuid):
-        return EXIT_FAILED
+    write_reports(config, sorted({r.subject for r in runs}), run_uuid=config.run_uuid)  # problems: warnings
     if refused:
         print(f"{PROG}: {len(refused)} run(s) refused (see the errors above); the other {len(runs)} finished, "
               f"derivatives in {config.output_dir}", file=sys.stderr)
         return EXIT_USAGE
     print(f"{PROG}: finished; derivatives in {config.output_dir}")
     return EXIT_OK
+
+
+def plugin_instance(name: str, plugin_args: dict):
+    """The Nipype plugin ``name``, with crash reports that survive a lost job.
+
+    When a cluster job ends without a result file (cancelled, over its time or memory
+    limit, its node lost), Nipype's batch plugins hand ``report_crash`` the traceback as
+    one string, which it then extends with a list: the crash report itself fails with a
+    TypeError (nipy/nipype#3372). Here the traceback is split into lines first.
+    """
+    from nipype.pipeline import plugins
+
+    base = getattr(plugins, f"{name}Plugin")
+
+    class Plugin(base):
+        def _report_crash(self, node, result=None):
+            if result is not None and isinstance(result.get("traceback"), str):
+                result = {**result, "traceback": result["traceback"].splitlines(keepends=True)}
+            return super()._report_crash(node, result=result)
+
+    Plugin.__name__ = base.__name__
+    return Plugin(plugin_args=plugin_args)
 
 
 def preflight(config: RunConfig, runs: list) -> tuple[list, list]:

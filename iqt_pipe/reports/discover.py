@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from iqt_pipe.io import InputError
+from iqt_pipe.io import InputError, sidecar_path
 from iqt_pipe.qc import ENTITIES
 
 #: Where reportlets go: ``sub-<label>/figures/`` (nireports' layout), named after the run.
@@ -126,7 +126,7 @@ class RunOutputs:
         if path is None:
             return {}
         try:
-            return json.loads(Path(str(path).replace(".nii.gz", ".json").replace(".tsv", ".json")).read_text())
+            return json.loads(sidecar_path(path).read_text())
         except (OSError, json.JSONDecodeError):
             return {}
 
