@@ -27,6 +27,16 @@ class InputError(ValueError):
     """A user's input is unusable; the message is one line naming the file and the fix."""
 
 
+#: What nibabel raises on a file that is not (or no longer) a readable NIfTI image.
+NIFTI_READ_ERRORS = (OSError, EOFError, ValueError, TypeError, nb.filebasedimages.ImageFileError, zlib.error)
+
+
+def unreadable_nifti(path: str | os.PathLike, exc: Exception) -> InputError:
+    """The one-line refusal of an image nibabel cannot read."""
+    return InputError(f"{path}: cannot read as NIfTI ({exc.__class__.__name__}: {str(exc)[:120]}); "
+                      "re-export or re-download the file")
+
+
 def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, nb.Nifti1Header]:
     """Read a NIfTI image as a float32 working copy with ``scl_slope``/``scl_inter`` applied.
 
@@ -41,11 +51,8 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, nb.Nift
         # get_fdata applies the scale factors (Philips scans carry scl_slope up to ~2.4e6);
         # float32 directly keeps the peak memory at one float32 copy.
         data = img.get_fdata(dtype=np.float32)
-    except (OSError, EOFError, ValueError, TypeError, nb.filebasedimages.ImageFileError, zlib.error) as exc:
-        raise InputError(
-            f"{path}: cannot read as NIfTI ({exc.__class__.__name__}: {exc}); "
-            "re-export or re-download the file"
-        ) from exc
+    except NIFTI_READ_ERRORS as exc:
+        raise unreadable_nifti(path, exc) from exc
     affine = img.affine
     if affine is None or not np.all(np.isfinite(affine)):
         raise InputError(f"{path}: the header has no valid affine; fix the qform/sform")

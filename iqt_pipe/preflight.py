@@ -21,7 +21,7 @@ import numpy as np
 
 from iqt_pipe.bids import DWIRun
 from iqt_pipe.gradients import read_gradients, select_dti_volumes
-from iqt_pipe.io import InputError
+from iqt_pipe.io import NIFTI_READ_ERRORS, InputError, unreadable_nifti
 
 #: Voxels along each axis the brain mask and the network's 5³ receptive field need at least.
 MIN_VOXELS_PER_AXIS = 8
@@ -46,9 +46,8 @@ def _header(path: Path):
     try:
         img = nb.load(path)
         img.header.get_data_shape()
-    except (OSError, EOFError, ValueError, TypeError, nb.filebasedimages.ImageFileError, zlib.error) as exc:
-        raise InputError(f"{path}: cannot read as NIfTI ({exc.__class__.__name__}: {str(exc)[:120]}); "
-                         "re-export or re-download the file") from None
+    except NIFTI_READ_ERRORS as exc:
+        raise unreadable_nifti(path, exc) from None
     return img
 
 
