@@ -38,3 +38,21 @@ def mrtrix():
     if shutil.which("dwi2tensor") is None:
         pytest.skip("MRtrix3 not installed (scripts/setup.sh installs it as root; or conda install -c mrtrix3 mrtrix3)")
     return True
+
+
+def mrtrix_failing_on(tmp_path: Path, pattern: str) -> dict[str, str]:
+    """An environment whose MRtrix3 ``dwidenoise``/``mrdegibbs`` fail (exit 1, an MRtrix-style
+    error line) when an argument contains ``pattern`` and run the real tool otherwise: a
+    step that fails at run time on inputs that pass every check. Skips without MRtrix3."""
+    if shutil.which("dwidenoise") is None or shutil.which("mrdegibbs") is None:
+        pytest.skip("MRtrix3 not installed (scripts/setup.sh installs it as root)")
+    bin_dir = tmp_path / "failing-mrtrix"
+    bin_dir.mkdir()
+    for tool in ("dwidenoise", "mrdegibbs"):
+        script = bin_dir / tool
+        script.write_text(f"""#!/bin/sh
+case "$*" in *{pattern}*) echo "{tool}: [ERROR] simulated scanner-file failure" >&2; exit 1;; esac
+exec {shutil.which(tool)} "$@"
+""")
+        script.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}

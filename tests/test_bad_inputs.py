@@ -234,11 +234,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(case, pristine, tmp_path, capsys):
-    name, damage_ds, damage_model, extra, expected, code = case
-    if name == "device-cuda" and torch.cuda.is_available():
-        pytest.skip("a GPU is visible: --device cuda is valid here")
+def _damaged_copy(case, pristine, tmp_path: Path) -> tuple[Path, Path]:
+    """Copies of the dataset and the model with the case's damage done."""
+    _, damage_ds, damage_model, *_ = case
     root, model = pristine
     ds, mdl = tmp_path / "ds", tmp_path / "model"
     shutil.copytree(root, ds, ignore=shutil.ignore_patterns("derivatives"))
@@ -247,6 +245,15 @@ def test_bad_input(case, pristine, tmp_path, capsys):
         damage_ds(ds)
     if damage_model:
         damage_model(mdl)
+    return ds, mdl
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, pristine, tmp_path, capsys):
+    name, _, _, extra, expected, code = case
+    if name == "device-cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible: --device cuda is valid here")
+    ds, mdl = _damaged_copy(case, pristine, tmp_path)
     out = tmp_path / "out"
     (tmp_path / "broken.json").write_text("{")
     args = [str(ds), str(out), "participant", "--model", str(mdl), "-w", str(tmp_path / "work"),
@@ -293,15 +300,9 @@ def test_console_script_no_traceback(case, pristine, tmp_path):
     exe = venv_tool("iqt-pipe")
     if exe is None:
         pytest.skip("the iqt-pipe console script is not installed")
-    name, damage_ds, damage_model, _, expected, code = next(c for c in CASES if c[0] == case)
-    root, model = pristine
-    ds, mdl = tmp_path / "ds", tmp_path / "model"
-    shutil.copytree(root, ds, ignore=shutil.ignore_patterns("derivatives"))
-    shutil.copytree(model, mdl)
-    if damage_ds:
-        damage_ds(ds)
-    if damage_model:
-        damage_model(mdl)
+    row = next(c for c in CASES if c[0] == case)
+    expected, code = row[4], row[5]
+    ds, mdl = _damaged_copy(row, pristine, tmp_path)
     proc = subprocess.run([exe, str(ds), str(tmp_path / "out"), "participant", "--model", str(mdl),
                            "-w", str(tmp_path / "work"), "--skip-bids-validation"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "NIPYPE_NO_ET": "1"})

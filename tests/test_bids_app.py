@@ -4,7 +4,6 @@ folder, a failing run that does not stop the others, the methods boilerplate, re
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -129,23 +128,14 @@ def test_group_without_participant_outputs_is_refused(data, tmp_path):
 def test_a_failing_run_does_not_stop_the_others(data, tmp_path):
     """A step that fails at run time (inputs pass the checks: here MRtrix3's dwidenoise
     crashes on sub-02) gives a crash report; the other run still finishes; exit code 1."""
+    from conftest import mrtrix_failing_on
+
     root, model = data
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("dwidenoise", "mrdegibbs"):
-        script = bin_dir / tool
-        script.write_text(f"""#!/bin/sh
-case "$*" in *sub-02*) echo "{tool}: [ERROR] simulated scanner-file failure" >&2; exit 1;; esac
-exec {shutil.which(tool) or "false"} "$@"
-""")
-        script.chmod(0o755)
-    if not shutil.which("dwidenoise"):
-        pytest.skip("MRtrix3 not installed (scripts/setup.sh installs it as root)")
-    env_path = f"{bin_dir}:{os.environ['PATH']}"
+    env = mrtrix_failing_on(tmp_path, "sub-02")
     proc = subprocess.run([sys.executable, "-m", "iqt_pipe.cli.run", str(root), str(tmp_path / "out"), "participant",
                            "--model", str(model), "-w", str(tmp_path / "work"), "--skip-bids-validation",
                            *[a if a != "dipy" else "mrtrix" for a in FAST]],
-                          capture_output=True, text=True, env={**os.environ, "PATH": env_path})
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "crash report" in proc.stderr
     assert (tmp_path / "out/sub-01/dwi/sub-01_res-hi_model-tensor_param-tensor_dwimap.nii.gz").exists()

@@ -580,25 +580,15 @@ def test_report_of_a_failed_run_shows_its_crash(e2e, browser, tmp_path):
 def test_participant_level_failure_still_writes_both_reports(e2e, browser, tmp_path):
     """A step failing at run time (MRtrix3's dwidenoise, wrapped to fail on sub-02): the
     participant level exits 1 and still writes sub-02.html with the crash, and sub-01.html."""
-    import os
+    from conftest import mrtrix_failing_on
 
     root = e2e[0]
-    if shutil.which("dwidenoise") is None or shutil.which("mrdegibbs") is None:
-        pytest.skip("MRtrix3 not installed (scripts/setup.sh installs it as root)")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("dwidenoise", "mrdegibbs"):
-        script = bin_dir / tool
-        script.write_text(f"""#!/bin/sh
-case "$*" in *sub-02*) echo "{tool}: [ERROR] simulated scanner-file failure" >&2; exit 1;; esac
-exec {shutil.which(tool)} "$@"
-""")
-        script.chmod(0o755)
+    env = mrtrix_failing_on(tmp_path, "sub-02")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "iqt_pipe.cli.run", str(root), str(out), "participant", "--model",
                            str(root.parent / "model"), "-w", str(tmp_path / "work"),
                            *[a if a != "dipy" else "mrtrix" for a in FAST]],
-                          capture_output=True, text=True, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert f"visual report {out / 'sub-01.html'}" in proc.stdout and f"visual report {out / 'sub-02.html'}" in proc.stdout
     failed = (out / "sub-02.html").read_text()
