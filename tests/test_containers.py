@@ -25,7 +25,7 @@ from conftest import REPO
 CONTAINERS = REPO / "containers"
 DOCKERFILE = CONTAINERS / "Dockerfile"
 DEFFILE = CONTAINERS / "iqt-pipe.def"
-PLUGINS = sorted((CONTAINERS / "plugins").glob("*.yml"))
+PLUGINS = sorted((CONTAINERS / "slurm").glob("*.yml"))
 SBATCH_SCRIPTS = sorted((CONTAINERS / "slurm").glob("*.sbatch"))
 INSTRUCTIONS = {"FROM", "ARG", "RUN", "COPY", "ADD", "ENV", "LABEL", "USER", "WORKDIR", "ENTRYPOINT", "CMD",
                 "EXPOSE", "VOLUME", "SHELL", "HEALTHCHECK", "STOPSIGNAL", "ONBUILD"}

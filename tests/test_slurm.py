@@ -31,7 +31,7 @@ from slurm_cluster import ClusterUnavailable, start_cluster
 
 ARRAY_SCRIPT = REPO / "containers" / "slurm" / "iqt-pipe-array.sbatch"
 TRAIN_SCRIPT = REPO / "containers" / "slurm" / "iqt-train-ddp.sbatch"
-SLURM_PLUGIN = REPO / "containers" / "plugins" / "slurm.yml"
+SLURM_PLUGIN = REPO / "containers" / "slurm" / "slurm.yml"
 EXPECTED = json.loads((REPO / "tests/data/expected_participant_outputs.json").read_text())
 FAST = ["--skip-bids-validation", "--denoise", "dipy", "--no-degibbs", "--mc-samples", "2", "--omp-nthreads", "1"]
 #: What one array task asks SLURM for (the script's defaults, 8 CPUs and 16 GB, suit real data).
