@@ -50,13 +50,17 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
         unc = {n: s for n, s in methods.items() if "spearman.brain" in s["values"]}
         if unc:
-            lines += ["| method | Spearman(sd, err) | cov. 50 % | cov. 80 % | cov. 95 % | risky AUC | risky precision | risky recall | risky F1 | lesion AUC |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
+            lines += ["| method | Spearman(sd, err) | cov. 50 % | cov. 80 % | cov. 95 % | cov. 95 %, scale from other subjects "
+                      "[min, max] | risky AUC | risky precision | risky recall | risky F1 | lesion AUC |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
             for name, slot in unc.items():
                 v = slot["values"]
                 g = [_f(v.get(k, {}).get("mean")) for k in ("spearman.brain", "coverage0.5.brain", "coverage0.8.brain",
-                                                             "coverage0.95.brain", "risky.auc", "risky.precision",
-                                                             "risky.recall", "risky.f1", "lesion.auc")]
+                                                             "coverage0.95.brain")]
+                loso = v.get("coverage0.95_loso.brain")
+                g.append("–" if loso is None else f"{loso['mean']:.3f} [{loso['min']:.3f}, {loso['max']:.3f}]")
+                g += [_f(v.get(k, {}).get("mean")) for k in ("risky.auc", "risky.precision", "risky.recall", "risky.f1",
+                                                             "lesion.auc")]
                 lines.append(f"| {name} | " + " | ".join(g) + " |")
             lines.append("")
         goals = {n: s["goals"] for n, s in methods.items() if s.get("goals") and n not in ("nearest", "trilinear", "cubic")}

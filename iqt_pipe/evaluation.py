@@ -322,6 +322,7 @@ def uncertainty_scores(case: Case, pred: Prediction, md: np.ndarray, md_ref: np.
     levels, cov = metrics.calibration_curve(err[case.hr_mask], np.sqrt(var[case.hr_mask]))
     out["calibration_curve"] = {"nominal": levels.tolist(), "empirical": cov.tolist()}
     out["variance_scale_95"] = metrics.variance_scale(err[case.hr_mask], np.sqrt(var[case.hr_mask]))
+    out["sd_ratio_quantiles"] = metrics.sd_ratio_quantiles(err[case.hr_mask], np.sqrt(var[case.hr_mask])).tolist()
     risky = np.abs(md - md_ref) > metrics.RISKY_MD_ERROR
     m = case.hr_mask
     out["risky"] = {"fraction": float(risky[m].mean()), "auc": metrics.roc_auc(pred.md_sd[m], risky[m])}
@@ -444,6 +445,28 @@ def evaluate(
     return {"records": records, "thresholds": thresholds}
 
 
+def _cross_calibrate(records: Sequence[dict], out: dict[str, Any]) -> None:
+    """What storing a variance scale would do, without circularity: each run gets the median
+    95 % scale of the *other* subjects' runs (same mode and method) and its coverage at that
+    scale (``coverage0.95_loso.brain``); the scales go to the slot's ``calibration_loso``."""
+    groups: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
+    for rec in records:
+        for name, s in rec["methods"].items():
+            if s.get("uncertainty", {}).get("sd_ratio_quantiles") is not None:
+                groups.setdefault((rec["mode"], name), []).append((rec, s["uncertainty"]))
+    for (mode, name), items in groups.items():
+        scales = metrics.leave_one_group_out([u["variance_scale_95"] for _, u in items],
+                                             [rec["subject"] for rec, _ in items])
+        slot = out[mode][name]
+        slot["calibration_loso"] = []
+        for (rec, u), scale in zip(items, scales):
+            if not math.isfinite(scale):
+                continue
+            coverage = metrics.coverage_at_scale(u["sd_ratio_quantiles"], scale)
+            slot["values"].setdefault("coverage0.95_loso.brain", []).append(coverage)
+            slot["calibration_loso"].append({"run": rec["run"], "scale": scale, "coverage0.95": coverage})
+
+
 #: Goals of the evaluation (issue [Evaluation]): ratio to cubic spline, or absolute.
 GOALS = {
     "interior tensor RMSE ≤ 0.80 × cubic": ("tensor_rmse_ratio", "interior", "max", 0.80),
@@ -473,6 +496,7 @@ def summarise(records: Sequence[dict]) -> dict[str, Any]:
                     flat["lesion.auc"] = u["lesion"]["auc"]
                 for k, v in flat.items():
                     slot["values"].setdefault(k, []).append(v)
+    _cross_calibrate(records, out)
     for mode in out.values():
         for slot in mode.values():
             slot["values"] = {k: {"mean": float(np.nanmean(v)), "min": float(np.nanmin(v)), "max": float(np.nanmax(v))}

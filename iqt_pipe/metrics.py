@@ -11,7 +11,7 @@ norms (off-diagonals counted twice), which do not depend on the frame.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage, stats
@@ -90,6 +90,28 @@ def variance_scale(err: np.ndarray, sd: np.ndarray, level: float = 0.95) -> floa
     if ratio.size == 0:
         raise ValueError("no errors to calibrate on")
     return float((np.quantile(ratio, level) / stats.norm.ppf(0.5 + level / 2)) ** 2)
+
+
+def sd_ratio_quantiles(err: np.ndarray, sd: np.ndarray, n: int = 401) -> np.ndarray:
+    """Quantiles (probabilities 0, 1/(n−1), …, 1) of |err|/sd: enough to tell the coverage of
+    any interval ±z·√s·sd afterwards (:func:`coverage_at_scale`) without keeping the voxels."""
+    ratio = np.abs(np.ravel(err)) / np.maximum(np.ravel(sd), 1e-300)
+    return np.quantile(ratio, np.linspace(0, 1, n))
+
+
+def coverage_at_scale(quantiles: np.ndarray, scale: float, level: float = 0.95) -> float:
+    """Empirical coverage of the ``level`` interval once the variances are multiplied by
+    ``scale``, from :func:`sd_ratio_quantiles` (linear between the stored quantiles)."""
+    q = np.asarray(quantiles, dtype=np.float64)
+    half_width = stats.norm.ppf(0.5 + level / 2) * math.sqrt(scale)
+    return float(np.interp(half_width, q, np.linspace(0, 1, q.size), left=0.0, right=1.0))
+
+
+def leave_one_group_out(values: Sequence[float], groups: Sequence[str]) -> list[float]:
+    """For each item, the median of the values of the other groups (NaN without one): e.g.
+    the variance scale a subject would get from calibration on the other subjects."""
+    values, groups = np.asarray(values, dtype=np.float64), np.asarray(groups)
+    return [float(np.median(values[groups != g])) if np.any(groups != g) else float("nan") for g in groups]
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -110,8 +110,17 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
         assert ("lesion" in u) == (rec["mode"] == "lesion")
     summary = res["summary"]["raw"]["hetero-var2"]
     assert summary["runs"] == 2 and "interior tensor RMSE ≤ 0.80 × cubic" in summary["goals"]
+    # Cross-calibration: each subject gets the other subject's variance scale.
+    raw = {rec["run"]: rec["methods"]["hetero-var2"]["uncertainty"] for rec in res["records"] if rec["mode"] == "raw"}
+    loso = {row["run"]: row for row in summary["calibration_loso"]}
+    assert loso["sub-01"]["scale"] == pytest.approx(raw["sub-02"]["variance_scale_95"])
+    assert loso["sub-02"]["scale"] == pytest.approx(raw["sub-01"]["variance_scale_95"])
+    own = metrics.coverage_at_scale(raw["sub-01"]["sd_ratio_quantiles"], raw["sub-01"]["variance_scale_95"])
+    assert own == pytest.approx(0.95, abs=0.01)  # its own scale would calibrate it exactly
+    assert summary["values"]["coverage0.95_loso.brain"]["min"] == pytest.approx(min(r["coverage0.95"] for r in loso.values()))
     text = (out / "results.md").read_text()
     assert "## Mode: known-truth" in text and "Noise correction against known truth" in text
+    assert "cov. 95 %, scale from other subjects" in text
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert "calibration.png" in figures
     assert "sub-01_mode-lesion_maps.png" in figures and "sub-02_mode-raw_hetero-var2_error-vs-sd.png" in figures
