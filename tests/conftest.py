@@ -56,3 +56,18 @@ exec {shutil.which(tool)} "$@"
 """)
         script.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def tiny_dataset_and_model(tmp: Path, n_subjects: int = 1, seed: int = 1, snr: float = 30) -> tuple[Path, Path]:
+    """A tiny synthetic BIDS dataset (``tmp/ds``) and an untrained hetero-var2 r = 2 model
+    (``tmp/model``, weights from seed 0): the inputs of the end-to-end tests, which check the
+    plumbing, not the accuracy."""
+    import torch
+
+    from iqt_pipe.models import IQTNet, save_model
+    from iqt_pipe.phantom import write_bids_dataset
+
+    root = write_bids_dataset(tmp / "ds", n_subjects=n_subjects, preset="tiny", seed=seed, snr=snr)
+    torch.manual_seed(0)
+    save_model(IQTNet("hetero-var2", 2), tmp / "model" / "model.safetensors", {"target": "residual-cubic"})
+    return root, tmp / "model"

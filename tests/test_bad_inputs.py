@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_dataset_and_model
 from iqt_pipe.cli.run import main
 from iqt_pipe.models import IQTNet, save_model
 from iqt_pipe.phantom import write_bids_dataset
@@ -33,9 +34,7 @@ BVEC = "sub-01/dwi/sub-01_dwi.bvec"
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")
-    root = write_bids_dataset(tmp / "ds", n_subjects=1, preset="tiny", seed=3, snr=30)
-    torch.manual_seed(0)
-    save_model(IQTNet("hetero-var2", 2), tmp / "model" / "model.safetensors", {"target": "residual-cubic"})
+    root, _ = tiny_dataset_and_model(tmp, n_subjects=1, seed=3)
     return root, tmp / "model"
 
 

@@ -12,11 +12,8 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 import pytest
-import torch
 
-from conftest import REPO
-from iqt_pipe.models import IQTNet, save_model
-from iqt_pipe.phantom import write_bids_dataset
+from conftest import REPO, tiny_dataset_and_model
 
 EXPECTED = json.loads((REPO / "tests/data/expected_participant_outputs.json").read_text())
 FAST = ["--denoise", "dipy", "--no-degibbs", "--mc-samples", "2", "--nprocs", "2", "--omp-nthreads", "1"]
@@ -25,9 +22,7 @@ FAST = ["--denoise", "dipy", "--no-degibbs", "--mc-samples", "2", "--nprocs", "2
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("app")
-    root = write_bids_dataset(tmp / "ds", n_subjects=2, preset="tiny", seed=1, snr=30)
-    torch.manual_seed(0)
-    save_model(IQTNet("hetero-var2", 2), tmp / "model" / "model.safetensors", {"target": "residual-cubic"})
+    root, _ = tiny_dataset_and_model(tmp, n_subjects=2, seed=1)
     return root, tmp / "model"
 
 

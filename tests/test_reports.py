@@ -296,15 +296,10 @@ def digests(out: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     """Two tiny subjects; sub-01 processed with DIPY tractography, then the group level."""
-    import torch
-
-    from iqt_pipe.models import IQTNet, save_model
-    from iqt_pipe.phantom import write_bids_dataset
+    from conftest import tiny_dataset_and_model
 
     tmp = tmp_path_factory.mktemp("reports")
-    root = write_bids_dataset(tmp / "ds", n_subjects=2, preset="tiny", seed=1, snr=30)
-    torch.manual_seed(0)
-    save_model(IQTNet("hetero-var2", 2), tmp / "model" / "model.safetensors", {"target": "residual-cubic"})
+    root, _ = tiny_dataset_and_model(tmp, n_subjects=2, seed=1)
     out = tmp / "out"
     part = iqt_pipe(root, out, "participant", "--participant-label", "01", "--model", tmp / "model",
                     "-w", tmp / "work", *FAST, "--tractography", "dipy", "--seed-density", "0.02",

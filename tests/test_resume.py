@@ -17,10 +17,8 @@ from pathlib import Path
 
 import nibabel as nb
 import pytest
-import torch
 
-from iqt_pipe.models import IQTNet, save_model
-from iqt_pipe.phantom import write_bids_dataset
+from conftest import tiny_dataset_and_model
 
 FAST = ["--denoise", "dipy", "--no-degibbs", "--mc-samples", "2", "--nprocs", "2", "--omp-nthreads", "1",
         "--skip-bids-validation", "--seed", "7"]
@@ -30,9 +28,7 @@ SUB = "iqt_wf/sub_01_wf"
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
-    root = write_bids_dataset(tmp / "ds", n_subjects=1, preset="tiny", seed=5, snr=30)
-    torch.manual_seed(0)
-    save_model(IQTNet("hetero-var2", 2), tmp / "model" / "model.safetensors", {"target": "residual-cubic"})
+    root, _ = tiny_dataset_and_model(tmp, n_subjects=1, seed=5)
     return root, tmp / "model"
 
 

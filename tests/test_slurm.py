@@ -22,11 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import REPO, venv_tool
-from iqt_pipe.models import IQTNet, save_model
-from iqt_pipe.phantom import write_bids_dataset
+from conftest import REPO, tiny_dataset_and_model, venv_tool
 from slurm_cluster import ClusterUnavailable, start_cluster
 
 ARRAY_SCRIPT = REPO / "containers" / "slurm" / "iqt-pipe-array.sbatch"
@@ -60,9 +57,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("slurm-data")
-    root = write_bids_dataset(tmp / "ds", n_subjects=2, preset="tiny", seed=1, snr=30)
-    torch.manual_seed(0)
-    save_model(IQTNet("hetero-var2", 2), tmp / "model" / "model.safetensors", {"target": "residual-cubic"})
+    root, _ = tiny_dataset_and_model(tmp, n_subjects=2, seed=1)
     return root, tmp / "model"
 
 

@@ -4,25 +4,21 @@ someone else's workflow (the README's example), against the core functions."""
 import json
 from pathlib import Path
 
-import nibabel as nb
 import numpy as np
 import pytest
-import torch
 
+from conftest import tiny_dataset_and_model
 from iqt_pipe import dti
 from iqt_pipe.degrade import upsample_affine
 from iqt_pipe.inference import predict_volume
 from iqt_pipe.io import load_nifti
-from iqt_pipe.models import IQTNet, load_model, save_model
-from iqt_pipe.phantom import write_bids_dataset
+from iqt_pipe.models import load_model
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sr")
-    root = write_bids_dataset(tmp / "ds", preset="tiny", seed=6, snr=40)
-    torch.manual_seed(0)
-    save_model(IQTNet("hetero-var2", 2), tmp / "model" / "model.safetensors", {"target": "residual-cubic"})
+    root, _ = tiny_dataset_and_model(tmp, seed=6, snr=40)
     return root / "sub-01" / "dwi" / "sub-01_dwi", tmp / "model", tmp
 
 

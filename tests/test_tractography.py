@@ -743,15 +743,11 @@ def iqt_pipe(*args, check_rc=0, env=None):
 
 @pytest.fixture(scope="module")
 def app_data(tmp_path_factory):
-    import torch
-
+    from conftest import tiny_dataset_and_model
     from iqt_pipe.models import IQTNet, save_model
-    from iqt_pipe.phantom import write_bids_dataset
 
     tmp = tmp_path_factory.mktemp("tract_app")
-    root = write_bids_dataset(tmp / "ds", n_subjects=1, preset="tiny", seed=1, snr=30)
-    torch.manual_seed(0)
-    save_model(IQTNet("hetero-var2", 2), tmp / "model" / "model.safetensors", {"target": "residual-cubic"})
+    root, _ = tiny_dataset_and_model(tmp, n_subjects=1, seed=1)
     save_model(IQTNet("espcn", 2), tmp / "plain" / "model.safetensors", {"target": "residual-cubic"})
     save_model(IQTNet("espcn-var1", 2), tmp / "var" / "model.safetensors", {"target": "residual-cubic"})
     return root, tmp / "model", tmp / "plain"
