@@ -29,7 +29,13 @@ F = diag(±1): the off-diagonal components D_ab, b ≠ a, change sign. Because t
 statistics of a mirrored volume are those of the original with the off-diagonal means negated,
 mirroring a *standardised* patch (input and target alike, either target) is exactly the
 spatial flip plus negating those channels — the patch the pipeline would make from the
-mirrored scan. Flip codes are 3-bit masks (bit a = mirror axis a).
+mirrored scan. Swapping axes is the same argument with a permutation matrix P:
+D'(x) = P D(Pᵀx) Pᵀ, i.e. new axis a is old axis π(a) and D'_ab = D_π(a)π(b); the per-run
+statistics are permuted alike and the cubic B-spline commutes with axis permutations, so the
+transposed patch with its channels gathered is again exactly the pipeline's patch. Together
+they are the 48 symmetries of the cube, numbered by a *symmetry code* ``8·p + m``: first the
+axes are permuted by ``AXIS_PERMUTATIONS[p]``, then mirrored by the 3-bit mask ``m`` (bit a =
+mirror axis a). Codes 0–7 are the mirrors alone.
 
 Cache. :func:`build_library` writes ``patches-<key>.npz`` (atomic; read back with
 ``allow_pickle=False``) where the key hashes the runs' file paths, sizes and modification
@@ -40,6 +46,7 @@ key loads it instead of refitting.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -58,6 +65,8 @@ LIBRARY_FORMAT = "iqt-pipe-patches"
 LIBRARY_VERSION = 1
 INPUT_SIZE = 11
 MARGIN = 2
+#: LR positions per axis whose HR blocks a patch's target holds (7 → 14³ HR voxels at r = 2).
+CORE = INPUT_SIZE - 2 * MARGIN
 #: Paper: 8000 patch pairs per subject.
 DEFAULT_PATCHES_PER_SUBJECT = 8000
 
@@ -81,20 +90,35 @@ def mirror_signs(code: int) -> np.ndarray:
     return signs
 
 
-def mirror_patch(patch: np.ndarray, code: int) -> np.ndarray:
-    """Mirror a channels-first ``(6, X, Y, Z)`` standardised tensor patch (see module doc)."""
-    if not code:
-        return patch
-    axes = tuple(a + 1 for a in range(3) if code >> a & 1)
-    return np.ascontiguousarray(np.flip(patch, axis=axes)) * mirror_signs(code)[:, None, None, None]
+#: Axis permutations of the symmetry codes (identity first): new axis a is old axis perm[a].
+AXIS_PERMUTATIONS = tuple(itertools.permutations(range(3)))
+#: Number of symmetry codes: mirrors alone, and mirrors with axis swaps.
+N_MIRRORS, N_SYMMETRIES = 8, 8 * len(AXIS_PERMUTATIONS)
+_COMPONENTS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))  # BEP016 order
 
 
-def mirror_field(field: np.ndarray, code: int) -> np.ndarray:
-    """Mirror a channels-last ``(X, Y, Z, 6)`` tensor field in physical units (tests, tools)."""
-    if not code:
-        return field
-    axes = tuple(a for a in range(3) if code >> a & 1)
-    return np.ascontiguousarray(np.flip(field, axis=axes)) * mirror_signs(code)
+def permutation_channels(perm: Sequence[int]) -> list[int]:
+    """Source channel of each BEP016 component after permuting the axes by ``perm``."""
+    return [_COMPONENTS.index(tuple(sorted((perm[a], perm[b])))) for a, b in _COMPONENTS]
+
+
+def transform_patch(patch: np.ndarray, code: int) -> np.ndarray:
+    """Apply symmetry ``code`` to a channels-first ``(6, X, Y, Z)`` standardised tensor patch
+    (see the module doc)."""
+    return np.moveaxis(transform_field(np.moveaxis(patch, 0, -1), code), -1, 0)
+
+
+def transform_field(field: np.ndarray, code: int) -> np.ndarray:
+    """Apply symmetry ``code`` to a channels-last ``(X, Y, Z, 6)`` tensor field (physical units
+    or standardised)."""
+    if not 0 <= code < N_SYMMETRIES:
+        raise ValueError(f"symmetry codes run from 0 to {N_SYMMETRIES - 1}, got {code}")
+    perm, mirror = AXIS_PERMUTATIONS[code // N_MIRRORS], code % N_MIRRORS
+    if perm != (0, 1, 2):
+        field = np.transpose(field, (*perm, 3))[..., permutation_channels(perm)]
+    if mirror:
+        field = np.flip(field, axis=tuple(a for a in range(3) if mirror >> a & 1)) * mirror_signs(mirror)
+    return np.ascontiguousarray(field) if code else field
 
 
 # --------------------------------------------------------------------------- one run
@@ -289,17 +313,18 @@ class PatchLibrary:
     def target_shape(self) -> tuple[int, int, int, int]:
         return (6,) + (self.r * self.core,) * 3
 
-    def pair(self, i: int, mirror: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Channels-first float32 ``(input, target)`` of patch ``i``, optionally mirrored."""
+    def pair(self, i: int, symmetry: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Channels-first float32 ``(input, target)`` of patch ``i``, optionally transformed by
+        a symmetry code (mirrors, axis swaps; see the module doc)."""
         run, j = self.index[i]
         rp = self.runs[run]
-        return mirror_patch(rp.input(j), mirror), mirror_patch(rp.target(j), mirror)
+        return transform_patch(rp.input(j), symmetry), transform_patch(rp.target(j), symmetry)
 
-    def get(self, indices: Iterable[int], mirrors: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, indices: Iterable[int], symmetries: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Stacked ``(B, 6, n, n, n)`` inputs and ``(B, 6, m, m, m)`` targets."""
         indices = list(indices)
-        mirrors = [0] * len(indices) if mirrors is None else list(mirrors)
-        pairs = [self.pair(i, f) for i, f in zip(indices, mirrors)]
+        symmetries = [0] * len(indices) if symmetries is None else list(symmetries)
+        pairs = [self.pair(i, f) for i, f in zip(indices, symmetries)]
         return (np.stack([p[0] for p in pairs]).astype(np.float32, copy=False),
                 np.stack([p[1] for p in pairs]).astype(np.float32, copy=False))
 
@@ -413,6 +438,12 @@ def library_key(
         "input_size": int(input_size), "margin": int(margin),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def patch_geometry(margin: int) -> dict[str, int]:
+    """``input_size`` and ``margin`` of the patches for a network losing ``margin`` LR voxels
+    per side: the target keeps its ``CORE``³ LR positions, the input grows with the margin."""
+    return {"input_size": CORE + 2 * int(margin), "margin": int(margin)}
 
 
 def patches_per_run(runs: Sequence, patches_per_subject: int) -> list[int]:

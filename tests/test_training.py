@@ -25,7 +25,8 @@ from iqt_pipe.cli import train as cli
 from iqt_pipe.dti import from_matrix, to_matrix
 from iqt_pipe.io import InputError
 from iqt_pipe.models import load_model
-from iqt_pipe.patches import PatchLibrary, RunPatches, build_library, mirror_field, mirror_patch, mirror_signs
+from iqt_pipe.patches import (AXIS_PERMUTATIONS, N_SYMMETRIES, PatchLibrary, RunPatches, build_library,
+                              permutation_channels, transform_field, transform_patch)
 from iqt_pipe.training import check_output_dir, split_indices, train
 
 
@@ -120,10 +121,11 @@ def test_patch_shapes_and_centres_in_mask(runs, cache, r):
     assert len(np.unique(centres, axis=0)) == len(centres)  # drawn without replacement
 
 
-@pytest.mark.parametrize("r", [2, 3])
-def test_target_block_aligned_with_input(r):
+@pytest.mark.parametrize("r, m", [(2, 2), (3, 2), (2, 3)])
+def test_target_block_aligned_with_input(r, m):
     """A field linear in the HR index: block averaging gives the LR voxel the value at its
-    block centre, so LR position p of a patch must equal the mean of its r³ HR block."""
+    block centre, so LR position p of a patch must equal the mean of its r³ HR block (for the
+    paper's margin 2 and the 3-3-3 network's margin 3)."""
     shape = np.array([13, 12, 14])
     hr_idx = np.stack(np.meshgrid(*(np.arange(s * r) for s in shape), indexing="ij"), -1).astype(np.float64)
     slopes = np.array([[1, 2, 3], [0, -1, 1], [2, 0, -1], [1, 1, 1], [3, -2, 0], [0.5, 0, 2]]) * 1e-5
@@ -131,32 +133,54 @@ def test_target_block_aligned_with_input(r):
     lr = hr.reshape(shape[0], r, shape[1], r, shape[2], r, 6).mean(axis=(1, 3, 5))
     lr_mask = np.ones(shape, bool)
     hr_mask = np.ones(tuple(shape * r), bool)
-    rp = RunPatches.from_arrays(lr, hr, lr_mask, hr_mask, r, n_patches=10, seed=1, target="hr")
+    rp = RunPatches.from_arrays(lr, hr, lr_mask, hr_mask, r, n_patches=10, seed=1, target="hr", **P.patch_geometry(m))
+    c0 = m + 3  # the input's centre voxel
+    assert rp.input(0).shape == (6,) + (7 + 2 * m,) * 3 and rp.target(0).shape == (6,) + (7 * r,) * 3
     for j in range(len(rp)):
         x = rp.stats.destandardise(rp.input(j).transpose(1, 2, 3, 0))
         y = rp.stats.destandardise(rp.target(j).transpose(1, 2, 3, 0))
         # the patch centre ...
-        np.testing.assert_allclose(x[5, 5, 5], y[3 * r:4 * r, 3 * r:4 * r, 3 * r:4 * r].mean(axis=(0, 1, 2)), rtol=1e-5)
+        np.testing.assert_allclose(x[c0, c0, c0], y[3 * r:4 * r, 3 * r:4 * r, 3 * r:4 * r].mean(axis=(0, 1, 2)), rtol=1e-5)
         # ... and every LR position of the core against its HR block
         blocks = y.reshape(7, r, 7, r, 7, r, 6).mean(axis=(1, 3, 5))
-        np.testing.assert_allclose(x[2:9, 2:9, 2:9], blocks, rtol=1e-5)
+        np.testing.assert_allclose(x[m:m + 7, m:m + 7, m:m + 7], blocks, rtol=1e-5)
         # and the input really is the LR field around the full-volume centre
         c = rp.centres[j] + rp.origin
-        np.testing.assert_allclose(x[5, 5, 5], lr[tuple(c)], rtol=1e-5)
+        np.testing.assert_allclose(x[c0, c0, c0], lr[tuple(c)], rtol=1e-5)
 
 
-def test_mirror_is_the_tensor_reflection():
-    rng = np.random.default_rng(0)
-    d = rng.normal(size=(4, 6))
-    for code in range(8):
-        f = np.diag([-1.0 if code >> a & 1 else 1.0 for a in range(3)])
-        np.testing.assert_allclose(from_matrix(f @ to_matrix(d) @ f), d * mirror_signs(code))
+def test_symmetries_are_the_tensor_transforms():
+    """transform_field's 48 codes are D'(x') = M D(x) Mᵀ with M = F·P (P: axis swap, F: mirror)
+    at x' = M x, checked voxel by voxel against the matrices."""
+    rng = np.random.default_rng(1)
+    shape = (3, 4, 5)
+    field = rng.normal(size=shape + (6,))
+    for code in range(N_SYMMETRIES):
+        perm, mirror = AXIS_PERMUTATIONS[code // 8], code % 8
+        p = np.eye(3)[list(perm)]  # row a picks old axis perm[a]
+        f = np.diag([-1.0 if mirror >> a & 1 else 1.0 for a in range(3)])
+        m = f @ p
+        out = transform_field(field, code)
+        new_shape = tuple(shape[a] for a in perm)
+        assert out.shape == new_shape + (6,)
+        for old in np.ndindex(shape):
+            new = [old[perm[a]] for a in range(3)]
+            new = tuple(new_shape[a] - 1 - new[a] if mirror >> a & 1 else new[a] for a in range(3))
+            np.testing.assert_allclose(out[new], from_matrix(m @ to_matrix(field[old]) @ m.T), atol=1e-12)
+
+
+def _spatial(volume: np.ndarray, code: int) -> np.ndarray:
+    """The voxel move of symmetry ``code`` alone (masks, index grids)."""
+    perm, mirror = AXIS_PERMUTATIONS[code // 8], code % 8
+    volume = np.transpose(volume, (*perm, *range(3, volume.ndim)))
+    return np.flip(volume, tuple(a for a in range(3) if mirror >> a & 1))
 
 
 @pytest.mark.parametrize("target", ["hr", "residual-cubic"])
 def test_augmentation_is_tensor_consistent(target):
-    """Mirroring a standardised patch pair == the patches made from the mirrored volume
-    (with its own per-subject statistics) at the mirrored centres."""
+    """Each of the 48 symmetries (mirrors, axis swaps) of a standardised patch pair == the
+    patches made from the transformed volume (with its own per-subject statistics) at the
+    transformed centres."""
     rng = np.random.default_rng(3)
     r, shape = 2, (12, 13, 11)
     lr = rng.normal(1e-3, 3e-4, shape + (6,)).astype(np.float32)
@@ -165,25 +189,27 @@ def test_augmentation_is_tensor_consistent(target):
     hr_mask = rng.random(hr.shape[:3]) > 0.3
     a = RunPatches.from_arrays(lr, hr, lr_mask, hr_mask, r, n_patches=12, seed=0, target=target)
     centres = a.centres + a.origin
-    for code in range(1, 8):
-        axes = tuple(ax for ax in range(3) if code >> ax & 1)
-        flipped = centres.copy()
-        for ax in axes:
-            flipped[:, ax] = shape[ax] - 1 - flipped[:, ax]
+    index = _spatial(np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), -1), 0)
+    for code in range(1, N_SYMMETRIES):
+        moved = _spatial(index, code)  # moved[new position] = old position
+        lookup = {tuple(old): new for new, old in zip(np.argwhere(np.ones(moved.shape[:3], bool)), moved.reshape(-1, 3))}
         b = RunPatches.from_arrays(
-            mirror_field(lr, code), mirror_field(hr, code), np.flip(lr_mask, axes), np.flip(hr_mask, axes), r,
-            centres=flipped, target=target,
+            transform_field(lr, code), transform_field(hr, code), _spatial(lr_mask, code), _spatial(hr_mask, code), r,
+            centres=np.array([lookup[tuple(c)] for c in centres]), target=target,
         )
         for j in range(len(a)):
-            np.testing.assert_allclose(mirror_patch(a.input(j), code), b.input(j), atol=2e-5)
-            np.testing.assert_allclose(mirror_patch(a.target(j), code), b.target(j), atol=2e-5)
-            np.testing.assert_array_equal(np.flip(a.brain(j), axes), b.brain(j))
-    # inside a library: the same pair, mirrored on request
+            np.testing.assert_allclose(transform_patch(a.input(j), code), b.input(j), atol=2e-5)
+            np.testing.assert_allclose(transform_patch(a.target(j), code), b.target(j), atol=2e-5)
+            np.testing.assert_array_equal(_spatial(a.brain(j), code), b.brain(j))
+    # inside a library: the same pair, transformed on request
     lib = PatchLibrary([a], target)
     x0, y0 = lib.pair(0)
-    x3, y3 = lib.pair(0, 3)
-    np.testing.assert_array_equal(x3, mirror_patch(x0, 3))
-    np.testing.assert_array_equal(y3, mirror_patch(y0, 3))
+    for code in (3, 29):
+        x, y = lib.pair(0, code)
+        np.testing.assert_array_equal(x, transform_patch(x0, code))
+        np.testing.assert_array_equal(y, transform_patch(y0, code))
+    with pytest.raises(ValueError, match="symmetry codes"):
+        lib.pair(0, N_SYMMETRIES)
 
 
 def test_cache_is_reused_and_keyed(runs, tmp_path, monkeypatch):
@@ -297,6 +323,48 @@ def test_anneal_schedule_resumes_exactly(runs, cache, tmp_path):
         train(lib, tmp_path / "c", epochs=1, **dict(kw, variant="espcn"))
 
 
+def test_wider_network_and_axis_swaps(runs, cache, tmp_path):
+    """--kernels 3 3 3 trains on 13³ inputs (7³ receptive field), its card records the
+    architecture and the augmentation, load_model rebuilds it, and a library cut for another
+    margin is refused; the axis-swap codes are drawn from all 48 symmetries."""
+    from iqt_pipe.training import PatchDataset
+
+    wide = build_library(runs, r=2, patches_per_subject=24, seed=0, target="residual-cubic", cache_dir=cache,
+                         quiet=True, **P.patch_geometry(3))
+    assert wide.input_shape == (6, 13, 13, 13) and wide.target_shape == (6, 14, 14, 14)
+    kw = dict(SMALL, variant="espcn", kernels=(3, 3, 3), axis_swap=True)
+    res = train(wide, tmp_path / "wide", epochs=2, **kw)
+    model, card = load_model(tmp_path / "wide")
+    assert card["kernels"] == [3, 3, 3] and model.margin == 3 and card["training"]["axis_swap"] is True
+    assert np.isfinite(res.card["validation"]["rmse"]["model"])
+    with pytest.raises(InputError, match="build it with margin 3"):
+        train(_lib(runs, cache), tmp_path / "bad", epochs=1, **kw)
+    with pytest.raises(InputError, match="augmentation"):
+        train(wide, tmp_path / "bad", epochs=1, **{**kw, "augment": False})
+    ds = PatchDataset(wide, np.arange(len(wide)), augment=True, seed=0, axis_swap=True)
+    ds.set_epoch(0)
+    assert ds.symmetries.max() >= 8
+    # Without axis swaps the draws are the mirror codes of earlier versions (same weights).
+    ds = PatchDataset(wide, np.arange(len(wide)), augment=True, seed=0)
+    ds.set_epoch(0)
+    expected = np.random.default_rng([0, 0, 0xF11B]).integers(0, 8, len(wide))
+    np.testing.assert_array_equal(ds.symmetries, expected)
+
+
+def test_resume_accepts_checkpoints_from_before_the_architecture_options(runs, cache, tmp_path):
+    lib = _lib(runs, cache, n=24)
+    train(lib, tmp_path / "a", epochs=1, **SMALL)
+    js = tmp_path / "a" / "checkpoint" / "checkpoint.json"
+    state = json.loads(js.read_text())
+    for key in ("axis_swap", "widths", "kernels"):
+        del state["settings"][key]
+    js.write_text(json.dumps(state))
+    res = train(lib, tmp_path / "a", epochs=2, resume=True, **SMALL)
+    assert res.epochs == 2
+    with pytest.raises(InputError, match="axis_swap"):
+        train(lib, tmp_path / "a", epochs=3, resume=True, **{**SMALL, "axis_swap": True})
+
+
 def test_same_seed_same_weights(runs, cache, tmp_path):
     lib = _lib(runs, cache, n=24)
     train(lib, tmp_path / "a", epochs=2, **SMALL)
@@ -360,6 +428,10 @@ def test_cli_help():
         (["--epochs", "0"], "epochs must be an integer ≥ 1"),
         (["--participant-label", "sub-09"], "sub-09 not found; available: sub-01, sub-02"),
         (["--variant", "espcn", "--schedule", "anneal"], "anneal"),
+        (["--kernels", "3", "3"], "one width fewer than kernels"),
+        (["--kernels", "3", "2", "3"], "give odd kernel sizes"),
+        (["--kernels", "0", "1", "3"], "a kernel size must be an integer ≥ 1"),
+        (["--axis-swap", "--no-augment"], "drop --no-augment"),
     ],
 )
 def test_cli_bad_input_one_line_exit_2(bids_ds, tmp_path, capsys, extra, message):

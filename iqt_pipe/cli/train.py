@@ -51,6 +51,7 @@ def _fraction(text: str) -> float:
 
 def _build_parser() -> argparse.ArgumentParser:
     from iqt_pipe.models import VARIANTS
+    from iqt_pipe.models.espcn import KERNELS, WIDTHS
     from iqt_pipe.normalise import TARGETS
     from iqt_pipe.patches import DEFAULT_PATCHES_PER_SUBJECT
     from iqt_pipe.training import (DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET,
@@ -99,6 +100,14 @@ def _build_parser() -> argparse.ArgumentParser:
                         f"minus the cubic B-spline upsampling (default: {DEFAULT_TARGET})")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="tensor-consistent mirror augmentation of the training patches (default: on)")
+    p.add_argument("--axis-swap", action="store_true",
+                   help="with --augment, also permute the spatial axes (all 48 symmetries of the cube, "
+                        "tensors transformed alike) instead of the 8 mirrors (default: off)")
+    p.add_argument("--kernels", type=int_at_least(1, "a kernel size"), nargs="+", default=list(KERNELS), metavar="K",
+                   help="odd kernel size of each convolution (default: 3 1 3, the paper's: a 5³ LR receptive "
+                        "field; 3 3 3 widens it to 7³ and the input patches to 13³)")
+    p.add_argument("--widths", type=int_at_least(1, "a width"), nargs="+", default=list(WIDTHS), metavar="W",
+                   help="channels of each hidden layer, one fewer than --kernels (default: 50 100)")
     p.add_argument("--cache-dir", type=Path, metavar="DIR",
                    help="folder for the patch library cache (default: OUT_DIR/cache)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -118,9 +127,16 @@ def run(args: argparse.Namespace) -> int:
     from iqt_pipe.inference import resolve_device
     from iqt_pipe.io import InputError
     from iqt_pipe.models import VARIANTS
+    from iqt_pipe.models.espcn import margin
+    from iqt_pipe.patches import patch_geometry
     from iqt_pipe.training import (CHECKPOINT_DIR, CHECKPOINT_JSON, build_library_distributed,
                                    check_output_dir, init_distributed, split_indices, train)
 
+    if len(args.widths) != len(args.kernels) - 1 or any(k % 2 == 0 for k in args.kernels):
+        raise InputError(f"--kernels {' '.join(map(str, args.kernels))} --widths {' '.join(map(str, args.widths))}: "
+                         "give odd kernel sizes and one width fewer than kernels (e.g. --kernels 3 3 3 --widths 50 100)")
+    if args.axis_swap and not args.augment:
+        raise InputError("--axis-swap extends the augmentation; drop --no-augment")
     if args.schedule == "anneal" and not VARIANTS[args.variant][0]:
         raise InputError(f"--schedule anneal switches to the heteroscedastic NLL; variant {args.variant} has none (use a hetero variant)")
     device = resolve_device(args.device)
@@ -134,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         library = build_library_distributed(
             dist, runs, r=args.upsample, patches_per_subject=args.patches_per_subject, seed=args.seed,
             target=args.target, cache_dir=args.cache_dir or out / "cache", quiet=quiet,
+            **patch_geometry(margin(args.kernels)),
         )
         subjects = sorted({f"sub-{r.subject}" for r in runs})
         n_val = len(split_indices(len(library), args.val_fraction, args.seed)[1])
@@ -145,17 +162,20 @@ def run(args: argparse.Namespace) -> int:
                   f"({library.input_size}³ → {library.target_shape[1]}³, r = {args.upsample}; "
                   f"{len(library) - n_val} train / {n_val} validation; {cached})")
             threads = torch.get_num_threads()
+            augment = ("mirrors + axis swaps" if args.axis_swap else "mirrors") if args.augment else "off"
             resuming = ""
             if args.resume and (out / CHECKPOINT_DIR / CHECKPOINT_JSON).exists():
                 resuming = "; resuming from OUT_DIR/checkpoint"
             print(f"{PROG}: variant {args.variant}, target {args.target}, schedule {args.schedule}, "
-                  f"augment {'on' if args.augment else 'off'}, {args.epochs} epochs, batch {args.batch_size}, "
+                  f"augment {augment}, kernels {'-'.join(map(str, args.kernels))} × widths "
+                  f"{'-'.join(map(str, args.widths))}, {args.epochs} epochs, batch {args.batch_size}, "
                   f"lr {args.lr:g}, seed {args.seed}; device {dist.device if dist.distributed else device}"
                   f" × {dist.world_size} process(es), {threads} thread(s) each{resuming}", flush=True)
         result = train(
             library, out, variant=args.variant, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             val_fraction=args.val_fraction, seed=args.seed, device=device, resume=args.resume,
-            schedule=args.schedule, augment=args.augment, quiet=quiet, dist=dist,
+            schedule=args.schedule, augment=args.augment, axis_swap=args.axis_swap, widths=args.widths,
+            kernels=args.kernels, quiet=quiet, dist=dist,
             data_summary={"datasets": [str(Path(d).absolute()) for d in args.bids_dirs], "subjects": subjects,
                           "dwi_runs": [r.as_dict() for r in runs]},
         )

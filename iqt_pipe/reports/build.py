@@ -240,6 +240,20 @@ def _about_html(ctx: SubjectContext) -> str:
     return "\n".join(parts)
 
 
+def _augmentation(training: dict) -> str:
+    if not training.get("augment"):
+        return "off"
+    return "mirrors + axis swaps" if training.get("axis_swap") else "mirrors"
+
+
+def _network(card: dict) -> str:
+    """Kernel sizes × hidden widths, e.g. 3-1-3 × 50-100 (the paper's)."""
+    from iqt_pipe.models.espcn import KERNELS, WIDTHS
+
+    kernels, widths = card.get("kernels", KERNELS), card.get("widths", WIDTHS)
+    return f"{'-'.join(map(str, kernels))} × {'-'.join(map(str, widths))}"
+
+
 def _model_card_html(ctx: SubjectContext) -> str:
     """The model as the sidecars record it, and its card (training, validation) when readable."""
     model = next((r.sidecar("sr_tensor").get("Model") for r in ctx.runs if r.sidecar("sr_tensor").get("Model")), {})
@@ -276,7 +290,7 @@ def _model_card_html(ctx: SubjectContext) -> str:
                                           f"{patches.get('total', 'n/a')} patch pairs"))
             rows.append(("training", f"{training.get('epochs', 'n/a')} epochs, {training.get('optimizer', '')} "
                                      f"lr {training.get('learning_rate', 'n/a')}, batch {training.get('batch_size', 'n/a')}, "
-                                     f"augmentation {'on' if training.get('augment') else 'off'}"))
+                                     f"augmentation {_augmentation(training)}; network {_network(card)}"))
         val = card.get("validation") if isinstance(card.get("validation"), dict) else {}
         rmse = val.get("rmse") or {}
         if rmse:
