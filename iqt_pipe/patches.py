@@ -111,14 +111,23 @@ def transform_patch(patch: np.ndarray, code: int) -> np.ndarray:
 def transform_field(field: np.ndarray, code: int) -> np.ndarray:
     """Apply symmetry ``code`` to a channels-last ``(X, Y, Z, 6)`` tensor field (physical units
     or standardised)."""
+    moved = transform_volume(field, code)
+    if not code:
+        return moved
+    perm, mirror = AXIS_PERMUTATIONS[code // N_MIRRORS], code % N_MIRRORS
+    return moved[..., permutation_channels(perm)] * mirror_signs(mirror)
+
+
+def transform_volume(volume: np.ndarray, code: int) -> np.ndarray:
+    """The voxel move of symmetry ``code`` alone, on the first three axes of ``volume`` (masks;
+    the tensor components are left as they are)."""
     if not 0 <= code < N_SYMMETRIES:
         raise ValueError(f"symmetry codes run from 0 to {N_SYMMETRIES - 1}, got {code}")
+    if not code:
+        return volume
     perm, mirror = AXIS_PERMUTATIONS[code // N_MIRRORS], code % N_MIRRORS
-    if perm != (0, 1, 2):
-        field = np.transpose(field, (*perm, 3))[..., permutation_channels(perm)]
-    if mirror:
-        field = np.flip(field, axis=tuple(a for a in range(3) if mirror >> a & 1)) * mirror_signs(mirror)
-    return np.ascontiguousarray(field) if code else field
+    volume = np.transpose(volume, (*perm, *range(3, volume.ndim)))
+    return np.ascontiguousarray(np.flip(volume, axis=tuple(a for a in range(3) if mirror >> a & 1)))
 
 
 # --------------------------------------------------------------------------- one run
@@ -331,6 +340,11 @@ class PatchLibrary:
     def sd(self, indices: Iterable[int]) -> np.ndarray:
         """``(B, 6)`` per-patch channel sd (mm²/s): standardised error × sd = error in mm²/s."""
         return np.stack([self.runs[self.index[i][0]].sd for i in indices])
+
+    def brain_patch(self, i: int, symmetry: int = 0) -> np.ndarray:
+        """``(m, m, m)`` bool HR brain mask of patch ``i``'s target, moved like :meth:`pair`."""
+        run, j = self.index[i]
+        return transform_volume(self.runs[run].brain(j), symmetry)
 
     def brain(self, indices: Iterable[int]) -> np.ndarray:
         """``(B, m, m, m)`` bool HR brain masks of the targets."""

@@ -351,12 +351,50 @@ def test_wider_network_and_axis_swaps(runs, cache, tmp_path):
     np.testing.assert_array_equal(ds.symmetries, expected)
 
 
+def test_brain_masked_loss():
+    """The masked data terms are the plain ones over the brain voxels' elements only: what lies
+    outside the mask changes nothing, and an all-brain mask gives the unmasked loss."""
+    from iqt_pipe.training import data_loss
+
+    g = torch.Generator().manual_seed(0)
+    mean, target = torch.randn(2, 6, 4, 4, 4, generator=g), torch.randn(2, 6, 4, 4, 4, generator=g)
+    prec = torch.rand(2, 6, 4, 4, 4, generator=g) + 0.5
+    brain = (torch.rand(2, 1, 4, 4, 4, generator=g) > 0.4).float()
+    inside = brain.expand_as(target).bool()
+    for p, w in ((None, 0.0), (prec, 1.0), (prec, 0.3)):
+        masked = data_loss(mean, p, target, w, brain)
+        sq = (target - mean)[inside] ** 2
+        mse = sq.mean()
+        expected = mse if p is None else (1 - w) * mse + w * ((p[inside] * sq).mean() - torch.log(p[inside]).mean())
+        assert masked.item() == pytest.approx(expected.item(), rel=1e-6)
+        noisy = torch.where(inside, target, target + 100.0)
+        assert data_loss(mean, p, noisy, w, brain).item() == pytest.approx(masked.item(), rel=1e-6)
+        assert data_loss(mean, p, target, w, torch.ones_like(brain)).item() == pytest.approx(
+            data_loss(mean, p, target, w).item(), rel=1e-6)
+
+
+def test_brain_masked_training(runs, cache, tmp_path):
+    from iqt_pipe.training import target_elements
+
+    lib = _lib(runs, cache, n=24)
+    idx = np.arange(len(lib))
+    assert target_elements(lib, idx) == len(lib) * 6 * 14**3
+    assert target_elements(lib, idx, "brain") == 6 * int(lib.brain(idx).sum()) < target_elements(lib, idx)
+    res = train(lib, tmp_path / "m", epochs=1, loss_mask="brain", **SMALL)
+    assert res.card["training"]["loss_mask"] == "brain"
+    assert "over the HR brain-mask voxels" in res.card["training"]["loss"]
+    with pytest.raises(InputError, match="loss_mask"):
+        train(lib, tmp_path / "m", epochs=2, resume=True, **SMALL)
+    with pytest.raises(InputError, match="unknown loss mask"):
+        train(lib, tmp_path / "x", epochs=1, loss_mask="head", **SMALL)
+
+
 def test_resume_accepts_checkpoints_from_before_the_architecture_options(runs, cache, tmp_path):
     lib = _lib(runs, cache, n=24)
     train(lib, tmp_path / "a", epochs=1, **SMALL)
     js = tmp_path / "a" / "checkpoint" / "checkpoint.json"
     state = json.loads(js.read_text())
-    for key in ("axis_swap", "widths", "kernels"):
+    for key in ("axis_swap", "loss_mask", "widths", "kernels"):
         del state["settings"][key]
     js.write_text(json.dumps(state))
     res = train(lib, tmp_path / "a", epochs=2, resume=True, **SMALL)

@@ -55,7 +55,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from iqt_pipe.normalise import TARGETS
     from iqt_pipe.patches import DEFAULT_PATCHES_PER_SUBJECT
     from iqt_pipe.training import (DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET,
-                                   DEFAULT_VAL_FRACTION, DEFAULT_VARIANT, SCHEDULES)
+                                   DEFAULT_VAL_FRACTION, DEFAULT_VARIANT, LOSS_MASKS, SCHEDULES)
 
     p = Parser(
         prog=PROG,
@@ -103,6 +103,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--axis-swap", action="store_true",
                    help="with --augment, also permute the spatial axes (all 48 symmetries of the cube, "
                         "tensors transformed alike) instead of the 8 mirrors (default: off)")
+    p.add_argument("--loss-mask", choices=list(LOSS_MASKS), default="none",
+                   help="voxels the loss averages over: none = every target voxel (the paper), brain = the "
+                        "HR brain mask only (default: none)")
     p.add_argument("--kernels", type=int_at_least(1, "a kernel size"), nargs="+", default=list(KERNELS), metavar="K",
                    help="odd kernel size of each convolution (default: 3 1 3, the paper's: a 5³ LR receptive "
                         "field; 3 3 3 widens it to 7³ and the input patches to 13³)")
@@ -168,14 +171,14 @@ def run(args: argparse.Namespace) -> int:
                 resuming = "; resuming from OUT_DIR/checkpoint"
             print(f"{PROG}: variant {args.variant}, target {args.target}, schedule {args.schedule}, "
                   f"augment {augment}, kernels {'-'.join(map(str, args.kernels))} × widths "
-                  f"{'-'.join(map(str, args.widths))}, {args.epochs} epochs, batch {args.batch_size}, "
+                  f"{'-'.join(map(str, args.widths))}, loss mask {args.loss_mask}, {args.epochs} epochs, batch {args.batch_size}, "
                   f"lr {args.lr:g}, seed {args.seed}; device {dist.device if dist.distributed else device}"
                   f" × {dist.world_size} process(es), {threads} thread(s) each{resuming}", flush=True)
         result = train(
             library, out, variant=args.variant, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             val_fraction=args.val_fraction, seed=args.seed, device=device, resume=args.resume,
             schedule=args.schedule, augment=args.augment, axis_swap=args.axis_swap, widths=args.widths,
-            kernels=args.kernels, quiet=quiet, dist=dist,
+            kernels=args.kernels, loss_mask=args.loss_mask, quiet=quiet, dist=dist,
             data_summary={"datasets": [str(Path(d).absolute()) for d in args.bids_dirs], "subjects": subjects,
                           "dwi_runs": [r.as_dict() for r in runs]},
         )

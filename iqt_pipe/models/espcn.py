@@ -109,6 +109,15 @@ class IQTNet(nn.Module):
         return kl + self.prec_net.kl() if self.prec_net is not None else kl
 
 
-def gaussian_nll(mean: torch.Tensor, precision: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Heteroscedastic loss: mean(prec·(y − μ)²) − mean(log prec)."""
-    return (precision * (target - mean) ** 2).mean() - torch.log(precision).mean()
+def masked_mean(values: torch.Tensor, brain: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``values`` (B, C, X, Y, Z) over every element, or with ``brain`` (B, 1, X, Y, Z;
+    1 inside, 0 outside) over the elements of the brain voxels only."""
+    if brain is None:
+        return values.mean()
+    return (values * brain).sum() / (brain.sum() * values.shape[1]).clamp_min(1.0)
+
+
+def gaussian_nll(mean: torch.Tensor, precision: torch.Tensor, target: torch.Tensor,
+                 brain: torch.Tensor | None = None) -> torch.Tensor:
+    """Heteroscedastic loss: mean(prec·(y − μ)²) − mean(log prec) (means as in :func:`masked_mean`)."""
+    return masked_mean(precision * (target - mean) ** 2, brain) - masked_mean(torch.log(precision), brain)
