@@ -252,14 +252,13 @@ def data_loss(mean: torch.Tensor, precision: torch.Tensor | None, target: torch.
     """MSE, NLL, or their mix ``(1 − w)·MSE + w·NLL`` (w = ``nll_weight``), averaged over every
     target element or, with ``brain`` ((B, 1, X, Y, Z), 1 in the HR brain mask), over the
     brain voxels' elements only."""
-    mse = masked_mean((target - mean) ** 2, brain)
     if precision is None:
-        return mse
+        return masked_mean((target - mean) ** 2, brain)
     nll = gaussian_nll(mean, precision, target, brain)
     if nll_weight >= 1.0:
         return nll
     # Both terms stay in the graph (w = 0 included) so DDP sees every parameter used.
-    return (1.0 - nll_weight) * mse + nll_weight * nll
+    return (1.0 - nll_weight) * masked_mean((target - mean) ** 2, brain) + nll_weight * nll
 
 
 def target_elements(library: PatchLibrary, indices: np.ndarray, loss_mask: str = "none") -> int:
