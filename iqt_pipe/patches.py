@@ -127,7 +127,7 @@ def transform_volume(volume: np.ndarray, code: int) -> np.ndarray:
         return volume
     perm, mirror = AXIS_PERMUTATIONS[code // N_MIRRORS], code % N_MIRRORS
     volume = np.transpose(volume, (*perm, *range(3, volume.ndim)))
-    return np.ascontiguousarray(np.flip(volume, axis=tuple(a for a in range(3) if mirror >> a & 1)))
+    return np.flip(volume, axis=tuple(a for a in range(3) if mirror >> a & 1))
 
 
 # --------------------------------------------------------------------------- one run

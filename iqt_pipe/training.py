@@ -71,7 +71,7 @@ import torch
 from iqt_pipe import __version__
 from iqt_pipe.io import InputError, atomic_open, atomic_path, save_json
 from iqt_pipe.models import VARIANTS, IQTNet, gaussian_nll, save_model
-from iqt_pipe.models.espcn import KERNELS, WIDTHS, margin, masked_mean
+from iqt_pipe.models.espcn import KERNELS, WIDTHS, architecture_problem, margin, masked_mean
 from iqt_pipe.models.files import model_paths, sha256
 from iqt_pipe.normalise import TARGETS
 from iqt_pipe.patches import N_MIRRORS, N_SYMMETRIES, PatchLibrary, build_library
@@ -218,8 +218,9 @@ class PatchDataset(torch.utils.data.Dataset):
     :mod:`iqt_pipe.patches`)."""
 
     def __init__(self, library: PatchLibrary, indices: np.ndarray, augment: bool = False, seed: int = 0,
-                 axis_swap: bool = False):
+                 axis_swap: bool = False, with_brain: bool = False):
         self.library, self.indices, self.augment, self.seed = library, np.asarray(indices), augment, int(seed)
+        self.with_brain = with_brain
         self.n_codes = N_SYMMETRIES if axis_swap else N_MIRRORS
         self.symmetries = np.zeros(len(self.indices), np.int64)
 
@@ -232,11 +233,13 @@ class PatchDataset(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, k: int):
-        """``(input, target, brain)``: brain is the target's HR brain mask, (1, m, m, m) float."""
+        """``(input, target)``, and with ``with_brain`` the target's HR brain mask (1, m, m, m) as floats."""
         i, code = int(self.indices[k]), int(self.symmetries[k])
         x, y = self.library.pair(i, code)
-        brain = self.library.brain_patch(i, code)[None].astype(np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)), torch.from_numpy(brain)
+        item = (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)))
+        if self.with_brain:
+            item += (torch.from_numpy(self.library.brain_patch(i, code)[None].astype(np.float32)),)
+        return item
 
 
 # --------------------------------------------------------------------------- losses
@@ -516,8 +519,8 @@ def train(
         raise InputError(f"unknown loss mask {loss_mask!r}; choose {' or '.join(LOSS_MASKS)}")
     if axis_swap and not augment:
         raise InputError("axis swaps are part of the augmentation; turn augmentation on to use them")
-    if len(widths) != len(kernels) - 1 or min(widths, default=1) < 1 or min(kernels) < 1 or any(k % 2 == 0 for k in kernels):
-        raise InputError(f"an ESPCN needs one width fewer than kernels, all ≥ 1, and odd kernels; got widths {list(widths)} and kernels {list(kernels)}")
+    if problem := architecture_problem(widths, kernels):
+        raise InputError(problem)
     if library.margin != margin(kernels):
         raise InputError(f"kernels {list(kernels)} lose {margin(kernels)} LR voxels per side but the patch library was cut for {library.margin}; build it with margin {margin(kernels)}")
     if epochs < 1 or batch_size < 1 or not lr > 0:
@@ -568,7 +571,7 @@ def train(
     if dist.is_main:
         _trim_metrics(out / METRICS, start_epoch)
 
-    dataset = PatchDataset(library, train_idx, augment, seed, axis_swap)
+    dataset = PatchDataset(library, train_idx, augment, seed, axis_swap, with_brain=loss_mask == "brain")
     per_rank = math.ceil(batch_size / dist.world_size)
     sampler = torch.utils.data.DistributedSampler(
         dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=int(seed), drop_last=False
@@ -596,10 +599,10 @@ def train(
             n_steps = len(loader)
             running = 0.0
             batch_bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch", disable=disable, dynamic_ncols=True)
-            for step, (x, y, brain) in enumerate(batch_bar):
+            for step, (x, y, *brain) in enumerate(batch_bar):
                 x = x.to(device, non_blocking=True, memory_format=memory_format(device))
                 y = y.to(device, non_blocking=True)
-                brain = brain.to(device, non_blocking=True) if loss_mask == "brain" else None
+                brain = brain[0].to(device, non_blocking=True) if brain else None
                 w = 1.0 if hetero else 0.0
                 if schedule == "anneal":
                     w = anneal_weight(epoch + (step + 1) / n_steps, anneal_start, anneal_epochs)

@@ -130,14 +130,13 @@ def run(args: argparse.Namespace) -> int:
     from iqt_pipe.inference import resolve_device
     from iqt_pipe.io import InputError
     from iqt_pipe.models import VARIANTS
-    from iqt_pipe.models.espcn import margin
+    from iqt_pipe.models.espcn import architecture_problem, margin
     from iqt_pipe.patches import patch_geometry
     from iqt_pipe.training import (CHECKPOINT_DIR, CHECKPOINT_JSON, build_library_distributed,
                                    check_output_dir, init_distributed, split_indices, train)
 
-    if len(args.widths) != len(args.kernels) - 1 or any(k % 2 == 0 for k in args.kernels):
-        raise InputError(f"--kernels {' '.join(map(str, args.kernels))} --widths {' '.join(map(str, args.widths))}: "
-                         "give odd kernel sizes and one width fewer than kernels (e.g. --kernels 3 3 3 --widths 50 100)")
+    if problem := architecture_problem(args.widths, args.kernels):  # before the patch library is built
+        raise InputError(problem)
     if args.axis_swap and not args.augment:
         raise InputError("--axis-swap extends the augmentation; drop --no-augment")
     if args.schedule == "anneal" and not VARIANTS[args.variant][0]:

@@ -33,6 +33,14 @@ N_COMPONENTS = 6
 PRECISION_FLOOR = 1e-6
 
 
+def architecture_problem(widths, kernels) -> str | None:
+    """Why ``widths``/``kernels`` make no ESPCN (one line), or None when they do."""
+    if len(widths) != len(kernels) - 1 or min(widths, default=1) < 1 or min(kernels) < 1 or any(k % 2 == 0 for k in kernels):
+        return (f"kernels {' '.join(map(str, kernels))} with widths {' '.join(map(str, widths))}: give odd kernel "
+                "sizes ≥ 1 and one width fewer than kernels (e.g. --kernels 3 3 3 --widths 50 100)")
+    return None
+
+
 def margin(kernels=KERNELS) -> int:
     """LR voxels lost on each side by the valid convolutions (2 for 3-1-3)."""
     return sum(k - 1 for k in kernels) // 2
