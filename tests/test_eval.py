@@ -93,7 +93,7 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
     out = tmp_path / "eval"
     code = eval_cli.main([str(phantom), "-o", str(out), "--cross-validate", "2", "--epochs", "1",
                           "--patches-per-subject", "24", "--mode", "raw", "known-truth", "lesion",
-                          "--mc-samples", "2", "-q"])
+                          "--mc-samples", "2", "--loss-mask", "brain", "-q"])
     assert code == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
     assert [f["test"] for f in res["folds"]] == [["01"], ["02"]]
@@ -124,13 +124,18 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert "calibration.png" in figures
     assert "sub-01_mode-lesion_maps.png" in figures and "sub-02_mode-raw_hetero-var2_error-vs-sd.png" in figures
-    assert (out / "cv" / "fold-1" / "model.safetensors").exists()
+    # iqt-train's recipe options reach every fold's training, and the results record them.
+    card = json.loads((out / "cv" / "fold-1" / "model.json").read_text())
+    assert card["training"]["loss_mask"] == "brain" and card["training"]["patches"]["per_subject"] == 24
+    assert res["settings"]["recipe"]["loss_mask"] == "brain" and res["settings"]["recipe"]["epochs"] == 1
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--model", "missing.safetensors"], "missing.safetensors: model file not found"),
     (["--cross-validate", "1"], "--cross-validate takes 'loso' or a number of folds ≥ 2"),
     (["--cross-validate", "5"], "--cross-validate 5: only 2 subject(s)"),
+    (["--cross-validate", "2", "--axis-swap", "--no-augment"], "--axis-swap extends the augmentation"),
+    (["--cross-validate", "2", "--kernels", "3", "3"], "one width fewer than kernels"),
     (["--participant-label", "99"], "99"),
 ])
 def test_cli_errors_are_one_line(phantom, tmp_path, capsys, extra, message):

@@ -7,6 +7,7 @@ Examples::
     iqt-eval /data/ds-realdwi -o eval/ --model a.safetensors --ensemble a.safetensors b.safetensors \\
         --mode raw known-truth lesion --calibration-label trio01
     iqt-eval /data/ds-realdwi -o eval-cv/ --cross-validate 2 --epochs 8     # train per fold, score held-out
+    iqt-eval /data/ds-realdwi -o eval-cv/ --cross-validate loso --variant espcn --loss-mask brain
 
 Each run's DWI is the HR reference; the LR input is made by the IQT degradation. Nearest,
 trilinear and cubic B-spline interpolation of the LR tensors are scored beside every
@@ -45,9 +46,8 @@ def _folds(text: str) -> int | str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from iqt_pipe.cli.train import add_recipe_arguments
     from iqt_pipe.evaluation import MODES
-    from iqt_pipe.models import VARIANTS
-    from iqt_pipe.training import DEFAULT_EPOCHS, DEFAULT_VARIANT
 
     p = Parser(prog=PROG, description="Score super-resolution (interpolation, models, ensembles) against HR "
                                       "references made from BIDS DWI runs: accuracy and calibrated uncertainty.")
@@ -83,16 +83,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-per-subject", type=int_at_least(1, "--runs-per-subject"), metavar="N",
                    help="score (and calibrate on) only the first N DWI runs of each subject (default: all)")
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
-    cv = p.add_argument_group("cross-validation (trains one model per fold with iqt-train's defaults)")
+    cv = p.add_argument_group("cross-validation (one model per fold, trained with iqt-train's recipe options)")
     cv.add_argument("--cross-validate", type=_folds, metavar="{loso,K}",
                     help="split the subjects into K folds (loso: one per subject), train on the others, score "
                          "the held-out fold; the training subjects choose the risky-voxel threshold")
-    cv.add_argument("--variant", choices=list(VARIANTS), default=DEFAULT_VARIANT,
-                    help=f"variant trained per fold (default: {DEFAULT_VARIANT})")
-    cv.add_argument("--epochs", type=int_at_least(1, "epochs"), default=DEFAULT_EPOCHS, metavar="N",
-                    help=f"epochs per fold (default: {DEFAULT_EPOCHS})")
-    cv.add_argument("--patches-per-subject", type=int_at_least(2, "patches per subject"), metavar="N",
-                    help="patch pairs per subject (default: iqt-train's)")
+    add_recipe_arguments(cv)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -174,9 +169,10 @@ def _fold_subjects(subjects: list[str], folds: int | str) -> list[list[str]]:
 def _cross_validate(args, device, runs, methods, folds):
     """Train one model per fold on every run of the other folds' subjects and score the
     held-out runs (``runs``: all runs found)."""
+    from iqt_pipe.cli.train import library_options, recipe
     from iqt_pipe.evaluation import Figures, Method, evaluate
-    from iqt_pipe.patches import DEFAULT_PATCHES_PER_SUBJECT, build_library
-    from iqt_pipe.training import DEFAULT_TARGET, train
+    from iqt_pipe.patches import build_library
+    from iqt_pipe.training import train
 
     records, thresholds, fold_info = [], {}, []
     figures = None if args.no_figures else Figures()
@@ -187,10 +183,9 @@ def _cross_validate(args, device, runs, methods, folds):
         fold_dir = args.output_dir / "cv" / f"fold-{k}"
         print(f"{PROG}: fold {k}: train on {', '.join(sorted({x.subject for x in train_runs}))}; "
               f"score {', '.join(held_out)}", flush=True)
-        library = build_library(train_runs, r=r, patches_per_subject=args.patches_per_subject or DEFAULT_PATCHES_PER_SUBJECT,
-                                seed=args.seed, target=DEFAULT_TARGET, cache_dir=fold_dir / "cache", quiet=args.quiet)
-        result = train(library, fold_dir, variant=args.variant, epochs=args.epochs, seed=args.seed, device=device,
-                       quiet=args.quiet, data_summary={"subjects": sorted({f"sub-{x.subject}" for x in train_runs})})
+        library = build_library(train_runs, cache_dir=fold_dir / "cache", quiet=args.quiet, **library_options(args))
+        result = train(library, fold_dir, seed=args.seed, device=device, quiet=args.quiet, **recipe(args),
+                       data_summary={"subjects": sorted({f"sub-{x.subject}" for x in train_runs})})
         model = _load(result.model_path, device, r)
         fold_methods = list(methods) + [Method(name=args.variant, models=[model])]
         res = evaluate(test_runs, fold_methods, r=r, modes=args.mode, snr=args.snr, seed=args.seed,
@@ -221,11 +216,14 @@ def _finite(obj):
 
 def run(args: argparse.Namespace) -> int:
     from iqt_pipe.bids import find_dwi_runs_multi
+    from iqt_pipe.cli.train import check_recipe, recipe
     from iqt_pipe.evaluation import Figures, evaluate, summarise
     from iqt_pipe.evalreport import markdown, plot_all
     from iqt_pipe.inference import resolve_device
     from iqt_pipe.io import InputError, save_json, save_text
 
+    if args.cross_validate:
+        check_recipe(args)
     device = resolve_device(args.device)
     if not args.model and not args.ensemble and not args.cross_validate:
         from iqt_pipe.models.files import bundled_model
@@ -263,6 +261,9 @@ def run(args: argparse.Namespace) -> int:
                            "snr": args.snr or "own", "device": str(device), "iqt_pipe_version": __version__,
                            "models": [str(p) for p in args.model], "ensembles": [[str(p) for p in g] for g in args.ensemble],
                            "cross_validate": args.cross_validate}
+    if args.cross_validate:
+        results["settings"]["recipe"] = {**recipe(args), "target": args.target,
+                                         "patches_per_subject": args.patches_per_subject}
     if figures is not None:
         plot_all(figures, out / "figures")
     save_json(_finite(results), out / "results.json")

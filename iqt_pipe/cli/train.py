@@ -49,7 +49,10 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def add_recipe_arguments(p) -> None:
+    """The training recipe's options (network, data, loss, optimiser), shared by ``iqt-train``
+    and ``iqt-eval --cross-validate``; :func:`recipe` turns them into :func:`~iqt_pipe.training.train`'s
+    keywords and :func:`check_recipe` rejects the combinations that cannot work."""
     from iqt_pipe.models import VARIANTS
     from iqt_pipe.models.espcn import KERNELS, WIDTHS
     from iqt_pipe.normalise import TARGETS
@@ -57,22 +60,8 @@ def _build_parser() -> argparse.ArgumentParser:
     from iqt_pipe.training import (DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGET,
                                    DEFAULT_VAL_FRACTION, DEFAULT_VARIANT, LOSS_MASKS, SCHEDULES)
 
-    p = Parser(
-        prog=PROG,
-        description="Train a Bayesian 3D-ESPCN (Image Quality Transfer) on the DWI runs of BIDS datasets.",
-        epilog=EPILOG,
-    )
-    p.add_argument("bids_dirs", nargs="+", type=Path, metavar="BIDS_DIR", help="BIDS dataset root(s)")
-    p.add_argument("-o", "--output-dir", type=Path, required=True, metavar="OUT_DIR",
-                   help="folder for model.safetensors/model.json, metrics.jsonl, checkpoint/ and cache/")
-    p.add_argument("--participant-label", nargs="+", metavar="L",
-                   help="participants to train on, with or without 'sub-' (default: all)")
-    p.add_argument("--session-label", nargs="+", metavar="S",
-                   help="sessions to train on, with or without 'ses-' (default: all)")
     p.add_argument("--variant", choices=list(VARIANTS), default=DEFAULT_VARIANT,
                    help=f"network variant (default: {DEFAULT_VARIANT})")
-    p.add_argument("-r", "--upsample", type=int_at_least(2, "the upsampling factor"), default=2, metavar="R",
-                   help="upsampling factor r, an integer ≥ 2 (default: 2)")
     p.add_argument("--patches-per-subject", type=int_at_least(2, "patches per subject"),
                    default=DEFAULT_PATCHES_PER_SUBJECT, metavar="N",
                    help=f"patch pairs sampled per subject (default: {DEFAULT_PATCHES_PER_SUBJECT}, the paper's)")
@@ -84,14 +73,6 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=f"Adam learning rate (default: {DEFAULT_LR:g})")
     p.add_argument("--val-fraction", type=_fraction, default=DEFAULT_VAL_FRACTION, metavar="X",
                    help=f"fraction of patch pairs held out for validation (default: {DEFAULT_VAL_FRACTION:g})")
-    p.add_argument("--seed", type=int_at_least(0, "the seed"), default=0, metavar="N",
-                   help="random seed: patches, split, initialisation, shuffles (default: 0)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="compute device (default: auto = CUDA when visible)")
-    p.add_argument("--nthreads", type=int_at_least(1, "the number of threads"), metavar="N",
-                   help="CPU threads per process (default: PyTorch's; torchrun sets 1)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the training in OUT_DIR from its last checkpoint")
     p.add_argument("--schedule", choices=list(SCHEDULES), default="fixed",
                    help="fixed: the variant's loss throughout; anneal: MSE first, then a linear switch "
                         "to the heteroscedastic NLL (hetero variants; default: fixed)")
@@ -111,6 +92,62 @@ def _build_parser() -> argparse.ArgumentParser:
                         "field; 3 3 3 widens it to 7³ and the input patches to 13³)")
     p.add_argument("--widths", type=int_at_least(1, "a width"), nargs="+", default=list(WIDTHS), metavar="W",
                    help="channels of each hidden layer, one fewer than --kernels (default: 50 100)")
+
+
+def check_recipe(args: argparse.Namespace) -> None:
+    """One-line errors for recipe options that contradict each other (before any data is read)."""
+    from iqt_pipe.io import InputError
+    from iqt_pipe.models import VARIANTS
+    from iqt_pipe.models.espcn import architecture_problem
+
+    if problem := architecture_problem(args.widths, args.kernels):
+        raise InputError(problem)
+    if args.axis_swap and not args.augment:
+        raise InputError("--axis-swap extends the augmentation; drop --no-augment")
+    if args.schedule == "anneal" and not VARIANTS[args.variant][0]:
+        raise InputError(f"--schedule anneal switches to the heteroscedastic NLL; variant {args.variant} has none (use a hetero variant)")
+
+
+def recipe(args: argparse.Namespace) -> dict:
+    """:func:`~iqt_pipe.training.train`'s keywords from the recipe options."""
+    return {"variant": args.variant, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+            "val_fraction": args.val_fraction, "schedule": args.schedule, "augment": args.augment,
+            "axis_swap": args.axis_swap, "widths": args.widths, "kernels": args.kernels, "loss_mask": args.loss_mask}
+
+
+def library_options(args: argparse.Namespace) -> dict:
+    """:func:`~iqt_pipe.patches.build_library`'s keywords from the recipe options."""
+    from iqt_pipe.models.espcn import margin
+    from iqt_pipe.patches import patch_geometry
+
+    return {"r": args.upsample, "patches_per_subject": args.patches_per_subject, "seed": args.seed,
+            "target": args.target, **patch_geometry(margin(args.kernels))}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog=PROG,
+        description="Train a Bayesian 3D-ESPCN (Image Quality Transfer) on the DWI runs of BIDS datasets.",
+        epilog=EPILOG,
+    )
+    p.add_argument("bids_dirs", nargs="+", type=Path, metavar="BIDS_DIR", help="BIDS dataset root(s)")
+    p.add_argument("-o", "--output-dir", type=Path, required=True, metavar="OUT_DIR",
+                   help="folder for model.safetensors/model.json, metrics.jsonl, checkpoint/ and cache/")
+    p.add_argument("--participant-label", nargs="+", metavar="L",
+                   help="participants to train on, with or without 'sub-' (default: all)")
+    p.add_argument("--session-label", nargs="+", metavar="S",
+                   help="sessions to train on, with or without 'ses-' (default: all)")
+    p.add_argument("-r", "--upsample", type=int_at_least(2, "the upsampling factor"), default=2, metavar="R",
+                   help="upsampling factor r, an integer ≥ 2 (default: 2)")
+    add_recipe_arguments(p)
+    p.add_argument("--seed", type=int_at_least(0, "the seed"), default=0, metavar="N",
+                   help="random seed: patches, split, initialisation, shuffles (default: 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="compute device (default: auto = CUDA when visible)")
+    p.add_argument("--nthreads", type=int_at_least(1, "the number of threads"), metavar="N",
+                   help="CPU threads per process (default: PyTorch's; torchrun sets 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the training in OUT_DIR from its last checkpoint")
     p.add_argument("--cache-dir", type=Path, metavar="DIR",
                    help="folder for the patch library cache (default: OUT_DIR/cache)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -128,19 +165,10 @@ def run(args: argparse.Namespace) -> int:
 
     from iqt_pipe.bids import find_dwi_runs_multi
     from iqt_pipe.inference import resolve_device
-    from iqt_pipe.io import InputError
-    from iqt_pipe.models import VARIANTS
-    from iqt_pipe.models.espcn import architecture_problem, margin
-    from iqt_pipe.patches import patch_geometry
     from iqt_pipe.training import (CHECKPOINT_DIR, CHECKPOINT_JSON, build_library_distributed,
                                    check_output_dir, init_distributed, split_indices, train)
 
-    if problem := architecture_problem(args.widths, args.kernels):  # before the patch library is built
-        raise InputError(problem)
-    if args.axis_swap and not args.augment:
-        raise InputError("--axis-swap extends the augmentation; drop --no-augment")
-    if args.schedule == "anneal" and not VARIANTS[args.variant][0]:
-        raise InputError(f"--schedule anneal switches to the heteroscedastic NLL; variant {args.variant} has none (use a hetero variant)")
+    check_recipe(args)  # before the patch library is built
     device = resolve_device(args.device)
     if args.nthreads:
         torch.set_num_threads(args.nthreads)
@@ -149,11 +177,8 @@ def run(args: argparse.Namespace) -> int:
     dist = init_distributed(device)
     try:
         quiet = args.quiet or not dist.is_main
-        library = build_library_distributed(
-            dist, runs, r=args.upsample, patches_per_subject=args.patches_per_subject, seed=args.seed,
-            target=args.target, cache_dir=args.cache_dir or out / "cache", quiet=quiet,
-            **patch_geometry(margin(args.kernels)),
-        )
+        library = build_library_distributed(dist, runs, cache_dir=args.cache_dir or out / "cache", quiet=quiet,
+                                            **library_options(args))
         subjects = sorted({f"sub-{r.subject}" for r in runs})
         n_val = len(split_indices(len(library), args.val_fraction, args.seed)[1])
         if dist.is_main:
@@ -174,10 +199,7 @@ def run(args: argparse.Namespace) -> int:
                   f"lr {args.lr:g}, seed {args.seed}; device {dist.device if dist.distributed else device}"
                   f" × {dist.world_size} process(es), {threads} thread(s) each{resuming}", flush=True)
         result = train(
-            library, out, variant=args.variant, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            val_fraction=args.val_fraction, seed=args.seed, device=device, resume=args.resume,
-            schedule=args.schedule, augment=args.augment, axis_swap=args.axis_swap, widths=args.widths,
-            kernels=args.kernels, loss_mask=args.loss_mask, quiet=quiet, dist=dist,
+            library, out, seed=args.seed, device=device, resume=args.resume, quiet=quiet, dist=dist, **recipe(args),
             data_summary={"datasets": [str(Path(d).absolute()) for d in args.bids_dirs], "subjects": subjects,
                           "dwi_runs": [r.as_dict() for r in runs]},
         )
