@@ -380,11 +380,13 @@ def test_brain_masked_training(runs, cache, tmp_path):
     idx = np.arange(len(lib))
     assert target_elements(lib, idx) == len(lib) * 6 * 14**3
     assert target_elements(lib, idx, "brain") == 6 * int(lib.brain(idx).sum()) < target_elements(lib, idx)
-    res = train(lib, tmp_path / "m", epochs=1, loss_mask="brain", **SMALL)
+    res = train(lib, tmp_path / "m", epochs=1, **SMALL)  # the default
     assert res.card["training"]["loss_mask"] == "brain"
     assert "over the HR brain-mask voxels" in res.card["training"]["loss"]
-    with pytest.raises(InputError, match="loss_mask"):
-        train(lib, tmp_path / "m", epochs=2, resume=True, **SMALL)
+    with pytest.raises(InputError, match="loss_mask = 'brain', this run asks for 'none'"):
+        train(lib, tmp_path / "m", epochs=2, resume=True, loss_mask="none", **SMALL)
+    paper = train(lib, tmp_path / "p", epochs=1, loss_mask="none", **SMALL)
+    assert paper.card["training"]["loss_mask"] == "none" and "brain" not in paper.card["training"]["loss"]
     with pytest.raises(InputError, match="unknown loss mask"):
         train(lib, tmp_path / "x", epochs=1, loss_mask="head", **SMALL)
 
@@ -397,7 +399,9 @@ def test_resume_accepts_checkpoints_from_before_the_architecture_options(runs, c
     for key in ("axis_swap", "loss_mask", "widths", "kernels"):
         del state["settings"][key]
     js.write_text(json.dumps(state))
-    res = train(lib, tmp_path / "a", epochs=2, resume=True, **SMALL)
+    with pytest.raises(InputError, match="loss_mask = 'none', this run asks for 'brain'"):
+        train(lib, tmp_path / "a", epochs=2, resume=True, **SMALL)  # such checkpoints had no mask
+    res = train(lib, tmp_path / "a", epochs=2, resume=True, **{**SMALL, "loss_mask": "none"})
     assert res.epochs == 2
     with pytest.raises(InputError, match="axis_swap"):
         train(lib, tmp_path / "a", epochs=3, resume=True, **{**SMALL, "axis_swap": True})
