@@ -610,6 +610,13 @@ def train(
                     w = anneal_weight(epoch + (step + 1) / n_steps, anneal_start, anneal_epochs)
                 mean, prec = net(x, sample=model.stochastic)
                 loss = data_loss(mean, prec, y, w, brain)
+                if brain is not None and dist.distributed:
+                    # DDP averages the processes' gradients: weight each process's masked mean by its
+                    # share of the batch's brain voxels, so a step follows the whole batch's masked
+                    # mean exactly as on one process.
+                    local = float(brain.sum())
+                    (total,) = dist.all_sum([local])
+                    loss = loss * (local * dist.world_size / max(total, 1.0))
                 if var:
                     loss = loss + 2 * model.kl() / n_elements
                 optimizer.zero_grad(set_to_none=True)

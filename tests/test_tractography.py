@@ -690,7 +690,10 @@ def test_super_resolved_tractography_is_closer_to_hr_than_native(tmp_path):
     try:
         lib = build_library([run(1), run(2)], r=2, patches_per_subject=300, seed=0, target="residual-cubic",
                             quiet=True)
-        train(lib, tmp_path / "model", variant="espcn", epochs=6, seed=0, augment=True, quiet=True)
+        # The paper's loss over every target voxel, on which the numbers below were measured. (With
+        # the default brain-masked loss the SR tracts improve as much except the far fraction, 0.0044
+        # → 0.0051: outside the mask nothing is trained, and a few tracts stray at the edge.)
+        train(lib, tmp_path / "model", variant="espcn", epochs=6, seed=0, augment=True, loss_mask="none", quiet=True)
     finally:
         torch.set_num_threads(threads)
     model, _ = load_model(tmp_path / "model")
