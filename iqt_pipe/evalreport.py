@@ -69,7 +69,22 @@ def markdown(results: dict[str, Any]) -> str:
             for name, g in goals.items():
                 lines += [f"- {name}: " + "; ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in g.items())]
             lines.append("")
-    lines += ["## Every run", "",
+    scans = {}
+    for rec in results["records"]:
+        scans.setdefault(rec["run"], rec.get("info", {}))
+    lines += ["## The scans", "",
+              "Noise correlation: of the MP-PCA residual between neighbouring voxels along each voxel axis; "
+              "≈ 0 for independent noise, 0.5 or more where the scanner interpolated (less detail to recover "
+              "than the voxel size suggests).", "",
+              "| run | voxel size (mm) | volumes | b-values (s/mm²) | noise σ | noise correlation x / y / z |",
+              "|---|---|---|---|---|---|"]
+    for run, info in scans.items():
+        size = " × ".join(f"{v:.2f}" for v in info.get("voxel_size_mm", []))
+        corr = " / ".join(_f(v, 2) for v in info.get("noise_neighbour_correlation", [])) or "–"
+        sigma = f"{info['noise_sigma']:.4g}" if "noise_sigma" in info else "–"
+        lines.append(f"| {run} | {size or '–'} | {info.get('volumes', '–')} | "
+                     f"{', '.join(map(str, info.get('bvals', []))) or '–'} | {sigma} | {corr} |")
+    lines += ["", "## Every run", "",
               "| run | mode | floor int. | method | tensor int. | corrected int. | ratio int. | tensor ext. | ratio ext. | FA ratio |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for rec in results["records"]:

@@ -172,6 +172,9 @@ def prepare_case(run, r: int = 2, mode: str = "raw", snr: float | None = None, s
     if noise:
         denoised, sigma_map = _noise_sigma(hr_dwi, mask)
         info["noise_sigma"] = float(np.median(sigma_map[mask]))
+        # The scan's own noise (before any synthetic change): correlated between neighbours
+        # where the scanner interpolated, which leaves super-resolution less to recover.
+        info["noise_neighbour_correlation"] = metrics.neighbour_correlation(hr_dwi - denoised, mask)
     lesion = None
     truth = None
     if mode == "known-truth":

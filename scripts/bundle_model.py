@@ -1,13 +1,16 @@
 """Maintainers: make a trained model the bundled default (``iqt_pipe/data/models``).
 
     .venv/bin/python scripts/bundle_model.py runs/all/model.safetensors \
-        --evaluation runs/eval-foldA/results.json --evaluation-model foldA-final \
+        --evaluation runs/eval-foldA/results.json foldA --evaluation runs/eval-foldB/results.json foldB \
         --evaluation-command "iqt-train … && iqt-eval …"
 
 Copies the weights and rewrites the card: the training data's absolute paths become paths
 relative to each dataset (a card travels with the package), and the held-out evaluation of the
-same recipe (an ``iqt-eval`` results.json) is summarised under ``evaluation``. The weights are
-not changed, so the card's sha256 still holds; the result is loaded once to check it.
+same recipe is summarised under ``evaluation``: one ``iqt-eval`` results.json and method per fold
+(a model trained without that fold's scored subjects), the runs of all folds pooled by
+:func:`iqt_pipe.evaluation.summarise` as if one cross-validated ``iqt-eval`` had scored them.
+The weights are not changed, so the card's sha256 still holds; the result is loaded once to
+check it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
+from iqt_pipe.evaluation import summarise
 from iqt_pipe.io import atomic_path, save_json
 from iqt_pipe.models import load_model, read_card
 from iqt_pipe.models.files import BUNDLED, bundled_dir, model_paths
@@ -43,18 +47,28 @@ def _relative(card: dict) -> dict:
     return card
 
 
-def _evaluation(results: Path, method: str, command: str | None) -> dict:
-    res = json.loads(results.read_text())
+def _evaluation(folds: list[tuple[Path, str]], command: str | None) -> dict:
+    records, info = [], []
+    for k, (results, method) in enumerate(folds, 1):
+        res = json.loads(results.read_text())
+        mine = [rec for rec in res["records"] if method in rec["methods"]]
+        if not mine:
+            raise SystemExit(f"{results}: no method {method!r}; it has {', '.join(res['summary'].get('raw', {}))}")
+        for rec in mine:
+            rec["methods"] = {"model": rec["methods"][method]}
+            rec["fold"] = k
+        records += mine
+        info.append({"fold": k, "method": method, "runs": sorted({r["run"] for r in mine}),
+                     "risky_threshold_md_sd": res.get("thresholds", {}).get(method)})
     summary = {}
-    for mode, methods in res["summary"].items():
-        values = methods[method]["values"]
+    for mode, methods in summarise(records).items():
+        values = methods["model"]["values"]
         summary[mode] = {k: v for k, v in values.items() if k.split(".")[0] in _KEEP and k.endswith((".interior", ".exterior", ".brain", ".auc", ".f1", ".precision", ".recall"))}
     return {
-        "protocol": "iqt-eval on held-out subjects with a model of the same recipe trained without them",
-        "runs": sorted({r["run"] for r in res["records"]}),
-        "method": method,
+        "protocol": "iqt-eval on held-out subjects, each fold with a model of the same recipe trained without them",
+        "runs": sorted({r["run"] for r in records}),
+        "folds": info,
         "summary": summary,
-        "risky_threshold_md_sd": res.get("thresholds", {}).get(method),
         "command": command,
     }
 
@@ -62,13 +76,14 @@ def _evaluation(results: Path, method: str, command: str | None) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", type=Path)
-    p.add_argument("--evaluation", type=Path, help="iqt-eval results.json of the same recipe on held-out subjects")
-    p.add_argument("--evaluation-model", help="the method name in that results.json")
+    p.add_argument("--evaluation", nargs=2, action="append", metavar=("RESULTS", "METHOD"), default=[],
+                   help="one fold: iqt-eval results.json of the same recipe on held-out subjects and the "
+                        "method name of that recipe's model in it (repeatable)")
     p.add_argument("--evaluation-command", help="the commands that reproduce the evaluation")
     args = p.parse_args()
     card = _relative(read_card(args.model))
     if args.evaluation:
-        card["evaluation"] = _evaluation(args.evaluation, args.evaluation_model, args.evaluation_command)
+        card["evaluation"] = _evaluation([(Path(f), m) for f, m in args.evaluation], args.evaluation_command)
     weights, _ = model_paths(args.model)
     r = card["upsample"]
     out = bundled_dir() / f"{BUNDLED[r]}.safetensors"

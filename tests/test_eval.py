@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,6 +122,11 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
     assert summary["values"]["coverage0.95_loso.brain"]["min"] == pytest.approx(min(r["coverage0.95"] for r in loso.values()))
     text = (out / "results.md").read_text()
     assert "## Mode: known-truth" in text and "Noise correction against known truth" in text
+    # The phantom's noise is independent between voxels (≈ 0; the denoised signal itself
+    # would correlate near 1), and each scan is described once.
+    for rec in res["records"]:
+        assert np.all(np.abs(rec["info"]["noise_neighbour_correlation"]) < 0.1), rec["info"]
+    assert "## The scans" in text and text.count("| sub-01 | 6.50 × 6.50 × 6.50 |") == 1
     assert "cov. 95 %, scale from other subjects" in text
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert "calibration.png" in figures
@@ -128,6 +135,29 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
     card = json.loads((out / "cv" / "fold-1" / "model.json").read_text())
     assert card["training"]["loss_mask"] == "brain" and card["training"]["patches"]["per_subject"] == 24
     assert res["settings"]["recipe"]["loss_mask"] == "brain" and res["settings"]["recipe"]["epochs"] == 1
+    # scripts/bundle_model.py pools one results.json per fold (as a maintainer runs them) into
+    # the summary that one cross-validated run gives.
+    folds = []
+    for k in (1, 2):
+        part = {"records": [], "thresholds": {f"fold{k}": res["thresholds"][f"fold-{k}"]["hetero-var2"]}}
+        for rec in res["records"]:
+            if rec["fold"] == k:
+                rec = {**rec, "methods": {f"fold{k}": rec["methods"]["hetero-var2"], "cubic": rec["methods"]["cubic"]}}
+                part["records"].append(rec)
+        (tmp_path / f"fold{k}.json").write_text(json.dumps(part))
+        folds.append((tmp_path / f"fold{k}.json", f"fold{k}"))
+    spec = importlib.util.spec_from_file_location("bundle_model", Path(__file__).parents[1] / "scripts" / "bundle_model.py")
+    bundle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bundle)
+    pooled = bundle._evaluation(folds, "iqt-eval …")
+    assert pooled["runs"] == ["sub-01", "sub-02"] and [f["runs"] for f in pooled["folds"]] == [["sub-01"], ["sub-02"]]
+    assert pooled["folds"][1]["risky_threshold_md_sd"] == res["thresholds"]["fold-2"]["hetero-var2"]
+    for mode in ("raw", "known-truth", "lesion"):
+        want = res["summary"][mode]["hetero-var2"]["values"]
+        got = pooled["summary"][mode]
+        assert "tensor_rmse_ratio.interior" in got and ("lesion.auc" in got) == (mode == "lesion")
+        for key, stat in got.items():
+            assert stat == pytest.approx(want[key]), (mode, key)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -52,6 +52,30 @@ def test_rmse_split_and_noise_correction():
     assert metrics.noise_corrected_rmse(2.0, 3.0) == 0.0
 
 
+def test_neighbour_correlation_of_independent_and_interpolated_noise():
+    # Hand case: along x the pairs are (1, 2) and (3, 4) → perfectly correlated; along y the
+    # pairs are (1, 3) and (2, 4) → also 1; a masked-out voxel removes its pairs.
+    field = np.array([[[1.0], [3.0]], [[2.0], [4.0]]])  # (2, 2, 1)
+    full = np.ones((2, 2, 1), bool)
+    cx, cy, cz = metrics.neighbour_correlation(field, full)
+    assert cx == pytest.approx(1.0) and cy == pytest.approx(1.0) and math.isnan(cz)
+    rng = np.random.default_rng(0)
+    white = rng.standard_normal((40, 40, 40, 4))
+    mask = np.ones((40, 40, 40), bool)
+    assert np.allclose(metrics.neighbour_correlation(white, mask), 0, atol=0.01)
+    # A two-tap moving average along x (what 2× zero-filled interpolation approximates):
+    # neighbours share one of two independent terms → correlation 1/2 along x only.
+    smooth = (white[1:] + white[:-1]) / 2
+    cx, cy, cz = metrics.neighbour_correlation(smooth, mask[1:])
+    assert cx == pytest.approx(0.5, abs=0.02) and abs(cy) < 0.02 and abs(cz) < 0.02
+    # Only pairs inside the mask count: correlated noise outside the mask is ignored.
+    mixed = white.copy()
+    mixed[20:] = smooth[19:]
+    inside = np.zeros_like(mask)
+    inside[:20] = True
+    assert abs(metrics.neighbour_correlation(mixed, inside)[0]) < 0.02
+
+
 def test_frobenius_counts_off_diagonals_twice():
     d = np.array([1.0, 1.0, 0, 0, 0, 0])  # D11 = 1, D12 = D21 = 1
     assert metrics.frobenius(d) == pytest.approx(math.sqrt(3))

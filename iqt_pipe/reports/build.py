@@ -298,7 +298,9 @@ def _model_card_html(ctx: SubjectContext) -> str:
         evaluation = card.get("evaluation") if isinstance(card.get("evaluation"), dict) else {}
         ratio = (((evaluation.get("summary") or {}).get("raw") or {}).get("tensor_rmse_ratio.interior") or {})
         if ratio:
-            rows.append(("held-out evaluation", f"{len(evaluation.get('runs', []))} run(s): interior tensor RMSE "
+            folds = evaluation.get("folds") or []
+            where = f" of subjects held out in {len(folds)} folds" if len(folds) > 1 else ""
+            rows.append(("held-out evaluation", f"{len(evaluation.get('runs', []))} run(s){where}: interior tensor RMSE "
                                                 f"{ratio.get('mean', float('nan')):.2f} × cubic B-spline "
                                                 f"[{ratio.get('min', float('nan')):.2f}, {ratio.get('max', float('nan')):.2f}]"))
         rows.append(("created", f"{card.get('created', 'unknown')} by iqt-pipe {card.get('iqt_pipe_version', '?')}"))
