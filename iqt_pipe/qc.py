@@ -54,6 +54,17 @@ MAD_TO_SD = 1.4826
 MEANAD_TO_SD = 1.2533
 #: Metrics that get a robust z-score (column ``<metric>_z``) and can flag a run.
 OUTLIER_METRICS = ("sdtot_wm_median", "sdtot_frac_above", "fa_wm_median_ratio", "md_wm_median_ratio")
+#: Neighbour correlation of a run's noise above which it counts as correlated: the scanner
+#: interpolated the images (zero-filled k-space, a smoothing filter), so its grid holds less detail
+#: than its voxel size suggests. Measured on ds-realdwi (MP-PCA residual, brain): the Canon/Toshiba
+#: runs 0.52 and 0.65 along x, where the bundled model ties with cubic spline; the other five
+#: vendors 0.08-0.25 on every axis.
+CORRELATED_NOISE = 0.4
+#: What correlated noise means for super-resolution.
+INTERPOLATED = ("the scanner interpolated this series, so its grid holds less detail than its voxel size "
+                "suggests and super-resolution gains little over cubic-spline interpolation")
+#: Native tensor sidecar field with that correlation (written by the participant level).
+NOISE_CORRELATION_FIELD = "NoiseNeighbourCorrelation"
 #: BIDS entities (pybids names, labels without prefix) in column order; short keys for run names.
 ENTITIES = {"subject": "sub", "session": "ses", "acquisition": "acq", "reconstruction": "rec",
             "direction": "dir", "run": "run", "part": "part"}
@@ -90,6 +101,28 @@ GROUP_COLUMNS: dict[str, str] = {
     "outlier": f"true when any |z| > {OUTLIER_Z} (Iglewicz-Hoaglin)",
     "outlier_metrics": "the metrics with |z| > 3.5, comma-separated",
 }
+#: Columns from the participant level's sidecars (n/a without denoising).
+NOISE_COLUMNS: dict[str, str] = {
+    "noise_corr_max": "largest neighbour correlation of the noise over the voxel axes (MP-PCA residual in the "
+                      f"brain); above {CORRELATED_NOISE} the scanner interpolated: little for super-resolution to recover",
+}
+
+
+def noise_correlation(sidecar: dict[str, Any]) -> list[float] | None:
+    """The noise's neighbour correlation along voxel axes i, j, k recorded in a native tensor
+    sidecar (:data:`NOISE_CORRELATION_FIELD`), or None (no denoising, older outputs)."""
+    values = (sidecar.get(NOISE_CORRELATION_FIELD) or {}).get("Values")
+    return [float("nan") if v is None else float(v) for v in values] if values else None
+
+
+def noise_correlation_warning(correlation: Sequence[float] | None, name: str) -> str | None:
+    """One line when the noise correlates between neighbours along any axis above
+    :data:`CORRELATED_NOISE`, else None."""
+    high = [f"{axis} {value:.2f}" for axis, value in zip("ijk", correlation or ())
+            if math.isfinite(value) and value > CORRELATED_NOISE]
+    if not high:
+        return None
+    return f"{name}: noise correlated between neighbouring voxels ({', '.join(high)} > {CORRELATED_NOISE}): {INTERPOLATED}"
 
 
 def expand_blocks(native: np.ndarray, r: int) -> np.ndarray:
@@ -306,7 +339,7 @@ def group_table(rows: list[dict[str, Any]], metrics: Sequence[str] = OUTLIER_MET
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
     present = {k for row in rows for k in row}
-    known = [*ENTITIES, *METRIC_COLUMNS, *GROUP_COLUMNS]
+    known = [*ENTITIES, *METRIC_COLUMNS, *GROUP_COLUMNS, *NOISE_COLUMNS]
     extra = [k for row in rows for k in row if k not in known]
     return [k for k in known if k in present] + list(dict.fromkeys(extra))
 
@@ -337,6 +370,12 @@ def summary_text(rows: list[dict[str, Any]], metrics: Iterable[str] = OUTLIER_ME
         for row in outliers:
             why = ", ".join(f"{m} z={row[f'{m}_z']:+.1f}" for m in row["outlier_metrics"].split(",") if m)
             lines.append(f"  {run_name(row)}: {why}")
+    correlated = [row for row in rows if isinstance(row.get("noise_corr_max"), (int, float))
+                  and row["noise_corr_max"] > CORRELATED_NOISE]
+    if correlated:
+        lines.append(f"Correlated noise (neighbour correlation > {CORRELATED_NOISE}; interpolated by the scanner, "
+                     f"little for super-resolution to recover): {len(correlated)}")
+        lines += [f"  {run_name(row)}: {row['noise_corr_max']:.2f}" for row in correlated]
     if rows:
         lines.append("Medians across runs:")
         for metric in dict.fromkeys([*metrics, "sdtot_wm_p95", "n_wm_native"]):
@@ -363,7 +402,8 @@ def write_group_qc(
     if sidecar:
         from iqt_pipe.io import sidecar_path
 
-        described = {**{k: f"BIDS entity {k} (label)" for k in ENTITIES}, **METRIC_COLUMNS, **GROUP_COLUMNS}
+        described = {**{k: f"BIDS entity {k} (label)" for k in ENTITIES}, **METRIC_COLUMNS, **GROUP_COLUMNS,
+                     **NOISE_COLUMNS}
         fields = {}
         for col in (c for c in columns if c in described):
             fields[col] = {"Description": described[col]}

@@ -65,6 +65,10 @@ def test_outputs_and_sidecars_match_the_checked_in_list(first_run, data):
     card = json.loads((data[1] / "model.json").read_text())
     assert tensor["OrientationEncoding"]["Reference"] == "xyz"
     assert tensor["Model"]["WeightsSHA256"] == card["weights"]["sha256"] and tensor["MonteCarloSamples"] == 2
+    # The phantom's noise is white: no neighbour correlation, no warning.
+    native_meta = json.loads((out / "sub-01/dwi/sub-01_model-tensor_param-tensor_dwimap.json").read_text())
+    assert np.all(np.abs(native_meta["NoiseNeighbourCorrelation"]["Values"]) < 0.1), native_meta
+    assert "noise correlated" not in proc.stderr
     native = nb.load(out / "sub-01/dwi/sub-01_model-tensor_param-tensor_dwimap.nii.gz")
     sr = nb.load(out / "sub-01/dwi/sub-01_res-hi_model-tensor_param-tensor_dwimap.nii.gz")
     assert sr.shape == tuple(2 * s for s in native.shape[:3]) + (6,)
@@ -89,6 +93,34 @@ def test_rerun_with_the_same_work_dir_reuses_it_and_gives_identical_outputs(firs
              "-w", tmp / "work", *FAST, "--use-plugin", plugin)
     assert sr_result.stat().st_mtime_ns == stamp, "the super-resolution node ran again"
     assert image_digests(tmp / "out") == before
+
+
+def test_runs_with_correlated_noise_are_flagged(first_run, data, tmp_path, capsys):
+    """A run whose native sidecar records correlated noise (as ds-realdwi's Canon/Toshiba scans
+    do): one warning line at the end of the participant level, an alert in its report, a line in
+    the group summary and its value in group_qc.tsv."""
+    from types import SimpleNamespace
+
+    from iqt_pipe.cli.run import warn_correlated_noise
+
+    root, _ = data
+    out = tmp_path / "out"
+    shutil.copytree(first_run[0] / "out", out)
+    sidecar = out / "sub-01/dwi/sub-01_model-tensor_param-tensor_dwimap.json"
+    meta = json.loads(sidecar.read_text())
+    meta["NoiseNeighbourCorrelation"]["Values"] = [0.62, 0.08, 0.05]
+    sidecar.write_text(json.dumps(meta))
+    warn_correlated_noise(SimpleNamespace(output_dir=out), ["01"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("iqt-pipe: warning: sub-01: noise correlated between neighbouring "
+                                                  "voxels (i 0.62 > 0.4): the scanner interpolated this series")
+    iqt_pipe(root, out, "participant", "--reports-only", "--skip-bids-validation")
+    assert "Noise correlation between neighbouring voxels (the noise MP-PCA removed, in the brain): i 0.62, j 0.08, " \
+           "k 0.05: above 0.4, the scanner interpolated" in (out / "sub-01.html").read_text()
+    proc = iqt_pipe(root, out, "group", "--skip-bids-validation")
+    assert "Correlated noise (neighbour correlation > 0.4" in proc.stdout and "  sub-01: 0.62" in proc.stdout
+    header, row = ((out / "group_qc.tsv").read_text().splitlines()[i].split("\t") for i in (0, 1))
+    assert dict(zip(header, row))["noise_corr_max"] == "0.62"
 
 
 def test_two_job_array_tasks_share_one_output_folder(data, tmp_path):
@@ -164,12 +196,17 @@ def test_real_subject_end_to_end(realdwi, data, tmp_path):
     _, model = data
     filters = tmp_path / "filters.json"
     filters.write_text(json.dumps({"dwi": {"run": 1}}))
-    iqt_pipe(realdwi, tmp_path / "out", "participant", "--participant-label", "galan02", "--model", model,
-             "-w", tmp_path / "work", "--bids-filter-file", filters, "--skip-bids-validation",
-             "--mc-samples", "2", "--nprocs", "2", "--omp-nthreads", "1")
+    proc = iqt_pipe(realdwi, tmp_path / "out", "participant", "--participant-label", "galan02", "--model", model,
+                    "-w", tmp_path / "work", "--bids-filter-file", filters, "--skip-bids-validation",
+                    "--mc-samples", "2", "--nprocs", "2", "--omp-nthreads", "1")
     files = tree(tmp_path / "out")
     stem = "sub-galan02/dwi/sub-galan02_run-1_"
     assert f"{stem}res-hi_model-tensor_param-tensor_desc-totalsd_dwimap.nii.gz" in files
     native = nb.load(tmp_path / "out" / f"{stem}model-tensor_param-md_dwimap.nii.gz").get_fdata()
     mask = nb.load(tmp_path / "out" / f"{stem}desc-brain_mask.nii.gz").get_fdata() > 0
     assert 0.5e-3 < np.median(native[mask]) < 1.2e-3
+    # The Canon scanner interpolated this run along x (iqt-eval measures 0.52 there): warned about.
+    corr = json.loads((tmp_path / "out" / f"{stem}model-tensor_param-tensor_dwimap.json").read_text())
+    i, j, k = corr["NoiseNeighbourCorrelation"]["Values"]
+    assert i > 0.4 and max(j, k) < 0.3, (i, j, k)
+    assert f"warning: sub-galan02_run-1: noise correlated between neighbouring voxels (i {i:.2f} > 0.4)" in proc.stderr

@@ -278,3 +278,28 @@ def test_runqc_interface(tmp_path, monkeypatch):
     assert saved["fa_wm_mean_ratio"] == 1.0
     res = RunQC(**{**node.inputs.get_traitsfree(), "threshold": 3e-4}).run(cwd=str(work))
     assert res.outputs.metrics["sdtot_frac_above"] == 0.0
+
+
+def test_correlated_noise_warning_threshold():
+    assert qc.noise_correlation_warning(None, "sub-01") is None
+    assert qc.noise_correlation_warning([0.25, 0.4, math.nan], "sub-01") is None  # 0.4 is not above
+    warning = qc.noise_correlation_warning([0.52, 0.1, 0.65], "sub-galan02_run-1")
+    assert warning.startswith("sub-galan02_run-1: noise correlated between neighbouring voxels (i 0.52, k 0.65 > 0.4)")
+    assert "\n" not in warning and "super-resolution gains little" in warning
+    sidecar = {qc.NOISE_CORRELATION_FIELD: {"Values": [0.5, None, 0.1], "Description": "…"}}
+    assert qc.noise_correlation(sidecar)[0] == 0.5 and math.isnan(qc.noise_correlation(sidecar)[1])
+    assert qc.noise_correlation({"NumericalGuards": {}}) is None
+
+
+def test_group_summary_lists_correlated_noise(tmp_path):
+    rows = _rows(HOMOGENEOUS, 4)
+    rows[1]["noise_corr_max"], rows[2]["noise_corr_max"] = 0.61, 0.12  # the others: no denoising
+    tsv, summary = qc.write_group_qc(qc.group_table(rows), tmp_path / "g.tsv", tmp_path / "g.txt")
+    with open(tsv, newline="") as fh:
+        read = list(csv.DictReader(fh, delimiter="\t"))
+    assert list(read[0])[-1] == "noise_corr_max"
+    assert [row["noise_corr_max"] for row in read] == ["n/a", "0.61", "0.12", "n/a"]
+    assert "above 0.4" in json.loads((tmp_path / "g.json").read_text())["noise_corr_max"]["Description"]
+    text = summary.read_text()
+    assert "Correlated noise (neighbour correlation > 0.4" in text and "  sub-02_run-1: 0.61\n" in text
+    assert "sub-03_run-1: 0.12" not in text

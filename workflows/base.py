@@ -16,6 +16,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 from iqt_pipe import __version__
 from iqt_pipe.bids import DWIRun
 from iqt_pipe.config import RunConfig
+from iqt_pipe.interfaces.preproc import NoiseCorrelation
 from iqt_pipe.workflows.dwi import init_dti_wf, init_dwi_preproc_wf
 from iqt_pipe.workflows.outputs import init_outputs_wf
 from iqt_pipe.workflows.sr import init_sr_wf
@@ -106,8 +107,7 @@ super-resolution follow @tanno2017 and @tanno2021.
             (dti_wf, outputs_wf, [("outputnode.tensor_file", "inputnode.tensor_file"),
                                   ("outputnode.fa_file", "inputnode.fa_file"),
                                   ("outputnode.md_file", "inputnode.md_file"),
-                                  ("outputnode.mask_file", "inputnode.mask_file"),
-                                  ("outputnode.metadata", "inputnode.metadata")]),
+                                  ("outputnode.mask_file", "inputnode.mask_file")]),
             (sr_wf, outputs_wf, [("outputnode.tensor_file", "inputnode.sr_tensor_file"),
                                  ("outputnode.fa_file", "inputnode.sr_fa_file"),
                                  ("outputnode.fa_sd_file", "inputnode.sr_fa_sd_file"),
@@ -118,6 +118,14 @@ super-resolution follow @tanno2017 and @tanno2021.
                                  ("outputnode.sd_total_file", "inputnode.sr_sd_total_file"),
                                  ("outputnode.mask_file", "inputnode.sr_mask_file"),
                                  ("outputnode.metadata", "inputnode.sr_metadata")]),
+        ])  # fmt:skip
+        # The noise as acquired, correlated between neighbours where the scanner interpolated:
+        # recorded in the native tensor's sidecar, warned about at the end of the run.
+        noise_corr = pe.Node(NoiseCorrelation(), name=f"{tag}_noise_corr")
+        workflow.connect([
+            (inputnode, noise_corr, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
+            (dti_wf, noise_corr, [("outputnode.mask_file", "mask_file"), ("outputnode.metadata", "metadata")]),
+            (noise_corr, outputs_wf, [("metadata", "inputnode.metadata")]),
         ])  # fmt:skip
     return workflow
 

@@ -157,6 +157,7 @@ def participant(config: RunConfig) -> int:
         write_reports(config, sorted({r.subject for r in runs}), run_uuid=config.run_uuid)
         return EXIT_FAILED
     write_reports(config, sorted({r.subject for r in runs}), run_uuid=config.run_uuid)  # problems: warnings
+    warn_correlated_noise(config, sorted({r.subject for r in runs}))
     if refused:
         print(f"{PROG}: {len(refused)} run(s) refused (see the errors above); the other {len(runs)} finished, "
               f"derivatives in {config.output_dir}", file=sys.stderr)
@@ -232,6 +233,19 @@ def write_reports(config: RunConfig, subjects: list[str], run_uuid: str | None =
     return ok
 
 
+def warn_correlated_noise(config: RunConfig, subjects: list[str]) -> None:
+    """A warning for each run whose noise correlates between neighbouring voxels (recorded in
+    its native tensor sidecar): the scanner interpolated it, super-resolution gains little."""
+    from iqt_pipe.qc import noise_correlation, noise_correlation_warning
+    from iqt_pipe.reports.discover import find_runs
+
+    for subject in subjects:
+        for run in find_runs(config.output_dir, subject):
+            warning = noise_correlation_warning(noise_correlation(run.sidecar("tensor")), run.name)
+            if warning:
+                print(f"{PROG}: warning: {warning}", file=sys.stderr)
+
+
 def reports_only(config: RunConfig) -> int:
     """``--reports-only``: rebuild the reports from the outputs already in the output folder
     (subject reports at the participant level, ``group.html`` at the group level)."""
@@ -261,7 +275,8 @@ def group(config: RunConfig) -> int:
     and ``group_qc.txt``, a short summary."""
     from bids.layout import Query
 
-    from iqt_pipe.qc import ENTITIES, group_table, metrics_from_files, run_name, write_group_qc
+    from iqt_pipe.io import sidecar_path
+    from iqt_pipe.qc import ENTITIES, group_table, metrics_from_files, noise_correlation, run_name, write_group_qc
 
     out = config.output_dir
     if not (out / "dataset_description.json").exists():
@@ -300,7 +315,10 @@ def group(config: RunConfig) -> int:
             one(suffix="mask", desc="brain", res="hi", **base),
             r=int(r), name=run_name(entities),
         )
-        rows.append({**entities, **metrics})
+        native_tensor = one(suffix="dwimap", model="tensor", param="tensor", res=Query.NONE, desc=Query.NONE, **base)
+        correlation = noise_correlation(json.loads(sidecar_path(native_tensor).read_text()))
+        finite = [c for c in correlation or () if c == c]
+        rows.append({**entities, **metrics, **({"noise_corr_max": max(finite)} if finite else {})})
     tsv, summary = write_group_qc(group_table(rows), out / "group_qc.tsv", out / "group_qc.txt")
     print(summary.read_text(), end="")
     print(f"{PROG}: group QC of {len(rows)} run(s) written to {tsv}")

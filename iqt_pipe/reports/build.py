@@ -33,7 +33,15 @@ import numpy as np
 
 from iqt_pipe import __version__
 from iqt_pipe.io import InputError, atomic_path, read_tsv, save_text
-from iqt_pipe.qc import DEFAULT_SD_THRESHOLD, METRIC_COLUMNS, metrics_from_files
+from iqt_pipe.qc import (
+    CORRELATED_NOISE,
+    DEFAULT_SD_THRESHOLD,
+    INTERPOLATED,
+    METRIC_COLUMNS,
+    metrics_from_files,
+    noise_correlation,
+    noise_correlation_warning,
+)
 from iqt_pipe.reports import figures as F
 from iqt_pipe.reports.citations import methods_html
 from iqt_pipe.reports.markup import (
@@ -352,6 +360,14 @@ def _run_summary_html(ctx: SubjectContext, run: RunOutputs) -> str:
         parts.append(f'<p class="iqt-note">{escape(sr.get("Resolution", ""))} Predictive moments from '
                      f'{escape(sr.get("MonteCarloSamples", "?"))} Monte-Carlo sample(s), seed {escape(sr.get("Seed", "?"))}, '
                      f'device {escape(sr.get("Device", "?"))}, variance scale {escape(sr.get("VarianceScale", 1.0))}.</p>')
+    correlation = noise_correlation(run.sidecar("tensor"))
+    if correlation is not None:
+        warning = noise_correlation_warning(correlation, run.name)
+        values = ", ".join(f"{axis} {_fmt(value, 2)}" for axis, value in zip("ijk", correlation))
+        parts.append(f'<p class="{"iqt-alert" if warning else "iqt-note"}">Noise correlation between neighbouring '
+                     f"voxels (the noise MP-PCA removed, in the brain): {escape(values)}"
+                     + (f": above {CORRELATED_NOISE}, {escape(INTERPOLATED)}.</p>" if warning else
+                        f"; independent enough (≤ {CORRELATED_NOISE}), no sign of interpolation by the scanner.</p>"))
     links = [link(path, out).text for key, path in sorted(run.files.items())]
     parts.append(f"<details><summary>Derivatives of this run ({len(links)} files)</summary><p>"
                  + "<br>".join(links) + "</p></details>")
