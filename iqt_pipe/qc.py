@@ -56,9 +56,9 @@ MEANAD_TO_SD = 1.2533
 OUTLIER_METRICS = ("sdtot_wm_median", "sdtot_frac_above", "fa_wm_median_ratio", "md_wm_median_ratio")
 #: Neighbour correlation of a run's noise above which it counts as correlated: the scanner
 #: interpolated the images (zero-filled k-space, a smoothing filter), so its grid holds less detail
-#: than its voxel size suggests. Measured on ds-realdwi (MP-PCA residual, brain): the Canon/Toshiba
-#: runs 0.52 and 0.65 along x, where the bundled model ties with cubic spline; the other five
-#: vendors 0.08-0.25 on every axis.
+#: than its voxel size suggests. Measured on ds-realdwi (residual of DIPY's MP-PCA, brain): the
+#: Canon/Toshiba runs 0.5-0.65 along x, where the bundled model ties with cubic spline; the other
+#: five vendors 0.08-0.25 on every axis (:func:`iqt_pipe.preproc.noise_neighbour_correlation`).
 CORRELATED_NOISE = 0.4
 #: What correlated noise means for super-resolution.
 INTERPOLATED = ("the scanner interpolated this series, so its grid holds less detail than its voxel size "
@@ -101,7 +101,7 @@ GROUP_COLUMNS: dict[str, str] = {
     "outlier": f"true when any |z| > {OUTLIER_Z} (Iglewicz-Hoaglin)",
     "outlier_metrics": "the metrics with |z| > 3.5, comma-separated",
 }
-#: Columns from the participant level's sidecars (n/a without denoising).
+#: Columns from the participant level's sidecars (n/a for outputs of versions without them).
 NOISE_COLUMNS: dict[str, str] = {
     "noise_corr_max": "largest neighbour correlation of the noise over the voxel axes (MP-PCA residual in the "
                       f"brain); above {CORRELATED_NOISE} the scanner interpolated: little for super-resolution to recover",
@@ -110,7 +110,7 @@ NOISE_COLUMNS: dict[str, str] = {
 
 def noise_correlation(sidecar: dict[str, Any]) -> list[float] | None:
     """The noise's neighbour correlation along voxel axes i, j, k recorded in a native tensor
-    sidecar (:data:`NOISE_CORRELATION_FIELD`), or None (no denoising, older outputs)."""
+    sidecar (:data:`NOISE_CORRELATION_FIELD`), or None (outputs of an older version)."""
     values = (sidecar.get(NOISE_CORRELATION_FIELD) or {}).get("Values")
     return [float("nan") if v is None else float(v) for v in values] if values else None
 
