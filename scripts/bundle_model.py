@@ -5,7 +5,8 @@
         --evaluation-command "iqt-train … && iqt-eval …"
 
 Copies the weights and rewrites the card: the training data's absolute paths become paths
-relative to each dataset (a card travels with the package), and the held-out evaluation of the
+relative to each dataset (a card travels with the package), with each dataset's ``Name`` from its
+``dataset_description.json`` (``training.dataset_names``), and the held-out evaluation of the
 same recipe is summarised under ``evaluation``: one ``iqt-eval`` results.json and method per fold
 (a model trained without that fold's scored subjects), the runs of all folds pooled by
 :func:`iqt_pipe.evaluation.summarise` as if one cross-validated ``iqt-eval`` had scored them.
@@ -44,6 +45,9 @@ def _relative(card: dict) -> dict:
             run[key] = rel(run[key])
         run["dataset"] = Path(run["dataset"]).name if run.get("dataset") else None
     training["datasets"] = [d.name for d in datasets]
+    # What each folder held (e.g. "iqt-phantom synthetic DWI (preset demo, seed 7)"): its name alone travels.
+    training["dataset_names"] = {d.name: json.loads((d / "dataset_description.json").read_text()).get("Name")
+                                 for d in datasets if (d / "dataset_description.json").is_file()}
     return card
 
 

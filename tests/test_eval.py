@@ -149,6 +149,16 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bundle_model", Path(__file__).parents[1] / "scripts" / "bundle_model.py")
     bundle = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bundle)
+    # … and writes the training data relative to each dataset, with the dataset's name.
+    dwi = str(phantom / "sub-01" / "dwi" / "sub-01_dwi.nii.gz")
+    trained = {"training": {"datasets": [str(phantom)], "dwi_runs": [
+        {"dwi": dwi, "bval": dwi.replace(".nii.gz", ".bval"), "bvec": dwi.replace(".nii.gz", ".bvec"),
+         "dataset": str(phantom)}]}}
+    relative = bundle._relative(trained)["training"]
+    assert relative["datasets"] == ["ds"] and relative["dwi_runs"][0]["dwi"] == "ds/sub-01/dwi/sub-01_dwi.nii.gz"
+    assert relative["dwi_runs"][0]["dataset"] == "ds" and relative["dwi_runs"][0]["bvec"].startswith("ds/sub-01/")
+    name = json.loads((phantom / "dataset_description.json").read_text())["Name"]
+    assert relative["dataset_names"] == {"ds": name} and name.startswith("iqt-phantom synthetic DWI (preset tiny")
     pooled = bundle._evaluation(folds, "iqt-eval …")
     assert pooled["runs"] == ["sub-01", "sub-02"] and [f["runs"] for f in pooled["folds"]] == [["sub-01"], ["sub-02"]]
     assert pooled["folds"][1]["risky_threshold_md_sd"] == res["thresholds"]["fold-2"]["hetero-var2"]
