@@ -437,15 +437,17 @@ def library_key(
     runs: Sequence, r: int, patches_per_subject: int, seed: int, target: str,
     input_size: int = INPUT_SIZE, margin: int = MARGIN,
 ) -> str:
-    """sha256 over the runs' files (absolute path, size, mtime) and every sampling setting."""
+    """sha256 over the runs' files (name and content) and every sampling setting: a copy of
+    the data elsewhere, with new time stamps (a cluster job's scratch folder), has the same key,
+    so its cached library and a checkpoint trained on it stay valid there."""
     files = []
     for run in runs:
         for p in _run_files(run):
             try:
-                st = p.stat()
+                with open(p, "rb") as fh:
+                    files.append([p.name, hashlib.file_digest(fh, "sha256").hexdigest()])
             except OSError:
-                raise InputError(f"{p}: file not found") from None
-            files.append([str(p.absolute()), st.st_size, st.st_mtime_ns])
+                raise InputError(f"{p}: file not found or not readable") from None
     spec = {
         "format": LIBRARY_FORMAT, "version": LIBRARY_VERSION, "files": files, "r": int(r),
         "patches_per_subject": int(patches_per_subject), "seed": int(seed), "target": target,

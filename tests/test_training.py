@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -230,6 +231,16 @@ def test_cache_is_reused_and_keyed(runs, tmp_path, monkeypatch):
     for kwargs in ({"seed": 6}, {"target": "residual-cubic"}, {"n": 17}, {"r": 3}):
         with pytest.raises(AssertionError, match="make_pair called"):
             _lib(runs, tmp_path, **{"n": 16, "target": "hr", "seed": 5, **kwargs})
+    # The key follows the files' content, not where they lie or when they were written.
+    key = P.library_key(runs, 2, 16, 5, "hr")
+    copies = []
+    for k, run in enumerate(runs):
+        folder = tmp_path / "copy" / str(k)
+        folder.mkdir(parents=True)
+        copies.append(tuple(shutil.copy(f, folder / Path(f).name) for f in (run.dwi, run.bval, run.bvec)))
+    assert P.library_key(copies, 2, 16, 5, "hr") == key
+    Path(copies[0][1]).write_bytes(Path(copies[0][1]).read_bytes() + b"\n")  # a changed file: a new key
+    assert P.library_key(copies, 2, 16, 5, "hr") != key
 
 
 def test_library_is_deterministic(runs, tmp_path):
