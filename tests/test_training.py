@@ -241,6 +241,16 @@ def test_cache_is_reused_and_keyed(runs, tmp_path, monkeypatch):
     assert P.library_key(copies, 2, 16, 5, "hr") == key
     Path(copies[0][1]).write_bytes(Path(copies[0][1]).read_bytes() + b"\n")  # a changed file: a new key
     assert P.library_key(copies, 2, 16, 5, "hr") != key
+    # Large files: size, head and tail (a .nii.gz's tail is its gzip CRC-32 of the whole image).
+    big = bytearray(np.random.default_rng(0).bytes(10 << 20))
+    (tmp_path / "a.bin").write_bytes(big)
+    digest = P.content_digest(tmp_path / "a.bin")
+    assert P.content_digest(Path(shutil.copy(tmp_path / "a.bin", tmp_path / "b.bin"))) == digest
+    for where in (0, len(big) - 1):
+        changed = bytearray(big)
+        changed[where] ^= 1
+        (tmp_path / "c.bin").write_bytes(changed)
+        assert P.content_digest(tmp_path / "c.bin") != digest
 
 
 def test_library_is_deterministic(runs, tmp_path):
