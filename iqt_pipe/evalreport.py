@@ -51,7 +51,7 @@ def markdown(results: dict[str, Any]) -> str:
         unc = {n: s for n, s in methods.items() if "spearman.brain" in s["values"]}
         if unc:
             lines += ["| method | Spearman(sd, err) | cov. 50 % | cov. 80 % | cov. 95 % | cov. 95 %, scale from other subjects "
-                      "[min, max] | risky AUC | risky precision | risky recall | risky F1 | lesion AUC |",
+                      "[min, max] | risky AUC | risky precision | risky recall | risky F1 | lesion AUC (intrinsic / parameter sd) |",
                       "|---|---|---|---|---|---|---|---|---|---|---|"]
             for name, slot in unc.items():
                 v = slot["values"]
@@ -61,6 +61,8 @@ def markdown(results: dict[str, Any]) -> str:
                 g.append("–" if loso is None else f"{loso['mean']:.3f} [{loso['min']:.3f}, {loso['max']:.3f}]")
                 g += [_f(v.get(k, {}).get("mean")) for k in ("risky.auc", "risky.precision", "risky.recall", "risky.f1",
                                                              "lesion.auc")]
+                if "lesion.auc_parameter" in v:
+                    g[-1] += f" ({_f(v['lesion.auc_intrinsic']['mean'])} / {_f(v['lesion.auc_parameter']['mean'])})"
                 lines.append(f"| {name} | " + " | ".join(g) + " |")
             lines.append("")
         goals = {n: s["goals"] for n, s in methods.items() if s.get("goals") and n not in ("nearest", "trilinear", "cubic")}

@@ -337,6 +337,9 @@ def uncertainty_scores(case: Case, pred: Prediction, md: np.ndarray, md_ref: np.
         sel = (lesion & m) | normal
         out["lesion"] = {"auc": metrics.roc_auc(sd[sel], lesion[sel]), "voxels": int((lesion & m).sum()),
                          "rmse": metrics.rmse(pred.mean, case.reference, lesion & m) / UNIT}
+        if pred.var_intrinsic is not None and pred.var_parameter is not None:  # which map flags it
+            for part, var_part in (("intrinsic", pred.var_intrinsic), ("parameter", pred.var_parameter)):
+                out["lesion"][f"auc_{part}"] = metrics.roc_auc(frobenius_sd(var_part)[sel], lesion[sel])
     return out
 
 
@@ -496,7 +499,7 @@ def summarise(records: Sequence[dict]) -> dict[str, Any]:
                 flat |= {f"coverage{p}.{k}": c for k, cov in u["coverage"].items() for p, c in cov.items()}
                 flat |= {f"risky.{k}": v for k, v in u["risky"].items() if isinstance(v, float)}
                 if "lesion" in u:
-                    flat["lesion.auc"] = u["lesion"]["auc"]
+                    flat |= {f"lesion.{k}": v for k, v in u["lesion"].items() if k.startswith("auc")}
                 for k, v in flat.items():
                     slot["values"].setdefault(k, []).append(v)
     _cross_calibrate(records, out)

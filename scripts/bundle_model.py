@@ -30,6 +30,10 @@ _KEEP = ("tensor_rmse_ratio", "tensor_rmse_corrected_ratio", "fa_rmse_ratio", "m
          "coverage0.5", "coverage0.8", "coverage0.95", "risky", "lesion")
 
 
+_REGIONS = (".interior", ".exterior", ".brain", ".auc", ".auc_intrinsic", ".auc_parameter", ".f1", ".precision",
+            ".recall")
+
+
 def _relative(card: dict) -> dict:
     training = card.get("training", {})
     datasets = [Path(d) for d in training.get("datasets", [])]
@@ -67,7 +71,7 @@ def _evaluation(folds: list[tuple[Path, str]], command: str | None) -> dict:
     summary = {}
     for mode, methods in summarise(records).items():
         values = methods["model"]["values"]
-        summary[mode] = {k: v for k, v in values.items() if k.split(".")[0] in _KEEP and k.endswith((".interior", ".exterior", ".brain", ".auc", ".f1", ".precision", ".recall"))}
+        summary[mode] = {k: v for k, v in values.items() if k.split(".")[0] in _KEEP and k.endswith(_REGIONS)}
     return {
         "protocol": "iqt-eval on held-out subjects, each fold with a model of the same recipe trained without them",
         "runs": sorted({r["run"] for r in records}),

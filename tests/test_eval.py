@@ -78,6 +78,19 @@ def test_lesion_is_written_where_its_weight_says(runs):
     assert np.allclose(les.reference[outside], raw.reference[outside])
     md = les.reference[core][:, [0, 3, 5]].mean(axis=1)
     assert np.median(md) == pytest.approx(np.mean(ev.LESION_EVALS), rel=0.15)
+    # The lesion AUC of each uncertainty map: here only the parameter sd rises in the lesion
+    # (AUC 1), the intrinsic sd is noise (AUC ≈ 0.5); the total follows the larger part.
+    from iqt_pipe.inference import Prediction
+
+    rng = np.random.default_rng(0)
+    shape, zeros = les.reference.shape, np.zeros(les.hr_mask.shape)
+    intrinsic = np.full(shape, 1e-9) * rng.uniform(1, 2, shape[:3])[..., None]
+    parameter = np.full(shape, 1e-10) + 1e-8 * (les.lesion >= 0.5)[..., None]
+    pred = Prediction(mean=les.reference, var_intrinsic=intrinsic, var_parameter=parameter, fa_mean=zeros,
+                      fa_sd=zeros, md_mean=zeros, md_sd=zeros, mask=les.hr_mask, affine=np.eye(4))
+    lesion = ev.uncertainty_scores(les, pred, zeros, zeros, None)["lesion"]
+    assert lesion["auc_parameter"] == 1.0 and lesion["auc"] == 1.0
+    assert lesion["auc_intrinsic"] == pytest.approx(0.5, abs=0.1)
 
 
 def test_baselines_order_and_ratios(runs):
@@ -166,6 +179,7 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
         want = res["summary"][mode]["hetero-var2"]["values"]
         got = pooled["summary"][mode]
         assert "tensor_rmse_ratio.interior" in got and ("lesion.auc" in got) == (mode == "lesion")
+        assert ("lesion.auc_parameter" in got) == ("lesion.auc_intrinsic" in got) == (mode == "lesion")
         for key, stat in got.items():
             assert stat == pytest.approx(want[key]), (mode, key)
 
