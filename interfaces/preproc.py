@@ -91,7 +91,6 @@ class RemoveGibbs(SimpleInterface):
         return runtime
 
 
-
 class _NoiseCorrelationInputSpec(BaseInterfaceInputSpec):
     dwi_file = File(exists=True, mandatory=True, desc="DWI series as reconstructed by the scanner")
     bval_file = File(exists=True, mandatory=True, desc="its b-values (FSL)")

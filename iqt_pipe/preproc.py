@@ -49,7 +49,6 @@ def remove_gibbs(dwi: np.ndarray, slice_axis: int = 2) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-
 def noise_neighbour_correlation(dwi: np.ndarray, mask: np.ndarray, slices: int | None = 12) -> list[float]:
     """Correlation of a series' noise between face neighbours along voxel axes i, j, k.
 
