@@ -121,6 +121,7 @@ def test_runs_with_correlated_noise_are_flagged(first_run, data, tmp_path, capsy
     assert "Correlated noise (neighbour correlation > 0.4" in proc.stdout and "  sub-01: 0.62" in proc.stdout
     header, row = ((out / "group_qc.tsv").read_text().splitlines()[i].split("\t") for i in (0, 1))
     assert dict(zip(header, row))["noise_corr_max"] == "0.62"
+    assert '<td class="iqt-flag" title="noise_corr_max">0.620</td>' in (out / "group.html").read_text()
 
 
 def test_two_job_array_tasks_share_one_output_folder(data, tmp_path):

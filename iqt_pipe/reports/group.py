@@ -9,7 +9,16 @@ from typing import Any
 
 from iqt_pipe import __version__
 from iqt_pipe.io import InputError, read_tsv, save_text
-from iqt_pipe.qc import DEFAULT_SD_THRESHOLD, ENTITIES, GROUP_COLUMNS, METRIC_COLUMNS, OUTLIER_METRICS, OUTLIER_Z
+from iqt_pipe.qc import (
+    CORRELATED_NOISE,
+    DEFAULT_SD_THRESHOLD,
+    ENTITIES,
+    GROUP_COLUMNS,
+    METRIC_COLUMNS,
+    NOISE_COLUMNS,
+    OUTLIER_METRICS,
+    OUTLIER_Z,
+)
 from iqt_pipe.reports import figures as F
 from iqt_pipe.reports.discover import figure_path, find_runs, run_label
 from iqt_pipe.reports.markup import escape, relpath, style_sheet, to_float
@@ -21,6 +30,7 @@ _GROUP_SHOWN = (
     ("sdtot_frac_above", "brain voxels above threshold (%)", "pct"),
     ("fa_wm_median_ratio", "FA WM median, SR / native", "num"),
     ("md_wm_median_ratio", "MD WM median, SR / native", "num"),
+    ("noise_corr_max", "noise correlation between neighbours, max", "corr"),
 )
 
 
@@ -74,7 +84,8 @@ def build_group_report(output_dir: str | os.PathLike) -> Path:
             z = to_float(row.get(f"{metric}_z"))
             shown = ("n/a" if value is None else f"{value / 1e-4:.3g}" if kind == "sd"
                      else f"{100 * value:.1f}" if kind == "pct" else f"{value:.3f}")
-            flag = z is not None and abs(z) > OUTLIER_Z
+            flag = (z is not None and abs(z) > OUTLIER_Z) or (kind == "corr" and value is not None
+                                                              and value > CORRELATED_NOISE)
             ztext = f' <span class="iqt-z">z {z:+.1f}</span>' if z is not None else ""
             cells.append(f'<td class="{"iqt-flag" if flag else "iqt-num"}" title="{escape(metric)}">{shown}{ztext}</td>')
         outlier = row.get("outlier") == "true"
@@ -83,9 +94,11 @@ def build_group_report(output_dir: str | os.PathLike) -> Path:
     table_html = ('<table class="iqt-table iqt-group"><thead><tr>' + "".join(f"<th>{escape(h)}</th>" for h in header)
              + "</tr></thead><tbody>" + "".join(trs) + "</tbody></table>")
     legend = ("<p class=\"iqt-note\">Rows in red are outlier runs; red cells are the metrics that flag them "
-              f"(robust z = (x − median) / (1.4826·MAD) across runs, |z| &gt; {OUTLIER_Z:g}). Click a run or its "
+              f"(robust z = (x − median) / (1.4826·MAD) across runs, |z| &gt; {OUTLIER_Z:g}), and noise correlations "
+              f"above {CORRELATED_NOISE:g}, where the scanner interpolated. Click a run or its "
               "image for its report. Column meanings: " + "; ".join(
-                  f"<code>{m}</code>: {escape(METRIC_COLUMNS.get(m, GROUP_COLUMNS.get(m, '')))}" for m, _, _ in _GROUP_SHOWN)
+                  f"<code>{m}</code>: {escape({**METRIC_COLUMNS, **GROUP_COLUMNS, **NOISE_COLUMNS}.get(m, ''))}"
+                  for m, _, _ in _GROUP_SHOWN)
               + ".</p>")
     summary_html = f"<h2>Summary</h2><pre>{escape(summary.read_text())}</pre>" if summary.exists() else ""
     page = _GROUP_PAGE.format(version=escape(__version__), css=style_sheet(), body="\n".join(body), table=table_html,
