@@ -40,6 +40,7 @@ from iqt_pipe.fit import brain_mask, fit_dti
 from iqt_pipe.gradients import GradientTable, select_dti_volumes
 from iqt_pipe.inference import Prediction, combine_ensemble, frobenius_sd, predict_volume
 from iqt_pipe.normalise import channel_stats
+from iqt_pipe.preproc import denoise_mppca_brain
 
 MODES = ("raw", "known-truth", "lesion")
 #: Lesion: radius (mm), diffusivities (mm²/s, principal first) and b = 0 signal gain.
@@ -93,15 +94,6 @@ def _rician(clean: np.ndarray, sigma: float | np.ndarray, rng: np.random.Generat
     re = clean + rng.standard_normal(clean.shape, dtype=np.float32) * np.float32(sigma)
     im = rng.standard_normal(clean.shape, dtype=np.float32) * np.float32(sigma)
     return np.sqrt(re * re + im * im)
-
-
-def _noise_sigma(dwi: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """MP-PCA (dipy) over the mask dilated by 2 voxels: denoised series and σ map."""
-    from iqt_pipe.preproc import denoise_mppca
-
-    region = ndimage.binary_dilation(mask, iterations=2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return denoise_mppca(dwi, mask=region)
 
 
 def _floor_variance(fit, gtab: GradientTable, affine: np.ndarray, sigma: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -170,7 +162,7 @@ def prepare_case(run, r: int = 2, mode: str = "raw", snr: float | None = None, s
     sigma_map = None
     noise = mode != "raw" or noise_floor
     if noise:
-        denoised, sigma_map = _noise_sigma(hr_dwi, mask)
+        denoised, sigma_map = denoise_mppca_brain(hr_dwi, mask)
         info["noise_sigma"] = float(np.median(sigma_map[mask]))
         # The scan's own noise (before any synthetic change): correlated between neighbours
         # where the scanner interpolated, which leaves super-resolution less to recover.
@@ -202,7 +194,7 @@ def prepare_case(run, r: int = 2, mode: str = "raw", snr: float | None = None, s
     if mode == "known-truth":
         case.noisy_reference = pair.hr.tensors
         # The floor of the noisy reference, as raw mode would estimate it (MP-PCA on that series).
-        _, sigma_noisy = _noise_sigma(hr_dwi, mask)
+        _, sigma_noisy = denoise_mppca_brain(hr_dwi, mask)
         case.noisy_floor_var = _floor_variance(pair.hr, gtab, affine, sigma_noisy, mask)
     elif noise_floor:
         case.floor_var = _floor_variance(pair.hr, gtab, affine, sigma_map, mask)

@@ -39,6 +39,16 @@ def denoise_mppca(
     return denoised.astype(np.float32, copy=False), sigma.astype(np.float32, copy=False)
 
 
+def denoise_mppca_brain(dwi: np.ndarray, mask: np.ndarray, margin: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`denoise_mppca` over the brain ``mask`` dilated by ``margin`` voxels, so that the
+    brain's edge voxels are denoised from whole patches; empty patches' 0/0 stay silent."""
+    from scipy import ndimage
+
+    region = ndimage.binary_dilation(np.asarray(mask, dtype=bool), iterations=margin)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return denoise_mppca(dwi, mask=region)
+
+
 def remove_gibbs(dwi: np.ndarray, slice_axis: int = 2) -> np.ndarray:
     """Gibbs-ringing removal by local sub-voxel shifts (Kellner et al. 2016), in the
     plane orthogonal to ``slice_axis``; returns a float32 copy."""
@@ -52,14 +62,12 @@ def remove_gibbs(dwi: np.ndarray, slice_axis: int = 2) -> np.ndarray:
 def noise_neighbour_correlation(dwi: np.ndarray, mask: np.ndarray, slices: int | None = 12) -> list[float]:
     """Correlation of a series' noise between face neighbours along voxel axes i, j, k.
 
-    The noise is the residual of MP-PCA (:func:`denoise_mppca` over ``mask`` dilated by two
-    voxels, as ``iqt-eval`` measures it); :func:`iqt_pipe.metrics.neighbour_correlation` pools
-    its volumes inside ``mask``. ``slices``: only the central slices of the brain along the last
-    axis (None: all), which on ds-realdwi changes the values by < 0.01 for a fifth of the time.
-    ≈ 0 for a scan reconstructed without interpolation; 0.5–0.7 along an axis the scanner
-    interpolated (see :data:`iqt_pipe.qc.CORRELATED_NOISE`)."""
-    from scipy import ndimage
-
+    The noise is the residual of MP-PCA (:func:`denoise_mppca_brain`, as ``iqt-eval`` measures
+    it); :func:`iqt_pipe.metrics.neighbour_correlation` pools its volumes inside ``mask``.
+    ``slices``: only the central slices of the brain along the last axis (None: all), which on
+    ds-realdwi changes the values by < 0.01 for a fifth of the time. ≈ 0 for a scan
+    reconstructed without interpolation; 0.5–0.7 along an axis the scanner interpolated (see
+    :data:`iqt_pipe.qc.CORRELATED_NOISE`)."""
     from iqt_pipe.metrics import neighbour_correlation
 
     dwi = _check_series(dwi)
@@ -72,6 +80,5 @@ def noise_neighbour_correlation(dwi: np.ndarray, mask: np.ndarray, slices: int |
         z = np.flatnonzero(mask.any(axis=(0, 1)))
         start = max((z[0] + z[-1]) // 2 - slices // 2, 0)
         dwi, mask = dwi[:, :, start:start + slices], mask[:, :, start:start + slices]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        denoised, _ = denoise_mppca(dwi, mask=ndimage.binary_dilation(mask, iterations=2))
+    denoised, _ = denoise_mppca_brain(dwi, mask)
     return neighbour_correlation(dwi - denoised, mask)
