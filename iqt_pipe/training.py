@@ -377,14 +377,22 @@ def check_output_dir(out_dir: str | os.PathLike, resume: bool = False) -> Path:
             pass
     except OSError as exc:
         raise InputError(f"{out}: output folder is not writable ({exc.strerror or exc}); choose another one") from None
-    weights, _ = model_paths(out)
-    has_ckpt = (out / CHECKPOINT_DIR / CHECKPOINT_JSON).exists()
-    if not resume and (weights.exists() or has_ckpt):
-        what = "a trained model" if weights.exists() else "a training checkpoint"
+    if not resume and (what := holds_training(out)):
         raise InputError(
             f"{out}: already holds {what}; add --resume to continue that training, or choose a new output folder"
         )
     return out
+
+
+def holds_training(out_dir: str | os.PathLike) -> str | None:
+    """What an earlier training left in ``out_dir`` ("a trained model", "a training
+    checkpoint"), or None."""
+    out = Path(out_dir)
+    if model_paths(out)[0].exists():
+        return "a trained model"
+    if (out / CHECKPOINT_DIR / CHECKPOINT_JSON).exists():
+        return "a training checkpoint"
+    return None
 
 
 @contextmanager

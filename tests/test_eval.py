@@ -184,6 +184,45 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
             assert stat == pytest.approx(want[key]), (mode, key)
 
 
+def _fold_epochs(out):
+    return [[json.loads(line)["epoch"] for line in (out / "cv" / f"fold-{k}" / "metrics.jsonl").read_text().splitlines()]
+            for k in (1, 2)]
+
+
+@pytest.mark.slow
+def test_cli_cross_validation_resumes_after_a_stop(phantom, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = [str(phantom), "-o", str(out), "--cross-validate", "2", "--patches-per-subject", "24",
+            "--mode", "raw", "--mc-samples", "2", "--no-figures", "-q"]
+    assert eval_cli.main([*args, "--epochs", "1"]) == 0
+    first = (out / "results.json").read_text()
+    capsys.readouterr()
+    # Run again without --resume: refused before any data is read, nothing rewritten.
+    assert eval_cli.main([*args, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert f"{out / 'cv' / 'fold-1'}: holds a trained model of an earlier cross-validation; add --resume" in err
+    assert (out / "results.json").read_text() == first
+    # Same recipe: every fold's model is reused (no epoch trained again), same scores.
+    assert eval_cli.main([*args, "--epochs", "1", "--resume"]) == 0
+    assert capsys.readouterr().out.count("(resuming from a trained model)") == 2
+    assert _fold_epochs(out) == [[1], [1]]
+
+    def scores(text):
+        return [rec["methods"]["hetero-var2"]["tensor_rmse"] for rec in json.loads(text)["records"]]
+
+    assert scores((out / "results.json").read_text()) == scores(first)
+    # More epochs, as after a stop in the middle of a longer run: each fold trains on from epoch 1.
+    assert eval_cli.main([*args, "--epochs", "2", "--resume"]) == 0
+    assert _fold_epochs(out) == [[1, 2], [1, 2]]
+    card = json.loads((out / "cv" / "fold-2" / "model.json").read_text())
+    assert card["training"]["epochs"] == 2
+    assert json.loads((out / "results.json").read_text())["settings"]["recipe"]["epochs"] == 2
+    # A different recipe cannot continue these folds.
+    assert eval_cli.main([*args, "--epochs", "2", "--resume", "--lr", "0.01"]) == 2
+    assert "trained with lr = 0.001, this run asks for 0.01" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--model", "missing.safetensors"], "missing.safetensors: model file not found"),
     (["--cross-validate", "1"], "--cross-validate takes 'loso' or a number of folds ≥ 2"),
@@ -191,6 +230,7 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
     (["--cross-validate", "2", "--axis-swap", "--no-augment"], "--axis-swap extends the augmentation"),
     (["--cross-validate", "2", "--kernels", "3", "3"], "one width fewer than kernels"),
     (["--participant-label", "99"], "99"),
+    (["--resume"], "--resume continues a --cross-validate run"),
 ])
 def test_cli_errors_are_one_line(phantom, tmp_path, capsys, extra, message):
     try:

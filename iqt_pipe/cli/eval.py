@@ -8,6 +8,7 @@ Examples::
         --mode raw known-truth lesion --calibration-label trio01
     iqt-eval /data/ds-realdwi -o eval-cv/ --cross-validate 2 --epochs 8     # train per fold, score held-out
     iqt-eval /data/ds-realdwi -o eval-cv/ --cross-validate loso --variant espcn --loss-mask brain
+    iqt-eval /data/ds-realdwi -o eval-cv/ --cross-validate loso --variant espcn --loss-mask brain --resume  # after a stop
 
 Each run's DWI is the HR reference; the LR input is made by the IQT degradation. Nearest,
 trilinear and cubic B-spline interpolation of the LR tensors are scored beside every
@@ -87,6 +88,9 @@ def _build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--cross-validate", type=_folds, metavar="{loso,K}",
                     help="split the subjects into K folds (loso: one per subject), train on the others, score "
                          "the held-out fold; the training subjects choose the risky-voxel threshold")
+    cv.add_argument("--resume", action="store_true",
+                    help="continue an interrupted --cross-validate in OUT_DIR (same folds and recipe): finished "
+                         "folds' models are reused, an unfinished fold resumes from its last epoch")
     add_recipe_arguments(cv)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
@@ -166,13 +170,24 @@ def _fold_subjects(subjects: list[str], folds: int | str) -> list[list[str]]:
     return [subjects[i::k] for i in range(k)]
 
 
+def _refuse_earlier_folds(cv_dir: Path) -> None:
+    """One-line error, before any data is read, when ``cv_dir`` holds an earlier run's folds."""
+    from iqt_pipe.io import InputError
+    from iqt_pipe.training import holds_training
+
+    for fold_dir in sorted(cv_dir.glob("fold-*")):
+        if what := holds_training(fold_dir):
+            raise InputError(f"{fold_dir}: holds {what} of an earlier cross-validation; add --resume to reuse "
+                             "and continue its folds, or choose a new --output-dir")
+
+
 def _cross_validate(args, device, runs, methods, folds):
     """Train one model per fold on every run of the other folds' subjects and score the
     held-out runs (``runs``: all runs found)."""
     from iqt_pipe.cli.train import library_options, recipe
     from iqt_pipe.evaluation import Figures, Method, evaluate
     from iqt_pipe.patches import build_library
-    from iqt_pipe.training import train
+    from iqt_pipe.training import holds_training, train
 
     records, thresholds, fold_info = [], {}, []
     figures = None if args.no_figures else Figures()
@@ -181,10 +196,11 @@ def _cross_validate(args, device, runs, methods, folds):
         train_runs = [x for x in runs if x.subject not in held_out]  # every run of the others
         test_runs = _first_runs([x for x in runs if x.subject in held_out], args.runs_per_subject)
         fold_dir = args.output_dir / "cv" / f"fold-{k}"
+        earlier = args.resume and holds_training(fold_dir)
         print(f"{PROG}: fold {k}: train on {', '.join(sorted({x.subject for x in train_runs}))}; "
-              f"score {', '.join(held_out)}", flush=True)
+              f"score {', '.join(held_out)}" + (f" (resuming from {earlier})" if earlier else ""), flush=True)
         library = build_library(train_runs, cache_dir=fold_dir / "cache", quiet=args.quiet, **library_options(args))
-        result = train(library, fold_dir, seed=args.seed, device=device, quiet=args.quiet, **recipe(args),
+        result = train(library, fold_dir, seed=args.seed, device=device, quiet=args.quiet, resume=args.resume, **recipe(args),
                        data_summary={"subjects": sorted({f"sub-{x.subject}" for x in train_runs})})
         model = _load(result.model_path, device, r)
         fold_methods = list(methods) + [Method(name=args.variant, models=[model])]
@@ -224,6 +240,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.cross_validate:
         check_recipe(args)
+    elif args.resume:
+        raise InputError("--resume continues a --cross-validate run; give --cross-validate as before")
     device = resolve_device(args.device)
     if not args.model and not args.ensemble and not args.cross_validate:
         from iqt_pipe.models.files import bundled_model
@@ -234,6 +252,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.output_dir
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder; choose another --output-dir")
+    if args.cross_validate and not args.resume:
+        _refuse_earlier_folds(out / "cv")
     methods, r = _methods(args, device)
     args.upsample = r
     all_runs = find_dwi_runs_multi(args.bids_dirs, args.participant_label, args.session_label)
