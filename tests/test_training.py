@@ -28,7 +28,7 @@ from iqt_pipe.io import InputError
 from iqt_pipe.models import load_model
 from iqt_pipe.patches import (AXIS_PERMUTATIONS, N_SYMMETRIES, PatchLibrary, RunPatches, build_library,
                               permutation_channels, transform_field, transform_patch)
-from iqt_pipe.training import check_output_dir, split_indices, train
+from iqt_pipe.training import check_output_dir, learnt_nothing_warning, split_indices, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -534,13 +534,27 @@ def test_cli_trains_then_refuses_without_resume(bids_ds, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "already holds a trained model" in err and "--resume" in err and err.count("\n") == 1
         assert _main([*base, "--epochs", "2", "--resume"]) == 0
-        text = capsys.readouterr().out
+        text, err = capsys.readouterr()
         assert "reused cache" in text and "resuming" in text and "best epoch" in text
         _, card = load_model(out)
         assert card["training"]["epochs"] == 2 and card["training"]["subjects"] == ["sub-01"]
+        # A model no better than cubic spline gets the warning (12 patches, 2 epochs: either way).
+        rmse = card["validation"]["rmse"]
+        assert ("iqt-train: warning: the model's validation RMSE is" in err) == (rmse["model"] / rmse["cubic"] > 0.99)
     finally:
         torch.set_num_threads(1)
     assert check_output_dir(tmp_path / "fresh").is_dir()
+
+
+def test_learnt_nothing_warning():
+    # The validation RMSEs (mm²/s) of a collapsed 3-3-3 network on ds-realdwi (all ReLUs dead:
+    # the residual network outputs zeros, so it is cubic spline), and of a healthy 3-1-3 one.
+    collapsed = {"validation": {"rmse": {"model": 1.88566e-4, "cubic": 1.88420e-4}}, "training": {"learning_rate": 1e-3}}
+    warning = learnt_nothing_warning(collapsed)
+    assert warning.startswith("the model's validation RMSE is 1.001 × cubic B-spline's")
+    assert "--lr (e.g. 0.00033)" in warning and "\n" not in warning
+    healthy = {"validation": {"rmse": {"model": 1.7196e-4, "cubic": 1.8842e-4}}, "training": {"learning_rate": 1e-3}}
+    assert learnt_nothing_warning(healthy) is None
 
 
 @pytest.mark.parametrize("target", ["hr", "residual-cubic"])

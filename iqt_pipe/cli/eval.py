@@ -187,7 +187,7 @@ def _cross_validate(args, device, runs, methods, folds):
     from iqt_pipe.cli.train import library_options, recipe
     from iqt_pipe.evaluation import Figures, Method, evaluate
     from iqt_pipe.patches import build_library
-    from iqt_pipe.training import holds_training, train
+    from iqt_pipe.training import holds_training, learnt_nothing_warning, train
 
     records, thresholds, fold_info = [], {}, []
     figures = None if args.no_figures else Figures()
@@ -202,6 +202,8 @@ def _cross_validate(args, device, runs, methods, folds):
         library = build_library(train_runs, cache_dir=fold_dir / "cache", quiet=args.quiet, **library_options(args))
         result = train(library, fold_dir, seed=args.seed, device=device, quiet=args.quiet, resume=args.resume, **recipe(args),
                        data_summary={"subjects": sorted({f"sub-{x.subject}" for x in train_runs})})
+        if warning := learnt_nothing_warning(result.card):
+            print(f"{PROG}: warning: fold {k}: {warning}", file=sys.stderr)
         model = _load(result.model_path, device, r)
         fold_methods = list(methods) + [Method(name=args.variant, models=[model])]
         res = evaluate(test_runs, fold_methods, r=r, modes=args.mode, snr=args.snr, seed=args.seed,

@@ -166,8 +166,8 @@ def run(args: argparse.Namespace) -> int:
 
     from iqt_pipe.bids import find_dwi_runs_multi
     from iqt_pipe.inference import resolve_device
-    from iqt_pipe.training import (CHECKPOINT_DIR, CHECKPOINT_JSON, build_library_distributed,
-                                   check_output_dir, init_distributed, split_indices, train)
+    from iqt_pipe.training import (CHECKPOINT_DIR, CHECKPOINT_JSON, build_library_distributed, check_output_dir,
+                                   init_distributed, learnt_nothing_warning, split_indices, train)
 
     check_recipe(args)  # before the patch library is built
     device = resolve_device(args.device)
@@ -210,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{PROG}: best epoch {v['best_epoch']}/{result.epochs}: validation loss {v['loss']:.4g}; "
                   f"RMSE ×1e-4 mm²/s: model {_fmt_rmse(rm['model'])}, trilinear {_fmt_rmse(rm['trilinear'])}, "
                   f"cubic {_fmt_rmse(rm['cubic'])} → {result.model_path}")
+            if warning := learnt_nothing_warning(result.card):
+                print(f"{PROG}: warning: {warning}", file=sys.stderr)
     finally:
         dist.close()
     return 0
