@@ -90,7 +90,8 @@ def add_recipe_arguments(p) -> None:
                         f"HR brain mask only (default: {DEFAULT_LOSS_MASK})")
     p.add_argument("--kernels", type=int_at_least(1, "a kernel size"), nargs="+", default=list(KERNELS), metavar="K",
                    help="odd kernel size of each convolution (default: 3 1 3, the paper's: a 5³ LR receptive "
-                        "field; 3 3 3 widens it to 7³ and the input patches to 13³)")
+                        "field; 3 3 3 widens it to 7³ and the input patches to 13³: train it with --lr 3e-4, "
+                        "at 1e-3 it can collapse to the cubic spline)")
     p.add_argument("--widths", type=int_at_least(1, "a width"), nargs="+", default=list(WIDTHS), metavar="W",
                    help="channels of each hidden layer, one fewer than --kernels (default: 50 100)")
 
