@@ -106,6 +106,8 @@ NOISE_COLUMNS: dict[str, str] = {
     "noise_corr_max": "largest neighbour correlation of the noise over the voxel axes (MP-PCA residual in the "
                       f"brain); above {CORRELATED_NOISE} the scanner interpolated: little for super-resolution to recover",
 }
+#: Every known column after the BIDS entities, in TSV order, with its meaning.
+COLUMN_MEANINGS: dict[str, str] = {**METRIC_COLUMNS, **GROUP_COLUMNS, **NOISE_COLUMNS}
 
 
 def noise_correlation(sidecar: dict[str, Any]) -> list[float] | None:
@@ -339,7 +341,7 @@ def group_table(rows: list[dict[str, Any]], metrics: Sequence[str] = OUTLIER_MET
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
     present = {k for row in rows for k in row}
-    known = [*ENTITIES, *METRIC_COLUMNS, *GROUP_COLUMNS, *NOISE_COLUMNS]
+    known = [*ENTITIES, *COLUMN_MEANINGS]
     extra = [k for row in rows for k in row if k not in known]
     return [k for k in known if k in present] + list(dict.fromkeys(extra))
 
@@ -402,8 +404,7 @@ def write_group_qc(
     if sidecar:
         from iqt_pipe.io import sidecar_path
 
-        described = {**{k: f"BIDS entity {k} (label)" for k in ENTITIES}, **METRIC_COLUMNS, **GROUP_COLUMNS,
-                     **NOISE_COLUMNS}
+        described = {**{k: f"BIDS entity {k} (label)" for k in ENTITIES}, **COLUMN_MEANINGS}
         fields = {}
         for col in (c for c in columns if c in described):
             fields[col] = {"Description": described[col]}

@@ -10,12 +10,10 @@ from typing import Any
 from iqt_pipe import __version__
 from iqt_pipe.io import InputError, read_tsv, save_text
 from iqt_pipe.qc import (
+    COLUMN_MEANINGS,
     CORRELATED_NOISE,
     DEFAULT_SD_THRESHOLD,
     ENTITIES,
-    GROUP_COLUMNS,
-    METRIC_COLUMNS,
-    NOISE_COLUMNS,
     OUTLIER_METRICS,
     OUTLIER_Z,
 )
@@ -97,7 +95,7 @@ def build_group_report(output_dir: str | os.PathLike) -> Path:
               f"(robust z = (x − median) / (1.4826·MAD) across runs, |z| &gt; {OUTLIER_Z:g}), and noise correlations "
               f"above {CORRELATED_NOISE:g}, where the scanner interpolated. Click a run or its "
               "image for its report. Column meanings: " + "; ".join(
-                  f"<code>{m}</code>: {escape({**METRIC_COLUMNS, **GROUP_COLUMNS, **NOISE_COLUMNS}.get(m, ''))}"
+                  f"<code>{m}</code>: {escape(COLUMN_MEANINGS.get(m, ''))}"
                   for m, _, _ in _GROUP_SHOWN)
               + ".</p>")
     summary_html = f"<h2>Summary</h2><pre>{escape(summary.read_text())}</pre>" if summary.exists() else ""
