@@ -45,10 +45,11 @@ class FitDTI(SimpleInterface):
     def _run_interface(self, runtime):
         from iqt_pipe.dti import scalar_maps
         from iqt_pipe.dwi import load_dwi
-        from iqt_pipe.fit import brain_mask, fit_dti
         from iqt_pipe.io import InputError, load_nifti, save_nifti, save_tensors
+        from iqt_pipe.prepare import fit_series
 
         series = load_dwi(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file)
+        mask = None
         if self.inputs.mask_file:
             mask = load_nifti(self.inputs.mask_file)[0] > 0
             if mask.shape != series.data.shape[:3]:
@@ -56,9 +57,7 @@ class FitDTI(SimpleInterface):
                     f"{self.inputs.mask_file}: mask grid {mask.shape} differs from the DWI grid "
                     f"{series.data.shape[:3]}; give a mask of the same series"
                 )
-        else:
-            mask = brain_mask(series.data, series.gtab, series.zooms)
-        fit = fit_dti(series.data, series.affine, series.gtab, source=self.inputs.dwi_file)
+        fit, mask = fit_series(series.data, series.affine, series.gtab, mask, source=self.inputs.dwi_file)
 
         def out(suffix):
             return fname_presuffix(self.inputs.dwi_file, suffix=suffix, newpath=runtime.cwd)

@@ -21,6 +21,12 @@ class _SuperResolveInputSpec(BaseInterfaceInputSpec):
     scalar_samples = traits.Int(32, usedefault=True, desc="tensor samples per voxel behind FA/MD sd")
     seed = traits.Int(0, usedefault=True, desc="random seed")
     use_gpu = traits.Bool(False, usedefault=True, desc="run on CUDA (Nipype's MultiProc then gives the node a GPU slot)")
+    bval_file = File(exists=True, desc="the native series' b-values: the run is checked against the model's "
+                                       "training domain (voxel size, b-value, directions), recorded as ModelDomain")
+    bvec_file = File(exists=True, desc="the native series' b-vectors (with bval_file)")
+    denoise = traits.Enum("none", "dipy", "mrtrix", "auto", desc="the MP-PCA denoising the native series had; "
+                          "recorded, with whether it matches the model's training, as Preprocessing")
+    degibbs = traits.Bool(desc="whether Gibbs ringing was removed from the native series (with denoise)")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="CPU threads for PyTorch")
     mem_mb = traits.Float(1024, usedefault=True, nohash=True, desc="memory budget for the tiles (MB)")
 
@@ -47,7 +53,11 @@ class SuperResolve(SimpleInterface):
     output_spec = _SuperResolveOutputSpec
 
     def _run_interface(self, runtime):
+        from nipype.interfaces.base import isdefined
+
+        from iqt_pipe.gradients import read_gradients
         from iqt_pipe.models import load_model
+        from iqt_pipe.prepare import Preprocessing, series_domain
         from iqt_pipe.superres import load_tensor_image, prediction_metadata, super_resolve_tensors, write_prediction
 
         device = "cuda" if self.inputs.use_gpu else "cpu"
@@ -61,7 +71,13 @@ class SuperResolve(SimpleInterface):
         prefix = fname_presuffix(self.inputs.tensor_file, suffix="_sr", newpath=runtime.cwd, use_ext=False)
         prefix = prefix.removesuffix(".nii")
         # Sidecars are the data sink's job (Nipype removes files that are not outputs).
-        metadata = prediction_metadata(card, pred)
+        preprocessing = domain = None
+        if isdefined(self.inputs.denoise):
+            preprocessing = Preprocessing(self.inputs.denoise, bool(self.inputs.degibbs))
+        if isdefined(self.inputs.bval_file) and isdefined(self.inputs.bvec_file):
+            domain = series_domain(affine, read_gradients(self.inputs.bval_file, self.inputs.bvec_file),
+                                   self.inputs.bval_file)
+        metadata = prediction_metadata(card, pred, preprocessing, domain)
         paths = write_prediction(pred, prefix, metadata, sidecars=False)
         self._results["metadata"] = metadata
         names = {"tensor": "tensor_file", "fa": "fa_file", "fasd": "fa_sd_file", "md": "md_file",

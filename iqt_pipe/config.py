@@ -59,8 +59,11 @@ class RunConfig:
     device: str = "auto"
     mc_samples: int = DEFAULT_MC_SAMPLES
     seed: int = DEFAULT_SEED
-    denoise: str = "auto"
-    degibbs: bool = True
+    denoise: str = "none"
+    degibbs: bool = False
+    #: What the model's training series had (its card's ``training.preprocessing``).
+    model_denoise: str | None = None
+    model_degibbs: bool | None = None
     tractography: str = "none"
     seed_density: float = DEFAULT_SEED_DENSITY
     max_uncertainty: float | None = None
@@ -83,6 +86,7 @@ class RunConfig:
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":
         """From :func:`iqt_pipe.cli.parser.parse_args`'s namespace (already validated)."""
         card = getattr(args, "model_card", None) or {}
+        trained = getattr(args, "model_preprocessing", None) if card else None
         labels = {name: tuple(getattr(args, name)) if getattr(args, name) is not None else None
                   for name in ("participant_label", "session_label")}
         return cls(
@@ -93,7 +97,9 @@ class RunConfig:
             model=args.model, model_variant=card.get("variant"), model_upsample=card.get("upsample"),
             model_sha256=(card.get("weights") or {}).get("sha256"),
             device=args.device, mc_samples=args.mc_samples, seed=args.seed,
-            denoise=args.denoise, degibbs=args.degibbs, tractography=args.tractography,
+            denoise=args.denoise, degibbs=args.degibbs,
+            model_denoise=trained.denoise if trained else None, model_degibbs=trained.degibbs if trained else None,
+            tractography=args.tractography,
             seed_density=args.seed_density, max_uncertainty=args.max_uncertainty,
             uncertainty_action=args.max_uncertainty_action,
             nprocs=args.nprocs, omp_nthreads=args.omp_nthreads, mem_mb=args.mem_mb,
@@ -101,6 +107,21 @@ class RunConfig:
             stop_on_first_crash=args.stop_on_first_crash, write_graph=args.write_graph,
             boilerplate_only=args.boilerplate_only, reports_only=args.reports_only, verbose=args.verbose,
         )
+
+    def preprocessing_warning(self) -> str | None:
+        """One line when ``--denoise``/``--degibbs`` differ from the model's training
+        preprocessing (the network then sees series unlike those it learnt from), else None."""
+        from iqt_pipe.prepare import Preprocessing
+
+        if self.model_denoise is None:
+            return None
+        used = Preprocessing(self.denoise, self.degibbs)
+        trained = Preprocessing(self.model_denoise, bool(self.model_degibbs))
+        if used.same_steps(trained):
+            return None
+        return (f"the native series get {used.describe()}, but the model was trained on series with "
+                f"{trained.describe()}: expect less accurate super-resolution and uncertainty; leave out "
+                "--denoise and --degibbs to follow the model (recorded as Preprocessing in the sidecars)")
 
     # -- TOML ---------------------------------------------------------------------------------
 
@@ -209,7 +230,10 @@ class RunConfig:
         else:
             dev = self.device
         rows.append(("inference", f"device {dev}, {self.mc_samples} MC sample(s), seed {self.seed}"))
-        rows.append(("preprocessing", f"denoise {self.denoise}, Gibbs removal {'on' if self.degibbs else 'off'}"))
+        steps = f"denoise {self.denoise}, Gibbs removal {'on' if self.degibbs else 'off'}"
+        if self.model_denoise is not None:
+            steps += " (as the model was trained)" if not self.preprocessing_warning() else " (NOT as the model was trained)"
+        rows.append(("preprocessing", steps))
         rows.append(("tractography", self.tractography))
         if self.tractography != "none":
             limit = (f"{self.uncertainty_action} where the uncertainty exceeds {self.max_uncertainty:g} mm²/s"
@@ -242,6 +266,7 @@ _KINDS = {
     "bids_filter_file": "path?", "bids_filters": "json?", "skip_bids_validation": "bool",
     "model": "path?", "model_variant": "str?", "model_upsample": "int?", "model_sha256": "str?",
     "device": "str", "mc_samples": "int", "seed": "int", "denoise": "str", "degibbs": "bool",
+    "model_denoise": "str?", "model_degibbs": "bool?",
     "tractography": "str", "seed_density": "float", "max_uncertainty": "float?", "uncertainty_action": "str",
     "nprocs": "int", "omp_nthreads": "int", "mem_mb": "int?",
     "use_plugin": "path?", "plugin": "str", "plugin_args": "json",
@@ -253,7 +278,7 @@ assert set(_KINDS) == {f.name for f in dataclasses.fields(RunConfig)}
 #: Settings a file may leave out: their defaults apply (None for the unset ones).
 _DEFAULTED = {f.name for f in dataclasses.fields(RunConfig)
               if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-_CHOICES = {"analysis_level": ("participant", "group"), "device": DEVICES, "denoise": DENOISE,
+_CHOICES = {"analysis_level": ("participant", "group"), "device": DEVICES, "denoise": DENOISE, "model_denoise": DENOISE,
             "tractography": TRACTOGRAPHY, "uncertainty_action": UNCERTAINTY_ACTIONS}
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import nibabel as nb
 
-from iqt_pipe.fit import DTIFit, brain_mask, fit_dti
+from iqt_pipe.fit import DTIFit
 from iqt_pipe.gradients import GradientTable
 
 
@@ -74,22 +74,18 @@ def make_pair(
 ) -> TrainingPair:
     """LR synthesis plus DTI fits of both resolutions, with a brain mask for each.
 
-    Fits cover every voxel with a positive signal (masking is for scoring and sampling,
-    not for the fit); each mask comes from ``median_otsu`` on its own mean b = 0.
+    Both resolutions go through :func:`iqt_pipe.prepare.fit_series`, as the app's native
+    series does: fits cover every voxel with a positive signal (masking is for scoring and
+    sampling, not for the fit); each mask comes from ``median_otsu`` on its own mean b = 0.
     """
+    from iqt_pipe.prepare import fit_series
+
     hr_dwi = crop_to_multiple(dwi, r)
     lr_dwi, lr_affine = degrade_dwi(hr_dwi, affine, r)
-    zooms = nb.affines.voxel_sizes(affine)
-    return TrainingPair(
-        r=r,
-        hr=fit_dti(hr_dwi, affine, gtab, source=source),
-        lr=fit_dti(lr_dwi, lr_affine, gtab, source=f"{source} (LR)"),
-        hr_affine=np.asarray(affine, dtype=np.float64),
-        lr_affine=lr_affine,
-        hr_mask=brain_mask(hr_dwi, gtab, zooms),
-        lr_mask=brain_mask(lr_dwi, gtab, zooms * r),
-        lr_dwi=lr_dwi,
-    )
+    hr, hr_mask = fit_series(hr_dwi, affine, gtab, source=source)
+    lr, lr_mask = fit_series(lr_dwi, lr_affine, gtab, source=f"{source} (LR)")
+    return TrainingPair(r=r, hr=hr, lr=lr, hr_affine=np.asarray(affine, dtype=np.float64), lr_affine=lr_affine,
+                        hr_mask=hr_mask, lr_mask=lr_mask, lr_dwi=lr_dwi)
 
 
 def voxel_centres(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:

@@ -11,6 +11,11 @@ import numpy as np
 
 from iqt_pipe.io import atomic_path
 
+
+def _span(stat: dict | None) -> str:
+    """``mean [min, max]`` of a summary statistic, or – when absent."""
+    return "–" if stat is None else f"{stat['mean']:.3f} [{stat['min']:.3f}, {stat['max']:.3f}]"
+
 def _f(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
@@ -41,8 +46,7 @@ def markdown(results: dict[str, Any]) -> str:
                 return _f(v.get(key, {}).get("mean"))
 
             def ratio(key):
-                s = v.get(key)
-                return "–" if s is None else f"{s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
+                return _span(v.get(key))
 
             lines.append(f"| {name} | {slot['runs']} | {mean('tensor_rmse.interior')} | {ratio('tensor_rmse_ratio.interior')} | "
                          f"{mean('tensor_rmse.exterior')} | {ratio('tensor_rmse_ratio.exterior')} | {mean('md_rmse.brain')} | "
@@ -50,15 +54,16 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
         unc = {n: s for n, s in methods.items() if "spearman.brain" in s["values"]}
         if unc:
-            lines += ["| method | Spearman(sd, err) | cov. 50 % | cov. 80 % | cov. 95 % | cov. 95 %, scale from other subjects "
+            lines += ["| method | Spearman(sd, err) | cov. 50 % | cov. 80 % | cov. 95 % [min, max] | MD cov. 95 % [min, max] | "
+                      "RMS error / sd [min, max] | cov. 95 %, scale from other subjects "
                       "[min, max] | risky AUC | risky precision | risky recall | risky F1 | lesion AUC (intrinsic / parameter sd) |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
             for name, slot in unc.items():
                 v = slot["values"]
-                g = [_f(v.get(k, {}).get("mean")) for k in ("spearman.brain", "coverage0.5.brain", "coverage0.8.brain",
-                                                             "coverage0.95.brain")]
-                loso = v.get("coverage0.95_loso.brain")
-                g.append("–" if loso is None else f"{loso['mean']:.3f} [{loso['min']:.3f}, {loso['max']:.3f}]")
+                g = [_f(v.get(k, {}).get("mean")) for k in ("spearman.brain", "coverage0.5.brain", "coverage0.8.brain")]
+                g += [_span(v.get(k)) for k in ("coverage0.95.brain", "md_coverage0.95.brain", "error_sd_ratio.brain")]
+                g.append(_span(v.get("coverage0.95_loso.brain")))
                 g += [_f(v.get(k, {}).get("mean")) for k in ("risky.auc", "risky.precision", "risky.recall", "risky.f1",
                                                              "lesion.auc")]
                 if "lesion.auc_parameter" in v:

@@ -18,7 +18,11 @@ A *case* is one DWI run made ready for scoring (:func:`prepare_case`):
 
 Every method (interpolation of the LR tensors, a model, an ensemble) predicts the whole HR
 grid; :func:`score` compares it with the reference on the interior and exterior of the brain
-(:func:`iqt_pipe.metrics.region_masks`) and, for models, scores the uncertainty.
+(:func:`iqt_pipe.metrics.region_masks`; both on the HR scan's own brain mask) and, for models,
+scores the uncertainty. A model sees the LR series exactly as ``iqt-pipe … participant`` would
+see it as its native series (:mod:`iqt_pipe.prepare`: the preprocessing of the model's card,
+the fit, the brain mask, :func:`~iqt_pipe.inference.predict_brain`), so what is scored here is
+what the app writes for that series.
 """
 
 from __future__ import annotations
@@ -33,13 +37,13 @@ from scipy import ndimage
 
 from iqt_pipe import metrics
 from iqt_pipe.baselines import ORDERS, interpolate_tensors
-from iqt_pipe.degrade import block_average, crop_to_multiple, make_pair
+from iqt_pipe.degrade import crop_to_multiple, make_pair
 from iqt_pipe.dti import scalar_maps
 from iqt_pipe.dwi import load_dwi
 from iqt_pipe.fit import brain_mask, fit_dti
 from iqt_pipe.gradients import GradientTable, select_dti_volumes
-from iqt_pipe.inference import Prediction, combine_ensemble, frobenius_sd, predict_volume
-from iqt_pipe.normalise import channel_stats
+from iqt_pipe.inference import Prediction, combine_ensemble, frobenius_sd, predict_brain
+from iqt_pipe.prepare import NONE, Preprocessing, fit_series, preprocess_series
 from iqt_pipe.preproc import denoise_mppca_brain
 
 MODES = ("raw", "known-truth", "lesion")
@@ -59,9 +63,11 @@ class Case:
     subject: str
     mode: str
     r: int
-    lr_tensors: np.ndarray  # (x, y, z, 6) LR fit of the whole LR volume
+    lr_tensors: np.ndarray  # (x, y, z, 6) LR fit of the whole LR volume (series as acquired)
     lr_mask: np.ndarray  # LR brain mask (normalisation statistics, interior definition)
     lr_affine: np.ndarray
+    lr_dwi: np.ndarray  # (x, y, z, N) the LR series: b = 0 and the DTI shell
+    gtab: GradientTable  # its gradient table
     reference: np.ndarray  # (X, Y, Z, 6) what predictions are scored against
     hr_mask: np.ndarray
     interior: np.ndarray
@@ -71,17 +77,25 @@ class Case:
     noisy_floor_var: np.ndarray | None = None
     lesion: np.ndarray | None = None  # (X, Y, Z) lesion weight in [0, 1]
     info: dict = field(default_factory=dict)
+    _inputs: dict = field(default_factory=dict, repr=False)
 
     @cached_property
     def reference_scalars(self) -> tuple[np.ndarray, np.ndarray]:
         """FA and MD of the reference in the HR mask (computed once, shared by every method)."""
         return _scalars(self.reference, self.hr_mask)
 
-    @property
-    def coverage_mask(self) -> np.ndarray:
-        """LR voxels to predict: the LR mask plus every LR voxel whose block holds an HR
-        mask voxel, so each scored HR voxel gets a prediction."""
-        return self.lr_mask | (block_average(self.hr_mask[..., None].astype(np.float32), self.r)[..., 0] > 0)
+    def network_input(self, preprocessing: Preprocessing = NONE) -> tuple[np.ndarray, np.ndarray]:
+        """LR tensors (voxel frame) and brain mask as the app makes them from the LR series for
+        a model trained with ``preprocessing`` (:mod:`iqt_pipe.prepare`); computed once each."""
+        key = (preprocessing.denoises, preprocessing.degibbs)
+        if key not in self._inputs:
+            if preprocessing.same_steps(NONE):
+                self._inputs[key] = (self.lr_tensors, self.lr_mask)
+            else:
+                fit, brain = fit_series(preprocess_series(self.lr_dwi, preprocessing), self.lr_affine, self.gtab,
+                                        source=f"{self.name} (LR, preprocessed)")
+                self._inputs[key] = (fit.tensors, brain)
+        return self._inputs[key]
 
 
 def _signal(tensors: np.ndarray, s0: np.ndarray, design: np.ndarray) -> np.ndarray:
@@ -188,7 +202,7 @@ def prepare_case(run, r: int = 2, mode: str = "raw", snr: float | None = None, s
     interior, exterior = metrics.region_masks(pair.lr_mask, mask, r)
     case = Case(
         name=run.name, subject=run.subject, mode=mode, r=r, lr_tensors=pair.lr.tensors, lr_mask=pair.lr_mask,
-        lr_affine=pair.lr_affine, reference=pair.hr.tensors if truth is None else truth, hr_mask=mask,
+        lr_affine=pair.lr_affine, lr_dwi=pair.lr_dwi, gtab=gtab, reference=pair.hr.tensors if truth is None else truth, hr_mask=mask,
         interior=interior, exterior=exterior, lesion=lesion, info=info,
     )
     if mode == "known-truth":
@@ -226,16 +240,19 @@ def interpolation_methods(names: Sequence[str]) -> list[Method]:
 
 def predict(method: Method, case: Case, *, mc_samples: int = 8, seed: int = 0, device="cpu",
             mem_mb: float = 1024) -> Prediction | np.ndarray:
-    """HR tensors (interpolation) or a :class:`Prediction` (model, ensemble) for ``case``."""
+    """HR tensors (interpolation of the LR fit) or a :class:`Prediction` (model, ensemble) for
+    ``case``: each model predicts the whole brain from the LR series as the app would
+    (:meth:`Case.network_input` with the preprocessing of its card, then
+    :func:`~iqt_pipe.inference.predict_brain`)."""
     if method.interpolation:
         return interpolate_tensors(case.lr_tensors, case.r, method.interpolation)
-    stats = channel_stats(case.lr_tensors, case.lr_mask)
     preds = []
     for model, card, _ in method.models:
         if model.r != case.r:
             raise ValueError(f"{method.name}: the model upsamples by {model.r}, the evaluation by {case.r}")
-        preds.append(predict_volume(model, case.lr_tensors, case.coverage_mask, case.lr_affine, stats=stats,
-                                    mc_samples=mc_samples, seed=seed, device=device, mem_mb=mem_mb))
+        tensors, brain = case.network_input(Preprocessing.of_model(card))
+        preds.append(predict_brain(model, tensors, brain, case.lr_affine,
+                                   mc_samples=mc_samples, seed=seed, device=device, mem_mb=mem_mb))
     return preds[0] if len(preds) == 1 else combine_ensemble(preds, seed=seed)
 
 
@@ -297,6 +314,8 @@ def score(case: Case, result: Prediction | np.ndarray, md_threshold: float | Non
                 f = math.sqrt(np.mean(case.noisy_floor_var[m].astype(np.float64))) / UNIT
                 out["tensor_rmse_vs_noisy_reference"][key] = t
                 out["tensor_rmse_vs_noisy_reference_corrected"][key] = metrics.noise_corrected_rmse(t, f)
+    if isinstance(result, Prediction):  # the share of the scored brain that the model predicted
+        out["predicted_fraction"] = float(result.predicted[case.hr_mask].mean()) if case.hr_mask.any() else math.nan
     if isinstance(result, Prediction) and (result.var_intrinsic is not None or result.var_parameter is not None):
         out["uncertainty"] = uncertainty_scores(case, result, md, md_ref, md_threshold)
     return out
@@ -309,11 +328,15 @@ def uncertainty_scores(case: Case, pred: Prediction, md: np.ndarray, md_ref: np.
     err = pred.mean.astype(np.float64) - case.reference
     sd = frobenius_sd(var)
     abs_err = metrics.frobenius(err)
-    out: dict[str, Any] = {"spearman": {}, "coverage": {}}
+    out: dict[str, Any] = {"spearman": {}, "coverage": {}, "md_coverage": {}, "error_sd_ratio": {}}
     for key, m in _regions(case).items():
         if m.any():
             out["spearman"][key] = metrics.spearman(sd[m], abs_err[m])
             out["coverage"][key] = {f"{p:g}": c for p, c in metrics.interval_coverage(err[m], np.sqrt(var[m])).items()}
+            out["md_coverage"][key] = {f"{p:g}": c for p, c in
+                                       metrics.interval_coverage(md[m] - md_ref[m], pred.md_sd[m]).items()}
+            # RMS of the Frobenius error over RMS of the predicted Frobenius sd: 1 when calibrated.
+            out["error_sd_ratio"][key] = float(np.sqrt(np.mean(abs_err[m] ** 2) / max(np.mean(sd[m].astype(np.float64) ** 2), 1e-300)))
     levels, cov = metrics.calibration_curve(err[case.hr_mask], np.sqrt(var[case.hr_mask]))
     out["calibration_curve"] = {"nominal": levels.tolist(), "empirical": cov.tolist()}
     out["variance_scale_95"] = metrics.variance_scale(err[case.hr_mask], np.sqrt(var[case.hr_mask]))
@@ -482,13 +505,17 @@ def summarise(records: Sequence[dict]) -> dict[str, Any]:
             slot = out.setdefault(rec["mode"], {}).setdefault(name, {"runs": 0, "values": {}})
             slot["runs"] += 1
             for metric, by_region in s.items():
-                if isinstance(by_region, dict) and metric != "uncertainty":
+                if metric == "predicted_fraction":
+                    slot["values"].setdefault("predicted_fraction.brain", []).append(by_region)
+                elif isinstance(by_region, dict) and metric != "uncertainty":
                     for region, v in by_region.items():
                         slot["values"].setdefault(f"{metric}.{region}", []).append(v)
             u = s.get("uncertainty")
             if u:
                 flat = {f"spearman.{k}": v for k, v in u["spearman"].items()}
                 flat |= {f"coverage{p}.{k}": c for k, cov in u["coverage"].items() for p, c in cov.items()}
+                flat |= {f"md_coverage{p}.{k}": c for k, cov in u.get("md_coverage", {}).items() for p, c in cov.items()}
+                flat |= {f"error_sd_ratio.{k}": v for k, v in u.get("error_sd_ratio", {}).items()}
                 flat |= {f"risky.{k}": v for k, v in u["risky"].items() if isinstance(v, float)}
                 if "lesion" in u:
                     flat |= {f"lesion.{k}": v for k, v in u["lesion"].items() if k.startswith("auc")}
@@ -510,6 +537,9 @@ def summarise(records: Sequence[dict]) -> dict[str, Any]:
             if "coverage0.95.brain" in vals:
                 c = vals["coverage0.95.brain"]
                 slot["goals"]["95 % coverage in [0.90, 0.98]"] = bool(c["min"] >= 0.90 and c["max"] <= 0.98)
+            if "error_sd_ratio.brain" in vals:
+                c = vals["error_sd_ratio.brain"]
+                slot["goals"]["RMS error / sd in [0.8, 1.25]"] = bool(c["min"] >= 0.8 and c["max"] <= 1.25)
             if "lesion.auc" in vals:
                 slot["goals"]["lesion AUC ≥ 0.9"] = bool(vals["lesion.auc"]["min"] >= 0.9)
     return out

@@ -3,8 +3,9 @@
 The 3D-ESPCN is fully convolutional: an LR tile of (t + 2m)³ voxels (m = 2 lost to the valid
 convolutions on each side) gives the HR voxels of its t³ central LR positions. The LR volume
 is padded by m with background (zero tensors), split into equal tiles, and only tiles whose
-LR positions touch the brain mask run, in batches. No per-patch Python loop, and every in-mask
-HR voxel is predicted.
+LR positions touch the region to predict run, in batches. No per-patch Python loop, and every
+HR voxel of the region is predicted. The app and ``iqt-eval`` predict the brain mask dilated by
+the receptive field (:func:`predict_brain`), so the brain's rim is predicted too.
 
 Monte-Carlo. Each of the T samples draws one set of weights from the variational posterior,
 w = η·(1 + √α·ε), and runs it over the whole volume (every tile uses the same draw), so the
@@ -45,9 +46,17 @@ class Prediction:
     fa_sd: np.ndarray
     md_mean: np.ndarray
     md_sd: np.ndarray
-    mask: np.ndarray  # (X, Y, Z) bool: the LR mask expanded to HR blocks
+    mask: np.ndarray  # (X, Y, Z) bool: the brain, the LR brain mask expanded to HR blocks
     affine: np.ndarray
     info: dict = field(default_factory=dict)
+    #: (X, Y, Z) bool: the voxels predicted (every output is zero outside), the brain and around
+    #: it; None: the brain mask.
+    region: np.ndarray | None = None
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """The HR voxels that hold a prediction."""
+        return self.mask if self.region is None else self.region
 
     @property
     def var_total(self) -> np.ndarray:
@@ -84,6 +93,18 @@ def expand_mask(lr_mask: np.ndarray, r: int) -> np.ndarray:
     """Each LR voxel's r×r×r HR block."""
     m = np.asarray(lr_mask, dtype=bool)
     return m.repeat(r, 0).repeat(r, 1).repeat(r, 2)
+
+
+def prediction_region(brain: np.ndarray, margin: int) -> np.ndarray:
+    """LR voxels to super-resolve: the brain mask dilated by the network's receptive-field
+    radius ``margin`` (a cube), so the brain's rim — where a mask of the HR scan reaches past
+    the LR one, and where tractography ends — is predicted from the same context as its inside."""
+    from scipy import ndimage
+
+    brain = np.asarray(brain, dtype=bool)
+    if margin < 1:
+        return brain
+    return ndimage.binary_dilation(brain, structure=np.ones((3, 3, 3), bool), iterations=int(margin))
 
 
 def _fa_md(d: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,8 +257,13 @@ def predict_volume(
     tile: int | None = None,
     target: str | None = None,
     threads: int | None = None,
+    region: np.ndarray | None = None,
 ) -> Prediction:
     """Super-resolve a voxel-frame LR tensor field; see the module docstring.
+
+    ``lr_mask`` is the brain: the channel statistics (unless ``stats`` is given) and the
+    prediction's ``mask``; ``region`` (LR, default the brain) the voxels predicted, e.g.
+    :func:`prediction_region` (:func:`predict_brain` does both, as the app and ``iqt-eval`` do).
 
     ``mc_samples`` applies to variational variants (deterministic ones use one pass);
     ``mc_samples=1`` is a deterministic pass with the mean weights (no parameter variance);
@@ -255,6 +281,9 @@ def predict_volume(
     lr_mask = np.asarray(lr_mask, dtype=bool)
     if lr_tensors.shape[:3] != lr_mask.shape or lr_tensors.shape[-1] != 6:
         raise ValueError(f"tensors {lr_tensors.shape} and mask {lr_mask.shape} do not match")
+    region = lr_mask if region is None else np.asarray(region, dtype=bool)
+    if region.shape != lr_mask.shape:
+        raise ValueError(f"prediction region {region.shape} and mask {lr_mask.shape} do not match")
     target = _target_of(model, target)
     r, m = model.r, model.margin
     stats = stats or channel_stats(lr_tensors, lr_mask)
@@ -263,7 +292,7 @@ def predict_volume(
     draw_scalars = model.hetero and scalar_samples > 0
     per_sample = max(1, math.ceil(scalar_samples / T)) if draw_scalars else 1
     hr_shape = tuple(s * r for s in lr_mask.shape)
-    hr_mask = expand_mask(lr_mask, r)
+    hr_region = expand_mask(region, r)  # the voxels predicted
 
     net = copy.deepcopy(model).to(device).eval()
     channels_last = device.type == "cpu"
@@ -273,7 +302,7 @@ def predict_volume(
     per_call = max(1, min(16, int(mem_mb * 2**20 // _bytes_per_tile(net, t, per_sample))))
     tiler = _Tiler(lr_mask.shape, t, m, r)
     z = tiler.pad(stats.standardise(lr_tensors), stats.standardise(np.zeros(6)))
-    tiles = tiler.tiles_touching(lr_mask)
+    tiles = tiler.tiles_touching(region)
     baseline = _hr_baseline(lr_tensors, stats, r, target)
     sd = torch.as_tensor(stats.sd, dtype=torch.float32, device=device).view(6, 1, 1, 1)
     # Independent streams: weights from (seed, sample), FA/MD noise from (seed, "scalars").
@@ -303,7 +332,7 @@ def predict_volume(
                     base = torch.from_numpy(baseline if baseline.ndim == 1 else baseline[hs]).to(device)
                     base = base.view(6, 1, 1, 1) if baseline.ndim == 1 else base.permute(3, 0, 1, 2)
                     mu = (mean[j][crop] + base).contiguous()  # (6, x, y, z)
-                    inside = torch.from_numpy(hr_mask[hs]).to(device)
+                    inside = torch.from_numpy(hr_region[hs]).to(device)
                     mu_in = mu[:, inside]  # (6, K)
                     var_i = None
                     if prec is not None:
@@ -327,7 +356,7 @@ def predict_volume(
     arrays = {}
     for key, (scale, channels) in outputs.items():
         arrays[key] = np.zeros(hr_shape + ((channels,) if channels else ()), np.float64 if not channels else np.float32)
-        acc.write(key, arrays[key], tiler.hr_slices, hr_mask, scale)
+        acc.write(key, arrays[key], tiler.hr_slices, hr_region, scale)
     zeros = np.zeros(hr_shape, np.float32)
     if with_sd:
         fa_sd = np.sqrt(np.maximum(arrays["fa2"] - arrays["fa"] ** 2, 0)).astype(np.float32)
@@ -336,7 +365,7 @@ def predict_volume(
         fa_sd, md_sd = zeros, zeros.copy()  # separate: the guards write into each
     for key in ("mean", "var_int", "m2"):
         if key in arrays:
-            arrays[key][~hr_mask] = 0
+            arrays[key][~hr_region] = 0
     # Calibration: every variance times s (FA/MD sd times √s, to first order).
     s = float(getattr(model, "variance_scale", 1.0))
     if s != 1.0:
@@ -344,17 +373,26 @@ def predict_volume(
             if key in arrays:
                 arrays[key] *= s
         fa_sd, md_sd = fa_sd * np.float32(math.sqrt(s)), md_sd * np.float32(math.sqrt(s))
-    guards = guard_outputs(arrays, fa_sd, md_sd, hr_mask)
+    guards = guard_outputs(arrays, fa_sd, md_sd, hr_region)
     return Prediction(
         mean=arrays["mean"],
         var_intrinsic=arrays.get("var_int"),
         var_parameter=arrays.get("m2"),
         fa_mean=arrays["fa"].astype(np.float32), fa_sd=fa_sd, md_mean=arrays["md"].astype(np.float32), md_sd=md_sd,
-        mask=hr_mask,
+        mask=expand_mask(lr_mask, r),
+        region=hr_region,
         affine=upsample_affine(lr_affine, r),
         info={"mc_samples": T, "scalar_samples": n, "target": target, "variance_scale": s, "tile": t, "tiles": len(tiles),
               "tiles_total": int(np.prod(tiler.n_tiles)), "seed": seed, "device": str(device), "guards": guards},
     )
+
+
+def predict_brain(model: IQTNet, lr_tensors: np.ndarray, brain: np.ndarray, lr_affine: np.ndarray,
+                  **kwargs) -> Prediction:
+    """Super-resolve the whole brain as the app does (and ``iqt-eval``, which scores it):
+    :func:`predict_volume` over :func:`prediction_region` of the LR brain mask, with the
+    channel statistics from the brain itself."""
+    return predict_volume(model, lr_tensors, brain, lr_affine, region=prediction_region(brain, model.margin), **kwargs)
 
 
 #: Bounds on a predicted variance, (mm²/s)²: an infinite precision (variance 0) becomes an sd
@@ -478,7 +516,7 @@ def combine_ensemble(predictions: list[Prediction], scalar_samples: int = 32, se
     member_var = np.stack([p.var_total.astype(np.float64) for p in predictions])
     # Mixture samples: per voxel and sample, pick a member by weight, then draw its Gaussian.
     rng = np.random.default_rng(seed)
-    idx = np.flatnonzero(first.mask)
+    idx = np.flatnonzero(first.predicted)
     cum = np.cumsum(w.reshape(len(predictions), -1)[:, idx], axis=0)
     pick = (rng.random((scalar_samples, idx.size))[None] > cum[:, None]).sum(0)  # (S, K)
     pick = np.minimum(pick, len(predictions) - 1)
@@ -496,7 +534,7 @@ def combine_ensemble(predictions: list[Prediction], scalar_samples: int = 32, se
         mean=mean.astype(np.float32),
         var_intrinsic=None if var_i is None else var_i.astype(np.float32),
         var_parameter=var_p.astype(np.float32),
-        mask=first.mask, affine=first.affine,
+        mask=first.mask, region=first.region, affine=first.affine,
         info={"ensemble": [p.info for p in predictions], "scalar_samples": scalar_samples, "seed": seed},
         **scal,
     )

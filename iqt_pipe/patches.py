@@ -38,8 +38,8 @@ axes are permuted by ``AXIS_PERMUTATIONS[p]``, then mirrored by the 3-bit mask `
 mirror axis a). Codes 0–7 are the mirrors alone.
 
 Cache. :func:`build_library` writes ``patches-<key>.npz`` (atomic; read back with
-``allow_pickle=False``) where the key hashes the runs' file paths, sizes and modification
-times, r, the patch counts, the seed, the target and the geometry; a later call with the same
+``allow_pickle=False``) where the key hashes the runs' file names and contents, r, the patch
+counts, the seed, the target, the geometry and the preprocessing; a later call with the same
 key loads it instead of refitting.
 """
 
@@ -60,6 +60,7 @@ from iqt_pipe.degrade import make_pair
 from iqt_pipe.dwi import load_dwi
 from iqt_pipe.io import InputError, atomic_path
 from iqt_pipe.normalise import TARGETS, ChannelStats, channel_stats, encode_target
+from iqt_pipe.prepare import NONE, Preprocessing, preprocess_series, series_domain, training_domain
 
 LIBRARY_FORMAT = "iqt-pipe-patches"
 LIBRARY_VERSION = 1
@@ -455,7 +456,7 @@ def content_digest(path: Path) -> str:
 
 def library_key(
     runs: Sequence, r: int, patches_per_subject: int, seed: int, target: str,
-    input_size: int = INPUT_SIZE, margin: int = MARGIN,
+    input_size: int = INPUT_SIZE, margin: int = MARGIN, preprocessing: Preprocessing = NONE,
 ) -> str:
     """sha256 over the runs' files (name and :func:`content_digest`) and every sampling setting:
     a copy of the data elsewhere, with new time stamps (a cluster job's scratch folder), has the
@@ -472,6 +473,8 @@ def library_key(
         "patches_per_subject": int(patches_per_subject), "seed": int(seed), "target": target,
         "input_size": int(input_size), "margin": int(margin),
     }
+    if preprocessing != NONE:  # (libraries of series as acquired keep their earlier keys)
+        spec["preprocessing"] = preprocessing.to_card()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -499,9 +502,15 @@ def build_library(
     *,
     input_size: int = INPUT_SIZE,
     margin: int = MARGIN,
+    preprocessing: Preprocessing = NONE,
     quiet: bool = False,
 ) -> PatchLibrary:
     """The patch library of DWI ``runs`` (:class:`~iqt_pipe.bids.DWIRun` or ``(dwi, bval, bvec)``).
+
+    Each HR series is preprocessed (:func:`iqt_pipe.prepare.preprocess_series`) before its LR
+    series is made, as the app preprocesses a native series; the library's ``meta`` records
+    the preprocessing and the runs' domain (:func:`iqt_pipe.prepare.training_domain`) for the
+    model card.
 
     With ``cache_dir``, reuse ``cache_dir/patches-<key>.npz`` when it exists (see
     :func:`library_key`), else build and write it. Each run's centres are drawn from
@@ -516,7 +525,7 @@ def build_library(
     runs = list(runs)
     if not runs:
         raise InputError("no DWI runs to train on")
-    key = library_key(runs, r, patches_per_subject, seed, target, input_size, margin)
+    key = library_key(runs, r, patches_per_subject, seed, target, input_size, margin, preprocessing)
     cache = Path(cache_dir) / f"patches-{key[:20]}.npz" if cache_dir is not None else None
     if cache is not None and cache.exists():
         lib = PatchLibrary.load(cache)
@@ -526,7 +535,7 @@ def build_library(
     from tqdm.auto import tqdm
 
     counts = patches_per_run(runs, patches_per_subject)
-    built = []
+    built, domains = [], []
     bar = tqdm(list(zip(runs, counts)), desc="patch library", unit="run", disable=True if quiet else None)
     for i, (run, n) in enumerate(bar):
         dwi, bval, bvec = _run_files(run)
@@ -537,7 +546,9 @@ def build_library(
             raise InputError(
                 f"{dwi}: matrix {series.data.shape[:3]} is too small for {input_size}³ LR patches at r = {r}"
             )
-        pair = make_pair(series.data, series.affine, series.gtab, r, str(dwi))
+        domains.append(series_domain(series.affine, series.gtab, str(dwi)))
+        hr_dwi = preprocess_series(series.data, preprocessing)
+        pair = make_pair(hr_dwi, series.affine, series.gtab, r, str(dwi))
         built.append(
             RunPatches.from_arrays(
                 pair.lr.tensors, pair.hr.tensors, pair.lr_mask, pair.hr_mask, r,
@@ -548,6 +559,7 @@ def build_library(
     meta = {
         "key": key, "seed": int(seed), "patches_per_subject": int(patches_per_subject),
         "runs": [{"name": _run_name(run), "subject": _run_subject(run), "dwi": str(_run_files(run)[0])} for run in runs],
+        "preprocessing": preprocessing.to_card(), "domain": training_domain(domains, r),
     }
     lib = PatchLibrary(built, target, meta)
     if cache is not None:

@@ -127,6 +127,17 @@ def noise_correlation_warning(correlation: Sequence[float] | None, name: str) ->
     return f"{name}: noise correlated between neighbouring voxels ({', '.join(high)} > {CORRELATED_NOISE}): {INTERPOLATED}"
 
 
+def model_domain_warning(sr_sidecar: dict[str, Any], name: str) -> str | None:
+    """One line when a super-resolved run's sidecar says it lies outside the model's training
+    domain (``ModelDomain``, :func:`iqt_pipe.prepare.domain_problems`), else None."""
+    problems = (sr_sidecar.get("ModelDomain") or {}).get("Problems")
+    if not problems:
+        return None
+    return (f"{name}: outside the model's training domain ({'; '.join(problems)}): the super-resolved maps "
+            "and their uncertainty are extrapolated; check them against the native ones, or train a model on "
+            "such scans (iqt-train)")
+
+
 def expand_blocks(native: np.ndarray, r: int) -> np.ndarray:
     """Native voxel p → HR voxels r·p … r·p + r − 1 on each axis."""
     return np.asarray(native).repeat(r, 0).repeat(r, 1).repeat(r, 2)

@@ -17,10 +17,11 @@ import numpy as np
 
 from iqt_pipe import __version__
 from iqt_pipe.dti import tensors_world_to_voxel
-from iqt_pipe.inference import Prediction, frobenius_sd, predict_volume
+from iqt_pipe.inference import Prediction, frobenius_sd, predict_brain
 from iqt_pipe.io import load_tensor_image  # noqa: F401 - re-exported; it lives in io so tractography needs no torch
 from iqt_pipe.io import save_json, save_nifti, save_tensors, sidecar_path
 from iqt_pipe.models.espcn import IQTNet
+from iqt_pipe.prepare import Preprocessing, domain_problems
 
 
 _DIFFUSIVITY = "mm^2/s"
@@ -36,16 +37,18 @@ MAP_SIDECARS: dict[str, dict[str, str]] = {
               "Units": _DIFFUSIVITY},
     "sdtot": {"Description": "Frobenius sd of the total predictive uncertainty of the tensor (intrinsic "
                              "and parameter parts together)", "Units": _DIFFUSIVITY},
-    "mask": {"Description": "Super-resolved brain mask: each native mask voxel's r×r×r block", "Type": "Brain"},
+    "mask": {"Description": "Super-resolved brain mask: each native mask voxel's r×r×r block (the maps are "
+                     "predicted beyond it, over the mask dilated by the network's receptive field)", "Type": "Brain"},
 }
 
 
 def super_resolve_tensors(
     world_tensors: np.ndarray, mask: np.ndarray, affine: np.ndarray, model: IQTNet, **predict_kwargs
 ) -> Prediction:
-    """:func:`~iqt_pipe.inference.predict_volume` on world-frame tensors (result in the
-    voxel frame of the HR grid, as ``predict_volume`` returns it)."""
-    return predict_volume(model, tensors_world_to_voxel(world_tensors, affine), mask, affine, **predict_kwargs)
+    """:func:`~iqt_pipe.inference.predict_brain` on world-frame tensors: the whole brain
+    ``mask`` and its rim (result in the voxel frame of the HR grid, as ``predict_volume``
+    returns it)."""
+    return predict_brain(model, tensors_world_to_voxel(world_tensors, affine), mask, affine, **predict_kwargs)
 
 
 def write_prediction(
@@ -77,8 +80,25 @@ def write_prediction(
     return paths
 
 
-def prediction_metadata(card: dict[str, Any], pred: Prediction) -> dict[str, Any]:
-    """Provenance for every output sidecar: the model file and the sampling settings."""
+def prediction_metadata(
+    card: dict[str, Any], pred: Prediction, preprocessing: Preprocessing | None = None,
+    domain: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Provenance for every output sidecar: the model file and the sampling settings; with
+    ``preprocessing`` (what the native series had) whether it matches the model's training
+    (``Preprocessing``), with ``domain`` (:func:`iqt_pipe.prepare.series_domain` of the
+    native series) whether the run lies in the model's training domain (``ModelDomain``)."""
+    extra: dict[str, Any] = {}
+    if preprocessing is not None:
+        trained = Preprocessing.of_model(card)
+        extra["Preprocessing"] = {"Denoise": preprocessing.denoise, "GibbsRemoval": preprocessing.degibbs,
+                                  "ModelTrainedWith": {"Denoise": trained.denoise, "GibbsRemoval": trained.degibbs},
+                                  "MatchesModel": preprocessing.same_steps(trained)}
+    if domain is not None:
+        trained_domain = (card.get("training") or {}).get("domain")
+        problems = domain_problems(trained_domain, domain)
+        extra["ModelDomain"] = {"Inside": None if not trained_domain else not problems, "Problems": problems,
+                                "Run": domain, "Training": trained_domain}
     return {
         "Model": {
             "Variant": card["variant"],
@@ -93,4 +113,5 @@ def prediction_metadata(card: dict[str, Any], pred: Prediction) -> dict[str, Any
         "Seed": pred.info["seed"],
         "Device": pred.info["device"],
         "NumericalGuards": pred.info.get("guards", {}),
+        **extra,
     }

@@ -76,6 +76,7 @@ from iqt_pipe.models.espcn import KERNELS, WIDTHS, architecture_problem, margin,
 from iqt_pipe.models.files import model_paths, sha256
 from iqt_pipe.normalise import TARGETS
 from iqt_pipe.patches import N_MIRRORS, N_SYMMETRIES, PatchLibrary, build_library
+from iqt_pipe.prepare import NONE
 
 log = logging.getLogger("iqt_pipe.training")
 
@@ -722,7 +723,11 @@ def _card(library, settings, data_summary, dist, device, epochs_done, best_epoch
         "world_size": dist.world_size,
         "device": device.type,
         "patch_library": settings["library_key"],
+        # The series the patches came from: what the app must do to a native series.
+        "preprocessing": library.meta.get("preprocessing", NONE.to_card()),
     }
+    if library.meta.get("domain"):
+        training["domain"] = library.meta["domain"]
     if settings["schedule"] == "anneal":
         training["anneal"] = {"mse_epochs": settings["anneal_start"], "switch_epochs": settings["anneal_epochs"]}
     return {

@@ -50,7 +50,12 @@ def test_raw_case_noise_floor_predicts_the_reference_error(phantom, runs):
     # Interior and exterior partition the HR mask; the LR grid is half the HR one.
     assert np.array_equal(case.interior | case.exterior, case.hr_mask)
     assert case.lr_tensors.shape[:3] == tuple(s // 2 for s in case.reference.shape[:3])
-    assert case.coverage_mask.sum() >= case.lr_mask.sum()
+    # The app's prediction region (the LR brain dilated by the receptive field) holds the whole
+    # HR scan's brain mask, rim included; the LR mask's blocks alone do not.
+    from iqt_pipe.inference import expand_mask, prediction_region
+
+    assert expand_mask(prediction_region(case.lr_mask, 2), 2)[case.hr_mask].all()
+    assert not expand_mask(case.lr_mask, 2)[case.hr_mask].all()
 
 
 def test_known_truth_mode_scores_against_the_clean_field(runs):

@@ -49,13 +49,36 @@ def refused(argv, capsys) -> str:
     return err
 
 
+def test_preprocessing_follows_the_model_card(here, tmp_path):
+    """--denoise/--degibbs left out: the card's training.preprocessing; set otherwise: kept, and
+    a difference from the card is one warning line (and the summary says so)."""
+    card = json.loads((here / "m" / "model.json").read_text())
+    card["training"] = {"preprocessing": {"denoise": "dipy", "degibbs": True}}
+    save_model(IQTNet("espcn", 2), tmp_path / "pre" / "model.safetensors", card)
+
+    def config(*flags):
+        return RunConfig.from_args(parse_args(["ds", "out", "participant", "--model", str(tmp_path / "pre"), *flags]))
+
+    assert (config().denoise, config().degibbs) == ("dipy", True)
+    assert config().preprocessing_warning() is None and "(as the model was trained)" in config().summary()
+    for flags in (["--denoise", "none"], ["--no-degibbs"]):
+        warning = config(*flags).preprocessing_warning()
+        assert warning and "\n" not in warning and "leave out --denoise and --degibbs" in warning
+        assert "NOT as the model was trained" in config(*flags).summary()
+    assert config("--denoise", "mrtrix").preprocessing_warning() is None  # MP-PCA by either tool
+    # A card without the field (the test model): series as acquired, so --degibbs differs.
+    assert RunConfig.from_args(parse_args(base("--degibbs"))).preprocessing_warning()
+    assert RunConfig.from_args(parse_args(base())).preprocessing_warning() is None
+
+
 def test_defaults(here):
     args = parse_args(base())
     assert args.bids_dir == here / "ds" and args.output_dir == here / "out" and args.work_dir == here / "work"
     assert all(p.is_absolute() for p in (args.bids_dir, args.output_dir, args.work_dir, args.model))
     assert args.model == here / "m" / "model.safetensors" and args.model_card["upsample"] == 2
-    assert (args.device, args.mc_samples, args.seed, args.tractography, args.denoise) == ("auto", 8, 0, "none", "auto")
-    assert args.degibbs and args.nprocs == default_nprocs() and args.omp_nthreads == min(args.nprocs, 8)
+    # A card without training.preprocessing: trained on series as acquired, so nothing before the fit.
+    assert (args.device, args.mc_samples, args.seed, args.tractography, args.denoise) == ("auto", 8, 0, "none", "none")
+    assert not args.degibbs and args.nprocs == default_nprocs() and args.omp_nthreads == min(args.nprocs, 8)
     assert args.mem_mb is None and args.participant_label is None and args.session_label is None
     assert (args.plugin, args.plugin_args, args.bids_filters) == ("MultiProc", {}, None)
     assert not (args.skip_bids_validation or args.stop_on_first_crash or args.write_graph or args.boilerplate_only)

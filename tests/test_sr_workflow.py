@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_dataset_and_model
 from iqt_pipe import dti
 from iqt_pipe.degrade import upsample_affine
-from iqt_pipe.inference import predict_volume
+from iqt_pipe.inference import expand_mask, predict_brain, prediction_region
 from iqt_pipe.io import load_nifti
 from iqt_pipe.models import load_model
 
@@ -52,14 +52,18 @@ def test_sr_workflow_embedded_in_another_workflow(setup):
     lr_world, lr_affine, _ = load_nifti(fit_out.tensor_file)
     lr_mask = load_nifti(fit_out.mask_file)[0] > 0
     model, _ = load_model(model_dir)
-    pred = predict_volume(model, dti.tensors_world_to_voxel(lr_world, lr_affine), lr_mask, lr_affine,
-                          mc_samples=3, scalar_samples=6, seed=2)
+    pred = predict_brain(model, dti.tensors_world_to_voxel(lr_world, lr_affine), lr_mask, lr_affine,
+                         mc_samples=3, scalar_samples=6, seed=2)
     hr_world, hr_affine, _ = load_nifti(out.tensor_file)
     np.testing.assert_allclose(hr_affine, upsample_affine(lr_affine, 2), atol=1e-5)
     assert hr_world.shape == tuple(2 * s for s in lr_mask.shape) + (6,)
     np.testing.assert_allclose(hr_world, dti.tensors_voxel_to_world(pred.mean, hr_affine), atol=1e-9)
     np.testing.assert_allclose(load_nifti(out.sd_total_file)[0], pred.sd_frobenius, rtol=1e-5, atol=1e-12)
     np.testing.assert_array_equal(load_nifti(out.mask_file)[0] > 0, pred.mask)
+    # The whole brain: the rim around the mask (2 LR voxels, the receptive field) is predicted too.
+    predicted = np.any(hr_world != 0, axis=-1)
+    assert predicted[pred.mask].all() and predicted[~pred.mask].sum() > 0.2 * pred.mask.sum()
+    assert not predicted[~expand_mask(prediction_region(lr_mask, 2), 2)].any()
 
     card = json.loads((model_dir / "model.json").read_text())
     assert out.metadata["Model"]["WeightsSHA256"] == card["weights"]["sha256"]

@@ -17,6 +17,7 @@ from iqt_pipe import __version__
 from iqt_pipe.bids import DWIRun
 from iqt_pipe.config import RunConfig
 from iqt_pipe.interfaces.preproc import NoiseCorrelation
+from iqt_pipe.prepare import Preprocessing
 from iqt_pipe.workflows.dwi import init_dti_wf, init_dwi_preproc_wf
 from iqt_pipe.workflows.outputs import init_outputs_wf
 from iqt_pipe.workflows.sr import init_sr_wf
@@ -90,7 +91,8 @@ super-resolution follow @tanno2017 and @tanno2021.
         tiles_mb = tile_budget_mb(shape, r, config.mem_mb)
         sr_wf = init_sr_wf(model=str(config.model), mc_samples=config.mc_samples, seed=config.seed,
                            use_gpu=use_gpu, omp_nthreads=config.omp_nthreads, mem_mb=tiles_mb,
-                           mem_gb=(tiles_mb + memory_needed_mb(shape, r)) / 1024, name=f"{tag}_sr_wf")
+                           mem_gb=(tiles_mb + memory_needed_mb(shape, r)) / 1024,
+                           preprocessing=Preprocessing(config.denoise, config.degibbs), name=f"{tag}_sr_wf")
         outputs_wf = init_outputs_wf(output_dir=str(config.output_dir), name=f"{tag}_outputs_wf")
         outputs_wf.inputs.inputnode.source_file = str(run.dwi)
         outputs_wf.inputs.inputnode.upsample = config.model_upsample
@@ -104,6 +106,7 @@ super-resolution follow @tanno2017 and @tanno2021.
                                   ("outputnode.bvec_file", "inputnode.bvec_file")]),
             (dti_wf, sr_wf, [("outputnode.tensor_file", "inputnode.tensor_file"),
                              ("outputnode.mask_file", "inputnode.mask_file")]),
+            (inputnode, sr_wf, [("bval_file", "inputnode.bval_file"), ("bvec_file", "inputnode.bvec_file")]),
             (dti_wf, outputs_wf, [("outputnode.tensor_file", "inputnode.tensor_file"),
                                   ("outputnode.fa_file", "inputnode.fa_file"),
                                   ("outputnode.md_file", "inputnode.md_file"),

@@ -7,6 +7,7 @@ from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from iqt_pipe.interfaces.sr import SuperResolve
+from iqt_pipe.prepare import Preprocessing
 
 SR_OUTPUTS = [
     "tensor_file", "fa_file", "fa_sd_file", "md_file", "md_sd_file",
@@ -24,6 +25,7 @@ def init_sr_wf(
     omp_nthreads: int = 1,
     mem_mb: float = 1024,
     mem_gb: float | None = None,
+    preprocessing: Preprocessing | None = None,
     name: str = "sr_wf",
 ) -> Workflow:
     """Bayesian super-resolution of a tensor image, with its uncertainty maps.
@@ -55,6 +57,9 @@ def init_sr_wf(
     mem_gb
         The node's whole memory use for Nipype's scheduler (GB; default: the tiles plus 1 GB
         for the arrays of the super-resolved grid).
+    preprocessing
+        What the native series had before the fit (:class:`iqt_pipe.prepare.Preprocessing`):
+        recorded in the sidecars beside what the model was trained with (``Preprocessing``).
 
     Inputs
     ------
@@ -63,6 +68,9 @@ def init_sr_wf(
         the whole volume as in training.
     mask_file
         Native-resolution brain mask on the same grid.
+    bval_file, bvec_file
+        Optional: the native series' gradient files; the run is then checked against the
+        model's training domain (``ModelDomain`` in the sidecars).
 
     Outputs
     -------
@@ -76,23 +84,26 @@ def init_sr_wf(
     workflow.__desc__ = f"""\
 Diffusion tensors were super-resolved with Bayesian Image Quality Transfer
 [@tanno2017; @tanno2021]: a 3D efficient sub-pixel-shifting convolutional network
-(3D-ESPCN) predicted the high-resolution tensors of every brain voxel, with a
+(3D-ESPCN) predicted the high-resolution tensors of every brain voxel and of the brain's rim, with a
 heteroscedastic noise model for intrinsic uncertainty and variational dropout for
 parameter uncertainty where the model has them. The predictive mean and variance were
 estimated from {mc_samples} Monte-Carlo weight samples (variational models); FA and MD
 means and standard deviations from samples of the predictive distribution.
 """
-    inputnode = pe.Node(niu.IdentityInterface(fields=["tensor_file", "mask_file"]), name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(fields=["tensor_file", "mask_file", "bval_file", "bvec_file"]),
+                        name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=SR_OUTPUTS), name="outputnode")
+    steps = {} if preprocessing is None else {"denoise": preprocessing.denoise, "degibbs": preprocessing.degibbs}
     super_resolve = pe.Node(
         SuperResolve(model=str(model), mc_samples=mc_samples, scalar_samples=scalar_samples, seed=seed,
-                     use_gpu=use_gpu, num_threads=omp_nthreads, mem_mb=mem_mb),
+                     use_gpu=use_gpu, num_threads=omp_nthreads, mem_mb=mem_mb, **steps),
         name="super_resolve",
         n_procs=omp_nthreads,
         mem_gb=mem_gb if mem_gb is not None else max(mem_mb, 512) / 1024 + 1,
     )
     workflow.connect([
-        (inputnode, super_resolve, [("tensor_file", "tensor_file"), ("mask_file", "mask_file")]),
+        (inputnode, super_resolve, [("tensor_file", "tensor_file"), ("mask_file", "mask_file"),
+                                    ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
         (super_resolve, outputnode, [(out, out) for out in SR_OUTPUTS]),
     ])  # fmt:skip
     return workflow

@@ -94,11 +94,14 @@ def _build_parser() -> argparse.ArgumentParser:
                    metavar="N", help=f"Monte Carlo samples of the Bayesian network per voxel (default: {DEFAULT_MC_SAMPLES})")
     g.add_argument("--seed", type=int_at_least(0, "the seed"), default=DEFAULT_SEED, metavar="N",
                    help=f"random seed of the MC sampling (default: {DEFAULT_SEED})")
-    g.add_argument("--denoise", choices=DENOISE, default="auto",
-                   help="MP-PCA denoising: mrtrix (dwidenoise), dipy (mppca), auto (MRtrix3 when on PATH, "
-                        "else DIPY) or none (default: auto)")
-    g.add_argument("--no-degibbs", dest="degibbs", action="store_false",
-                   help="skip Gibbs-ringing removal (default: on)")
+    g.add_argument("--denoise", choices=DENOISE,
+                   help="MP-PCA denoising of the native series: mrtrix (dwidenoise), dipy (mppca), auto (MRtrix3 "
+                        "when on PATH, else DIPY) or none (default: what the model was trained with, its card's "
+                        "training.preprocessing; the bundled model: none)")
+    g.add_argument("--degibbs", action=argparse.BooleanOptionalAction,
+                   help="Gibbs-ringing removal from the native series (default: what the model was trained "
+                        "with; the bundled model: off). A setting that differs from the model's training "
+                        "is warned about and recorded in the sidecars")
     g.add_argument("--tractography", choices=TRACTOGRAPHY, default="none",
                    help="deterministic and probabilistic tractography on the native and the super-resolved "
                         "tensors with DIPY, MRtrix3 (tckgen, tckmap) or both (default: none)")
@@ -166,6 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ModelFileError as exc:
             _fail(parser, str(exc))
     args.model_card = _check_model(parser, args.model)
+    _settle_preprocessing(args)
     if args.model is not None:
         from iqt_pipe.models.files import model_paths
 
@@ -371,6 +375,20 @@ def _check_model(parser, model: Path | None) -> dict | None:
     except ModelFileError as exc:
         _fail(parser, f"--model: {exc}")
     return card
+
+
+def _settle_preprocessing(args: argparse.Namespace) -> None:
+    """``--denoise`` and ``--degibbs`` left out: the model's training preprocessing
+    (:meth:`iqt_pipe.prepare.Preprocessing.of_model`), so the native series is prepared as the
+    model's training series were."""
+    from iqt_pipe.prepare import NONE, Preprocessing
+
+    trained = Preprocessing.of_model(args.model_card) if args.model_card else NONE
+    args.model_preprocessing = trained
+    if args.denoise is None:
+        args.denoise = trained.denoise
+    if args.degibbs is None:
+        args.degibbs = trained.degibbs
 
 
 def _check_tractography(parser, args: argparse.Namespace) -> None:

@@ -127,6 +127,8 @@ def participant(config: RunConfig) -> int:
     if not config.boilerplate_only:  # the methods text needs no data
         runs, refused = preflight(config, runs)
     print(config.summary(runs=runs, device=str(resolve_device(config.device))), flush=True)
+    if warning := config.preprocessing_warning():
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     workflow = init_iqt_wf(config=config, runs=runs)
     write_dataset_files(config, workflow.visit_desc())
     if config.write_graph:
@@ -157,7 +159,7 @@ def participant(config: RunConfig) -> int:
         write_reports(config, sorted({r.subject for r in runs}), run_uuid=config.run_uuid)
         return EXIT_FAILED
     write_reports(config, sorted({r.subject for r in runs}), run_uuid=config.run_uuid)  # problems: warnings
-    warn_correlated_noise(config, sorted({r.subject for r in runs}))
+    warn_about_runs(config, sorted({r.subject for r in runs}))
     if refused:
         print(f"{PROG}: {len(refused)} run(s) refused (see the errors above); the other {len(runs)} finished, "
               f"derivatives in {config.output_dir}", file=sys.stderr)
@@ -233,17 +235,19 @@ def write_reports(config: RunConfig, subjects: list[str], run_uuid: str | None =
     return ok
 
 
-def warn_correlated_noise(config: RunConfig, subjects: list[str]) -> None:
+def warn_about_runs(config: RunConfig, subjects: list[str]) -> None:
     """A warning for each run whose noise correlates between neighbouring voxels (recorded in
-    its native tensor sidecar): the scanner interpolated it, super-resolution gains little."""
-    from iqt_pipe.qc import noise_correlation, noise_correlation_warning
+    its native tensor sidecar: the scanner interpolated it, super-resolution gains little) and
+    for each run outside the model's training domain (its super-resolved tensor sidecar)."""
+    from iqt_pipe.qc import model_domain_warning, noise_correlation, noise_correlation_warning
     from iqt_pipe.reports.discover import find_runs
 
     for subject in subjects:
         for run in find_runs(config.output_dir, subject):
-            warning = noise_correlation_warning(noise_correlation(run.sidecar("tensor")), run.name)
-            if warning:
-                print(f"{PROG}: warning: {warning}", file=sys.stderr)
+            for warning in (noise_correlation_warning(noise_correlation(run.sidecar("tensor")), run.name),
+                            model_domain_warning(run.sidecar("sr_tensor"), run.name)):
+                if warning:
+                    print(f"{PROG}: warning: {warning}", file=sys.stderr)
 
 
 def reports_only(config: RunConfig) -> int:

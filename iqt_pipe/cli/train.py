@@ -94,6 +94,13 @@ def add_recipe_arguments(p) -> None:
                         "at 1e-3 it can collapse to the cubic spline)")
     p.add_argument("--widths", type=int_at_least(1, "a width"), nargs="+", default=list(WIDTHS), metavar="W",
                    help="channels of each hidden layer, one fewer than --kernels (default: 50 100)")
+    p.add_argument("--denoise", choices=["none", "dipy"], default="none",
+                   help="MP-PCA denoising (DIPY) of each HR series before its LR series is made; recorded in "
+                        "the card, and iqt-pipe then denoises native series likewise (default: none)")
+    p.add_argument("--degibbs", action=argparse.BooleanOptionalAction, default=False,
+                   help="Gibbs-ringing removal (DIPY) of each HR series before its LR series is made; recorded "
+                        "in the card, and iqt-pipe then removes it from native series likewise (default: off, "
+                        "measured on held-out subjects: see the README)")
 
 
 def check_recipe(args: argparse.Namespace) -> None:
@@ -122,8 +129,11 @@ def library_options(args: argparse.Namespace) -> dict:
     from iqt_pipe.models.espcn import margin
     from iqt_pipe.patches import patch_geometry
 
+    from iqt_pipe.prepare import Preprocessing
+
     return {"r": args.upsample, "patches_per_subject": args.patches_per_subject, "seed": args.seed,
-            "target": args.target, **patch_geometry(margin(args.kernels))}
+            "target": args.target, "preprocessing": Preprocessing(args.denoise, args.degibbs),
+            **patch_geometry(margin(args.kernels))}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -197,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
                 resuming = "; resuming from OUT_DIR/checkpoint"
             print(f"{PROG}: variant {args.variant}, target {args.target}, schedule {args.schedule}, "
                   f"augment {augment}, kernels {'-'.join(map(str, args.kernels))} × widths "
-                  f"{'-'.join(map(str, args.widths))}, loss mask {args.loss_mask}, {args.epochs} epochs, batch {args.batch_size}, "
+                  f"{'-'.join(map(str, args.widths))}, loss mask {args.loss_mask}, "
+                  f"preprocessing: {library_options(args)['preprocessing'].describe()}, {args.epochs} epochs, batch {args.batch_size}, "
                   f"lr {args.lr:g}, seed {args.seed}; device {dist.device if dist.distributed else device}"
                   f" × {dist.world_size} process(es), {threads} thread(s) each{resuming}", flush=True)
         result = train(

@@ -39,6 +39,7 @@ from iqt_pipe.qc import (
     INTERPOLATED,
     METRIC_COLUMNS,
     metrics_from_files,
+    model_domain_warning,
     noise_correlation,
     noise_correlation_warning,
 )
@@ -360,6 +361,17 @@ def _run_summary_html(ctx: SubjectContext, run: RunOutputs) -> str:
         parts.append(f'<p class="iqt-note">{escape(sr.get("Resolution", ""))} Predictive moments from '
                      f'{escape(sr.get("MonteCarloSamples", "?"))} Monte-Carlo sample(s), seed {escape(sr.get("Seed", "?"))}, '
                      f'device {escape(sr.get("Device", "?"))}, variance scale {escape(sr.get("VarianceScale", 1.0))}.</p>')
+    if sr.get("Preprocessing"):
+        steps = sr["Preprocessing"]
+        trained = steps.get("ModelTrainedWith", {})
+        text = (f"Preprocessing of the native series: denoising {steps.get('Denoise')}, Gibbs-ringing removal "
+                f"{'on' if steps.get('GibbsRemoval') else 'off'}; the model was trained on series with denoising "
+                f"{trained.get('Denoise')}, Gibbs-ringing removal {'on' if trained.get('GibbsRemoval') else 'off'}")
+        matches = steps.get("MatchesModel", True)
+        parts.append(f'<p class="{"iqt-note" if matches else "iqt-alert"}">{escape(text)}'
+                     + (".</p>" if matches else ": they differ, expect less accurate maps and uncertainty.</p>"))
+    if domain_warning := model_domain_warning(sr, run.name):
+        parts.append(f'<p class="iqt-alert">{escape(domain_warning)}.</p>')
     correlation = noise_correlation(run.sidecar("tensor"))
     if correlation is not None:
         warning = noise_correlation_warning(correlation, run.name)

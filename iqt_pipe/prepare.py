@@ -1,0 +1,146 @@
+"""What the network sees of a DWI series: one path for training, evaluation and the app.
+
+``iqt-train``'s patch library, ``iqt-eval`` and ``iqt-pipe … participant`` turn a series into
+the network's input in the same steps, so that what is measured is what users get:
+
+1. :func:`preprocess_series`, as the model card's :class:`Preprocessing` says: MP-PCA
+   denoising, then Gibbs-ringing removal, of the series as reconstructed by the scanner
+   (DIPY here; the app's workflow runs the same steps as Nipype nodes). Training applies
+   them to the HR series *before* its LR series is made, the app to the native series (the
+   network's input grid), ``iqt-eval`` to its LR series — the series the app would be given.
+2. :func:`fit_series`: DTI by weighted least squares on every voxel with a positive signal,
+   and the brain mask (``median_otsu``) of the series.
+3. :func:`iqt_pipe.inference.predict_brain`: channel statistics from the brain mask, and the
+   prediction of the brain dilated by the receptive field.
+
+A model card records the preprocessing of its training series (``training.preprocessing``;
+cards without it were trained on series as acquired) and the range of its training inputs
+(``training.domain``: LR voxel size, DTI shell, directions), which :func:`domain_problems`
+compares with a run's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import nibabel as nb
+import numpy as np
+
+from iqt_pipe.fit import DTIFit, brain_mask, fit_dti
+from iqt_pipe.gradients import GradientTable, select_dti_volumes
+
+#: ``--denoise`` values: no denoising, or MP-PCA with DIPY or MRtrix3 (``auto``: MRtrix3 when on PATH).
+DENOISE = ("none", "dipy", "mrtrix", "auto")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The steps before the DTI fit: MP-PCA denoising (``denoise``: the tool, or ``"none"``)
+    and Gibbs-ringing removal."""
+
+    denoise: str = "none"
+    degibbs: bool = False
+
+    def __post_init__(self):
+        if self.denoise not in DENOISE:
+            raise ValueError(f"denoise must be one of {', '.join(DENOISE)}, got {self.denoise!r}")
+
+    @property
+    def denoises(self) -> bool:
+        return self.denoise != "none"
+
+    def to_card(self) -> dict[str, Any]:
+        return {"denoise": self.denoise, "degibbs": bool(self.degibbs)}
+
+    @classmethod
+    def of_model(cls, card: dict[str, Any]) -> "Preprocessing":
+        """What a model was trained with (its card's ``training.preprocessing``; none for
+        cards written before it was recorded: those models saw series as acquired)."""
+        given = (card.get("training") or {}).get("preprocessing") or {}
+        return cls(denoise=given.get("denoise", "none"), degibbs=bool(given.get("degibbs", False)))
+
+    def same_steps(self, other: "Preprocessing") -> bool:
+        """Whether both run the same steps (MP-PCA by any tool counts as the same step)."""
+        return (self.denoises, self.degibbs) == (other.denoises, other.degibbs)
+
+    def describe(self) -> str:
+        steps = ([f"MP-PCA denoising ({self.denoise})"] if self.denoises else []) + (
+            ["Gibbs-ringing removal"] if self.degibbs else [])
+        return " then ".join(steps) if steps else "no denoising, no Gibbs-ringing removal"
+
+
+#: The series as acquired: what models trained before preprocessing was recorded saw.
+NONE = Preprocessing()
+
+
+def preprocess_series(dwi: np.ndarray, preprocessing: Preprocessing, slice_axis: int = 2) -> np.ndarray:
+    """``dwi`` after the steps of ``preprocessing`` (DIPY's MP-PCA over the whole volume,
+    then Gibbs removal across ``slice_axis``), as the app's DIPY nodes run them."""
+    from iqt_pipe.preproc import denoise_mppca, remove_gibbs
+
+    if preprocessing.denoises:
+        dwi = denoise_mppca(dwi)[0]
+    if preprocessing.degibbs:
+        dwi = remove_gibbs(dwi, slice_axis=slice_axis)
+    return dwi
+
+
+def fit_series(
+    dwi: np.ndarray, affine: np.ndarray, gtab: GradientTable, mask: np.ndarray | None = None,
+    source: str = "DWI series",
+) -> tuple[DTIFit, np.ndarray]:
+    """The DTI fit of every voxel with a positive signal (voxel frame) and the brain mask:
+    ``mask`` when given, else ``median_otsu``'s on the mean b = 0 (see :mod:`iqt_pipe.fit`)."""
+    if mask is None:
+        mask = brain_mask(dwi, gtab, nb.affines.voxel_sizes(affine))
+    return fit_dti(dwi, affine, gtab, source=source), np.asarray(mask, dtype=bool)
+
+
+# ------------------------------------------------------------------------ domain of validity
+
+
+def series_domain(affine: np.ndarray, gtab: GradientTable, source: str = "DWI series") -> dict[str, Any]:
+    """The facts of a network input that a model's training covered or not: voxel size (mm,
+    per axis), the DTI shell's b-value and its number of directions."""
+    keep = select_dti_volumes(gtab, source)
+    shell = keep & ~gtab.b0_mask
+    return {"voxel_size_mm": [float(z) for z in nb.affines.voxel_sizes(affine)],
+            "bvalue": float(np.median(gtab.bvals[shell])), "directions": int(shell.sum())}
+
+
+def training_domain(domains: Iterable[dict[str, Any]], r: int) -> dict[str, Any]:
+    """``training.domain`` of a model card from its training runs' :func:`series_domain`
+    (HR series): the range of the LR voxel sizes (the network's input, r × the HR size),
+    of the b-values and of the numbers of directions."""
+    domains = list(domains)
+    sizes = [z * r for d in domains for z in d["voxel_size_mm"]]
+    b = [d["bvalue"] for d in domains]
+    n = [d["directions"] for d in domains]
+    return {"lr_voxel_size_mm": [round(min(sizes), 3), round(max(sizes), 3)],
+            "bvalue": [round(min(b)), round(max(b))], "directions": [min(n), max(n)]}
+
+
+#: How far outside the training range a voxel size (10 %) or b-value (20 %) may lie before
+#: a run counts as outside the model's domain; directions count from the training range.
+VOXEL_SIZE_TOLERANCE, BVALUE_TOLERANCE = 0.10, 0.20
+
+
+def domain_problems(domain: dict[str, Any] | None, run: dict[str, Any]) -> list[str]:
+    """How a network input (:func:`series_domain` of the native series) lies outside a
+    model's ``training.domain``; empty inside it or when the card records no domain."""
+    if not domain:
+        return []
+    problems = []
+    lo, hi = domain["lr_voxel_size_mm"]
+    sizes = run["voxel_size_mm"]
+    if min(sizes) < lo / (1 + VOXEL_SIZE_TOLERANCE) or max(sizes) > hi * (1 + VOXEL_SIZE_TOLERANCE):
+        problems.append(f"voxel size {'×'.join(f'{z:.3g}' for z in sizes)} mm outside the training inputs' "
+                        f"{lo:.3g}–{hi:.3g} mm")
+    lo, hi = domain["bvalue"]
+    if not lo / (1 + BVALUE_TOLERANCE) <= run["bvalue"] <= hi * (1 + BVALUE_TOLERANCE):
+        problems.append(f"b = {run['bvalue']:.0f} s/mm² outside the training shells' {lo}–{hi}")
+    lo, hi = domain["directions"]
+    if not lo <= run["directions"] <= hi:
+        problems.append(f"{run['directions']} directions outside the training runs' {lo}–{hi}")
+    return problems
