@@ -84,7 +84,10 @@ super-resolution follow @tanno2017 and @tanno2021.
         inputnode.inputs.dwi_file, inputnode.inputs.bval_file, inputnode.inputs.bvec_file = (
             str(run.dwi), str(run.bval), str(run.bvec)
         )
-        preproc_wf = init_dwi_preproc_wf(denoise=config.denoise, degibbs=config.degibbs,
+        # A model trained on Gibbs-corrected series saw DIPY's correction (iqt-train): the same here,
+        # unless MRtrix3 denoises anyway.
+        gibbs_tool = "dipy" if config.model_degibbs and config.denoise in ("none", "dipy") else None
+        preproc_wf = init_dwi_preproc_wf(denoise=config.denoise, degibbs=config.degibbs, gibbs_tool=gibbs_tool,
                                          omp_nthreads=config.omp_nthreads, name=f"{tag}_preproc_wf")
         dti_wf = init_dti_wf(omp_nthreads=config.omp_nthreads, name=f"{tag}_dti_wf")
         shape, r = nb.load(run.dwi).shape, config.model_upsample or 2

@@ -26,6 +26,7 @@ def init_dwi_preproc_wf(
     degibbs: bool = True,
     slice_axis: int = 2,
     omp_nthreads: int = 1,
+    gibbs_tool: str | None = None,
     name: str = "dwi_preproc_wf",
 ) -> Workflow:
     """Denoise a DWI series, then remove its Gibbs ringing, before any interpolation.
@@ -50,6 +51,9 @@ def init_dwi_preproc_wf(
         Voxel axis across the acquired slices; ringing is removed in the other two.
     omp_nthreads
         Threads of the MRtrix3 nodes (the DIPY ones run single-threaded).
+    gibbs_tool
+        ``"dipy"`` or ``"mrtrix"`` for the Gibbs-ringing removal whatever the denoiser (e.g. the
+        tool a model's training series were corrected with); default: as ``denoise`` says.
 
     Inputs
     ------
@@ -69,7 +73,10 @@ def init_dwi_preproc_wf(
         raise ValueError(f"denoise must be one of {', '.join(DENOISE_CHOICES)}, got {denoise!r}")
     if slice_axis not in (0, 1, 2):
         raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis!r}")
+    if gibbs_tool not in (None, "dipy", "mrtrix"):
+        raise ValueError(f"gibbs_tool must be dipy or mrtrix, got {gibbs_tool!r}")
     use_mrtrix = denoise == "mrtrix" or (denoise in ("auto", "none") and mrtrix_available())
+    gibbs_mrtrix = use_mrtrix if gibbs_tool is None else gibbs_tool == "mrtrix"
 
     workflow = Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["dwi_file", "bval_file", "bvec_file"]), name="inputnode")
@@ -86,7 +93,7 @@ def init_dwi_preproc_wf(
             "a map of the noise standard deviation."
         )
     if degibbs:
-        node, tool = _degibbs_node(use_mrtrix, slice_axis, omp_nthreads)
+        node, tool = _degibbs_node(gibbs_mrtrix, slice_axis, omp_nthreads)
         steps.append(node)
         desc.append(
             f"{'Then, ' if desc else ''}Gibbs-ringing artefacts were removed by local "
