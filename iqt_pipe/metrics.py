@@ -98,10 +98,16 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(stats.spearmanr(x, y).statistic)
 
 
+def _sd_ratio(err: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """|err| / sd elementwise, in float64 (a zero sd, e.g. a voxel without a prediction, gives
+    a huge ratio instead of a float32 division by zero)."""
+    return np.abs(np.ravel(err).astype(np.float64)) / np.maximum(np.ravel(sd).astype(np.float64), 1e-300)
+
+
 def interval_coverage(err: np.ndarray, sd: np.ndarray, levels: Iterable[float] = COVERAGE_LEVELS) -> dict[float, float]:
     """Empirical coverage of the central Gaussian predictive intervals: for each nominal
     level p, the fraction of errors with ``|err| ≤ z_{(1+p)/2}·sd`` (elementwise)."""
-    ratio = np.abs(np.ravel(err)) / np.maximum(np.ravel(sd), 1e-300)
+    ratio = _sd_ratio(err, sd)
     return {float(p): float(np.mean(ratio <= stats.norm.ppf(0.5 + p / 2))) for p in levels}
 
 
@@ -115,7 +121,7 @@ def calibration_curve(err: np.ndarray, sd: np.ndarray, n: int = 19) -> tuple[np.
 def variance_scale(err: np.ndarray, sd: np.ndarray, level: float = 0.95) -> float:
     """The factor ``s`` on variances that makes the ``level`` interval's empirical coverage
     exactly ``level``: ``s = (quantile_level(|err|/sd) / z)²``."""
-    ratio = np.abs(np.ravel(err)) / np.maximum(np.ravel(sd), 1e-300)
+    ratio = _sd_ratio(err, sd)
     if ratio.size == 0:
         raise ValueError("no errors to calibrate on")
     return float((np.quantile(ratio, level) / stats.norm.ppf(0.5 + level / 2)) ** 2)
@@ -124,7 +130,7 @@ def variance_scale(err: np.ndarray, sd: np.ndarray, level: float = 0.95) -> floa
 def sd_ratio_quantiles(err: np.ndarray, sd: np.ndarray, n: int = 401) -> np.ndarray:
     """Quantiles (probabilities 0, 1/(n−1), …, 1) of |err|/sd: enough to tell the coverage of
     any interval ±z·√s·sd afterwards (:func:`coverage_at_scale`) without keeping the voxels."""
-    ratio = np.abs(np.ravel(err)) / np.maximum(np.ravel(sd), 1e-300)
+    ratio = _sd_ratio(err, sd)
     return np.quantile(ratio, np.linspace(0, 1, n))
 
 

@@ -59,7 +59,10 @@ def phantom(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("onepath")
     root = write_bids_dataset(tmp / "ds", n_subjects=1, preset="tiny", seed=3)
     torch.manual_seed(0)
-    save_model(IQTNet("hetero-var2", 2), tmp / "model" / "model.safetensors", {"target": "residual-cubic"})
+    # Trained (as far as its card says) on finer scans than the tiny phantom's 13 mm LR input.
+    domain = {"lr_voxel_size_mm": [3.5, 8.4], "bvalue": [928, 2000], "directions": [12, 40]}
+    save_model(IQTNet("hetero-var2", 2), tmp / "model" / "model.safetensors",
+               {"target": "residual-cubic", "training": {"domain": domain}})
     return tmp, find_dwi_runs(root)[0]
 
 
@@ -87,8 +90,12 @@ def test_the_app_writes_what_iqt_eval_scores(phantom):
     assert theirs["predicted_fraction"] == 1.0
     assert sidecar["Preprocessing"] == {"Denoise": "none", "GibbsRemoval": False, "MatchesModel": True,
                                         "ModelTrainedWith": {"Denoise": "none", "GibbsRemoval": False}}
-    # This test model's card records no training domain: nothing to compare the run with.
-    assert sidecar["ModelDomain"]["Inside"] is None and sidecar["ModelDomain"]["Run"]["directions"] > 6
+    # Outside the card's domain: the sidecar field, one warning line, an alert in the report.
+    assert sidecar["ModelDomain"]["Inside"] is False and sidecar["ModelDomain"]["Run"]["directions"] == 30
+    problem = sidecar["ModelDomain"]["Problems"][0]
+    assert problem.startswith("voxel size 13×13×13 mm outside the training inputs' 3.5–8.4 mm")
+    assert f"warning: sub-lr: outside the model's training domain ({problem}" in proc.stderr
+    assert "outside the model&#x27;s training domain" in (tmp / "out" / "sub-lr.html").read_text()
 
 
 def test_iqt_eval_prepares_the_lr_series_as_the_card_says(phantom):
