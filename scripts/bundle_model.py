@@ -28,7 +28,8 @@ from iqt_pipe.models.files import BUNDLED, bundled_dir, model_paths
 
 #: The card keeps these metrics of the pooled summary …
 _KEEP = ("tensor_rmse_ratio", "tensor_rmse_corrected_ratio", "fa_rmse_ratio", "md_rmse_ratio", "spearman",
-         "coverage0.5", "coverage0.8", "coverage0.95", "risky", "lesion")
+         "coverage0.5", "coverage0.8", "coverage0.95", "md_coverage0.95", "error_sd_ratio", "predicted_fraction",
+         "risky", "lesion")
 #: … in these regions and scores.
 _SUFFIXES = (".interior", ".exterior", ".brain", ".auc", ".auc_intrinsic", ".auc_parameter", ".f1", ".precision",
              ".recall")
