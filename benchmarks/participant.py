@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/participant.py --model MODEL [--subject achieva01] [--bids DIR]
 
-Defaults: ../shared/data/ds-realdwi, sub-achieva01, default options (denoise auto, Gibbs removal,
+Defaults: ../shared/data/ds-realdwi, sub-achieva01, default options (the model's preprocessing,
 8 MC samples), all CPU cores. Stage times come from Nipype's runtime records in the work folder.
 """
 

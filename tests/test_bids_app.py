@@ -101,7 +101,7 @@ def test_runs_with_correlated_noise_are_flagged(first_run, data, tmp_path, capsy
     the group summary and its value in group_qc.tsv."""
     from types import SimpleNamespace
 
-    from iqt_pipe.cli.run import warn_correlated_noise
+    from iqt_pipe.cli.run import warn_about_runs
 
     root, _ = data
     out = tmp_path / "out"
@@ -110,7 +110,7 @@ def test_runs_with_correlated_noise_are_flagged(first_run, data, tmp_path, capsy
     meta = json.loads(sidecar.read_text())
     meta["NoiseNeighbourCorrelation"]["Values"] = [0.62, 0.08, 0.05]
     sidecar.write_text(json.dumps(meta))
-    warn_correlated_noise(SimpleNamespace(output_dir=out), ["01"])
+    warn_about_runs(SimpleNamespace(output_dir=out), ["01"])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("iqt-pipe: warning: sub-01: noise correlated between neighbouring "
                                                   "voxels (i 0.62 > 0.4): the scanner interpolated this series")
