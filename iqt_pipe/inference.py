@@ -258,12 +258,16 @@ def predict_volume(
     target: str | None = None,
     threads: int | None = None,
     region: np.ndarray | None = None,
+    outside: str = "zero",
 ) -> Prediction:
     """Super-resolve a voxel-frame LR tensor field; see the module docstring.
 
     ``lr_mask`` is the brain: the channel statistics (unless ``stats`` is given) and the
     prediction's ``mask``; ``region`` (LR, default the brain) the voxels predicted, e.g.
     :func:`prediction_region` (:func:`predict_brain` does both, as the app and ``iqt-eval`` do).
+    Outside the region the mean tensor and FA/MD are zero (``outside="zero"``) or those of the
+    cubic B-spline upsampling of the input (``"cubic"``: no voxel the input covers is left
+    empty); variances and sd are zero there (nothing was predicted).
 
     ``mc_samples`` applies to variational variants (deterministic ones use one pass);
     ``mc_samples=1`` is a deterministic pass with the mean weights (no parameter variance);
@@ -281,6 +285,8 @@ def predict_volume(
     lr_mask = np.asarray(lr_mask, dtype=bool)
     if lr_tensors.shape[:3] != lr_mask.shape or lr_tensors.shape[-1] != 6:
         raise ValueError(f"tensors {lr_tensors.shape} and mask {lr_mask.shape} do not match")
+    if outside not in ("zero", "cubic"):
+        raise ValueError(f"outside must be zero or cubic, got {outside!r}")
     region = lr_mask if region is None else np.asarray(region, dtype=bool)
     if region.shape != lr_mask.shape:
         raise ValueError(f"prediction region {region.shape} and mask {lr_mask.shape} do not match")
@@ -366,6 +372,13 @@ def predict_volume(
     for key in ("mean", "var_int", "m2"):
         if key in arrays:
             arrays[key][~hr_region] = 0
+    if outside == "cubic":
+        from iqt_pipe.baselines import interpolate_tensors
+
+        cubic = baseline if target == "residual-cubic" else interpolate_tensors(lr_tensors, r, "cubic")
+        arrays["mean"][~hr_region] = cubic[~hr_region]
+        fa, md = _fa_md(torch.from_numpy(cubic[~hr_region]))
+        arrays["fa"][~hr_region], arrays["md"][~hr_region] = fa.numpy(), md.numpy()
     # Calibration: every variance times s (FA/MD sd times √s, to first order).
     s = float(getattr(model, "variance_scale", 1.0))
     if s != 1.0:
@@ -391,8 +404,10 @@ def predict_brain(model: IQTNet, lr_tensors: np.ndarray, brain: np.ndarray, lr_a
                   **kwargs) -> Prediction:
     """Super-resolve the whole brain as the app does (and ``iqt-eval``, which scores it):
     :func:`predict_volume` over :func:`prediction_region` of the LR brain mask, with the
-    channel statistics from the brain itself."""
-    return predict_volume(model, lr_tensors, brain, lr_affine, region=prediction_region(brain, model.margin), **kwargs)
+    channel statistics from the brain itself; farther out (a mask of a finer scan may hold
+    islands there) the mean tensor is the cubic B-spline upsampling, never zero."""
+    return predict_volume(model, lr_tensors, brain, lr_affine, region=prediction_region(brain, model.margin),
+                          outside="cubic", **kwargs)
 
 
 #: Bounds on a predicted variance, (mm²/s)²: an infinite precision (variance 0) becomes an sd
@@ -527,7 +542,7 @@ def combine_ensemble(predictions: list[Prediction], scalar_samples: int = 32, se
     fa, md = (a.numpy() for a in _fa_md(torch.from_numpy(draws)))
     scal = {}
     for name, val, fn in (("fa_mean", fa, np.mean), ("fa_sd", fa, np.std), ("md_mean", md, np.mean), ("md_sd", md, np.std)):
-        arr = np.zeros(first.mask.shape, np.float32)
+        arr = getattr(first, name).astype(np.float32, copy=True)  # outside the predicted voxels: as predicted there
         arr.reshape(-1)[idx] = fn(val, axis=0)
         scal[name] = arr
     return Prediction(

@@ -37,8 +37,9 @@ MAP_SIDECARS: dict[str, dict[str, str]] = {
               "Units": _DIFFUSIVITY},
     "sdtot": {"Description": "Frobenius sd of the total predictive uncertainty of the tensor (intrinsic "
                              "and parameter parts together)", "Units": _DIFFUSIVITY},
-    "mask": {"Description": "Super-resolved brain mask: each native mask voxel's r×r×r block (the maps are "
-                     "predicted beyond it, over the mask dilated by the network's receptive field)", "Type": "Brain"},
+    "mask": {"Description": "Super-resolved brain mask: each native mask voxel's r×r×r block (the network "
+                     "predicts beyond it, over the mask dilated by its receptive field; farther out the tensor "
+                     "is the cubic B-spline upsampling of the native one)", "Type": "Brain"},
 }
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import tiny_dataset_and_model
 from iqt_pipe import dti
+from iqt_pipe.baselines import interpolate_tensors
 from iqt_pipe.degrade import upsample_affine
 from iqt_pipe.inference import expand_mask, predict_brain, prediction_region
 from iqt_pipe.io import load_nifti
@@ -60,10 +61,15 @@ def test_sr_workflow_embedded_in_another_workflow(setup):
     np.testing.assert_allclose(hr_world, dti.tensors_voxel_to_world(pred.mean, hr_affine), atol=1e-9)
     np.testing.assert_allclose(load_nifti(out.sd_total_file)[0], pred.sd_frobenius, rtol=1e-5, atol=1e-12)
     np.testing.assert_array_equal(load_nifti(out.mask_file)[0] > 0, pred.mask)
-    # The whole brain: the rim around the mask (2 LR voxels, the receptive field) is predicted too.
-    predicted = np.any(hr_world != 0, axis=-1)
-    assert predicted[pred.mask].all() and predicted[~pred.mask].sum() > 0.2 * pred.mask.sum()
-    assert not predicted[~expand_mask(prediction_region(lr_mask, 2), 2)].any()
+    # The whole brain: the rim around the mask (2 LR voxels, the receptive field) is predicted
+    # too, with its uncertainty; farther out the tensors are the cubic B-spline, with no sd.
+    region = expand_mask(prediction_region(lr_mask, 2), 2)
+    np.testing.assert_array_equal(pred.region, region)
+    assert region.sum() > 1.2 * pred.mask.sum()
+    sd_total = load_nifti(out.sd_total_file)[0]
+    assert np.all(sd_total[region] > 0) and not sd_total[~region].any()
+    cubic = interpolate_tensors(dti.tensors_world_to_voxel(lr_world, lr_affine), 2, "cubic")
+    np.testing.assert_allclose(pred.mean[~region], cubic[~region], atol=1e-9)
 
     card = json.loads((model_dir / "model.json").read_text())
     assert out.metadata["Model"]["WeightsSHA256"] == card["weights"]["sha256"]
