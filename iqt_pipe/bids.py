@@ -1,36 +1,82 @@
-"""Finding DWI runs in BIDS datasets (pybids), shared by ``iqt-train`` and the BIDS App.
+"""Finding DWI runs in BIDS datasets (pybids), shared by ``iqt-train``, ``iqt-eval`` and the BIDS App.
 
-:func:`find_dwi_runs` returns one :class:`DWIRun` per ``*_dwi.nii[.gz]`` with its gradient
-files (resolved by BIDS inheritance, so a dataset-level ``dwi.bval`` works) and its BIDS
-entities. Labels are accepted with or without the ``sub-``/``ses-`` prefix. Every failure
-is an :class:`~iqt_pipe.io.InputError` whose message is one line.
+:func:`find_dwi_runs` returns one :class:`DWIRun` per DWI series with its gradient files
+(resolved by BIDS inheritance, so a dataset-level ``dwi.bval`` works) and its BIDS entities.
+Labels are accepted with or without the ``sub-``/``ses-`` prefix. Every failure is an
+:class:`~iqt_pipe.io.InputError` whose message is one line.
+
+- **Entities come from the path below the dataset root**, never from the folders above it:
+  pybids 0.22 matches its entity patterns against absolute paths, so a dataset copied to
+  ``/scratch/sub-07_work/run-3/bids`` would give every file ``sub-07`` and ``run-3``
+  (bids-standard/pybids#595, #1270; fixed in #1273, not released). :func:`index_layout` indexes
+  with an indexer that matches the root-relative path instead, and gradient files are found
+  from the indexed entities, not by pybids' ``get_nearest`` (which parses the absolute path).
+- **Only the selected participants are indexed** (as fMRIPrep does): a job-array task on a
+  dataset of thousands of subjects lists the ``sub-*`` folders and indexes its own, so it
+  starts in well under a second and never reads another subject's (possibly broken) files.
+- **Preprocessed input**: a BIDS-derivatives dataset (``DatasetType: derivative``, e.g.
+  QSIPrep's output) gives its ``*_desc-preproc_dwi.nii[.gz]`` series, each with the
+  ``*_desc-brain_mask.nii[.gz]`` of the same entities when there is one, and what its
+  pipeline did to the series (:func:`upstream_steps`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import tomllib
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from iqt_pipe.io import InputError
 
+if TYPE_CHECKING:
+    from iqt_pipe.prepare import Preprocessing
+
 DWI_EXTENSIONS = (".nii.gz", ".nii")
 #: Entities that name a run in messages and output file names, in BIDS order.
-NAME_ENTITIES = ("subject", "session", "acquisition", "direction", "run")
-_PREFIX = {"subject": "sub", "session": "ses", "acquisition": "acq", "direction": "dir", "run": "run"}
+NAME_ENTITIES = ("subject", "session", "acquisition", "reconstruction", "direction", "run", "space")
+_PREFIX = {"subject": "sub", "session": "ses", "acquisition": "acq", "reconstruction": "rec", "direction": "dir",
+           "run": "run", "space": "space"}
+#: ``desc-`` label of the preprocessed series in a derivatives dataset (QSIPrep, fMRIPrep's convention).
+PREPROC_DESC = "preproc"
+#: Folders of a dataset that never hold DWI runs (pybids' default ignore list, plus derivatives).
+_NOT_INDEXED = ("code", "stimuli", "sourcedata", "models", "derivatives", re.compile(r"^/\."))
+#: Entities a gradient file or mask shares with its series (the rest say what the file is).
+_FILE_KIND = ("suffix", "extension", "desc")
+
+
+@dataclass(frozen=True)
+class UpstreamSteps:
+    """What the pipeline that wrote a derivatives dataset did to its DWI series before
+    iqt-pipe sees them, in iqt-pipe's terms, and the file that says so."""
+
+    preprocessing: "Preprocessing"
+    pipeline: str
+    evidence: str
+
+    def describe(self) -> str:
+        return f"{self.pipeline}: {self.evidence}"
 
 
 @dataclass(frozen=True)
 class DWIRun:
-    """One DWI series of a BIDS dataset."""
+    """One DWI series of a BIDS dataset (raw, or preprocessed in a derivatives dataset)."""
 
     dwi: Path
     bval: Path
     bvec: Path
     entities: dict = field(default_factory=dict, compare=False, hash=False)
     dataset: Path | None = None
+    #: Brain mask given with a preprocessed series (same grid), else None.
+    mask: Path | None = None
+    #: The series comes from a BIDS-derivatives dataset (already preprocessed).
+    derivative: bool = False
+    #: What that dataset's pipeline did to it, where the dataset records it (else None).
+    upstream: UpstreamSteps | None = field(default=None, compare=False, hash=False)
 
     @property
     def subject(self) -> str:
@@ -54,6 +100,7 @@ class DWIRun:
         return {
             "dwi": str(self.dwi), "bval": str(self.bval), "bvec": str(self.bvec),
             "dataset": str(self.dataset) if self.dataset else None,
+            **({"mask": str(self.mask)} if self.mask else {}),
             "entities": {k: v for k, v in self.entities.items() if k not in ("suffix", "extension")},
         }
 
@@ -82,19 +129,90 @@ def _labels(values: Iterable[str] | str | None, prefix: str) -> list[str] | None
     return list(dict.fromkeys(out))
 
 
-def _layout(bids_dir: Path):
-    from bids import BIDSLayout
-
-    if not bids_dir.is_dir():
-        raise InputError(f"{bids_dir}: BIDS folder not found")
-    if not (bids_dir / "dataset_description.json").is_file():
+def dataset_description(root: Path) -> dict:
+    """``dataset_description.json`` of a dataset root; a missing or unreadable one is an
+    :class:`InputError` naming the fix."""
+    if not root.is_dir():
+        raise InputError(f"{root}: BIDS folder not found")
+    path = root / "dataset_description.json"
+    if not path.is_file():
         raise InputError(
-            f"{bids_dir}: not a BIDS dataset (no dataset_description.json); point to the dataset's root folder"
+            f"{root}: not a BIDS dataset (no dataset_description.json); point to the dataset's root folder"
         )
     try:
-        return BIDSLayout(str(bids_dir), validate=False, derivatives=False)
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); fix the file (the BIDS validator shows how)") from None
+    if not isinstance(description, dict):
+        raise InputError(f"{path}: must hold a JSON object with at least Name and BIDSVersion")
+    return description
+
+
+def is_derivative(root: str | os.PathLike) -> bool:
+    """Whether the dataset at ``root`` declares ``"DatasetType": "derivative"``."""
+    return dataset_description(Path(root)).get("DatasetType") == "derivative"
+
+
+def pipeline_name(root: str | os.PathLike) -> str:
+    """The first ``GeneratedBy`` name of a derivatives dataset (``"a pipeline"`` without one)."""
+    generated = dataset_description(Path(root)).get("GeneratedBy") or [{}]
+    name = generated[0].get("Name") if isinstance(generated, list) and isinstance(generated[0], dict) else None
+    return str(name) if name else "a pipeline"
+
+
+def subject_folders(root: Path) -> set[str]:
+    """Labels of the ``sub-<label>`` folders at a dataset root (one directory listing)."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError as exc:
+        raise InputError(f"{root}: cannot list the dataset folder ({exc.strerror or exc})") from None
+    return {e.name[4:] for e in entries
+            if e.name.startswith("sub-") and LABEL.fullmatch(e.name[4:]) and e.is_dir()}
+
+
+def index_layout(root: str | os.PathLike, *, config=("bids",), subjects: Iterable[str] | None = None,
+                 index_metadata: bool = True):
+    """A pybids ``BIDSLayout`` of ``root`` whose entities come from each file's path below
+    ``root`` only; with ``subjects``, only those ``sub-<label>`` folders are indexed (the
+    dataset's top-level files always are)."""
+    from bids import BIDSLayout
+
+    root = Path(root)
+    ignore = list(_NOT_INDEXED)
+    if subjects is not None:
+        keep = "|".join(re.escape(s) for s in subjects) or "(?!)"
+        ignore.append(re.compile(rf"^/sub-(?!(?:{keep})(?:/|$))"))
+    indexer = _root_relative_indexer()(validate=False, ignore=ignore, index_metadata=index_metadata)
+    try:
+        return BIDSLayout(str(root), validate=False, derivatives=False, config=list(config), indexer=indexer)
     except Exception as exc:  # pybids raises several types for unreadable datasets
-        raise InputError(f"{bids_dir}: cannot index as BIDS ({exc.__class__.__name__}: {exc})") from None
+        raise InputError(f"{root}: cannot index as BIDS ({exc.__class__.__name__}: {exc})") from None
+
+
+@lru_cache(maxsize=1)
+def _root_relative_indexer():
+    """pybids' indexer, matching entity patterns against ``/<path below the root>`` (the fix
+    of bids-standard/pybids#1273) instead of the absolute path."""
+    from bids import BIDSLayoutIndexer
+    from bids.layout.models import _create_tag_dict
+    from bids.layout.utils import make_bidsfile
+
+    class RootRelativeIndexer(BIDSLayoutIndexer):
+        def _index_file(self, abs_fn, entities):
+            bf = make_bidsfile(abs_fn)
+            below = "/" + Path(str(abs_fn)).relative_to(Path(self._layout._root.path)).as_posix()
+            tags = []
+            for entity in entities.values():
+                match = entity.regex.search(below) if entity.regex is not None else None
+                value = entity._astype(match.group(1)) if match is not None else None
+                if value is None:
+                    if entity.mandatory:
+                        break
+                    continue
+                tags.append(_create_tag_dict(bf, entity, value, entity._dtype))
+            return bf, tags
+
+    return RootRelativeIndexer
 
 
 def _check_known(labels: list[str] | None, known: list[set], what: str, prefix: str, where) -> None:
@@ -110,7 +228,9 @@ def _check_known(labels: list[str] | None, known: list[set], what: str, prefix: 
 
 
 def _available(values: Iterable[str], prefix: str) -> str:
-    return ", ".join(f"{prefix}-{v}" for v in sorted(values)) or "none"
+    values = sorted(values)
+    more = f" and {len(values) - 20} more" if len(values) > 20 else ""
+    return (", ".join(f"{prefix}-{v}" for v in values[:20]) + more) or "none"
 
 
 def find_dwi_runs(
@@ -140,24 +260,24 @@ def find_dwi_runs_multi(
     roots = [Path(d).expanduser().absolute() for d in bids_dirs]
     if not roots:
         raise InputError("no BIDS dataset given")
-    layouts = [_layout(root) for root in roots]
+    derivative = [is_derivative(root) for root in roots]
     subjects = _labels(participant_labels, "sub")
     sessions = _labels(session_labels, "ses")
     where = roots[0] if len(roots) == 1 else "the datasets"
-    known_subjects = [set(layout.get_subjects()) for layout in layouts]
-    _check_known(subjects, known_subjects, "participant", "sub", where)
-    known_sessions = []
-    for layout, ksub in zip(layouts, known_subjects):
-        mine = [s for s in subjects if s in ksub] if subjects is not None else None
-        known_sessions.append(set(layout.get_sessions(subject=mine) if mine else layout.get_sessions()))
+    folders = [subject_folders(root) for root in roots]
+    _check_known(subjects, folders, "participant", "sub", where)
+    mine = [sorted(s for s in subjects if s in have) if subjects is not None else None for have in folders]
+    layouts = [index_layout(root, config=("bids", "derivatives") if deriv else ("bids",), subjects=sel)
+               if sel is None or sel else None
+               for root, deriv, sel in zip(roots, derivative, mine)]
+    known_sessions = [set(layout.get_sessions()) if layout is not None else set() for layout in layouts]
     _check_known(sessions, known_sessions, "session", "ses", where)
     runs: list[DWIRun] = []
-    for root, layout, ksub, kses in zip(roots, layouts, known_subjects, known_sessions):
-        query = {"suffix": "dwi", "datatype": "dwi", "extension": list(DWI_EXTENSIONS), **(filters or {})}
-        if subjects is not None:
-            query["subject"] = [s for s in subjects if s in ksub]
-            if not query["subject"]:
-                continue
+    for root, layout, deriv, kses in zip(roots, layouts, derivative, known_sessions):
+        if layout is None:
+            continue
+        query = {"suffix": "dwi", "datatype": "dwi", "extension": list(DWI_EXTENSIONS),
+                 **({"desc": PREPROC_DESC} if deriv else {}), **(filters or {})}
         if sessions is not None:
             query["session"] = [s for s in sessions if s in kses]
             if not query["session"]:
@@ -166,27 +286,103 @@ def find_dwi_runs_multi(
             files = layout.get(return_type="object", **query)
         except Exception as exc:  # e.g. an unknown entity in filters
             raise InputError(f"{root}: bad DWI query {query} ({exc})") from None
+        siblings = _files_by_folder(layout, deriv)
+        upstream: dict[str, UpstreamSteps | None] = {}
         for f in sorted(files, key=lambda f: f.path):
-            bval, bvec = _gradient_files(layout, Path(f.path))
-            runs.append(DWIRun(Path(f.path), bval, bvec, dict(f.get_entities()), root))
+            entities = dict(f.get_entities(metadata=False))
+            bval, bvec = (_gradient_file(siblings, f, entities, root, kind) for kind in ("bval", "bvec"))
+            mask = _mask_file(siblings, f, entities) if deriv else None
+            entities = dict(f.get_entities())  # with the sidecar's metadata, as pybids gives them
+            subject = entities["subject"]
+            if deriv and subject not in upstream:
+                upstream[subject] = upstream_steps(root, subject)
+            runs.append(DWIRun(Path(f.path), bval, bvec, entities, root, mask=mask, derivative=deriv,
+                               upstream=upstream.get(subject)))
     if not runs:
         which = ""
         if subjects is not None:
             which += " for " + ", ".join(f"sub-{s}" for s in subjects)
         if sessions is not None:
             which += (" and " if which else " for ") + ", ".join(f"ses-{s}" for s in sessions)
-        raise InputError(f"{where}: no DWI series (sub-*/[ses-*/]dwi/*_dwi.nii[.gz]) found{which}")
+        pattern = (f"sub-*/[ses-*/]dwi/*_desc-{PREPROC_DESC}_dwi.nii[.gz], a derivatives dataset"
+                   if all(derivative) else "sub-*/[ses-*/]dwi/*_dwi.nii[.gz]")
+        raise InputError(f"{where}: no DWI series ({pattern}) found{which}")
     return runs
 
 
-def _gradient_files(layout, dwi: Path) -> tuple[Path, Path]:
-    out = []
-    for kind, getter in (("bval", layout.get_bval), ("bvec", layout.get_bvec)):
-        try:
-            path = getter(str(dwi))
-        except Exception:  # pybids raises when nothing matches
-            path = None
-        if not path:
-            raise InputError(f"{dwi}: no .{kind} file found for this DWI series; add {dwi.name.split('.')[0]}.{kind}")
-        out.append(Path(path))
-    return out[0], out[1]
+def _files_by_folder(layout, derivative: bool) -> dict[str, list]:
+    """Gradient files (and, in a derivatives dataset, brain masks) by folder."""
+    found = layout.get(return_type="object", suffix="dwi", extension=[".bval", ".bvec"])
+    if derivative:
+        found += layout.get(return_type="object", suffix="mask", desc="brain", extension=list(DWI_EXTENSIONS))
+    folders: dict[str, list] = {}
+    for f in found:
+        folders.setdefault(str(Path(f.path).parent), []).append(f)
+    return folders
+
+
+def _shared(entities: dict) -> dict:
+    return {k: v for k, v in entities.items() if k not in _FILE_KIND}
+
+
+def _gradient_file(siblings: dict, dwi, entities: dict, root: Path, kind: str) -> Path:
+    """The nearest ``.bval``/``.bvec`` by BIDS inheritance: in the series' folder or a folder
+    above it (up to the root), every entity of its name shared by the series, the most
+    specific first."""
+    mine = _shared(entities)
+    folder = Path(dwi.path).parent
+    while True:
+        matches = []
+        for f in siblings.get(str(folder), []):
+            theirs = f.get_entities(metadata=False)
+            if theirs.get("extension") != f".{kind}" or theirs.get("desc") != entities.get("desc"):
+                continue
+            theirs = _shared(theirs)
+            if all(mine.get(k) == v for k, v in theirs.items()):
+                matches.append((len(theirs), f.path))
+        if matches:
+            return Path(max(matches)[1])
+        if folder == root or folder == folder.parent:
+            break
+        folder = folder.parent
+    dwi_path = Path(dwi.path)
+    raise InputError(f"{dwi_path}: no .{kind} file found for this DWI series; "
+                     f"add {dwi_path.name.split('.')[0]}.{kind}")
+
+
+def _mask_file(siblings: dict, dwi, entities: dict) -> Path | None:
+    """The ``desc-brain`` mask beside a preprocessed series with exactly its other entities."""
+    mine = _shared(entities)
+    for f in siblings.get(str(Path(dwi.path).parent), []):
+        theirs = f.get_entities(metadata=False)
+        if theirs.get("suffix") == "mask" and _shared(theirs) == mine:
+            return Path(f.path)
+    return None
+
+
+#: QSIPrep's ``--denoise-method`` values in iqt-pipe's terms (``Preprocessing.denoise``).
+_QSIPREP_DENOISE = {"none": "none", "dwidenoise": "mrtrix", "dwidenoise2": "mrtrix", "patch2self": "dipy"}
+
+
+def upstream_steps(root: str | os.PathLike, subject: str) -> UpstreamSteps | None:
+    """Denoising and Gibbs-ringing removal that a derivatives dataset's pipeline applied to
+    one subject's series, where the dataset records them: QSIPrep archives its run
+    configuration as ``sub-<label>/log/<run>/qsiprep.toml`` (``[workflow] denoise_method``,
+    ``unringing_method``; the latest run counts). None where nothing says so."""
+    from iqt_pipe.prepare import Preprocessing
+
+    root = Path(root)
+    logs = sorted((root / f"sub-{subject}" / "log").glob("*/qsiprep.toml"))
+    if not logs:
+        return None
+    try:
+        workflow = tomllib.loads(logs[-1].read_text(encoding="utf-8")).get("workflow", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    method = str(workflow.get("denoise_method") or "").split(";")[0]
+    if method not in _QSIPREP_DENOISE:
+        return None
+    unringing = str(workflow.get("unringing_method") or "none")  # QSIPrep leaves it out when unset
+    return UpstreamSteps(
+        Preprocessing(_QSIPREP_DENOISE[method], unringing != "none"), "QSIPrep",
+        f"{logs[-1].relative_to(root)}: denoise_method {method}, unringing_method {unringing}")
