@@ -47,15 +47,28 @@ def check_dependencies(config: RunConfig) -> None:
             )
 
 
-def validate_bids(bids_dir: Path) -> None:
-    """Run ``bids-validator-deno``; any error (not warning) is a one-line refusal."""
+def validate_bids(bids_dir: Path, participant_labels=None) -> None:
+    """Run ``bids-validator-deno``; any error (not warning) is a one-line refusal.
+
+    With ``participant_labels`` only those participants are validated, as fMRIPrep does: the
+    validator reads a temporary folder of links to the dataset's top-level files and the
+    selected ``sub-<label>`` folders, so a job-array task neither waits for thousands of other
+    subjects nor stops at one of their broken files. Every TSV row is read (``--max-rows -1``):
+    by default the validator reads 1000 rows and then misses the later participants of
+    ``participants.tsv``.
+    """
+    import tempfile
+
     exe = Path(sys.executable).parent / "bids-validator-deno"
     exe = str(exe) if exe.exists() else shutil.which("bids-validator-deno")
     if exe is None:
         raise MissingExecutable(
             "bids-validator-deno not found; install it (pip install bids-validator-deno) or pass --skip-bids-validation"
         )
-    proc = subprocess.run([exe, str(bids_dir), "--format", "json"], capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="iqt-pipe-validate.") as tmp:
+        target = bids_dir if participant_labels is None else _selected_view(bids_dir, participant_labels, Path(tmp))
+        proc = subprocess.run([exe, str(target), "--format", "json", "--max-rows", "-1"],
+                              capture_output=True, text=True)
     try:
         issues = json.loads(proc.stdout)["issues"]["issues"]
     except (json.JSONDecodeError, KeyError, TypeError):
@@ -67,10 +80,25 @@ def validate_bids(bids_dir: Path) -> None:
     if errors:
         first = errors[0]
         where = first.get("location", "")
+        scope = "" if participant_labels is None else " (in " + ", ".join(f"sub-{s}" for s in participant_labels) + \
+            " and the dataset's top-level files)"
         raise InputError(
-            f"{bids_dir}: the BIDS validator found {len(errors)} error(s), first {first.get('code')} "
+            f"{bids_dir}: the BIDS validator found {len(errors)} error(s){scope}, first {first.get('code')} "
             f"{where}; fix them or pass --skip-bids-validation"
         )
+
+
+def _selected_view(bids_dir: Path, participant_labels, folder: Path) -> Path:
+    """``folder/<dataset name>``: links to ``bids_dir``'s entries except the ``sub-*``
+    folders of other participants and ``derivatives/`` (which the validator skips anyway)."""
+    keep = {f"sub-{label}" for label in participant_labels}
+    view = folder / bids_dir.name
+    view.mkdir()
+    for entry in bids_dir.iterdir():
+        if entry.name == "derivatives" or (entry.name.startswith("sub-") and entry.name not in keep):
+            continue
+        (view / entry.name).symlink_to(entry.absolute())
+    return view
 
 
 @contextlib.contextmanager
@@ -119,16 +147,17 @@ def participant(config: RunConfig) -> int:
     from iqt_pipe.workflows import init_iqt_wf
 
     check_dependencies(config)
-    if not config.skip_bids_validation:
-        validate_bids(config.bids_dir)
+    if not config.skip_bids_validation and not config.input_derivatives:
+        validate_bids(config.bids_dir, config.participant_label)
     filters = (config.bids_filters or {}).get("dwi")
     runs = find_dwi_runs(config.bids_dir, config.participant_label, config.session_label, filters=filters)
     refused = []
     if not config.boilerplate_only:  # the methods text needs no data
         runs, refused = preflight(config, runs)
     print(config.summary(runs=runs, device=str(resolve_device(config.device))), flush=True)
-    if warning := config.preprocessing_warning():
-        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    for warning in [config.preprocessing_warning(), *config.upstream_warnings(runs)]:
+        if warning:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
     workflow = init_iqt_wf(config=config, runs=runs)
     write_dataset_files(config, workflow.visit_desc())
     if config.write_graph:
@@ -262,15 +291,16 @@ def reports_only(config: RunConfig) -> int:
     return EXIT_OK if write_reports(config, subjects) else EXIT_FAILED
 
 
-def derivatives_layout(output_dir: Path):
-    """pybids' view of an iqt-pipe output folder, with the entities of ``io_spec.json``."""
+def derivatives_layout(output_dir: Path, subjects=None):
+    """pybids' view of an iqt-pipe output folder (only ``subjects``' folders when given), with
+    the entities of ``io_spec.json`` read below the folder (:func:`iqt_pipe.bids.index_layout`)."""
     from importlib.resources import files
 
-    from bids import BIDSLayout
+    from iqt_pipe.bids import index_layout
 
     spec = json.loads(files("iqt_pipe.data").joinpath("io_spec.json").read_text())
     config = {key: spec[key] for key in ("name", "entities", "default_path_patterns") if key in spec}
-    return BIDSLayout(output_dir, validate=False, config=[config])
+    return index_layout(output_dir, config=[config], subjects=subjects, index_metadata=False)
 
 
 def group(config: RunConfig) -> int:
@@ -285,7 +315,7 @@ def group(config: RunConfig) -> int:
     out = config.output_dir
     if not (out / "dataset_description.json").exists():
         raise InputError(f"{out}: no iqt-pipe derivatives here; run the participant level into it first")
-    layout = derivatives_layout(out)
+    layout = derivatives_layout(out, config.participant_label)
     common = {"suffix": "dwimap", "extension": ".nii.gz", "model": "tensor"}
     if config.participant_label:
         common["subject"] = list(config.participant_label)
