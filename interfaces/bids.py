@@ -33,7 +33,11 @@ class DerivativesDataSink(_BaseDerivativesDataSink):
     """niworkflows' ``DerivativesDataSink`` with iqt-pipe's entities and path patterns.
 
     Writes under ``base_directory`` itself (``out_path_base = ""``) and gzips NIfTI files
-    unless ``compress=False`` is given (niworkflows leaves them as they come). ``res`` is
+    unless ``compress=False`` is given (niworkflows leaves them as they come). The source
+    file's ``desc`` is dropped (``dismiss_entities``): a preprocessed input's ``desc-preproc``
+    describes the input, not the derivative; its other entities (``space``, ``acq``, ``dir``,
+    ``run``…) carry over. Entities are read below the nearest ``sub-`` folder of the source,
+    whatever the folders above it are called. ``res`` is
     pybids' name for the ``res-`` entity; with it the sink keeps the ``Resolution`` the
     caller puts in ``meta_dict`` (niworkflows' ``resolution`` would replace it).
 
@@ -49,6 +53,7 @@ class DerivativesDataSink(_BaseDerivativesDataSink):
 
     def __init__(self, allowed_entities=None, out_path_base=None, **inputs):
         inputs.setdefault("compress", True)
+        inputs.setdefault("dismiss_entities", ["desc"])
         super().__init__(allowed_entities=allowed_entities, out_path_base=out_path_base, **inputs)
 
     def _run_interface(self, runtime):

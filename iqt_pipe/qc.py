@@ -66,8 +66,9 @@ INTERPOLATED = ("the scanner interpolated this series, so its grid holds less de
 #: Native tensor sidecar field with that correlation (written by the participant level).
 NOISE_CORRELATION_FIELD = "NoiseNeighbourCorrelation"
 #: BIDS entities (pybids names, labels without prefix) in column order; short keys for run names.
+#: ``space`` comes from a preprocessed input (e.g. QSIPrep's ``space-ACPC``) and names its runs too.
 ENTITIES = {"subject": "sub", "session": "ses", "acquisition": "acq", "reconstruction": "rec",
-            "direction": "dir", "run": "run", "part": "part"}
+            "direction": "dir", "run": "run", "part": "part", "space": "space"}
 
 
 def _metric_columns() -> dict[str, str]:

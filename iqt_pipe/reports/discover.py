@@ -20,7 +20,7 @@ from iqt_pipe.qc import ENTITIES
 #: Where reportlets go: ``sub-<label>/figures/`` (nireports' layout), named after the run.
 FIGURE_PATTERN = (
     "sub-{subject}/figures/sub-{subject}[_ses-{session}][_acq-{acquisition}][_rec-{reconstruction}]"
-    "[_dir-{direction}][_run-{run}][_part-{part}]_desc-{desc}_{suffix<dwi>|dwi}{extension<.svg|.png|.html>|.svg}"
+    "[_dir-{direction}][_run-{run}][_part-{part}][_space-{space}]_desc-{desc}_{suffix<dwi>|dwi}{extension<.svg|.png|.html>|.svg}"
 )
 #: Name of the run configuration archived in each log folder (as :data:`iqt_pipe.config.CONFIG_NAME`).
 CONFIG_NAME = "iqt-pipe.toml"
@@ -60,10 +60,11 @@ def _io_spec() -> tuple[Any, list[str]]:
 
 
 def parse_entities(path: str | os.PathLike) -> dict[str, Any]:
-    """BIDS entities of a derivative's file name (``io_spec.json``'s entities)."""
+    """BIDS entities of a derivative's file name (``io_spec.json``'s entities), read from the
+    name alone: the folders above the output folder may have entity-like names."""
     from bids.layout import parse_file_entities
 
-    return parse_file_entities(str(path), config=[_io_spec()[0]])
+    return parse_file_entities("/" + Path(path).name, config=[_io_spec()[0]])
 
 
 def derivative_path(output_dir: str | os.PathLike, entities: dict[str, Any]) -> Path:
@@ -141,7 +142,7 @@ def find_runs(output_dir: str | os.PathLike, subject: str) -> list[RunOutputs]:
         root.glob("ses-*/dwi/*_model-tensor_param-fa_dwimap.nii.gz"))
     for path in natives:
         entities = parse_entities(path)
-        if entities.get("res") or entities.get("desc") or entities.get("space"):
+        if entities.get("res") or entities.get("desc"):
             continue
         source = {k: v for k, v in entities.items() if k in ENTITIES}
         files = {}
