@@ -19,11 +19,14 @@ import tomllib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from iqt_pipe import __version__
 from iqt_pipe.io import InputError, save_text
 from iqt_pipe.tractography import DEFAULT_SEED_DENSITY, UNCERTAINTY_ACTIONS
+
+if TYPE_CHECKING:
+    from iqt_pipe.prepare import Preprocessing
 
 DEVICES = ("auto", "cpu", "cuda")
 TRACTOGRAPHY = ("none", "dipy", "mrtrix", "both")
@@ -52,6 +55,8 @@ class RunConfig:
     bids_filter_file: Path | None = None
     bids_filters: dict | None = None
     skip_bids_validation: bool = False
+    #: bids_dir is a BIDS-derivatives dataset of preprocessed series (e.g. QSIPrep's output).
+    input_derivatives: bool = False
     model: Path | None = None
     model_variant: str | None = None
     model_upsample: int | None = None
@@ -94,6 +99,7 @@ class RunConfig:
             work_dir=args.work_dir, **labels,
             bids_filter_file=args.bids_filter_file, bids_filters=args.bids_filters,
             skip_bids_validation=args.skip_bids_validation,
+            input_derivatives=bool(getattr(args, "input_derivatives", False)),
             model=args.model, model_variant=card.get("variant"), model_upsample=card.get("upsample"),
             model_sha256=(card.get("weights") or {}).get("sha256"),
             device=args.device, mc_samples=args.mc_samples, seed=args.seed,
@@ -110,10 +116,11 @@ class RunConfig:
 
     def preprocessing_warning(self) -> str | None:
         """One line when ``--denoise``/``--degibbs`` differ from the model's training
-        preprocessing (the network then sees series unlike those it learnt from), else None."""
+        preprocessing (the network then sees series unlike those it learnt from), else None.
+        Preprocessed (derivatives) input: see :meth:`upstream_warnings`."""
         from iqt_pipe.prepare import Preprocessing
 
-        if self.model_denoise is None:
+        if self.model_denoise is None or self.input_derivatives:
             return None
         used = Preprocessing(self.denoise, self.degibbs)
         trained = Preprocessing(self.model_denoise, bool(self.model_degibbs))
@@ -122,6 +129,63 @@ class RunConfig:
         return (f"the native series get {used.describe()}, but the model was trained on series with "
                 f"{trained.describe()}: expect less accurate super-resolution and uncertainty; leave out "
                 "--denoise and --degibbs to follow the model (recorded as Preprocessing in the sidecars)")
+
+    def series_preprocessing(self, run) -> "Preprocessing | None":
+        """What a run's series has had when it is fitted: iqt-pipe's own steps, after (for a
+        preprocessed run) those its pipeline recorded; None where that pipeline recorded
+        nothing (then nothing is claimed in the sidecars)."""
+        from iqt_pipe.prepare import Preprocessing
+
+        ours = Preprocessing(self.denoise, self.degibbs)
+        if not getattr(run, "derivative", False):
+            return ours
+        if run.upstream is None:
+            return None
+        theirs = run.upstream.preprocessing
+        return Preprocessing(ours.denoise if ours.denoises else theirs.denoise, ours.degibbs or theirs.degibbs)
+
+    def upstream_warnings(self, runs: Sequence) -> list[str]:
+        """For preprocessed (derivatives) runs, one line per distinct situation where the
+        series the network sees — the pipeline's steps plus iqt-pipe's — differ from the
+        model's training, repeat a step, or are unknown (the pipeline recorded nothing)."""
+        from iqt_pipe.prepare import Preprocessing
+
+        if self.model_denoise is None:
+            return []
+        trained = Preprocessing(self.model_denoise, bool(self.model_degibbs))
+        ours = Preprocessing(self.denoise, self.degibbs)
+        lines: dict[str, list[str]] = {}
+        for run in runs:
+            if not getattr(run, "derivative", False):
+                continue
+            if run.upstream is None:
+                key = (f"the preprocessed series do not record whether they were denoised or Gibbs-corrected "
+                       f"(no sub-<label>/log/*/qsiprep.toml); iqt-pipe applies {ours.describe()} and the model "
+                       f"was trained on series with {trained.describe()}: check that the pipeline did the same "
+                       "(add --denoise/--degibbs for a step it left out)")
+                lines.setdefault(key, []).append(run.name)
+                continue
+            theirs, seen = run.upstream.preprocessing, self.series_preprocessing(run)
+            again = [step for step, twice in (("denoising", theirs.denoises and ours.denoises),
+                                              ("Gibbs-ringing removal", theirs.degibbs and ours.degibbs)) if twice]
+            if again:
+                key = (f"{' and '.join(again)} again on series that had it ({run.upstream.describe()}); "
+                       "leave out --denoise/--degibbs: a preprocessed series is not denoised or corrected twice")
+            elif not seen.same_steps(trained):
+                lacking = [flag for flag, lacks in ((f"--denoise {trained.denoise}", trained.denoises and not seen.denoises),
+                                                    ("--degibbs", trained.degibbs and not seen.degibbs)) if lacks]
+                extra = (seen.denoises and not trained.denoises) or (seen.degibbs and not trained.degibbs)
+                fix = ("a model trained on series preprocessed like these (iqt-train on them) fits them better"
+                       if extra or not lacking else f"add {' and '.join(lacking)}")
+                added = "" if not (ours.denoises or ours.degibbs) else f", then iqt-pipe's {ours.describe()}"
+                key = (f"the network sees {seen.describe()} ({run.upstream.describe()}{added}), but the model was "
+                       f"trained on series with {trained.describe()}: expect less accurate super-resolution and "
+                       f"uncertainty; {fix}")
+            else:
+                continue
+            lines.setdefault(key, []).append(run.name)
+        return [f"{names[0]}{f' and {len(names) - 1} more run(s)' if len(names) > 1 else ''}: {text}"
+                for text, names in lines.items()]
 
     # -- TOML ---------------------------------------------------------------------------------
 
@@ -206,8 +270,11 @@ class RunConfig:
         def labels(values, prefix, every):
             return ", ".join(f"{prefix}-{v}" for v in values) if values else every
 
-        rows = [("BIDS dataset", f"{self.bids_dir}"
-                 + (" (BIDS validation skipped)" if self.skip_bids_validation else ""))]
+        if self.input_derivatives:
+            note = " (derivatives: preprocessed series; the BIDS validator checks raw datasets, not run)"
+        else:
+            note = " (BIDS validation skipped)" if self.skip_bids_validation else ""
+        rows = [("BIDS dataset", f"{self.bids_dir}{note}")]
         if self.bids_filters:
             source = f" (from {self.bids_filter_file})" if self.bids_filter_file else ""
             rows.append(("BIDS filters", json.dumps(self.bids_filters, sort_keys=True) + source))
@@ -231,7 +298,9 @@ class RunConfig:
             dev = self.device
         rows.append(("inference", f"device {dev}, {self.mc_samples} MC sample(s), seed {self.seed}"))
         steps = f"denoise {self.denoise}, Gibbs removal {'on' if self.degibbs else 'off'}"
-        if self.model_denoise is not None:
+        if self.input_derivatives:
+            steps += " by iqt-pipe, after the preprocessing pipeline's own steps (never repeated by default)"
+        elif self.model_denoise is not None:
             steps += " (as the model was trained)" if not self.preprocessing_warning() else " (NOT as the model was trained)"
         rows.append(("preprocessing", steps))
         rows.append(("tractography", self.tractography))
@@ -264,6 +333,7 @@ _KINDS = {
     "bids_dir": "path", "output_dir": "path", "analysis_level": "str", "work_dir": "path",
     "participant_label": "labels?", "session_label": "labels?",
     "bids_filter_file": "path?", "bids_filters": "json?", "skip_bids_validation": "bool",
+    "input_derivatives": "bool",
     "model": "path?", "model_variant": "str?", "model_upsample": "int?", "model_sha256": "str?",
     "device": "str", "mc_samples": "int", "seed": "int", "denoise": "str", "degibbs": "bool",
     "model_denoise": "str?", "model_degibbs": "bool?",

@@ -4,7 +4,8 @@ The BIDS App runs :func:`check_run` on each run it is about to process: the imag
 (4-D, voxel sizes, affine without shear, a matrix large enough, voxels not too anisotropic),
 the gradient table against the image (:func:`iqt_pipe.gradients.read_gradients`, a usable
 DTI shell), the voxel data (readable to the end, finite, no all-zero volume) and the memory
-the super-resolution will need. A problem is an :class:`~iqt_pipe.io.InputError` whose
+the super-resolution will need, and a brain mask given with a preprocessed series (on the
+series' grid, not empty). A problem is an :class:`~iqt_pipe.io.InputError` whose
 message is one line naming the file and the fix, so a user learns of it in seconds instead of
 from a crash file an hour later. Nothing here writes.
 """
@@ -117,6 +118,27 @@ def check_data(path: Path, img) -> None:
                          "and their .bval/.bvec entries, or re-export the series")
 
 
+def check_mask(path: Path, dwi) -> None:
+    """A brain mask given with a preprocessed series: readable, on the series' grid, not empty."""
+    mask = _header(path)
+    shape = tuple(int(n) for n in mask.shape)
+    if shape[3:] not in ((), (1,)) or shape[:3] != tuple(dwi.shape[:3]):
+        raise InputError(f"{path}: this brain mask ({'×'.join(map(str, shape))}) is not on the grid of its DWI series "
+                         f"({'×'.join(map(str, dwi.shape[:3]))}); give the mask written with the series, or remove it "
+                         "and iqt-pipe estimates one")
+    if not np.allclose(mask.affine, dwi.affine, atol=1e-3):
+        raise InputError(f"{path}: this brain mask's affine differs from its DWI series'; give the mask written "
+                         "with the series, or remove it and iqt-pipe estimates one")
+    try:
+        empty = not np.any(np.asanyarray(mask.dataobj))
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise InputError(f"{path}: the mask cannot be read ({exc.__class__.__name__}); re-export it, or remove it "
+                         "and iqt-pipe estimates one") from None
+    if empty:
+        raise InputError(f"{path}: the brain mask is empty (every voxel 0); give the mask written with the series, "
+                         "or remove it and iqt-pipe estimates one")
+
+
 def memory_needed_mb(shape: tuple[int, ...], r: int) -> int:
     """Peak memory (MB) of one participant run's super-resolution: the HR grid's float32
     outputs and running statistics (mean, intrinsic and parameter variance: 18 channels;
@@ -166,6 +188,8 @@ def check_run(run: DWIRun, *, upsample: int, mem_mb: int | None = None) -> list[
     gtab = read_gradients(run.bval, run.bvec, n_volumes=shape[3])
     select_dti_volumes(gtab, str(run.bval))
     check_data(path, img)
+    if run.mask is not None:
+        check_mask(Path(run.mask), img)
     check_memory(path, memory_needed_mb(shape, upsample), mem_mb)
     if max(zooms) / min(zooms) > WARN_ANISOTROPY:
         return [f"{path}: anisotropic voxels ({_mm(zooms)}); super-resolution is less accurate along the thick axis"]

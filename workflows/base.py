@@ -17,7 +17,6 @@ from iqt_pipe import __version__
 from iqt_pipe.bids import DWIRun
 from iqt_pipe.config import RunConfig
 from iqt_pipe.interfaces.preproc import NoiseCorrelation
-from iqt_pipe.prepare import Preprocessing
 from iqt_pipe.workflows.dwi import init_dti_wf, init_dwi_preproc_wf
 from iqt_pipe.workflows.outputs import init_outputs_wf
 from iqt_pipe.workflows.sr import init_sr_wf
@@ -73,6 +72,15 @@ Results included in this manuscript come from processing performed with iqt-pipe
 {__version__}, which uses Nipype [@nipype]. {len(runs)} diffusion-weighted series of this
 participant were processed independently.
 """
+    if any(run.derivative for run in runs):
+        from iqt_pipe.bids import pipeline_name
+
+        pipeline = pipeline_name(config.bids_dir)
+        masks = "; the brain masks supplied with them were used" if any(run.mask for run in runs) else ""
+        workflow.__desc__ += f"""
+The series had been preprocessed beforehand by {pipeline} and were read from its
+BIDS-derivatives dataset{masks}.
+"""
     workflow.__postdesc__ = """
 Many internal operations of iqt-pipe use DIPY [@dipy] and PyTorch; the methods of
 super-resolution follow @tanno2017 and @tanno2021.
@@ -90,12 +98,14 @@ super-resolution follow @tanno2017 and @tanno2021.
         preproc_wf = init_dwi_preproc_wf(denoise=config.denoise, degibbs=config.degibbs, gibbs_tool=gibbs_tool,
                                          omp_nthreads=config.omp_nthreads, name=f"{tag}_preproc_wf")
         dti_wf = init_dti_wf(omp_nthreads=config.omp_nthreads, name=f"{tag}_dti_wf")
+        if run.mask is not None:  # given with a preprocessed series: used, not recomputed
+            dti_wf.inputs.inputnode.mask_file = str(run.mask)
         shape, r = nb.load(run.dwi).shape, config.model_upsample or 2
         tiles_mb = tile_budget_mb(shape, r, config.mem_mb)
         sr_wf = init_sr_wf(model=str(config.model), mc_samples=config.mc_samples, seed=config.seed,
                            use_gpu=use_gpu, omp_nthreads=config.omp_nthreads, mem_mb=tiles_mb,
                            mem_gb=(tiles_mb + memory_needed_mb(shape, r)) / 1024,
-                           preprocessing=Preprocessing(config.denoise, config.degibbs), name=f"{tag}_sr_wf")
+                           preprocessing=config.series_preprocessing(run), name=f"{tag}_sr_wf")
         outputs_wf = init_outputs_wf(output_dir=str(config.output_dir), name=f"{tag}_outputs_wf")
         outputs_wf.inputs.inputnode.source_file = str(run.dwi)
         outputs_wf.inputs.inputnode.upsample = config.model_upsample

@@ -67,7 +67,9 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
         epilog=EPILOG,
     )
-    p.add_argument("bids_dir", type=Path, help="root folder of a BIDS dataset with DWI runs")
+    p.add_argument("bids_dir", type=Path,
+                   help="root folder of a BIDS dataset with DWI runs, raw or preprocessed (a BIDS-derivatives "
+                        "dataset such as QSIPrep's output: its *_desc-preproc_dwi series and brain masks are used)")
     p.add_argument("output_dir", type=Path,
                    help="folder for the BIDS derivatives (outside bids_dir, or under bids_dir/derivatives/)")
     p.add_argument("analysis_level", choices=["participant", "group"],
@@ -97,10 +99,11 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--denoise", choices=DENOISE,
                    help="MP-PCA denoising of the native series: mrtrix (dwidenoise), dipy (mppca), auto (MRtrix3 "
                         "when on PATH, else DIPY) or none (default: what the model was trained with, its card's "
-                        "training.preprocessing; the bundled model: none)")
+                        "training.preprocessing; the bundled model: none; none for a derivatives dataset, whose series were "
+                        "preprocessed already)")
     g.add_argument("--degibbs", action=argparse.BooleanOptionalAction,
                    help="Gibbs-ringing removal from the native series (default: what the model was trained "
-                        "with; the bundled model: off). A setting that differs from the model's training "
+                        "with; the bundled model: off; off for a derivatives dataset). A setting that differs from the model's training "
                         "is warned about and recorded in the sidecars")
     g.add_argument("--tractography", choices=TRACTOGRAPHY, default="none",
                    help="deterministic and probabilistic tractography on the native and the super-resolved "
@@ -153,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is not None:
             setattr(args, name, list(dict.fromkeys(getattr(args, name))))
 
-    _check_bids_dir(parser, args.bids_dir)
+    args.input_derivatives = _check_bids_dir(parser, args.bids_dir)
     _check_output_dir(parser, args.output_dir, args.bids_dir)
     _check_work_dir(parser, args.work_dir, args.bids_dir, args.output_dir)
     args.bids_filters = _read_bids_filters(parser, args.bids_filter_file) if args.bids_filter_file else None
@@ -196,19 +199,24 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _check_bids_dir(parser, bids_dir: Path) -> None:
+def _check_bids_dir(parser, bids_dir: Path) -> bool:
+    """A readable BIDS dataset root; returns whether it is a derivatives dataset
+    (``DatasetType: derivative``, e.g. QSIPrep's output of preprocessed series)."""
     if not bids_dir.is_dir():
         _fail(parser, f"bids_dir {bids_dir}: folder not found; give the root folder of a BIDS dataset")
     desc = bids_dir / "dataset_description.json"
     if not desc.is_file():
+        inner = sorted(p.parent for p in bids_dir.glob("*/dataset_description.json") if p.parent.name != "derivatives")
+        hint = f" (did you mean {inner[0]}?)" if len(inner) == 1 else ""
         _fail(parser, f"bids_dir {bids_dir}: not a BIDS dataset (no dataset_description.json); "
-                      "point to the dataset's root folder, which holds dataset_description.json and sub-*/")
+                      f"point to the dataset's root folder, which holds dataset_description.json and sub-*/{hint}")
     try:
         content = json.loads(desc.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         _fail(parser, f"{desc}: not valid JSON ({exc}); fix the file (the BIDS validator shows how)")
     if not isinstance(content, dict):
         _fail(parser, f"{desc}: must hold a JSON object with at least Name and BIDSVersion")
+    return content.get("DatasetType") == "derivative"
 
 
 def _check_output_dir(parser, output_dir: Path, bids_dir: Path) -> None:
@@ -380,15 +388,17 @@ def _check_model(parser, model: Path | None) -> dict | None:
 def _settle_preprocessing(args: argparse.Namespace) -> None:
     """``--denoise`` and ``--degibbs`` left out: the model's training preprocessing
     (:meth:`iqt_pipe.prepare.Preprocessing.of_model`), so the native series is prepared as the
-    model's training series were."""
+    model's training series were. A derivatives dataset's series were preprocessed already:
+    left out, neither step runs again (the participant level warns where what the series had
+    differs from the model's training)."""
     from iqt_pipe.prepare import NONE, Preprocessing
 
     trained = Preprocessing.of_model(args.model_card) if args.model_card else NONE
     args.model_preprocessing = trained
     if args.denoise is None:
-        args.denoise = trained.denoise
+        args.denoise = "none" if args.input_derivatives else trained.denoise
     if args.degibbs is None:
-        args.degibbs = trained.degibbs
+        args.degibbs = False if args.input_derivatives else trained.degibbs
 
 
 def _check_tractography(parser, args: argparse.Namespace) -> None:
