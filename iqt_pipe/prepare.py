@@ -65,7 +65,7 @@ class Preprocessing:
         return (self.denoises, self.degibbs) == (other.denoises, other.degibbs)
 
     def describe(self) -> str:
-        steps = ([f"MP-PCA denoising ({self.denoise})"] if self.denoises else []) + (
+        steps = ([f"denoising ({self.denoise})"] if self.denoises else []) + (
             ["Gibbs-ringing removal"] if self.degibbs else [])
         return " then ".join(steps) if steps else "no denoising, no Gibbs-ringing removal"
 
