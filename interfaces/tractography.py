@@ -53,10 +53,13 @@ def _params(inputs, **extra):
 class _DipyTrackingInputSpec(_TrackingSettingsSpec):
     tensor_file = File(exists=True, mandatory=True, desc="tensors, BEP016 order, world frame (mm²/s)")
     mask_file = File(exists=True, mandatory=True, desc="brain mask on the tensor grid (tracking stops at its edge)")
-    algorithm = traits.Enum(*ALGORITHMS, usedefault=True, desc="det: deterministic (ODF peak); prob: probabilistic")
+    algorithm = traits.Enum(*ALGORITHMS, usedefault=True,
+                            desc="det: deterministic (principal eigenvector); prob: probabilistic (tensor ODF)")
     fa_threshold = traits.Float(DEFAULT_FA_THRESHOLD, usedefault=True, desc="tracking stops where FA falls below")
     min_length = traits.Float(DEFAULT_MIN_LENGTH, usedefault=True, desc="shortest streamline kept (mm)")
     max_length = traits.Float(DEFAULT_MAX_LENGTH, usedefault=True, desc="longest streamline kept (mm)")
+    nthreads = traits.Int(1, usedefault=True, desc="threads DIPY tracks the seeds on (0: all cores); "
+                                                  "the streamlines do not depend on it")
 
 
 class _TrackingOutputSpec(TraitedSpec):
@@ -69,9 +72,10 @@ class _TrackingOutputSpec(TraitedSpec):
 
 
 class DipyTracking(SimpleInterface):
-    """DIPY ``LocalTracking`` on a tensor image (:func:`iqt_pipe.tractography.track_tensors`):
-    deterministic (the tensor ODF's peak) or probabilistic (drawn from the ODF) directions, FA
-    and mask stopping, random white-matter seeds at a given density."""
+    """DIPY tracking on a tensor image (:func:`iqt_pipe.tractography.track_tensors`):
+    deterministic (the principal eigenvector) or probabilistic (drawn from the tensor ODF)
+    directions, FA and mask stopping, random white-matter seeds at a given density, seeds
+    tracked on ``nthreads`` threads."""
 
     input_spec = _DipyTrackingInputSpec
     output_spec = _TrackingOutputSpec
@@ -83,7 +87,8 @@ class DipyTracking(SimpleInterface):
         tensors, mask, affine = load_tensor_image(self.inputs.tensor_file, self.inputs.mask_file)
         params = _params(self.inputs, algorithm=self.inputs.algorithm, fa_threshold=self.inputs.fa_threshold,
                          min_length=self.inputs.min_length, max_length=self.inputs.max_length)
-        tracks = track_tensors(tensors, mask, affine, params, source=self.inputs.tensor_file)
+        tracks = track_tensors(tensors, mask, affine, params, source=self.inputs.tensor_file,
+                               nthreads=self.inputs.nthreads)
         self._results["tck_file"] = str(save_tck(tracks.streamlines, os.path.join(runtime.cwd, "tracked.tck")))
         self._results["seeds_file"] = str(write_seed_file(os.path.join(runtime.cwd, "seeds.txt"), tracks))
         self._results["n_seeds"] = tracks.n_seeds
@@ -233,9 +238,9 @@ class FinishTractogram(SimpleInterface):
 def tractogram_metadata(row: dict, synthesis_noise: dict | None = None) -> dict:
     """Sidecar fields of a tractogram from its summary row (and, for MRtrix3, the noise added
     to the synthesised series)."""
-    names = {"det": "deterministic (peak of the tensor ODF: principal eigenvector)",
+    names = {"det": "deterministic (principal eigenvector)",
              "prob": "probabilistic (tensor ODF)"}
-    software = {"dipy": "DIPY LocalTracking", "mrtrix": "MRtrix3 tckgen"}[row["software"]]
+    software = {"dipy": "DIPY generate_tractogram", "mrtrix": "MRtrix3 tckgen"}[row["software"]]
     if row["software"] == "mrtrix":
         prob = ("Tensor_Prob (wild bootstrap of the synthesised series with Rician noise added)" if synthesis_noise
                 else "Tensor_Prob (wild bootstrap of a noise-free synthesised series: effectively deterministic)")

@@ -6,29 +6,41 @@ Plain functions, no Nipype (the interfaces in :mod:`iqt_pipe.interfaces.tractogr
 Frames and coordinates. Tensor files are in world (scanner RAS) coordinates (DESIGN §3).
 DIPY tracks in voxel-index space: :func:`track_tensors` rotates the tensors into the
 orthonormal frame of the voxel axes (:func:`iqt_pipe.dti.tensors_world_to_voxel`), where
-DIPY's direction getters and ``LocalTracking`` expect directions (a step moves
-``direction / voxel_size · step`` voxels), and ``LocalTracking`` maps the points back
-through the image's affine: every streamline this module returns or writes is in world
-millimetres (RAS+), the space of ``.tck`` files and of nibabel's ``RASMM``. MRtrix3 reads
-gradient directions in world coordinates too (:func:`write_mrtrix_grad`).
+DIPY's trackers expect directions (a step moves ``direction / voxel_size · step`` voxels), and
+maps the points back through the image's affine: every streamline this module returns or
+writes is in world millimetres (RAS+), the space of ``.tck`` files and of nibabel's
+``RASMM``. MRtrix3 reads gradient directions in world coordinates too (:func:`write_mrtrix_grad`).
 
-Tracking (DIPY ``LocalTracking``). The tensors' diffusion ODF, ``ODF(u) ∝ (uᵀD⁻¹u)^(-3/2)``
-(as ``dipy.reconst.dti.TensorFit.odf``), normalised to sum to one per voxel and represented
-by real spherical harmonics of order :data:`SH_ORDER` (trilinearly interpolated between
-voxels), drives both algorithms. Deterministic ("det"): ``ClosestPeakDirectionGetter`` steps
-along the ODF's peak — the principal eigenvector, to the resolution of the
-:data:`SPHERE` — and stops where it turns by more than the angle limit, as MRtrix3's
-``Tensor_Det`` does. (``DeterministicMaximumDirectionGetter`` would instead take the largest
-ODF value inside the angle cone, which a tensor's broad ODF always offers: on real scans its
-streamlines ran ~1.7× longer than ``Tensor_Det``'s and agreed less with them.)
-Probabilistic ("prob"): ``ProbabilisticDirectionGetter`` draws each step's direction from the
-ODF within the angle limit. Tracking stops where FA falls below ``fa_threshold`` or the brain mask
-ends; seeds are drawn uniformly at random in white matter (:func:`seed_mask`: FA of the
-positive-semidefinite-projected tensors ≥ ``seed_fa`` in the mask, the same for DIPY and
-MRtrix3) at ``seed_density`` seeds per mm³, so native and super-resolved runs get the same
-density whatever their voxel size. Step size (mm) and angle limit (degrees per step) default to
-values scaled to the voxel size: half a voxel, and ``60° × step / voxel`` (30° at the
-default step, a smallest radius of curvature of about one voxel).
+Tracking (DIPY's ``generate_tractogram``: compiled, without the Python interpreter in the
+loop, seeds spread over ``nthreads`` threads). One eigendecomposition of the brain's tensors
+gives FA, the principal eigenvectors and the ODF. Deterministic ("det"): EuDX's propagator on
+the principal eigenvectors themselves (each voxel its own exact direction, not a sphere's
+vertex): each step follows the trilinearly weighted mean of the neighbouring voxels'
+eigenvectors that lie within the angle limit of the previous step, and stops where those hold
+less than :data:`DET_MIN_WEIGHT` (a third) of the weight — a turn sharper than the limit, as
+MRtrix3's ``Tensor_Det`` stops. (Tracking previously stepped along the closest peak of the
+interpolated ODF, which keeps a peak until it falls below half the largest, roughly a third
+of the weight; a half stopped streamlines sooner than that did, ~20 % shorter on the phantom,
+and then too short for a tensor field in the wrong frame to leave the bundles.
+Taking the largest ODF value inside the angle cone instead never stops on the angle, a
+tensor's ODF being broad: on real scans such streamlines ran ~1.7× longer than
+``Tensor_Det``'s.) Probabilistic ("prob"): each step's direction is drawn, within the angle
+limit, from the tensors' diffusion ODF, ``ODF(u) ∝ (uᵀD⁻¹u)^(-3/2)`` (as
+``dipy.reconst.dti.TensorFit.odf``), normalised to sum to one per voxel and represented by
+real spherical harmonics of order :data:`SH_ORDER` (trilinearly interpolated between voxels),
+values below :data:`PMF_THRESHOLD` of the largest left out; it is evaluated on one vertex of
+each antipodal pair of :data:`SPHERE` (:func:`tracking_hemisphere`), which draws the same
+directions as the whole sphere at half the cost, and its coefficients come from the
+quadratic form ``uᵀD⁻¹u`` in closed form (:func:`tensor_odf_sh`). Tracking stops where FA
+falls below ``fa_threshold`` or the brain mask ends; seeds are drawn uniformly at random in
+white matter (:func:`seed_mask`: FA of the positive-semidefinite-projected tensors ≥
+``seed_fa`` in the mask, the same for DIPY and MRtrix3) at ``seed_density`` seeds per mm³,
+so native and super-resolved runs get the same density whatever their voxel size; a seed
+starts along the principal eigenvector of the tensor interpolated there. Step size (mm) and
+angle limit (degrees per step) default to values scaled to the voxel size: half a voxel, and
+``60° × step / voxel`` (30° at the default step, a smallest radius of curvature of about one
+voxel). Each streamline's random generator is seeded from its seed point, so the
+tractograms do not depend on the number of threads.
 
 MRtrix3 (:func:`prepare_mrtrix_inputs`). ``tckgen``'s ``Tensor_Det``/``Tensor_Prob`` fit
 tensors to a DWI series themselves, so one is synthesised from the tensors and the fitted S0
@@ -84,6 +96,12 @@ SPHERE = "repulsion724"
 DEFAULT_SYNTH_SNR = 30.0
 #: Smallest eigenvalue of a tensor's ODF, relative to its largest (keeps flat tensors finite).
 MIN_EIGENVALUE_RATIO = 0.01
+#: Probabilistic tracking draws from the ODF values at least this fraction of the largest.
+PMF_THRESHOLD = 0.1
+#: Deterministic tracking stops where the neighbouring voxels whose principal eigenvector lies
+#: within the angle limit hold less than this share of the trilinear weight (see the module
+#: docstring).
+DET_MIN_WEIGHT = 1 / 3
 #: Float format of the tractography TSVs.
 TSV_FLOAT = ".6g"
 
@@ -259,10 +277,25 @@ def track_density(streamlines: Sequence[np.ndarray], affine: np.ndarray, shape: 
 def fa_map(tensors: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """FA (float64) of the positive-semidefinite projection of ``(..., 6)`` tensors (any frame),
     zero outside ``mask``: the map tracking stops on and seeds are drawn from."""
-    from iqt_pipe.dti import project_psd, scalar_maps
+    mask = np.asarray(mask, bool)
+    out = np.zeros(mask.shape, dtype=np.float64)
+    w, _ = _eigh(np.asarray(tensors)[mask])
+    out[mask] = _psd_fa(w)
+    return out
 
-    projected, _ = project_psd(np.nan_to_num(np.asarray(tensors)), 0.0)
-    return np.where(np.asarray(mask, bool), scalar_maps(projected)["fa"], 0.0).astype(np.float64)
+
+def _eigh(tensors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvector columns of ``(P, 6)`` tensors (NaN read as 0), float64."""
+    from iqt_pipe.dti import to_matrix
+
+    return np.linalg.eigh(to_matrix(np.nan_to_num(np.asarray(tensors, dtype=np.float64))))
+
+
+def _psd_fa(eigenvalues: np.ndarray) -> np.ndarray:
+    """FA of the positive-semidefinite projection (negative eigenvalues raised to 0)."""
+    from iqt_pipe.dti import fractional_anisotropy
+
+    return fractional_anisotropy(np.maximum(eigenvalues, 0.0))
 
 
 def seed_mask(
@@ -297,21 +330,65 @@ def random_seeds(seed_mask: np.ndarray, affine: np.ndarray, count: int, random_s
     return nb.affines.apply_affine(affine, ijk)
 
 
+def _quadratic_form_basis(vertices: np.ndarray) -> np.ndarray:
+    """``(6, V)``: ``d6 @ basis`` is ``uᵀDu`` at each unit vertex ``u`` for BEP016-ordered ``d6``."""
+    x, y, z = np.asarray(vertices, dtype=np.float64).T
+    return np.stack([x * x, 2 * x * y, 2 * x * z, y * y, 2 * y * z, z * z])
+
+
+def _odf_from_eig(eigenvalues: np.ndarray, eigenvectors: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """Unnormalised tensor ODF ``(uᵀD⁻¹u)^(-3/2)`` on the vertices of a :func:`_quadratic_form_basis`,
+    from ``eigh``'s output; eigenvalues clamped as :func:`tensor_odf` says."""
+    from iqt_pipe.dti import from_matrix
+
+    largest = eigenvalues[..., -1:]
+    w = np.where(largest > 0, np.maximum(eigenvalues, MIN_EIGENVALUE_RATIO * largest), 1.0)
+    inverse = from_matrix(np.einsum("pij,pj,pkj->pik", eigenvectors, 1.0 / w, eigenvectors))
+    return (inverse @ basis) ** -1.5
+
+
 def tensor_odf(tensors: np.ndarray, vertices: np.ndarray) -> np.ndarray:
     """Diffusion ODF ``(uᵀD⁻¹u)^(-3/2) / (4π sqrt(det D))`` of ``(P, 6)`` tensors on unit
     ``vertices`` (same frame), normalised to sum to one per tensor; ``(P, V)``. Eigenvalues
     below :data:`MIN_EIGENVALUE_RATIO` × the largest are raised to it; a tensor without a
     positive eigenvalue gets the uniform ODF."""
-    from iqt_pipe.dti import to_matrix
-
-    w, v = np.linalg.eigh(to_matrix(np.asarray(tensors, dtype=np.float64)))
+    w, v = _eigh(tensors)
     # Eigenvalues at least MIN_EIGENVALUE_RATIO × the largest (ascending order: the last), so a flat or
     # non-positive one gives a broad but finite ODF whatever the units; no positive one: isotropic.
-    largest = w[..., -1:]
-    w = np.where(largest > 0, np.maximum(w, MIN_EIGENVALUE_RATIO * largest), 1.0)
-    proj = np.einsum("nj,pjk->pnk", vertices, v) / np.sqrt(w)[:, None, :]
-    odf = np.sum(proj**2, axis=-1) ** -1.5
+    odf = _odf_from_eig(w, v, _quadratic_form_basis(vertices))
     return odf / odf.sum(axis=-1, keepdims=True)
+
+
+def tensor_odf_sh(eigenvalues: np.ndarray, eigenvectors: np.ndarray, chunk: int = 20000) -> np.ndarray:
+    """Real SH coefficients (order :data:`SH_ORDER`, basis :data:`SH_BASIS`) of the tensors'
+    normalised ODF on :data:`SPHERE` (:func:`tensor_odf` projected by least squares), from
+    ``eigh``'s output for ``(P,)`` tensors; ``(P, n_coefficients)``.
+
+    The ODF and the even-order harmonics are antipodally symmetric, so the fit runs on one
+    vertex of each antipodal pair (the :func:`tracking_hemisphere`): the same coefficients as
+    on the whole sphere at half the cost. Chunks of ``chunk`` tensors bound the memory."""
+    from dipy.reconst.shm import sh_to_sf_matrix
+
+    hemisphere = tracking_hemisphere()
+    _, inverse = sh_to_sf_matrix(hemisphere, sh_order_max=SH_ORDER, basis_type=SH_BASIS, return_inv=True,
+                                 legacy=False)
+    basis = _quadratic_form_basis(hemisphere.vertices)
+    out = np.empty((len(eigenvalues), inverse.shape[1]), dtype=np.float64)
+    for start in range(0, len(eigenvalues), chunk):
+        odf = _odf_from_eig(eigenvalues[start:start + chunk], eigenvectors[start:start + chunk], basis)
+        # normalised over the whole sphere: each hemisphere value stands for two vertices
+        out[start:start + chunk] = (odf / (2 * odf.sum(axis=-1, keepdims=True))) @ inverse
+    return out
+
+
+def tracking_hemisphere():
+    """One vertex of each antipodal pair of :data:`SPHERE`: DIPY's direction getters treat ``u``
+    and ``−u`` alike (a step follows the previous direction's sign), so drawing from an
+    antipodally symmetric ODF on it is drawing from the whole sphere."""
+    from dipy.core.sphere import HemiSphere
+    from dipy.data import get_sphere
+
+    return HemiSphere.from_sphere(get_sphere(name=SPHERE))
 
 
 def _bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
@@ -321,6 +398,46 @@ def _bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
+def _check_no_shear(affine: np.ndarray, source: str) -> None:
+    """DIPY tracks on a regular grid: the voxel axes must be orthogonal (LocalTracking's check)."""
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.allclose(np.triu(linear.T @ linear, 1), 0.0, atol=1e-5):
+        raise InputError(f"{source}: the affine has shear; resample to an orthogonal grid")
+
+
+def _principal_peaks(eigenvalues: np.ndarray, eigenvectors: np.ndarray, mask: np.ndarray):
+    """The principal eigenvectors as DIPY peaks: each voxel of ``mask`` with a positive largest
+    eigenvalue is its own vertex (``odf_vertices``, exact directions, not a sphere's), and every
+    other voxel of the grid points at its nearest such voxel's, so interpolation near the mask's
+    edge uses the directions inside it (the edge itself stops tracking through FA, as before).
+    Returns a ``PeaksAndMetrics``-like namespace, or None when no voxel has a direction."""
+    from types import SimpleNamespace
+
+    from scipy import ndimage
+
+    valid = eigenvalues[:, -1] > 0
+    if not valid.any():
+        return None
+    row = np.full(mask.shape, -1, dtype=np.int64)
+    row[tuple(axis[valid] for axis in np.nonzero(mask))] = np.arange(int(valid.sum()))
+    nearest = ndimage.distance_transform_edt(row < 0, return_distances=False, return_indices=True)
+    indices = row[tuple(nearest)].astype(np.int32)[..., None]
+    return SimpleNamespace(peak_indices=indices, peak_values=np.ones(indices.shape, dtype=np.float64),
+                           odf_vertices=np.ascontiguousarray(eigenvectors[valid, :, -1]))
+
+
+def _seed_directions(voxel_tensors: np.ndarray, seeds_voxel: np.ndarray) -> np.ndarray:
+    """Principal eigenvector of the trilinearly interpolated tensor at each seed (voxel
+    coordinates), zero where it has no positive eigenvalue (DIPY then skips the seed)."""
+    from scipy import ndimage
+
+    coords = np.asarray(seeds_voxel, dtype=np.float64).T
+    interpolated = np.stack([ndimage.map_coordinates(voxel_tensors[..., c], coords, order=1, mode="nearest")
+                             for c in range(6)], axis=-1)
+    w, v = _eigh(interpolated)
+    return np.ascontiguousarray(np.where(w[:, -1:] > 0, v[:, :, -1], 0.0))
+
+
 def track_tensors(
     tensors_world: np.ndarray,
     mask: np.ndarray,
@@ -328,8 +445,12 @@ def track_tensors(
     params: TrackingParams | None = None,
     seeds: np.ndarray | None = None,
     source: str = "the tensor image",
+    nthreads: int = 1,
 ) -> Tracks:
-    """DIPY ``LocalTracking`` on a world-frame tensor image (see the module docstring).
+    """DIPY tracking on a world-frame tensor image (see the module docstring): deterministic
+    along the principal eigenvector, probabilistic from the tensor ODF's SH coefficients,
+    both through DIPY's multi-threaded ``generate_tractogram`` on ``nthreads`` threads (0: all
+    cores; the streamlines do not depend on it).
 
     ``seeds`` (world mm, ``(N, 3)``) replaces the random white-matter seeds; ``source`` names
     the image in error messages (one line, :class:`InputError`). Returns
@@ -337,53 +458,69 @@ def track_tensors(
     volume is cropped to the mask's bounding box first (the ODF's spherical harmonics are the
     large array); this changes nothing but the memory used.
     """
-    from dipy.data import get_sphere
-    from dipy.direction import ClosestPeakDirectionGetter, ProbabilisticDirectionGetter
-    from dipy.reconst.shm import sh_to_sf_matrix
-    from dipy.tracking.local_tracking import LocalTracking
     from dipy.tracking.stopping_criterion import ThresholdStoppingCriterion
+    from dipy.tracking.tracker import generic_tracking
+    from dipy.tracking.tracker_parameters import generate_tracking_parameters
 
-    from iqt_pipe.dti import project_psd, tensors_world_to_voxel
+    from iqt_pipe.dti import tensors_world_to_voxel
 
     mask = np.asarray(mask, bool)
     params = (params or TrackingParams()).resolved(voxel_size(affine))
     if not mask.any():
         raise InputError(f"{source}: the brain mask is empty; nothing to track")
+    _check_no_shear(affine, source)
     box = _bounding_box(mask)
     offset = np.eye(4)
     offset[:3, 3] = [s.start for s in box]
     affine_box = np.asarray(affine, dtype=np.float64) @ offset
     mask = mask[box]
-    voxel_tensors, _ = project_psd(tensors_world_to_voxel(np.nan_to_num(tensors_world[box]), affine), 0.0)
-    fa = fa_map(voxel_tensors, mask)  # FA is the same in any frame
+    # One eigendecomposition of the brain's voxel-frame tensors serves FA, directions and ODF.
+    voxel_tensors = np.zeros(mask.shape + (6,), dtype=np.float64)
+    voxel_tensors[mask] = tensors_world_to_voxel(np.nan_to_num(np.asarray(tensors_world)[box][mask]), affine)
+    eigenvalues, eigenvectors = _eigh(voxel_tensors[mask])
+    fa = np.zeros(mask.shape, dtype=np.float64)
+    fa[mask] = _psd_fa(eigenvalues)  # = fa_map: FA is the same in any frame
 
-    sphere = get_sphere(name=SPHERE)
-    _, inv_basis = sh_to_sf_matrix(sphere, sh_order_max=SH_ORDER, basis_type=SH_BASIS, return_inv=True,
-                                   legacy=False)
-    sh = np.zeros(mask.shape + (inv_basis.shape[1],), dtype=np.float64)
-    where = np.argwhere(mask)
-    for start in range(0, len(where), 20000):  # bounded memory: P × 724 doubles per chunk
-        chunk = tuple(where[start:start + 20000].T)
-        sh[chunk] = tensor_odf(voxel_tensors[chunk], sphere.vertices) @ inv_basis
-
-    getter = ClosestPeakDirectionGetter if params.algorithm == "det" else ProbabilisticDirectionGetter
-    direction_getter = getter.from_shcoeff(sh, max_angle=params.max_angle, sphere=sphere, basis_type=SH_BASIS,
-                                           legacy=False, pmf_threshold=0.1)
-    stopping = ThresholdStoppingCriterion(fa, params.fa_threshold)
     if seeds is None:
         seeding = seed_mask(voxel_tensors, mask, params.seed_fa, source, fa=fa)
         seeds = random_seeds(seeding, affine_box, seed_count(seeding, affine_box, params.seed_density),
                              params.random_seed)
-    seeds = np.asarray(seeds, dtype=np.float64).reshape(-1, 3)
-    max_steps = int(math.ceil(params.max_length / params.step_mm)) + 2
-    try:
-        tracker = LocalTracking(direction_getter, stopping, seeds, affine_box, step_size=params.step_mm,
-                                maxlen=max_steps, max_cross=1, return_all=True, random_seed=params.random_seed,
-                                save_seeds=True)
-    except ValueError as exc:
-        if "shear" not in str(exc):
-            raise
-        raise InputError(f"{source}: the affine has shear; resample to an orthogonal grid") from None
+    seeds = np.ascontiguousarray(np.asarray(seeds, dtype=np.float64).reshape(-1, 3))
+    info = {"step_mm": params.step_mm, "max_angle_deg": params.max_angle, "voxel_size_mm": voxel_size(affine)}
+    if not len(seeds):
+        return Tracks([], np.zeros(0, dtype=int), 0, info)
+    seeds_voxel = nb.affines.apply_affine(np.linalg.inv(affine_box), seeds)
+    directions = _seed_directions(voxel_tensors, seeds_voxel)
+    del voxel_tensors
+
+    stopping = ThresholdStoppingCriterion(fa, params.fa_threshold)
+    # DIPY keeps streamlines of at most int(max_len / step) points: room for max_length and more,
+    # so the length limits below decide, as before.
+    max_points = math.ceil(params.max_length / params.step_mm) + 3
+    limits = dict(min_len=0, max_len=int(math.ceil(max_points * params.step_mm)),
+                  step_size=params.step_mm, voxel_size=nb.affines.voxel_sizes(affine_box).astype(np.float64),
+                  max_angle=params.max_angle, return_all=True,
+                  # DIPY seeds each streamline's generator from its seed point times this (> 0:
+                  # reproducible whatever the threads; 0 would mean the clock)
+                  random_seed=params.random_seed + 1)
+    if params.algorithm == "det":
+        peaks = _principal_peaks(eigenvalues, eigenvectors, mask)
+        if peaks is None:
+            return Tracks([], np.zeros(0, dtype=int), len(seeds), info)
+        # EuDX's propagator on them: the principal eigenvectors of the 8 voxels around the point
+        # that lie within the angle limit of the previous step, signed along it and averaged with
+        # their trilinear weights; it stops where they hold less than DET_MIN_WEIGHT of the weight.
+        settings = generate_tracking_parameters("eudx", angle_threshold=params.max_angle, peak_values_threshold=0.0,
+                                                min_total_weight=DET_MIN_WEIGHT, **limits)
+        field_kw = {"pam": peaks}
+    else:
+        sh = np.zeros(mask.shape + ((SH_ORDER + 1) * (SH_ORDER + 2) // 2,), dtype=np.float64)
+        sh[mask] = tensor_odf_sh(eigenvalues, eigenvectors)
+        settings = generate_tracking_parameters("prob", pmf_threshold=PMF_THRESHOLD, **limits)
+        field_kw = {"sh": sh, "sphere": tracking_hemisphere(), "basis_type": SH_BASIS, "legacy": False}
+    tracker = generic_tracking(seeds, directions, stopping, settings, affine=affine_box, nbr_threads=int(nthreads),
+                               save_seeds=True, **field_kw)
+    del eigenvalues, eigenvectors
     streamlines, seed_index = [], []
     for line, seed in tracker:
         line = np.asarray(line, dtype=np.float32)
@@ -393,7 +530,6 @@ def track_tensors(
         if params.min_length <= length <= params.max_length:
             streamlines.append(line)
             seed_index.append(int(np.argmin(np.linalg.norm(line - seed, axis=1))))
-    info = {"step_mm": params.step_mm, "max_angle_deg": params.max_angle, "voxel_size_mm": voxel_size(affine)}
     return Tracks(streamlines, np.asarray(seed_index, dtype=int), len(seeds), info)
 
 

@@ -145,6 +145,20 @@ def test_dipy_streamlines_follow_the_true_bundles(phantom, algorithm, tolerance,
     assert np.mean(T.sample_nearest(p.mask.astype(float), p.affine, points, 0.0)) > 0.99
 
 
+@pytest.mark.parametrize("algorithm", T.ALGORITHMS)
+def test_dipy_tracking_does_not_depend_on_the_threads(phantom, algorithm):
+    """DIPY spreads the seeds over threads and seeds each streamline's random generator from its
+    seed point: one thread or two, the same streamlines in the same order, run after run."""
+    p, world, _ = phantom
+    params = T.TrackingParams(algorithm=algorithm, seed_density=0.005)
+    one = T.track_tensors(world, p.mask, p.affine, params, nthreads=1)
+    two = T.track_tensors(world, p.mask, p.affine, params, nthreads=2)
+    assert len(one) > 20 and len(two) == len(one) and two.n_seeds == one.n_seeds
+    for a, b in zip(one.streamlines, two.streamlines):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(one.seed_index, two.seed_index)
+
+
 def test_a_frame_error_would_be_caught(phantom, monkeypatch):
     """The bundle check has teeth: tracking world-frame tensors as if they were voxel-frame
     ones (what a missing rotation would do) fails it on the permuted grid."""
@@ -409,6 +423,26 @@ def test_tensor_odf_is_finite_and_free_of_units():
     # no positive eigenvalue (a zero or negative-definite prediction at the mask's edge): uniform
     degenerate = T.tensor_odf(np.array([[0.0] * 6, [-1e-3, 0, 0, -1e-3, 0, -1e-3]]), vertices)
     np.testing.assert_allclose(degenerate, 1 / len(vertices))
+
+
+def test_tensor_odf_sh_is_the_projection_on_the_whole_sphere():
+    """The coefficients fitted on one vertex of each antipodal pair (half the work) are the
+    least-squares projection of the normalised ODF on the whole sphere."""
+    from dipy.data import get_sphere
+    from dipy.reconst.shm import sh_to_sf_matrix
+
+    rng = np.random.default_rng(0)
+    tensors = rng.normal(0, 3e-4, (200, 6))
+    tensors[:, [0, 3, 5]] += 1e-3
+    tensors[0] = [1e-3, 0, 0, 0, 0, 0]  # flat: clamped eigenvalues
+    tensors[1] = [-1e-3, 0, 0, -1e-3, 0, -1e-3]  # no positive eigenvalue: uniform
+    sphere = get_sphere(name=T.SPHERE)
+    _, inverse = sh_to_sf_matrix(sphere, sh_order_max=T.SH_ORDER, basis_type=T.SH_BASIS, return_inv=True,
+                                 legacy=False)
+    expected = T.tensor_odf(tensors, sphere.vertices) @ inverse
+    assert len(T.tracking_hemisphere().vertices) == len(sphere.vertices) // 2
+    np.testing.assert_allclose(T.tensor_odf_sh(*T._eigh(tensors), chunk=64), expected, rtol=1e-9,
+                               atol=1e-12 * np.abs(expected).max())
 
 
 def test_s0_resampling_stays_positive():

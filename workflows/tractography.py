@@ -71,7 +71,8 @@ def init_tractography_wf(
             from iqt_pipe.workflows.tractography import init_tractography_wf
             wf = init_tractography_wf(software=("dipy", "mrtrix"))
 
-    DIPY: ``LocalTracking`` on the tensors (:class:`~iqt_pipe.interfaces.tractography.DipyTracking`).
+    DIPY: its multi-threaded tracker on the tensors (:class:`~iqt_pipe.interfaces.tractography.DipyTracking`,
+    ``omp_nthreads`` threads): deterministic along the principal eigenvector, probabilistic from the tensor ODF.
     MRtrix3: a DWI series synthesised from the tensors and the subject's S0 and gradient
     table, then ``tckgen -algorithm Tensor_Det/Tensor_Prob`` (Nipype's ``Tractography``) and
     ``tckmap`` (``ComputeTDI``); ``Tensor_Prob`` tracks the series with Rician noise added at the
@@ -172,7 +173,8 @@ def init_tractography_wf(
             from iqt_pipe.interfaces.tractography import DipyTracking, TrackDensity
 
             track = pe.Node(DipyTracking(algorithm=alg, fa_threshold=fa_threshold, min_length=min_length,
-                                         max_length=max_length, **settings), name=f"track_{key}")
+                                         max_length=max_length, nthreads=omp_nthreads, **settings),
+                            name=f"track_{key}", n_procs=omp_nthreads)
             tdi = pe.Node(TrackDensity(), name=f"tdi_{key}")
             connections += [
                 (inputnode, track, [(tensor, "tensor_file"), (mask, "mask_file")]),
@@ -239,10 +241,10 @@ def _methods(software, algorithms, spaces, density, fa, seed_fa, min_len, max_le
     algs = " and ".join({"det": "deterministic", "prob": "probabilistic"}[a] for a in algorithms)
     if "dipy" in software:
         text.append(
-            f"With DIPY [@dipy], {algs} local tracking used the tensors' diffusion orientation "
-            "distribution function, expressed in the voxel frame of each grid: deterministic tracking "
-            "followed its peak (the principal eigenvector), probabilistic tracking drew each step "
-            "from it."
+            f"With DIPY [@dipy], {algs} local tracking used the tensors expressed in the voxel frame "
+            "of each grid: deterministic tracking followed the principal eigenvector (trilinearly "
+            "weighted over the neighbouring voxels), probabilistic tracking drew each step from the "
+            "tensors' diffusion orientation distribution function."
         )
     if "mrtrix" in software:
         mrtrix_algs = ", ".join("Tensor_Det" if a == "det" else "Tensor_Prob" for a in algorithms)
