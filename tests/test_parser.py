@@ -356,3 +356,22 @@ def test_reports_only(here, tmp_path, capsys):
     err = refused(base("--reports-only", "--boilerplate-only"), capsys)
     assert "--reports-only and --boilerplate-only exclude each other" in err
     assert parse_args(base("--reports-only", level="group", model=False)).reports_only
+
+
+def test_an_empty_templateflow_home_unless_the_user_set_one():
+    """iqt-pipe writes nothing in template space: the data sink's import (TemplateFlow's index of
+    every template, ~12 s on 2 busy cores) is skipped with the empty home shipped in the package,
+    which works offline; a TemplateFlow home the user chose is kept."""
+    from iqt_pipe.cli.run import templateflow_without_templates
+
+    env = {}
+    templateflow_without_templates(env)
+    home = Path(env["TEMPLATEFLOW_HOME"])
+    assert (home / "dataset_description.json").is_file() and env["TEMPLATEFLOW_AUTOUPDATE"] == "0"
+    mine = {"TEMPLATEFLOW_HOME": "/opt/tf"}
+    templateflow_without_templates(mine)
+    assert mine == {"TEMPLATEFLOW_HOME": "/opt/tf"}
+    code = "from niworkflows.interfaces.bids import DerivativesDataSink, STANDARD_SPACES; print(STANDARD_SPACES)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]

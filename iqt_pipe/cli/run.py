@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -366,7 +367,19 @@ def group(config: RunConfig) -> int:
     return EXIT_OK
 
 
+def templateflow_without_templates(environ=os.environ) -> None:
+    """iqt-pipe writes nothing in a template space, yet importing niworkflows'
+    ``DerivativesDataSink`` indexes every TemplateFlow template (measured 12 s of a 15 s import
+    on 2 busy cores, in the main process and again in each worker process that runs a data
+    sink). Unless the user chose a TemplateFlow home, point it at the empty one shipped with
+    iqt-pipe (no update: nothing to download); the import then takes ~2 s."""
+    if "TEMPLATEFLOW_HOME" not in environ:
+        environ["TEMPLATEFLOW_HOME"] = str(Path(__file__).resolve().parent.parent / "data" / "templateflow")
+        environ.setdefault("TEMPLATEFLOW_AUTOUPDATE", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
+    templateflow_without_templates()
     args = parse_args(argv)
     config = RunConfig.from_args(args)
 
