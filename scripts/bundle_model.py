@@ -29,7 +29,7 @@ from iqt_pipe.models.files import BUNDLED, bundled_dir, model_paths
 #: The card keeps these metrics of the pooled summary …
 _KEEP = ("tensor_rmse_ratio", "tensor_rmse_corrected_ratio", "fa_rmse_ratio", "md_rmse_ratio", "spearman",
          "coverage0.5", "coverage0.8", "coverage0.95", "md_coverage0.95", "error_sd_ratio", "predicted_fraction",
-         "risky", "lesion")
+         "risky", "lesion")  # metric names: the key before its last dot (coverage0.95.brain → coverage0.95)
 #: … in these regions and scores.
 _SUFFIXES = (".interior", ".exterior", ".brain", ".auc", ".auc_intrinsic", ".auc_parameter", ".f1", ".precision",
              ".recall")
@@ -72,7 +72,7 @@ def _evaluation(folds: list[tuple[Path, str]], command: str | None) -> dict:
     summary = {}
     for mode, methods in summarise(records).items():
         values = methods["model"]["values"]
-        summary[mode] = {k: v for k, v in values.items() if k.split(".")[0] in _KEEP and k.endswith(_SUFFIXES)}
+        summary[mode] = {k: v for k, v in values.items() if k.rsplit(".", 1)[0] in _KEEP and k.endswith(_SUFFIXES)}
     return {
         "protocol": "iqt-eval on held-out subjects, each fold with a model of the same recipe trained without them",
         "runs": sorted({r["run"] for r in records}),

@@ -184,6 +184,7 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
         want = res["summary"][mode]["hetero-var2"]["values"]
         got = pooled["summary"][mode]
         assert "tensor_rmse_ratio.interior" in got and ("lesion.auc" in got) == (mode == "lesion")
+        assert {"coverage0.95.brain", "md_coverage0.95.brain", "error_sd_ratio.brain"} <= set(got)  # not dropped
         assert ("lesion.auc_parameter" in got) == ("lesion.auc_intrinsic" in got) == (mode == "lesion")
         for key, stat in got.items():
             assert stat == pytest.approx(want[key]), (mode, key)
