@@ -24,7 +24,7 @@ class _SuperResolveInputSpec(BaseInterfaceInputSpec):
     bval_file = File(exists=True, desc="the native series' b-values: the run is checked against the model's "
                                        "training domain (voxel size, b-value, directions), recorded as ModelDomain")
     bvec_file = File(exists=True, desc="the native series' b-vectors (with bval_file)")
-    denoise = traits.Enum("none", "dipy", "mrtrix", "auto", desc="the MP-PCA denoising the native series had; "
+    denoise = traits.Enum("none", "dipy", "mrtrix", "auto", desc="the denoising the native series had; "
                           "recorded, with whether it matches the model's training, as Preprocessing")
     degibbs = traits.Bool(desc="whether Gibbs ringing was removed from the native series (with denoise)")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="CPU threads for PyTorch")

@@ -202,7 +202,8 @@ def prepare_case(run, r: int = 2, mode: str = "raw", snr: float | None = None, s
     interior, exterior = metrics.region_masks(pair.lr_mask, mask, r)
     case = Case(
         name=run.name, subject=run.subject, mode=mode, r=r, lr_tensors=pair.lr.tensors, lr_mask=pair.lr_mask,
-        lr_affine=pair.lr_affine, lr_dwi=pair.lr_dwi, gtab=gtab, reference=pair.hr.tensors if truth is None else truth, hr_mask=mask,
+        lr_affine=pair.lr_affine, lr_dwi=pair.lr_dwi, gtab=gtab,
+        reference=pair.hr.tensors if truth is None else truth, hr_mask=mask,
         interior=interior, exterior=exterior, lesion=lesion, info=info,
     )
     if mode == "known-truth":
@@ -336,7 +337,8 @@ def uncertainty_scores(case: Case, pred: Prediction, md: np.ndarray, md_ref: np.
             out["md_coverage"][key] = {f"{p:g}": c for p, c in
                                        metrics.interval_coverage(md[m] - md_ref[m], pred.md_sd[m]).items()}
             # RMS of the Frobenius error over RMS of the predicted Frobenius sd: 1 when calibrated.
-            out["error_sd_ratio"][key] = float(np.sqrt(np.mean(abs_err[m] ** 2) / max(np.mean(sd[m].astype(np.float64) ** 2), 1e-300)))
+            mean_var = max(float(np.mean(sd[m].astype(np.float64) ** 2)), 1e-300)
+            out["error_sd_ratio"][key] = float(np.sqrt(np.mean(abs_err[m] ** 2) / mean_var))
     levels, cov = metrics.calibration_curve(err[case.hr_mask], np.sqrt(var[case.hr_mask]))
     out["calibration_curve"] = {"nominal": levels.tolist(), "empirical": cov.tolist()}
     out["variance_scale_95"] = metrics.variance_scale(err[case.hr_mask], np.sqrt(var[case.hr_mask]))
