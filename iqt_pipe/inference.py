@@ -49,8 +49,8 @@ class Prediction:
     mask: np.ndarray  # (X, Y, Z) bool: the brain, the LR brain mask expanded to HR blocks
     affine: np.ndarray
     info: dict = field(default_factory=dict)
-    #: (X, Y, Z) bool: the voxels predicted (every output is zero outside), the brain and around
-    #: it; None: the brain mask.
+    #: (X, Y, Z) bool: the voxels the network predicted, the brain and around it (variances and
+    #: sd are zero outside; the mean, see :func:`predict_volume`'s ``outside``); None: the brain.
     region: np.ndarray | None = None
 
     @property
