@@ -42,7 +42,8 @@ from iqt_pipe.dti import scalar_maps
 from iqt_pipe.dwi import load_dwi
 from iqt_pipe.fit import brain_mask, fit_dti
 from iqt_pipe.gradients import GradientTable, select_dti_volumes
-from iqt_pipe.inference import Prediction, combine_ensemble, frobenius_sd, predict_brain
+from iqt_pipe.inference import (DEFAULT_SYMMETRIES, SYMMETRIES, Prediction, combine_ensemble, frobenius_sd,
+                                predict_brain)
 from iqt_pipe.prepare import NONE, Preprocessing, fit_series, preprocess_series
 from iqt_pipe.preproc import denoise_mppca_brain
 
@@ -226,6 +227,8 @@ class Method:
     name: str
     interpolation: str | None = None
     models: list = field(default_factory=list)  # [(IQTNet, card, path)]
+    #: Test-time symmetry ensemble of each model (a key of :data:`~iqt_pipe.inference.SYMMETRIES`).
+    symmetries: str = DEFAULT_SYMMETRIES
 
     @property
     def is_model(self) -> bool:
@@ -253,7 +256,8 @@ def predict(method: Method, case: Case, *, mc_samples: int = 8, seed: int = 0, d
             raise ValueError(f"{method.name}: the model upsamples by {model.r}, the evaluation by {case.r}")
         tensors, brain = case.network_input(Preprocessing.of_model(card))
         preds.append(predict_brain(model, tensors, brain, case.lr_affine,
-                                   mc_samples=mc_samples, seed=seed, device=device, mem_mb=mem_mb))
+                                   mc_samples=mc_samples, seed=seed, device=device, mem_mb=mem_mb,
+                                   symmetries=SYMMETRIES[method.symmetries]))
     return preds[0] if len(preds) == 1 else combine_ensemble(preds, seed=seed)
 
 

@@ -23,6 +23,7 @@ import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -117,6 +118,74 @@ def _fa_md(d: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]
     norm2 = d11**2 + d22**2 + d33**2 + off2
     fa = torch.sqrt(1.5 * dev2 / norm2.clamp_min(1e-30)).clamp(0, 1)
     return fa, md
+
+
+#: Test-time symmetry ensembles (``--symmetries``): the symmetry codes of
+#: :mod:`iqt_pipe.patches` each Monte-Carlo pass uses in turn — none, the 8 mirrors of the
+#: axes, or all 48 symmetries of the cube (mirrors and axis permutations).
+SYMMETRIES: dict[str, tuple[int, ...]] = {"none": (0,), "mirrors": tuple(range(8)), "cube": tuple(range(48))}
+DEFAULT_SYMMETRIES = "none"
+
+
+def _spatial(w: torch.Tensor, perm, mirror: int, inverse: bool = False) -> torch.Tensor:
+    """Symmetry (axis permutation ``perm``, then mirror mask ``mirror``) on the last three
+    dimensions of ``w``, or its inverse."""
+    lead = tuple(range(w.dim() - 3))
+    flips = [w.dim() - 3 + a for a in range(3) if mirror >> a & 1]
+    if inverse:
+        w = torch.flip(w, flips) if flips else w
+        return w.permute(*lead, *(len(lead) + int(a) for a in np.argsort(perm)))
+    w = w.permute(*lead, *(len(lead) + a for a in perm))
+    return torch.flip(w, flips) if flips else w
+
+
+@torch.no_grad()
+def symmetric_network(net: IQTNet, code: int) -> IQTNet:
+    """A copy of ``net`` that computes g⁻¹(f(g(z))) for the symmetry g of ``code`` (see
+    :func:`iqt_pipe.patches.transform_field`: voxels moved, tensor components permuted and
+    mirrored alike): the prediction the network would make for the mirrored or transposed
+    scan, moved back. The symmetry is folded into the weights — kernels moved, input channels
+    and the shuffled output channels gathered and signed — so it costs nothing at prediction
+    time. Use it with ``sample=False`` (mean or one drawn set of weights)."""
+    from iqt_pipe.models.shuffle import periodic_shuffle, periodic_unshuffle
+    from iqt_pipe.patches import AXIS_PERMUTATIONS, N_MIRRORS, mirror_signs, permutation_channels
+
+    out = copy.deepcopy(net)
+    if not code:
+        return out
+    perm, mirror = AXIS_PERMUTATIONS[code // N_MIRRORS], code % N_MIRRORS
+    source = permutation_channels(perm)  # g(z)_c = sign_c · z_source[c]
+    sign = torch.as_tensor(mirror_signs(mirror))
+    r = net.r
+    # The shuffled output channel each output channel takes after g⁻¹: sub-voxel offsets moved
+    # back by the inverse symmetry; component c' of g⁻¹(u) is sign[inverse[c']] · u[inverse[c']].
+    probe = torch.arange(6 * r**3, dtype=torch.float64).view(1, -1, 1, 1, 1)
+    moved = periodic_unshuffle(_spatial(periodic_shuffle(probe, r), perm, mirror, inverse=True), r).view(6, r**3)
+    inverse = np.argsort(source)
+    rows = moved[inverse].reshape(-1).long()
+    row_sign = sign[inverse].repeat_interleave(r**3)
+    in_sign = sign.view(1, 6, 1, 1, 1)
+    for sub, signed in ((out.mean_net, True), (out.prec_net, False)):  # precisions carry no sign
+        if sub is None:
+            continue
+        last = len(sub.convs) - 1
+        for n, conv in enumerate(sub.convs):
+            # The weights and, per weight (Var.I) or per filter (Var.II), the dropout rates.
+            for key in ("weight", "rho", "bias"):
+                w = getattr(conv, key, None)
+                if w is None:
+                    continue
+                moved_w = _spatial(w, perm, mirror, inverse=True) if w.dim() == 5 else w
+                if n == 0 and w.dim() == 5 and w.shape[1] == 6:  # z_d enters where g puts it, signed
+                    folded = torch.empty_like(moved_w)
+                    folded[:, source] = moved_w * (in_sign.to(w) if key == "weight" else 1)
+                    moved_w = folded
+                if n == last:
+                    moved_w = moved_w[rows]
+                    if signed and key != "rho":
+                        moved_w = moved_w * row_sign.to(w).view((-1,) + (1,) * (w.dim() - 1))
+                w.copy_(moved_w.clone())
+    return out
 
 
 def _bytes_per_tile(model: IQTNet, t: int, scalar_samples: int) -> int:
@@ -259,6 +328,7 @@ def predict_volume(
     threads: int | None = None,
     region: np.ndarray | None = None,
     outside: str = "zero",
+    symmetries: Sequence[int] = (0,),
 ) -> Prediction:
     """Super-resolve a voxel-frame LR tensor field; see the module docstring.
 
@@ -270,7 +340,11 @@ def predict_volume(
     empty); variances and sd are zero there (nothing was predicted).
 
     ``mc_samples`` applies to variational variants (deterministic ones use one pass);
-    ``mc_samples=1`` is a deterministic pass with the mean weights (no parameter variance);
+    ``mc_samples=1`` is a deterministic pass with the mean weights (no parameter variance).
+    ``symmetries`` (codes, e.g. ``SYMMETRIES["mirrors"]``) is a test-time symmetry ensemble:
+    pass k runs :func:`symmetric_network` of its weights with code ``symmetries[k mod n]``,
+    over max(T, n) passes, so with T ≥ n it costs nothing more; the spread of the passes
+    (weight draws and symmetries together) is the parameter variance.
     ``scalar_samples`` is the number of tensor samples per voxel behind FA/MD mean and sd
     (hetero variants; otherwise, or with 0, FA/MD of the MC samples' means are used — FA/MD of
     the predictive mean for a deterministic pass); ``target`` defaults to the
@@ -293,7 +367,9 @@ def predict_volume(
     target = _target_of(model, target)
     r, m = model.r, model.margin
     stats = stats or channel_stats(lr_tensors, lr_mask)
-    T = max(1, mc_samples) if model.stochastic else 1
+    draws = max(1, mc_samples) if model.stochastic else 1
+    symmetries = tuple(int(c) for c in symmetries) or (0,)
+    T = max(draws, len(symmetries))
     # Tensor samples per MC sample behind FA/MD: only the hetero Gaussian is sampled.
     draw_scalars = model.hetero and scalar_samples > 0
     per_sample = max(1, math.ceil(scalar_samples / T)) if draw_scalars else 1
@@ -319,7 +395,9 @@ def predict_volume(
     with _torch_threads(threads):
         for k in range(T):
             weight_gen = torch.Generator(device=device).manual_seed(int(seeds[k].generate_state(1)[0]))
-            draw = net.sample_weights(weight_gen) if T > 1 else net
+            draw = net.sample_weights(weight_gen) if draws > 1 else net
+            if symmetries[k % len(symmetries)]:
+                draw = symmetric_network(draw, symmetries[k % len(symmetries)])
             if channels_last:
                 draw = draw.to(memory_format=torch.channels_last_3d)
             for start in range(0, len(tiles), per_call):
@@ -395,7 +473,8 @@ def predict_volume(
         mask=expand_mask(lr_mask, r),
         region=hr_region,
         affine=upsample_affine(lr_affine, r),
-        info={"mc_samples": T, "scalar_samples": n, "target": target, "variance_scale": s, "tile": t, "tiles": len(tiles),
+        info={"mc_samples": T if draws > 1 else 1, "symmetries": len(symmetries), "passes": T,
+              "scalar_samples": n, "target": target, "variance_scale": s, "tile": t, "tiles": len(tiles),
               "tiles_total": int(np.prod(tiler.n_tiles)), "seed": seed, "device": str(device), "guards": guards},
     )
 

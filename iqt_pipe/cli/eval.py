@@ -49,6 +49,7 @@ def _folds(text: str) -> int | str:
 def _build_parser() -> argparse.ArgumentParser:
     from iqt_pipe.cli.train import add_recipe_arguments
     from iqt_pipe.evaluation import MODES
+    from iqt_pipe.inference import DEFAULT_SYMMETRIES, SYMMETRIES
 
     p = Parser(prog=PROG, description="Score super-resolution (interpolation, models, ensembles) against HR "
                                       "references made from BIDS DWI runs: accuracy and calibrated uncertainty.")
@@ -77,6 +78,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="upsampling factor (default: the models', else 2)")
     p.add_argument("--mc-samples", type=int_at_least(1, "the number of Monte-Carlo samples"), default=8, metavar="T",
                    help="Monte-Carlo weight samples per model (default: 8)")
+    p.add_argument("--symmetries", nargs="+", choices=list(SYMMETRIES), default=[DEFAULT_SYMMETRIES],
+                   help="test-time symmetry ensemble of every model, as iqt-pipe's --symmetries; several: each "
+                        f"model is scored once per setting, named MODEL+SETTING (default: {DEFAULT_SYMMETRIES})")
     p.add_argument("--seed", type=int_at_least(0, "the seed"), default=0, metavar="N", help="random seed (default: 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device (default: auto)")
     p.add_argument("--mem-mb", type=int_at_least(256, "--mem-mb"), default=2048, metavar="MB",
@@ -131,7 +135,21 @@ def _methods(args, device):
         methods.append(Method(name=name, models=[loaded[path]]))
     for i, group in enumerate(args.ensemble, 1):
         methods.append(Method(name=f"ensemble{i}", models=[loaded[p] for p in group]))
-    return methods, r or 2
+    return with_symmetries(methods, args.symmetries), r or 2
+
+
+def with_symmetries(methods, settings):
+    """Each model method once per test-time symmetry setting (named ``NAME+SETTING`` when
+    there are several); interpolations once."""
+    from dataclasses import replace
+
+    out = []
+    for m in methods:
+        if not m.is_model:
+            out.append(m)
+            continue
+        out += [replace(m, name=m.name if len(settings) == 1 else f"{m.name}+{s}", symmetries=s) for s in settings]
+    return out
 
 
 def _calibration_runs(args, methods, scored_subjects):
@@ -205,7 +223,7 @@ def _cross_validate(args, device, runs, methods, folds):
         if warning := learnt_nothing_warning(result.card):
             print(f"{PROG}: warning: fold {k}: {warning}", file=sys.stderr)
         model = _load(result.model_path, device, r)
-        fold_methods = list(methods) + [Method(name=args.variant, models=[model])]
+        fold_methods = list(methods) + with_symmetries([Method(name=args.variant, models=[model])], args.symmetries)
         res = evaluate(test_runs, fold_methods, r=r, modes=args.mode, snr=args.snr, seed=args.seed,
                        mc_samples=args.mc_samples, device=device, mem_mb=args.mem_mb,
                        calibration_runs=_first_runs(train_runs, args.runs_per_subject),
@@ -279,7 +297,8 @@ def run(args: argparse.Namespace) -> int:
                            mc_samples=args.mc_samples, device=device, mem_mb=args.mem_mb,
                            calibration_runs=calibration, quiet=args.quiet, figures=figures)
     results["summary"] = summarise(results["records"])
-    results["settings"] = {"r": r, "modes": args.mode, "mc_samples": args.mc_samples, "seed": args.seed,
+    results["settings"] = {"r": r, "modes": args.mode, "mc_samples": args.mc_samples,
+                           "symmetries": args.symmetries, "seed": args.seed,
                            "snr": args.snr or "own", "device": str(device), "iqt_pipe_version": __version__,
                            "models": [str(p) for p in args.model], "ensembles": [[str(p) for p in g] for g in args.ensemble],
                            "cross_validate": args.cross_validate}
