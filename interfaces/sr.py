@@ -5,6 +5,7 @@ from __future__ import annotations
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
+    InputMultiObject,
     SimpleInterface,
     Str,
     TraitedSpec,
@@ -12,12 +13,17 @@ from nipype.interfaces.base import (
 )
 from nipype.utils.filemanip import fname_presuffix
 
+from iqt_pipe.config import DEFAULT_SYMMETRIES, SYMMETRIES
+
 
 class _SuperResolveInputSpec(BaseInterfaceInputSpec):
     tensor_file = File(exists=True, mandatory=True, desc="LR tensors, BEP016 order, world frame")
     mask_file = File(exists=True, mandatory=True, desc="LR brain mask on the same grid")
-    model = Str(mandatory=True, desc="model folder, model.json or model.safetensors")
+    model = InputMultiObject(Str, mandatory=True, desc="model folder, model.json or model.safetensors; several: "
+                                                        "their inverse-variance ensemble")
     mc_samples = traits.Int(8, usedefault=True, desc="Monte-Carlo weight samples (variational variants)")
+    symmetries = traits.Enum(DEFAULT_SYMMETRIES, *SYMMETRIES, usedefault=True,
+                             desc="test-time symmetry ensemble: none, mirrors (8) or cube (48)")
     scalar_samples = traits.Int(32, usedefault=True, desc="tensor samples per voxel behind FA/MD sd")
     seed = traits.Int(0, usedefault=True, desc="random seed")
     use_gpu = traits.Bool(False, usedefault=True, desc="run on CUDA (Nipype's MultiProc then gives the node a GPU slot)")
@@ -56,15 +62,16 @@ class SuperResolve(SimpleInterface):
         from nipype.interfaces.base import isdefined
 
         from iqt_pipe.gradients import read_gradients
+        from iqt_pipe.inference import SYMMETRIES as CODES
         from iqt_pipe.models import load_model
         from iqt_pipe.prepare import Preprocessing, series_domain
         from iqt_pipe.superres import load_tensor_image, prediction_metadata, super_resolve_tensors, write_prediction
 
         device = "cuda" if self.inputs.use_gpu else "cpu"
-        model, card = load_model(self.inputs.model, device=device)
+        models, cards = zip(*(load_model(path, device=device) for path in self.inputs.model))
         tensors, mask, affine = load_tensor_image(self.inputs.tensor_file, self.inputs.mask_file)
         pred = super_resolve_tensors(
-            tensors, mask, affine, model,
+            tensors, mask, affine, models, symmetries=CODES[self.inputs.symmetries],
             mc_samples=self.inputs.mc_samples, scalar_samples=self.inputs.scalar_samples,
             seed=self.inputs.seed, device=device, mem_mb=self.inputs.mem_mb, threads=self.inputs.num_threads,
         )
@@ -77,7 +84,7 @@ class SuperResolve(SimpleInterface):
         if isdefined(self.inputs.bval_file) and isdefined(self.inputs.bvec_file):
             domain = series_domain(affine, read_gradients(self.inputs.bval_file, self.inputs.bvec_file),
                                    self.inputs.bval_file)
-        metadata = prediction_metadata(card, pred, preprocessing, domain)
+        metadata = prediction_metadata(cards, pred, preprocessing, domain)
         paths = write_prediction(pred, prefix, metadata, sidecars=False)
         self._results["metadata"] = metadata
         names = {"tensor": "tensor_file", "fa": "fa_file", "fasd": "fa_sd_file", "md": "md_file",

@@ -32,6 +32,9 @@ DEVICES = ("auto", "cpu", "cuda")
 TRACTOGRAPHY = ("none", "dipy", "mrtrix", "both")
 DENOISE = ("auto", "mrtrix", "dipy", "none")  # as workflows.dwi.DENOISE_CHOICES (not imported: Nipype is slow)
 DEFAULT_MC_SAMPLES = 8
+#: Test-time symmetry ensembles, as ``iqt_pipe.inference.SYMMETRIES`` (not imported: torch is slow).
+SYMMETRIES = ("none", "mirrors", "cube")
+DEFAULT_SYMMETRIES = "none"
 DEFAULT_SEED = 0
 #: File name of the configuration archived in ``sub-<label>/log/<run_uuid>/``.
 CONFIG_NAME = "iqt-pipe.toml"
@@ -61,8 +64,11 @@ class RunConfig:
     model_variant: str | None = None
     model_upsample: int | None = None
     model_sha256: str | None = None
+    #: Further models, averaged with ``model`` as an inverse-variance ensemble.
+    ensemble_models: tuple[Path, ...] = ()
     device: str = "auto"
     mc_samples: int = DEFAULT_MC_SAMPLES
+    symmetries: str = DEFAULT_SYMMETRIES
     seed: int = DEFAULT_SEED
     denoise: str = "none"
     degibbs: bool = False
@@ -102,7 +108,8 @@ class RunConfig:
             input_derivatives=bool(getattr(args, "input_derivatives", False)),
             model=args.model, model_variant=card.get("variant"), model_upsample=card.get("upsample"),
             model_sha256=(card.get("weights") or {}).get("sha256"),
-            device=args.device, mc_samples=args.mc_samples, seed=args.seed,
+            ensemble_models=tuple(getattr(args, "ensemble_models", ())),
+            device=args.device, mc_samples=args.mc_samples, symmetries=args.symmetries, seed=args.seed,
             denoise=args.denoise, degibbs=args.degibbs,
             model_denoise=trained.denoise if trained else None, model_degibbs=trained.degibbs if trained else None,
             tractography=args.tractography,
@@ -201,6 +208,8 @@ class RunConfig:
                 value = str(value)
             elif kind == "labels?":
                 value = list(value)
+            elif kind == "paths":
+                value = [str(v) for v in value]
             elif kind in ("json", "json?"):
                 value = json.dumps(value, sort_keys=True, allow_nan=False)
             out[f.name] = value
@@ -288,6 +297,9 @@ class RunConfig:
         if self.model is not None:
             sha = f", sha256 {self.model_sha256[:12]}…" if self.model_sha256 else ""
             rows.append(("model", f"{self.model} (variant {self.model_variant}, r = {self.model_upsample}{sha})"))
+            if self.ensemble_models:
+                rows.append(("ensemble", f"averaged with {', '.join(map(str, self.ensemble_models))} "
+                                         "(inverse-variance weights)"))
         else:
             rows.append(("model", "none"))
         if device is not None and device != self.device:
@@ -296,7 +308,9 @@ class RunConfig:
             dev = "auto (CUDA when visible, else CPU)"
         else:
             dev = self.device
-        rows.append(("inference", f"device {dev}, {self.mc_samples} MC sample(s), seed {self.seed}"))
+        symmetric = {"none": "", "mirrors": ", test-time mirrors (8)", "cube": ", test-time cube symmetries (48)"}
+        rows.append(("inference", f"device {dev}, {self.mc_samples} MC sample(s){symmetric[self.symmetries]}, "
+                                  f"seed {self.seed}"))
         steps = f"denoise {self.denoise}, Gibbs removal {'on' if self.degibbs else 'off'}"
         if self.input_derivatives:
             steps += " by iqt-pipe, after the preprocessing pipeline's own steps (never repeated by default)"
@@ -335,7 +349,7 @@ _KINDS = {
     "bids_filter_file": "path?", "bids_filters": "json?", "skip_bids_validation": "bool",
     "input_derivatives": "bool",
     "model": "path?", "model_variant": "str?", "model_upsample": "int?", "model_sha256": "str?",
-    "device": "str", "mc_samples": "int", "seed": "int", "denoise": "str", "degibbs": "bool",
+    "ensemble_models": "paths", "device": "str", "mc_samples": "int", "symmetries": "str", "seed": "int", "denoise": "str", "degibbs": "bool",
     "model_denoise": "str?", "model_degibbs": "bool?",
     "tractography": "str", "seed_density": "float", "max_uncertainty": "float?", "uncertainty_action": "str",
     "nprocs": "int", "omp_nthreads": "int", "mem_mb": "int?",
@@ -348,7 +362,7 @@ assert set(_KINDS) == {f.name for f in dataclasses.fields(RunConfig)}
 #: Settings a file may leave out: their defaults apply (None for the unset ones).
 _DEFAULTED = {f.name for f in dataclasses.fields(RunConfig)
               if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-_CHOICES = {"analysis_level": ("participant", "group"), "device": DEVICES, "denoise": DENOISE, "model_denoise": DENOISE,
+_CHOICES = {"analysis_level": ("participant", "group"), "device": DEVICES, "symmetries": SYMMETRIES, "denoise": DENOISE, "model_denoise": DENOISE,
             "tractography": TRACTOGRAPHY, "uncertainty_action": UNCERTAINTY_ACTIONS}
 
 
@@ -362,6 +376,10 @@ def _decode(name: str, kind: str, value: Any, source: str) -> Any:
         if not isinstance(value, str) or not value:
             raise bad("a path")
         return Path(value)
+    if base == "paths":
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise bad("a list of paths")
+        return tuple(Path(v) for v in value)
     if base == "labels":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad("a list of labels")

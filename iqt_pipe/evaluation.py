@@ -21,7 +21,7 @@ grid; :func:`score` compares it with the reference on the interior and exterior 
 (:func:`iqt_pipe.metrics.region_masks`; both on the HR scan's own brain mask) and, for models,
 scores the uncertainty. A model sees the LR series exactly as ``iqt-pipe … participant`` would
 see it as its native series (:mod:`iqt_pipe.prepare`: the preprocessing of the model's card,
-the fit, the brain mask, :func:`~iqt_pipe.inference.predict_brain`), so what is scored here is
+the fit, the brain mask, :func:`~iqt_pipe.inference.predict_ensemble`), so what is scored here is
 what the app writes for that series.
 """
 
@@ -42,8 +42,7 @@ from iqt_pipe.dti import scalar_maps
 from iqt_pipe.dwi import load_dwi
 from iqt_pipe.fit import brain_mask, fit_dti
 from iqt_pipe.gradients import GradientTable, select_dti_volumes
-from iqt_pipe.inference import (DEFAULT_SYMMETRIES, SYMMETRIES, Prediction, combine_ensemble, frobenius_sd,
-                                predict_brain)
+from iqt_pipe.inference import DEFAULT_SYMMETRIES, SYMMETRIES, Prediction, frobenius_sd, predict_ensemble
 from iqt_pipe.prepare import NONE, Preprocessing, fit_series, preprocess_series
 from iqt_pipe.preproc import denoise_mppca_brain
 
@@ -245,20 +244,17 @@ def interpolation_methods(names: Sequence[str]) -> list[Method]:
 def predict(method: Method, case: Case, *, mc_samples: int = 8, seed: int = 0, device="cpu",
             mem_mb: float = 1024) -> Prediction | np.ndarray:
     """HR tensors (interpolation of the LR fit) or a :class:`Prediction` (model, ensemble) for
-    ``case``: each model predicts the whole brain from the LR series as the app would
-    (:meth:`Case.network_input` with the preprocessing of its card, then
-    :func:`~iqt_pipe.inference.predict_brain`)."""
+    ``case``: the whole brain predicted from the LR series as the app does
+    (:meth:`Case.network_input` with the preprocessing of each model's card, then
+    :func:`~iqt_pipe.inference.predict_ensemble` with the method's test-time symmetries)."""
     if method.interpolation:
         return interpolate_tensors(case.lr_tensors, case.r, method.interpolation)
-    preds = []
-    for model, card, _ in method.models:
+    for model, _, _ in method.models:
         if model.r != case.r:
             raise ValueError(f"{method.name}: the model upsamples by {model.r}, the evaluation by {case.r}")
-        tensors, brain = case.network_input(Preprocessing.of_model(card))
-        preds.append(predict_brain(model, tensors, brain, case.lr_affine,
-                                   mc_samples=mc_samples, seed=seed, device=device, mem_mb=mem_mb,
-                                   symmetries=SYMMETRIES[method.symmetries]))
-    return preds[0] if len(preds) == 1 else combine_ensemble(preds, seed=seed)
+    inputs = [case.network_input(Preprocessing.of_model(card)) for _, card, _ in method.models]
+    return predict_ensemble([model for model, _, _ in method.models], inputs, case.lr_affine, mc_samples=mc_samples,
+                            seed=seed, device=device, mem_mb=mem_mb, symmetries=SYMMETRIES[method.symmetries])
 
 
 # --------------------------------------------------------------------------------------- scoring

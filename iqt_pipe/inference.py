@@ -489,6 +489,22 @@ def predict_brain(model: IQTNet, lr_tensors: np.ndarray, brain: np.ndarray, lr_a
                           outside="cubic", **kwargs)
 
 
+def predict_ensemble(models: Sequence[IQTNet], inputs, lr_affine: np.ndarray, *, seed: int = 0,
+                     scalar_samples: int = 32, **kwargs) -> Prediction:
+    """What the app writes, and ``iqt-eval`` scores, for one model or several: each model's
+    :func:`predict_brain`, combined by :func:`combine_ensemble` when there are several.
+    ``inputs`` is the LR ``(tensors, brain)`` of every model, or a list of one pair per model
+    (models trained on differently prepared series, in ``iqt-eval``)."""
+    if not models:
+        raise ValueError("predict_ensemble needs at least one model")
+    pairs = list(inputs) if isinstance(inputs, list) else [inputs] * len(models)
+    if len(pairs) != len(models):
+        raise ValueError(f"{len(models)} models but {len(pairs)} inputs")
+    preds = [predict_brain(model, tensors, brain, lr_affine, seed=seed, scalar_samples=scalar_samples, **kwargs)
+             for model, (tensors, brain) in zip(models, pairs)]
+    return preds[0] if len(preds) == 1 else combine_ensemble(preds, scalar_samples=scalar_samples, seed=seed)
+
+
 #: Bounds on a predicted variance, (mm²/s)²: an infinite precision (variance 0) becomes an sd
 #: of 1e-8 mm²/s, far below any real uncertainty; a zero precision (infinite variance) an sd
 #: of 0.01 mm²/s, three times the diffusivity of free water, i.e. "nothing is known".
@@ -629,6 +645,9 @@ def combine_ensemble(predictions: list[Prediction], scalar_samples: int = 32, se
         var_intrinsic=None if var_i is None else var_i.astype(np.float32),
         var_parameter=var_p.astype(np.float32),
         mask=first.mask, region=first.region, affine=first.affine,
-        info={"ensemble": [p.info for p in predictions], "scalar_samples": scalar_samples, "seed": seed},
+        info={**first.info, "ensemble": [p.info for p in predictions], "scalar_samples": scalar_samples, "seed": seed,
+              "variance_scale": [p.info.get("variance_scale", 1.0) for p in predictions],
+              "guards": {k: sum(p.info.get("guards", {}).get(k, 0) for p in predictions)
+                         for k in first.info.get("guards", {})}},
         **scal,
     )

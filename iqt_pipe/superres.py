@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from iqt_pipe import __version__
 from iqt_pipe.dti import tensors_world_to_voxel
-from iqt_pipe.inference import Prediction, frobenius_sd, predict_brain
+from iqt_pipe.inference import Prediction, frobenius_sd, predict_ensemble
 from iqt_pipe.io import load_tensor_image  # noqa: F401 - re-exported; it lives in io so tractography needs no torch
 from iqt_pipe.io import save_json, save_nifti, save_tensors, sidecar_path
 from iqt_pipe.models.espcn import IQTNet
@@ -33,7 +33,9 @@ MAP_SIDECARS: dict[str, dict[str, str]] = {
     "mdsd": {"Description": "MD: sd over samples of the predictive distribution", "Units": _DIFFUSIVITY},
     "sdint": {"Description": "Frobenius sd of the intrinsic (heteroscedastic noise model) uncertainty "
                              "of the tensor", "Units": _DIFFUSIVITY},
-    "sdpar": {"Description": "Frobenius sd of the parameter (variational dropout) uncertainty of the tensor",
+    "sdpar": {"Description": "Frobenius sd of the parameter uncertainty of the tensor: the spread of the "
+                             "Monte-Carlo passes (variational-dropout weight draws, test-time symmetries) "
+                             "and of an ensemble's models",
               "Units": _DIFFUSIVITY},
     "sdtot": {"Description": "Frobenius sd of the total predictive uncertainty of the tensor (intrinsic "
                              "and parameter parts together)", "Units": _DIFFUSIVITY},
@@ -44,12 +46,19 @@ MAP_SIDECARS: dict[str, dict[str, str]] = {
 
 
 def super_resolve_tensors(
-    world_tensors: np.ndarray, mask: np.ndarray, affine: np.ndarray, model: IQTNet, **predict_kwargs
+    world_tensors: np.ndarray, mask: np.ndarray, affine: np.ndarray, model: IQTNet | Sequence[IQTNet],
+    **predict_kwargs,
 ) -> Prediction:
-    """:func:`~iqt_pipe.inference.predict_brain` on world-frame tensors: the whole brain
-    ``mask`` and its rim (result in the voxel frame of the HR grid, as ``predict_volume``
-    returns it)."""
-    return predict_brain(model, tensors_world_to_voxel(world_tensors, affine), mask, affine, **predict_kwargs)
+    """:func:`~iqt_pipe.inference.predict_ensemble` (one model or several) on world-frame
+    tensors: the whole brain ``mask`` and its rim (result in the voxel frame of the HR grid,
+    as ``predict_volume`` returns it)."""
+    models = [model] if isinstance(model, IQTNet) else list(model)
+    return predict_ensemble(models, (tensors_world_to_voxel(world_tensors, affine), mask), affine, **predict_kwargs)
+
+
+def _model_fields(card: dict[str, Any]) -> dict[str, Any]:
+    return {"Variant": card["variant"], "UpsampleFactor": card["upsample"], "Target": card.get("target", "hr"),
+            "WeightsSHA256": card["weights"]["sha256"], "Version": card.get("iqt_pipe_version")}
 
 
 def write_prediction(
@@ -82,14 +91,19 @@ def write_prediction(
 
 
 def prediction_metadata(
-    card: dict[str, Any], pred: Prediction, preprocessing: Preprocessing | None = None,
+    card: dict[str, Any] | Sequence[dict[str, Any]], pred: Prediction, preprocessing: Preprocessing | None = None,
     domain: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Provenance for every output sidecar: the model file and the sampling settings; with
+    """Provenance for every output sidecar: the model file (the first of an ensemble's cards,
+    every member under ``Ensemble``) and the sampling settings; with
     ``preprocessing`` (what the native series had) whether it matches the model's training
     (``Preprocessing``), with ``domain`` (:func:`iqt_pipe.prepare.series_domain` of the
     native series) whether the run lies in the model's training domain (``ModelDomain``)."""
+    cards = [card] if isinstance(card, dict) else list(card)
+    card = cards[0]
     extra: dict[str, Any] = {}
+    if len(cards) > 1:
+        extra["Ensemble"] = [_model_fields(c) for c in cards]
     if preprocessing is not None:
         trained = Preprocessing.of_model(card)
         extra["Preprocessing"] = {"Denoise": preprocessing.denoise, "GibbsRemoval": preprocessing.degibbs,
@@ -101,15 +115,10 @@ def prediction_metadata(
         extra["ModelDomain"] = {"Inside": None if not trained_domain else not problems, "Problems": problems,
                                 "Run": domain, "Training": trained_domain}
     return {
-        "Model": {
-            "Variant": card["variant"],
-            "UpsampleFactor": card["upsample"],
-            "Target": card.get("target", "hr"),
-            "WeightsSHA256": card["weights"]["sha256"],
-            "Version": card.get("iqt_pipe_version"),
-        },
+        "Model": _model_fields(card),
         "VarianceScale": pred.info.get("variance_scale", 1.0),
         "MonteCarloSamples": pred.info["mc_samples"],
+        "TestTimeSymmetries": pred.info.get("symmetries", 1),
         "ScalarSamples": pred.info["scalar_samples"],
         "Seed": pred.info["seed"],
         "Device": pred.info["device"],

@@ -7,6 +7,7 @@ import torch
 
 from iqt_pipe import dti
 from iqt_pipe.inference import (
+    SYMMETRIES,
     Prediction,
     _fa_md,
     combine_ensemble,
@@ -14,10 +15,12 @@ from iqt_pipe.inference import (
     predict_patchwise,
     predict_volume,
     resolve_device,
+    symmetric_network,
 )
 from iqt_pipe.io import InputError
 from iqt_pipe.models import IQTNet
 from iqt_pipe.normalise import channel_stats
+from iqt_pipe.patches import transform_field, transform_volume
 
 SHAPE = (19, 17, 13)
 
@@ -227,3 +230,61 @@ def test_card_calibration_scales_every_predictive_variance(field, tmp_path):
     save_model(model, tmp_path / "b" / "model.safetensors", {"calibration": {"variance_scale": -1}})
     with pytest.raises(ModelFileError, match="variance_scale must be a positive number"):
         load_model(tmp_path / "b")
+
+
+def _inverse_code(code):
+    x = np.random.default_rng(1).standard_normal((5, 5, 5, 6))
+    return next(d for d in range(48) if np.allclose(transform_field(transform_field(x, code), d), x))
+
+
+@pytest.mark.parametrize("variant, kernels, r", [("hetero-var2", (3, 1, 3), 2), ("hetero-var1", (3, 3, 3), 3),
+                                                 ("espcn", (3, 1, 3), 2)])
+def test_symmetric_network_is_the_network_on_the_transformed_field(variant, kernels, r):
+    """For each of the 48 cube symmetries g, the folded copy computes g⁻¹(f(g z)) exactly: voxels
+    moved back, tensor components permuted and signed (the mean), permuted (the precision)."""
+    torch.manual_seed(0)
+    model = IQTNet(variant, r, kernels=kernels).eval()
+    for conv in model.modules():
+        if isinstance(conv, torch.nn.Conv3d):
+            torch.nn.init.normal_(conv.bias)  # non-zero biases: the output channel order shows
+    z = np.random.default_rng(0).standard_normal((9, 10, 11, 6)).astype(np.float32)
+
+    def run(net, field):
+        with torch.no_grad():
+            mean, prec = net(torch.from_numpy(np.ascontiguousarray(field)).permute(3, 0, 1, 2)[None], sample=False)
+        return mean[0].permute(1, 2, 3, 0).numpy(), None if prec is None else prec[0].permute(1, 2, 3, 0).numpy()
+
+    for code in range(48):
+        back = _inverse_code(code)
+        mean, prec = run(model, transform_field(z, code))
+        got_mean, got_prec = run(symmetric_network(model, code), z)
+        np.testing.assert_allclose(got_mean, transform_field(mean, back), atol=1e-5)
+        if prec is not None:  # precisions: the same move without the mirror's signs
+            np.testing.assert_allclose(got_prec, np.abs(transform_field(prec, back)), rtol=1e-5)
+    # Code 0 is the identity: an exact copy, dropout rates included.
+    same = symmetric_network(model, 0)
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), model.state_dict().values()))
+
+
+def test_mirror_ensemble_is_the_mean_of_the_mirrored_scans_predictions(field):
+    """``symmetries=mirrors`` on a deterministic model: the mean of the 8 predictions for the
+    mirrored LR fields (each standardised by its own statistics, predicted, mirrored back); their
+    spread is the parameter variance, and the intrinsic variance is their mean."""
+    lr, mask = field
+    model = net("hetero")
+    got = predict_volume(model, lr, mask, np.eye(4), target="hr", symmetries=SYMMETRIES["mirrors"], scalar_samples=0)
+    assert got.info["passes"] == 8 and got.info["symmetries"] == 8 and got.info["mc_samples"] == 1
+    means, variances = [], []
+    for code in SYMMETRIES["mirrors"]:
+        p = predict_volume(model, transform_field(lr, code).copy(), transform_volume(mask, code).copy(), np.eye(4),
+                           target="hr", scalar_samples=0)
+        means.append(transform_field(p.mean, code))  # mirrors are their own inverses
+        variances.append(np.abs(transform_field(p.var_intrinsic, code)))
+    scale = np.abs(got.mean).max()
+    np.testing.assert_allclose(got.mean, np.mean(means, 0), atol=1e-5 * scale)
+    np.testing.assert_allclose(got.var_parameter, np.var(means, 0), atol=1e-5 * scale**2)
+    np.testing.assert_allclose(got.var_intrinsic, np.mean(variances, 0), rtol=1e-4)
+    assert got.var_parameter[got.mask].mean() > 0
+    # A variational model pairs its T weight draws with the symmetries: no more passes than T.
+    var = predict_volume(net("hetero-var2"), lr, mask, np.eye(4), mc_samples=8, symmetries=SYMMETRIES["mirrors"])
+    assert var.info["passes"] == 8 and var.info["mc_samples"] == 8

@@ -212,3 +212,31 @@ def test_gibbs_removal_blurs_a_series_without_ringing(realdwi):
         tensors, _ = case.network_input(steps)
         rmse[name] = ev.score(case, interpolate_tensors(tensors, 2, "cubic"))["tensor_rmse"]["interior"]
     assert rmse["degibbs"] > 1.05 * rmse["raw"], rmse
+
+
+@pytest.mark.slow
+def test_the_apps_ensemble_with_mirrors_is_what_iqt_eval_scores(phantom):
+    """``--model A B --symmetries mirrors``: the inverse-variance ensemble of two models, each
+    run over the 8 mirrors, is what ``iqt-eval`` predicts for the same series and settings."""
+    tmp, run = phantom
+    torch.manual_seed(1)
+    save_model(IQTNet("hetero-var2", 2), tmp / "model2" / "model.safetensors", {"target": "residual-cubic"})
+    case = ev.prepare_case(run, mode="raw", noise_floor=False)
+    out = tmp / "out-ensemble"
+    proc = run_app(write_lr_dataset(case, tmp / "lr-ensemble"), out, "--model", tmp / "model", tmp / "model2",
+                   "--symmetries", "mirrors")
+    assert "test-time mirrors (8)" in proc.stdout and "averaged with" in proc.stdout
+    tensors, mask, sidecar = app_tensors(out)
+
+    members = [(*load_model(tmp / name), None) for name in ("model", "model2")]
+    pred = ev.predict(ev.Method("ensemble", models=members, symmetries="mirrors"), case, mc_samples=8, seed=0)
+    np.testing.assert_allclose(tensors, pred.mean, atol=1e-4 * np.abs(pred.mean).max())
+    np.testing.assert_array_equal(mask, pred.mask)
+    assert sidecar["TestTimeSymmetries"] == 8 and len(sidecar["Ensemble"]) == 2
+    assert sidecar["Ensemble"][1]["WeightsSHA256"] == members[1][1]["weights"]["sha256"]
+    # The parameter sd holds the members' and the mirrors' disagreement: as the library's.
+    stem = out / "sub-lr" / "dwi" / "sub-lr_res-hi_"
+    sd_par = np.asarray(nb.load(f"{stem}model-tensor_param-tensor_desc-parametersd_dwimap.nii.gz").dataobj)
+    want = ev.frobenius_sd(pred.var_parameter)
+    assert (sd_par[mask] > 0).all()
+    np.testing.assert_allclose(sd_par[mask], want[mask], rtol=1e-3, atol=1e-3 * want[mask].max())

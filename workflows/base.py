@@ -102,9 +102,10 @@ super-resolution follow @tanno2017 and @tanno2021.
             dti_wf.inputs.inputnode.mask_file = str(run.mask)
         shape, r = nb.load(run.dwi).shape, config.model_upsample or 2
         tiles_mb = tile_budget_mb(shape, r, config.mem_mb)
-        sr_wf = init_sr_wf(model=str(config.model), mc_samples=config.mc_samples, seed=config.seed,
+        sr_wf = init_sr_wf(model=[str(m) for m in (config.model, *config.ensemble_models)],
+                           mc_samples=config.mc_samples, symmetries=config.symmetries, seed=config.seed,
                            use_gpu=use_gpu, omp_nthreads=config.omp_nthreads, mem_mb=tiles_mb,
-                           mem_gb=(tiles_mb + memory_needed_mb(shape, r)) / 1024,
+                           mem_gb=(tiles_mb + memory_needed_mb(shape, r) * (1 + len(config.ensemble_models))) / 1024,
                            preprocessing=config.series_preprocessing(run), name=f"{tag}_sr_wf")
         outputs_wf = init_outputs_wf(output_dir=str(config.output_dir), name=f"{tag}_outputs_wf")
         outputs_wf.inputs.inputnode.source_file = str(run.dwi)

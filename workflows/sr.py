@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from typing import Sequence
+
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
+from iqt_pipe.config import DEFAULT_SYMMETRIES
 from iqt_pipe.interfaces.sr import SuperResolve
 from iqt_pipe.prepare import Preprocessing
 
@@ -17,8 +21,9 @@ SR_OUTPUTS = [
 
 def init_sr_wf(
     *,
-    model: str,
+    model: str | Sequence[str],
     mc_samples: int = 8,
+    symmetries: str = DEFAULT_SYMMETRIES,
     scalar_samples: int = 32,
     seed: int = 0,
     use_gpu: bool = False,
@@ -41,9 +46,12 @@ def init_sr_wf(
     Parameters
     ----------
     model
-        Model folder, ``model.json`` or ``model.safetensors`` (see :mod:`iqt_pipe.models`).
+        Model folder, ``model.json`` or ``model.safetensors`` (see :mod:`iqt_pipe.models`), or
+        several: their inverse-variance ensemble.
     mc_samples
         Monte-Carlo weight samples of variational models.
+    symmetries
+        Test-time symmetry ensemble: ``none``, ``mirrors`` (8) or ``cube`` (48 symmetries).
     scalar_samples
         Tensor samples per voxel behind the FA/MD sd maps.
     seed
@@ -80,6 +88,7 @@ def init_sr_wf(
     metadata
         Provenance for the sidecars (model sha256, variant, r, samples, seed, device).
     """
+    models = [str(model)] if isinstance(model, (str, os.PathLike)) else [str(m) for m in model]
     workflow = Workflow(name=name)
     workflow.__desc__ = f"""\
 Diffusion tensors were super-resolved with Bayesian Image Quality Transfer
@@ -90,12 +99,24 @@ parameter uncertainty where the model has them. The predictive mean and variance
 estimated from {mc_samples} Monte-Carlo weight samples (variational models); FA and MD
 means and standard deviations from samples of the predictive distribution.
 """
+    if symmetries != "none":
+        n = {"mirrors": "8 mirror", "cube": "48"}[symmetries]
+        workflow.__desc__ += f"""\
+Each Monte-Carlo pass ran the network on the tensor field transformed by one of the {n}
+symmetries of the voxel grid (the tensors transformed alike) and transformed its prediction back,
+a test-time symmetry ensemble.
+"""
+    if len(models) > 1:
+        workflow.__desc__ += f"""\
+The predictions of {len(models)} networks were combined with inverse-variance weights
+[@tanno2021], their disagreement added to the parameter uncertainty.
+"""
     inputnode = pe.Node(niu.IdentityInterface(fields=["tensor_file", "mask_file", "bval_file", "bvec_file"]),
                         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=SR_OUTPUTS), name="outputnode")
     steps = {} if preprocessing is None else {"denoise": preprocessing.denoise, "degibbs": preprocessing.degibbs}
     super_resolve = pe.Node(
-        SuperResolve(model=str(model), mc_samples=mc_samples, scalar_samples=scalar_samples, seed=seed,
+        SuperResolve(model=models, mc_samples=mc_samples, symmetries=symmetries, scalar_samples=scalar_samples, seed=seed,
                      use_gpu=use_gpu, num_threads=omp_nthreads, mem_mb=mem_mb, **steps),
         name="super_resolve",
         n_procs=omp_nthreads,

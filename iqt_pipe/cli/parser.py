@@ -19,7 +19,8 @@ from pathlib import Path
 from iqt_pipe import __version__
 from iqt_pipe.bids import LABEL
 from iqt_pipe.cli._common import Parser, int_at_least, positive_float
-from iqt_pipe.config import DEFAULT_MC_SAMPLES, DEFAULT_SEED, DENOISE, DEVICES, TRACTOGRAPHY
+from iqt_pipe.config import (DEFAULT_MC_SAMPLES, DEFAULT_SEED, DEFAULT_SYMMETRIES, DENOISE, DEVICES, SYMMETRIES,
+                             TRACTOGRAPHY)
 from iqt_pipe.tractography import DEFAULT_SEED_DENSITY, UNCERTAINTY_ACTIONS
 
 PROG = "iqt-pipe"
@@ -86,14 +87,19 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="do not run the BIDS validator on bids_dir")
 
     g = p.add_argument_group("processing")
-    g.add_argument("--model", type=Path, metavar="PATH",
+    g.add_argument("--model", nargs="+", type=Path, metavar="PATH",
                    help="model file (model.safetensors beside its model.json, or their folder), as written "
                         "by iqt-train (default: the bundled r = 2 model, trained on real multi-vendor DWI; "
-                        "see README)")
+                        "see README); several: their inverse-variance ensemble (same r and preprocessing)")
     g.add_argument("--device", choices=DEVICES, default="auto",
                    help="compute device for the network (default: auto = CUDA when visible, else CPU)")
     g.add_argument("--mc-samples", type=int_at_least(1, "the number of MC samples"), default=DEFAULT_MC_SAMPLES,
                    metavar="N", help=f"Monte Carlo samples of the Bayesian network per voxel (default: {DEFAULT_MC_SAMPLES})")
+    g.add_argument("--symmetries", choices=SYMMETRIES, default=DEFAULT_SYMMETRIES,
+                   help="test-time symmetry ensemble: each Monte-Carlo pass runs the network on the scan mirrored "
+                        "(8 mirrors) or mirrored and transposed (48 cube symmetries), the tensors transformed "
+                        "alike, and moves its prediction back; costs nothing while --mc-samples is at least the "
+                        f"number of symmetries (default: {DEFAULT_SYMMETRIES})")
     g.add_argument("--seed", type=int_at_least(0, "the seed"), default=DEFAULT_SEED, metavar="N",
                    help=f"random seed of the MC sampling (default: {DEFAULT_SEED})")
     g.add_argument("--denoise", choices=DENOISE,
@@ -146,6 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate the command line; a refusal exits with code 2 and one line on stderr."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    args.ensemble_models = [_absolute(m) for m in args.model[1:]] if args.model else []
+    args.model = args.model[0] if args.model else None
     for name in ("bids_dir", "output_dir", "work_dir", "bids_filter_file", "use_plugin", "model"):
         value = getattr(args, name)
         if value is not None:
@@ -172,11 +180,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ModelFileError as exc:
             _fail(parser, str(exc))
     args.model_card = _check_model(parser, args.model)
+    _check_ensemble(parser, args)
     _settle_preprocessing(args)
     if args.model is not None:
         from iqt_pipe.models.files import model_paths
 
-        args.model = model_paths(args.model)[0]  # the weights file, whichever of the pair was named
+        # The weights files, whichever of each pair was named.
+        args.model = model_paths(args.model)[0]
+        args.ensemble_models = [model_paths(m)[0] for m in args.ensemble_models]
     _check_device(parser, args.device)
     _check_tractography(parser, args)
     return args
@@ -383,6 +394,29 @@ def _check_model(parser, model: Path | None) -> dict | None:
     except ModelFileError as exc:
         _fail(parser, f"--model: {exc}")
     return card
+
+
+def _check_ensemble(parser, args: argparse.Namespace) -> None:
+    """Further ``--model`` files: each a valid model with the first one's upsampling factor and
+    training preprocessing (one native series and one grid for all), none named twice."""
+    if not args.ensemble_models:
+        return
+    from iqt_pipe.models.files import model_paths
+    from iqt_pipe.prepare import Preprocessing
+
+    first = Preprocessing.of_model(args.model_card)
+    seen = {model_paths(args.model)[0].resolve()}
+    for path in args.ensemble_models:
+        card = _check_model(parser, path)
+        if model_paths(path)[0].resolve() in seen:
+            _fail(parser, f"--model {path}: named twice; give each ensemble member once")
+        seen.add(model_paths(path)[0].resolve())
+        if card["upsample"] != args.model_card["upsample"]:
+            _fail(parser, f"--model {path}: upsamples by {card['upsample']}, {args.model} by "
+                          f"{args.model_card['upsample']}; an ensemble's models must share r")
+        if not Preprocessing.of_model(card).same_steps(first):
+            _fail(parser, f"--model {path}: trained on series with {Preprocessing.of_model(card).describe()}, "
+                          f"{args.model} with {first.describe()}; an ensemble's models must share their preprocessing")
 
 
 def _settle_preprocessing(args: argparse.Namespace) -> None:
