@@ -13,7 +13,7 @@ from nipype.interfaces.base import (
 )
 from nipype.utils.filemanip import fname_presuffix
 
-from iqt_pipe.config import DEFAULT_SYMMETRIES, SYMMETRIES
+from iqt_pipe.config import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISIONS, SYMMETRIES
 
 
 class _SuperResolveInputSpec(BaseInterfaceInputSpec):
@@ -24,6 +24,8 @@ class _SuperResolveInputSpec(BaseInterfaceInputSpec):
     mc_samples = traits.Int(8, usedefault=True, desc="Monte-Carlo weight samples (variational variants)")
     symmetries = traits.Enum(DEFAULT_SYMMETRIES, *SYMMETRIES, usedefault=True,
                              desc="test-time symmetry ensemble: none, mirrors (8) or cube (48)")
+    precision = traits.Enum(DEFAULT_PRECISION, *PRECISIONS, usedefault=True,
+                            desc="the network's arithmetic: auto (bfloat16 on CPUs with AMX), float32 or bfloat16")
     scalar_samples = traits.Int(32, usedefault=True, desc="tensor samples per voxel behind FA/MD sd")
     seed = traits.Int(0, usedefault=True, desc="random seed")
     use_gpu = traits.Bool(False, usedefault=True, desc="run on CUDA (Nipype's MultiProc then gives the node a GPU slot)")
@@ -71,7 +73,7 @@ class SuperResolve(SimpleInterface):
         models, cards = zip(*(load_model(path, device=device) for path in self.inputs.model))
         tensors, mask, affine = load_tensor_image(self.inputs.tensor_file, self.inputs.mask_file)
         pred = super_resolve_tensors(
-            tensors, mask, affine, models, symmetries=CODES[self.inputs.symmetries],
+            tensors, mask, affine, models, symmetries=CODES[self.inputs.symmetries], precision=self.inputs.precision,
             mc_samples=self.inputs.mc_samples, scalar_samples=self.inputs.scalar_samples,
             seed=self.inputs.seed, device=device, mem_mb=self.inputs.mem_mb, threads=self.inputs.num_threads,
         )

@@ -35,6 +35,9 @@ DEFAULT_MC_SAMPLES = 8
 #: Test-time symmetry ensembles, as ``iqt_pipe.inference.SYMMETRIES`` (not imported: torch is slow).
 SYMMETRIES = ("none", "mirrors", "cube")
 DEFAULT_SYMMETRIES = "none"
+#: The network's arithmetic, as ``iqt_pipe.inference.PRECISIONS``.
+PRECISIONS = ("auto", "float32", "bfloat16")
+DEFAULT_PRECISION = "auto"
 DEFAULT_SEED = 0
 #: File name of the configuration archived in ``sub-<label>/log/<run_uuid>/``.
 CONFIG_NAME = "iqt-pipe.toml"
@@ -69,6 +72,7 @@ class RunConfig:
     device: str = "auto"
     mc_samples: int = DEFAULT_MC_SAMPLES
     symmetries: str = DEFAULT_SYMMETRIES
+    precision: str = DEFAULT_PRECISION
     seed: int = DEFAULT_SEED
     denoise: str = "none"
     degibbs: bool = False
@@ -109,7 +113,8 @@ class RunConfig:
             model=args.model, model_variant=card.get("variant"), model_upsample=card.get("upsample"),
             model_sha256=(card.get("weights") or {}).get("sha256"),
             ensemble_models=tuple(getattr(args, "ensemble_models", ())),
-            device=args.device, mc_samples=args.mc_samples, symmetries=args.symmetries, seed=args.seed,
+            device=args.device, mc_samples=args.mc_samples, symmetries=args.symmetries,
+            precision=args.precision, seed=args.seed,
             denoise=args.denoise, degibbs=args.degibbs,
             model_denoise=trained.denoise if trained else None, model_degibbs=trained.degibbs if trained else None,
             tractography=args.tractography,
@@ -309,8 +314,8 @@ class RunConfig:
         else:
             dev = self.device
         symmetric = {"none": "", "mirrors": ", test-time mirrors (8)", "cube": ", test-time cube symmetries (48)"}
-        rows.append(("inference", f"device {dev}, {self.mc_samples} MC sample(s){symmetric[self.symmetries]}, "
-                                  f"seed {self.seed}"))
+        rows.append(("inference", f"device {dev}, {self.precision} precision, {self.mc_samples} MC sample(s)"
+                                  f"{symmetric[self.symmetries]}, seed {self.seed}"))
         steps = f"denoise {self.denoise}, Gibbs removal {'on' if self.degibbs else 'off'}"
         if self.input_derivatives:
             steps += " by iqt-pipe, after the preprocessing pipeline's own steps (never repeated by default)"
@@ -349,7 +354,7 @@ _KINDS = {
     "bids_filter_file": "path?", "bids_filters": "json?", "skip_bids_validation": "bool",
     "input_derivatives": "bool",
     "model": "path?", "model_variant": "str?", "model_upsample": "int?", "model_sha256": "str?",
-    "ensemble_models": "paths", "device": "str", "mc_samples": "int", "symmetries": "str", "seed": "int", "denoise": "str", "degibbs": "bool",
+    "ensemble_models": "paths", "device": "str", "mc_samples": "int", "symmetries": "str", "precision": "str", "seed": "int", "denoise": "str", "degibbs": "bool",
     "model_denoise": "str?", "model_degibbs": "bool?",
     "tractography": "str", "seed_density": "float", "max_uncertainty": "float?", "uncertainty_action": "str",
     "nprocs": "int", "omp_nthreads": "int", "mem_mb": "int?",
@@ -362,7 +367,7 @@ assert set(_KINDS) == {f.name for f in dataclasses.fields(RunConfig)}
 #: Settings a file may leave out: their defaults apply (None for the unset ones).
 _DEFAULTED = {f.name for f in dataclasses.fields(RunConfig)
               if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-_CHOICES = {"analysis_level": ("participant", "group"), "device": DEVICES, "symmetries": SYMMETRIES, "denoise": DENOISE, "model_denoise": DENOISE,
+_CHOICES = {"analysis_level": ("participant", "group"), "device": DEVICES, "symmetries": SYMMETRIES, "precision": PRECISIONS, "denoise": DENOISE, "model_denoise": DENOISE,
             "tractography": TRACTOGRAPHY, "uncertainty_action": UNCERTAINTY_ACTIONS}
 
 

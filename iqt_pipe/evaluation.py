@@ -42,7 +42,8 @@ from iqt_pipe.dti import scalar_maps
 from iqt_pipe.dwi import load_dwi
 from iqt_pipe.fit import brain_mask, fit_dti
 from iqt_pipe.gradients import GradientTable, select_dti_volumes
-from iqt_pipe.inference import DEFAULT_SYMMETRIES, SYMMETRIES, Prediction, frobenius_sd, predict_ensemble
+from iqt_pipe.inference import (DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES, Prediction, frobenius_sd,
+                                predict_ensemble)
 from iqt_pipe.prepare import NONE, Preprocessing, fit_series, preprocess_series
 from iqt_pipe.preproc import denoise_mppca_brain
 
@@ -228,6 +229,8 @@ class Method:
     models: list = field(default_factory=list)  # [(IQTNet, card, path)]
     #: Test-time symmetry ensemble of each model (a key of :data:`~iqt_pipe.inference.SYMMETRIES`).
     symmetries: str = DEFAULT_SYMMETRIES
+    #: The network's arithmetic (a key of :data:`~iqt_pipe.inference.PRECISIONS`).
+    precision: str = DEFAULT_PRECISION
 
     @property
     def is_model(self) -> bool:
@@ -254,7 +257,8 @@ def predict(method: Method, case: Case, *, mc_samples: int = 8, seed: int = 0, d
             raise ValueError(f"{method.name}: the model upsamples by {model.r}, the evaluation by {case.r}")
     inputs = [case.network_input(Preprocessing.of_model(card)) for _, card, _ in method.models]
     return predict_ensemble([model for model, _, _ in method.models], inputs, case.lr_affine, mc_samples=mc_samples,
-                            seed=seed, device=device, mem_mb=mem_mb, symmetries=SYMMETRIES[method.symmetries])
+                            seed=seed, device=device, mem_mb=mem_mb, symmetries=SYMMETRIES[method.symmetries],
+                            precision=method.precision)
 
 
 # --------------------------------------------------------------------------------------- scoring

@@ -13,8 +13,10 @@ result does not depend on the tiling. (Training uses the local reparameterisatio
 samples activations instead: the same marginal per activation with less gradient variance, but
 not one network per sample.) Predictive mean = mean of the sampled means; intrinsic variance =
 mean of the predicted variances 1/precision; parameter variance = variance of the sampled
-means; total = their sum. FA and MD mean and sd come from tensor samples drawn from the
-predictive distribution (per MC sample, Gaussians with the predicted variances).
+means; total = their sum. FA mean and sd come from tensor samples drawn from the predictive
+distribution (per MC sample, antithetic pairs from Gaussians with the predicted variances);
+MD is linear in the tensor, so its mean and sd are exact: the mean and variance over the MC
+samples of MD(μ), plus the mean of the predicted (D11 + D22 + D33 variances) / 9.
 """
 
 from __future__ import annotations
@@ -79,6 +81,28 @@ def frobenius_sd(var: np.ndarray) -> np.ndarray:
     return np.sqrt(var[..., 0] + var[..., 3] + var[..., 5] + 2 * (var[..., 1] + var[..., 2] + var[..., 4]))
 
 
+#: The network's arithmetic (``--precision``).
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def bfloat16_is_native() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles): there bfloat16
+    convolutions run ~5× faster than float32 ones; elsewhere they are emulated and slower."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private helpers of PyTorch: absent means no
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → bfloat16 on CPUs with native bfloat16 (AMX), else float32 (GPUs included)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision}: choose {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bfloat16" if device.type == "cpu" and bfloat16_is_native() else "float32"
+    return precision
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` → CUDA when visible, else CPU; ``cuda`` without a GPU is a clear error."""
     if device == "auto":
@@ -110,14 +134,12 @@ def prediction_region(brain: np.ndarray, margin: int) -> np.ndarray:
 
 def _fa_md(d: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """FA and MD of BEP016 tensors (components on ``axis``) without an eigendecomposition:
-    FA = sqrt(3/2)·‖D − MD·I‖_F / ‖D‖_F (clipped to [0, 1])."""
+    FA² = 3/2·‖D − MD·I‖²_F / ‖D‖²_F = 3/2 − (tr D)² / (2‖D‖²_F) (clipped to [0, 1])."""
     d11, d12, d13, d22, d23, d33 = d.unbind(axis)
-    off2 = 2 * (d12**2 + d13**2 + d23**2)
-    md = (d11 + d22 + d33) / 3
-    dev2 = (d11 - md) ** 2 + (d22 - md) ** 2 + (d33 - md) ** 2 + off2
-    norm2 = d11**2 + d22**2 + d33**2 + off2
-    fa = torch.sqrt(1.5 * dev2 / norm2.clamp_min(1e-30)).clamp(0, 1)
-    return fa, md
+    trace = d11 + d22 + d33
+    norm2 = d11 * d11 + d22 * d22 + d33 * d33 + 2 * (d12 * d12 + d13 * d13 + d23 * d23)
+    fa = torch.sqrt((1.5 - 0.5 * trace * trace / norm2.clamp_min(1e-30)).clamp(0, 1))
+    return fa, trace / 3
 
 
 #: Test-time symmetry ensembles (``--symmetries``): the symmetry codes of
@@ -125,6 +147,7 @@ def _fa_md(d: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]
 #: axes, or all 48 symmetries of the cube (mirrors and axis permutations).
 SYMMETRIES: dict[str, tuple[int, ...]] = {"none": (0,), "mirrors": tuple(range(8)), "cube": tuple(range(48))}
 DEFAULT_SYMMETRIES = "none"
+DEFAULT_PRECISION = "auto"
 
 
 def _spatial(w: torch.Tensor, perm, mirror: int, inverse: bool = False) -> torch.Tensor:
@@ -275,13 +298,16 @@ def _target_of(model: IQTNet, target: str | None) -> str:
 class _Accumulator:
     """Running per-voxel statistics over the MC samples, kept per tile in the tile's own
     contiguous (6, x, y, z) layout (Welford for mean and variance; FA/MD sums over the tile's
-    in-mask voxels), written into whole-volume arrays once at the end."""
+    in-mask voxels), turned into statistics and written into whole-volume arrays at the end."""
 
     def __init__(self):
         self.tiles: dict[tuple, dict[str, torch.Tensor]] = {}
 
-    def add(self, tile, k: int, mu: torch.Tensor, var_i: torch.Tensor | None, fa: torch.Tensor, md: torch.Tensor):
-        """MC sample ``k`` of ``tile``: ``mu``/``var_i`` (6, x, y, z); ``fa``/``md`` (S, K)."""
+    def add(self, tile, k: int, mu: torch.Tensor, var_i: torch.Tensor | None, fa: torch.Tensor, md: torch.Tensor,
+            md_var: torch.Tensor | None):
+        """MC sample ``k`` of ``tile``: ``mu``/``var_i`` (6, x, y, z); ``fa`` (S, K) tensor
+        samples' FA; ``md`` (K,) the MD of ``mu`` and ``md_var`` its predicted variance (MD is
+        linear: its moments need no samples)."""
         acc = self.tiles.get(tile)
         if acc is None:
             acc = self.tiles[tile] = {"mean": torch.zeros_like(mu), "m2": torch.zeros_like(mu)}
@@ -294,15 +320,29 @@ class _Accumulator:
         acc["m2"] += delta * (mu - acc["mean"])
         if var_i is not None:
             acc["var_int"] += var_i
-        for key, val in (("fa", fa.double()), ("md", md.double())):
-            acc[key] += val.sum(0)
-            acc[key + "2"] += (val * val).sum(0)
+        fa, md = fa.double(), md.double()
+        acc["fa"] += fa.sum(0)
+        acc["fa2"] += (fa * fa).sum(0)
+        acc["md"] += md
+        acc["md2"] += md * md if md_var is None else md * md + md_var
 
-    def write(self, key: str, out: np.ndarray, slices, inside, scale: float = 1.0) -> None:
+    def finish(self, passes: int, samples: int) -> None:
+        """Each tile's sums → float32 statistics over ``passes`` MC samples (``samples`` FA
+        samples): ``mean``, ``var_int`` and ``m2`` per component, ``fa``, ``md`` and their sd."""
+        for acc in self.tiles.values():
+            for key in ("var_int", "m2"):
+                if key in acc:
+                    acc[key] /= passes
+            for key, count in (("fa", samples), ("md", passes)):
+                first, second = acc.pop(key) / count, acc.pop(key + "2") / count
+                acc[key] = first.float()
+                acc[key + "_sd"] = (second - first * first).clamp_min(0).sqrt().float()
+
+    def write(self, key: str, out: np.ndarray, slices, inside) -> None:
         """Copy one statistic of every tile into ``out`` (whole HR grid)."""
         for tile, acc in self.tiles.items():
             hs = slices(tile)
-            val = (acc[key] * scale).cpu().numpy()
+            val = acc[key].cpu().numpy()
             if val.ndim == 4:  # (6, x, y, z) → (x, y, z, 6)
                 out[hs] = np.moveaxis(val, 0, -1)
             else:  # in-mask voxels of the tile
@@ -329,6 +369,7 @@ def predict_volume(
     region: np.ndarray | None = None,
     outside: str = "zero",
     symmetries: Sequence[int] = (0,),
+    precision: str = "float32",
 ) -> Prediction:
     """Super-resolve a voxel-frame LR tensor field; see the module docstring.
 
@@ -345,6 +386,9 @@ def predict_volume(
     pass k runs :func:`symmetric_network` of its weights with code ``symmetries[k mod n]``,
     over max(T, n) passes, so with T ≥ n it costs nothing more; the spread of the passes
     (weight draws and symmetries together) is the parameter variance.
+    ``precision``: the network's arithmetic, ``float32``, ``bfloat16`` (the convolutions in
+    bfloat16, everything after them in float32; several times faster on CPUs with AMX) or
+    ``auto`` (:func:`resolve_precision`).
     ``scalar_samples`` is the number of tensor samples per voxel behind FA/MD mean and sd
     (hetero variants; otherwise, or with 0, FA/MD of the MC samples' means are used — FA/MD of
     the predictive mean for a deterministic pass); ``target`` defaults to the
@@ -356,6 +400,7 @@ def predict_volume(
     from iqt_pipe.degrade import upsample_affine
 
     device = resolve_device(device) if isinstance(device, str) else device
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[resolve_precision(precision, device)]
     lr_mask = np.asarray(lr_mask, dtype=bool)
     if lr_tensors.shape[:3] != lr_mask.shape or lr_tensors.shape[-1] != 6:
         raise ValueError(f"tensors {lr_tensors.shape} and mask {lr_mask.shape} do not match")
@@ -370,9 +415,10 @@ def predict_volume(
     draws = max(1, mc_samples) if model.stochastic else 1
     symmetries = tuple(int(c) for c in symmetries) or (0,)
     T = max(draws, len(symmetries))
-    # Tensor samples per MC sample behind FA/MD: only the hetero Gaussian is sampled.
+    # Tensor samples per MC sample behind FA: only the hetero Gaussian is sampled, and its MD
+    # moments are exact (MD is linear in the components).
     draw_scalars = model.hetero and scalar_samples > 0
-    per_sample = max(1, math.ceil(scalar_samples / T)) if draw_scalars else 1
+    per_sample = 2 * math.ceil(scalar_samples / (2 * T)) if draw_scalars else 1  # antithetic pairs
     hr_shape = tuple(s * r for s in lr_mask.shape)
     hr_region = expand_mask(region, r)  # the voxels predicted
 
@@ -398,18 +444,19 @@ def predict_volume(
             draw = net.sample_weights(weight_gen) if draws > 1 else net
             if symmetries[k % len(symmetries)]:
                 draw = symmetric_network(draw, symmetries[k % len(symmetries)])
+            draw = draw.to(dtype)
             if channels_last:
                 draw = draw.to(memory_format=torch.channels_last_3d)
             for start in range(0, len(tiles), per_call):
                 chunk = tiles[start:start + per_call]
-                x = torch.from_numpy(np.stack([z[tiler.input_slices(tl)] for tl in chunk])).to(device)
+                x = torch.from_numpy(np.stack([z[tiler.input_slices(tl)] for tl in chunk])).to(device, dtype)
                 x = x.permute(0, 4, 1, 2, 3)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last_3d)
                 mean, prec = draw(x, sample=False)
-                # Plain layout: elementwise work on channels_last views is slow.
-                mean = mean.contiguous() * sd
-                prec = prec.contiguous() if prec is not None else None
+                # Plain layout (elementwise work on channels_last views is slow), float32.
+                mean = mean.contiguous().float() * sd
+                prec = prec.contiguous().float() if prec is not None else None
                 for j, tl in enumerate(chunk):
                     hs = tiler.hr_slices(tl)
                     crop = (slice(None),) + tuple(slice(0, s.stop - s.start) for s in hs)
@@ -421,32 +468,25 @@ def predict_volume(
                     var_i = None
                     if prec is not None:
                         var_i = sd**2 / prec[j][crop]
+                    fa, md = _fa_md(mu_in, axis=0)
+                    md_var = None
                     if draw_scalars:
-                        eps = torch.randn((per_sample,) + tuple(mu_in.shape), generator=scalar_gen, device=device)
-                        samples = mu_in + eps * var_i[:, inside].sqrt()  # (S, 6, K)
-                    else:
-                        samples = mu_in[None]
-                    fa, md = _fa_md(samples, axis=1)
-                    acc.add(tl, k, mu, var_i, fa, md)
+                        var_in = var_i[:, inside]
+                        # Antithetic pairs μ ± ε·sd: half the random numbers, and each voxel's
+                        # samples have exactly its predicted mean.
+                        half = torch.randn((per_sample // 2,) + tuple(mu_in.shape), generator=scalar_gen,
+                                           device=device) * var_in.sqrt()
+                        fa = torch.cat([_fa_md(mu_in + half, axis=1)[0], _fa_md(mu_in - half, axis=1)[0]])
+                        md_var = (var_in[0] + var_in[3] + var_in[5]) / 9
+                    acc.add(tl, k, mu, var_i, fa.view(-1, md.shape[0]), md, md_var)
     n = T * per_sample
-    outputs = {"mean": (1.0, 6), "fa": (1 / n, 0), "md": (1 / n, 0)}
-    if net.hetero:
-        outputs["var_int"] = (1 / T, 6)
-    if T > 1:
-        outputs["m2"] = (1 / T, 6)
-    with_sd = draw_scalars or T > 1
-    if with_sd:
-        outputs |= {"fa2": (1 / n, 0), "md2": (1 / n, 0)}
+    acc.finish(T, n)
+    keys = ["mean", "fa", "md", "fa_sd", "md_sd"] + ["var_int"] * net.hetero + ["m2"] * (T > 1)
     arrays = {}
-    for key, (scale, channels) in outputs.items():
-        arrays[key] = np.zeros(hr_shape + ((channels,) if channels else ()), np.float64 if not channels else np.float32)
-        acc.write(key, arrays[key], tiler.hr_slices, hr_region, scale)
-    zeros = np.zeros(hr_shape, np.float32)
-    if with_sd:
-        fa_sd = np.sqrt(np.maximum(arrays["fa2"] - arrays["fa"] ** 2, 0)).astype(np.float32)
-        md_sd = np.sqrt(np.maximum(arrays["md2"] - arrays["md"] ** 2, 0)).astype(np.float32)
-    else:
-        fa_sd, md_sd = zeros, zeros.copy()  # separate: the guards write into each
+    for key in keys:
+        arrays[key] = np.zeros(hr_shape + ((6,) if key in ("mean", "var_int", "m2") else ()), np.float32)
+        acc.write(key, arrays[key], tiler.hr_slices, hr_region)
+    fa_sd, md_sd = arrays.pop("fa_sd"), arrays.pop("md_sd")  # zero without samples or passes to spread
     for key in ("mean", "var_int", "m2"):
         if key in arrays:
             arrays[key][~hr_region] = 0
@@ -469,12 +509,12 @@ def predict_volume(
         mean=arrays["mean"],
         var_intrinsic=arrays.get("var_int"),
         var_parameter=arrays.get("m2"),
-        fa_mean=arrays["fa"].astype(np.float32), fa_sd=fa_sd, md_mean=arrays["md"].astype(np.float32), md_sd=md_sd,
+        fa_mean=arrays["fa"], fa_sd=fa_sd, md_mean=arrays["md"], md_sd=md_sd,
         mask=expand_mask(lr_mask, r),
         region=hr_region,
         affine=upsample_affine(lr_affine, r),
-        info={"mc_samples": T if draws > 1 else 1, "symmetries": len(symmetries), "passes": T,
-              "scalar_samples": n, "target": target, "variance_scale": s, "tile": t, "tiles": len(tiles),
+        info={"precision": str(dtype).removeprefix("torch."), "mc_samples": T if draws > 1 else 1,
+              "symmetries": len(symmetries), "passes": T, "scalar_samples": n, "target": target, "variance_scale": s, "tile": t, "tiles": len(tiles),
               "tiles_total": int(np.prod(tiler.n_tiles)), "seed": seed, "device": str(device), "guards": guards},
     )
 
@@ -543,7 +583,7 @@ def guard_outputs(arrays: dict[str, np.ndarray], fa_sd: np.ndarray, md_sd: np.nd
             arrays[key][bad_mean] = VAR_CAP
             arrays[key][~np.isfinite(arrays[key])] = VAR_CAP
     bad_scalars = np.zeros(mask.shape, bool)
-    for key in ("fa", "md", "fa2", "md2"):
+    for key in ("fa", "md"):
         if key in arrays:
             bad = ~np.isfinite(arrays[key])
             bad_scalars |= bad

@@ -122,6 +122,7 @@ def prediction_metadata(
         "ScalarSamples": pred.info["scalar_samples"],
         "Seed": pred.info["seed"],
         "Device": pred.info["device"],
+        "Precision": pred.info.get("precision", "float32"),
         "NumericalGuards": pred.info.get("guards", {}),
         **extra,
     }

@@ -52,6 +52,15 @@ def app_tensors(out: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     return dti.tensors_world_to_voxel(world, img.affine), mask, sidecar
 
 
+def assert_same_prediction(app: np.ndarray, library: np.ndarray) -> None:
+    """Equal up to float rounding; bfloat16 convolutions (``--precision auto`` on CPUs with AMX)
+    round differently with the thread count, so single voxels may differ by ~1e-3 of the
+    largest component, while a difference of path (a step, a mask, statistics) moves ~1e-2."""
+    scale = np.abs(library).max()
+    np.testing.assert_allclose(app, library, atol=2e-3 * scale)
+    assert np.sqrt(np.mean((app - library) ** 2)) < 2e-5 * scale
+
+
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     from iqt_pipe.phantom import write_bids_dataset
@@ -80,8 +89,7 @@ def test_the_app_writes_what_iqt_eval_scores(phantom):
 
     model, card = load_model(tmp / "model")
     pred = ev.predict(ev.Method("model", models=[(model, card, None)]), case, mc_samples=8, seed=0)
-    scale = np.abs(pred.mean).max()
-    np.testing.assert_allclose(tensors, pred.mean, atol=1e-4 * scale)
+    assert_same_prediction(tensors, pred.mean)
     np.testing.assert_array_equal(mask, pred.mask)
     assert pred.predicted[case.hr_mask].all()  # the rim of the HR scan's own mask too
     ours, theirs = ev.score(case, tensors), ev.score(case, pred)
@@ -230,7 +238,7 @@ def test_the_apps_ensemble_with_mirrors_is_what_iqt_eval_scores(phantom):
 
     members = [(*load_model(tmp / name), None) for name in ("model", "model2")]
     pred = ev.predict(ev.Method("ensemble", models=members, symmetries="mirrors"), case, mc_samples=8, seed=0)
-    np.testing.assert_allclose(tensors, pred.mean, atol=1e-4 * np.abs(pred.mean).max())
+    assert_same_prediction(tensors, pred.mean)
     np.testing.assert_array_equal(mask, pred.mask)
     assert sidecar["TestTimeSymmetries"] == 8 and len(sidecar["Ensemble"]) == 2
     assert sidecar["Ensemble"][1]["WeightsSHA256"] == members[1][1]["weights"]["sha256"]

@@ -11,7 +11,7 @@ from conftest import tiny_dataset_and_model
 from iqt_pipe import dti
 from iqt_pipe.baselines import interpolate_tensors
 from iqt_pipe.degrade import upsample_affine
-from iqt_pipe.inference import expand_mask, predict_brain, prediction_region
+from iqt_pipe.inference import DEFAULT_PRECISION, expand_mask, predict_brain, prediction_region
 from iqt_pipe.io import load_nifti
 from iqt_pipe.models import load_model
 
@@ -54,7 +54,7 @@ def test_sr_workflow_embedded_in_another_workflow(setup):
     lr_mask = load_nifti(fit_out.mask_file)[0] > 0
     model, _ = load_model(model_dir)
     pred = predict_brain(model, dti.tensors_world_to_voxel(lr_world, lr_affine), lr_mask, lr_affine,
-                         mc_samples=3, scalar_samples=6, seed=2)
+                         mc_samples=3, scalar_samples=6, seed=2, precision=DEFAULT_PRECISION)
     hr_world, hr_affine, _ = load_nifti(out.tensor_file)
     np.testing.assert_allclose(hr_affine, upsample_affine(lr_affine, 2), atol=1e-5)
     assert hr_world.shape == tuple(2 * s for s in lr_mask.shape) + (6,)

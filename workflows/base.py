@@ -103,7 +103,8 @@ super-resolution follow @tanno2017 and @tanno2021.
         shape, r = nb.load(run.dwi).shape, config.model_upsample or 2
         tiles_mb = tile_budget_mb(shape, r, config.mem_mb)
         sr_wf = init_sr_wf(model=[str(m) for m in (config.model, *config.ensemble_models)],
-                           mc_samples=config.mc_samples, symmetries=config.symmetries, seed=config.seed,
+                           mc_samples=config.mc_samples, symmetries=config.symmetries, precision=config.precision,
+                           seed=config.seed,
                            use_gpu=use_gpu, omp_nthreads=config.omp_nthreads, mem_mb=tiles_mb,
                            mem_gb=(tiles_mb + memory_needed_mb(shape, r) * (1 + len(config.ensemble_models))) / 1024,
                            preprocessing=config.series_preprocessing(run), name=f"{tag}_sr_wf")

@@ -9,7 +9,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
-from iqt_pipe.config import DEFAULT_SYMMETRIES
+from iqt_pipe.config import DEFAULT_PRECISION, DEFAULT_SYMMETRIES
 from iqt_pipe.interfaces.sr import SuperResolve
 from iqt_pipe.prepare import Preprocessing
 
@@ -24,6 +24,7 @@ def init_sr_wf(
     model: str | Sequence[str],
     mc_samples: int = 8,
     symmetries: str = DEFAULT_SYMMETRIES,
+    precision: str = DEFAULT_PRECISION,
     scalar_samples: int = 32,
     seed: int = 0,
     use_gpu: bool = False,
@@ -52,6 +53,8 @@ def init_sr_wf(
         Monte-Carlo weight samples of variational models.
     symmetries
         Test-time symmetry ensemble: ``none``, ``mirrors`` (8) or ``cube`` (48 symmetries).
+    precision
+        The network's arithmetic: ``auto`` (bfloat16 on CPUs with AMX), ``float32``, ``bfloat16``.
     scalar_samples
         Tensor samples per voxel behind the FA/MD sd maps.
     seed
@@ -116,7 +119,7 @@ The predictions of {len(models)} networks were combined with inverse-variance we
     outputnode = pe.Node(niu.IdentityInterface(fields=SR_OUTPUTS), name="outputnode")
     steps = {} if preprocessing is None else {"denoise": preprocessing.denoise, "degibbs": preprocessing.degibbs}
     super_resolve = pe.Node(
-        SuperResolve(model=models, mc_samples=mc_samples, symmetries=symmetries, scalar_samples=scalar_samples, seed=seed,
+        SuperResolve(model=models, mc_samples=mc_samples, symmetries=symmetries, precision=precision, scalar_samples=scalar_samples, seed=seed,
                      use_gpu=use_gpu, num_threads=omp_nthreads, mem_mb=mem_mb, **steps),
         name="super_resolve",
         n_procs=omp_nthreads,

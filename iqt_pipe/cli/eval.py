@@ -49,7 +49,7 @@ def _folds(text: str) -> int | str:
 def _build_parser() -> argparse.ArgumentParser:
     from iqt_pipe.cli.train import add_recipe_arguments
     from iqt_pipe.evaluation import MODES
-    from iqt_pipe.inference import DEFAULT_SYMMETRIES, SYMMETRIES
+    from iqt_pipe.inference import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISIONS, SYMMETRIES
 
     p = Parser(prog=PROG, description="Score super-resolution (interpolation, models, ensembles) against HR "
                                       "references made from BIDS DWI runs: accuracy and calibrated uncertainty.")
@@ -81,6 +81,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetries", nargs="+", choices=list(SYMMETRIES), default=[DEFAULT_SYMMETRIES],
                    help="test-time symmetry ensemble of every model, as iqt-pipe's --symmetries; several: each "
                         f"model is scored once per setting, named MODEL+SETTING (default: {DEFAULT_SYMMETRIES})")
+    p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=[DEFAULT_PRECISION],
+                   help="the network's arithmetic, as iqt-pipe's --precision; several: each model is scored once "
+                        f"per setting, as --symmetries (default: {DEFAULT_PRECISION})")
     p.add_argument("--seed", type=int_at_least(0, "the seed"), default=0, metavar="N", help="random seed (default: 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device (default: auto)")
     p.add_argument("--mem-mb", type=int_at_least(256, "--mem-mb"), default=2048, metavar="MB",
@@ -135,12 +138,13 @@ def _methods(args, device):
         methods.append(Method(name=name, models=[loaded[path]]))
     for i, group in enumerate(args.ensemble, 1):
         methods.append(Method(name=f"ensemble{i}", models=[loaded[p] for p in group]))
-    return with_symmetries(methods, args.symmetries), r or 2
+    return prediction_settings(methods, args), r or 2
 
 
-def with_symmetries(methods, settings):
-    """Each model method once per test-time symmetry setting (named ``NAME+SETTING`` when
-    there are several); interpolations once."""
+def prediction_settings(methods, args):
+    """Each model method once per ``--symmetries`` and ``--precision`` setting, named
+    ``NAME+SETTING`` for each option given several settings; interpolations once."""
+    import itertools
     from dataclasses import replace
 
     out = []
@@ -148,7 +152,10 @@ def with_symmetries(methods, settings):
         if not m.is_model:
             out.append(m)
             continue
-        out += [replace(m, name=m.name if len(settings) == 1 else f"{m.name}+{s}", symmetries=s) for s in settings]
+        for symmetries, precision in itertools.product(args.symmetries, args.precision):
+            name = m.name + "".join(f"+{s}" for s, options in ((symmetries, args.symmetries),
+                                                                (precision, args.precision)) if len(options) > 1)
+            out.append(replace(m, name=name, symmetries=symmetries, precision=precision))
     return out
 
 
@@ -223,7 +230,7 @@ def _cross_validate(args, device, runs, methods, folds):
         if warning := learnt_nothing_warning(result.card):
             print(f"{PROG}: warning: fold {k}: {warning}", file=sys.stderr)
         model = _load(result.model_path, device, r)
-        fold_methods = list(methods) + with_symmetries([Method(name=args.variant, models=[model])], args.symmetries)
+        fold_methods = list(methods) + prediction_settings([Method(name=args.variant, models=[model])], args)
         res = evaluate(test_runs, fold_methods, r=r, modes=args.mode, snr=args.snr, seed=args.seed,
                        mc_samples=args.mc_samples, device=device, mem_mb=args.mem_mb,
                        calibration_runs=_first_runs(train_runs, args.runs_per_subject),
@@ -298,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
                            calibration_runs=calibration, quiet=args.quiet, figures=figures)
     results["summary"] = summarise(results["records"])
     results["settings"] = {"r": r, "modes": args.mode, "mc_samples": args.mc_samples,
-                           "symmetries": args.symmetries, "seed": args.seed,
+                           "symmetries": args.symmetries, "precision": args.precision, "seed": args.seed,
                            "snr": args.snr or "own", "device": str(device), "iqt_pipe_version": __version__,
                            "models": [str(p) for p in args.model], "ensembles": [[str(p) for p in g] for g in args.ensemble],
                            "cross_validate": args.cross_validate}

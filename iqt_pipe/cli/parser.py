@@ -19,8 +19,8 @@ from pathlib import Path
 from iqt_pipe import __version__
 from iqt_pipe.bids import LABEL
 from iqt_pipe.cli._common import Parser, int_at_least, positive_float
-from iqt_pipe.config import (DEFAULT_MC_SAMPLES, DEFAULT_SEED, DEFAULT_SYMMETRIES, DENOISE, DEVICES, SYMMETRIES,
-                             TRACTOGRAPHY)
+from iqt_pipe.config import (DEFAULT_MC_SAMPLES, DEFAULT_PRECISION, DEFAULT_SEED, DEFAULT_SYMMETRIES, DENOISE, DEVICES,
+                             PRECISIONS, SYMMETRIES, TRACTOGRAPHY)
 from iqt_pipe.tractography import DEFAULT_SEED_DENSITY, UNCERTAINTY_ACTIONS
 
 PROG = "iqt-pipe"
@@ -95,6 +95,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="compute device for the network (default: auto = CUDA when visible, else CPU)")
     g.add_argument("--mc-samples", type=int_at_least(1, "the number of MC samples"), default=DEFAULT_MC_SAMPLES,
                    metavar="N", help=f"Monte Carlo samples of the Bayesian network per voxel (default: {DEFAULT_MC_SAMPLES})")
+    g.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                   help="the network's arithmetic: bfloat16 convolutions are ~5× faster on CPUs with AMX and "
+                        "change the super-resolved tensors by ~0.5 %% of the model's own error; auto = bfloat16 on "
+                        f"such CPUs, float32 elsewhere and on GPUs (default: {DEFAULT_PRECISION})")
     g.add_argument("--symmetries", choices=SYMMETRIES, default=DEFAULT_SYMMETRIES,
                    help="test-time symmetry ensemble: each Monte-Carlo pass runs the network on the scan mirrored "
                         "(8 mirrors) or mirrored and transposed (48 cube symmetries), the tensors transformed "
