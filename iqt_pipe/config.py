@@ -34,7 +34,7 @@ DENOISE = ("auto", "mrtrix", "dipy", "none")  # as workflows.dwi.DENOISE_CHOICES
 DEFAULT_MC_SAMPLES = 8
 #: Test-time symmetry ensembles, as ``iqt_pipe.inference.SYMMETRIES`` (not imported: torch is slow).
 SYMMETRIES = ("none", "mirrors", "cube")
-DEFAULT_SYMMETRIES = "none"
+DEFAULT_SYMMETRIES = "mirrors"
 #: The network's arithmetic, as ``iqt_pipe.inference.PRECISIONS``.
 PRECISIONS = ("auto", "float32", "bfloat16")
 DEFAULT_PRECISION = "auto"

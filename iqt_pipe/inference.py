@@ -146,7 +146,7 @@ def _fa_md(d: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]
 #: :mod:`iqt_pipe.patches` each Monte-Carlo pass uses in turn — none, the 8 mirrors of the
 #: axes, or all 48 symmetries of the cube (mirrors and axis permutations).
 SYMMETRIES: dict[str, tuple[int, ...]] = {"none": (0,), "mirrors": tuple(range(8)), "cube": tuple(range(48))}
-DEFAULT_SYMMETRIES = "none"
+DEFAULT_SYMMETRIES = "mirrors"
 DEFAULT_PRECISION = "auto"
 
 
