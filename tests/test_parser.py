@@ -82,7 +82,20 @@ def test_defaults(here):
     assert args.mem_mb is None and args.participant_label is None and args.session_label is None
     assert (args.plugin, args.plugin_args, args.bids_filters) == ("MultiProc", {}, None)
     assert not (args.skip_bids_validation or args.stop_on_first_crash or args.write_graph or args.boilerplate_only)
-    assert args.verbose == 0
+    assert args.verbose == 0 and (args.symmetries, args.precision) == ("mirrors", "auto") and args.ensemble_models == []
+
+
+def test_several_models_are_an_ensemble(here, tmp_path):
+    """``--model A B``: the first is the model (its card sets r and the preprocessing), the rest
+    join it in the ensemble; the configuration keeps them, the summary names them."""
+    save_model(IQTNet("hetero", 2), here / "m2" / "model.safetensors")
+    args = parse_args(base("--model", "m", "m2/model.json"))
+    assert args.model == here / "m" / "model.safetensors"
+    assert args.ensemble_models == [here / "m2" / "model.safetensors"]
+    config = RunConfig.from_args(args)
+    assert config.ensemble_models == (here / "m2" / "model.safetensors",)
+    assert RunConfig.from_toml(config.to_toml(tmp_path / "run.toml")) == config
+    assert f"averaged with {here / 'm2' / 'model.safetensors'}" in config.summary()
 
 
 def test_default_model_is_the_bundled_one(here):
@@ -102,6 +115,7 @@ def test_every_flag(here):
         "--session-label", "ses-1", "pre", "--bids-filter-file", "filter.json", "-w", "scratch",
         "--nprocs", "2", "--omp-nthreads", "1", "--mem-mb", "3072", "--use-plugin", "plugin.yml",
         "--device", "cpu", "--model", "m/model.json", "--mc-samples", "3", "--seed", "7",
+        "--symmetries", "cube", "--precision", "bfloat16",
         "--tractography", "both", "--denoise", "dipy", "--no-degibbs", "--skip-bids-validation",
         "--stop-on-first-crash", "--write-graph", "--boilerplate-only", "-vv",
     ])
@@ -113,7 +127,7 @@ def test_every_flag(here):
     assert (args.nprocs, args.omp_nthreads, args.mem_mb) == (2, 1, 3072)
     assert args.model == here / "m" / "model.safetensors"
     assert (args.device, args.mc_samples, args.seed, args.tractography, args.denoise) == ("cpu", 3, 7, "both", "dipy")
-    assert not args.degibbs and args.verbose == 2
+    assert not args.degibbs and args.verbose == 2 and (args.symmetries, args.precision) == ("cube", "bfloat16")
     assert args.skip_bids_validation and args.stop_on_first_crash and args.write_graph and args.boilerplate_only
 
 
@@ -171,6 +185,10 @@ def _setup_files(root: Path):
     lonely.mkdir(exist_ok=True)
     card = json.loads((root / "m" / "model.json").read_text())
     (lonely / "model.json").write_text(json.dumps(card))
+    if not (root / "m3").exists():  # ensemble members that do not fit the first model
+        save_model(IQTNet("espcn", 3), root / "m3" / "model.safetensors")
+        save_model(IQTNet("espcn", 2), root / "mgibbs" / "model.safetensors",
+                   {"training": {"preprocessing": {"denoise": "none", "degibbs": True}}})
 
 
 REFUSALS = [
@@ -217,6 +235,12 @@ REFUSALS = [
     (base("--model", "nothing/here"), "no such file or folder"),
     (base("--model", "broken_model"), "--model: "),
     (base("--model", "lonely_model"), "weights file not found"),
+    (base("--model", "m", "m/model.json"), "named twice; give each ensemble member once"),
+    (base("--model", "m", "m3"), "upsamples by 3, "),
+    (base("--model", "m", "mgibbs"), "an ensemble's models must share their preprocessing"),
+    (base("--model", "m", "nothing/here"), "nothing/here: no such file or folder"),
+    (base("--symmetries", "all"), "invalid choice: 'all'"),
+    (base("--precision", "half"), "invalid choice: 'half'"),
     (base("--nprocs", "2", "--omp-nthreads", "3"), "--omp-nthreads 3 exceeds --nprocs 2"),
     (base("--omp-nthreads", str(default_nprocs() + 1)), "CPUs available"),
     (base("--mc-samples", "0"), "the number of MC samples must be an integer ≥ 1"),
@@ -337,7 +361,7 @@ def test_summary_mentions_key_settings(here):
     config = _full_config(here)
     text = config.summary(device="cpu")
     for piece in (f"{here / 'ds'}", "sub-01, sub-02", "ses-1", f"{here / 'm' / 'model.safetensors'}",
-                  "variant espcn, r = 2", "device cpu (auto)", "4 MC sample(s)", "seed 3",
+                  "variant espcn, r = 2", "device cpu (auto)", "auto precision", "4 MC sample(s), test-time mirrors (8)", "seed 3",
                   "Gibbs removal off", f"Nipype MultiProc (from {here / 'plugin.yml'}): 2 process(es)",
                   "memory 2048 MB", f"{here / 'work'} (new)", '"acquisition": "hr"', "write workflow graphs",
                   "participant level"):
