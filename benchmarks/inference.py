@@ -1,11 +1,13 @@
 """Whole-volume super-resolution speed on an HCP-sized box (run on demand, not a test).
 
     .venv/bin/python benchmarks/inference.py [--json FILE] [--threads N] [--device cpu|cuda]
-                                             [--quick]
+                                             [--precisions float32 bfloat16] [--quick]
 
 LR 72×87×72 → HR 145×174×145 (r = 2; HR cropped to the HCP box when reported), brain an
 ellipsoid of ~40 % of the box. For `espcn` and `hetero-var2`: a deterministic whole-brain
-pass as the app runs it (the brain and its rim), T = 8 and T = 32 Monte-Carlo samples; the original implementation's patch-by-patch loop
+pass as the app runs it (the brain and its rim), T = 8 (the app's default: with the 8 test-time
+mirrors) and T = 32 Monte-Carlo samples, in each ``--precisions`` arithmetic; the original
+implementation's patch-by-patch loop
 (11³ patches, stride 7) on the same input, whose output the whole-volume path must equal; the
 peak of a large conv3d measured in the same run. Each case runs in a fresh process so its peak
 memory (RSS) is its own. Prints HR voxels/s, GFLOP/s and the fraction of the conv3d peak.
@@ -49,10 +51,11 @@ def synthetic_case():
     return dti.tensors_from_eig(evals, q).astype(np.float32), mask
 
 
-def conv3d_peak(device) -> float:
-    """GFLOP/s of a large 3³ conv3d (100 → 100 channels, channels_last_3d)."""
-    conv = torch.nn.Conv3d(100, 100, 3).to(device).eval()
-    x = torch.randn(1, 100, 40, 40, 40, device=device)
+def conv3d_peak(device, precision: str = "float32") -> float:
+    """GFLOP/s of a large 3³ conv3d (100 → 100 channels, channels_last_3d) in ``precision``."""
+    dtype = getattr(torch, precision)
+    conv = torch.nn.Conv3d(100, 100, 3).to(device, dtype).eval()
+    x = torch.randn(1, 100, 40, 40, 40, device=device, dtype=dtype)
     if device.type == "cpu":
         conv, x = conv.to(memory_format=torch.channels_last_3d), x.contiguous(memory_format=torch.channels_last_3d)
     flops = 2 * 100 * 100 * 27 * 38**3
@@ -68,10 +71,10 @@ def conv3d_peak(device) -> float:
     return flops / best / 1e9
 
 
-def run_case(variant: str, case: str, device: str, threads: int) -> dict:
+def run_case(variant: str, case: str, precision: str, device: str, threads: int) -> dict:
     import iqt_pipe.baselines  # noqa: F401 - imports are not part of the timing
     import iqt_pipe.degrade  # noqa: F401
-    from iqt_pipe.inference import predict_brain, predict_patchwise
+    from iqt_pipe.inference import SYMMETRIES, predict_brain, predict_patchwise
     from iqt_pipe.models import IQTNet
 
     torch.set_num_threads(threads)
@@ -85,7 +88,8 @@ def run_case(variant: str, case: str, device: str, threads: int) -> dict:
             return predict_patchwise(model, lr, mask, device=dev), {}
         T, scalars = {"deterministic": (1, 32), "network-only": (1, 0), "mc8": (8, 32), "mc32": (32, 32)}[case]
         # The app's call: the brain and its rim (the mask dilated by the receptive field).
-        pred = predict_brain(model, lr, mask, np.eye(4), mc_samples=T, scalar_samples=scalars, device=dev, mem_mb=1024)
+        pred = predict_brain(model, lr, mask, np.eye(4), mc_samples=T, scalar_samples=scalars, device=dev, mem_mb=1024,
+                             precision=precision, symmetries=SYMMETRIES["mirrors"] if T > 1 else (0,))
         return pred.mean, pred.info
 
     t0 = time.perf_counter()
@@ -95,8 +99,8 @@ def run_case(variant: str, case: str, device: str, threads: int) -> dict:
     mean, info = once()
     seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    np.save(f"/tmp/iqt-bench-{variant}-{case}.npy", mean)
-    return {"variant": variant, "case": case, "seconds": seconds, "cold_seconds": cold, "peak_mem_mb": peak_mb, "info": info,
+    np.save(f"/tmp/iqt-bench-{variant}-{case}-{precision}.npy", mean)
+    return {"variant": variant, "case": case, "precision": precision, "seconds": seconds, "cold_seconds": cold, "peak_mem_mb": peak_mb, "info": info,
             "hr_voxels_in_mask": int(mask.sum()) * R**3}
 
 
@@ -107,31 +111,41 @@ def main():
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cpu")
     p.add_argument("--variants", nargs="+", default=["espcn", "hetero-var2"])
+    p.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                   help="the network's arithmetic, each case in each (default: both; bfloat16 is the app's choice on "
+                        "CPUs with AMX)")
     p.add_argument("--quick", action="store_true", help="skip T = 32")
-    p.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._one:
         print(json.dumps(run_case(*args._one, args.device, args.threads)))
         return
 
     torch.set_num_threads(args.threads)
-    peak = conv3d_peak(torch.device(args.device))
+    device = torch.device(args.device)
+    peaks = {prec: conv3d_peak(device, prec) for prec in args.precisions}
     lr, mask = synthetic_case()
     flops = espcn_flops(LR_SHAPE)
     print(f"box LR {LR_SHAPE} → HR {tuple(2 * s for s in LR_SHAPE)}, brain {mask.mean():.0%} of the box, "
           f"{args.threads} threads, device {args.device}")
-    print(f"conv3d peak: {peak:.0f} GFLOP/s; one ESPCN pass over the whole box: {flops / 1e9:.0f} GFLOP")
+    print("conv3d peak: " + ", ".join(f"{peak:.0f} GFLOP/s ({prec})" for prec, peak in peaks.items())
+          + f"; one ESPCN pass over the whole box: {flops / 1e9:.0f} GFLOP")
     print("seconds: second call in a fresh process (the first, in brackets, also creates oneDNN's kernels);")
-    print("deterministic: mean weights + 32 tensor samples per voxel for FA/MD sd (hetero); network-only: no FA/MD samples")
-    print(f"{'variant':<12} {'case':<14} {'seconds':>8} {'(cold)':>8} {'HR vox/s':>10} {'GFLOP/s':>8} {'of peak':>8} {'RSS MB':>7}")
+    print("deterministic: mean weights + 32 tensor samples per voxel for FA sd (hetero); network-only: no FA "
+          "samples; mc8/mc32: Monte-Carlo weight samples, one test-time mirror each; 'of peak': of the conv3d peak "
+          "in the same arithmetic")
+    print(f"{'variant':<12} {'case':<14} {'precision':<9} {'seconds':>8} {'(cold)':>8} {'HR vox/s':>10} "
+          f"{'GFLOP/s':>8} {'of peak':>8} {'RSS MB':>7}")
     results = {}
-    cases = ["deterministic", "network-only", "mc8"] + ([] if args.quick else ["mc32"]) + ["patchwise"]
+    cases = ["deterministic", "network-only", "mc8"] + ([] if args.quick else ["mc32"])
+    runs = [(case, prec) for prec in args.precisions for case in cases] + [("patchwise", "float32")]
     for variant in args.variants:
-        for case in cases:
+        for case, prec in runs:
             if case in ("network-only", "mc8", "mc32") and "var" not in variant and not variant.startswith("hetero"):
                 continue  # the same single deterministic pass as "deterministic"
             out = subprocess.run(
-                [sys.executable, __file__, "--_one", variant, case, "--threads", str(args.threads), "--device", args.device],
+                [sys.executable, __file__, "--_one", variant, case, prec, "--threads", str(args.threads),
+                 "--device", args.device],
                 check=True, capture_output=True, text=True,
             ).stdout
             res = json.loads(out.strip().splitlines()[-1])
@@ -142,33 +156,34 @@ def main():
             info = res["info"]
             frac = info["tiles"] / info["tiles_total"] if info else 1.0
             res["gflops_per_s"] = flops * frac * nets * samples / 1e9 / res["seconds"]
-            res["conv3d_peak_fraction"] = res["gflops_per_s"] / peak
-            results[(variant, case)] = res
-            print(f"{variant:<12} {case:<14} {res['seconds']:8.2f} {res['cold_seconds']:8.2f} "
+            res["conv3d_peak_fraction"] = res["gflops_per_s"] / peaks.get(prec, peaks[args.precisions[0]])
+            results[(variant, case, prec)] = res
+            print(f"{variant:<12} {case:<14} {prec:<9} {res['seconds']:8.2f} {res['cold_seconds']:8.2f} "
                   f"{res['hr_voxels_in_mask'] / res['seconds']:10.3g} "
                   f"{res['gflops_per_s']:8.0f} {res['conv3d_peak_fraction']:8.0%} {res['peak_mem_mb']:7.0f}")
-        whole = np.load(f"/tmp/iqt-bench-{variant}-deterministic.npy")
-        patchwise = np.load(f"/tmp/iqt-bench-{variant}-patchwise.npy")
+        patchwise = np.load(f"/tmp/iqt-bench-{variant}-patchwise-float32.npy")
         inside = np.any(patchwise != 0, axis=-1)  # the patch loop predicts the brain mask only
-        diff = np.abs(whole[inside] - patchwise[inside]).max()
-        print(f"  {variant}: whole-volume vs patch-by-patch max |Δ| = {diff:.2e} ({diff / np.abs(patchwise).max():.1e} "
-              f"of max); speed-up over it {results[(variant, 'patchwise')]['seconds'] / results.get((variant, 'network-only'), results[(variant, 'deterministic')])['seconds']:.2f}× (network-only pass)")
+        for prec in args.precisions:
+            whole = np.load(f"/tmp/iqt-bench-{variant}-deterministic-{prec}.npy")
+            diff = np.abs(whole[inside] - patchwise[inside])
+            fastest = results.get((variant, "network-only", prec), results[(variant, "deterministic", prec)])
+            print(f"  {variant}, {prec}: whole-volume vs patch-by-patch max |Δ| = {diff.max():.2e} "
+                  f"({diff.max() / np.abs(patchwise).max():.1e} of max, RMS {np.sqrt((diff**2).mean()):.1e}); "
+                  f"speed-up over it {results[(variant, 'patchwise', 'float32')]['seconds'] / fastest['seconds']:.2f}× "
+                  "(network-only pass)")
     if args.json:
         v = args.json_variant if args.json_variant in args.variants else args.variants[-1]
-        d = {c: results[(v, c)]["seconds"] for c in cases if (v, c) in results}
-        net_only = results.get((v, "network-only"), results[(v, "deterministic")])
-        summary = {
-            "variant": v,
-            "deterministic_s": d["deterministic"], "network_only_s": net_only["seconds"],
-            "mc8_s": d.get("mc8"), "mc32_s": d.get("mc32"), "patchwise_s": d["patchwise"],
-            "conv3d_peak_gflops": peak,
-            "conv3d_peak_fraction": net_only["conv3d_peak_fraction"],
-            "peak_mem_mb": max(r["peak_mem_mb"] for (var, _), r in results.items() if var == v),
-            "all": {f"{var}/{c}": r for (var, c), r in results.items()},
-        }
+        summary = {"variant": v, "conv3d_peak_gflops": peaks, "patchwise_s": results[(v, "patchwise", "float32")]["seconds"],
+                   "peak_mem_mb": max(r["peak_mem_mb"] for (var, _, _), r in results.items() if var == v)}
+        for prec in args.precisions:
+            d = {c: results[(v, c, prec)]["seconds"] for c in cases if (v, c, prec) in results}
+            net_only = results.get((v, "network-only", prec), results[(v, "deterministic", prec)])
+            summary[prec] = {"deterministic_s": d["deterministic"], "network_only_s": net_only["seconds"],
+                             "mc8_s": d.get("mc8"), "mc32_s": d.get("mc32"),
+                             "conv3d_peak_fraction": net_only["conv3d_peak_fraction"]}
+        summary["all"] = {"/".join(key): r for key, r in results.items()}
         with open(args.json, "w") as fh:
             json.dump(summary, fh, indent=2)
-
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,8 @@ from conftest import tiny_dataset_and_model
 from iqt_pipe import dti
 from iqt_pipe.baselines import interpolate_tensors
 from iqt_pipe.degrade import upsample_affine
-from iqt_pipe.inference import DEFAULT_PRECISION, expand_mask, predict_brain, prediction_region
+from iqt_pipe.inference import (DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES, expand_mask, predict_brain,
+                                prediction_region)
 from iqt_pipe.io import load_nifti
 from iqt_pipe.models import load_model
 
@@ -49,12 +50,13 @@ def test_sr_workflow_embedded_in_another_workflow(setup):
     out = sr_node.result.outputs
     fit_out = next(n for n in graph.nodes() if n.name == "fit").result.outputs
 
-    # The same computation by the core functions.
+    # The same computation by the core functions, with the app's defaults.
     lr_world, lr_affine, _ = load_nifti(fit_out.tensor_file)
     lr_mask = load_nifti(fit_out.mask_file)[0] > 0
     model, _ = load_model(model_dir)
     pred = predict_brain(model, dti.tensors_world_to_voxel(lr_world, lr_affine), lr_mask, lr_affine,
-                         mc_samples=3, scalar_samples=6, seed=2, precision=DEFAULT_PRECISION)
+                         mc_samples=3, scalar_samples=6, seed=2, precision=DEFAULT_PRECISION,
+                         symmetries=SYMMETRIES[DEFAULT_SYMMETRIES])
     hr_world, hr_affine, _ = load_nifti(out.tensor_file)
     np.testing.assert_allclose(hr_affine, upsample_affine(lr_affine, 2), atol=1e-5)
     assert hr_world.shape == tuple(2 * s for s in lr_mask.shape) + (6,)
@@ -73,7 +75,9 @@ def test_sr_workflow_embedded_in_another_workflow(setup):
 
     card = json.loads((model_dir / "model.json").read_text())
     assert out.metadata["Model"]["WeightsSHA256"] == card["weights"]["sha256"]
-    assert out.metadata["MonteCarloSamples"] == 3 and out.metadata["Seed"] == 2
+    # 3 weight samples asked, 8 mirrors by default: 8 passes, each its own weight sample.
+    assert out.metadata["MonteCarloSamples"] == 8 and out.metadata["TestTimeSymmetries"] == 8
+    assert out.metadata["Seed"] == 2 and out.metadata["Precision"] in ("float32", "bfloat16")
     assert out.metadata["Model"]["Target"] == "residual-cubic"
     assert "tanno2017" in sr_wf.__desc__
 

@@ -99,8 +99,9 @@ Diffusion tensors were super-resolved with Bayesian Image Quality Transfer
 (3D-ESPCN) predicted the high-resolution tensors of every brain voxel and of the brain's rim, with a
 heteroscedastic noise model for intrinsic uncertainty and variational dropout for
 parameter uncertainty where the model has them. The predictive mean and variance were
-estimated from {mc_samples} Monte-Carlo weight samples (variational models); FA and MD
-means and standard deviations from samples of the predictive distribution.
+estimated from {mc_samples} Monte-Carlo weight samples (variational models); FA mean and
+standard deviation from samples of the predictive distribution, MD's exactly (MD is linear in
+the tensor).
 """
     if symmetries != "none":
         n = {"mirrors": "8 mirror", "cube": "48"}[symmetries]
@@ -108,6 +109,11 @@ means and standard deviations from samples of the predictive distribution.
 Each Monte-Carlo pass ran the network on the tensor field transformed by one of the {n}
 symmetries of the voxel grid (the tensors transformed alike) and transformed its prediction back,
 a test-time symmetry ensemble.
+"""
+    if precision != "float32":
+        where = " on CPUs that multiply bfloat16 natively (AMX), in float32 elsewhere" if precision == "auto" else ""
+        workflow.__desc__ += f"""\
+The network's convolutions ran in bfloat16 arithmetic{where}.
 """
     if len(models) > 1:
         workflow.__desc__ += f"""\
@@ -119,8 +125,8 @@ The predictions of {len(models)} networks were combined with inverse-variance we
     outputnode = pe.Node(niu.IdentityInterface(fields=SR_OUTPUTS), name="outputnode")
     steps = {} if preprocessing is None else {"denoise": preprocessing.denoise, "degibbs": preprocessing.degibbs}
     super_resolve = pe.Node(
-        SuperResolve(model=models, mc_samples=mc_samples, symmetries=symmetries, precision=precision, scalar_samples=scalar_samples, seed=seed,
-                     use_gpu=use_gpu, num_threads=omp_nthreads, mem_mb=mem_mb, **steps),
+        SuperResolve(model=models, mc_samples=mc_samples, symmetries=symmetries, precision=precision,
+                     scalar_samples=scalar_samples, seed=seed, use_gpu=use_gpu, num_threads=omp_nthreads, mem_mb=mem_mb, **steps),
         name="super_resolve",
         n_procs=omp_nthreads,
         mem_gb=mem_gb if mem_gb is not None else max(mem_mb, 512) / 1024 + 1,

@@ -94,7 +94,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=DEVICES, default="auto",
                    help="compute device for the network (default: auto = CUDA when visible, else CPU)")
     g.add_argument("--mc-samples", type=int_at_least(1, "the number of MC samples"), default=DEFAULT_MC_SAMPLES,
-                   metavar="N", help=f"Monte Carlo samples of the Bayesian network per voxel (default: {DEFAULT_MC_SAMPLES})")
+                   metavar="N", help="Monte Carlo samples of the Bayesian network per voxel; with --symmetries, at least "
+                                 f"one per symmetry (default: {DEFAULT_MC_SAMPLES})")
     g.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                    help="the network's arithmetic: bfloat16 convolutions are ~5× faster on CPUs with AMX and "
                         "change the super-resolved tensors by ~0.5 %% of the model's own error; auto = bfloat16 on "
