@@ -117,7 +117,9 @@ def save_nifti(
     header: nb.Nifti1Header | None = None,
     dtype: type | None = np.float32,
 ) -> Path:
-    """Write ``data`` atomically as NIfTI (scale factors reset; qform = sform = affine)."""
+    """Write ``data`` atomically as NIfTI (scale factors reset; qform = sform = affine, code 1;
+    spatial units mm: what niworkflows' ``DerivativesDataSink`` checks, so it copies the file
+    instead of decompressing and compressing it again)."""
     data = np.asarray(data if dtype is None else data.astype(dtype, copy=False))
     hdr = header.copy() if header is not None else None
     img = nb.Nifti1Image(data, affine, hdr)
@@ -125,6 +127,7 @@ def save_nifti(
     img.header.set_slope_inter(1.0, 0.0)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
     path = Path(path)
     with atomic_path(path) as tmp:
         nb.save(img, tmp)
