@@ -97,7 +97,7 @@ super-resolution follow @tanno2017 and @tanno2021.
         gibbs_tool = "dipy" if config.model_degibbs and config.denoise in ("none", "dipy") else None
         preproc_wf = init_dwi_preproc_wf(denoise=config.denoise, degibbs=config.degibbs, gibbs_tool=gibbs_tool,
                                          omp_nthreads=config.omp_nthreads, name=f"{tag}_preproc_wf")
-        dti_wf = init_dti_wf(omp_nthreads=config.omp_nthreads, name=f"{tag}_dti_wf")
+        dti_wf = init_dti_wf(name=f"{tag}_dti_wf")
         if run.mask is not None:  # given with a preprocessed series: used, not recomputed
             dti_wf.inputs.inputnode.mask_file = str(run.mask)
         shape, r = nb.load(run.dwi).shape, config.model_upsample or 2

@@ -28,6 +28,9 @@ from iqt_pipe.cli.parser import PROG, _build_parser, parse_args  # noqa: F401 - 
 from iqt_pipe.config import RunConfig
 from iqt_pipe.io import InputError, save_json, save_text
 
+#: Seconds Nipype's scheduler sleeps between looks at finished nodes.
+POLL_SLEEP_S = 0.1
+
 
 class MissingExecutable(InputError):
     """A tool the requested options need is not installed (exit code 127)."""
@@ -174,12 +177,13 @@ def participant(config: RunConfig) -> int:
     workflow.config["execution"].update({
         "crashfile_format": "txt",
         "stop_on_first_crash": config.stop_on_first_crash,
+        # How long Nipype's scheduler sleeps between looks at finished nodes (its default, 2 s,
+        # is waited after nearly every node of a run's chain; plugin_args cannot set it).
+        "poll_sleep_duration": POLL_SLEEP_S,
     })
     if not config.verbose:
         logging.getLogger("nipype.workflow").setLevel(logging.WARNING)
     settings = config.plugin_settings()
-    if settings["plugin"] in ("MultiProc", "LegacyMultiProc"):
-        settings["plugin_args"].setdefault("poll_sleep_duration", 0.2)
     try:
         workflow.run(plugin=plugin_instance(settings["plugin"], settings["plugin_args"]))
     except RuntimeError as exc:
