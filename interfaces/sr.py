@@ -30,7 +30,8 @@ class _SuperResolveInputSpec(BaseInterfaceInputSpec):
     seed = traits.Int(0, usedefault=True, desc="random seed")
     use_gpu = traits.Bool(False, usedefault=True, desc="run on CUDA (Nipype's MultiProc then gives the node a GPU slot)")
     bval_file = File(exists=True, desc="the native series' b-values: the run is checked against the model's "
-                                       "training domain (voxel size, b-value, directions), recorded as ModelDomain")
+                                       "training domain (voxel size, b-value, directions, and the scanner vendor of the "
+                                       "JSON sidecar beside it), recorded as ModelDomain")
     bvec_file = File(exists=True, desc="the native series' b-vectors (with bval_file)")
     denoise = traits.Enum("none", "dipy", "mrtrix", "auto", desc="the denoising the native series had; "
                           "recorded, with whether it matches the model's training, as Preprocessing")
@@ -66,7 +67,7 @@ class SuperResolve(SimpleInterface):
         from iqt_pipe.gradients import read_gradients
         from iqt_pipe.inference import SYMMETRIES as CODES
         from iqt_pipe.models import load_model
-        from iqt_pipe.prepare import Preprocessing, series_domain
+        from iqt_pipe.prepare import Preprocessing, series_domain, series_manufacturer
         from iqt_pipe.superres import load_tensor_image, prediction_metadata, super_resolve_tensors, write_prediction
 
         device = "cuda" if self.inputs.use_gpu else "cpu"
@@ -85,7 +86,7 @@ class SuperResolve(SimpleInterface):
             preprocessing = Preprocessing(self.inputs.denoise, bool(self.inputs.degibbs))
         if isdefined(self.inputs.bval_file) and isdefined(self.inputs.bvec_file):
             domain = series_domain(affine, read_gradients(self.inputs.bval_file, self.inputs.bvec_file),
-                                   self.inputs.bval_file)
+                                   self.inputs.bval_file, series_manufacturer(self.inputs.bval_file))
         metadata = prediction_metadata(cards, pred, preprocessing, domain)
         paths = write_prediction(pred, prefix, metadata, sidecars=False)
         self._results["metadata"] = metadata

@@ -102,6 +102,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {rec['run']} | {rec['mode']} | {_f(floor)} | {name} | {_f(s['tensor_rmse'].get('interior'))} | {_f(corr)} | "
                 f"{_f(s.get('tensor_rmse_ratio', {}).get('interior'))} | {_f(s['tensor_rmse'].get('exterior'))} | "
                 f"{_f(s.get('tensor_rmse_ratio', {}).get('exterior'))} | {_f(s.get('fa_rmse_ratio', {}).get('brain'))} |")
+    lines += _domain_section(results)
     truth = [r for r in results["records"] if r["mode"] == "known-truth"]
     if truth:
         lines += ["", "## Noise correction against known truth", "",
@@ -115,6 +116,40 @@ def markdown(results: dict[str, Any]) -> str:
                 corr = s["tensor_rmse_vs_noisy_reference_corrected"].get("interior")
                 lines.append(f"| {rec['run']} | {name} | {_f(t)} | {_f(noisy)} | {_f(corr)} | {_f(corr / t if t else None)} |")
     return "\n".join(lines) + "\n"
+
+
+def _domain_section(results: dict[str, Any]) -> list[str]:
+    """Does the uncertainty rise with the error, and outside the training domain? Per model:
+    the summary over runs, then each run's vendor, domain problems, error and sd."""
+    found = {(mode, name): slot["domain"] for mode, methods in results["summary"].items()
+             for name, slot in methods.items() if slot.get("domain")}
+    if not found:
+        return []
+    lines = ["", "## Uncertainty and the training domain", "",
+             "Per run: the RMS over the brain of the parameter and total Frobenius sd (1e-4 mm²/s) beside the "
+             "tensor RMSE; *outside*: the run lies outside the model's training domain (scanner vendor, LR voxel "
+             "size, b-value, directions; the model card's `training.domain`). Spearman over runs: does the sd rise "
+             "with the error from run to run?", "",
+             "| mode | method | runs outside | Spearman(parameter sd, error) | Spearman(total sd, error) | "
+             "error ratio inside / outside | parameter sd inside / outside | total sd inside / outside |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (mode, name), d in found.items():
+        lines.append(f"| {mode} | {name} | {d['runs_outside']} | {_f(d['spearman_parameter_sd_error'])} | "
+                     f"{_f(d['spearman_total_sd_error'])} | {_f(d['error_ratio_inside'])} / {_f(d['error_ratio_outside'])} | "
+                     f"{_f(d['parameter_sd_inside'])} / {_f(d['parameter_sd_outside'])} | "
+                     f"{_f(d['total_sd_inside'])} / {_f(d['total_sd_outside'])} |")
+    lines += ["", "| run | mode | method | vendor | outside the training domain | tensor RMSE | ratio | parameter sd | "
+                  "total sd |", "|---|---|---|---|---|---|---|---|---|"]
+    for rec in results["records"]:
+        for name, s in rec["methods"].items():
+            dom, sd = s.get("domain"), s.get("uncertainty", {}).get("sd_rms", {})
+            if dom is None:
+                continue
+            lines.append(f"| {rec['run']} | {rec['mode']} | {name} | {dom.get('manufacturer') or '–'} | "
+                         f"{'; '.join(dom['problems']) or 'no'} | {_f(s['tensor_rmse'].get('brain'))} | "
+                         f"{_f(s.get('tensor_rmse_ratio', {}).get('brain'))} | {_f(sd.get('parameter'))} | "
+                         f"{_f(sd.get('total'))} |")
+    return lines
 
 
 def _save_figure(fig, path: Path) -> Path:

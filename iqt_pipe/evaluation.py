@@ -44,7 +44,8 @@ from iqt_pipe.fit import brain_mask, fit_dti
 from iqt_pipe.gradients import GradientTable, select_dti_volumes
 from iqt_pipe.inference import (DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES, Prediction, frobenius_sd,
                                 predict_ensemble)
-from iqt_pipe.prepare import NONE, Preprocessing, fit_series, preprocess_series
+from iqt_pipe.prepare import (NONE, Preprocessing, card_domain, domain_problems, fit_series, preprocess_series,
+                              series_domain, series_manufacturer)
 from iqt_pipe.preproc import denoise_mppca_brain
 
 MODES = ("raw", "known-truth", "lesion")
@@ -84,6 +85,12 @@ class Case:
     def reference_scalars(self) -> tuple[np.ndarray, np.ndarray]:
         """FA and MD of the reference in the HR mask (computed once, shared by every method)."""
         return _scalars(self.reference, self.hr_mask)
+
+    @cached_property
+    def domain(self) -> dict[str, Any]:
+        """:func:`~iqt_pipe.prepare.series_domain` of the LR series (the network's input),
+        with the scanner vendor of the run's sidecar."""
+        return series_domain(self.lr_affine, self.gtab, self.name, series_manufacturer(self.info.get("dwi", "")))
 
     def network_input(self, preprocessing: Preprocessing = NONE) -> tuple[np.ndarray, np.ndarray]:
         """LR tensors (voxel frame) and brain mask as the app makes them from the LR series for
@@ -326,6 +333,14 @@ def score(case: Case, result: Prediction | np.ndarray, md_threshold: float | Non
     return out
 
 
+def model_domain(method: Method, case: Case) -> dict[str, Any]:
+    """Whether the case lies in the training domain of the method's models (every member's
+    problems, :func:`~iqt_pipe.prepare.domain_problems`), and its scanner vendor."""
+    problems = [p for _, card, _ in method.models for p in domain_problems(card_domain(card), case.domain)]
+    return {"problems": list(dict.fromkeys(problems)), "inside": not problems,
+            "manufacturer": case.domain.get("manufacturer")}
+
+
 def uncertainty_scores(case: Case, pred: Prediction, md: np.ndarray, md_ref: np.ndarray,
                        md_threshold: float | None) -> dict[str, Any]:
     """Spearman(sd, |error|), interval coverage, the risky-voxel test and, with a lesion, its AUC."""
@@ -343,6 +358,12 @@ def uncertainty_scores(case: Case, pred: Prediction, md: np.ndarray, md_ref: np.
             # RMS of the Frobenius error over RMS of the predicted Frobenius sd: 1 when calibrated.
             mean_var = max(float(np.mean(sd[m].astype(np.float64) ** 2)), 1e-300)
             out["error_sd_ratio"][key] = float(np.sqrt(np.mean(abs_err[m] ** 2) / mean_var))
+    # RMS over the brain of each part's Frobenius sd (1e-4 mm²/s): does the parameter part rise
+    # where the model is out of its domain?
+    m = case.hr_mask
+    out["sd_rms"] = {name: float(np.sqrt(np.mean(frobenius_sd(part)[m].astype(np.float64) ** 2))) / UNIT
+                     for name, part in (("intrinsic", pred.var_intrinsic), ("parameter", pred.var_parameter),
+                                        ("total", var)) if part is not None and m.any()}
     levels, cov = metrics.calibration_curve(err[case.hr_mask], np.sqrt(var[case.hr_mask]))
     out["calibration_curve"] = {"nominal": levels.tolist(), "empirical": cov.tolist()}
     out["variance_scale_95"] = metrics.variance_scale(err[case.hr_mask], np.sqrt(var[case.hr_mask]))
@@ -454,6 +475,8 @@ def evaluate(
         for m in methods:
             result = predict(m, case, mc_samples=mc_samples, seed=seed, device=device, mem_mb=mem_mb)
             rec["methods"][m.name] = score(case, result, thresholds.get(m.name))
+            if m.is_model:
+                rec["methods"][m.name]["domain"] = model_domain(m, case)
             if figures is not None:
                 mean = result.mean if isinstance(result, Prediction) else result
                 err = metrics.frobenius(mean.astype(np.float64) - case.reference)
@@ -513,7 +536,7 @@ def summarise(records: Sequence[dict]) -> dict[str, Any]:
             for metric, by_region in s.items():
                 if metric == "predicted_fraction":
                     slot["values"].setdefault("predicted_fraction.brain", []).append(by_region)
-                elif isinstance(by_region, dict) and metric != "uncertainty":
+                elif isinstance(by_region, dict) and metric not in ("uncertainty", "domain"):
                     for region, v in by_region.items():
                         slot["values"].setdefault(f"{metric}.{region}", []).append(v)
             u = s.get("uncertainty")
@@ -522,6 +545,7 @@ def summarise(records: Sequence[dict]) -> dict[str, Any]:
                 flat |= {f"coverage{p}.{k}": c for k, cov in u["coverage"].items() for p, c in cov.items()}
                 flat |= {f"md_coverage{p}.{k}": c for k, cov in u.get("md_coverage", {}).items() for p, c in cov.items()}
                 flat |= {f"error_sd_ratio.{k}": v for k, v in u.get("error_sd_ratio", {}).items()}
+                flat |= {f"sd_rms.{k}": v for k, v in u.get("sd_rms", {}).items()}
                 flat |= {f"risky.{k}": v for k, v in u["risky"].items() if isinstance(v, float)}
                 if "lesion" in u:
                     flat |= {f"lesion.{k}": v for k, v in u["lesion"].items() if k.startswith("auc")}
@@ -548,4 +572,38 @@ def summarise(records: Sequence[dict]) -> dict[str, Any]:
                 slot["goals"]["RMS error / sd in [0.8, 1.25]"] = bool(c["min"] >= 0.8 and c["max"] <= 1.25)
             if "lesion.auc" in vals:
                 slot["goals"]["lesion AUC ≥ 0.9"] = bool(vals["lesion.auc"]["min"] >= 0.9)
+    for (mode, name), found in out_of_domain(records).items():
+        out[mode][name]["domain"] = found
+    return out
+
+
+def out_of_domain(records: Sequence[dict]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (mode, model method): does the uncertainty rise with the error from run to run, and
+    on runs outside the model's training domain (another vendor, voxel size, b-value)?
+    Spearman over runs of the RMS parameter (and total) sd against the tensor RMSE over the
+    brain, and the mean of each inside and outside the domain."""
+    rows: dict[tuple[str, str], list] = {}
+    for rec in records:
+        for name, s in rec["methods"].items():
+            sd, dom = s.get("uncertainty", {}).get("sd_rms"), s.get("domain")
+            if sd and dom and "brain" in s.get("tensor_rmse", {}):
+                rows.setdefault((rec["mode"], name), []).append(
+                    (dom["inside"], s["tensor_rmse"]["brain"], s.get("tensor_rmse_ratio", {}).get("brain", math.nan),
+                     sd.get("parameter", math.nan), sd.get("total", math.nan)))
+    out = {}
+    for key, runs in rows.items():
+        inside, error, ratio, par, tot = (np.array(col, dtype=float) for col in zip(*runs))
+        inside = inside.astype(bool)
+
+        def mean(values, where):
+            return float(np.nanmean(values[where])) if where.any() else None
+
+        out[key] = {
+            "runs_outside": int((~inside).sum()),
+            "spearman_parameter_sd_error": metrics.spearman(par, error) if len(runs) > 2 else None,
+            "spearman_total_sd_error": metrics.spearman(tot, error) if len(runs) > 2 else None,
+            **{f"{name}_{side}": mean(values, where) for name, values in
+               (("error_ratio", ratio), ("parameter_sd", par), ("total_sd", tot))
+               for side, where in (("inside", inside), ("outside", ~inside))},
+        }
     return out

@@ -60,7 +60,8 @@ from iqt_pipe.degrade import make_pair
 from iqt_pipe.dwi import load_dwi
 from iqt_pipe.io import InputError, atomic_path
 from iqt_pipe.normalise import TARGETS, ChannelStats, channel_stats, encode_target
-from iqt_pipe.prepare import NONE, Preprocessing, preprocess_series, series_domain, training_domain
+from iqt_pipe.prepare import (NONE, Preprocessing, preprocess_series, series_domain, series_manufacturer,
+                              training_domain)
 
 LIBRARY_FORMAT = "iqt-pipe-patches"
 LIBRARY_VERSION = 1
@@ -546,7 +547,7 @@ def build_library(
             raise InputError(
                 f"{dwi}: matrix {series.data.shape[:3]} is too small for {input_size}³ LR patches at r = {r}"
             )
-        domains.append(series_domain(series.affine, series.gtab, str(dwi)))
+        domains.append(series_domain(series.affine, series.gtab, str(dwi), series_manufacturer(dwi)))
         hr_dwi = preprocess_series(series.data, preprocessing)
         pair = make_pair(hr_dwi, series.affine, series.gtab, r, str(dwi))
         built.append(

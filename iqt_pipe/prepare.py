@@ -21,7 +21,10 @@ compares with a run's.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 import nibabel as nb
@@ -100,13 +103,31 @@ def fit_series(
 # ------------------------------------------------------------------------ domain of validity
 
 
-def series_domain(affine: np.ndarray, gtab: GradientTable, source: str = "DWI series") -> dict[str, Any]:
+def series_domain(affine: np.ndarray, gtab: GradientTable, source: str = "DWI series",
+                  manufacturer: str | None = None) -> dict[str, Any]:
     """The facts of a network input that a model's training covered or not: voxel size (mm,
-    per axis), the DTI shell's b-value and its number of directions."""
+    per axis), the DTI shell's b-value and its number of directions, and the scanner's
+    manufacturer when known (:func:`series_manufacturer`)."""
     keep = select_dti_volumes(gtab, source)
     shell = keep & ~gtab.b0_mask
-    return {"voxel_size_mm": [float(z) for z in nb.affines.voxel_sizes(affine)],
-            "bvalue": float(np.median(gtab.bvals[shell])), "directions": int(shell.sum())}
+    domain = {"voxel_size_mm": [float(z) for z in nb.affines.voxel_sizes(affine)],
+              "bvalue": float(np.median(gtab.bvals[shell])), "directions": int(shell.sum())}
+    return domain | ({"manufacturer": manufacturer} if manufacturer else {})
+
+
+def series_manufacturer(path: str | os.PathLike) -> str | None:
+    """``Manufacturer`` from the JSON sidecar of a DWI run (named by any of its files: the
+    image, .bval or .bvec); None without a readable sidecar or field."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii", ".bval", ".bvec"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    try:
+        value = json.loads((Path(path).parent / f"{name}.json").read_text()).get("Manufacturer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value.strip() if isinstance(value, str) and value.strip() else None
 
 
 def training_domain(domains: Iterable[dict[str, Any]], r: int) -> dict[str, Any]:
@@ -117,8 +138,21 @@ def training_domain(domains: Iterable[dict[str, Any]], r: int) -> dict[str, Any]
     sizes = [z * r for d in domains for z in d["voxel_size_mm"]]
     b = [d["bvalue"] for d in domains]
     n = [d["directions"] for d in domains]
+    vendors = sorted({d["manufacturer"] for d in domains if d.get("manufacturer")})
     return {"lr_voxel_size_mm": [round(min(sizes), 3), round(max(sizes), 3)],
-            "bvalue": [round(min(b)), round(max(b))], "directions": [min(n), max(n)]}
+            "bvalue": [round(min(b)), round(max(b))], "directions": [min(n), max(n)]} | (
+        {"manufacturers": vendors} if vendors else {})
+
+
+def card_domain(card: dict[str, Any]) -> dict[str, Any] | None:
+    """A model card's ``training.domain``; for a card from before the ``manufacturers`` field,
+    the vendors are read from its training runs' sidecars where those files are at hand."""
+    training = card.get("training") or {}
+    domain = training.get("domain")
+    if not domain or "manufacturers" in domain:
+        return domain
+    vendors = sorted({v for run in training.get("dwi_runs", []) if (v := series_manufacturer(run.get("dwi", "")))})
+    return domain | ({"manufacturers": vendors} if vendors else {})
 
 
 #: How far outside the training range a voxel size (10 %) or b-value (20 %) may lie before
@@ -143,4 +177,7 @@ def domain_problems(domain: dict[str, Any] | None, run: dict[str, Any]) -> list[
     lo, hi = domain["directions"]
     if not lo <= run["directions"] <= hi:
         problems.append(f"{run['directions']} directions outside the training runs' {lo}–{hi}")
+    vendors = domain.get("manufacturers")
+    if vendors and run.get("manufacturer") and run["manufacturer"].casefold() not in {v.casefold() for v in vendors}:
+        problems.append(f"scanner vendor {run['manufacturer']} not among the training runs' ({', '.join(vendors)})")
     return problems

@@ -21,7 +21,7 @@ from iqt_pipe.inference import Prediction, frobenius_sd, predict_ensemble
 from iqt_pipe.io import load_tensor_image  # noqa: F401 - re-exported; it lives in io so tractography needs no torch
 from iqt_pipe.io import save_json, save_nifti, save_tensors, sidecar_path
 from iqt_pipe.models.espcn import IQTNet
-from iqt_pipe.prepare import Preprocessing, domain_problems
+from iqt_pipe.prepare import Preprocessing, card_domain, domain_problems
 
 
 _DIFFUSIVITY = "mm^2/s"
@@ -110,7 +110,7 @@ def prediction_metadata(
                                   "ModelTrainedWith": {"Denoise": trained.denoise, "GibbsRemoval": trained.degibbs},
                                   "MatchesModel": preprocessing.same_steps(trained)}
     if domain is not None:
-        trained_domain = (card.get("training") or {}).get("domain")
+        trained_domain = card_domain(card)
         problems = domain_problems(trained_domain, domain)
         extra["ModelDomain"] = {"Inside": None if not trained_domain else not problems, "Problems": problems,
                                 "Run": domain, "Training": trained_domain}

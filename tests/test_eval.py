@@ -128,7 +128,11 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
         assert np.isfinite(u["risky"]["threshold"])  # chosen on the other fold's subject
         assert 0 <= u["risky"]["recall"] <= 1
         assert ("lesion" in u) == (rec["mode"] == "lesion")
+        sd = u["sd_rms"]  # per part, over the brain
+        assert set(sd) == {"intrinsic", "parameter", "total"} and sd["total"] >= max(sd["intrinsic"], sd["parameter"]) > 0
+        assert methods["hetero-var2"]["domain"]["inside"] and "domain" not in methods["cubic"]
     summary = res["summary"]["raw"]["hetero-var2"]
+    assert summary["domain"]["runs_outside"] == 0 and summary["domain"]["parameter_sd_outside"] is None
     assert summary["runs"] == 2 and "interior tensor RMSE ≤ 0.80 × cubic" in summary["goals"]
     # Cross-calibration: each subject gets the other subject's variance scale.
     raw = {rec["run"]: rec["methods"]["hetero-var2"]["uncertainty"] for rec in res["records"] if rec["mode"] == "raw"}
@@ -146,6 +150,7 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
         assert np.all(np.abs(rec["info"]["noise_neighbour_correlation"]) < 0.1), rec["info"]
     assert "## The scans" in text and text.count("| sub-01 | 6.50 × 6.50 × 6.50 |") == 1
     assert "cov. 95 %, scale from other subjects" in text
+    assert "## Uncertainty and the training domain" in text
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert "calibration.png" in figures
     assert "sub-01_mode-lesion_maps.png" in figures and "sub-02_mode-raw_hetero-var2_error-vs-sd.png" in figures
@@ -283,6 +288,23 @@ def test_noise_correlation_finds_the_interpolated_scan(realdwi):
         corr[label] = ev.prepare_case(run, mode="raw").info["noise_neighbour_correlation"]
     assert corr["galan02"][0] > 0.5 and abs(corr["galan02"][2]) < 0.1, corr
     assert max(abs(c) for c in corr["prisma01"]) < 0.2, corr
+
+
+def test_out_of_domain_summary():
+    """Over runs: Spearman of the parameter (total) sd RMS against the error, and the means
+    inside and outside the training domain."""
+    def rec(run, inside, error, par):
+        return {"run": run, "mode": "raw", "methods": {"m": {
+            "tensor_rmse": {"brain": error}, "tensor_rmse_ratio": {"brain": error / 2},
+            "uncertainty": {"sd_rms": {"parameter": par, "total": 2 * par}},
+            "domain": {"inside": inside, "problems": [] if inside else ["scanner vendor X …"]}}}}
+
+    records = [rec("a", True, 1.0, 0.1), rec("b", True, 2.0, 0.2), rec("c", False, 3.0, 0.4), rec("d", False, 4.0, 0.3)]
+    found = ev.out_of_domain(records)[("raw", "m")]
+    assert found["runs_outside"] == 2 and found["spearman_parameter_sd_error"] == pytest.approx(0.8)
+    assert found["parameter_sd_inside"] == pytest.approx(0.15) and found["parameter_sd_outside"] == pytest.approx(0.35)
+    assert found["error_ratio_inside"] == pytest.approx(0.75) and found["error_ratio_outside"] == pytest.approx(1.75)
+    assert found["total_sd_outside"] == pytest.approx(0.7)
 
 
 def test_runs_per_subject_keeps_the_first_runs_of_each_subject():

@@ -153,6 +153,33 @@ def test_domain_of_validity():
     assert run == {"voxel_size_mm": [2.0, 2.0, 2.0], "bvalue": 1000.0, "directions": 6}  # the DTI shell
 
 
+def test_scanner_vendor_in_the_domain(tmp_path):
+    """The vendor comes from the run's sidecar (named by any of its files); the card lists the
+    training runs' vendors, and a run from another vendor is outside the domain; an older card
+    gets them from its training runs' sidecars where those are at hand."""
+    from iqt_pipe.prepare import card_domain, series_manufacturer
+
+    (tmp_path / "sub-01_dwi.json").write_text(json.dumps({"Manufacturer": " Siemens "}))
+    (tmp_path / "sub-02_dwi.json").write_text("{not json")
+    assert series_manufacturer(tmp_path / "sub-01_dwi.nii.gz") == "Siemens"
+    assert series_manufacturer(tmp_path / "sub-01_dwi.bval") == "Siemens"
+    assert series_manufacturer(tmp_path / "sub-02_dwi.nii.gz") is None
+    assert series_manufacturer(tmp_path / "sub-03_dwi.nii.gz") is None
+    runs = [{"voxel_size_mm": [2.0] * 3, "bvalue": 1000.0, "directions": 30, "manufacturer": m}
+            for m in ("Siemens", "Philips", "Siemens")]
+    domain = training_domain(runs + [{"voxel_size_mm": [2.0] * 3, "bvalue": 1000.0, "directions": 30}], 2)
+    assert domain["manufacturers"] == ["Philips", "Siemens"]
+    run = {"voxel_size_mm": [4.0] * 3, "bvalue": 1000.0, "directions": 30}
+    assert domain_problems(domain, {**run, "manufacturer": "SIEMENS"}) == []
+    assert domain_problems(domain, run) == []  # vendor unknown: not held against the run
+    assert domain_problems(domain, {**run, "manufacturer": "GE"}) == [
+        "scanner vendor GE not among the training runs' (Philips, Siemens)"]
+    old = {"training": {"domain": {k: v for k, v in domain.items() if k != "manufacturers"},
+                        "dwi_runs": [{"dwi": str(tmp_path / "sub-01_dwi.nii.gz")}, {"dwi": "elsewhere/sub-09_dwi.nii.gz"}]}}
+    assert card_domain(old)["manufacturers"] == ["Siemens"]
+    assert card_domain({"training": {"domain": domain}}) == domain and card_domain({}) is None
+
+
 @pytest.mark.slow
 def test_training_records_preprocessing_and_domain(tmp_path):
     """``iqt-train --degibbs`` removes the ringing of each HR series before its LR series is
