@@ -514,8 +514,9 @@ def predict_volume(
         region=hr_region,
         affine=upsample_affine(lr_affine, r),
         info={"precision": str(dtype).removeprefix("torch."), "mc_samples": T if draws > 1 else 1,
-              "symmetries": len(symmetries), "passes": T, "scalar_samples": n, "target": target, "variance_scale": s, "tile": t, "tiles": len(tiles),
-              "tiles_total": int(np.prod(tiler.n_tiles)), "seed": seed, "device": str(device), "guards": guards},
+              "symmetries": len(symmetries), "passes": T, "scalar_samples": n, "target": target,
+              "variance_scale": s, "tile": t, "tiles": len(tiles), "tiles_total": int(np.prod(tiler.n_tiles)),
+              "seed": seed, "device": str(device), "guards": guards},
     )
 
 
