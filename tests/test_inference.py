@@ -342,3 +342,12 @@ def test_bfloat16_convolutions_change_little(field):
     diff = b16.mean[m] - f32.mean[m]
     assert np.sqrt((diff**2).mean()) < 0.02 * np.sqrt((residual**2).mean())
     assert np.median(np.abs(b16.var_intrinsic[m] / f32.var_intrinsic[m] - 1)) < 0.02
+
+
+def test_the_app_settings_name_the_library_choices():
+    """config.py repeats the choices so that parsing a command line needs no torch: they agree."""
+    from iqt_pipe import config, inference
+
+    assert config.SYMMETRIES == tuple(inference.SYMMETRIES) and config.PRECISIONS == inference.PRECISIONS
+    assert (config.DEFAULT_SYMMETRIES, config.DEFAULT_PRECISION) == (inference.DEFAULT_SYMMETRIES,
+                                                                     inference.DEFAULT_PRECISION)

@@ -98,7 +98,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                  f"one per symmetry (default: {DEFAULT_MC_SAMPLES})")
     g.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                    help="the network's arithmetic: bfloat16 convolutions are ~5× faster on CPUs with AMX and "
-                        "change the super-resolved tensors by ~0.5 %% of the model's own error; auto = bfloat16 on "
+                        "move the super-resolved tensors by ~0.15 %% of the model's own error; auto = bfloat16 on "
                         f"such CPUs, float32 elsewhere and on GPUs (default: {DEFAULT_PRECISION})")
     g.add_argument("--symmetries", choices=SYMMETRIES, default=DEFAULT_SYMMETRIES,
                    help="test-time symmetry ensemble: each Monte-Carlo pass runs the network on the scan mirrored "
