@@ -64,7 +64,8 @@ def test_outputs_and_sidecars_match_the_checked_in_list(first_run, data):
     tensor = json.loads((out / "sub-01/dwi/sub-01_res-hi_model-tensor_param-tensor_dwimap.json").read_text())
     card = json.loads((data[1] / "model.json").read_text())
     assert tensor["OrientationEncoding"]["Reference"] == "xyz"
-    assert tensor["Model"]["WeightsSHA256"] == card["weights"]["sha256"] and tensor["MonteCarloSamples"] == 2
+    # 2 weight samples asked, 8 mirrors by default: 8 passes, each its own weight sample.
+    assert tensor["Model"]["WeightsSHA256"] == card["weights"]["sha256"] and tensor["MonteCarloSamples"] == 8
     # The phantom's noise is white: no neighbour correlation, no warning.
     native_meta = json.loads((out / "sub-01/dwi/sub-01_model-tensor_param-tensor_dwimap.json").read_text())
     assert np.all(np.abs(native_meta["NoiseNeighbourCorrelation"]["Values"]) < 0.1), native_meta
