@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -145,14 +146,33 @@ def training_domain(domains: Iterable[dict[str, Any]], r: int) -> dict[str, Any]
 
 
 def card_domain(card: dict[str, Any]) -> dict[str, Any] | None:
-    """A model card's ``training.domain``; for a card from before the ``manufacturers`` field,
-    the vendors are read from its training runs' sidecars where those files are at hand."""
+    """A model card's ``training.domain``. A card from before the field (or before its
+    ``manufacturers``) gets it from its training runs where their files are at hand."""
     training = card.get("training") or {}
     domain = training.get("domain")
-    if not domain or "manufacturers" in domain:
+    if domain and "manufacturers" in domain:
         return domain
-    vendors = sorted({v for run in training.get("dwi_runs", []) if (v := series_manufacturer(run.get("dwi", "")))})
-    return domain | ({"manufacturers": vendors} if vendors else {})
+    files = tuple((run.get("dwi", ""), run.get("bval", ""), run.get("bvec", "")) for run in training.get("dwi_runs", []))
+    if domain:
+        vendors = sorted({v for dwi, _, _ in files if (v := series_manufacturer(dwi))})
+        return domain | ({"manufacturers": vendors} if vendors else {})
+    return _domain_of_runs(files, int(card.get("upsample", 2)))
+
+
+@lru_cache(maxsize=16)
+def _domain_of_runs(files: tuple[tuple[str, str, str], ...], r: int) -> dict[str, Any] | None:
+    """:func:`training_domain` of DWI runs (image, bval, bvec) read from disk; None when any is
+    missing or unreadable."""
+    from iqt_pipe.gradients import read_gradients
+
+    domains = []
+    for dwi, bval, bvec in files:
+        try:
+            gtab = read_gradients(bval, bvec)
+            domains.append(series_domain(nb.load(dwi).affine, gtab, dwi, series_manufacturer(dwi)))
+        except Exception:  # noqa: BLE001 - moved, unreadable or refused: no domain rather than a wrong one
+            return None
+    return training_domain(domains, r) if domains else None
 
 
 #: How far outside the training range a voxel size (10 %) or b-value (20 %) may lie before

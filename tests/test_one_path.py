@@ -178,6 +178,17 @@ def test_scanner_vendor_in_the_domain(tmp_path):
                         "dwi_runs": [{"dwi": str(tmp_path / "sub-01_dwi.nii.gz")}, {"dwi": "elsewhere/sub-09_dwi.nii.gz"}]}}
     assert card_domain(old)["manufacturers"] == ["Siemens"]
     assert card_domain({"training": {"domain": domain}}) == domain and card_domain({}) is None
+    # A card from before training.domain: the domain of its training runs, read from disk.
+    gtab = ev.GradientTable(np.array([0.0] + [1000.0] * 6),
+                            np.vstack([[0, 0, 0], np.eye(3), np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1]]) / 2**0.5]))
+    stem = tmp_path / "sub-01_dwi"
+    save_nifti(np.ones((4, 4, 4, 7), np.float32), np.diag([2.0, 2.0, 2.5, 1.0]), f"{stem}.nii.gz")
+    write_gradients(gtab, f"{stem}.bval", f"{stem}.bvec")
+    runs = [{"dwi": f"{stem}.nii.gz", "bval": f"{stem}.bval", "bvec": f"{stem}.bvec"}]
+    assert card_domain({"upsample": 2, "training": {"dwi_runs": runs}}) == {
+        "lr_voxel_size_mm": [4.0, 5.0], "bvalue": [1000, 1000], "directions": [6, 6], "manufacturers": ["Siemens"]}
+    gone = [{**runs[0], "dwi": str(tmp_path / "moved.nii.gz")}]
+    assert card_domain({"upsample": 2, "training": {"dwi_runs": gone}}) is None
 
 
 @pytest.mark.slow
