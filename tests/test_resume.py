@@ -116,9 +116,9 @@ def test_sigkill_at_several_points_then_resume(data, tmp_path):
 def test_a_data_sink_that_fails_half_way_leaves_the_output_folder_untouched(tmp_path, monkeypatch):
     """The sink writes in its own folder first: a copy that dies half-way (as under SIGKILL)
     leaves the previous output as it was and no partial or temporary file beside it."""
-    import niworkflows.interfaces.bids as nw_bids
     import numpy as np
 
+    import iqt_pipe.interfaces.bids as iqt_bids
     from iqt_pipe.interfaces.bids import DerivativesDataSink
 
     source = tmp_path / "ds" / "sub-01" / "dwi" / "sub-01_dwi.nii.gz"
@@ -145,7 +145,7 @@ def test_a_data_sink_that_fails_half_way_leaves_the_output_folder_untouched(tmp_
         Path(dst).write_bytes(Path(src).read_bytes()[:40])
         raise OSError("killed while copying")
 
-    monkeypatch.setattr(nw_bids, "_copy_any", dies_half_way)
+    monkeypatch.setattr(iqt_bids, "_copy_reproducible_gzip", dies_half_way)  # the sink's copy
     with pytest.raises(OSError, match="killed while copying"):
         sink(2.0)
     after = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
