@@ -33,14 +33,17 @@ def interpolate_tensors(lr: np.ndarray, r: int, method: str = "cubic") -> np.nda
         coeffs = np.pad(field.astype(np.float64), _PAD, mode="edge")
         if order > 1:
             coeffs = ndimage.spline_filter(coeffs, order=order, mode="nearest", output=np.float64)
+        trim = _PAD - _TAPS  # the taps reach _TAPS coefficients beyond the volume
+        coeffs = coeffs[trim:-trim, trim:-trim, trim:-trim]
         for axis in range(3):
             coeffs = _upsample_axis(coeffs, axis, r, order)
         out[c] = coeffs
     return np.ascontiguousarray(np.moveaxis(out, 0, -1)).reshape(out.shape[1:] + lr.shape[3:])
 
 
-#: Edge padding before the prefilter (scipy's own for mode="nearest").
-_PAD = 12
+#: Edge padding before the prefilter (scipy's own for mode="nearest"), and how far beyond the
+#: volume the interpolation's taps reach (what is kept of it after the prefilter).
+_PAD, _TAPS = 12, 2
 
 
 def _bspline(t: float, order: int) -> float:
@@ -51,10 +54,10 @@ def _bspline(t: float, order: int) -> float:
 
 
 def _upsample_axis(coeffs: np.ndarray, axis: int, r: int, order: int) -> np.ndarray:
-    """Interpolate along ``axis`` (padded by ``_PAD``, which it drops) at the r sub-positions of
+    """Interpolate along ``axis`` (padded by ``_TAPS``, which it drops) at the r sub-positions of
     each voxel: sub-position q of voxel p sits at p + (q − (r − 1)/2)/r, so each q is a fixed
     (order + 1)-tap weighted sum of shifted slices."""
-    n = coeffs.shape[axis] - 2 * _PAD
+    n = coeffs.shape[axis] - 2 * _TAPS
     shape = list(coeffs.shape)
     shape[axis] = n * r
     out = np.zeros(shape)
@@ -63,6 +66,6 @@ def _upsample_axis(coeffs: np.ndarray, axis: int, r: int, order: int) -> np.ndar
         base = int(np.floor(x))
         view = out[(slice(None),) * axis + (slice(q, None, r),)]
         for k in range(-(order // 2), order // 2 + 2):
-            start = _PAD + base + k
+            start = _TAPS + base + k
             view += _bspline(x - (base + k), order) * coeffs[(slice(None),) * axis + (slice(start, start + n),)]
     return out

@@ -60,3 +60,22 @@ def test_bad_factor(r):
 def test_too_small_volume():
     with pytest.raises(ValueError, match="smaller than one 3³ block"):
         block_average(np.zeros((2, 5, 5)), 3)
+
+
+@pytest.mark.parametrize("method, order", [("trilinear", 1), ("cubic", 3)])
+@pytest.mark.parametrize("shape, r", [((7, 9, 5, 6), 2), ((11, 6, 8, 2), 3), ((3, 4, 5), 2)])
+def test_separable_interpolation_is_scipys_on_the_hr_grid(method, order, shape, r):
+    """interpolate_tensors (one axis at a time) gives scipy's map_coordinates (mode nearest,
+    prefiltered spline) at every HR voxel centre (h − (r − 1)/2)/r, edges included."""
+    from scipy import ndimage
+
+    from iqt_pipe.baselines import interpolate_tensors
+
+    lr = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    coords = np.meshgrid(*[(np.arange(s * r) - (r - 1) / 2) / r for s in shape[:3]], indexing="ij")
+    fields = lr.reshape(shape[:3] + (-1,))
+    want = np.stack([ndimage.map_coordinates(fields[..., c].astype(np.float64), coords, order=order, mode="nearest",
+                                             prefilter=order > 1) for c in range(fields.shape[-1])], -1)
+    got = interpolate_tensors(lr, r, method)
+    assert got.shape == tuple(s * r for s in shape[:3]) + shape[3:] and got.dtype == np.float32
+    np.testing.assert_allclose(got.reshape(want.shape), want, atol=1e-6)
