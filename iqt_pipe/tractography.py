@@ -251,24 +251,39 @@ def densify(streamline: np.ndarray, max_step: float, return_index: bool = False)
     return (out, np.r_[0, np.cumsum(n)]) if return_index else out
 
 
+def densify_many(streamlines: Sequence[np.ndarray], max_step: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`densify` of every streamline at once: the points ``(N, 3)`` and the index of the
+    streamline each belongs to (no Python loop over streamlines)."""
+    lengths = np.array([len(s) for s in streamlines], dtype=np.int64)
+    if not lengths.sum():
+        return np.zeros((0, 3)), np.zeros(0, dtype=np.int64)
+    pts = np.concatenate([np.asarray(s, dtype=np.float64).reshape(-1, 3) for s in streamlines])
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    d = np.diff(pts, axis=0)
+    within = owner[1:] == owner[:-1]  # segments inside one streamline
+    n = np.where(within, np.maximum(1, np.ceil(np.linalg.norm(d, axis=1) / max_step)), 0).astype(np.int64)
+    seg = np.repeat(np.arange(len(d)), n)
+    t = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)) / np.repeat(n, n)
+    last = np.cumsum(lengths)[lengths > 0] - 1  # each streamline's last point closes it
+    return (np.vstack([pts[seg] + d[seg] * t[:, None], pts[last]]),
+            np.concatenate([owner[seg], owner[last]]))
+
+
 def track_density(streamlines: Sequence[np.ndarray], affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Track-density image: how many streamlines pass through each voxel of the grid
     (each streamline counts once per voxel; the polylines are densified to a quarter voxel)."""
     shape = tuple(int(s) for s in shape[:3])
-    tdi = np.zeros(shape, dtype=np.int32)
-    if not len(streamlines):
-        return tdi
+    n_voxels = int(np.prod(shape))
+    counts = np.zeros(n_voxels, dtype=np.int64)
     step = 0.25 * voxel_size(affine)
-    flat_tdi = tdi.reshape(-1)
-    for start in range(0, len(streamlines), 2000):  # bounded memory on whole-brain tractograms
-        pts = [densify(s, step) for s in streamlines[start:start + 2000]]
-        sid = np.repeat(np.arange(len(pts)), [len(p) for p in pts])
-        ijk = voxel_indices(np.concatenate(pts), affine)
+    for start in range(0, len(streamlines), 5000):  # bounded memory on whole-brain tractograms
+        pts, sid = densify_many(streamlines[start:start + 5000], step)
+        ijk = voxel_indices(pts, affine)
         inside = np.all((ijk >= 0) & (ijk < np.array(shape)), axis=1)
         flat = np.ravel_multi_index(tuple(ijk[inside].T), shape)
-        pairs = np.unique(np.stack([sid[inside], flat], axis=1), axis=0)  # one count per streamline and voxel
-        np.add.at(flat_tdi, pairs[:, 1], 1)
-    return tdi
+        pairs = np.unique(sid[inside] * n_voxels + flat)  # one count per streamline and voxel
+        counts += np.bincount(pairs % n_voxels, minlength=n_voxels)
+    return counts.reshape(shape).astype(np.int32)
 
 
 # --------------------------------------------------------------------------- seeds and tracking
@@ -604,12 +619,19 @@ def streamline_table(
         "mean_uncertainty": np.full(n, np.nan),
         "max_uncertainty": np.full(n, np.nan),
     }
-    if uncertainty is not None:
-        for k, s in enumerate(streamlines):
-            values = sample_nearest(uncertainty, affine, s)
-            if np.isfinite(values).any():
-                table["mean_uncertainty"][k] = np.nanmean(values)
-                table["max_uncertainty"][k] = np.nanmax(values)
+    points = table["n_points"]
+    if uncertainty is not None and points.sum():
+        # All points sampled at once, then reduced per streamline (NaN: outside the map).
+        values = sample_nearest(uncertainty, affine, np.concatenate([np.asarray(s).reshape(-1, 3) for s in streamlines]))
+        has = points > 0
+        starts = (np.cumsum(points) - points)[has]
+        finite = np.isfinite(values)
+        count = np.add.reduceat(finite.astype(np.int64), starts)
+        total = np.add.reduceat(np.where(finite, values, 0.0), starts)
+        peak = np.fmax.reduceat(values, starts)
+        seen = count > 0
+        table["mean_uncertainty"][np.flatnonzero(has)[seen]] = total[seen] / count[seen]
+        table["max_uncertainty"][np.flatnonzero(has)[seen]] = peak[seen]
     return table
 
 

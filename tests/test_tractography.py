@@ -959,3 +959,34 @@ def test_real_run_smoke(realdwi, tmp_path):
     a = T.track_density(tracks.streamlines, affine, mask.shape)
     b = T.track_density(mrtrix_tracks.streamlines, affine, mask.shape)
     assert C.tdi_correlation(a, b, mask) > 0.8, run.name
+
+
+def test_streamline_sets_at_once_equal_one_by_one():
+    """densify_many, the track density and the per-streamline uncertainty table work on all
+    streamlines at once; they equal the one-streamline-at-a-time definitions (empty and
+    single-point streamlines, points outside the map and NaN uncertainty included)."""
+    from iqt_pipe import tractography as T
+
+    rng = np.random.default_rng(0)
+    lines = [np.cumsum(rng.normal(size=(rng.integers(1, 40), 3)), 0) + 20 for _ in range(300)]
+    lines += [np.zeros((0, 3)), np.full((3, 3), 500.0), np.full((1, 3), 20.0)]
+    affine, shape = np.diag([2.0, 2.0, 2.0, 1.0]), (24, 24, 24)
+    pts, owner = T.densify_many(lines, 0.5)
+    for k, line in enumerate(lines):
+        one = T.densify(line, 0.5)
+        np.testing.assert_allclose(np.sort(pts[owner == k], axis=0), np.sort(one.reshape(-1, 3), axis=0))
+    tdi = np.zeros(shape, int)
+    for line in lines:
+        ijk = T.voxel_indices(T.densify(line, 0.5).reshape(-1, 3), affine)
+        ijk = ijk[np.all((ijk >= 0) & (ijk < shape), axis=1)]
+        for voxel in {tuple(v) for v in ijk}:
+            tdi[voxel] += 1
+    np.testing.assert_array_equal(T.track_density(lines, affine, shape), tdi)
+    uncertainty = rng.random(shape)
+    uncertainty[:5] = np.nan
+    table = T.streamline_table(lines, uncertainty, affine)
+    for k, line in enumerate(lines):
+        values = T.sample_nearest(uncertainty, affine, line.reshape(-1, 3))
+        finite = values[np.isfinite(values)]
+        want = (finite.mean(), finite.max()) if finite.size else (np.nan, np.nan)
+        np.testing.assert_allclose((table["mean_uncertainty"][k], table["max_uncertainty"][k]), want, equal_nan=True)
