@@ -948,9 +948,7 @@ def prepare_mrtrix_inputs(
     s0 = np.where(mask, s0, 0)
     dwi = synthesize_dwi(np.where(mask[..., None], tensors, 0), s0, bvals, bvecs)
     out = {
-        # Uncompressed: work-folder files only tckgen reads; gzip of a synthesised super-resolved
-        # series (~1 GB) took longer than synthesising it.
-        "dwi_file": save_nifti(dwi, affine, prefix + "_dwi.nii"),
+        "dwi_file": save_nifti(dwi, affine, prefix + "_dwi.nii.gz"),
         "grad_file": write_mrtrix_grad(bvals, bvecs, prefix + "_grad.b"),
         "mask_file": save_nifti(mask.astype(np.uint8), affine, prefix + "_mask.nii.gz", dtype=np.uint8),
         "seed_mask_file": save_nifti(seeds.astype(np.uint8), affine, prefix + "_seeds.nii.gz", dtype=np.uint8),
@@ -974,6 +972,6 @@ def prepare_mrtrix_inputs(
         for start in range(0, len(where[0]), 200000):
             idx = tuple(a[start:start + 200000] for a in where)
             noisy_dwi[idx] = add_rician_noise(dwi[idx].astype(np.float64), sigma, rng).astype(np.float32)
-        out["noisy_dwi_file"] = save_nifti(noisy_dwi, affine, prefix + "_noisy_dwi.nii")
+        out["noisy_dwi_file"] = save_nifti(noisy_dwi, affine, prefix + "_noisy_dwi.nii.gz")
         out["noise"] = {"Type": "Rician", "Sigma": sigma, "Estimate": how, "RandomSeed": params.random_seed}
     return out
