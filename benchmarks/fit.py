@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from iqt_pipe.degrade import degrade_dwi
-from iqt_pipe.dwi import load_dwi
-from iqt_pipe.fit import brain_mask, fit_dti
+from iqt_pipe.dmri.degrade import degrade_dwi
+from iqt_pipe.dmri.dwi import load_dwi
+from iqt_pipe.dmri.fit import brain_mask, fit_dti
 
 DEFAULT = Path(__file__).resolve().parents[1].parent / "shared/data/ds-realdwi/sub-achieva01/dwi/sub-achieva01_dwi.nii.gz"
 

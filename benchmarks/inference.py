@@ -41,7 +41,7 @@ def espcn_flops(shape, r=R, widths=(50, 100), kernels=(3, 1, 3), channels=6) -> 
 
 
 def synthetic_case():
-    from iqt_pipe import dti
+    from iqt_pipe.dmri import dti
 
     rng = np.random.default_rng(0)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in LR_SHAPE], indexing="ij"), -1)
@@ -72,9 +72,9 @@ def conv3d_peak(device, precision: str = "float32") -> float:
 
 
 def run_case(variant: str, case: str, precision: str, device: str, threads: int) -> dict:
-    import iqt_pipe.baselines  # noqa: F401 - imports are not part of the timing
-    import iqt_pipe.degrade  # noqa: F401
-    from iqt_pipe.inference import SYMMETRIES, predict_brain, predict_patchwise
+    import iqt_pipe.sr.baselines  # noqa: F401 - imports are not part of the timing
+    import iqt_pipe.dmri.degrade  # noqa: F401
+    from iqt_pipe.sr.inference import SYMMETRIES, predict_brain, predict_patchwise
     from iqt_pipe.models import IQTNet
 
     torch.set_num_threads(threads)

@@ -5,7 +5,7 @@ not a test):
 
 One real run: the DTI fit at its native resolution and the bundled model's super-resolution of it
 (2× per axis, the predictive mean, as the app tracks). For each space and algorithm, DIPY
-(:func:`iqt_pipe.tractography.track_tensors`, loading the tensor image included) and ``tckgen``
+(:func:`iqt_pipe.tracking.tractography.track_tensors`, loading the tensor image included) and ``tckgen``
 (``Tensor_Det``/``Tensor_Prob`` on the synthesised series, as the workflow runs it, Rician noise
 for ``Tensor_Prob``) get the default settings, the same white-matter seed mask and seed count
 and ``--threads`` threads each. Prints seconds, the DIPY/tckgen ratio (issue 22's goal: ≤ 3 on
@@ -30,11 +30,11 @@ def prepare(args, tmp: Path) -> dict[str, dict[str, str]]:
     the S0 and gradient files the MRtrix3 synthesis needs (under ``"native"``)."""
     import numpy as np
 
-    from iqt_pipe.dti import tensors_voxel_to_world
+    from iqt_pipe.dmri.dti import tensors_voxel_to_world
     from iqt_pipe.interfaces import FitDTI
     from iqt_pipe.io import load_tensor_image, save_nifti
     from iqt_pipe.models import load_model
-    from iqt_pipe.superres import super_resolve_tensors
+    from iqt_pipe.sr.superres import super_resolve_tensors
 
     stem = args.bids / f"sub-{args.subject}/dwi/sub-{args.subject}_dwi"
     (tmp / "fit").mkdir()
@@ -52,7 +52,7 @@ def prepare(args, tmp: Path) -> dict[str, dict[str, str]]:
 
 
 def time_dipy(files: dict, algorithm: str, threads: int, density: float):
-    from iqt_pipe import tractography as T
+    from iqt_pipe.tracking import tractography as T
     from iqt_pipe.io import load_tensor_image
 
     t0 = time.perf_counter()
@@ -63,7 +63,7 @@ def time_dipy(files: dict, algorithm: str, threads: int, density: float):
 
 
 def time_tckgen(files: dict, algorithm: str, threads: int, density: float, folder: Path):
-    from iqt_pipe import tractography as T
+    from iqt_pipe.tracking import tractography as T
     from iqt_pipe.interfaces.tractography import TensorTractography
 
     folder.mkdir()
@@ -97,8 +97,8 @@ def main():
 
     import nibabel as nb
 
-    from iqt_pipe import tractcompare as C
-    from iqt_pipe import tractography as T
+    from iqt_pipe.tracking import compare as C
+    from iqt_pipe.tracking import tractography as T
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -4,7 +4,7 @@
                                             [--bids-dir DIR --participant-label L …]
 
 Builds a patch library (a synthetic phantom dataset by default, or the given BIDS runs), then
-runs :func:`iqt_pipe.training.train` for one epoch per variant twice: with the tensors in
+runs :func:`iqt_pipe.sr.training.train` for one epoch per variant twice: with the tensors in
 PyTorch's default NCDHW layout and in channels_last_3d (what training uses on CPU). Prints
 training pairs/s (validation included, as in an epoch of `iqt-train`), the time of the epoch
 and the speed-up of channels_last_3d.
@@ -24,12 +24,12 @@ LAYOUTS = {"ncdhw": torch.contiguous_format, "channels_last_3d": torch.channels_
 
 def library_for(args, work: Path):
     from iqt_pipe.bids import find_dwi_runs_multi
-    from iqt_pipe.patches import build_library
+    from iqt_pipe.sr.patches import build_library
 
     if args.bids_dir:
         root = args.bids_dir
     else:
-        from iqt_pipe.phantom import write_bids_dataset
+        from iqt_pipe.sims.phantom import write_bids_dataset
 
         root = write_bids_dataset(work / "ds", n_subjects=1, preset="tiny", seed=1, snr=30)
     runs = find_dwi_runs_multi([root], args.participant_label, None)
@@ -38,7 +38,7 @@ def library_for(args, work: Path):
 
 
 def epoch_seconds(library, variant: str, layout, work: Path) -> float:
-    from iqt_pipe import training
+    from iqt_pipe.sr import training
 
     original = training.memory_format
     training.memory_format = lambda device: layout

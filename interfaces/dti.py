@@ -37,16 +37,16 @@ class FitDTI(SimpleInterface):
 
     Every voxel with a positive signal is fitted, not only the brain: super-resolution sees
     the brain's surroundings through its 5³ receptive field, and was trained on whole-volume
-    fits (:func:`iqt_pipe.degrade.make_pair`). The brain mask is an output of its own."""
+    fits (:func:`iqt_pipe.dmri.degrade.make_pair`). The brain mask is an output of its own."""
 
     input_spec = _FitDTIInputSpec
     output_spec = _FitDTIOutputSpec
 
     def _run_interface(self, runtime):
-        from iqt_pipe.dti import scalar_maps
-        from iqt_pipe.dwi import load_dwi
+        from iqt_pipe.dmri.dti import scalar_maps
+        from iqt_pipe.dmri.dwi import load_dwi
         from iqt_pipe.io import InputError, load_nifti, save_nifti, save_tensors
-        from iqt_pipe.prepare import fit_series
+        from iqt_pipe.dmri.prepare import fit_series
 
         series = load_dwi(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file)
         mask = None
@@ -93,9 +93,9 @@ class DegradeDWI(SimpleInterface):
     output_spec = _DegradeDWIOutputSpec
 
     def _run_interface(self, runtime):
-        from iqt_pipe.degrade import degrade_dwi
-        from iqt_pipe.dwi import load_dwi
-        from iqt_pipe.gradients import write_gradients
+        from iqt_pipe.dmri.degrade import degrade_dwi
+        from iqt_pipe.dmri.dwi import load_dwi
+        from iqt_pipe.dmri.gradients import write_gradients
         from iqt_pipe.io import save_nifti
 
         series = load_dwi(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file)

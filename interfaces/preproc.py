@@ -38,14 +38,14 @@ class _DenoiseMPPCAOutputSpec(TraitedSpec):
 
 
 class DenoiseMPPCA(SimpleInterface):
-    """Marchenko–Pastur PCA denoising with DIPY (:func:`iqt_pipe.preproc.denoise_mppca`)."""
+    """Marchenko–Pastur PCA denoising with DIPY (:func:`iqt_pipe.dmri.preproc.denoise_mppca`)."""
 
     input_spec = _DenoiseMPPCAInputSpec
     output_spec = _DenoiseMPPCAOutputSpec
 
     def _run_interface(self, runtime):
         from iqt_pipe.io import InputError, load_nifti, save_nifti
-        from iqt_pipe.preproc import denoise_mppca
+        from iqt_pipe.dmri.preproc import denoise_mppca
 
         data, affine, header = _load_series(self.inputs.in_file)
         mask = None
@@ -75,14 +75,14 @@ class _RemoveGibbsOutputSpec(TraitedSpec):
 
 class RemoveGibbs(SimpleInterface):
     """Gibbs-ringing removal by local sub-voxel shifts with DIPY
-    (:func:`iqt_pipe.preproc.remove_gibbs`)."""
+    (:func:`iqt_pipe.dmri.preproc.remove_gibbs`)."""
 
     input_spec = _RemoveGibbsInputSpec
     output_spec = _RemoveGibbsOutputSpec
 
     def _run_interface(self, runtime):
         from iqt_pipe.io import save_nifti
-        from iqt_pipe.preproc import remove_gibbs
+        from iqt_pipe.dmri.preproc import remove_gibbs
 
         data, affine, header = _load_series(self.inputs.in_file)
         out = _out_path(self.inputs.in_file, "_unringed", runtime.cwd)
@@ -107,7 +107,7 @@ class _NoiseCorrelationOutputSpec(TraitedSpec):
 
 class NoiseCorrelation(SimpleInterface):
     """How much a series' noise correlates between neighbouring voxels
-    (:func:`iqt_pipe.preproc.noise_neighbour_correlation` on the volumes of the DTI fit), as a
+    (:func:`iqt_pipe.dmri.preproc.noise_neighbour_correlation` on the volumes of the DTI fit), as a
     sidecar field. Above :data:`iqt_pipe.qc.CORRELATED_NOISE` the scanner interpolated the
     series, which leaves super-resolution little to recover; the participant level warns."""
 
@@ -115,10 +115,10 @@ class NoiseCorrelation(SimpleInterface):
     output_spec = _NoiseCorrelationOutputSpec
 
     def _run_interface(self, runtime):
-        from iqt_pipe.dwi import load_dwi
-        from iqt_pipe.gradients import select_dti_volumes
+        from iqt_pipe.dmri.dwi import load_dwi
+        from iqt_pipe.dmri.gradients import select_dti_volumes
         from iqt_pipe.io import InputError, load_nifti
-        from iqt_pipe.preproc import noise_neighbour_correlation
+        from iqt_pipe.dmri.preproc import noise_neighbour_correlation
         from iqt_pipe.qc import CORRELATED_NOISE, NOISE_CORRELATION_FIELD
 
         series = load_dwi(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file)

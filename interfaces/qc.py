@@ -43,10 +43,10 @@ class RunQC(SimpleInterface):
         import os
 
         from iqt_pipe.io import save_json
-        from iqt_pipe.qc import metrics_from_files, run_name
+        from iqt_pipe.qc import metrics_from_files, run_label
 
         entities = dict(self.inputs.entities or {})
-        name = run_name(entities) if entities else None
+        name = run_label(entities) if entities else None
         metrics = metrics_from_files(
             self.inputs.native_fa_file, self.inputs.native_md_file, self.inputs.native_mask_file,
             self.inputs.sr_fa_file, self.inputs.sr_md_file, self.inputs.sr_sd_total_file, self.inputs.sr_mask_file,

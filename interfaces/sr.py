@@ -54,7 +54,7 @@ class _SuperResolveOutputSpec(TraitedSpec):
 
 
 class SuperResolve(SimpleInterface):
-    """Super-resolve a tensor image with a Bayesian 3D-ESPCN (:mod:`iqt_pipe.superres`).
+    """Super-resolve a tensor image with a Bayesian 3D-ESPCN (:mod:`iqt_pipe.sr.superres`).
 
     Sets ``use_gpu`` to run on CUDA, so Nipype's MultiProc schedules the node in a GPU slot."""
 
@@ -64,11 +64,11 @@ class SuperResolve(SimpleInterface):
     def _run_interface(self, runtime):
         from nipype.interfaces.base import isdefined
 
-        from iqt_pipe.gradients import read_gradients
-        from iqt_pipe.inference import SYMMETRIES as CODES
+        from iqt_pipe.dmri.gradients import read_gradients
+        from iqt_pipe.sr.inference import SYMMETRIES as CODES
         from iqt_pipe.models import load_model
-        from iqt_pipe.prepare import Preprocessing, series_domain, series_manufacturer
-        from iqt_pipe.superres import load_tensor_image, prediction_metadata, super_resolve_tensors, write_prediction
+        from iqt_pipe.dmri.prepare import Preprocessing, series_domain, series_manufacturer
+        from iqt_pipe.sr.superres import load_tensor_image, prediction_metadata, super_resolve_tensors, write_prediction
 
         device = "cuda" if self.inputs.use_gpu else "cpu"
         models, cards = zip(*(load_model(path, device=device) for path in self.inputs.model))

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from iqt_pipe.io import InputError
 
 if TYPE_CHECKING:
-    from iqt_pipe.prepare import Preprocessing
+    from iqt_pipe.dmri.prepare import Preprocessing
 
 DWI_EXTENSIONS = (".nii.gz", ".nii")
 #: Entities that name a run in messages and output file names, in BIDS order.
@@ -369,7 +369,7 @@ def upstream_steps(root: str | os.PathLike, subject: str) -> UpstreamSteps | Non
     one subject's series, where the dataset records them: QSIPrep archives its run
     configuration as ``sub-<label>/log/<run>/qsiprep.toml`` (``[workflow] denoise_method``,
     ``unringing_method``; the latest run counts). None where nothing says so."""
-    from iqt_pipe.prepare import Preprocessing
+    from iqt_pipe.dmri.prepare import Preprocessing
 
     root = Path(root)
     logs = sorted((root / f"sub-{subject}" / "log").glob("*/qsiprep.toml"))

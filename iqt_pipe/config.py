@@ -23,19 +23,19 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from iqt_pipe import __version__
 from iqt_pipe.io import InputError, save_text
-from iqt_pipe.tractography import DEFAULT_SEED_DENSITY, UNCERTAINTY_ACTIONS
+from iqt_pipe.tracking.tractography import DEFAULT_SEED_DENSITY, UNCERTAINTY_ACTIONS
 
 if TYPE_CHECKING:
-    from iqt_pipe.prepare import Preprocessing
+    from iqt_pipe.dmri.prepare import Preprocessing
 
 DEVICES = ("auto", "cpu", "cuda")
 TRACTOGRAPHY = ("none", "dipy", "mrtrix", "both")
 DENOISE = ("auto", "mrtrix", "dipy", "none")  # as workflows.dwi.DENOISE_CHOICES (not imported: Nipype is slow)
 DEFAULT_MC_SAMPLES = 8
-#: Test-time symmetry ensembles, as ``iqt_pipe.inference.SYMMETRIES`` (not imported: torch is slow).
+#: Test-time symmetry ensembles, as ``iqt_pipe.sr.inference.SYMMETRIES`` (not imported: torch is slow).
 SYMMETRIES = ("none", "mirrors", "cube")
 DEFAULT_SYMMETRIES = "mirrors"
-#: The network's arithmetic, as ``iqt_pipe.inference.PRECISIONS``.
+#: The network's arithmetic, as ``iqt_pipe.sr.inference.PRECISIONS``.
 PRECISIONS = ("auto", "float32", "bfloat16")
 DEFAULT_PRECISION = "auto"
 DEFAULT_SEED = 0
@@ -130,7 +130,7 @@ class RunConfig:
         """One line when ``--denoise``/``--degibbs`` differ from the model's training
         preprocessing (the network then sees series unlike those it learnt from), else None.
         Preprocessed (derivatives) input: see :meth:`upstream_warnings`."""
-        from iqt_pipe.prepare import Preprocessing
+        from iqt_pipe.dmri.prepare import Preprocessing
 
         if self.model_denoise is None or self.input_derivatives:
             return None
@@ -146,7 +146,7 @@ class RunConfig:
         """What a run's series has had when it is fitted: iqt-pipe's own steps, after (for a
         preprocessed run) those its pipeline recorded; None where that pipeline recorded
         nothing (then nothing is claimed in the sidecars)."""
-        from iqt_pipe.prepare import Preprocessing
+        from iqt_pipe.dmri.prepare import Preprocessing
 
         ours = Preprocessing(self.denoise, self.degibbs)
         if not getattr(run, "derivative", False):
@@ -160,7 +160,7 @@ class RunConfig:
         """For preprocessed (derivatives) runs, one line per distinct situation where the
         series the network sees — the pipeline's steps plus iqt-pipe's — differ from the
         model's training, repeat a step, or are unknown (the pipeline recorded nothing)."""
-        from iqt_pipe.prepare import Preprocessing
+        from iqt_pipe.dmri.prepare import Preprocessing
 
         if self.model_denoise is None:
             return []

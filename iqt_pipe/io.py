@@ -217,7 +217,7 @@ def save_tensors(
     The file holds 6 volumes (D11, D12, D13, D22, D23, D33) in mm²/s, expressed in world
     (scanner RAS) coordinates, which any tool can use whatever the voxel grid.
     """
-    from iqt_pipe.dti import tensors_voxel_to_world
+    from iqt_pipe.dmri.dti import tensors_voxel_to_world
 
     path = Path(path)
     save_nifti(tensors_voxel_to_world(tensors_voxel, affine), affine, path)
@@ -228,7 +228,7 @@ def save_tensors(
 
 def tensor_sidecar(metadata: dict | None = None) -> dict:
     """BEP016 sidecar fields of a world-frame tensor image written by iqt-pipe."""
-    from iqt_pipe.dti import COMPONENTS
+    from iqt_pipe.dmri.dti import COMPONENTS
 
     return {
         "Model": {"Description": "Diffusion tensor, weighted linear least squares"},

@@ -9,7 +9,7 @@ brain mask eroded once by the 6-connected (face-neighbour) element, the volume b
 counting as outside. Erosion drops the outer layer where partial volume with CSF and mask
 errors inflate FA. The HR white matter is the native one expanded by blocks — native voxel
 p covers HR voxels r·p … r·p + r − 1 on each axis, as the SR grid is built
-(:func:`iqt_pipe.degrade.upsample_affine`) — and kept inside the HR brain mask.
+(:func:`iqt_pipe.dmri.degrade.upsample_affine`) — and kept inside the HR brain mask.
 
 Uncertainty threshold. ``sd_total`` is the Frobenius sd of the predicted tensor,
 sqrt(E‖D − D̂‖²_F) in mm²/s. The default threshold, :data:`DEFAULT_SD_THRESHOLD` = 1.5e-4 mm²/s,
@@ -58,7 +58,7 @@ OUTLIER_METRICS = ("sdtot_wm_median", "sdtot_frac_above", "fa_wm_median_ratio", 
 #: interpolated the images (zero-filled k-space, a smoothing filter), so its grid holds less detail
 #: than its voxel size suggests. Measured on ds-realdwi (residual of DIPY's MP-PCA, brain): the
 #: Canon/Toshiba runs 0.5-0.65 along x, where the bundled model ties with cubic spline; the other
-#: five vendors 0.08-0.25 on every axis (:func:`iqt_pipe.preproc.noise_neighbour_correlation`).
+#: five vendors 0.08-0.25 on every axis (:func:`iqt_pipe.dmri.preproc.noise_neighbour_correlation`).
 CORRELATED_NOISE = 0.4
 #: What correlated noise means for super-resolution.
 INTERPOLATED = ("the scanner interpolated this series, so its grid holds less detail than its voxel size "
@@ -130,7 +130,7 @@ def noise_correlation_warning(correlation: Sequence[float] | None, name: str) ->
 
 def model_domain_warning(sr_sidecar: dict[str, Any], name: str) -> str | None:
     """One line when a super-resolved run's sidecar says it lies outside the model's training
-    domain (``ModelDomain``, :func:`iqt_pipe.prepare.domain_problems`), else None."""
+    domain (``ModelDomain``, :func:`iqt_pipe.dmri.prepare.domain_problems`), else None."""
     problems = (sr_sidecar.get("ModelDomain") or {}).get("Problems")
     if not problems:
         return None
@@ -279,7 +279,7 @@ def metrics_from_files(
 ) -> dict[str, Any]:
     """:func:`run_qc_metrics` on NIfTI files; grids are checked (native maps on one grid, SR maps
     on its r-fold block upsampling, affines included). ``name`` defaults to the SR FA file's name."""
-    from iqt_pipe.degrade import upsample_affine
+    from iqt_pipe.dmri.degrade import upsample_affine
 
     native = {"native FA": native_fa, "native MD": native_md, "native mask": native_mask}
     sr = {"SR FA": sr_fa, "SR MD": sr_md, "SR sd_total": sr_sd_total, "SR mask": sr_mask}
@@ -307,7 +307,7 @@ def metrics_from_files(
     )
 
 
-def run_name(row: dict[str, Any]) -> str:
+def run_label(row: dict[str, Any]) -> str:
     """``sub-01_ses-a_run-1`` from a row's BIDS entities (``?`` when it has none)."""
     parts = [f"{short}-{row[key]}" for key, short in ENTITIES.items() if row.get(key) not in (None, "")]
     return "_".join(parts) or "?"
@@ -333,7 +333,7 @@ def group_table(rows: list[dict[str, Any]], metrics: Sequence[str] = OUTLIER_MET
         for row in out:
             value = row.get(metric)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError(f"{run_name(row)}: metric {metric} is missing or not a finite number ({value!r})")
+                raise ValueError(f"{run_label(row)}: metric {metric} is missing or not a finite number ({value!r})")
     flagged: list[list[str]] = [[] for _ in out]
     for metric in metrics:
         if len(out) < 3:
@@ -383,13 +383,13 @@ def summary_text(rows: list[dict[str, Any]], metrics: Iterable[str] = OUTLIER_ME
         lines.append(f"Outliers (robust |z| > {OUTLIER_Z}): {len(outliers)}")
         for row in outliers:
             why = ", ".join(f"{m} z={row[f'{m}_z']:+.1f}" for m in row["outlier_metrics"].split(",") if m)
-            lines.append(f"  {run_name(row)}: {why}")
+            lines.append(f"  {run_label(row)}: {why}")
     correlated = [row for row in rows if isinstance(row.get("noise_corr_max"), (int, float))
                   and row["noise_corr_max"] > CORRELATED_NOISE]
     if correlated:
         lines.append(f"Correlated noise (neighbour correlation > {CORRELATED_NOISE}; interpolated by the scanner, "
                      f"little for super-resolution to recover): {len(correlated)}")
-        lines += [f"  {run_name(row)}: {row['noise_corr_max']:.2f}" for row in correlated]
+        lines += [f"  {run_label(row)}: {row['noise_corr_max']:.2f}" for row in correlated]
     if rows:
         lines.append("Medians across runs:")
         for metric in dict.fromkeys([*metrics, "sdtot_wm_p95", "n_wm_native"]):

@@ -9,7 +9,7 @@ relative to each dataset (a card travels with the package), with each dataset's 
 ``dataset_description.json`` (``training.dataset_names``), and the held-out evaluation of the
 same recipe is summarised under ``evaluation``: one ``iqt-eval`` results.json and method per fold
 (a model trained without that fold's scored subjects), the runs of all folds pooled by
-:func:`iqt_pipe.evaluation.summarise` as if one cross-validated ``iqt-eval`` had scored them.
+:func:`iqt_pipe.evaluation.protocol.summarise` as if one cross-validated ``iqt-eval`` had scored them.
 The weights are not changed, so the card's sha256 still holds; the result is loaded once to
 check it.
 """
@@ -21,7 +21,7 @@ import json
 import shutil
 from pathlib import Path
 
-from iqt_pipe.evaluation import summarise
+from iqt_pipe.evaluation.protocol import summarise
 from iqt_pipe.io import atomic_path, save_json
 from iqt_pipe.models import load_model, read_card
 from iqt_pipe.models.files import BUNDLED, bundled_dir, model_paths

@@ -65,7 +65,7 @@ def tiny_dataset_and_model(tmp: Path, n_subjects: int = 1, seed: int = 1, snr: f
     import torch
 
     from iqt_pipe.models import IQTNet, save_model
-    from iqt_pipe.phantom import write_bids_dataset
+    from iqt_pipe.sims.phantom import write_bids_dataset
 
     root = write_bids_dataset(tmp / "ds", n_subjects=n_subjects, preset="tiny", seed=seed, snr=snr)
     torch.manual_seed(0)

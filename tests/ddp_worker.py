@@ -1,7 +1,7 @@
 """``iqt-train`` with a record of the training pairs each process draws (tests/test_ddp.py).
 
 Run it like ``python -m iqt_pipe.cli.train`` (alone, or under ``torch.distributed.run``): it
-wraps :class:`iqt_pipe.training.PatchDataset` so that every item fetched is noted with its
+wraps :class:`iqt_pipe.sr.training.PatchDataset` so that every item fetched is noted with its
 epoch, runs the real command-line entry point, then writes ``OUT_DIR/seen-rank<RANK>.json``:
 ``{"rank", "world_size", "epochs": {epoch: [pair index, ...] in the order drawn}}``.
 """
@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from iqt_pipe import training
+from iqt_pipe.sr import training
 from iqt_pipe.cli import train as cli
 
 _seen: dict[int, list[int]] = {}

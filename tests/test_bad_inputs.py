@@ -24,7 +24,7 @@ import torch
 from conftest import tiny_dataset_and_model
 from iqt_pipe.cli.run import main
 from iqt_pipe.models import IQTNet, save_model
-from iqt_pipe.phantom import write_bids_dataset
+from iqt_pipe.sims.phantom import write_bids_dataset
 
 DWI = "sub-01/dwi/sub-01_dwi.nii.gz"
 BVAL = "sub-01/dwi/sub-01_dwi.bval"
@@ -335,7 +335,7 @@ def test_memory_estimate_and_tile_budget_honour_mem_mb(pristine, tmp_path):
     """--mem-mb covers the run's arrays plus the network's tiles: a limit just large enough
     passes and leaves MIN_TILE_MB for the tiles, one MB less is refused."""
     from iqt_pipe.bids import find_dwi_runs
-    from iqt_pipe.preflight import MIN_TILE_MB, DEFAULT_TILE_MB, check_run, memory_needed_mb, tile_budget_mb
+    from iqt_pipe.dmri.preflight import MIN_TILE_MB, DEFAULT_TILE_MB, check_run, memory_needed_mb, tile_budget_mb
 
     root, _ = pristine
     run = find_dwi_runs(root)[0]
@@ -345,7 +345,7 @@ def test_memory_estimate_and_tile_budget_honour_mem_mb(pristine, tmp_path):
     check_run(run, upsample=2, mem_mb=needed + MIN_TILE_MB)
     assert tile_budget_mb(shape, 2, needed + MIN_TILE_MB) == MIN_TILE_MB
     assert tile_budget_mb(shape, 2, needed + 300) == 300
-    from iqt_pipe.inference import tile_size_for_budget
+    from iqt_pipe.sr.inference import tile_size_for_budget
     from iqt_pipe.models import IQTNet
 
     for variant in ("hetero", "hetero-var2"):  # the CPU tile never shrinks below --mem-mb's floor

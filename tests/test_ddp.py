@@ -42,7 +42,7 @@ import numpy as np
 import pytest
 import torch
 
-from iqt_pipe.training import split_indices
+from iqt_pipe.sr.training import split_indices
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 PATCHES, BATCH, EPOCHS = 40, 8, 2  # 2 subjects × 40 pairs, half for training: 40 pairs, 5 steps per epoch
@@ -52,7 +52,7 @@ ARGS = ["--patches-per-subject", str(PATCHES), "--epochs", str(EPOCHS), "--varia
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from iqt_pipe.phantom import write_bids_dataset
+    from iqt_pipe.sims.phantom import write_bids_dataset
 
     tmp = tmp_path_factory.mktemp("ddp")
     bids = write_bids_dataset(tmp / "ds", n_subjects=2, preset="tiny", seed=11)

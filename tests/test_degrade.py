@@ -4,7 +4,7 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from iqt_pipe.degrade import block_average, crop_to_multiple, degrade_dwi, downsample_affine, upsample_affine, voxel_centres
+from iqt_pipe.dmri.degrade import block_average, crop_to_multiple, degrade_dwi, downsample_affine, upsample_affine, voxel_centres
 
 
 @pytest.mark.parametrize("r", [2, 3])
@@ -69,7 +69,7 @@ def test_separable_interpolation_is_scipys_on_the_hr_grid(method, order, shape, 
     prefiltered spline) at every HR voxel centre (h − (r − 1)/2)/r, edges included."""
     from scipy import ndimage
 
-    from iqt_pipe.baselines import interpolate_tensors
+    from iqt_pipe.sr.baselines import interpolate_tensors
 
     lr = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     coords = np.meshgrid(*[(np.arange(s * r) - (r - 1) / 2) / r for s in shape[:3]], indexing="ij")

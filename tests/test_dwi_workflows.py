@@ -10,10 +10,10 @@ import pytest
 from nipype.pipeline import engine as pe
 from scipy import ndimage
 
-from iqt_pipe.dti import scalar_maps
-from iqt_pipe.fit import fit_dti
+from iqt_pipe.dmri.dti import scalar_maps
+from iqt_pipe.dmri.fit import fit_dti
 from iqt_pipe.io import load_nifti, save_nifti
-from iqt_pipe.phantom import TRUTH_DIR, make_phantom, write_bids_dataset
+from iqt_pipe.sims.phantom import TRUTH_DIR, make_phantom, write_bids_dataset
 from iqt_pipe.workflows import dwi as dwi_workflows
 from iqt_pipe.workflows import init_dti_wf, init_dwi_preproc_wf
 

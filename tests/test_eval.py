@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iqt_pipe import evaluation as ev
-from iqt_pipe import metrics
+from iqt_pipe.evaluation import protocol as ev
+from iqt_pipe.evaluation import metrics
 from iqt_pipe.bids import find_dwi_runs
 from iqt_pipe.cli import eval as eval_cli
-from iqt_pipe.dti import tensors_world_to_voxel
+from iqt_pipe.dmri.dti import tensors_world_to_voxel
 from iqt_pipe.io import load_nifti
-from iqt_pipe.phantom import TRUTH_DIR, write_bids_dataset
+from iqt_pipe.sims.phantom import TRUTH_DIR, write_bids_dataset
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_raw_case_noise_floor_predicts_the_reference_error(phantom, runs):
     assert case.lr_tensors.shape[:3] == tuple(s // 2 for s in case.reference.shape[:3])
     # The app's prediction region (the LR brain dilated by the receptive field) holds the whole
     # HR scan's brain mask, rim included; the LR mask's blocks alone do not.
-    from iqt_pipe.inference import expand_mask, prediction_region
+    from iqt_pipe.sr.inference import expand_mask, prediction_region
 
     assert expand_mask(prediction_region(case.lr_mask, 2), 2)[case.hr_mask].all()
     assert not expand_mask(case.lr_mask, 2)[case.hr_mask].all()
@@ -85,7 +85,7 @@ def test_lesion_is_written_where_its_weight_says(runs):
     assert np.median(md) == pytest.approx(np.mean(ev.LESION_EVALS), rel=0.15)
     # The lesion AUC of each uncertainty map: here only the parameter sd rises in the lesion
     # (AUC 1), the intrinsic sd is noise (AUC ≈ 0.5); the total follows the larger part.
-    from iqt_pipe.inference import Prediction
+    from iqt_pipe.sr.inference import Prediction
 
     rng = np.random.default_rng(0)
     shape, zeros = les.reference.shape, np.zeros(les.hr_mask.shape)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from iqt_pipe.gradients import (
+from iqt_pipe.dmri.gradients import (
     GradientError,
     GradientTable,
     find_shells,

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from iqt_pipe import dti
-from iqt_pipe.inference import (
+from iqt_pipe.dmri import dti
+from iqt_pipe.sr.inference import (
     SYMMETRIES,
     Prediction,
     _fa_md,
@@ -19,8 +19,8 @@ from iqt_pipe.inference import (
 )
 from iqt_pipe.io import InputError
 from iqt_pipe.models import IQTNet
-from iqt_pipe.normalise import channel_stats
-from iqt_pipe.patches import transform_field, transform_volume
+from iqt_pipe.sr.normalise import channel_stats
+from iqt_pipe.sr.patches import transform_field, transform_volume
 
 SHAPE = (19, 17, 13)
 
@@ -60,7 +60,7 @@ def test_tiled_prediction_equals_patch_by_patch(field, r, tile, target):
     if target == "hr":
         whole = stats.destandardise(whole)
     else:
-        from iqt_pipe.baselines import interpolate_tensors
+        from iqt_pipe.sr.baselines import interpolate_tensors
 
         whole = whole * stats.sd + interpolate_tensors(lr, r, "cubic")
     hr_mask = expand_mask(mask, r)
@@ -314,7 +314,7 @@ def test_fa_and_md_moments_of_the_predictive_distribution(field):
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):
-    import iqt_pipe.inference as inf
+    import iqt_pipe.sr.inference as inf
 
     monkeypatch.setattr(inf, "bfloat16_is_native", lambda: True)
     assert inf.resolve_precision("auto", torch.device("cpu")) == "bfloat16"
@@ -335,7 +335,7 @@ def test_bfloat16_convolutions_change_little(field):
     f32 = predict_volume(model, lr, mask, np.eye(4), precision="float32", **kwargs)
     b16 = predict_volume(model, lr, mask, np.eye(4), precision="bfloat16", **kwargs)
     assert (f32.info["precision"], b16.info["precision"]) == ("float32", "bfloat16")
-    from iqt_pipe.baselines import interpolate_tensors
+    from iqt_pipe.sr.baselines import interpolate_tensors
 
     m = f32.mask
     residual = f32.mean[m] - interpolate_tensors(lr, 2, "cubic")[m]
@@ -346,7 +346,8 @@ def test_bfloat16_convolutions_change_little(field):
 
 def test_the_app_settings_name_the_library_choices():
     """config.py repeats the choices so that parsing a command line needs no torch: they agree."""
-    from iqt_pipe import config, inference
+    from iqt_pipe import config
+    from iqt_pipe.sr import inference
 
     assert config.SYMMETRIES == tuple(inference.SYMMETRIES) and config.PRECISIONS == inference.PRECISIONS
     assert (config.DEFAULT_SYMMETRIES, config.DEFAULT_PRECISION) == (inference.DEFAULT_SYMMETRIES,

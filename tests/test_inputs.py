@@ -284,7 +284,7 @@ def test_the_group_level_finds_qsiprep_runs(qsiprep_run):
 def test_a_mask_on_another_grid_is_refused_in_one_line(tmp_path):
     from iqt_pipe.bids import find_dwi_runs
     from iqt_pipe.io import InputError
-    from iqt_pipe.preflight import check_run
+    from iqt_pipe.dmri.preflight import check_run
 
     phantom = tiny_dataset_and_model(tmp_path, n_subjects=1, seed=1)[0]
     root = qsiprep_like(phantom, tmp_path / "qsiprep", mask=np.ones((5, 5, 5), bool))

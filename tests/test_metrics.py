@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from iqt_pipe import metrics
+from iqt_pipe.evaluation import metrics
 
 
 def test_region_masks_interior_definition():
@@ -159,7 +159,7 @@ def test_wls_variance_matches_monte_carlo():
     from dipy.core.gradients import gradient_table
     from dipy.reconst.dti import TensorModel
 
-    from iqt_pipe.dti import from_dipy_order
+    from iqt_pipe.dmri.dti import from_dipy_order
 
     rng = np.random.default_rng(1)
     dirs = rng.standard_normal((30, 3))

@@ -1,6 +1,6 @@
 """What users run is what is measured: ``iqt-pipe … participant`` on a degraded series writes
 the super-resolved tensors that ``iqt-eval`` scores for the same series (one path through
-:mod:`iqt_pipe.prepare`), over the whole brain with its rim; the model card's preprocessing and
+:mod:`iqt_pipe.dmri.prepare`), over the whole brain with its rim; the model card's preprocessing and
 training domain reach the app's defaults, sidecars and warnings."""
 
 import json
@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from iqt_pipe import dti
-from iqt_pipe import evaluation as ev
+from iqt_pipe.dmri import dti
+from iqt_pipe.evaluation import protocol as ev
 from iqt_pipe.bids import find_dwi_runs
-from iqt_pipe.gradients import write_gradients
+from iqt_pipe.dmri.gradients import write_gradients
 from iqt_pipe.io import save_nifti
 from iqt_pipe.models import IQTNet, load_model, save_model
-from iqt_pipe.prepare import (NONE, Preprocessing, domain_problems, fit_series, preprocess_series, series_domain,
+from iqt_pipe.dmri.prepare import (NONE, Preprocessing, domain_problems, fit_series, preprocess_series, series_domain,
                               training_domain)
 
 
@@ -63,7 +63,7 @@ def assert_same_prediction(app: np.ndarray, library: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    from iqt_pipe.phantom import write_bids_dataset
+    from iqt_pipe.sims.phantom import write_bids_dataset
 
     tmp = tmp_path_factory.mktemp("onepath")
     root = write_bids_dataset(tmp / "ds", n_subjects=1, preset="tiny", seed=3)
@@ -157,7 +157,7 @@ def test_scanner_vendor_in_the_domain(tmp_path):
     """The vendor comes from the run's sidecar (named by any of its files); the card lists the
     training runs' vendors, and a run from another vendor is outside the domain; an older card
     gets them from its training runs' sidecars where those are at hand."""
-    from iqt_pipe.prepare import card_domain, series_manufacturer
+    from iqt_pipe.dmri.prepare import card_domain, series_manufacturer
 
     (tmp_path / "sub-01_dwi.json").write_text(json.dumps({"Manufacturer": " Siemens "}))
     (tmp_path / "sub-02_dwi.json").write_text("{not json")
@@ -197,7 +197,7 @@ def test_training_records_preprocessing_and_domain(tmp_path):
     made: another patch library, recorded in the card with the training runs' domain; the app
     then removes Gibbs ringing by default and says so."""
     from iqt_pipe.cli import train as train_cli
-    from iqt_pipe.phantom import write_bids_dataset
+    from iqt_pipe.sims.phantom import write_bids_dataset
 
     root = write_bids_dataset(tmp_path / "ds", n_subjects=1, preset="tiny", seed=5)
     base = [str(root), "--patches-per-subject", "12", "--variant", "espcn", "--epochs", "1", "--nthreads", "1",
@@ -249,7 +249,7 @@ def test_gibbs_removal_blurs_a_series_without_ringing(realdwi):
     Cubic B-spline of the corrected series' tensors is farther from the HR fit than that of the
     series as it is (measured 1.09 × inside the brain on this UIH run; 1.09–1.19 on the Trio,
     Prisma and Achieva runs, a tie on the Toshiba one)."""
-    from iqt_pipe.baselines import interpolate_tensors
+    from iqt_pipe.sr.baselines import interpolate_tensors
 
     run = find_dwi_runs(realdwi, ["umr01"])[0]
     case = ev.prepare_case(run, mode="raw", noise_floor=False)

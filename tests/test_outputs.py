@@ -39,7 +39,7 @@ def expected_tree(folder: str, prefix: str, names: list[str]) -> list[str]:
 
 
 def sr_metadata(variant: str) -> dict:
-    """What SuperResolve's ``metadata`` output holds (iqt_pipe.superres.prediction_metadata)."""
+    """What SuperResolve's ``metadata`` output holds (iqt_pipe.sr.superres.prediction_metadata)."""
     return {
         "Model": {"Variant": variant, "UpsampleFactor": 2, "Target": "hr", "WeightsSHA256": "ab" * 32,
                   "Version": "0.1.0"},

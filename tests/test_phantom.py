@@ -1,4 +1,4 @@
-"""Synthetic brain phantom (iqt_pipe.phantom, iqt-phantom): determinism, BIDS validity,
+"""Synthetic brain phantom (iqt_pipe.sims.phantom, iqt-phantom): determinism, BIDS validity,
 exact ground truth in the right frame, anatomy (tissues, bundles, crossings, lesion), CLI."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from conftest import venv_tool
 
-from iqt_pipe import phantom as ph
+from iqt_pipe.sims import phantom as ph
 from iqt_pipe.cli import phantom as cli
-from iqt_pipe.dti import eig, scalar_maps, tensors_voxel_to_world
-from iqt_pipe.fit import fit_dti
-from iqt_pipe.gradients import read_gradients
+from iqt_pipe.dmri.dti import eig, scalar_maps, tensors_voxel_to_world
+from iqt_pipe.dmri.fit import fit_dti
+from iqt_pipe.dmri.gradients import read_gradients
 from iqt_pipe.io import InputError, load_nifti
 
 

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.spatial.transform import Rotation
 
-from iqt_pipe.degrade import block_average, crop_to_multiple
-from iqt_pipe.dti import (
+from iqt_pipe.dmri.degrade import block_average, crop_to_multiple
+from iqt_pipe.dmri.dti import (
     eig,
     fractional_anisotropy,
     mean_diffusivity,
@@ -23,9 +23,9 @@ from iqt_pipe.dti import (
     tensors_world_to_voxel,
     to_matrix,
 )
-from iqt_pipe.fit import fit_dti
-from iqt_pipe.gradients import GradientTable, read_gradients, select_dti_volumes, write_gradients
-from iqt_pipe.inference import VAR_CAP, VAR_FLOOR, guard_outputs
+from iqt_pipe.dmri.fit import fit_dti
+from iqt_pipe.dmri.gradients import GradientTable, read_gradients, select_dti_volumes, write_gradients
+from iqt_pipe.sr.inference import VAR_CAP, VAR_FLOOR, guard_outputs
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

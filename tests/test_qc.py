@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from iqt_pipe import qc
-from iqt_pipe.degrade import upsample_affine
+from iqt_pipe.dmri.degrade import upsample_affine
 from iqt_pipe.io import InputError, save_nifti
 
 SHAPE = (8, 8, 8)

@@ -7,9 +7,9 @@ import pytest
 from scipy.ndimage import binary_erosion
 
 from conftest import REALDWI, real_runs
-from iqt_pipe import dti
-from iqt_pipe.dwi import load_dwi
-from iqt_pipe.fit import brain_mask, fit_dti
+from iqt_pipe.dmri import dti
+from iqt_pipe.dmri.dwi import load_dwi
+from iqt_pipe.dmri.fit import brain_mask, fit_dti
 
 pytestmark = pytest.mark.realdata
 RUNS = real_runs() or [REALDWI / "absent"]

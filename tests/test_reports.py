@@ -27,8 +27,8 @@ from urllib.parse import unquote, urljoin, urlparse
 import numpy as np
 import pytest
 
-from iqt_pipe.degrade import upsample_affine
-from iqt_pipe.phantom import make_phantom
+from iqt_pipe.dmri.degrade import upsample_affine
+from iqt_pipe.sims.phantom import make_phantom
 from iqt_pipe.qc import DEFAULT_SD_THRESHOLD
 from iqt_pipe.reports import figures as F
 from iqt_pipe.reports.citations import cite, methods_html, parse_bibtex
@@ -188,7 +188,7 @@ def test_histogram_marks_the_threshold_and_the_tractography_limit(tmp_path):
 def test_streamlines_figure_colours_by_direction_and_uncertainty(tmp_path):
     from PIL import Image
 
-    from iqt_pipe.tractography import save_trk
+    from iqt_pipe.tracking.tractography import save_trk
 
     x_line = np.stack([np.linspace(-40, 40, 30), np.zeros(30), np.zeros(30)], axis=1)
     z_line = np.stack([np.zeros(30), np.zeros(30), np.linspace(-30, 30, 30)], axis=1)
@@ -523,7 +523,7 @@ def _crash_in(log_dir: Path, bval: Path) -> Path:
     from nipype.pipeline import engine as pe
 
     def read_table(bval, bvec):
-        from iqt_pipe.gradients import read_gradients
+        from iqt_pipe.dmri.gradients import read_gradients
 
         return read_gradients(bval, bvec)
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_dataset_and_model
-from iqt_pipe import dti
-from iqt_pipe.baselines import interpolate_tensors
-from iqt_pipe.degrade import upsample_affine
-from iqt_pipe.inference import (DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES, expand_mask, predict_brain,
+from iqt_pipe.dmri import dti
+from iqt_pipe.sr.baselines import interpolate_tensors
+from iqt_pipe.dmri.degrade import upsample_affine
+from iqt_pipe.sr.inference import (DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES, expand_mask, predict_brain,
                                 prediction_region)
 from iqt_pipe.io import load_nifti
 from iqt_pipe.models import load_model
@@ -83,7 +83,7 @@ def test_sr_workflow_embedded_in_another_workflow(setup):
 
 
 def test_write_prediction_sidecars(setup, tmp_path):
-    from iqt_pipe.superres import load_tensor_image, prediction_metadata, super_resolve_tensors, write_prediction
+    from iqt_pipe.sr.superres import load_tensor_image, prediction_metadata, super_resolve_tensors, write_prediction
     from iqt_pipe.interfaces import FitDTI
 
     run, model_dir, _ = setup

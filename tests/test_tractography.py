@@ -1,4 +1,4 @@
-"""Tractography (iqt_pipe.tractography, its interfaces and workflow, ``--tractography``):
+"""Tractography (iqt_pipe.tracking.tractography, its interfaces and workflow, ``--tractography``):
 streamlines follow the phantom's known bundles in world millimetres whatever the voxel axes
 (DIPY and MRtrix3), the uncertainty limit, tractogram files that nibabel, DIPY and MRtrix3
 read back in the same world coordinates, super-resolved tractography closer to the HR
@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, real_runs
-from iqt_pipe import tractcompare as C
-from iqt_pipe import tractography as T
-from iqt_pipe.dti import tensors_voxel_to_world
+from iqt_pipe.tracking import compare as C
+from iqt_pipe.tracking import tractography as T
+from iqt_pipe.dmri.dti import tensors_voxel_to_world
 from iqt_pipe.io import InputError, load_tensor_image, read_tsv, save_nifti
-from iqt_pipe.phantom import BUNDLES, FOV_CENTRE, make_phantom
+from iqt_pipe.sims.phantom import BUNDLES, FOV_CENTRE, make_phantom
 
 EXPECTED = json.loads((REPO / "tests/data/expected_participant_outputs.json").read_text())
 
@@ -117,7 +117,7 @@ def phantom(request):
     """A 4-mm phantom (SNR 30) fitted by the pipeline's DTI fit, world-frame tensors; RAS
     (positive determinant: FSL's x flip applies), LAS (negative determinant: no flip) and PIR
     (permuted, flipped voxel axes)."""
-    from iqt_pipe.fit import fit_dti
+    from iqt_pipe.dmri.fit import fit_dti
 
     p = make_phantom("small", seed=2, snr=30, orientation=request.param)
     fit = fit_dti(p.dwi, p.affine, p.gtab)
@@ -162,13 +162,13 @@ def test_dipy_tracking_does_not_depend_on_the_threads(phantom, algorithm):
 def test_a_frame_error_would_be_caught(phantom, monkeypatch):
     """The bundle check has teeth: tracking world-frame tensors as if they were voxel-frame
     ones (what a missing rotation would do) fails it on the permuted grid."""
-    import iqt_pipe.dti
+    import iqt_pipe.dmri.dti
 
     p, world, _ = phantom
-    if np.allclose(iqt_pipe.dti.voxel_to_world_rotation(p.affine), np.eye(3)):
+    if np.allclose(iqt_pipe.dmri.dti.voxel_to_world_rotation(p.affine), np.eye(3)):
         pytest.skip("voxel and world frames coincide on a RAS grid")
 
-    monkeypatch.setattr(iqt_pipe.dti, "tensors_world_to_voxel", lambda d6, affine: d6)
+    monkeypatch.setattr(iqt_pipe.dmri.dti, "tensors_world_to_voxel", lambda d6, affine: d6)
     tracks = T.track_tensors(world, p.mask, p.affine, T.TrackingParams(), seeds=core_seeds(p, p.fa))
     with pytest.raises(AssertionError):
         assert_follows_bundles(p, tracks, 0.25, "wrong frame")
@@ -181,7 +181,7 @@ def test_a_frame_error_would_be_caught(phantom, monkeypatch):
 
 
 def write_phantom_inputs(p, world, fit, folder: Path) -> dict[str, str]:
-    from iqt_pipe.gradients import write_gradients
+    from iqt_pipe.dmri.gradients import write_gradients
 
     folder.mkdir(parents=True, exist_ok=True)
     write_gradients(p.gtab, folder / "dwi.bval", folder / "dwi.bvec")
@@ -218,7 +218,7 @@ def test_mrtrix_streamlines_follow_the_true_bundles(phantom, mrtrix, tmp_path):
     subprocess.run(["dwi2tensor", "-quiet", "-grad", str(prep["grad_file"]), str(prep["dwi_file"]),
                     str(tmp_path / "dt.nii.gz")], check=True)
     mrtrix_tensors = nb.load(tmp_path / "dt.nii.gz").get_fdata()  # xx yy zz xy xz yz, world frame
-    from iqt_pipe.dti import from_mrtrix_order
+    from iqt_pipe.dmri.dti import from_mrtrix_order
 
     m = p.mask & (p.fa > 0.2)
     np.testing.assert_allclose(from_mrtrix_order(mrtrix_tensors)[m], world[m], atol=2e-5)
@@ -485,7 +485,7 @@ def test_tensor_prob_series_gets_the_runs_noise(tmp_path):
     """MRtrix3's Tensor_Prob bootstraps the fit's residuals: its series carries Rician noise at
     the run's level (measured on the native DWI's repeated b=0), reproducibly, and falls back
     to SNR 30 of the synthesised b=0 without a native series."""
-    from iqt_pipe.gradients import write_gradients
+    from iqt_pipe.dmri.gradients import write_gradients
 
     p = make_phantom("tiny", seed=4, snr=20)
     write_gradients(p.gtab, tmp_path / "dwi.bval", tmp_path / "dwi.bvec")
@@ -607,9 +607,9 @@ def test_evaluate_files_masks_and_bundles(tmp_path):
 def tiny_inputs(tmp_path_factory):
     """Native files of a tiny phantom (truth tensors, fitted S0) and a 2× 'super-resolved'
     version (cubic interpolation) with a made-up uncertainty map."""
-    from iqt_pipe.baselines import interpolate_tensors
-    from iqt_pipe.degrade import upsample_affine
-    from iqt_pipe.gradients import write_gradients
+    from iqt_pipe.sr.baselines import interpolate_tensors
+    from iqt_pipe.dmri.degrade import upsample_affine
+    from iqt_pipe.dmri.gradients import write_gradients
 
     tmp = tmp_path_factory.mktemp("tiny")
     p = make_phantom("tiny", seed=4, snr=None)
@@ -706,13 +706,13 @@ def test_super_resolved_tractography_is_closer_to_hr_than_native(tmp_path):
     settings and seed density; SR must be measurably closer to HR on every measure."""
     import torch
 
-    from iqt_pipe.degrade import make_pair
-    from iqt_pipe.dwi import load_dwi
-    from iqt_pipe.inference import predict_volume
+    from iqt_pipe.dmri.degrade import make_pair
+    from iqt_pipe.dmri.dwi import load_dwi
+    from iqt_pipe.sr.inference import predict_volume
     from iqt_pipe.models import load_model
-    from iqt_pipe.patches import build_library
-    from iqt_pipe.phantom import write_bids_dataset
-    from iqt_pipe.training import train
+    from iqt_pipe.sr.patches import build_library
+    from iqt_pipe.sims.phantom import write_bids_dataset
+    from iqt_pipe.sr.training import train
 
     root = write_bids_dataset(tmp_path / "ds", n_subjects=3, preset="small", seed=5, snr=30)
 
@@ -856,10 +856,10 @@ def uncertainty_percentile(root: Path, model: Path, q: float, folder: Path) -> s
     """The q-th percentile of the model's total uncertainty (2 MC samples, the app's other
     defaults) in the brain of sub-01, as the command line would take it: a threshold the run's
     map crosses."""
-    from iqt_pipe.inference import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES
+    from iqt_pipe.sr.inference import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES
     from iqt_pipe.interfaces import FitDTI
     from iqt_pipe.models import load_model
-    from iqt_pipe.superres import super_resolve_tensors
+    from iqt_pipe.sr.superres import super_resolve_tensors
 
     stem = root / "sub-01/dwi/sub-01_dwi"
     folder.mkdir(parents=True, exist_ok=True)
@@ -965,7 +965,7 @@ def test_streamline_sets_at_once_equal_one_by_one():
     """densify_many, the track density and the per-streamline uncertainty table work on all
     streamlines at once; they equal the one-streamline-at-a-time definitions (empty and
     single-point streamlines, points outside the map and NaN uncertainty included)."""
-    from iqt_pipe import tractography as T
+    from iqt_pipe.tracking import tractography as T
 
     rng = np.random.default_rng(0)
     lines = [np.cumsum(rng.normal(size=(rng.integers(1, 40), 3)), 0) + 20 for _ in range(300)]

@@ -1,4 +1,4 @@
-"""Training (iqt_pipe.bids, iqt_pipe.patches, iqt_pipe.training, iqt-train): BIDS queries,
+"""Training (iqt_pipe.bids, iqt_pipe.sr.patches, iqt_pipe.sr.training, iqt-train): BIDS queries,
 patch library geometry, cache and augmentation, learning on a tiny phantom, exact resume,
 determinism, two-process torchrun, CLI errors.
 
@@ -20,15 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-from iqt_pipe import patches as P
+from iqt_pipe.sr import patches as P
 from iqt_pipe.bids import find_dwi_runs, find_dwi_runs_multi
 from iqt_pipe.cli import train as cli
-from iqt_pipe.dti import from_matrix, to_matrix
+from iqt_pipe.dmri.dti import from_matrix, to_matrix
 from iqt_pipe.io import InputError
 from iqt_pipe.models import load_model
-from iqt_pipe.patches import (AXIS_PERMUTATIONS, N_SYMMETRIES, PatchLibrary, RunPatches, build_library,
+from iqt_pipe.sr.patches import (AXIS_PERMUTATIONS, N_SYMMETRIES, PatchLibrary, RunPatches, build_library,
                               permutation_channels, transform_field, transform_patch)
-from iqt_pipe.training import check_output_dir, learnt_nothing_warning, split_indices, train
+from iqt_pipe.sr.training import check_training_dir, learnt_nothing_warning, split_indices, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,7 +41,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def bids_ds(tmp_path_factory) -> Path:
-    from iqt_pipe.phantom import write_bids_dataset
+    from iqt_pipe.sims.phantom import write_bids_dataset
 
     return write_bids_dataset(tmp_path_factory.mktemp("train") / "ds", n_subjects=2, preset="tiny", seed=11)
 
@@ -110,8 +110,8 @@ def test_patch_shapes_and_centres_in_mask(runs, cache, r):
     assert np.all(np.isfinite(x)) and np.all(np.isfinite(y))
     assert lib.summary()["target_size"] == 7 * r and lib.brain(range(3)).shape == (3, 7 * r, 7 * r, 7 * r)
     # Every centre is a brain voxel of the LR mask, with its 7³ block inside the volume.
-    from iqt_pipe.degrade import make_pair
-    from iqt_pipe.dwi import load_dwi
+    from iqt_pipe.dmri.degrade import make_pair
+    from iqt_pipe.dmri.dwi import load_dwi
 
     s = load_dwi(runs[0].dwi)
     pair = make_pair(s.data, s.affine, s.gtab, r)
@@ -348,7 +348,7 @@ def test_wider_network_and_axis_swaps(runs, cache, tmp_path):
     """--kernels 3 3 3 trains on 13³ inputs (7³ receptive field), its card records the
     architecture and the augmentation, load_model rebuilds it, and a library cut for another
     margin is refused; the axis-swap codes are drawn from all 48 symmetries."""
-    from iqt_pipe.training import PatchDataset
+    from iqt_pipe.sr.training import PatchDataset
 
     wide = build_library(runs, r=2, patches_per_subject=24, seed=0, target="residual-cubic", cache_dir=cache,
                          quiet=True, **P.patch_geometry(3))
@@ -375,7 +375,7 @@ def test_wider_network_and_axis_swaps(runs, cache, tmp_path):
 def test_brain_masked_loss():
     """The masked data terms are the plain ones over the brain voxels' elements only: what lies
     outside the mask changes nothing, and an all-brain mask gives the unmasked loss."""
-    from iqt_pipe.training import data_loss
+    from iqt_pipe.sr.training import data_loss
 
     g = torch.Generator().manual_seed(0)
     mean, target = torch.randn(2, 6, 4, 4, 4, generator=g), torch.randn(2, 6, 4, 4, 4, generator=g)
@@ -395,7 +395,7 @@ def test_brain_masked_loss():
 
 
 def test_brain_masked_training(runs, cache, tmp_path):
-    from iqt_pipe.training import target_elements
+    from iqt_pipe.sr.training import target_elements
 
     lib = _lib(runs, cache, n=24)
     idx = np.arange(len(lib))
@@ -543,7 +543,7 @@ def test_cli_trains_then_refuses_without_resume(bids_ds, tmp_path, capsys):
         assert ("iqt-train: warning: the model's validation RMSE is" in err) == (rmse["model"] / rmse["cubic"] > 0.99)
     finally:
         torch.set_num_threads(1)
-    assert check_output_dir(tmp_path / "fresh").is_dir()
+    assert check_training_dir(tmp_path / "fresh").is_dir()
 
 
 def test_learnt_nothing_warning():
@@ -561,10 +561,10 @@ def test_learnt_nothing_warning():
 def test_patches_match_whole_volume_prediction(runs, cache, target):
     """Training patches and whole-volume prediction share one convention (padding,
     standardisation, residual baseline, HR block placement)."""
-    from iqt_pipe.baselines import interpolate_tensors
-    from iqt_pipe.degrade import make_pair
-    from iqt_pipe.dwi import load_dwi
-    from iqt_pipe.inference import predict_volume
+    from iqt_pipe.sr.baselines import interpolate_tensors
+    from iqt_pipe.dmri.degrade import make_pair
+    from iqt_pipe.dmri.dwi import load_dwi
+    from iqt_pipe.sr.inference import predict_volume
     from iqt_pipe.models import IQTNet
 
     lib = _lib(runs, cache, n=24, target=target)

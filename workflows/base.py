@@ -63,8 +63,8 @@ def init_single_subject_wf(
     """
     import nibabel as nb
 
-    from iqt_pipe.inference import resolve_device
-    from iqt_pipe.preflight import memory_needed_mb, tile_budget_mb
+    from iqt_pipe.sr.inference import resolve_device
+    from iqt_pipe.dmri.preflight import memory_needed_mb, tile_budget_mb
 
     workflow = Workflow(name=name or f"sub_{subject}_wf")
     workflow.__desc__ = f"""

@@ -11,7 +11,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from iqt_pipe.config import DEFAULT_PRECISION, DEFAULT_SYMMETRIES
 from iqt_pipe.interfaces.sr import SuperResolve
-from iqt_pipe.prepare import Preprocessing
+from iqt_pipe.dmri.prepare import Preprocessing
 
 SR_OUTPUTS = [
     "tensor_file", "fa_file", "fa_sd_file", "md_file", "md_sd_file",
@@ -69,7 +69,7 @@ def init_sr_wf(
         The node's whole memory use for Nipype's scheduler (GB; default: the tiles plus 1 GB
         for the arrays of the super-resolved grid).
     preprocessing
-        What the native series had before the fit (:class:`iqt_pipe.prepare.Preprocessing`):
+        What the native series had before the fit (:class:`iqt_pipe.dmri.prepare.Preprocessing`):
         recorded in the sidecars beside what the model was trained with (``Preprocessing``).
 
     Inputs

@@ -6,7 +6,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
-from iqt_pipe.tractography import (
+from iqt_pipe.tracking.tractography import (
     ALGORITHMS,
     DEFAULT_FA_THRESHOLD,
     DEFAULT_MAX_LENGTH,
@@ -77,7 +77,7 @@ def init_tractography_wf(
     table, then ``tckgen -algorithm Tensor_Det/Tensor_Prob`` (Nipype's ``Tractography``) and
     ``tckmap`` (``ComputeTDI``); ``Tensor_Prob`` tracks the series with Rician noise added at the
     run's noise level (measured on ``dwi_file``'s repeated b=0 volumes, else SNR
-    :data:`~iqt_pipe.tractography.DEFAULT_SYNTH_SNR` of the synthesised b=0), so its wild
+    :data:`~iqt_pipe.tracking.tractography.DEFAULT_SYNTH_SNR` of the synthesised b=0), so its wild
     bootstrap has residuals to resample. Every tractogram then gets the uncertainty limit (super-resolved
     ones only), its ``.tck``/``.trk``/per-streamline TSV and a track-density image; the summary
     TSV has one row per tractogram.

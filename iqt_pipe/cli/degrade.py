@@ -15,10 +15,10 @@ import numpy as np
 
 from iqt_pipe import __version__
 from iqt_pipe.cli._common import Parser, run_guarded
-from iqt_pipe.degrade import make_pair
-from iqt_pipe.dti import scalar_maps
-from iqt_pipe.dwi import load_dwi
-from iqt_pipe.gradients import write_gradients
+from iqt_pipe.dmri.degrade import make_pair
+from iqt_pipe.dmri.dti import scalar_maps
+from iqt_pipe.dmri.dwi import load_dwi
+from iqt_pipe.dmri.gradients import write_gradients
 from iqt_pipe.io import InputError, save_nifti, save_tensors, staged_outputs
 
 

@@ -14,7 +14,7 @@ Each run's DWI is the HR reference; the LR input is made by the IQT degradation.
 trilinear and cubic B-spline interpolation of the LR tensors are scored beside every
 ``--model`` (one method each) and ``--ensemble`` (one method per list). Outputs in OUT_DIR:
 ``results.json`` (every number), ``results.md`` (tables), ``figures/`` (calibration curve,
-error vs uncertainty, slice maps). See :mod:`iqt_pipe.evaluation` for the protocol.
+error vs uncertainty, slice maps). See :mod:`iqt_pipe.evaluation.protocol` for the protocol.
 
 Exit codes: 0 success, 1 unexpected failure, 2 bad command line or input (one line on stderr).
 """
@@ -48,8 +48,8 @@ def _folds(text: str) -> int | str:
 
 def _build_parser() -> argparse.ArgumentParser:
     from iqt_pipe.cli.train import add_recipe_arguments
-    from iqt_pipe.evaluation import MODES
-    from iqt_pipe.inference import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISIONS, SYMMETRIES
+    from iqt_pipe.evaluation.protocol import MODES
+    from iqt_pipe.sr.inference import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISIONS, SYMMETRIES
 
     p = Parser(prog=PROG, description="Score super-resolution (interpolation, models, ensembles) against HR "
                                       "references made from BIDS DWI runs: accuracy and calibrated uncertainty.")
@@ -117,7 +117,7 @@ def _load(path: Path, device, r: int | None):
 
 
 def _methods(args, device):
-    from iqt_pipe.evaluation import Method, interpolation_methods
+    from iqt_pipe.evaluation.protocol import Method, interpolation_methods
     from iqt_pipe.io import InputError
 
     methods = interpolation_methods(args.baselines)
@@ -198,7 +198,7 @@ def _fold_subjects(subjects: list[str], folds: int | str) -> list[list[str]]:
 def _refuse_earlier_folds(cv_dir: Path) -> None:
     """One-line error, before any data is read, when ``cv_dir`` holds an earlier run's folds."""
     from iqt_pipe.io import InputError
-    from iqt_pipe.training import holds_training
+    from iqt_pipe.sr.training import holds_training
 
     for fold_dir in sorted(cv_dir.glob("fold-*")):
         if what := holds_training(fold_dir):
@@ -210,9 +210,9 @@ def _cross_validate(args, device, runs, methods, folds):
     """Train one model per fold on every run of the other folds' subjects and score the
     held-out runs (``runs``: all runs found)."""
     from iqt_pipe.cli.train import library_options, recipe
-    from iqt_pipe.evaluation import Figures, Method, evaluate
-    from iqt_pipe.patches import build_library
-    from iqt_pipe.training import holds_training, learnt_nothing_warning, train
+    from iqt_pipe.evaluation.protocol import Figures, Method, evaluate
+    from iqt_pipe.sr.patches import build_library
+    from iqt_pipe.sr.training import holds_training, learnt_nothing_warning, train
 
     records, thresholds, fold_info = [], {}, []
     figures = None if args.no_figures else Figures()
@@ -260,9 +260,9 @@ def _finite(obj):
 def run(args: argparse.Namespace) -> int:
     from iqt_pipe.bids import find_dwi_runs_multi
     from iqt_pipe.cli.train import check_recipe, recipe
-    from iqt_pipe.evaluation import Figures, evaluate, summarise
-    from iqt_pipe.evalreport import markdown, plot_all
-    from iqt_pipe.inference import resolve_device
+    from iqt_pipe.evaluation.protocol import Figures, evaluate, summarise
+    from iqt_pipe.evaluation.report import markdown, plot_all
+    from iqt_pipe.sr.inference import resolve_device
     from iqt_pipe.io import InputError, save_json, save_text
 
     if args.cross_validate:

@@ -21,7 +21,7 @@ from iqt_pipe.bids import LABEL
 from iqt_pipe.cli._common import Parser, int_at_least, positive_float
 from iqt_pipe.config import (DEFAULT_MC_SAMPLES, DEFAULT_PRECISION, DEFAULT_SEED, DEFAULT_SYMMETRIES, DENOISE, DEVICES,
                              PRECISIONS, SYMMETRIES, TRACTOGRAPHY)
-from iqt_pipe.tractography import DEFAULT_SEED_DENSITY, UNCERTAINTY_ACTIONS
+from iqt_pipe.tracking.tractography import DEFAULT_SEED_DENSITY, UNCERTAINTY_ACTIONS
 
 PROG = "iqt-pipe"
 MAX_DEFAULT_OMP = 8
@@ -170,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, list(dict.fromkeys(getattr(args, name))))
 
     args.input_derivatives = _check_bids_dir(parser, args.bids_dir)
-    _check_output_dir(parser, args.output_dir, args.bids_dir)
+    _check_app_output_dir(parser, args.output_dir, args.bids_dir)
     _check_work_dir(parser, args.work_dir, args.bids_dir, args.output_dir)
     args.bids_filters = _read_bids_filters(parser, args.bids_filter_file) if args.bids_filter_file else None
     args.plugin, args.plugin_args = _read_plugin(parser, args.use_plugin) if args.use_plugin else ("MultiProc", {})
@@ -235,7 +235,7 @@ def _check_bids_dir(parser, bids_dir: Path) -> bool:
     return content.get("DatasetType") == "derivative"
 
 
-def _check_output_dir(parser, output_dir: Path, bids_dir: Path) -> None:
+def _check_app_output_dir(parser, output_dir: Path, bids_dir: Path) -> None:
     suggestion = bids_dir / "derivatives" / "iqt-pipe"
     if output_dir.resolve() == bids_dir.resolve():
         _fail(parser, f"output_dir is the BIDS folder itself ({bids_dir}); "
@@ -407,7 +407,7 @@ def _check_ensemble(parser, args: argparse.Namespace) -> None:
     if not args.ensemble_models:
         return
     from iqt_pipe.models.files import model_paths
-    from iqt_pipe.prepare import Preprocessing
+    from iqt_pipe.dmri.prepare import Preprocessing
 
     first = Preprocessing.of_model(args.model_card)
     seen = {model_paths(args.model)[0].resolve()}
@@ -426,11 +426,11 @@ def _check_ensemble(parser, args: argparse.Namespace) -> None:
 
 def _settle_preprocessing(args: argparse.Namespace) -> None:
     """``--denoise`` and ``--degibbs`` left out: the model's training preprocessing
-    (:meth:`iqt_pipe.prepare.Preprocessing.of_model`), so the native series is prepared as the
+    (:meth:`iqt_pipe.dmri.prepare.Preprocessing.of_model`), so the native series is prepared as the
     model's training series were. A derivatives dataset's series were preprocessed already:
     left out, neither step runs again (the participant level warns where what the series had
     differs from the model's training)."""
-    from iqt_pipe.prepare import NONE, Preprocessing
+    from iqt_pipe.dmri.prepare import NONE, Preprocessing
 
     trained = Preprocessing.of_model(args.model_card) if args.model_card else NONE
     args.model_preprocessing = trained
@@ -469,7 +469,7 @@ def _check_reports_only(parser, args: argparse.Namespace) -> None:
 def _check_device(parser, device: str) -> None:
     if device != "cuda":
         return  # auto and cpu always resolve
-    from iqt_pipe.inference import resolve_device
+    from iqt_pipe.sr.inference import resolve_device
     from iqt_pipe.io import InputError
 
     try:

@@ -35,7 +35,7 @@ def _snr(text: str) -> float | None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from iqt_pipe.phantom import PRESETS
+    from iqt_pipe.sims.phantom import PRESETS
 
     presets = ", ".join(f"{p.name} ({p.voxel_size:g} mm)" for p in PRESETS.values())
     parser = Parser(
@@ -68,7 +68,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    from iqt_pipe.phantom import get_preset, write_bids_dataset
+    from iqt_pipe.sims.phantom import get_preset, write_bids_dataset
 
     def work() -> int:
         out = write_bids_dataset(

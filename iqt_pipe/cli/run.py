@@ -147,7 +147,7 @@ def write_dataset_files(config: RunConfig, methods: str) -> None:
 
 def participant(config: RunConfig) -> int:
     from iqt_pipe.bids import find_dwi_runs
-    from iqt_pipe.inference import resolve_device
+    from iqt_pipe.sr.inference import resolve_device
     from iqt_pipe.workflows import init_iqt_wf
 
     check_dependencies(config)
@@ -225,9 +225,9 @@ def plugin_instance(name: str, plugin_args: dict):
 
 
 def preflight(config: RunConfig, runs: list) -> tuple[list, list]:
-    """:func:`iqt_pipe.preflight.check_run` on every run before any work: each unusable run
+    """:func:`iqt_pipe.dmri.preflight.check_run` on every run before any work: each unusable run
     is named on one line and left out; none usable (or --stop-on-first-crash) is an error."""
-    from iqt_pipe.preflight import check_run
+    from iqt_pipe.dmri.preflight import check_run
 
     usable, refused = [], []
     for run in runs:
@@ -315,7 +315,7 @@ def group(config: RunConfig) -> int:
     from bids.layout import Query
 
     from iqt_pipe.io import sidecar_path
-    from iqt_pipe.qc import ENTITIES, group_table, metrics_from_files, noise_correlation, run_name, write_group_qc
+    from iqt_pipe.qc import ENTITIES, group_table, metrics_from_files, noise_correlation, run_label, write_group_qc
 
     out = config.output_dir
     if not (out / "dataset_description.json").exists():
@@ -337,7 +337,7 @@ def group(config: RunConfig) -> int:
         def one(**query) -> str:
             found = layout.get(return_type="file", **{**entities, **query})
             if len(found) != 1:
-                raise InputError(f"{run_name(entities)}: expected one {query} output in {out}, found {len(found)}; "
+                raise InputError(f"{run_label(entities)}: expected one {query} output in {out}, found {len(found)}; "
                                  "rerun its participant level")
             return found[0]
 
@@ -352,7 +352,7 @@ def group(config: RunConfig) -> int:
             one(suffix="dwimap", model="tensor", param="md", res="hi", desc=Query.NONE, **base),
             one(suffix="dwimap", model="tensor", param="tensor", res="hi", desc="totalsd", **base),
             one(suffix="mask", desc="brain", res="hi", **base),
-            r=int(r), name=run_name(entities),
+            r=int(r), name=run_label(entities),
         )
         native_tensor = one(suffix="dwimap", model="tensor", param="tensor", res=Query.NONE, desc=Query.NONE, **base)
         correlation = noise_correlation(json.loads(sidecar_path(native_tensor).read_text()))

@@ -52,13 +52,13 @@ def _fraction(text: str) -> float:
 
 def add_recipe_arguments(p) -> None:
     """The training recipe's options (network, data, loss, optimiser), shared by ``iqt-train``
-    and ``iqt-eval --cross-validate``; :func:`recipe` turns them into :func:`~iqt_pipe.training.train`'s
+    and ``iqt-eval --cross-validate``; :func:`recipe` turns them into :func:`~iqt_pipe.sr.training.train`'s
     keywords and :func:`check_recipe` rejects the combinations that cannot work."""
     from iqt_pipe.models import VARIANTS
     from iqt_pipe.models.espcn import KERNELS, WIDTHS
-    from iqt_pipe.normalise import TARGETS
-    from iqt_pipe.patches import DEFAULT_PATCHES_PER_SUBJECT
-    from iqt_pipe.training import (DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LOSS_MASK, DEFAULT_LR, DEFAULT_TARGET,
+    from iqt_pipe.sr.normalise import TARGETS
+    from iqt_pipe.sr.patches import DEFAULT_PATCHES_PER_SUBJECT
+    from iqt_pipe.sr.training import (DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LOSS_MASK, DEFAULT_LR, DEFAULT_TARGET,
                                    DEFAULT_VAL_FRACTION, DEFAULT_VARIANT, LOSS_MASKS, SCHEDULES)
 
     p.add_argument("--variant", choices=list(VARIANTS), default=DEFAULT_VARIANT,
@@ -118,18 +118,18 @@ def check_recipe(args: argparse.Namespace) -> None:
 
 
 def recipe(args: argparse.Namespace) -> dict:
-    """:func:`~iqt_pipe.training.train`'s keywords from the recipe options."""
+    """:func:`~iqt_pipe.sr.training.train`'s keywords from the recipe options."""
     return {"variant": args.variant, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
             "val_fraction": args.val_fraction, "schedule": args.schedule, "augment": args.augment,
             "axis_swap": args.axis_swap, "widths": args.widths, "kernels": args.kernels, "loss_mask": args.loss_mask}
 
 
 def library_options(args: argparse.Namespace) -> dict:
-    """:func:`~iqt_pipe.patches.build_library`'s keywords from the recipe options."""
+    """:func:`~iqt_pipe.sr.patches.build_library`'s keywords from the recipe options."""
     from iqt_pipe.models.espcn import margin
-    from iqt_pipe.patches import patch_geometry
+    from iqt_pipe.sr.patches import patch_geometry
 
-    from iqt_pipe.prepare import Preprocessing
+    from iqt_pipe.dmri.prepare import Preprocessing
 
     return {"r": args.upsample, "patches_per_subject": args.patches_per_subject, "seed": args.seed,
             "target": args.target, "preprocessing": Preprocessing(args.denoise, args.degibbs),
@@ -176,15 +176,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from iqt_pipe.bids import find_dwi_runs_multi
-    from iqt_pipe.inference import resolve_device
-    from iqt_pipe.training import (CHECKPOINT_DIR, CHECKPOINT_JSON, build_library_distributed, check_output_dir,
+    from iqt_pipe.sr.inference import resolve_device
+    from iqt_pipe.sr.training import (CHECKPOINT_DIR, CHECKPOINT_JSON, build_library_distributed, check_training_dir,
                                    init_distributed, learnt_nothing_warning, split_indices, train)
 
     check_recipe(args)  # before the patch library is built
     device = resolve_device(args.device)
     if args.nthreads:
         torch.set_num_threads(args.nthreads)
-    out = check_output_dir(args.output_dir, args.resume)
+    out = check_training_dir(args.output_dir, args.resume)
     runs = find_dwi_runs_multi(args.bids_dirs, args.participant_label, args.session_label)
     dist = init_distributed(device)
     try:

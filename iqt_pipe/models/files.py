@@ -20,7 +20,7 @@ import torch
 from iqt_pipe import __version__
 from iqt_pipe.io import InputError, atomic_path, save_json
 from iqt_pipe.models.espcn import KERNELS, VARIANTS, WIDTHS, IQTNet
-from iqt_pipe.normalise import TARGETS
+from iqt_pipe.sr.normalise import TARGETS
 
 FORMAT = "iqt-pipe-model"
 FORMAT_VERSION = 1

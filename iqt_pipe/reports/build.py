@@ -319,7 +319,7 @@ def _model_card_html(ctx: SubjectContext) -> str:
 
 
 def _run_summary_html(ctx: SubjectContext, run: RunOutputs) -> str:
-    from iqt_pipe.gradients import read_gradients, select_dti_volumes
+    from iqt_pipe.dmri.gradients import read_gradients, select_dti_volumes
 
     out = ctx.output_dir
     parts = []

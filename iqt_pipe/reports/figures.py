@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from iqt_pipe.dti import color_fa, eig
+from iqt_pipe.dmri.dti import colour_fa, eig
 from iqt_pipe.io import atomic_path, load_nifti
 from iqt_pipe.qc import DEFAULT_SD_THRESHOLD
 
@@ -146,7 +146,7 @@ def colour_fa_plane(tensor: Volume, plane: Plane, mask: Volume | None = None) ->
     rgb = np.zeros(d6.shape[:2] + (3,))
     if valid.any():
         evals, evecs = eig(d6[valid])
-        rgb[valid] = color_fa(evals, evecs)
+        rgb[valid] = colour_fa(evals, evecs)
     return np.clip(rgb, 0.0, 1.0)
 
 

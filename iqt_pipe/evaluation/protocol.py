@@ -3,9 +3,9 @@
 A *case* is one DWI run made ready for scoring (:func:`prepare_case`):
 
 * ``raw``: the run's own DWI is the HR series. LR synthesis and both fits follow the IQT
-  protocol (:func:`iqt_pipe.degrade.make_pair`): fits cover every voxel with a positive signal,
+  protocol (:func:`iqt_pipe.dmri.degrade.make_pair`): fits cover every voxel with a positive signal,
   masks only decide what is scored. The reference (the HR fit) is itself noisy; its noise
-  floor is the per-voxel WLS covariance (:func:`iqt_pipe.metrics.wls_tensor_variance`) from an
+  floor is the per-voxel WLS covariance (:func:`iqt_pipe.evaluation.metrics.wls_tensor_variance`) from an
   MP-PCA noise map (dipy), reported beside the raw RMSE with the noise-corrected RMSE.
 * ``known-truth``: the truth is the tensor field fitted to the MP-PCA-denoised DWI; a
   noise-free HR series is synthesised from it (and its S0) with the run's own gradient table,
@@ -18,10 +18,10 @@ A *case* is one DWI run made ready for scoring (:func:`prepare_case`):
 
 Every method (interpolation of the LR tensors, a model, an ensemble) predicts the whole HR
 grid; :func:`score` compares it with the reference on the interior and exterior of the brain
-(:func:`iqt_pipe.metrics.region_masks`; both on the HR scan's own brain mask) and, for models,
+(:func:`iqt_pipe.evaluation.metrics.region_masks`; both on the HR scan's own brain mask) and, for models,
 scores the uncertainty. A model sees the LR series exactly as ``iqt-pipe … participant`` would
-see it as its native series (:mod:`iqt_pipe.prepare`: the preprocessing of the model's card,
-the fit, the brain mask, :func:`~iqt_pipe.inference.predict_ensemble`), so what is scored here is
+see it as its native series (:mod:`iqt_pipe.dmri.prepare`: the preprocessing of the model's card,
+the fit, the brain mask, :func:`~iqt_pipe.sr.inference.predict_ensemble`), so what is scored here is
 what the app writes for that series.
 """
 
@@ -35,18 +35,18 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-from iqt_pipe import metrics
-from iqt_pipe.baselines import ORDERS, interpolate_tensors
-from iqt_pipe.degrade import crop_to_multiple, make_pair
-from iqt_pipe.dti import scalar_maps
-from iqt_pipe.dwi import load_dwi
-from iqt_pipe.fit import brain_mask, fit_dti
-from iqt_pipe.gradients import GradientTable, select_dti_volumes
-from iqt_pipe.inference import (DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES, Prediction, frobenius_sd,
+from iqt_pipe.evaluation import metrics
+from iqt_pipe.sr.baselines import ORDERS, interpolate_tensors
+from iqt_pipe.dmri.degrade import crop_to_multiple, make_pair
+from iqt_pipe.dmri.dti import scalar_maps
+from iqt_pipe.dmri.dwi import load_dwi
+from iqt_pipe.dmri.fit import brain_mask, fit_dti
+from iqt_pipe.dmri.gradients import GradientTable, select_dti_volumes
+from iqt_pipe.sr.inference import (DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES, Prediction, frobenius_sd,
                                 predict_ensemble)
-from iqt_pipe.prepare import (NONE, Preprocessing, card_domain, domain_problems, fit_series, preprocess_series,
+from iqt_pipe.dmri.prepare import (NONE, Preprocessing, card_domain, domain_problems, fit_series, preprocess_series,
                               series_domain, series_manufacturer)
-from iqt_pipe.preproc import denoise_mppca_brain
+from iqt_pipe.dmri.preproc import denoise_mppca_brain
 
 MODES = ("raw", "known-truth", "lesion")
 #: Lesion: radius (mm), diffusivities (mm²/s, principal first) and b = 0 signal gain.
@@ -88,13 +88,13 @@ class Case:
 
     @cached_property
     def domain(self) -> dict[str, Any]:
-        """:func:`~iqt_pipe.prepare.series_domain` of the LR series (the network's input),
+        """:func:`~iqt_pipe.dmri.prepare.series_domain` of the LR series (the network's input),
         with the scanner vendor of the run's sidecar."""
         return series_domain(self.lr_affine, self.gtab, self.name, series_manufacturer(self.info.get("dwi", "")))
 
     def network_input(self, preprocessing: Preprocessing = NONE) -> tuple[np.ndarray, np.ndarray]:
         """LR tensors (voxel frame) and brain mask as the app makes them from the LR series for
-        a model trained with ``preprocessing`` (:mod:`iqt_pipe.prepare`); computed once each."""
+        a model trained with ``preprocessing`` (:mod:`iqt_pipe.dmri.prepare`); computed once each."""
         key = (preprocessing.denoises, preprocessing.degibbs)
         if key not in self._inputs:
             if preprocessing.same_steps(NONE):
@@ -234,9 +234,9 @@ class Method:
     name: str
     interpolation: str | None = None
     models: list = field(default_factory=list)  # [(IQTNet, card, path)]
-    #: Test-time symmetry ensemble of each model (a key of :data:`~iqt_pipe.inference.SYMMETRIES`).
+    #: Test-time symmetry ensemble of each model (a key of :data:`~iqt_pipe.sr.inference.SYMMETRIES`).
     symmetries: str = DEFAULT_SYMMETRIES
-    #: The network's arithmetic (a key of :data:`~iqt_pipe.inference.PRECISIONS`).
+    #: The network's arithmetic (a key of :data:`~iqt_pipe.sr.inference.PRECISIONS`).
     precision: str = DEFAULT_PRECISION
 
     @property
@@ -256,7 +256,7 @@ def predict(method: Method, case: Case, *, mc_samples: int = 8, seed: int = 0, d
     """HR tensors (interpolation of the LR fit) or a :class:`Prediction` (model, ensemble) for
     ``case``: the whole brain predicted from the LR series as the app does
     (:meth:`Case.network_input` with the preprocessing of each model's card, then
-    :func:`~iqt_pipe.inference.predict_ensemble` with the method's test-time symmetries)."""
+    :func:`~iqt_pipe.sr.inference.predict_ensemble` with the method's test-time symmetries)."""
     if method.interpolation:
         return interpolate_tensors(case.lr_tensors, case.r, method.interpolation)
     for model, _, _ in method.models:
@@ -335,7 +335,7 @@ def score(case: Case, result: Prediction | np.ndarray, md_threshold: float | Non
 
 def model_domain(method: Method, case: Case) -> dict[str, Any]:
     """Whether the case lies in the training domain of the method's models (every member's
-    problems, :func:`~iqt_pipe.prepare.domain_problems`), and its scanner vendor."""
+    problems, :func:`~iqt_pipe.dmri.prepare.domain_problems`), and its scanner vendor."""
     problems = [p for _, card, _ in method.models for p in domain_problems(card_domain(card), case.domain)]
     return {"problems": list(dict.fromkeys(problems)), "inside": not problems,
             "manufacturer": case.domain.get("manufacturer")}
@@ -409,7 +409,7 @@ def add_ratios(method_scores: dict[str, dict], reference_method: str = "cubic") 
 # --------------------------------------------------------------------------------------- driver
 
 
-def _progress(items, desc: str, quiet: bool):
+def _case_progress(items, desc: str, quiet: bool):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, unit="run", disable=True if quiet else None, leave=False)
@@ -452,7 +452,7 @@ def evaluate(
     model_methods = [m for m in methods if m.is_model]
     if calibration_runs and model_methods:
         collected: dict[str, list] = {m.name: [] for m in model_methods}
-        for run in _progress(calibration_runs, "thresholds (training runs)", quiet):
+        for run in _case_progress(calibration_runs, "thresholds (training runs)", quiet):
             case = prepare_case(run, r=r, mode="raw", seed=seed, noise_floor=False)
             for m in model_methods:
                 pred = predict(m, case, mc_samples=mc_samples, seed=seed, device=device, mem_mb=mem_mb)
@@ -462,7 +462,7 @@ def evaluate(
                       for name, pairs in collected.items()}
     records = []
     jobs = [(run, mode) for run in test_runs for mode in modes]
-    for run, mode in _progress(jobs, "evaluation", quiet):
+    for run, mode in _case_progress(jobs, "evaluation", quiet):
         case = prepare_case(run, r=r, mode=mode, snr=snr, seed=seed)
         rec: dict[str, Any] = {"run": case.name, "subject": case.subject, "mode": mode, "info": case.info,
                                **reference_scores(case), "methods": {}}

@@ -3,7 +3,7 @@ whether predicted uncertainty means something (rank correlation, interval covera
 detection of risky voxels and lesions).
 
 Conventions. Tensor arrays are ``(..., 6)`` in BEP016 order and one frame (the voxel frame of
-the HR grid in :mod:`iqt_pipe.evaluation`); a tensor RMSE is over voxels *and* the 6 unique
+the HR grid in :mod:`iqt_pipe.evaluation.protocol`); a tensor RMSE is over voxels *and* the 6 unique
 components, as in Tanno et al. Per-voxel error and uncertainty *magnitudes* are Frobenius
 norms (off-diagonals counted twice), which do not depend on the frame.
 """

@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from iqt_pipe.gradients import GradientTable, read_gradients
+from iqt_pipe.dmri.gradients import GradientTable, read_gradients
 from iqt_pipe.io import InputError, load_nifti
 
 

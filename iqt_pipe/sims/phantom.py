@@ -22,7 +22,7 @@ How.
   together; the voxel grid stays) and by their noise, both drawn from ``(seed, subject)``.
 * **Frames.** Everything is built in world (RAS+ mm) coordinates; the gradient
   directions are fixed in world and written to ``.bvec`` in the FSL frame of the image
-  (see :mod:`iqt_pipe.dti`), so the default positive-determinant affine exercises FSL's
+  (see :mod:`iqt_pipe.dmri.dti`), so the default positive-determinant affine exercises FSL's
   x flip. Ground-truth tensor files are in the world frame (``Reference: "xyz"``).
 
 Public API: :func:`make_phantom` (arrays in memory) and :func:`write_bids_dataset`
@@ -44,7 +44,7 @@ from typing import ClassVar
 import numpy as np
 
 from iqt_pipe import __version__
-from iqt_pipe.dti import (
+from iqt_pipe.dmri.dti import (
     fsl_flip,
     from_matrix,
     rotate_tensors,
@@ -52,8 +52,8 @@ from iqt_pipe.dti import (
     tensors_world_to_voxel,
     voxel_to_world_rotation,
 )
-from iqt_pipe.degrade import voxel_centres
-from iqt_pipe.gradients import GradientTable, write_gradients
+from iqt_pipe.dmri.degrade import voxel_centres
+from iqt_pipe.dmri.gradients import GradientTable, write_gradients
 from iqt_pipe.io import TENSOR_ORIENTATION, InputError, save_json, save_nifti, save_text
 
 # --------------------------------------------------------------------------- parameters
@@ -210,7 +210,7 @@ class Phantom:
 
     @property
     def tensors_voxel(self) -> np.ndarray:
-        """Ground truth in the voxel frame (what :func:`iqt_pipe.fit.fit_dti` returns)."""
+        """Ground truth in the voxel frame (what :func:`iqt_pipe.dmri.fit.fit_dti` returns)."""
         return tensors_world_to_voxel(self.tensors_world, self.affine)
 
 
@@ -608,7 +608,7 @@ def is_phantom_dataset(path: Path) -> bool:
         return False
 
 
-def _check_output_dir(out_dir: Path) -> None:
+def _check_dataset_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder; choose another output folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_phantom_dataset(out_dir):
@@ -633,7 +633,7 @@ def _generated_by() -> list[dict]:
     return [{
         "Name": GENERATOR,
         "Version": __version__,
-        "Description": "Synthetic brain DWI with exact ground-truth tensors (iqt_pipe.phantom)",
+        "Description": "Synthetic brain DWI with exact ground-truth tensors (iqt_pipe.sims.phantom)",
     }]
 
 
@@ -817,7 +817,7 @@ def write_bids_dataset(
     if _check_seed(n_subjects, "the number of subjects") < 1:
         raise InputError("the number of subjects must be at least 1")
     make_affine(spec.voxel_size, spec.shape, orientation)  # checks the codes
-    _check_output_dir(out)
+    _check_dataset_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = _hidden_sibling(out, "tmp")
     try:
@@ -841,7 +841,7 @@ def write_bids_dataset(
 
 def _replace_dir(new: Path, target: Path) -> None:
     """Move ``new`` onto ``target`` (absent, empty, or an earlier phantom)."""
-    _check_output_dir(target)  # again: something may have appeared meanwhile
+    _check_dataset_dir(target)  # again: something may have appeared meanwhile
     if not target.exists():
         os.replace(new, target)
         return

@@ -10,7 +10,7 @@ the network's input in the same steps, so that what is measured is what users ge
    network's input grid), ``iqt-eval`` to its LR series — the series the app would be given.
 2. :func:`fit_series`: DTI by weighted least squares on every voxel with a positive signal,
    and the brain mask (``median_otsu``) of the series.
-3. :func:`iqt_pipe.inference.predict_brain`: channel statistics from the brain mask, and the
+3. :func:`iqt_pipe.sr.inference.predict_brain`: channel statistics from the brain mask, and the
    prediction of the brain dilated by the receptive field.
 
 A model card records the preprocessing of its training series (``training.preprocessing``;
@@ -31,8 +31,8 @@ from typing import Any, Iterable
 import nibabel as nb
 import numpy as np
 
-from iqt_pipe.fit import DTIFit, brain_mask, fit_dti
-from iqt_pipe.gradients import GradientTable, select_dti_volumes
+from iqt_pipe.dmri.fit import DTIFit, brain_mask, fit_dti
+from iqt_pipe.dmri.gradients import GradientTable, select_dti_volumes
 
 #: ``--denoise`` values: no denoising, or MP-PCA with DIPY or MRtrix3 (``auto``: MRtrix3 when on PATH).
 DENOISE = ("none", "dipy", "mrtrix", "auto")
@@ -81,7 +81,7 @@ NONE = Preprocessing()
 def preprocess_series(dwi: np.ndarray, preprocessing: Preprocessing, slice_axis: int = 2) -> np.ndarray:
     """``dwi`` after the steps of ``preprocessing`` (DIPY's MP-PCA over the whole volume,
     then Gibbs removal across ``slice_axis``), as the app's DIPY nodes run them."""
-    from iqt_pipe.preproc import denoise_mppca, remove_gibbs
+    from iqt_pipe.dmri.preproc import denoise_mppca, remove_gibbs
 
     if preprocessing.denoises:
         dwi = denoise_mppca(dwi)[0]
@@ -95,7 +95,7 @@ def fit_series(
     source: str = "DWI series",
 ) -> tuple[DTIFit, np.ndarray]:
     """The DTI fit of every voxel with a positive signal (voxel frame) and the brain mask:
-    ``mask`` when given, else ``median_otsu``'s on the mean b = 0 (see :mod:`iqt_pipe.fit`)."""
+    ``mask`` when given, else ``median_otsu``'s on the mean b = 0 (see :mod:`iqt_pipe.dmri.fit`)."""
     if mask is None:
         mask = brain_mask(dwi, gtab, nb.affines.voxel_sizes(affine))
     return fit_dti(dwi, affine, gtab, source=source), np.asarray(mask, dtype=bool)
@@ -163,7 +163,7 @@ def card_domain(card: dict[str, Any]) -> dict[str, Any] | None:
 def _domain_of_runs(files: tuple[tuple[str, str, str], ...], r: int) -> dict[str, Any] | None:
     """:func:`training_domain` of DWI runs (image, bval, bvec) read from disk; None when any is
     missing or unreadable."""
-    from iqt_pipe.gradients import read_gradients
+    from iqt_pipe.dmri.gradients import read_gradients
 
     domains = []
     for dwi, bval, bvec in files:

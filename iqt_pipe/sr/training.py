@@ -74,11 +74,11 @@ from iqt_pipe.io import InputError, atomic_open, atomic_path, save_json
 from iqt_pipe.models import VARIANTS, IQTNet, gaussian_nll, save_model
 from iqt_pipe.models.espcn import KERNELS, WIDTHS, architecture_problem, margin, masked_mean
 from iqt_pipe.models.files import model_paths, sha256
-from iqt_pipe.normalise import TARGETS
-from iqt_pipe.patches import N_MIRRORS, N_SYMMETRIES, PatchLibrary, build_library
-from iqt_pipe.prepare import NONE
+from iqt_pipe.sr.normalise import TARGETS
+from iqt_pipe.sr.patches import N_MIRRORS, N_SYMMETRIES, PatchLibrary, build_library
+from iqt_pipe.dmri.prepare import NONE
 
-log = logging.getLogger("iqt_pipe.training")
+log = logging.getLogger("iqt_pipe.sr.training")
 
 SCHEDULES = ("fixed", "anneal")
 #: Which target voxels the data term averages over: every one (the paper) or the HR brain mask.
@@ -174,7 +174,7 @@ def init_distributed(device: torch.device | str = "cpu") -> DistContext:
 
 
 def build_library_distributed(dist: DistContext, runs: Sequence, **kwargs) -> PatchLibrary:
-    """:func:`~iqt_pipe.patches.build_library` with rank 0 building the cache first.
+    """:func:`~iqt_pipe.sr.patches.build_library` with rank 0 building the cache first.
 
     The other processes wait, then read rank 0's cache; a failure on rank 0 is raised on
     every rank (as a one-line error) instead of leaving them waiting.
@@ -218,7 +218,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
 class PatchDataset(torch.utils.data.Dataset):
     """Training pairs of a library; with ``augment``, each item is mirrored (and, with
     ``axis_swap``, its axes permuted) by a symmetry code drawn from ``(seed, epoch)`` (see
-    :mod:`iqt_pipe.patches`)."""
+    :mod:`iqt_pipe.sr.patches`)."""
 
     def __init__(self, library: PatchLibrary, indices: np.ndarray, augment: bool = False, seed: int = 0,
                  axis_swap: bool = False, with_brain: bool = False):
@@ -386,7 +386,7 @@ def learnt_nothing_warning(card: dict) -> str | None:
     return None
 
 
-def check_output_dir(out_dir: str | os.PathLike, resume: bool = False) -> Path:
+def check_training_dir(out_dir: str | os.PathLike, resume: bool = False) -> Path:
     """Create and test ``out_dir``; refuse to overwrite a trained model unless resuming."""
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
@@ -455,13 +455,13 @@ class TrainResult:
     epochs: int
 
 
-def _progress(quiet: bool, dist: DistContext):
+def _epoch_progress(quiet: bool, dist: DistContext):
     """tqdm's ``disable``: True when quiet or not rank 0; None (auto: off when not a TTY)."""
     return True if (quiet or not dist.is_main) else None
 
 
 @torch.no_grad()
-def evaluate(
+def validate(
     model: IQTNet, library: PatchLibrary, indices: np.ndarray, *, batch_size: int = 64,
     device: torch.device | str = "cpu", dist: DistContext | None = None, quiet: bool = True,
     loss_mask: str = "none",
@@ -479,7 +479,7 @@ def evaluate(
     model.eval()
     loss_sum = n_el = sse = n_brain = 0.0
     starts = range(0, len(mine), batch_size)
-    for s in tqdm(starts, desc="validation", leave=False, unit="batch", disable=_progress(quiet, dist)):
+    for s in tqdm(starts, desc="validation", leave=False, unit="batch", disable=_epoch_progress(quiet, dist)):
         idx = mine[s:s + batch_size]
         x, y = library.get(idx)
         xt = torch.from_numpy(x).to(device, memory_format=memory_format(device))
@@ -557,7 +557,7 @@ def train(
         raise InputError(f"epochs ({epochs}) and batch size ({batch_size}) must be ≥ 1 and the learning rate ({lr}) > 0")
     out = Path(out_dir).expanduser().absolute()
     if dist.is_main:
-        check_output_dir(out, resume)
+        check_training_dir(out, resume)
     anneal_start = max(1, epochs // 4) if anneal_start is None else int(anneal_start)
     anneal_epochs = max(1, epochs // 4) if anneal_epochs is None else int(anneal_epochs)
 
@@ -616,7 +616,7 @@ def train(
     baselines = library.baseline_rmse(val_idx)
     metrics = _read_metrics(out / METRICS) if dist.is_main else []
 
-    disable = _progress(quiet, dist)
+    disable = _epoch_progress(quiet, dist)
     with _deterministic(device):
         epoch_bar = tqdm(range(start_epoch, epochs), desc="epochs", unit="epoch", initial=start_epoch,
                          total=epochs, disable=disable, dynamic_ncols=True)
@@ -655,7 +655,7 @@ def train(
             (train_sum, train_n) = dist.all_sum([running, n_steps])
             if not math.isfinite(train_sum):
                 raise RuntimeError(f"training diverged (non-finite loss) in epoch {epoch + 1}; lower the learning rate")
-            val = evaluate(model, library, val_idx, batch_size=max(batch_size, 32), device=device, dist=dist,
+            val = validate(model, library, val_idx, batch_size=max(batch_size, 32), device=device, dist=dist,
                            quiet=quiet, loss_mask=loss_mask)
             seconds = time.perf_counter() - t0
             improved = val["loss"] < best_val

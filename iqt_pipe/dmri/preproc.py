@@ -63,12 +63,12 @@ def noise_neighbour_correlation(dwi: np.ndarray, mask: np.ndarray, slices: int |
     """Correlation of a series' noise between face neighbours along voxel axes i, j, k.
 
     The noise is the residual of MP-PCA (:func:`denoise_mppca_brain`, as ``iqt-eval`` measures
-    it); :func:`iqt_pipe.metrics.neighbour_correlation` pools its volumes inside ``mask``.
+    it); :func:`iqt_pipe.evaluation.metrics.neighbour_correlation` pools its volumes inside ``mask``.
     ``slices``: only the central slices of the brain along the last axis (None: all), which on
     ds-realdwi changes the values by < 0.01 for a fifth of the time. ≈ 0 for a scan
     reconstructed without interpolation; 0.5–0.7 along an axis the scanner interpolated (see
     :data:`iqt_pipe.qc.CORRELATED_NOISE`)."""
-    from iqt_pipe.metrics import neighbour_correlation
+    from iqt_pipe.evaluation.metrics import neighbour_correlation
 
     dwi = _check_series(dwi)
     mask = np.asarray(mask, dtype=bool)

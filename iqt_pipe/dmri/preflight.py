@@ -2,7 +2,7 @@
 
 The BIDS App runs :func:`check_run` on each run it is about to process: the image header
 (4-D, voxel sizes, affine without shear, a matrix large enough, voxels not too anisotropic),
-the gradient table against the image (:func:`iqt_pipe.gradients.read_gradients`, a usable
+the gradient table against the image (:func:`iqt_pipe.dmri.gradients.read_gradients`, a usable
 DTI shell), the voxel data (readable to the end, finite, no all-zero volume) and the memory
 the super-resolution will need, and a brain mask given with a preprocessed series (on the
 series' grid, not empty). A problem is an :class:`~iqt_pipe.io.InputError` whose
@@ -21,7 +21,7 @@ import nibabel as nb
 import numpy as np
 
 from iqt_pipe.bids import DWIRun
-from iqt_pipe.gradients import read_gradients, select_dti_volumes
+from iqt_pipe.dmri.gradients import read_gradients, select_dti_volumes
 from iqt_pipe.io import NIFTI_READ_ERRORS, InputError, unreadable_nifti
 
 #: Voxels along each axis the brain mask and the network's 5³ receptive field need at least.

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import nibabel as nb
 
-from iqt_pipe.fit import DTIFit
-from iqt_pipe.gradients import GradientTable
+from iqt_pipe.dmri.fit import DTIFit
+from iqt_pipe.dmri.gradients import GradientTable
 
 
 def crop_to_multiple(data: np.ndarray, r: int) -> np.ndarray:
@@ -74,11 +74,11 @@ def make_pair(
 ) -> TrainingPair:
     """LR synthesis plus DTI fits of both resolutions, with a brain mask for each.
 
-    Both resolutions go through :func:`iqt_pipe.prepare.fit_series`, as the app's native
+    Both resolutions go through :func:`iqt_pipe.dmri.prepare.fit_series`, as the app's native
     series does: fits cover every voxel with a positive signal (masking is for scoring and
     sampling, not for the fit); each mask comes from ``median_otsu`` on its own mean b = 0.
     """
-    from iqt_pipe.prepare import fit_series
+    from iqt_pipe.dmri.prepare import fit_series
 
     hr_dwi = crop_to_multiple(dwi, r)
     lr_dwi, lr_affine = degrade_dwi(hr_dwi, affine, r)

@@ -5,7 +5,7 @@ Plain functions, no Nipype (the interfaces in :mod:`iqt_pipe.interfaces.tractogr
 
 Frames and coordinates. Tensor files are in world (scanner RAS) coordinates (DESIGN §3).
 DIPY tracks in voxel-index space: :func:`track_tensors` rotates the tensors into the
-orthonormal frame of the voxel axes (:func:`iqt_pipe.dti.tensors_world_to_voxel`), where
+orthonormal frame of the voxel axes (:func:`iqt_pipe.dmri.dti.tensors_world_to_voxel`), where
 DIPY's trackers expect directions (a step moves ``direction / voxel_size · step`` voxels), and
 maps the points back through the image's affine: every streamline this module returns or
 writes is in world millimetres (RAS+), the space of ``.tck`` files and of nibabel's
@@ -59,7 +59,7 @@ between points are checked every quarter voxel, so a step cannot jump a voxel) a
 discards every streamline that enters one; both report how many streamlines they touched.
 
 Comparison of tractograms (an HR reference against native-LR and super-resolved ones) lives
-in :mod:`iqt_pipe.tractcompare`.
+in :mod:`iqt_pipe.tracking.compare`.
 """
 
 from __future__ import annotations
@@ -301,14 +301,14 @@ def fa_map(tensors: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def _eigh(tensors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (ascending) and eigenvector columns of ``(P, 6)`` tensors (NaN read as 0), float64."""
-    from iqt_pipe.dti import to_matrix
+    from iqt_pipe.dmri.dti import to_matrix
 
     return np.linalg.eigh(to_matrix(np.nan_to_num(np.asarray(tensors, dtype=np.float64))))
 
 
 def _psd_fa(eigenvalues: np.ndarray) -> np.ndarray:
     """FA of the positive-semidefinite projection (negative eigenvalues raised to 0)."""
-    from iqt_pipe.dti import fractional_anisotropy
+    from iqt_pipe.dmri.dti import fractional_anisotropy
 
     return fractional_anisotropy(np.maximum(eigenvalues, 0.0))
 
@@ -354,7 +354,7 @@ def _quadratic_form_basis(vertices: np.ndarray) -> np.ndarray:
 def _odf_from_eig(eigenvalues: np.ndarray, eigenvectors: np.ndarray, basis: np.ndarray) -> np.ndarray:
     """Unnormalised tensor ODF ``(uᵀD⁻¹u)^(-3/2)`` on the vertices of a :func:`_quadratic_form_basis`,
     from ``eigh``'s output; eigenvalues clamped as :func:`tensor_odf` says."""
-    from iqt_pipe.dti import from_matrix
+    from iqt_pipe.dmri.dti import from_matrix
 
     largest = eigenvalues[..., -1:]
     w = np.where(largest > 0, np.maximum(eigenvalues, MIN_EIGENVALUE_RATIO * largest), 1.0)
@@ -477,7 +477,7 @@ def track_tensors(
     from dipy.tracking.tracker import generic_tracking
     from dipy.tracking.tracker_parameters import generate_tracking_parameters
 
-    from iqt_pipe.dti import tensors_world_to_voxel
+    from iqt_pipe.dmri.dti import tensors_world_to_voxel
 
     mask = np.asarray(mask, bool)
     params = (params or TrackingParams()).resolved(voxel_size(affine))
@@ -757,7 +757,7 @@ def write_tractogram(
     return paths, table
 
 
-def summarise(
+def summarise_tractogram(
     tracks: Tracks, table: dict[str, np.ndarray], counts: dict[str, int] | None = None, **extra: Any
 ) -> dict[str, Any]:
     """One row of the per-run summary (see :data:`SUMMARY_COLUMNS`)."""
@@ -798,7 +798,7 @@ def finish_tractogram(
                              "variant, or a variational one with --mc-samples above 1)")
         tracks, counts = limit_uncertainty(tracks, uncertainty, reference_affine, max_uncertainty, action, min_length)
     paths, table = write_tractogram(tracks, prefix, reference_affine, reference_shape, uncertainty)
-    row = summarise(tracks, table, counts, uncertainty_threshold=max_uncertainty,
+    row = summarise_tractogram(tracks, table, counts, uncertainty_threshold=max_uncertainty,
                     uncertainty_action=action if max_uncertainty is not None else None)
     return paths, row
 
@@ -819,7 +819,7 @@ def resample_to_grid(
     nearest value)."""
     from scipy import ndimage
 
-    from iqt_pipe.degrade import voxel_centres
+    from iqt_pipe.dmri.degrade import voxel_centres
 
     points = voxel_centres(tuple(dst_shape[:3]), dst_affine)
     ijk = nb.affines.apply_affine(np.linalg.inv(src_affine), points)
@@ -830,8 +830,8 @@ def resample_to_grid(
 
 def synthesis_scheme(bvals: np.ndarray, bvecs_world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The volumes a synthesised series needs: one b = 0 and the DTI shell of the subject's
-    table (IQT protocol, :func:`iqt_pipe.gradients.select_dti_volumes`); world directions."""
-    from iqt_pipe.gradients import GradientTable, select_dti_volumes
+    table (IQT protocol, :func:`iqt_pipe.dmri.gradients.select_dti_volumes`); world directions."""
+    from iqt_pipe.dmri.gradients import GradientTable, select_dti_volumes
 
     gtab = GradientTable(np.asarray(bvals, float), np.asarray(bvecs_world, float))
     keep = select_dti_volumes(gtab) & ~gtab.b0_mask
@@ -842,8 +842,8 @@ def synthesis_scheme(bvals: np.ndarray, bvecs_world: np.ndarray) -> tuple[np.nda
 
 def synthesize_dwi(tensors_world: np.ndarray, s0: np.ndarray, bvals: np.ndarray, bvecs_world: np.ndarray) -> np.ndarray:
     """Noise-free ``S0·exp(−b gᵀDg)`` for world-frame tensors and world directions, float32."""
-    from iqt_pipe.dti import project_psd
-    from iqt_pipe.phantom import synthesize_signal
+    from iqt_pipe.dmri.dti import project_psd
+    from iqt_pipe.sims.phantom import synthesize_signal
 
     tensors, _ = project_psd(np.nan_to_num(tensors_world), 0.0)
     s0 = np.clip(np.nan_to_num(s0), 0, None)
@@ -885,7 +885,7 @@ def run_noise_sigma(
     """:func:`b0_noise_sigma` of a DWI series file (only its b=0 volumes are read) inside a
     brain mask on its grid; None when the series has fewer than two b=0 volumes or the mask's
     grid differs."""
-    from iqt_pipe.gradients import B0_THRESHOLD
+    from iqt_pipe.dmri.gradients import B0_THRESHOLD
 
     b0_index = np.flatnonzero(np.asarray(bvals, float) <= B0_THRESHOLD)
     if len(b0_index) < 2:
@@ -931,8 +931,8 @@ def prepare_mrtrix_inputs(
     DWI, same gradient table; ``noise_mask_file`` its brain mask) or, failing that, median S0
     in the mask / ``snr``; ``noise`` describes it for the sidecar.
     """
-    from iqt_pipe.gradients import read_gradients
-    from iqt_pipe.phantom import add_rician_noise
+    from iqt_pipe.dmri.gradients import read_gradients
+    from iqt_pipe.sims.phantom import add_rician_noise
 
     tensors, mask, affine = load_tensor_image(tensor_file, mask_file)
     s0, s0_affine, _ = load_nifti(s0_file)

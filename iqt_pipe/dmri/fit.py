@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from iqt_pipe.dti import from_dipy_order, not_positive_definite
-from iqt_pipe.gradients import GradientTable, select_dti_volumes
+from iqt_pipe.dmri.dti import from_dipy_order, not_positive_definite
+from iqt_pipe.dmri.gradients import GradientTable, select_dti_volumes
 from iqt_pipe.io import InputError
 
 
@@ -58,7 +58,7 @@ def fit_dti(
     source: str = "DWI series",
 ) -> DTIFit:
     """Fit DTI by WLS on b = 0 plus one shell (IQT protocol, see
-    :func:`iqt_pipe.gradients.select_dti_volumes`), returning voxel-frame tensors.
+    :func:`iqt_pipe.dmri.gradients.select_dti_volumes`), returning voxel-frame tensors.
 
     ``mask`` limits the fit (all voxels when None); voxels without a positive finite signal
     in every used volume are never fitted and stay zero.

@@ -1,19 +1,19 @@
 """The patch library: LR/HR training patch pairs by the IQT protocol, cached on disk.
 
-For every DWI run: :func:`~iqt_pipe.degrade.make_pair` gives voxel-frame LR and HR tensors
-and brain masks; the run's :class:`~iqt_pipe.normalise.ChannelStats` are the in-mask mean and
+For every DWI run: :func:`~iqt_pipe.dmri.degrade.make_pair` gives voxel-frame LR and HR tensors
+and brain masks; the run's :class:`~iqt_pipe.sr.normalise.ChannelStats` are the in-mask mean and
 sd of its LR tensors. A patch pair is
 
 * input: an ``input_size``³ (default 11³) block of standardised LR tensors, and
 * target: the HR voxels of its central ``core``³ LR positions (``core = input_size − 2·margin``,
   7³ with the model's margin 2): ``r·core`` per axis (14³ for r = 2, 21³ for r = 3), encoded
-  with :func:`~iqt_pipe.normalise.encode_target` (the HR block of LR position p is
+  with :func:`~iqt_pipe.sr.normalise.encode_target` (the HR block of LR position p is
   ``r·p … r·p + r − 1``).
 
 Centres are drawn without replacement (deterministically from ``(seed, run index)``) among the
 LR brain-mask voxels whose whole ``core``³ block lies inside the volume; the input's margin may
 reach past the volume, where it is padded with zero tensors as in whole-volume prediction
-(:func:`iqt_pipe.inference.predict_volume`).
+(:func:`iqt_pipe.sr.inference.predict_volume`).
 
 Storage. A library keeps, per run, the standardised LR volume and the encoded HR volume
 cropped to the patches' bounding box, plus the centres; patches are sliced on demand
@@ -55,12 +55,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from iqt_pipe.baselines import interpolate_tensors
-from iqt_pipe.degrade import make_pair
-from iqt_pipe.dwi import load_dwi
+from iqt_pipe.sr.baselines import interpolate_tensors
+from iqt_pipe.dmri.degrade import make_pair
+from iqt_pipe.dmri.dwi import load_dwi
 from iqt_pipe.io import InputError, atomic_path
-from iqt_pipe.normalise import TARGETS, ChannelStats, channel_stats, encode_target
-from iqt_pipe.prepare import (NONE, Preprocessing, preprocess_series, series_domain, series_manufacturer,
+from iqt_pipe.sr.normalise import TARGETS, ChannelStats, channel_stats, encode_target
+from iqt_pipe.dmri.prepare import (NONE, Preprocessing, preprocess_series, series_domain, series_manufacturer,
                               training_domain)
 
 LIBRARY_FORMAT = "iqt-pipe-patches"
@@ -426,13 +426,13 @@ def _run_files(run) -> tuple[Path, Path, Path]:
     return Path(dwi), Path(bval), Path(bvec)
 
 
-def _run_name(run) -> str:
+def _run_id(run) -> str:
     return getattr(run, "name", None) or _run_files(run)[0].name.split(".")[0]
 
 
 def _run_subject(run) -> str:
     entities = getattr(run, "entities", None) or {}
-    return str(entities.get("subject", _run_name(run)))
+    return str(entities.get("subject", _run_id(run)))
 
 
 #: Files up to this size are hashed whole; larger ones by their size, head and tail.
@@ -508,9 +508,9 @@ def build_library(
 ) -> PatchLibrary:
     """The patch library of DWI ``runs`` (:class:`~iqt_pipe.bids.DWIRun` or ``(dwi, bval, bvec)``).
 
-    Each HR series is preprocessed (:func:`iqt_pipe.prepare.preprocess_series`) before its LR
+    Each HR series is preprocessed (:func:`iqt_pipe.dmri.prepare.preprocess_series`) before its LR
     series is made, as the app preprocesses a native series; the library's ``meta`` records
-    the preprocessing and the runs' domain (:func:`iqt_pipe.prepare.training_domain`) for the
+    the preprocessing and the runs' domain (:func:`iqt_pipe.dmri.prepare.training_domain`) for the
     model card.
 
     With ``cache_dir``, reuse ``cache_dir/patches-<key>.npz`` when it exists (see
@@ -540,7 +540,7 @@ def build_library(
     bar = tqdm(list(zip(runs, counts)), desc="patch library", unit="run", disable=True if quiet else None)
     for i, (run, n) in enumerate(bar):
         dwi, bval, bvec = _run_files(run)
-        name = _run_name(run)
+        name = _run_id(run)
         bar.set_postfix_str(name)
         series = load_dwi(dwi, bval, bvec)
         if min(series.data.shape[:3]) < r * (input_size - 2 * margin):
@@ -559,7 +559,7 @@ def build_library(
         )
     meta = {
         "key": key, "seed": int(seed), "patches_per_subject": int(patches_per_subject),
-        "runs": [{"name": _run_name(run), "subject": _run_subject(run), "dwi": str(_run_files(run)[0])} for run in runs],
+        "runs": [{"name": _run_id(run), "subject": _run_subject(run), "dwi": str(_run_files(run)[0])} for run in runs],
         "preprocessing": preprocessing.to_card(), "domain": training_domain(domains, r),
     }
     lib = PatchLibrary(built, target, meta)

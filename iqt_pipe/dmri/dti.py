@@ -157,7 +157,7 @@ def fractional_anisotropy(evals: np.ndarray) -> np.ndarray:
     return np.clip(fa, 0.0, 1.0)
 
 
-def color_fa(evals: np.ndarray, evecs: np.ndarray) -> np.ndarray:
+def colour_fa(evals: np.ndarray, evecs: np.ndarray) -> np.ndarray:
     """Direction-encoded colour FA: ``FA · |e1|`` as RGB in ``[0, 1]``, shape ``(..., 3)``.
 
     The colours refer to the frame the tensors are in (world: red = left–right).

@@ -16,12 +16,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from iqt_pipe import __version__
-from iqt_pipe.dti import tensors_world_to_voxel
-from iqt_pipe.inference import Prediction, frobenius_sd, predict_ensemble
+from iqt_pipe.dmri.dti import tensors_world_to_voxel
+from iqt_pipe.sr.inference import Prediction, frobenius_sd, predict_ensemble
 from iqt_pipe.io import load_tensor_image  # noqa: F401 - re-exported; it lives in io so tractography needs no torch
 from iqt_pipe.io import save_json, save_nifti, save_tensors, sidecar_path
 from iqt_pipe.models.espcn import IQTNet
-from iqt_pipe.prepare import Preprocessing, card_domain, domain_problems
+from iqt_pipe.dmri.prepare import Preprocessing, card_domain, domain_problems
 
 
 _DIFFUSIVITY = "mm^2/s"
@@ -49,7 +49,7 @@ def super_resolve_tensors(
     world_tensors: np.ndarray, mask: np.ndarray, affine: np.ndarray, model: IQTNet | Sequence[IQTNet],
     **predict_kwargs,
 ) -> Prediction:
-    """:func:`~iqt_pipe.inference.predict_ensemble` (one model or several) on world-frame
+    """:func:`~iqt_pipe.sr.inference.predict_ensemble` (one model or several) on world-frame
     tensors: the whole brain ``mask`` and its rim (result in the voxel frame of the HR grid,
     as ``predict_volume`` returns it)."""
     models = [model] if isinstance(model, IQTNet) else list(model)
@@ -97,7 +97,7 @@ def prediction_metadata(
     """Provenance for every output sidecar: the model file (the first of an ensemble's cards,
     every member under ``Ensemble``) and the sampling settings; with
     ``preprocessing`` (what the native series had) whether it matches the model's training
-    (``Preprocessing``), with ``domain`` (:func:`iqt_pipe.prepare.series_domain` of the
+    (``Preprocessing``), with ``domain`` (:func:`iqt_pipe.dmri.prepare.series_domain` of the
     native series) whether the run lies in the model's training domain (``ModelDomain``)."""
     cards = [card] if isinstance(card, dict) else list(card)
     card = cards[0]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iqt_pipe.dti import fsl_flip, voxel_to_world_rotation
+from iqt_pipe.dmri.dti import fsl_flip, voxel_to_world_rotation
 from iqt_pipe.io import InputError, save_text
 
 #: b-values at or below this (s/mm²) count as b = 0.

@@ -32,7 +32,7 @@ import torch
 
 from iqt_pipe.io import InputError
 from iqt_pipe.models.espcn import IQTNet
-from iqt_pipe.normalise import TARGETS, ChannelStats, channel_stats, decode_output
+from iqt_pipe.sr.normalise import TARGETS, ChannelStats, channel_stats, decode_output
 
 #: bytes per float32
 _F32 = 4
@@ -143,7 +143,7 @@ def _fa_md(d: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]
 
 
 #: Test-time symmetry ensembles (``--symmetries``): the symmetry codes of
-#: :mod:`iqt_pipe.patches` each Monte-Carlo pass uses in turn — none, the 8 mirrors of the
+#: :mod:`iqt_pipe.sr.patches` each Monte-Carlo pass uses in turn — none, the 8 mirrors of the
 #: axes, or all 48 symmetries of the cube (mirrors and axis permutations).
 SYMMETRIES: dict[str, tuple[int, ...]] = {"none": (0,), "mirrors": tuple(range(8)), "cube": tuple(range(48))}
 DEFAULT_SYMMETRIES = "mirrors"
@@ -165,13 +165,13 @@ def _spatial(w: torch.Tensor, perm, mirror: int, inverse: bool = False) -> torch
 @torch.no_grad()
 def symmetric_network(net: IQTNet, code: int) -> IQTNet:
     """A copy of ``net`` that computes g⁻¹(f(g(z))) for the symmetry g of ``code`` (see
-    :func:`iqt_pipe.patches.transform_field`: voxels moved, tensor components permuted and
+    :func:`iqt_pipe.sr.patches.transform_field`: voxels moved, tensor components permuted and
     mirrored alike): the prediction the network would make for the mirrored or transposed
     scan, moved back. The symmetry is folded into the weights — kernels moved, input channels
     and the shuffled output channels gathered and signed — so it costs nothing at prediction
     time. Use it with ``sample=False`` (mean or one drawn set of weights)."""
     from iqt_pipe.models.shuffle import periodic_shuffle, periodic_unshuffle
-    from iqt_pipe.patches import AXIS_PERMUTATIONS, N_MIRRORS, mirror_signs, permutation_channels
+    from iqt_pipe.sr.patches import AXIS_PERMUTATIONS, N_MIRRORS, mirror_signs, permutation_channels
 
     out = copy.deepcopy(net)
     if not code:
@@ -266,7 +266,7 @@ class _Tiler:
 def _hr_baseline(lr_tensors, stats: ChannelStats, r: int, target: str) -> np.ndarray:
     """What de-standardised outputs are added to: the channel means (target "hr", shape (6,))
     or the cubic B-spline upsampling of the input ("residual-cubic", the HR grid)."""
-    from iqt_pipe.baselines import interpolate_tensors
+    from iqt_pipe.sr.baselines import interpolate_tensors
 
     if target not in TARGETS:
         raise ValueError(f"unknown model target {target!r}; expected one of {TARGETS}")
@@ -397,7 +397,7 @@ def predict_volume(
     variance, and the FA/MD sd by its square root.
     The caller's model is not modified.
     """
-    from iqt_pipe.degrade import upsample_affine
+    from iqt_pipe.dmri.degrade import upsample_affine
 
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[resolve_precision(precision, device)]
@@ -491,7 +491,7 @@ def predict_volume(
         if key in arrays:
             arrays[key][~hr_region] = 0
     if outside == "cubic":
-        from iqt_pipe.baselines import interpolate_tensors
+        from iqt_pipe.sr.baselines import interpolate_tensors
 
         cubic = baseline if target == "residual-cubic" else interpolate_tensors(lr_tensors, r, "cubic")
         arrays["mean"][~hr_region] = cubic[~hr_region]
@@ -564,7 +564,7 @@ def guard_outputs(arrays: dict[str, np.ndarray], fa_sd: np.ndarray, md_sd: np.nd
     (as DIPY and MRtrix3 write theirs); FA is clipped to [0, 1] and tractography projects
     onto positive semi-definite tensors.
     """
-    from iqt_pipe.dti import not_positive_definite
+    from iqt_pipe.dmri.dti import not_positive_definite
 
     mean = arrays["mean"]
     bad_mean = ~np.all(np.isfinite(mean), axis=-1) & mask
@@ -633,7 +633,7 @@ def predict_patchwise(
             out[hs] = mean[j][tuple(slice(0, s.stop - s.start) for s in hs)]
     baseline = None
     if target == "residual-cubic":
-        from iqt_pipe.baselines import interpolate_tensors
+        from iqt_pipe.sr.baselines import interpolate_tensors
 
         baseline = interpolate_tensors(lr_tensors, r, "cubic")
     out = decode_output(out, stats, baseline)

@@ -1,6 +1,6 @@
 """Interpolation baselines on the tensor components: nearest, trilinear, cubic B-spline.
 
-HR voxel h of an r-times finer grid (see :func:`iqt_pipe.degrade.upsample_affine`) sits at LR
+HR voxel h of an r-times finer grid (see :func:`iqt_pipe.dmri.degrade.upsample_affine`) sits at LR
 voxel coordinate (h − (r − 1)/2) / r.
 """
 

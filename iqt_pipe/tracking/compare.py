@@ -15,7 +15,7 @@ compared with the HR one on the HR grid (:func:`evaluate_tractography`, on files
   of their points in the bundle.
 
 Plain functions, no Nipype; streamlines in world millimetres as
-:mod:`iqt_pipe.tractography` returns and writes them.
+:mod:`iqt_pipe.tracking.tractography` returns and writes them.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from iqt_pipe.io import InputError, write_tsv
-from iqt_pipe.tractography import (
+from iqt_pipe.tracking.tractography import (
     TSV_FLOAT,
     densify,
     load_on_grid,

@@ -1,0 +1,2 @@
+"""Evaluation of super-resolution against HR references: the protocol behind ``iqt-eval``, the
+metrics, cross-validation and the report."""
