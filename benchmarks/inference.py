@@ -74,7 +74,8 @@ def conv3d_peak(device, precision: str = "float32") -> float:
 def run_case(variant: str, case: str, precision: str, device: str, threads: int) -> dict:
     import iqt_pipe.sr.baselines  # noqa: F401 - imports are not part of the timing
     import iqt_pipe.dmri.degrade  # noqa: F401
-    from iqt_pipe.sr.inference import SYMMETRIES, predict_brain, predict_patchwise
+    from iqt_pipe.sr.inference import predict_brain, predict_patchwise
+    from iqt_pipe.sr.options import SYMMETRIES
     from iqt_pipe.models import IQTNet
 
     torch.set_num_threads(threads)

@@ -5,7 +5,7 @@ not a test):
 
 One real run: the DTI fit at its native resolution and the bundled model's super-resolution of it
 (2× per axis, the predictive mean, as the app tracks). For each space and algorithm, DIPY
-(:func:`iqt_pipe.tracking.tractography.track_tensors`, loading the tensor image included) and ``tckgen``
+(:func:`iqt_pipe.tracking.track.track_tensors`, loading the tensor image included) and ``tckgen``
 (``Tensor_Det``/``Tensor_Prob`` on the synthesised series, as the workflow runs it, Rician noise
 for ``Tensor_Prob``) get the default settings, the same white-matter seed mask and seed count
 and ``--threads`` threads each. Prints seconds, the DIPY/tckgen ratio (issue 22's goal: ≤ 3 on
@@ -52,7 +52,7 @@ def prepare(args, tmp: Path) -> dict[str, dict[str, str]]:
 
 
 def time_dipy(files: dict, algorithm: str, threads: int, density: float):
-    from iqt_pipe.tracking import tractography as T
+    from iqt_pipe.tracking import track as T
     from iqt_pipe.io import load_tensor_image
 
     t0 = time.perf_counter()
@@ -63,11 +63,13 @@ def time_dipy(files: dict, algorithm: str, threads: int, density: float):
 
 
 def time_tckgen(files: dict, algorithm: str, threads: int, density: float, folder: Path):
-    from iqt_pipe.tracking import tractography as T
     from iqt_pipe.interfaces.tractography import TensorTractography
+    from iqt_pipe.tracking import files as F
+    from iqt_pipe.tracking import mrtrix as M
+    from iqt_pipe.tracking import track as T
 
     folder.mkdir()
-    prep = T.prepare_mrtrix_inputs(files["tensor_file"], files["mask_file"], files["s0_file"], files["bval_file"],
+    prep = M.prepare_mrtrix_inputs(files["tensor_file"], files["mask_file"], files["s0_file"], files["bval_file"],
                                    files["bvec_file"], folder / "prep", T.TrackingParams(seed_density=density),
                                    noisy=algorithm == "prob", noise_dwi_file=files["dwi_file"],
                                    noise_mask_file=files["native_mask_file"])
@@ -82,7 +84,7 @@ def time_tckgen(files: dict, algorithm: str, threads: int, density: float, folde
     env = {**os.environ, "MRTRIX_RNG_SEED": "0"}
     t0 = time.perf_counter()
     subprocess.run(node.cmdline, shell=True, check=True, env=env, cwd=folder)
-    return time.perf_counter() - t0, T.load_streamlines(folder / "tracked.tck"), prep["n_seeds"]
+    return time.perf_counter() - t0, F.load_streamlines(folder / "tracked.tck"), prep["n_seeds"]
 
 
 def main():
@@ -98,7 +100,7 @@ def main():
     import nibabel as nb
 
     from iqt_pipe.tracking import compare as C
-    from iqt_pipe.tracking import tractography as T
+    from iqt_pipe.tracking import track as T
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -29,7 +29,7 @@ def library_for(args, work: Path):
     if args.bids_dir:
         root = args.bids_dir
     else:
-        from iqt_pipe.sims.phantom import write_bids_dataset
+        from iqt_pipe.sims.dataset import write_bids_dataset
 
         root = write_bids_dataset(work / "ds", n_subjects=1, preset="tiny", seed=1, snr=30)
     runs = find_dwi_runs_multi([root], args.participant_label, None)

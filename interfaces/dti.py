@@ -45,18 +45,11 @@ class FitDTI(SimpleInterface):
     def _run_interface(self, runtime):
         from iqt_pipe.dmri.dti import scalar_maps
         from iqt_pipe.dmri.dwi import load_dwi
-        from iqt_pipe.io import InputError, load_nifti, save_nifti, save_tensors
+        from iqt_pipe.io import load_mask, save_nifti, save_tensors
         from iqt_pipe.dmri.prepare import fit_series
 
         series = load_dwi(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file)
-        mask = None
-        if self.inputs.mask_file:
-            mask = load_nifti(self.inputs.mask_file)[0] > 0
-            if mask.shape != series.data.shape[:3]:
-                raise InputError(
-                    f"{self.inputs.mask_file}: mask grid {mask.shape} differs from the DWI grid "
-                    f"{series.data.shape[:3]}; give a mask of the same series"
-                )
+        mask = load_mask(self.inputs.mask_file, series.data.shape) if self.inputs.mask_file else None
         fit, mask = fit_series(series.data, series.affine, series.gtab, mask, source=self.inputs.dwi_file)
 
         def out(suffix):

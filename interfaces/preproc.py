@@ -44,18 +44,11 @@ class DenoiseMPPCA(SimpleInterface):
     output_spec = _DenoiseMPPCAOutputSpec
 
     def _run_interface(self, runtime):
-        from iqt_pipe.io import InputError, load_nifti, save_nifti
+        from iqt_pipe.io import load_mask, save_nifti
         from iqt_pipe.dmri.preproc import denoise_mppca
 
         data, affine, header = _load_series(self.inputs.in_file)
-        mask = None
-        if self.inputs.mask_file:
-            mask = load_nifti(self.inputs.mask_file)[0] > 0
-            if mask.shape != data.shape[:3]:
-                raise InputError(
-                    f"{self.inputs.mask_file}: mask grid {mask.shape} differs from the DWI grid "
-                    f"{data.shape[:3]}; give a mask of the same series"
-                )
+        mask = load_mask(self.inputs.mask_file, data.shape) if self.inputs.mask_file else None
         denoised, sigma = denoise_mppca(data, mask=mask, patch_radius=self.inputs.patch_radius)
         out = _out_path(self.inputs.in_file, "_denoised", runtime.cwd)
         noise = _out_path(self.inputs.in_file, "_noise", runtime.cwd)
@@ -117,15 +110,12 @@ class NoiseCorrelation(SimpleInterface):
     def _run_interface(self, runtime):
         from iqt_pipe.dmri.dwi import load_dwi
         from iqt_pipe.dmri.gradients import select_dti_volumes
-        from iqt_pipe.io import InputError, load_nifti
+        from iqt_pipe.io import load_mask
         from iqt_pipe.dmri.preproc import noise_neighbour_correlation
         from iqt_pipe.qc import CORRELATED_NOISE, NOISE_CORRELATION_FIELD
 
         series = load_dwi(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file)
-        mask = load_nifti(self.inputs.mask_file)[0] > 0
-        if mask.shape != series.data.shape[:3]:
-            raise InputError(f"{self.inputs.mask_file}: mask grid {mask.shape} differs from the DWI grid "
-                             f"{series.data.shape[:3]}; give a mask of the same series")
+        mask = load_mask(self.inputs.mask_file, series.data.shape)
         keep = select_dti_volumes(series.gtab, self.inputs.bval_file)
         correlation = noise_neighbour_correlation(series.data[..., keep], mask)
         self._results["correlation"] = correlation

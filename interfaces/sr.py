@@ -13,7 +13,7 @@ from nipype.interfaces.base import (
 )
 from nipype.utils.filemanip import fname_presuffix
 
-from iqt_pipe.config import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISIONS, SYMMETRIES
+from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISIONS, SYMMETRIES
 
 
 class _SuperResolveInputSpec(BaseInterfaceInputSpec):
@@ -65,7 +65,6 @@ class SuperResolve(SimpleInterface):
         from nipype.interfaces.base import isdefined
 
         from iqt_pipe.dmri.gradients import read_gradients
-        from iqt_pipe.sr.inference import SYMMETRIES as CODES
         from iqt_pipe.models import load_model
         from iqt_pipe.dmri.prepare import Preprocessing, series_domain, series_manufacturer
         from iqt_pipe.sr.superres import load_tensor_image, prediction_metadata, super_resolve_tensors, write_prediction
@@ -74,7 +73,7 @@ class SuperResolve(SimpleInterface):
         models, cards = zip(*(load_model(path, device=device) for path in self.inputs.model))
         tensors, mask, affine = load_tensor_image(self.inputs.tensor_file, self.inputs.mask_file)
         pred = super_resolve_tensors(
-            tensors, mask, affine, models, symmetries=CODES[self.inputs.symmetries], precision=self.inputs.precision,
+            tensors, mask, affine, models, symmetries=SYMMETRIES[self.inputs.symmetries], precision=self.inputs.precision,
             mc_samples=self.inputs.mc_samples, scalar_samples=self.inputs.scalar_samples,
             seed=self.inputs.seed, device=device, mem_mb=self.inputs.mem_mb, threads=self.inputs.num_threads,
         )

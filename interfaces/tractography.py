@@ -1,6 +1,7 @@
 """Tractography as Nipype interfaces: DIPY tracking, the MRtrix3 input synthesis around
 Nipype's own ``tckgen`` interface, the uncertainty limit and tractogram files, track density,
-and the per-run summary. Each ``SimpleInterface`` calls :mod:`iqt_pipe.tracking.tractography`."""
+and the per-run summary. Each ``SimpleInterface`` calls :mod:`iqt_pipe.tracking.track`,
+:mod:`iqt_pipe.tracking.files` or :mod:`iqt_pipe.tracking.mrtrix`."""
 
 from __future__ import annotations
 
@@ -18,14 +19,14 @@ from nipype.interfaces.base import (
 )
 from nipype.interfaces.mrtrix3 import Tractography
 
-from iqt_pipe.tracking.tractography import (
+from iqt_pipe.tracking.mrtrix import DEFAULT_SYNTH_SNR
+from iqt_pipe.tracking.track import (
     ALGORITHMS,
     DEFAULT_FA_THRESHOLD,
     DEFAULT_MAX_LENGTH,
     DEFAULT_MIN_LENGTH,
     DEFAULT_SEED_DENSITY,
     DEFAULT_SEED_FA,
-    DEFAULT_SYNTH_SNR,
     UNCERTAINTY_ACTIONS,
 )
 
@@ -43,7 +44,7 @@ class _TrackingSettingsSpec(BaseInterfaceInputSpec):
 
 
 def _params(inputs, **extra):
-    from iqt_pipe.tracking.tractography import TrackingParams
+    from iqt_pipe.tracking.track import TrackingParams
 
     return TrackingParams(seed_density=inputs.seed_density, step_mm=_optional(inputs.step_mm),
                           max_angle=_optional(inputs.max_angle), seed_fa=inputs.seed_fa,
@@ -72,7 +73,7 @@ class _TrackingOutputSpec(TraitedSpec):
 
 
 class DipyTracking(SimpleInterface):
-    """DIPY tracking on a tensor image (:func:`iqt_pipe.tracking.tractography.track_tensors`):
+    """DIPY tracking on a tensor image (:func:`iqt_pipe.tracking.track.track_tensors`):
     deterministic (the principal eigenvector) or probabilistic (drawn from the tensor ODF)
     directions, FA and mask stopping, random white-matter seeds at a given density, seeds
     tracked on ``nthreads`` threads."""
@@ -82,7 +83,8 @@ class DipyTracking(SimpleInterface):
 
     def _run_interface(self, runtime):
         from iqt_pipe.io import load_tensor_image
-        from iqt_pipe.tracking.tractography import save_tck, track_tensors, write_seed_file
+        from iqt_pipe.tracking.files import save_tck, write_seed_file
+        from iqt_pipe.tracking.track import track_tensors
 
         tensors, mask, affine = load_tensor_image(self.inputs.tensor_file, self.inputs.mask_file)
         params = _params(self.inputs, algorithm=self.inputs.algorithm, fa_threshold=self.inputs.fa_threshold,
@@ -130,13 +132,13 @@ class _PrepareMRtrixOutputSpec(TraitedSpec):
 class PrepareMRtrixTracking(SimpleInterface):
     """Synthesise the DWI series that ``tckgen -algorithm Tensor_Det/Tensor_Prob`` needs from
     a tensor image and the subject's S0 and gradient table
-    (:func:`iqt_pipe.tracking.tractography.prepare_mrtrix_inputs`), with the masks and settings."""
+    (:func:`iqt_pipe.tracking.mrtrix.prepare_mrtrix_inputs`), with the masks and settings."""
 
     input_spec = _PrepareMRtrixInputSpec
     output_spec = _PrepareMRtrixOutputSpec
 
     def _run_interface(self, runtime):
-        from iqt_pipe.tracking.tractography import prepare_mrtrix_inputs
+        from iqt_pipe.tracking.mrtrix import prepare_mrtrix_inputs
 
         out = prepare_mrtrix_inputs(self.inputs.tensor_file, self.inputs.mask_file, self.inputs.s0_file,
                                     self.inputs.bval_file, self.inputs.bvec_file,
@@ -196,7 +198,7 @@ class _FinishTractogramOutputSpec(TraitedSpec):
 
 class FinishTractogram(SimpleInterface):
     """Apply ``--max-uncertainty`` (stop or drop) and write ``.tck``, ``.trk`` and the
-    per-streamline TSV (:func:`iqt_pipe.tracking.tractography.finish_tractogram`)."""
+    per-streamline TSV (:func:`iqt_pipe.tracking.files.finish_tractogram`)."""
 
     input_spec = _FinishTractogramInputSpec
     output_spec = _FinishTractogramOutputSpec
@@ -204,14 +206,14 @@ class FinishTractogram(SimpleInterface):
     def _run_interface(self, runtime):
         import numpy as np
 
-        from iqt_pipe.tracking.tractography import (
-            Tracks,
+        from iqt_pipe.tracking.files import (
             finish_tractogram,
             load_on_grid,
             load_streamlines,
             read_seed_file,
             reference_grid,
         )
+        from iqt_pipe.tracking.track import Tracks
 
         streamlines = load_streamlines(self.inputs.in_file)
         seeds = (read_seed_file(self.inputs.seeds_file, len(streamlines)) if isdefined(self.inputs.seeds_file)
@@ -271,7 +273,7 @@ class _TrackDensityOutputSpec(TraitedSpec):
 
 
 class TrackDensity(SimpleInterface):
-    """Track-density image without MRtrix3 (:func:`iqt_pipe.tracking.tractography.track_density`);
+    """Track-density image without MRtrix3 (:func:`iqt_pipe.tracking.track.track_density`);
     the MRtrix3 branch uses Nipype's ``ComputeTDI`` (``tckmap``) instead."""
 
     input_spec = _TrackDensityInputSpec
@@ -281,7 +283,8 @@ class TrackDensity(SimpleInterface):
         import numpy as np
 
         from iqt_pipe.io import save_nifti
-        from iqt_pipe.tracking.tractography import load_streamlines, reference_grid, track_density
+        from iqt_pipe.tracking.files import load_streamlines, reference_grid
+        from iqt_pipe.tracking.track import track_density
 
         affine, shape = reference_grid(self.inputs.reference)
         tdi = track_density(load_streamlines(self.inputs.in_file), affine, shape)
@@ -295,7 +298,7 @@ class _TractographySummaryInputSpec(BaseInterfaceInputSpec):
 
 
 class _TractographySummaryOutputSpec(TraitedSpec):
-    out_file = File(exists=True, desc="one row per tractogram (iqt_pipe.tracking.tractography.SUMMARY_COLUMNS)")
+    out_file = File(exists=True, desc="one row per tractogram (iqt_pipe.tracking.files.SUMMARY_COLUMNS)")
 
 
 class TractographySummary(SimpleInterface):
@@ -305,7 +308,7 @@ class TractographySummary(SimpleInterface):
     output_spec = _TractographySummaryOutputSpec
 
     def _run_interface(self, runtime):
-        from iqt_pipe.tracking.tractography import write_summary
+        from iqt_pipe.tracking.files import write_summary
 
         out = os.path.join(runtime.cwd, "tractography_summary.tsv")
         self._results["out_file"] = str(write_summary(list(self.inputs.summaries), out))

@@ -133,12 +133,13 @@ def dataset_description(root: Path) -> dict:
     """``dataset_description.json`` of a dataset root; a missing or unreadable one is an
     :class:`InputError` naming the fix."""
     if not root.is_dir():
-        raise InputError(f"{root}: BIDS folder not found")
+        raise InputError(f"{root}: folder not found; give the root folder of a BIDS dataset")
     path = root / "dataset_description.json"
     if not path.is_file():
-        raise InputError(
-            f"{root}: not a BIDS dataset (no dataset_description.json); point to the dataset's root folder"
-        )
+        inner = sorted(p.parent for p in root.glob("*/dataset_description.json") if p.parent.name != "derivatives")
+        hint = f" (did you mean {inner[0]}?)" if len(inner) == 1 else ""
+        raise InputError(f"{root}: not a BIDS dataset (no dataset_description.json); point to the dataset's root "
+                         f"folder, which holds dataset_description.json and sub-*/{hint}")
     try:
         description = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from iqt_pipe import __version__
 from iqt_pipe.io import InputError, save_text
-from iqt_pipe.tracking.tractography import DEFAULT_SEED_DENSITY, UNCERTAINTY_ACTIONS
+from iqt_pipe.sr.options import DEFAULT_MC_SAMPLES, DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISIONS, SYMMETRIES
+from iqt_pipe.tracking.track import DEFAULT_SEED_DENSITY, UNCERTAINTY_ACTIONS
 
 if TYPE_CHECKING:
     from iqt_pipe.dmri.prepare import Preprocessing
@@ -31,13 +32,6 @@ if TYPE_CHECKING:
 DEVICES = ("auto", "cpu", "cuda")
 TRACTOGRAPHY = ("none", "dipy", "mrtrix", "both")
 DENOISE = ("auto", "mrtrix", "dipy", "none")  # as workflows.dwi.DENOISE_CHOICES (not imported: Nipype is slow)
-DEFAULT_MC_SAMPLES = 8
-#: Test-time symmetry ensembles, as ``iqt_pipe.sr.inference.SYMMETRIES`` (not imported: torch is slow).
-SYMMETRIES = ("none", "mirrors", "cube")
-DEFAULT_SYMMETRIES = "mirrors"
-#: The network's arithmetic, as ``iqt_pipe.sr.inference.PRECISIONS``.
-PRECISIONS = ("auto", "float32", "bfloat16")
-DEFAULT_PRECISION = "auto"
 DEFAULT_SEED = 0
 #: File name of the configuration archived in ``sub-<label>/log/<run_uuid>/``.
 CONFIG_NAME = "iqt-pipe.toml"

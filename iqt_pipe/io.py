@@ -59,6 +59,16 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, nb.Nift
     return data, np.asarray(affine, dtype=np.float64), img.header
 
 
+def load_mask(path: str | os.PathLike, shape: tuple[int, ...], of: str = "DWI") -> np.ndarray:
+    """A brain mask (voxels > 0) that must lie on the grid ``shape`` of the image it goes with;
+    a mask of another grid is an :class:`InputError` naming the file and the fix."""
+    mask = load_nifti(path)[0] > 0
+    if mask.shape != tuple(shape[:3]):
+        raise InputError(f"{path}: mask grid {mask.shape} differs from the {of} grid {tuple(shape[:3])}; "
+                         "give a mask of the same series")
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
@@ -149,11 +159,25 @@ def save_text(text: str, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+#: How every table, summary and TSV file of iqt-pipe spells a missing or non-finite value (BIDS's spelling).
+MISSING = "n/a"
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, (float, np.floating)) and not np.isfinite(value))
+
+
+def format_number(value: Any, spec: str = ".3f") -> str:
+    """A number for people to read (Markdown tables, summaries, reports): ``format(value, spec)``,
+    :data:`MISSING` for None and non-finite values."""
+    return MISSING if _missing(value) else format(value, spec)
+
+
 def tsv_cell(value: Any, float_format: str | None = None) -> str:
-    """One BIDS TSV cell: ``n/a`` for None and non-finite numbers, ``true``/``false`` for
+    """One BIDS TSV cell: :data:`MISSING` for None and non-finite numbers, ``true``/``false`` for
     booleans, floats as ``float_format`` (default: the shortest repr, which round-trips)."""
-    if value is None or (isinstance(value, (float, np.floating)) and not np.isfinite(value)):
-        return "n/a"
+    if _missing(value):
+        return MISSING
     if isinstance(value, bool):
         return "true" if value else "false"
     if float_format is not None and isinstance(value, (float, np.floating)):

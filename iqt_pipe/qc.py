@@ -40,7 +40,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from iqt_pipe.io import InputError, load_nifti, save_json, save_text, write_tsv
+from iqt_pipe.io import InputError, format_number, load_nifti, save_json, save_text, write_tsv
 
 #: FA above which a native voxel inside the eroded brain mask counts as white matter.
 WM_FA_THRESHOLD = 0.3
@@ -368,10 +368,6 @@ def _in_mm2s(column: str) -> bool:
     return column.startswith(("sdtot_wm_", "md_")) and not column.endswith(("_ratio", "_z"))
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.4g}"
-
-
 def summary_text(rows: list[dict[str, Any]], metrics: Iterable[str] = OUTLIER_METRICS) -> str:
     """Plain-text summary of a :func:`group_table`: runs, outliers and why, group medians."""
     metrics = list(metrics)
@@ -396,7 +392,7 @@ def summary_text(rows: list[dict[str, Any]], metrics: Iterable[str] = OUTLIER_ME
             values = [row[metric] for row in rows if isinstance(row.get(metric), (int, float))]
             if values:
                 unit = " mm^2/s" if _in_mm2s(metric) else ""
-                lines.append(f"  {metric}: {_fmt(float(np.median(values)))}{unit}")
+                lines.append(f"  {metric}: {format_number(float(np.median(values)), '.4g')}{unit}")
     return "\n".join(lines) + "\n"
 
 

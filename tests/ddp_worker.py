@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from iqt_pipe.sr import training
 from iqt_pipe.cli import train as cli
+from iqt_pipe.sr import training
 
 _seen: dict[int, list[int]] = {}
 _epoch = {"now": -1}

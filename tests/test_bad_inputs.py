@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_dataset_and_model
+from helpers import tiny_dataset_and_model
 from iqt_pipe.cli.run import main
 from iqt_pipe.models import IQTNet, save_model
-from iqt_pipe.sims.phantom import write_bids_dataset
+from iqt_pipe.sims.dataset import write_bids_dataset
 
 DWI = "sub-01/dwi/sub-01_dwi.nii.gz"
 BVAL = "sub-01/dwi/sub-01_dwi.bval"
@@ -294,7 +294,7 @@ def test_table_is_large_enough():
 @pytest.mark.parametrize("case", ["nan-voxel", "model-pickle", "bvec-transposed"])
 def test_console_script_no_traceback(case, pristine, tmp_path):
     """The same refusals from the installed ``iqt-pipe`` program: exit code, one line."""
-    from conftest import venv_tool
+    from helpers import venv_tool
 
     exe = venv_tool("iqt-pipe")
     if exe is None:

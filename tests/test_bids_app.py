@@ -13,7 +13,7 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_dataset_and_model
+from helpers import REPO, tiny_dataset_and_model
 
 EXPECTED = json.loads((REPO / "tests/data/expected_participant_outputs.json").read_text())
 FAST = ["--denoise", "dipy", "--no-degibbs", "--mc-samples", "2", "--nprocs", "2", "--omp-nthreads", "1"]
@@ -157,7 +157,7 @@ def test_group_without_participant_outputs_is_refused(data, tmp_path):
 def test_a_failing_run_does_not_stop_the_others(data, tmp_path):
     """A step that fails at run time (inputs pass the checks: here MRtrix3's dwidenoise
     crashes on sub-02) gives a crash report; the other run still finishes; exit code 1."""
-    from conftest import mrtrix_failing_on
+    from helpers import mrtrix_failing_on
 
     root, model = data
     env = mrtrix_failing_on(tmp_path, "sub-02")

@@ -11,13 +11,13 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from conftest import REPO, venv_tool
+from helpers import REPO, venv_tool
 from iqt_pipe import __version__
 from iqt_pipe.dmri import dti
 from iqt_pipe.cli import degrade as degrade_cli
 from iqt_pipe.cli import run as run_cli
 from iqt_pipe.io import load_nifti
-from iqt_pipe.sims.phantom import write_bids_dataset
+from iqt_pipe.sims.dataset import write_bids_dataset
 
 
 @pytest.fixture(scope="module")

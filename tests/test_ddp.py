@@ -52,7 +52,7 @@ ARGS = ["--patches-per-subject", str(PATCHES), "--epochs", str(EPOCHS), "--varia
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from iqt_pipe.sims.phantom import write_bids_dataset
+    from iqt_pipe.sims.dataset import write_bids_dataset
 
     tmp = tmp_path_factory.mktemp("ddp")
     bids = write_bids_dataset(tmp / "ds", n_subjects=2, preset="tiny", seed=11)

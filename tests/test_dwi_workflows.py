@@ -7,13 +7,15 @@ import json
 import nibabel as nb
 import numpy as np
 import pytest
+from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from scipy import ndimage
 
 from iqt_pipe.dmri.dti import scalar_maps
 from iqt_pipe.dmri.fit import fit_dti
 from iqt_pipe.io import load_nifti, save_nifti
-from iqt_pipe.sims.phantom import TRUTH_DIR, make_phantom, write_bids_dataset
+from iqt_pipe.sims.dataset import TRUTH_DIR, write_bids_dataset
+from iqt_pipe.sims.phantom import make_phantom
 from iqt_pipe.workflows import dwi as dwi_workflows
 from iqt_pipe.workflows import init_dti_wf, init_dwi_preproc_wf
 
@@ -72,6 +74,36 @@ def test_factories_refuse_unknown_options_and_build_dti_graph():
     wf = init_dti_wf()
     assert _nodes(wf) == {"inputnode", "outputnode", "fit_dti"}
     assert "weighted linear least squares" in wf.__desc__ and "median_otsu" in wf.__desc__
+
+
+@pytest.mark.parametrize("tractography", [(), ("dipy", "mrtrix")], ids=["no-tracking", "tracking"])
+def test_run_wf_embeds_alone_in_another_pipeline(tractography, tmp_path):
+    """``init_dwi_run_wf``: one run's whole chain behind one inputnode and one outputnode, as a
+    user embeds it (graph only: the BIDS App's runs check what it computes)."""
+    from iqt_pipe.workflows import init_dwi_run_wf
+    from iqt_pipe.workflows.outputs import NATIVE_DERIVATIVES, SR_DERIVATIVES
+    from iqt_pipe.workflows.tractography import tractogram_keys
+
+    run_wf = init_dwi_run_wf(model=str(tmp_path / "model"), output_dir=str(tmp_path / "out"), denoise="dipy",
+                             tractography=tractography, name="my_run_wf")
+    steps = {"dwi_preproc_wf", "dti_wf", "sr_wf", "outputs_wf"}
+    if tractography:
+        steps |= {"tractography_wf", "tractography_outputs_wf"}
+    assert {n.name for n in run_wf._graph.nodes()} == {"inputnode", "outputnode", "noise_corr", *steps}
+    inputs = run_wf.get_node("inputnode").inputs.copyable_trait_names()
+    assert set(inputs) == {"dwi_file", "bval_file", "bvec_file", "mask_file", "source_file"}
+    written = [f"{k}_{f}" for k in tractogram_keys(tractography) for f in ("tck", "tdi")] if tractography else []
+    outputs = set(run_wf.get_node("outputnode").inputs.copyable_trait_names())
+    assert outputs == {*NATIVE_DERIVATIVES, *SR_DERIVATIVES, *written, *(["summary_file"] if written else [])}
+    # Embedded: its outputs feed a node of the user's pipeline; the graph flattens.
+    user = pe.Workflow(name="user_pipeline", base_dir=str(tmp_path / "work"))
+    sink = pe.Node(niu.IdentityInterface(fields=["fa"]), name="my_sink")
+    user.connect([(run_wf, sink, [("outputnode.sr_fa_file", "fa")])])
+    names = {node.fullname for node in user._create_flat_graph().nodes()}
+    inside = ("dti_wf.fit_dti", "sr_wf.super_resolve", "noise_corr")
+    assert {f"user_pipeline.my_run_wf.{name}" for name in inside} <= names
+    desc = run_wf.visit_desc()
+    assert "DIPY's `mppca`" in desc and "@tanno2017" in desc and ("tractography" in desc) == bool(tractography)
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from iqt_pipe.evaluation import crossval
 from iqt_pipe.evaluation import protocol as ev
 from iqt_pipe.evaluation import metrics
 from iqt_pipe.bids import find_dwi_runs
 from iqt_pipe.cli import eval as eval_cli
 from iqt_pipe.dmri.dti import tensors_world_to_voxel
 from iqt_pipe.io import load_nifti
-from iqt_pipe.sims.phantom import TRUTH_DIR, write_bids_dataset
+from iqt_pipe.sims.dataset import TRUTH_DIR, write_bids_dataset
 
 
 @pytest.fixture(scope="module")
@@ -312,8 +313,8 @@ def test_runs_per_subject_keeps_the_first_runs_of_each_subject():
 
     runs = [SimpleNamespace(subject=s, name=n) for s, n in
             [("a", "a1"), ("b", "b1"), ("a", "a2"), ("a", "a3"), ("b", "b2")]]
-    assert [r.name for r in eval_cli._first_runs(runs, 2)] == ["a1", "b1", "a2", "b2"]
-    assert [r.name for r in eval_cli._first_runs(runs, 1)] == ["a1", "b1"]
-    assert eval_cli._first_runs(runs, None) == runs
-    assert eval_cli._fold_subjects(["a", "b", "c"], "loso") == [["a"], ["b"], ["c"]]
-    assert eval_cli._fold_subjects(["a", "b", "c", "d", "e"], 2) == [["a", "c", "e"], ["b", "d"]]
+    assert [r.name for r in crossval.first_runs(runs, 2)] == ["a1", "b1", "a2", "b2"]
+    assert [r.name for r in crossval.first_runs(runs, 1)] == ["a1", "b1"]
+    assert crossval.first_runs(runs, None) == runs
+    assert crossval.fold_subjects(["a", "b", "c"], "loso") == [["a"], ["b"], ["c"]]
+    assert crossval.fold_subjects(["a", "b", "c", "d", "e"], 2) == [["a", "c", "e"], ["b", "d"]]

@@ -137,7 +137,7 @@ def test_world_tensors_equal_mrtrix_dwi2tensor(realdwi, mrtrix, run, tmp_path):
 def test_phantom_world_tensors_equal_mrtrix_and_truth(mrtrix, tmp_path, orientation):
     """Needs no real data: MRtrix3 reads the phantom's image and bvecs through its own FSL
     import, so a wrong flip or axis order on our side (or in the phantom) would show."""
-    from iqt_pipe.sims.phantom import write_bids_dataset
+    from iqt_pipe.sims.dataset import write_bids_dataset
 
     root = write_bids_dataset(tmp_path / "ds", preset="tiny", seed=4, snr=None, orientation=orientation)
     run = root / "sub-01/dwi/sub-01_dwi"

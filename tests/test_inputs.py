@@ -17,7 +17,7 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_dataset_and_model
+from helpers import REPO, tiny_dataset_and_model
 
 EXPECTED = json.loads((REPO / "tests/data/expected_participant_outputs.json").read_text())
 FAST = ["--mc-samples", "2", "--nprocs", "2", "--omp-nthreads", "1"]

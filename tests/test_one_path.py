@@ -63,7 +63,7 @@ def assert_same_prediction(app: np.ndarray, library: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    from iqt_pipe.sims.phantom import write_bids_dataset
+    from iqt_pipe.sims.dataset import write_bids_dataset
 
     tmp = tmp_path_factory.mktemp("onepath")
     root = write_bids_dataset(tmp / "ds", n_subjects=1, preset="tiny", seed=3)
@@ -197,7 +197,7 @@ def test_training_records_preprocessing_and_domain(tmp_path):
     made: another patch library, recorded in the card with the training runs' domain; the app
     then removes Gibbs ringing by default and says so."""
     from iqt_pipe.cli import train as train_cli
-    from iqt_pipe.sims.phantom import write_bids_dataset
+    from iqt_pipe.sims.dataset import write_bids_dataset
 
     root = write_bids_dataset(tmp_path / "ds", n_subjects=1, preset="tiny", seed=5)
     base = [str(root), "--patches-per-subject", "12", "--variant", "espcn", "--epochs", "1", "--nthreads", "1",

@@ -9,7 +9,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 PROBE = (
     "import iqt_pipe, iqt_pipe.interfaces, iqt_pipe.workflows, iqt_pipe.data;"

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from iqt_pipe import __version__
 from iqt_pipe.cli.parser import _build_parser, default_nprocs, parse_args
 from iqt_pipe.config import CONFIG_NAME, RunConfig
 from iqt_pipe.io import InputError
 from iqt_pipe.models import IQTNet, save_model
-from iqt_pipe.sims.phantom import write_bids_dataset
+from iqt_pipe.sims.dataset import write_bids_dataset
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Synthetic brain phantom (iqt_pipe.sims.phantom, iqt-phantom): determinism, BIDS validity,
+"""Synthetic brain phantom (iqt_pipe.sims.phantom and .dataset, iqt-phantom): determinism, BIDS validity,
 exact ground truth in the right frame, anatomy (tissues, bundles, crossings, lesion), CLI."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import sys
 import nibabel as nb
 import numpy as np
 import pytest
-from conftest import venv_tool
+from helpers import venv_tool
 
+from iqt_pipe.sims import dataset as ds
 from iqt_pipe.sims import phantom as ph
 from iqt_pipe.cli import phantom as cli
 from iqt_pipe.dmri.dti import eig, scalar_maps, tensors_voxel_to_world
@@ -34,7 +35,7 @@ def small_clean():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return ph.write_bids_dataset(
+    return ds.write_bids_dataset(
         tmp_path_factory.mktemp("bids") / "ds", n_subjects=2, preset="tiny", seed=5, lesion=True
     )
 
@@ -90,7 +91,7 @@ def test_bad_arguments_raise_input_error(tmp_path):
         with pytest.raises(InputError):
             ph.make_phantom(**kwargs)
     with pytest.raises(InputError):
-        ph.write_bids_dataset(tmp_path / "x", n_subjects=0)
+        ds.write_bids_dataset(tmp_path / "x", n_subjects=0)
     assert not (tmp_path / "x").exists()
 
 
@@ -318,15 +319,15 @@ def test_output_folder_rules(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not empty") as info:
-        ph.write_bids_dataset(foreign)
+        ds.write_bids_dataset(foreign)
     assert "\n" not in str(info.value)
     assert [f.name for f in foreign.iterdir()] == ["notes.txt"]
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    ph.write_bids_dataset(empty, n_subjects=2, snr=None)
+    ds.write_bids_dataset(empty, n_subjects=2, snr=None)
     assert (empty / "sub-02").is_dir()
-    ph.write_bids_dataset(empty, n_subjects=1, snr=None)  # an earlier phantom is replaced
+    ds.write_bids_dataset(empty, n_subjects=1, snr=None)  # an earlier phantom is replaced
     assert (empty / "sub-01").is_dir() and not (empty / "sub-02").exists()
     assert sorted(f.name for f in tmp_path.iterdir()) == ["empty", "foreign"]  # no leftovers
 

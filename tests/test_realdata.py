@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_erosion
 
-from conftest import REALDWI, real_runs
+from helpers import REALDWI, real_runs
 from iqt_pipe.dmri import dti
 from iqt_pipe.dmri.dwi import load_dwi
 from iqt_pipe.dmri.fit import brain_mask, fit_dti

@@ -188,7 +188,7 @@ def test_histogram_marks_the_threshold_and_the_tractography_limit(tmp_path):
 def test_streamlines_figure_colours_by_direction_and_uncertainty(tmp_path):
     from PIL import Image
 
-    from iqt_pipe.tracking.tractography import save_trk
+    from iqt_pipe.tracking.files import save_trk
 
     x_line = np.stack([np.linspace(-40, 40, 30), np.zeros(30), np.zeros(30)], axis=1)
     z_line = np.stack([np.zeros(30), np.zeros(30), np.linspace(-30, 30, 30)], axis=1)
@@ -296,7 +296,7 @@ def digests(out: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     """Two tiny subjects; sub-01 processed with DIPY tractography, then the group level."""
-    from conftest import tiny_dataset_and_model
+    from helpers import tiny_dataset_and_model
 
     tmp = tmp_path_factory.mktemp("reports")
     root, _ = tiny_dataset_and_model(tmp, n_subjects=2, seed=1)
@@ -575,7 +575,7 @@ def test_report_of_a_failed_run_shows_its_crash(e2e, browser, tmp_path):
 def test_participant_level_failure_still_writes_both_reports(e2e, browser, tmp_path):
     """A step failing at run time (MRtrix3's dwidenoise, wrapped to fail on sub-02): the
     participant level exits 1 and still writes sub-02.html with the crash, and sub-01.html."""
-    from conftest import mrtrix_failing_on
+    from helpers import mrtrix_failing_on
 
     root = e2e[0]
     env = mrtrix_failing_on(tmp_path, "sub-02")

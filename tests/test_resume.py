@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nb
 import pytest
 
-from conftest import tiny_dataset_and_model
+from helpers import tiny_dataset_and_model
 
 FAST = ["--denoise", "dipy", "--no-degibbs", "--mc-samples", "2", "--nprocs", "2", "--omp-nthreads", "1",
         "--skip-bids-validation", "--seed", "7"]
@@ -76,7 +76,7 @@ def _assert_no_partial_files(out: Path) -> None:
 
 
 def _result(work: Path, node: str) -> Path:
-    return next((work / SUB).glob(f"*/{node}/result_{node}.pklz"))
+    return next((work / SUB).glob(f"**/{node}/result_{node}.pklz"))
 
 
 @pytest.mark.slow
@@ -91,9 +91,9 @@ def test_sigkill_at_several_points_then_resume(data, tmp_path):
     nodes = work / SUB
     points = {
         # while the denoising node runs (nothing finished downstream)
-        "preprocessing": lambda: any(nodes.glob("*/denoise_mppca/_report")),
+        "preprocessing": lambda: any(nodes.glob("**/denoise_mppca/_report")),
         # the DTI fit finished, the super-resolution node started
-        "super-resolution": lambda: any(nodes.glob("*/super_resolve/_report")),
+        "super-resolution": lambda: any(nodes.glob("**/super_resolve/_report")),
         # some derivatives written, others not yet
         "writing outputs": lambda: (out / "sub-01" / "dwi").is_dir() and any((out / "sub-01" / "dwi").iterdir()),
     }

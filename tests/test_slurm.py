@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_dataset_and_model, venv_tool
+from helpers import REPO, tiny_dataset_and_model, venv_tool
 from slurm_cluster import ClusterUnavailable, start_cluster
 
 ARRAY_SCRIPT = REPO / "containers" / "slurm" / "iqt-pipe-array.sbatch"
@@ -195,7 +195,7 @@ def test_a_failing_node_job_is_reported_by_the_plugin(cluster, data, tmp_path):
     text = crash.read_text()
     assert str(mine) in text and "not found" in text
     assert not list((tmp_path / "out").glob("sub-01/dwi/*res-hi*"))
-    assert (tmp_path / "work/iqt_wf/sub_01_wf/dwi_dti_wf/fit_dti").is_dir()
+    assert (tmp_path / "work/iqt_wf/sub_01_wf/dwi_wf/dti_wf/fit_dti").is_dir()
 
 
 @pytest.mark.slurm

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_dataset_and_model
+from helpers import tiny_dataset_and_model
 from iqt_pipe.dmri import dti
 from iqt_pipe.sr.baselines import interpolate_tensors
 from iqt_pipe.dmri.degrade import upsample_affine
-from iqt_pipe.sr.inference import (DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES, expand_mask, predict_brain,
+from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES
+from iqt_pipe.sr.inference import (expand_mask, predict_brain,
                                 prediction_region)
 from iqt_pipe.io import load_nifti
 from iqt_pipe.models import load_model

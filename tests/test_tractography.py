@@ -1,4 +1,4 @@
-"""Tractography (iqt_pipe.tracking.tractography, its interfaces and workflow, ``--tractography``):
+"""Tractography (iqt_pipe.tracking: track, files, mrtrix; its interfaces and workflow, ``--tractography``):
 streamlines follow the phantom's known bundles in world millimetres whatever the voxel axes
 (DIPY and MRtrix3), the uncertainty limit, tractogram files that nibabel, DIPY and MRtrix3
 read back in the same world coordinates, super-resolved tractography closer to the HR
@@ -16,9 +16,11 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from conftest import REPO, real_runs
+from helpers import REPO, real_runs
 from iqt_pipe.tracking import compare as C
-from iqt_pipe.tracking import tractography as T
+from iqt_pipe.tracking import files as F
+from iqt_pipe.tracking import mrtrix as M
+from iqt_pipe.tracking import track as T
 from iqt_pipe.dmri.dti import tensors_voxel_to_world
 from iqt_pipe.io import InputError, load_tensor_image, read_tsv, save_nifti
 from iqt_pipe.sims.phantom import BUNDLES, FOV_CENTRE, make_phantom
@@ -206,14 +208,14 @@ def run_tckgen(prep: dict, seed_image: str, n_seeds: int, cwd: Path, algorithm="
     )
     cwd.mkdir(parents=True, exist_ok=True)
     out = node.run(cwd=str(cwd)).outputs
-    lines = T.load_streamlines(out.out_file)
-    return T.Tracks(lines, T.read_seed_file(out.out_seeds, len(lines)), n_seeds)
+    lines = F.load_streamlines(out.out_file)
+    return T.Tracks(lines, F.read_seed_file(out.out_seeds, len(lines)), n_seeds)
 
 
 def test_mrtrix_streamlines_follow_the_true_bundles(phantom, mrtrix, tmp_path):
     p, world, fit = phantom
     files = write_phantom_inputs(p, world, fit, tmp_path / "in")
-    prep = T.prepare_mrtrix_inputs(**files, prefix=tmp_path / "prep")
+    prep = M.prepare_mrtrix_inputs(**files, prefix=tmp_path / "prep")
     # The synthesised series reproduces the tensors: MRtrix3's own fit of it matches.
     subprocess.run(["dwi2tensor", "-quiet", "-grad", str(prep["grad_file"]), str(prep["dwi_file"]),
                     str(tmp_path / "dt.nii.gz")], check=True)
@@ -237,7 +239,7 @@ def test_dipy_and_mrtrix_agree_in_world_coordinates(phantom, mrtrix, tmp_path):
     p, world, fit = phantom
     files = write_phantom_inputs(p, world, fit, tmp_path / "in")
     params = T.TrackingParams(seed_density=0.01)
-    prep = T.prepare_mrtrix_inputs(**files, prefix=tmp_path / "prep", params=params)
+    prep = M.prepare_mrtrix_inputs(**files, prefix=tmp_path / "prep", params=params)
     # one seeding rule for both programs
     np.testing.assert_array_equal(nb.load(prep["seed_mask_file"]).get_fdata() > 0, T.seed_mask(world, p.mask))
     dipy_tracks = T.track_tensors(world, p.mask, p.affine, params)
@@ -257,12 +259,12 @@ def test_tractograms_round_trip_through_nibabel_dipy_and_mrtrix(phantom, tmp_pat
     p, world, _ = phantom
     tracks = T.track_tensors(world, p.mask, p.affine, T.TrackingParams(seed_density=0.002))
     unc = np.linspace(0, 1e-3, p.mask.size).reshape(p.mask.shape).astype(np.float32)
-    paths, table = T.write_tractogram(tracks, tmp_path / "t", p.affine, p.mask.shape, unc)
+    paths, table = F.write_tractogram(tracks, tmp_path / "t", p.affine, p.mask.shape, unc)
     ref = save_nifti(p.fa, p.affine, tmp_path / "ref.nii.gz")
     n = len(tracks)
     assert n > 100 and not list(tmp_path.glob(".*"))  # atomic writes leave nothing behind
     for path in (paths["tck"], paths["trk"]):
-        back = T.load_streamlines(path)
+        back = F.load_streamlines(path)
         assert len(back) == n
         for a, b in zip(back, tracks.streamlines):
             np.testing.assert_allclose(a, b, atol=1e-3)
@@ -275,7 +277,7 @@ def test_tractograms_round_trip_through_nibabel_dipy_and_mrtrix(phantom, tmp_pat
     sft.to_rasmm()
     np.testing.assert_allclose(sft.streamlines[0], tracks.streamlines[0], atol=1e-3)
     rows = read_tsv(paths["tsv"])
-    assert len(rows) == n and list(rows[0]) == list(T.STREAMLINE_COLUMNS)
+    assert len(rows) == n and list(rows[0]) == list(F.STREAMLINE_COLUMNS)
     assert float(rows[3]["length_mm"]) == pytest.approx(table["length_mm"][3], rel=1e-5)
     # the mean uncertainty lies between the map's values along the streamline
     values = T.sample_nearest(unc, p.affine, tracks.streamlines[3])
@@ -301,10 +303,10 @@ def test_load_streamlines_refuses_a_bad_file(tmp_path):
     bad = tmp_path / "bad.tck"
     bad.write_text("not a tractogram\n")
     with pytest.raises(InputError, match="bad.tck: cannot read as a .tck/.trk tractogram") as info:
-        T.load_streamlines(bad)
+        F.load_streamlines(bad)
     assert "\n" not in str(info.value)
     with pytest.raises(InputError, match="missing.tck: tractogram not found"):
-        T.load_streamlines(tmp_path / "missing.tck")
+        F.load_streamlines(tmp_path / "missing.tck")
 
 
 # --------------------------------------------------------------------------- uncertainty and settings
@@ -343,11 +345,11 @@ def test_uncertainty_limit_stops_or_drops(tmp_path):
     kept, counts = T.limit_uncertainty(tracks, unc, affine, 1e-4, "stop", min_length=30.0)
     assert counts == {"n_stopped": 0, "n_dropped": 4} and len(kept) == 1  # pieces under 30 mm go too
     # the summary row and the files
-    paths, row = T.finish_tractogram(tracks, tmp_path / "x", affine, unc.shape, unc, 1e-4, "drop")
+    paths, row = F.finish_tractogram(tracks, tmp_path / "x", affine, unc.shape, unc, 1e-4, "drop")
     assert (row["n_tracked"], row["n_dropped"], row["n_streamlines"]) == (5, 4, 1)
     assert row["max_uncertainty_seen"] == pytest.approx(1e-5) and row["uncertainty_action"] == "drop"
     with pytest.raises(InputError, match="needs an uncertainty map"):
-        T.finish_tractogram(tracks, tmp_path / "y", affine, unc.shape, None, 1e-4)
+        F.finish_tractogram(tracks, tmp_path / "y", affine, unc.shape, None, 1e-4)
     with pytest.raises(InputError, match="--max-uncertainty must be a positive number"):
         T.limit_uncertainty(tracks, unc, affine, -1.0)
 
@@ -451,7 +453,7 @@ def test_s0_resampling_stays_positive():
     s0[2:6, 2:6, 2:6] = 1000.0
     s0[3:5, 3:5, 3:5] = 50.0  # a sharp dip (CSF)
     fine = np.diag([0.5, 0.5, 0.5, 1.0])
-    out = T.resample_to_grid(s0, np.eye(4), fine, (16, 16, 16))
+    out = F.resample_to_grid(s0, np.eye(4), fine, (16, 16, 16))
     assert out.min() >= 0 and out.max() <= 1000
 
 
@@ -476,9 +478,9 @@ def test_noise_level_from_repeated_b0():
     mask = np.zeros((12, 12, 12), bool)
     mask[2:10, 2:10, 2:10] = True
     b0 = s0 + rng.normal(0, 20, (12, 12, 12, 4))
-    assert T.b0_noise_sigma(b0, mask) == pytest.approx(20, rel=0.05)
-    assert T.b0_noise_sigma(b0[..., :1], mask) is None  # one b=0: not measurable
-    assert T.b0_noise_sigma(b0, np.zeros_like(mask)) is None
+    assert M.b0_noise_sigma(b0, mask) == pytest.approx(20, rel=0.05)
+    assert M.b0_noise_sigma(b0[..., :1], mask) is None  # one b=0: not measurable
+    assert M.b0_noise_sigma(b0, np.zeros_like(mask)) is None
 
 
 def test_tensor_prob_series_gets_the_runs_noise(tmp_path):
@@ -496,7 +498,7 @@ def test_tensor_prob_series_gets_the_runs_noise(tmp_path):
         "bval_file": tmp_path / "dwi.bval", "bvec_file": tmp_path / "dwi.bvec",
     }
     dwi = save_nifti(p.dwi, p.affine, tmp_path / "dwi.nii.gz")
-    prep = T.prepare_mrtrix_inputs(**files, prefix=tmp_path / "a", noisy=True, noise_dwi_file=dwi,
+    prep = M.prepare_mrtrix_inputs(**files, prefix=tmp_path / "a", noisy=True, noise_dwi_file=dwi,
                                    noise_mask_file=files["mask_file"])
     noise = prep["noise"]
     assert noise["Type"] == "Rician" and "b=0 volumes of dwi.nii.gz" in noise["Estimate"]
@@ -506,14 +508,14 @@ def test_tensor_prob_series_gets_the_runs_noise(tmp_path):
     inside = p.mask & (clean[..., 0] > 0)
     assert np.std((noisy - clean)[..., 1:][inside]) == pytest.approx(noise["Sigma"], rel=0.2)
     np.testing.assert_array_equal(noisy[~inside], clean[~inside])  # nothing outside the mask
-    again = T.prepare_mrtrix_inputs(**files, prefix=tmp_path / "b", noisy=True, noise_dwi_file=dwi,
+    again = M.prepare_mrtrix_inputs(**files, prefix=tmp_path / "b", noisy=True, noise_dwi_file=dwi,
                                     noise_mask_file=files["mask_file"])
     np.testing.assert_array_equal(nb.load(again["noisy_dwi_file"]).get_fdata(), noisy)  # fixed seed
-    fallback = T.prepare_mrtrix_inputs(**files, prefix=tmp_path / "c", noisy=True)
+    fallback = M.prepare_mrtrix_inputs(**files, prefix=tmp_path / "c", noisy=True)
     s0 = clean[..., 0][inside]
-    assert fallback["noise"]["Sigma"] == pytest.approx(np.median(s0) / T.DEFAULT_SYNTH_SNR, rel=1e-4)
+    assert fallback["noise"]["Sigma"] == pytest.approx(np.median(s0) / M.DEFAULT_SYNTH_SNR, rel=1e-4)
     assert "SNR 30" in fallback["noise"]["Estimate"]
-    assert "noisy_dwi_file" not in T.prepare_mrtrix_inputs(**files, prefix=tmp_path / "d")
+    assert "noisy_dwi_file" not in M.prepare_mrtrix_inputs(**files, prefix=tmp_path / "d")
 
 
 # --------------------------------------------------------------------------- comparison metrics
@@ -569,7 +571,7 @@ def test_evaluate_files_masks_and_bundles(tmp_path):
     affine, shape = GRID
     ref, near = _lines(), _lines((0, 0.4, 0))
     for name, lines in (("hr", ref), ("lr", _lines((0, 4.0, 0))), ("sr", near)):
-        T.save_tck(lines, tmp_path / f"{name}.tck")
+        F.save_tck(lines, tmp_path / f"{name}.tck")
     brain = np.zeros(shape, bool)
     brain[1:25, 3:13, 3:13] = True
     mask_file = save_nifti(brain.astype(np.uint8), affine, tmp_path / "brain.nii.gz", dtype=np.uint8)
@@ -578,7 +580,7 @@ def test_evaluate_files_masks_and_bundles(tmp_path):
     tck = {k: tmp_path / f"{k}.tck" for k in ("hr", "lr", "sr")}
     result = C.evaluate_files(tck["hr"], tck["lr"], tck["sr"], mask_file, out_tsv=tmp_path / "eval.tsv",
                               bundles={"first": bundle})
-    hr, lr, sr = (T.load_streamlines(tck[k]) for k in ("hr", "lr", "sr"))
+    hr, lr, sr = (F.load_streamlines(tck[k]) for k in ("hr", "lr", "sr"))
     # the reference image is a brain mask: it is the default mask
     expected = C.evaluate_tractography(hr, lr, sr, affine, shape, bundles={"first": bundle}, mask=brain)
     for name in ("native", "sr"):
@@ -652,7 +654,7 @@ def test_tractography_workflow_end_to_end(tiny_inputs):
     assert "DIPY" in wf.__desc__ and "discarded" in wf.__desc__ and "0.0001 mm²/s" in wf.__desc__
     rows = {r["tractogram"]: r for r in read_tsv(out["summary"].out_file)}
     assert sorted(rows) == ["native_dipydet", "sr_dipydet"]
-    assert list(next(iter(rows.values()))) == list(T.SUMMARY_COLUMNS)
+    assert list(next(iter(rows.values()))) == list(F.SUMMARY_COLUMNS)
     native, sr = rows["native_dipydet"], rows["sr_dipydet"]
     assert float(native["voxel_size_mm"]) == 6.5 and float(sr["voxel_size_mm"]) == 3.25
     assert float(sr["step_mm"]) == 1.625 and float(native["step_mm"]) == 3.25
@@ -681,7 +683,7 @@ def test_tractography_workflow_mrtrix_branch(tiny_inputs, mrtrix):
     det = rows["sr_mrtrixdet"]
     assert int(det["n_stopped"]) > 0 and det["uncertainty_action"] == "stop"
     tdi = nb.load(out["tckmap_sr_mrtrixdet"].out_file).get_fdata()
-    ours = T.track_density(T.load_streamlines(out["finish_sr_mrtrixdet"].tck_file),
+    ours = T.track_density(F.load_streamlines(out["finish_sr_mrtrixdet"].tck_file),
                            nb.load(files["sr_mask_file"]).affine, tdi.shape[:3])
     assert C.tdi_correlation(tdi, ours) > 0.95
     meta = out["finish_sr_mrtrixdet"].metadata
@@ -711,7 +713,7 @@ def test_super_resolved_tractography_is_closer_to_hr_than_native(tmp_path):
     from iqt_pipe.sr.inference import predict_volume
     from iqt_pipe.models import load_model
     from iqt_pipe.sr.patches import build_library
-    from iqt_pipe.sims.phantom import write_bids_dataset
+    from iqt_pipe.sims.dataset import write_bids_dataset
     from iqt_pipe.sr.training import train
 
     root = write_bids_dataset(tmp_path / "ds", n_subjects=3, preset="small", seed=5, snr=30)
@@ -758,7 +760,7 @@ def test_super_resolved_tractography_is_closer_to_hr_than_native(tmp_path):
     assert sup["bundle_dice"] > native["bundle_dice"] - 0.02, result  # per bundle it varies; no worse overall
     # and the files path of the same evaluation
     for name, tracks in (("hr", hr), ("lr", lr), ("sr", sr)):
-        T.save_tck(tracks.streamlines, tmp_path / f"{name}.tck")
+        F.save_tck(tracks.streamlines, tmp_path / f"{name}.tck")
     ref = save_nifti(pair.hr_mask.astype(np.uint8), pair.hr_affine, tmp_path / "hr_mask.nii.gz", dtype=np.uint8)
     from_files = C.evaluate_files(tmp_path / "hr.tck", tmp_path / "lr.tck", tmp_path / "sr.tck", ref,
                                   out_tsv=tmp_path / "eval.tsv")
@@ -780,7 +782,7 @@ def iqt_pipe(*args, check_rc=0, env=None):
 
 @pytest.fixture(scope="module")
 def app_data(tmp_path_factory):
-    from conftest import tiny_dataset_and_model
+    from helpers import tiny_dataset_and_model
     from iqt_pipe.models import IQTNet, save_model
 
     tmp = tmp_path_factory.mktemp("tract_app")
@@ -856,7 +858,7 @@ def uncertainty_percentile(root: Path, model: Path, q: float, folder: Path) -> s
     """The q-th percentile of the model's total uncertainty (2 MC samples, the app's other
     defaults) in the brain of sub-01, as the command line would take it: a threshold the run's
     map crosses."""
-    from iqt_pipe.sr.inference import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES
+    from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES
     from iqt_pipe.interfaces import FitDTI
     from iqt_pipe.models import load_model
     from iqt_pipe.sr.superres import super_resolve_tensors
@@ -889,7 +891,7 @@ def test_bids_app_tractography(app_data, tmp_path, choice):
     dwi = out / "sub-01/dwi"
     sr_tck = dwi / "sub-01_res-hi_model-tensor_track-dipydet_tractogram.tck"
     sr_tensor = nb.load(dwi / "sub-01_res-hi_model-tensor_param-tensor_dwimap.nii.gz")
-    lines = T.load_streamlines(sr_tck)
+    lines = F.load_streamlines(sr_tck)
     mask = nb.load(dwi / "sub-01_res-hi_desc-brain_mask.nii.gz")
     inside = T.sample_nearest(mask.get_fdata(), mask.affine, np.concatenate(lines), 0.0)
     assert len(lines) > 50 and inside.mean() > 0.99  # world mm on the SR grid
@@ -916,14 +918,14 @@ def test_bids_app_tractography(app_data, tmp_path, choice):
         assert prob["SynthesisedNoise"]["Type"] == "Rician" and prob["SynthesisedNoise"]["Sigma"] > 0
         assert "b=0 volumes of sub-01_dwi.nii.gz" in prob["SynthesisedNoise"]["Estimate"]
     summary_side = json.loads((dwi / "sub-01_model-tensor_desc-summary_tractogram.json").read_text())
-    assert set(T.SUMMARY_COLUMNS) <= set(summary_side)
+    assert set(F.SUMMARY_COLUMNS) <= set(summary_side)
     citation = (out / "logs/CITATION.md").read_text()
     assert "streamline tractography" in citation and ("MRtrix3" in citation) == (choice == "both")
     assert "*_tractogram.*" in (out / ".bidsignore").read_text()
     if choice == "both" and shutil.which("tckinfo"):
         for tck in dwi.glob("*_tractogram.tck"):
             count = subprocess.run(["tckinfo", "-count", str(tck)], capture_output=True, text=True, check=True)
-            assert f"actual count in file: {len(T.load_streamlines(tck))}" in count.stdout
+            assert f"actual count in file: {len(F.load_streamlines(tck))}" in count.stdout
 
 
 # --------------------------------------------------------------------------- real data
@@ -949,11 +951,11 @@ def test_real_run_smoke(realdwi, tmp_path):
     points = np.concatenate(tracks.streamlines)
     assert T.sample_nearest(mask.astype(float), affine, points, 0.0).mean() > 0.99
     assert np.median(T.streamline_lengths(tracks.streamlines)) > 20
-    paths, _ = T.write_tractogram(tracks, tmp_path / "real", affine, mask.shape)
-    assert len(T.load_streamlines(paths["trk"])) == len(tracks)
+    paths, _ = F.write_tractogram(tracks, tmp_path / "real", affine, mask.shape)
+    assert len(F.load_streamlines(paths["trk"])) == len(tracks)
     if shutil.which("tckgen") is None:
         return
-    prep = T.prepare_mrtrix_inputs(fit.tensor_file, fit.mask_file, fit.s0_file, f"{stem}.bval", f"{stem}.bvec",
+    prep = M.prepare_mrtrix_inputs(fit.tensor_file, fit.mask_file, fit.s0_file, f"{stem}.bval", f"{stem}.bvec",
                                    tmp_path / "prep", params)
     mrtrix_tracks = run_tckgen(prep, str(prep["seed_mask_file"]), prep["n_seeds"], tmp_path / "tckgen")
     a = T.track_density(tracks.streamlines, affine, mask.shape)
@@ -965,7 +967,7 @@ def test_streamline_sets_at_once_equal_one_by_one():
     """densify_many, the track density and the per-streamline uncertainty table work on all
     streamlines at once; they equal the one-streamline-at-a-time definitions (empty and
     single-point streamlines, points outside the map and NaN uncertainty included)."""
-    from iqt_pipe.tracking import tractography as T
+    from iqt_pipe.tracking import track as T
 
     rng = np.random.default_rng(0)
     lines = [np.cumsum(rng.normal(size=(rng.integers(1, 40), 3)), 0) + 20 for _ in range(300)]

@@ -20,14 +20,21 @@ import numpy as np
 import pytest
 import torch
 
-from iqt_pipe.sr import patches as P
 from iqt_pipe.bids import find_dwi_runs, find_dwi_runs_multi
 from iqt_pipe.cli import train as cli
 from iqt_pipe.dmri.dti import from_matrix, to_matrix
 from iqt_pipe.io import InputError
 from iqt_pipe.models import load_model
-from iqt_pipe.sr.patches import (AXIS_PERMUTATIONS, N_SYMMETRIES, PatchLibrary, RunPatches, build_library,
-                              permutation_channels, transform_field, transform_patch)
+from iqt_pipe.sr import patches as P
+from iqt_pipe.sr.patches import (
+    AXIS_PERMUTATIONS,
+    N_SYMMETRIES,
+    PatchLibrary,
+    RunPatches,
+    build_library,
+    transform_field,
+    transform_patch,
+)
 from iqt_pipe.sr.training import check_training_dir, learnt_nothing_warning, split_indices, train
 
 
@@ -41,7 +48,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def bids_ds(tmp_path_factory) -> Path:
-    from iqt_pipe.sims.phantom import write_bids_dataset
+    from iqt_pipe.sims.dataset import write_bids_dataset
 
     return write_bids_dataset(tmp_path_factory.mktemp("train") / "ds", n_subjects=2, preset="tiny", seed=11)
 
@@ -473,7 +480,7 @@ def test_cli_help():
     with pytest.raises(SystemExit) as exc:
         cli._build_parser().parse_args(["--version"])
     assert exc.value.code == 0
-    from conftest import venv_tool
+    from helpers import venv_tool
 
     tool = venv_tool("iqt-train")
     if tool:
@@ -561,11 +568,11 @@ def test_learnt_nothing_warning():
 def test_patches_match_whole_volume_prediction(runs, cache, target):
     """Training patches and whole-volume prediction share one convention (padding,
     standardisation, residual baseline, HR block placement)."""
-    from iqt_pipe.sr.baselines import interpolate_tensors
     from iqt_pipe.dmri.degrade import make_pair
     from iqt_pipe.dmri.dwi import load_dwi
-    from iqt_pipe.sr.inference import predict_volume
     from iqt_pipe.models import IQTNet
+    from iqt_pipe.sr.baselines import interpolate_tensors
+    from iqt_pipe.sr.inference import predict_volume
 
     lib = _lib(runs, cache, n=24, target=target)
     s = load_dwi(runs[0].dwi)

@@ -9,7 +9,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from iqt_pipe.io import tensor_sidecar
 from iqt_pipe.sr.superres import MAP_SIDECARS
-from iqt_pipe.tracking.tractography import STREAMLINE_COLUMNS, SUMMARY_COLUMNS
+from iqt_pipe.tracking.files import STREAMLINE_COLUMNS, SUMMARY_COLUMNS
 
 #: Label of the ``res-`` entity of super-resolved outputs (each sidecar's Resolution says what it means).
 SR_RES = "hi"

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
-from iqt_pipe.config import DEFAULT_PRECISION, DEFAULT_SYMMETRIES
-from iqt_pipe.interfaces.sr import SuperResolve
+from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES
 from iqt_pipe.dmri.prepare import Preprocessing
+from iqt_pipe.interfaces.sr import SuperResolve
 
 SR_OUTPUTS = [
     "tensor_file", "fa_file", "fa_sd_file", "md_file", "md_sd_file",
@@ -93,7 +93,30 @@ def init_sr_wf(
     """
     models = [str(model)] if isinstance(model, (str, os.PathLike)) else [str(m) for m in model]
     workflow = Workflow(name=name)
-    workflow.__desc__ = f"""\
+    workflow.__desc__ = _methods(mc_samples, symmetries, precision, len(models))
+    inputnode = pe.Node(niu.IdentityInterface(fields=["tensor_file", "mask_file", "bval_file", "bvec_file"]),
+                        name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=SR_OUTPUTS), name="outputnode")
+    steps = {} if preprocessing is None else {"denoise": preprocessing.denoise, "degibbs": preprocessing.degibbs}
+    super_resolve = pe.Node(
+        SuperResolve(model=models, mc_samples=mc_samples, symmetries=symmetries, precision=precision,
+                     scalar_samples=scalar_samples, seed=seed, use_gpu=use_gpu, num_threads=omp_nthreads,
+                     mem_mb=mem_mb, **steps),
+        name="super_resolve",
+        n_procs=omp_nthreads,
+        mem_gb=mem_gb if mem_gb is not None else max(mem_mb, 512) / 1024 + 1,
+    )
+    workflow.connect([
+        (inputnode, super_resolve, [("tensor_file", "tensor_file"), ("mask_file", "mask_file"),
+                                    ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
+        (super_resolve, outputnode, [(out, out) for out in SR_OUTPUTS]),
+    ])  # fmt:skip
+    return workflow
+
+
+def _methods(mc_samples: int, symmetries: str, precision: str, n_models: int) -> str:
+    """The methods paragraph: the network and its uncertainty, then the options that change it."""
+    text = f"""\
 Diffusion tensors were super-resolved with Bayesian Image Quality Transfer
 [@tanno2017; @tanno2021]: a 3D efficient sub-pixel-shifting convolutional network
 (3D-ESPCN) predicted the high-resolution tensors of every brain voxel and of the brain's rim, with a
@@ -105,35 +128,19 @@ the tensor).
 """
     if symmetries != "none":
         n = {"mirrors": "8 mirror", "cube": "48"}[symmetries]
-        workflow.__desc__ += f"""\
+        text += f"""\
 Each Monte-Carlo pass ran the network on the tensor field transformed by one of the {n}
 symmetries of the voxel grid (the tensors transformed alike) and transformed its prediction back,
 a test-time symmetry ensemble.
 """
     if precision != "float32":
         where = " on CPUs that multiply bfloat16 natively (AMX), in float32 elsewhere" if precision == "auto" else ""
-        workflow.__desc__ += f"""\
+        text += f"""\
 The network's convolutions ran in bfloat16 arithmetic{where}.
 """
-    if len(models) > 1:
-        workflow.__desc__ += f"""\
-The predictions of {len(models)} networks were combined with inverse-variance weights
+    if n_models > 1:
+        text += f"""\
+The predictions of {n_models} networks were combined with inverse-variance weights
 [@tanno2021], their disagreement added to the parameter uncertainty.
 """
-    inputnode = pe.Node(niu.IdentityInterface(fields=["tensor_file", "mask_file", "bval_file", "bvec_file"]),
-                        name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=SR_OUTPUTS), name="outputnode")
-    steps = {} if preprocessing is None else {"denoise": preprocessing.denoise, "degibbs": preprocessing.degibbs}
-    super_resolve = pe.Node(
-        SuperResolve(model=models, mc_samples=mc_samples, symmetries=symmetries, precision=precision,
-                     scalar_samples=scalar_samples, seed=seed, use_gpu=use_gpu, num_threads=omp_nthreads, mem_mb=mem_mb, **steps),
-        name="super_resolve",
-        n_procs=omp_nthreads,
-        mem_gb=mem_gb if mem_gb is not None else max(mem_mb, 512) / 1024 + 1,
-    )
-    workflow.connect([
-        (inputnode, super_resolve, [("tensor_file", "tensor_file"), ("mask_file", "mask_file"),
-                                    ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
-        (super_resolve, outputnode, [(out, out) for out in SR_OUTPUTS]),
-    ])  # fmt:skip
-    return workflow
+    return text

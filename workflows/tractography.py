@@ -6,14 +6,14 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
-from iqt_pipe.tracking.tractography import (
+from iqt_pipe.tracking.mrtrix import DEFAULT_SYNTH_SNR
+from iqt_pipe.tracking.track import (
     ALGORITHMS,
     DEFAULT_FA_THRESHOLD,
     DEFAULT_MAX_LENGTH,
     DEFAULT_MIN_LENGTH,
     DEFAULT_SEED_DENSITY,
     DEFAULT_SEED_FA,
-    DEFAULT_SYNTH_SNR,
     TrackingParams,
     check_uncertainty_limit,
 )
@@ -24,6 +24,8 @@ SPACES = ("native", "sr")
 TRACTOGRAM_FIELDS = ("tck", "trk", "tsv", "tdi", "metadata")
 _INPUTS = ["tensor_file", "mask_file", "s0_file", "bval_file", "bvec_file", "dwi_file",
            "sr_tensor_file", "sr_mask_file", "sr_sd_total_file"]
+#: The inputnode's tensor and mask fields of each space.
+_SPACE_INPUTS = {"native": ("tensor_file", "mask_file"), "sr": ("sr_tensor_file", "sr_mask_file")}
 
 
 def software_for(tractography: str) -> tuple[str, ...]:
@@ -71,16 +73,11 @@ def init_tractography_wf(
             from iqt_pipe.workflows.tractography import init_tractography_wf
             wf = init_tractography_wf(software=("dipy", "mrtrix"))
 
-    DIPY: its multi-threaded tracker on the tensors (:class:`~iqt_pipe.interfaces.tractography.DipyTracking`,
-    ``omp_nthreads`` threads): deterministic along the principal eigenvector, probabilistic from the tensor ODF.
-    MRtrix3: a DWI series synthesised from the tensors and the subject's S0 and gradient
-    table, then ``tckgen -algorithm Tensor_Det/Tensor_Prob`` (Nipype's ``Tractography``) and
-    ``tckmap`` (``ComputeTDI``); ``Tensor_Prob`` tracks the series with Rician noise added at the
-    run's noise level (measured on ``dwi_file``'s repeated b=0 volumes, else SNR
-    :data:`~iqt_pipe.tracking.tractography.DEFAULT_SYNTH_SNR` of the synthesised b=0), so its wild
-    bootstrap has residuals to resample. Every tractogram then gets the uncertainty limit (super-resolved
-    ones only), its ``.tck``/``.trk``/per-streamline TSV and a track-density image; the summary
-    TSV has one row per tractogram.
+    DIPY tracks the tensors themselves; MRtrix3 (``tckgen -algorithm Tensor_Det/Tensor_Prob``,
+    then ``tckmap``) a DWI series synthesised from them and the subject's S0 and gradient table,
+    with Rician noise at the run's noise level for ``Tensor_Prob``. Every tractogram then gets
+    the uncertainty limit (super-resolved ones only), its ``.tck``/``.trk``/per-streamline TSV
+    and a track-density image; the summary TSV has one row per tractogram.
 
     Parameters
     ----------
@@ -102,6 +99,8 @@ def init_tractography_wf(
         streamline entering a voxel above it: ``"stop"`` or ``"drop"``.
     random_seed
         Seeds of the random seeding and of the probabilistic steps (``MRTRIX_RNG_SEED`` for tckgen).
+    omp_nthreads
+        Threads of DIPY's tracker and of MRtrix3's commands.
 
     Inputs
     ------
@@ -122,21 +121,9 @@ def init_tractography_wf(
     summary_file
         Per-run summary TSV.
     """
-    for sw in software:
-        if sw not in SOFTWARE:
-            raise ValueError(f"unknown tractography software {sw!r}; choose from {', '.join(SOFTWARE)}")
-    for space in spaces:
-        if space not in SPACES:
-            raise ValueError(f"unknown space {space!r}; choose from {', '.join(SPACES)}")
-    check_uncertainty_limit(max_uncertainty, uncertainty_action)
-    for alg in algorithms:
-        TrackingParams(algorithm=alg, seed_density=seed_density, step_mm=step_mm, max_angle=max_angle,
-                       fa_threshold=fa_threshold, seed_fa=seed_fa, min_length=min_length,
-                       max_length=max_length).check()
-    keys = tractogram_keys(software, algorithms, spaces)
-    if not keys:
-        raise ValueError("nothing to track: give at least one software, algorithm and space")
-
+    keys = _checked_keys(software, algorithms, spaces, max_uncertainty, uncertainty_action,
+                         seed_density=seed_density, step_mm=step_mm, max_angle=max_angle, fa_threshold=fa_threshold,
+                         seed_fa=seed_fa, min_length=min_length, max_length=max_length)
     workflow = Workflow(name=name)
     workflow.__desc__ = _methods(software, algorithms, spaces, seed_density, fa_threshold, seed_fa,
                                  min_length, max_length, max_uncertainty, uncertainty_action)
@@ -145,78 +132,130 @@ def init_tractography_wf(
         niu.IdentityInterface(fields=[f"{k}_{f}" for k in keys for f in TRACTOGRAM_FIELDS] + ["summary_file"]),
         name="outputnode",
     )
+    finish = _add_finishing(workflow, inputnode, outputnode, keys, max_uncertainty, uncertainty_action, min_length)
+    settings = dict(seed_density=seed_density, seed_fa=seed_fa, random_seed=random_seed,
+                    **({"step_mm": step_mm} if step_mm is not None else {}),
+                    **({"max_angle": max_angle} if max_angle is not None else {}))
+    limits = dict(fa_threshold=fa_threshold, min_length=min_length, max_length=max_length)
+    branch = {sw: {key: node for key, node in finish.items() if split_key(key)[1] == sw} for sw in SOFTWARE}
+    if branch["dipy"]:
+        _add_dipy_branch(workflow, inputnode, outputnode, branch["dipy"], settings, limits, omp_nthreads)
+    if branch["mrtrix"]:
+        _add_mrtrix_branch(workflow, inputnode, outputnode, branch["mrtrix"], settings, limits, omp_nthreads,
+                           noisy="prob" in algorithms)
+    return workflow
+
+
+def _checked_keys(software, algorithms, spaces, max_uncertainty, uncertainty_action, **params) -> list[str]:
+    """The tractogram keys, once the settings are valid (``params``: :class:`TrackingParams`'s)."""
+    for sw in software:
+        if sw not in SOFTWARE:
+            raise ValueError(f"unknown tractography software {sw!r}; choose from {', '.join(SOFTWARE)}")
+    for space in spaces:
+        if space not in SPACES:
+            raise ValueError(f"unknown space {space!r}; choose from {', '.join(SPACES)}")
+    check_uncertainty_limit(max_uncertainty, uncertainty_action)
+    for alg in algorithms:
+        TrackingParams(algorithm=alg, **params).check()
+    keys = tractogram_keys(software, algorithms, spaces)
+    if not keys:
+        raise ValueError("nothing to track: give at least one software, algorithm and space")
+    return keys
+
+
+def _add_finishing(workflow, inputnode, outputnode, keys, max_uncertainty, action, min_length) -> dict:
+    """Per tractogram, the node that applies the uncertainty limit and writes its files (fed by
+    its software's branch), and the run's summary of them all, in the order of ``keys``."""
     summaries = pe.Node(niu.Merge(len(keys)), name="summaries", run_without_submitting=True)
     summary = pe.Node(_summary_interface(), name="summary")
-    settings = dict(seed_density=seed_density, seed_fa=seed_fa, random_seed=random_seed)
-    if step_mm is not None:
-        settings["step_mm"] = step_mm
-    if max_angle is not None:
-        settings["max_angle"] = max_angle
-    inputs = {"native": ("tensor_file", "mask_file"), "sr": ("sr_tensor_file", "sr_mask_file")}
-
     connections = [(summaries, summary, [("out", "summaries")]), (summary, outputnode, [("out_file", "summary_file")])]
-    prepared = {}  # one MRtrix3 synthesis per space, shared by its algorithms
+    finish = {}
     for i, key in enumerate(keys, start=1):
         space, sw, alg = split_key(key)
-        tensor, mask = inputs[space]
-        finish = pe.Node(_finish_interface(key, space, sw, alg, max_uncertainty, uncertainty_action, min_length),
-                         name=f"finish_{key}")
+        finish[key] = pe.Node(_finish_interface(key, space, sw, alg, max_uncertainty, action, min_length),
+                              name=f"finish_{key}")
         connections += [
-            (inputnode, finish, [(tensor, "reference_file")]),
-            (finish, summaries, [("summary", f"in{i}")]),
-            (finish, outputnode, [("tck_file", f"{key}_tck"), ("trk_file", f"{key}_trk"),
-                                  ("tsv_file", f"{key}_tsv"), ("metadata", f"{key}_metadata")]),
+            (inputnode, finish[key], [(_SPACE_INPUTS[space][0], "reference_file")]),
+            (finish[key], summaries, [("summary", f"in{i}")]),
+            (finish[key], outputnode, [("tck_file", f"{key}_tck"), ("trk_file", f"{key}_trk"),
+                                       ("tsv_file", f"{key}_tsv"), ("metadata", f"{key}_metadata")]),
         ]
         if space == "sr":
-            connections.append((inputnode, finish, [("sr_sd_total_file", "uncertainty_file")]))
-        if sw == "dipy":
-            from iqt_pipe.interfaces.tractography import DipyTracking, TrackDensity
-
-            track = pe.Node(DipyTracking(algorithm=alg, fa_threshold=fa_threshold, min_length=min_length,
-                                         max_length=max_length, nthreads=omp_nthreads, **settings),
-                            name=f"track_{key}", n_procs=omp_nthreads)
-            tdi = pe.Node(TrackDensity(), name=f"tdi_{key}")
-            connections += [
-                (inputnode, track, [(tensor, "tensor_file"), (mask, "mask_file")]),
-                (track, finish, [("tck_file", "in_file"), ("seeds_file", "seeds_file"), ("n_seeds", "n_seeds"),
-                                 ("step_mm", "step_mm"), ("max_angle", "max_angle"),
-                                 ("voxel_size_mm", "voxel_size_mm")]),
-                (inputnode, tdi, [(mask, "reference")]),
-            ]
-        else:
-            from nipype.interfaces.mrtrix3 import ComputeTDI
-
-            from iqt_pipe.interfaces.tractography import PrepareMRtrixTracking, TensorTractography
-
-            if space not in prepared:
-                prepared[space] = pe.Node(PrepareMRtrixTracking(noisy="prob" in algorithms, snr=DEFAULT_SYNTH_SNR,
-                                                                **settings), name=f"mrtrix_inputs_{space}")
-                connections.append((inputnode, prepared[space], [
-                    (tensor, "tensor_file"), (mask, "mask_file"), ("s0_file", "s0_file"),
-                    ("bval_file", "bval_file"), ("bvec_file", "bvec_file"), ("dwi_file", "noise_dwi_file"),
-                    ("mask_file", "noise_mask_file")]))
-            prep = prepared[space]
-            dwi = "dwi_file" if alg == "det" else "noisy_dwi_file"  # Tensor_Prob's bootstrap needs noise
-            track = pe.Node(TensorTractography(
-                algorithm="Tensor_Det" if alg == "det" else "Tensor_Prob", cutoff=fa_threshold,
-                min_length=min_length, max_length=max_length, out_file="tracked.tck", out_seeds="seeds.txt",
-                nthreads=omp_nthreads, environ={"MRTRIX_RNG_SEED": str(random_seed)},
-            ), name=f"tckgen_{key}", n_procs=omp_nthreads)
-            tdi = pe.Node(ComputeTDI(out_file="tdi.nii.gz", args="-quiet", nthreads=omp_nthreads),
-                          name=f"tckmap_{key}", n_procs=omp_nthreads)
-            connections += [
-                (prep, track, [(dwi, "in_file"), ("grad_file", "grad_file"), ("mask_file", "roi_mask"),
-                               ("seed_mask_file", "seed_image"), ("step_mm", "step_size"),
-                               ("max_angle", "angle"), ("tckgen_args", "args")]),
-                (track, finish, [("out_file", "in_file"), ("out_seeds", "seeds_file")]),
-                (prep, finish, [("n_seeds", "n_seeds"), ("step_mm", "step_mm"), ("max_angle", "max_angle"),
-                                ("voxel_size_mm", "voxel_size_mm"),
-                                *([("noise", "synthesis_noise")] if alg == "prob" else [])]),
-                (inputnode, tdi, [(mask, "reference")]),
-            ]
-        connections += [(finish, tdi, [("tck_file", "in_file")]), (tdi, outputnode, [("out_file", f"{key}_tdi")])]
+            connections.append((inputnode, finish[key], [("sr_sd_total_file", "uncertainty_file")]))
     workflow.connect(connections)
-    return workflow
+    return finish
+
+
+def _add_dipy_branch(workflow, inputnode, outputnode, finish: dict, settings: dict, limits: dict,
+                     omp_nthreads: int) -> None:
+    """DIPY's multi-threaded tracker on the tensors (:class:`~iqt_pipe.interfaces.tractography.DipyTracking`,
+    ``omp_nthreads`` threads): deterministic along the principal eigenvector, probabilistic from the
+    tensor ODF; then each tractogram's track-density image. ``finish``: the DIPY tractograms' nodes."""
+    from iqt_pipe.interfaces.tractography import DipyTracking, TrackDensity
+
+    connections = []
+    for key, node in finish.items():
+        space, _, alg = split_key(key)
+        tensor, mask = _SPACE_INPUTS[space]
+        track = pe.Node(DipyTracking(algorithm=alg, **limits, nthreads=omp_nthreads, **settings),
+                        name=f"track_{key}", n_procs=omp_nthreads)
+        tdi = pe.Node(TrackDensity(), name=f"tdi_{key}")
+        connections += [
+            (inputnode, track, [(tensor, "tensor_file"), (mask, "mask_file")]),
+            (track, node, [("tck_file", "in_file"), ("seeds_file", "seeds_file"), ("n_seeds", "n_seeds"),
+                           ("step_mm", "step_mm"), ("max_angle", "max_angle"), ("voxel_size_mm", "voxel_size_mm")]),
+            (inputnode, tdi, [(mask, "reference")]),
+            (node, tdi, [("tck_file", "in_file")]),
+            (tdi, outputnode, [("out_file", f"{key}_tdi")]),
+        ]
+    workflow.connect(connections)
+
+
+def _add_mrtrix_branch(workflow, inputnode, outputnode, finish: dict, settings: dict, limits: dict,
+                       omp_nthreads: int, noisy: bool) -> None:
+    """MRtrix3 on a DWI series synthesised from the tensors and the subject's S0 and gradient table
+    (one synthesis per space, shared by its algorithms), then ``tckgen -algorithm Tensor_Det/Tensor_Prob``
+    (Nipype's ``Tractography``) and ``tckmap`` (``ComputeTDI``). ``Tensor_Prob`` tracks the series with
+    Rician noise added (``noisy``) at the run's noise level (measured on ``dwi_file``'s repeated b=0
+    volumes, else SNR :data:`~iqt_pipe.tracking.mrtrix.DEFAULT_SYNTH_SNR` of the synthesised b=0),
+    so its wild bootstrap has residuals to resample. ``finish``: the MRtrix3 tractograms' nodes."""
+    from nipype.interfaces.mrtrix3 import ComputeTDI
+
+    from iqt_pipe.interfaces.tractography import PrepareMRtrixTracking, TensorTractography
+
+    connections, prepared = [], {}
+    for key, node in finish.items():
+        space, _, alg = split_key(key)
+        tensor, mask = _SPACE_INPUTS[space]
+        if space not in prepared:
+            prepared[space] = pe.Node(PrepareMRtrixTracking(noisy=noisy, snr=DEFAULT_SYNTH_SNR, **settings),
+                                      name=f"mrtrix_inputs_{space}")
+            connections.append((inputnode, prepared[space], [
+                (tensor, "tensor_file"), (mask, "mask_file"), ("s0_file", "s0_file"),
+                ("bval_file", "bval_file"), ("bvec_file", "bvec_file"), ("dwi_file", "noise_dwi_file"),
+                ("mask_file", "noise_mask_file")]))
+        prep = prepared[space]
+        dwi = "dwi_file" if alg == "det" else "noisy_dwi_file"  # Tensor_Prob's bootstrap needs noise
+        track = pe.Node(TensorTractography(
+            algorithm="Tensor_Det" if alg == "det" else "Tensor_Prob", cutoff=limits["fa_threshold"],
+            min_length=limits["min_length"], max_length=limits["max_length"], out_file="tracked.tck",
+            out_seeds="seeds.txt", nthreads=omp_nthreads, environ={"MRTRIX_RNG_SEED": str(settings["random_seed"])},
+        ), name=f"tckgen_{key}", n_procs=omp_nthreads)
+        tdi = pe.Node(ComputeTDI(out_file="tdi.nii.gz", args="-quiet", nthreads=omp_nthreads),
+                      name=f"tckmap_{key}", n_procs=omp_nthreads)
+        connections += [
+            (prep, track, [(dwi, "in_file"), ("grad_file", "grad_file"), ("mask_file", "roi_mask"),
+                           ("seed_mask_file", "seed_image"), ("step_mm", "step_size"),
+                           ("max_angle", "angle"), ("tckgen_args", "args")]),
+            (track, node, [("out_file", "in_file"), ("out_seeds", "seeds_file")]),
+            (prep, node, [("n_seeds", "n_seeds"), ("step_mm", "step_mm"), ("max_angle", "max_angle"),
+                          ("voxel_size_mm", "voxel_size_mm"),
+                          *([("noise", "synthesis_noise")] if alg == "prob" else [])]),
+            (inputnode, tdi, [(mask, "reference")]),
+            (node, tdi, [("tck_file", "in_file")]),
+            (tdi, outputnode, [("out_file", f"{key}_tdi")]),
+        ]
+    workflow.connect(connections)
 
 
 def _finish_interface(key, space, sw, alg, max_uncertainty, action, min_length):

@@ -8,13 +8,14 @@ Examples::
         --mode raw known-truth lesion --calibration-label trio01
     iqt-eval /data/ds-realdwi -o eval-cv/ --cross-validate 2 --epochs 8     # train per fold, score held-out
     iqt-eval /data/ds-realdwi -o eval-cv/ --cross-validate loso --variant espcn --loss-mask brain
-    iqt-eval /data/ds-realdwi -o eval-cv/ --cross-validate loso --variant espcn --loss-mask brain --resume  # after a stop
+    iqt-eval /data/ds-realdwi -o eval-cv/ --cross-validate loso --variant espcn --loss-mask brain --resume  # if stopped
 
 Each run's DWI is the HR reference; the LR input is made by the IQT degradation. Nearest,
 trilinear and cubic B-spline interpolation of the LR tensors are scored beside every
 ``--model`` (one method each) and ``--ensemble`` (one method per list). Outputs in OUT_DIR:
 ``results.json`` (every number), ``results.md`` (tables), ``figures/`` (calibration curve,
-error vs uncertainty, slice maps). See :mod:`iqt_pipe.evaluation.protocol` for the protocol.
+error vs uncertainty, slice maps). See :mod:`iqt_pipe.evaluation.protocol` for the protocol
+and :mod:`iqt_pipe.evaluation.crossval` for the cross-validation.
 
 Exit codes: 0 success, 1 unexpected failure, 2 bad command line or input (one line on stderr).
 """
@@ -49,7 +50,7 @@ def _folds(text: str) -> int | str:
 def _build_parser() -> argparse.ArgumentParser:
     from iqt_pipe.cli.train import add_recipe_arguments
     from iqt_pipe.evaluation.protocol import MODES
-    from iqt_pipe.sr.inference import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISIONS, SYMMETRIES
+    from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISIONS, SYMMETRIES
 
     p = Parser(prog=PROG, description="Score super-resolution (interpolation, models, ensembles) against HR "
                                       "references made from BIDS DWI runs: accuracy and calibrated uncertainty.")
@@ -105,18 +106,8 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(path: Path, device, r: int | None):
-    from iqt_pipe.models import ModelFileError, load_model
-    from iqt_pipe.io import InputError
-
-    try:
-        model, card = load_model(path, device=device, expect_r=r)
-    except ModelFileError as exc:
-        raise InputError(str(exc)) from None
-    return model, card, path
-
-
 def _methods(args, device):
+    from iqt_pipe.evaluation.crossval import load_scored_model, prediction_settings
     from iqt_pipe.evaluation.protocol import Method, interpolation_methods
     from iqt_pipe.io import InputError
 
@@ -127,7 +118,7 @@ def _methods(args, device):
         if path not in loaded:
             if not path.exists():
                 raise InputError(f"{path}: model file not found; pass a model.safetensors written by iqt-train")
-            loaded[path] = _load(path, device, r)
+            loaded[path] = load_scored_model(path, device, r)
             r = r or loaded[path][1]["upsample"]
     names = set()
     for path in args.model:
@@ -138,110 +129,7 @@ def _methods(args, device):
         methods.append(Method(name=name, models=[loaded[path]]))
     for i, group in enumerate(args.ensemble, 1):
         methods.append(Method(name=f"ensemble{i}", models=[loaded[p] for p in group]))
-    return prediction_settings(methods, args), r or 2
-
-
-def prediction_settings(methods, args):
-    """Each model method once per ``--symmetries`` and ``--precision`` setting, named
-    ``NAME+SETTING`` for each option given several settings; interpolations once."""
-    import itertools
-    from dataclasses import replace
-
-    out = []
-    for m in methods:
-        if not m.is_model:
-            out.append(m)
-            continue
-        for symmetries, precision in itertools.product(args.symmetries, args.precision):
-            name = m.name + "".join(f"+{s}" for s, options in ((symmetries, args.symmetries),
-                                                                (precision, args.precision)) if len(options) > 1)
-            out.append(replace(m, name=name, symmetries=symmetries, precision=precision))
-    return out
-
-
-def _calibration_runs(args, methods, scored_subjects):
-    from iqt_pipe.bids import find_dwi_runs_multi
-
-    labels = args.calibration_label
-    if labels is None:
-        labels = sorted({s.removeprefix("sub-") for m in methods for _, card, _ in m.models
-                         for s in card.get("training", {}).get("subjects", [])})
-        available = set()
-        for d in args.bids_dirs:
-            available |= {p.name.removeprefix("sub-") for p in Path(d).glob("sub-*") if p.is_dir()}
-        labels = [s for s in labels if s in available and s not in scored_subjects]
-    return _first_runs(find_dwi_runs_multi(args.bids_dirs, labels, args.session_label), args.runs_per_subject) if labels else []
-
-
-def _first_runs(runs, n: int | None):
-    """The first ``n`` runs of each subject (all when ``n`` is None), order kept."""
-    if n is None:
-        return list(runs)
-    seen: dict[str, int] = {}
-    kept = []
-    for run in runs:
-        seen[run.subject] = seen.get(run.subject, 0) + 1
-        if seen[run.subject] <= n:
-            kept.append(run)
-    return kept
-
-
-def _fold_subjects(subjects: list[str], folds: int | str) -> list[list[str]]:
-    k = len(subjects) if folds == "loso" else int(folds)
-    if k > len(subjects):
-        from iqt_pipe.io import InputError
-
-        raise InputError(f"--cross-validate {folds}: only {len(subjects)} subject(s); use at most that many folds")
-    return [subjects[i::k] for i in range(k)]
-
-
-def _refuse_earlier_folds(cv_dir: Path) -> None:
-    """One-line error, before any data is read, when ``cv_dir`` holds an earlier run's folds."""
-    from iqt_pipe.io import InputError
-    from iqt_pipe.sr.training import holds_training
-
-    for fold_dir in sorted(cv_dir.glob("fold-*")):
-        if what := holds_training(fold_dir):
-            raise InputError(f"{fold_dir}: holds {what} of an earlier cross-validation; add --resume to reuse "
-                             "and continue its folds, or choose a new --output-dir")
-
-
-def _cross_validate(args, device, runs, methods, folds):
-    """Train one model per fold on every run of the other folds' subjects and score the
-    held-out runs (``runs``: all runs found)."""
-    from iqt_pipe.cli.train import library_options, recipe
-    from iqt_pipe.evaluation.protocol import Figures, Method, evaluate
-    from iqt_pipe.sr.patches import build_library
-    from iqt_pipe.sr.training import holds_training, learnt_nothing_warning, train
-
-    records, thresholds, fold_info = [], {}, []
-    figures = None if args.no_figures else Figures()
-    r = args.upsample
-    for k, held_out in enumerate(folds, 1):
-        train_runs = [x for x in runs if x.subject not in held_out]  # every run of the others
-        test_runs = _first_runs([x for x in runs if x.subject in held_out], args.runs_per_subject)
-        fold_dir = args.output_dir / "cv" / f"fold-{k}"
-        earlier = args.resume and holds_training(fold_dir)
-        print(f"{PROG}: fold {k}: train on {', '.join(sorted({x.subject for x in train_runs}))}; "
-              f"score {', '.join(held_out)}" + (f" (resuming from {earlier})" if earlier else ""), flush=True)
-        library = build_library(train_runs, cache_dir=fold_dir / "cache", quiet=args.quiet, **library_options(args))
-        result = train(library, fold_dir, seed=args.seed, device=device, quiet=args.quiet, resume=args.resume, **recipe(args),
-                       data_summary={"subjects": sorted({f"sub-{x.subject}" for x in train_runs})})
-        if warning := learnt_nothing_warning(result.card):
-            print(f"{PROG}: warning: fold {k}: {warning}", file=sys.stderr)
-        model = _load(result.model_path, device, r)
-        fold_methods = list(methods) + prediction_settings([Method(name=args.variant, models=[model])], args)
-        res = evaluate(test_runs, fold_methods, r=r, modes=args.mode, snr=args.snr, seed=args.seed,
-                       mc_samples=args.mc_samples, device=device, mem_mb=args.mem_mb,
-                       calibration_runs=_first_runs(train_runs, args.runs_per_subject),
-                       quiet=args.quiet, figures=figures)
-        for rec in res["records"]:
-            rec["fold"] = k
-        records += res["records"]
-        thresholds[f"fold-{k}"] = res["thresholds"]
-        fold_info.append({"fold": k, "train": sorted({x.subject for x in train_runs}), "test": held_out,
-                          "model": str(result.model_path)})
-    return {"records": records, "thresholds": thresholds, "folds": fold_info}, figures
+    return prediction_settings(methods, args.symmetries, args.precision), r or 2
 
 
 def _finite(obj):
@@ -259,14 +147,15 @@ def _finite(obj):
 
 def run(args: argparse.Namespace) -> int:
     from iqt_pipe.bids import find_dwi_runs_multi
-    from iqt_pipe.cli.train import check_recipe, recipe
-    from iqt_pipe.evaluation.protocol import Figures, evaluate, summarise
-    from iqt_pipe.evaluation.report import markdown, plot_all
+    from iqt_pipe.cli.train import library_options, train_settings
+    from iqt_pipe.evaluation import crossval
+    from iqt_pipe.evaluation.protocol import summarise
+    from iqt_pipe.io import InputError
     from iqt_pipe.sr.inference import resolve_device
-    from iqt_pipe.io import InputError, save_json, save_text
 
+    settings = train_settings(args) if args.cross_validate else None
     if args.cross_validate:
-        check_recipe(args)
+        settings.check_options()
     elif args.resume:
         raise InputError("--resume continues a --cross-validate run; give --cross-validate as before")
     device = resolve_device(args.device)
@@ -280,46 +169,71 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder; choose another --output-dir")
     if args.cross_validate and not args.resume:
-        _refuse_earlier_folds(out / "cv")
+        crossval.refuse_earlier_folds(out)
     methods, r = _methods(args, device)
     args.upsample = r
     all_runs = find_dwi_runs_multi(args.bids_dirs, args.participant_label, args.session_label)
-    runs = _first_runs(all_runs, args.runs_per_subject)
+    runs = crossval.first_runs(all_runs, args.runs_per_subject)
     scored = {x.subject for x in runs}
-    folds = _fold_subjects(sorted(scored), args.cross_validate) if args.cross_validate else None
+    folds = crossval.fold_subjects(sorted(scored), args.cross_validate) if args.cross_validate else None
     out.mkdir(parents=True, exist_ok=True)
     print(f"{PROG}: {len(runs)} DWI run(s) of {len(scored)} subject(s); methods: "
           f"{', '.join(m.name for m in methods) + (' + one model per fold' if args.cross_validate else '')}; "
           f"modes: {', '.join(args.mode)}; r = {r}", flush=True)
     if args.cross_validate:
-        results, figures = _cross_validate(args, device, all_runs, methods, folds)
+        options = library_options(args)
+        results, figures = crossval.cross_validate(
+            all_runs, folds, methods, settings, out, library_options=options, r=r, modes=args.mode, snr=args.snr,
+            mc_samples=args.mc_samples, device=device, mem_mb=args.mem_mb, symmetries=args.symmetries,
+            precisions=args.precision, runs_per_subject=args.runs_per_subject, resume=args.resume,
+            figures=not args.no_figures, quiet=args.quiet, prog=PROG)
     else:
-        calibration = _calibration_runs(args, methods, scored)
-        if any(m.is_model for m in methods):
-            print(f"{PROG}: risky-voxel threshold chosen on "
-                  f"{', '.join(sorted({c.subject for c in calibration})) or 'no subjects (precision/recall not reported)'}",
-                  flush=True)
-        figures = None if args.no_figures else Figures()
-        results = evaluate(runs, methods, r=r, modes=args.mode, snr=args.snr, seed=args.seed,
-                           mc_samples=args.mc_samples, device=device, mem_mb=args.mem_mb,
-                           calibration_runs=calibration, quiet=args.quiet, figures=figures)
+        results, figures = _score(args, device, runs, methods, scored)
     results["summary"] = summarise(results["records"])
     results["settings"] = {"r": r, "modes": args.mode, "mc_samples": args.mc_samples,
                            "symmetries": args.symmetries, "precision": args.precision, "seed": args.seed,
                            "snr": args.snr or "own", "device": str(device), "iqt_pipe_version": __version__,
-                           "models": [str(p) for p in args.model], "ensembles": [[str(p) for p in g] for g in args.ensemble],
+                           "models": [str(p) for p in args.model],
+                           "ensembles": [[str(p) for p in g] for g in args.ensemble],
                            "cross_validate": args.cross_validate}
     if args.cross_validate:
-        results["settings"]["recipe"] = {**recipe(args), "target": args.target,
-                                         "patches_per_subject": args.patches_per_subject}
+        results["settings"]["recipe"] = crossval.recipe_record(settings, options)
+    _write(results, figures, out)
+    return 0
+
+
+def _score(args, device, runs, methods, scored):
+    """Results and figures' data of ``methods`` on ``runs``, the models calibrated on the
+    subjects :func:`~iqt_pipe.evaluation.crossval.calibration_runs` finds."""
+    from iqt_pipe.evaluation.crossval import calibration_runs
+    from iqt_pipe.evaluation.protocol import Figures, evaluate
+
+    calibration = calibration_runs(args.bids_dirs, methods, scored, labels=args.calibration_label,
+                                   sessions=args.session_label, runs_per_subject=args.runs_per_subject)
+    if any(m.is_model for m in methods):
+        print(f"{PROG}: risky-voxel threshold chosen on "
+              f"{', '.join(sorted({c.subject for c in calibration})) or 'no subjects (precision/recall not reported)'}",
+              flush=True)
+    figures = None if args.no_figures else Figures()
+    results = evaluate(runs, methods, r=args.upsample, modes=args.mode, snr=args.snr, seed=args.seed,
+                       mc_samples=args.mc_samples, device=device, mem_mb=args.mem_mb,
+                       calibration_runs=calibration, quiet=args.quiet, figures=figures)
+    return results, figures
+
+
+def _write(results: dict, figures, out: Path) -> None:
+    """``results.json``, ``results.md`` and ``figures/`` in ``out``; the summary tables on stdout."""
+    from iqt_pipe.evaluation.report import markdown, plot_all
+    from iqt_pipe.io import save_json, save_text
+
     if figures is not None:
         plot_all(figures, out / "figures")
     save_json(_finite(results), out / "results.json")
     text = markdown(results)
     save_text(text, out / "results.md")
     print(text.split("## Every run")[0].rstrip())
-    print(f"{PROG}: wrote {out / 'results.md'}, {out / 'results.json'}" + ("" if figures is None else f", {out / 'figures'}/"))
-    return 0
+    print(f"{PROG}: wrote {out / 'results.md'}, {out / 'results.json'}"
+          + ("" if figures is None else f", {out / 'figures'}/"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,11 +17,12 @@ import re
 from pathlib import Path
 
 from iqt_pipe import __version__
-from iqt_pipe.bids import LABEL
+from iqt_pipe.bids import LABEL, dataset_description
 from iqt_pipe.cli._common import Parser, int_at_least, positive_float
+from iqt_pipe.io import InputError
 from iqt_pipe.config import (DEFAULT_MC_SAMPLES, DEFAULT_PRECISION, DEFAULT_SEED, DEFAULT_SYMMETRIES, DENOISE, DEVICES,
                              PRECISIONS, SYMMETRIES, TRACTOGRAPHY)
-from iqt_pipe.tracking.tractography import DEFAULT_SEED_DENSITY, UNCERTAINTY_ACTIONS
+from iqt_pipe.tracking.track import DEFAULT_SEED_DENSITY, UNCERTAINTY_ACTIONS
 
 PROG = "iqt-pipe"
 MAX_DEFAULT_OMP = 8
@@ -218,20 +219,10 @@ def _inside(path: Path, folder: Path) -> bool:
 def _check_bids_dir(parser, bids_dir: Path) -> bool:
     """A readable BIDS dataset root; returns whether it is a derivatives dataset
     (``DatasetType: derivative``, e.g. QSIPrep's output of preprocessed series)."""
-    if not bids_dir.is_dir():
-        _fail(parser, f"bids_dir {bids_dir}: folder not found; give the root folder of a BIDS dataset")
-    desc = bids_dir / "dataset_description.json"
-    if not desc.is_file():
-        inner = sorted(p.parent for p in bids_dir.glob("*/dataset_description.json") if p.parent.name != "derivatives")
-        hint = f" (did you mean {inner[0]}?)" if len(inner) == 1 else ""
-        _fail(parser, f"bids_dir {bids_dir}: not a BIDS dataset (no dataset_description.json); "
-                      f"point to the dataset's root folder, which holds dataset_description.json and sub-*/{hint}")
     try:
-        content = json.loads(desc.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        _fail(parser, f"{desc}: not valid JSON ({exc}); fix the file (the BIDS validator shows how)")
-    if not isinstance(content, dict):
-        _fail(parser, f"{desc}: must hold a JSON object with at least Name and BIDSVersion")
+        content = dataset_description(bids_dir)
+    except InputError as exc:
+        _fail(parser, f"bids_dir {exc}")
     return content.get("DatasetType") == "derivative"
 
 
@@ -470,7 +461,6 @@ def _check_device(parser, device: str) -> None:
     if device != "cuda":
         return  # auto and cpu always resolve
     from iqt_pipe.sr.inference import resolve_device
-    from iqt_pipe.io import InputError
 
     try:
         resolve_device(device)

@@ -68,7 +68,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    from iqt_pipe.sims.phantom import get_preset, write_bids_dataset
+    from iqt_pipe.sims.dataset import write_bids_dataset
+    from iqt_pipe.sims.phantom import get_preset
 
     def work() -> int:
         out = write_bids_dataset(

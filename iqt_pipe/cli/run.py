@@ -334,7 +334,7 @@ def group(config: RunConfig) -> int:
     for native in natives:
         entities = {k: v for k, v in native.get_entities().items() if k in ENTITIES}
 
-        def one(**query) -> str:
+        def one(entities=entities, **query) -> str:
             found = layout.get(return_type="file", **{**entities, **query})
             if len(found) != 1:
                 raise InputError(f"{run_label(entities)}: expected one {query} output in {out}, found {len(found)}; "

@@ -24,9 +24,13 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from iqt_pipe import __version__
 from iqt_pipe.cli._common import Parser, int_at_least, positive_float, run_guarded
+
+if TYPE_CHECKING:
+    from iqt_pipe.sr.training import TrainSettings
 
 PROG = "iqt-train"
 EPILOG = (
@@ -52,14 +56,24 @@ def _fraction(text: str) -> float:
 
 def add_recipe_arguments(p) -> None:
     """The training recipe's options (network, data, loss, optimiser), shared by ``iqt-train``
-    and ``iqt-eval --cross-validate``; :func:`recipe` turns them into :func:`~iqt_pipe.sr.training.train`'s
-    keywords and :func:`check_recipe` rejects the combinations that cannot work."""
+    and ``iqt-eval --cross-validate``; :func:`train_settings` turns them into a
+    :class:`~iqt_pipe.sr.training.TrainSettings` and :func:`library_options` into
+    :func:`~iqt_pipe.sr.patches.build_library`'s keywords."""
     from iqt_pipe.models import VARIANTS
     from iqt_pipe.models.espcn import KERNELS, WIDTHS
     from iqt_pipe.sr.normalise import TARGETS
     from iqt_pipe.sr.patches import DEFAULT_PATCHES_PER_SUBJECT
-    from iqt_pipe.sr.training import (DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LOSS_MASK, DEFAULT_LR, DEFAULT_TARGET,
-                                   DEFAULT_VAL_FRACTION, DEFAULT_VARIANT, LOSS_MASKS, SCHEDULES)
+    from iqt_pipe.sr.training import (
+        DEFAULT_BATCH,
+        DEFAULT_EPOCHS,
+        DEFAULT_LOSS_MASK,
+        DEFAULT_LR,
+        DEFAULT_TARGET,
+        DEFAULT_VAL_FRACTION,
+        DEFAULT_VARIANT,
+        LOSS_MASKS,
+        SCHEDULES,
+    )
 
     p.add_argument("--variant", choices=list(VARIANTS), default=DEFAULT_VARIANT,
                    help=f"network variant (default: {DEFAULT_VARIANT})")
@@ -103,37 +117,23 @@ def add_recipe_arguments(p) -> None:
                         "measured on held-out subjects: see the README)")
 
 
-def check_recipe(args: argparse.Namespace) -> None:
-    """One-line errors for recipe options that contradict each other (before any data is read)."""
-    from iqt_pipe.io import InputError
-    from iqt_pipe.models import VARIANTS
-    from iqt_pipe.models.espcn import architecture_problem
+def train_settings(args: argparse.Namespace) -> TrainSettings:
+    """The :class:`~iqt_pipe.sr.training.TrainSettings` of the recipe options and ``--seed``."""
+    from iqt_pipe.sr.training import TrainSettings
 
-    if problem := architecture_problem(args.widths, args.kernels):
-        raise InputError(problem)
-    if args.axis_swap and not args.augment:
-        raise InputError("--axis-swap extends the augmentation; drop --no-augment")
-    if args.schedule == "anneal" and not VARIANTS[args.variant][0]:
-        raise InputError(f"--schedule anneal switches to the heteroscedastic NLL; variant {args.variant} has none (use a hetero variant)")
-
-
-def recipe(args: argparse.Namespace) -> dict:
-    """:func:`~iqt_pipe.sr.training.train`'s keywords from the recipe options."""
-    return {"variant": args.variant, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-            "val_fraction": args.val_fraction, "schedule": args.schedule, "augment": args.augment,
-            "axis_swap": args.axis_swap, "widths": args.widths, "kernels": args.kernels, "loss_mask": args.loss_mask}
+    return TrainSettings(variant=args.variant, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         val_fraction=args.val_fraction, schedule=args.schedule, augment=args.augment,
+                         axis_swap=args.axis_swap, widths=args.widths, kernels=args.kernels, loss_mask=args.loss_mask,
+                         seed=args.seed)
 
 
 def library_options(args: argparse.Namespace) -> dict:
-    """:func:`~iqt_pipe.sr.patches.build_library`'s keywords from the recipe options."""
-    from iqt_pipe.models.espcn import margin
-    from iqt_pipe.sr.patches import patch_geometry
-
+    """:func:`~iqt_pipe.sr.patches.build_library`'s keywords from the recipe options and ``--upsample``."""
     from iqt_pipe.dmri.prepare import Preprocessing
 
-    return {"r": args.upsample, "patches_per_subject": args.patches_per_subject, "seed": args.seed,
-            "target": args.target, "preprocessing": Preprocessing(args.denoise, args.degibbs),
-            **patch_geometry(margin(args.kernels))}
+    return train_settings(args).library_options(r=args.upsample, patches_per_subject=args.patches_per_subject,
+                                                target=args.target,
+                                                preprocessing=Preprocessing(args.denoise, args.degibbs))
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -176,11 +176,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from iqt_pipe.bids import find_dwi_runs_multi
+    from iqt_pipe.sr.checkpoints import CHECKPOINT_DIR, CHECKPOINT_JSON
+    from iqt_pipe.sr.distributed import build_library_distributed, init_distributed
     from iqt_pipe.sr.inference import resolve_device
-    from iqt_pipe.sr.training import (CHECKPOINT_DIR, CHECKPOINT_JSON, build_library_distributed, check_training_dir,
-                                   init_distributed, learnt_nothing_warning, split_indices, train)
+    from iqt_pipe.sr.training import check_training_dir, learnt_nothing_warning, split_indices, train
 
-    check_recipe(args)  # before the patch library is built
+    settings = train_settings(args)
+    settings.check_options()  # before the patch library is built
     device = resolve_device(args.device)
     if args.nthreads:
         torch.set_num_threads(args.nthreads)
@@ -189,8 +191,9 @@ def run(args: argparse.Namespace) -> int:
     dist = init_distributed(device)
     try:
         quiet = args.quiet or not dist.is_main
+        options = library_options(args)
         library = build_library_distributed(dist, runs, cache_dir=args.cache_dir or out / "cache", quiet=quiet,
-                                            **library_options(args))
+                                            **options)
         subjects = sorted({f"sub-{r.subject}" for r in runs})
         n_val = len(split_indices(len(library), args.val_fraction, args.seed)[1])
         if dist.is_main:
@@ -208,11 +211,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{PROG}: variant {args.variant}, target {args.target}, schedule {args.schedule}, "
                   f"augment {augment}, kernels {'-'.join(map(str, args.kernels))} × widths "
                   f"{'-'.join(map(str, args.widths))}, loss mask {args.loss_mask}, "
-                  f"preprocessing: {library_options(args)['preprocessing'].describe()}, {args.epochs} epochs, batch {args.batch_size}, "
-                  f"lr {args.lr:g}, seed {args.seed}; device {dist.device if dist.distributed else device}"
+                  f"preprocessing: {options['preprocessing'].describe()}, {args.epochs} epochs, "
+                  f"batch {args.batch_size}, lr {args.lr:g}, seed {args.seed}; "
+                  f"device {dist.device if dist.distributed else device}"
                   f" × {dist.world_size} process(es), {threads} thread(s) each{resuming}", flush=True)
         result = train(
-            library, out, seed=args.seed, device=device, resume=args.resume, quiet=quiet, dist=dist, **recipe(args),
+            library, out, settings, device=device, resume=args.resume, quiet=quiet, dist=dist,
             data_summary={"datasets": [str(Path(d).absolute()) for d in args.bids_dirs], "subjects": subjects,
                           "dwi_runs": [r.as_dict() for r in runs]},
         )

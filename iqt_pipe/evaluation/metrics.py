@@ -194,16 +194,6 @@ def best_f1_threshold(scores: np.ndarray, truth: np.ndarray) -> float:
     return float((s[best] + s[best + 1]) / 2 if best + 1 < s.size else np.nextafter(s[best], -np.inf))
 
 
-def dti_design(bvals: np.ndarray, bvecs: np.ndarray) -> np.ndarray:
-    """Design matrix ``(N, 7)`` of the log-linear DTI model in BEP016 order plus log S0:
-    ``log S = log S0 − b gᵀDg``; ``bvecs`` in the frame the tensors are wanted in."""
-    b = np.asarray(bvals, dtype=np.float64)[:, None]
-    g = np.asarray(bvecs, dtype=np.float64)
-    quad = np.stack([g[:, 0] ** 2, 2 * g[:, 0] * g[:, 1], 2 * g[:, 0] * g[:, 2],
-                     g[:, 1] ** 2, 2 * g[:, 1] * g[:, 2], g[:, 2] ** 2], axis=1)
-    return np.concatenate([-b * quad, np.ones_like(b)], axis=1)
-
-
 def wls_tensor_variance(
     tensors: np.ndarray, s0: np.ndarray, sigma: np.ndarray, design: np.ndarray, chunk: int = 65536
 ) -> np.ndarray:
@@ -214,8 +204,8 @@ def wls_tensor_variance(
     A⁻¹ Xᵀ W V W X A⁻¹ with A = Xᵀ W X, W = diag(S²), V = diag(var log S).
 
     ``tensors`` ``(K, 6)``, ``s0`` ``(K,)`` and ``sigma`` ``(K,)`` are the fit and the noise
-    sd of the voxels to evaluate; ``design`` comes from :func:`dti_design`. S_i is the
-    fitted signal. Voxels without a usable fit (s0 ≤ 0) get NaN.
+    sd of the voxels to evaluate; ``design`` comes from :func:`iqt_pipe.dmri.signal.dti_design`.
+    S_i is the fitted signal. Voxels without a usable fit (s0 ≤ 0) get NaN.
     """
     tensors = np.asarray(tensors, dtype=np.float64).reshape(-1, 6)
     s0 = np.asarray(s0, dtype=np.float64).ravel()

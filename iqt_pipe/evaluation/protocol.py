@@ -42,11 +42,13 @@ from iqt_pipe.dmri.dti import scalar_maps
 from iqt_pipe.dmri.dwi import load_dwi
 from iqt_pipe.dmri.fit import brain_mask, fit_dti
 from iqt_pipe.dmri.gradients import GradientTable, select_dti_volumes
-from iqt_pipe.sr.inference import (DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES, Prediction, frobenius_sd,
+from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES
+from iqt_pipe.sr.inference import (Prediction, frobenius_sd,
                                 predict_ensemble)
 from iqt_pipe.dmri.prepare import (NONE, Preprocessing, card_domain, domain_problems, fit_series, preprocess_series,
                               series_domain, series_manufacturer)
 from iqt_pipe.dmri.preproc import denoise_mppca_brain
+from iqt_pipe.dmri.signal import add_rician_noise, dti_design, synthesize_signal
 
 MODES = ("raw", "known-truth", "lesion")
 #: Lesion: radius (mm), diffusivities (mm²/s, principal first) and b = 0 signal gain.
@@ -106,20 +108,14 @@ class Case:
         return self._inputs[key]
 
 
-def _signal(tensors: np.ndarray, s0: np.ndarray, design: np.ndarray) -> np.ndarray:
-    """DTI signal (…, N) of voxel-frame tensors with :func:`metrics.dti_design` rows."""
-    params = np.concatenate([tensors.astype(np.float64), np.zeros(tensors.shape[:-1] + (1,))], axis=-1)
-    return (s0[..., None] * np.exp(np.clip(params @ design.T, -50, 50))).astype(np.float32)
-
-
-def _rician(clean: np.ndarray, sigma: float | np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    re = clean + rng.standard_normal(clean.shape, dtype=np.float32) * np.float32(sigma)
-    im = rng.standard_normal(clean.shape, dtype=np.float32) * np.float32(sigma)
-    return np.sqrt(re * re + im * im)
+def _signal(tensors: np.ndarray, s0: np.ndarray, gtab: GradientTable, affine: np.ndarray) -> np.ndarray:
+    """Noise-free float32 DTI signal ``(K, N)`` of ``(K, 6)`` voxel-frame tensors with the run's
+    gradients; the exponent is bounded, as fits of real data may have negative eigenvalues."""
+    return synthesize_signal(s0, tensors, gtab.bvals, gtab.bvecs_voxel(affine), clip=50.0).astype(np.float32)
 
 
 def _floor_variance(fit, gtab: GradientTable, affine: np.ndarray, sigma: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    design = metrics.dti_design(gtab.bvals, gtab.bvecs_voxel(affine))
+    design = dti_design(gtab.bvals, gtab.bvecs_voxel(affine))
     out = np.zeros(fit.tensors.shape, np.float32)
     sel = mask & fit.mask
     out[sel] = metrics.wls_tensor_variance(fit.tensors[sel], fit.s0[sel], sigma[sel], design)
@@ -154,11 +150,10 @@ def insert_lesion(
     lesion_d = q @ np.diag(LESION_EVALS) @ q.T
     d6 = np.array([lesion_d[0, 0], lesion_d[0, 1], lesion_d[0, 2], lesion_d[1, 1], lesion_d[1, 2], lesion_d[2, 2]])
     s0 = np.median(fit.s0[mask & fit.mask]) * LESION_S0_GAIN
-    design = metrics.dti_design(gtab.bvals, gtab.bvecs_voxel(affine))
-    clean = _signal(np.broadcast_to(d6, (int(sel.sum()), 6)), np.full(int(sel.sum()), s0), design)
+    clean = _signal(np.broadcast_to(d6, (int(sel.sum()), 6)), np.full(int(sel.sum()), s0), gtab, affine)
     out = dwi.copy()
     w = weight[sel][:, None]
-    out[sel] = (1 - w) * dwi[sel] + w * _rician(clean, sigma, rng)
+    out[sel] = (1 - w) * dwi[sel] + w * add_rician_noise(clean, sigma, rng)
     return out, weight
 
 
@@ -193,13 +188,12 @@ def prepare_case(run, r: int = 2, mode: str = "raw", snr: float | None = None, s
     truth = None
     if mode == "known-truth":
         truth_fit = fit_dti(denoised, affine, gtab, source=f"{series.path} (denoised)")
-        design = metrics.dti_design(gtab.bvals, gtab.bvecs_voxel(affine))
         clean = np.zeros(hr_dwi.shape, np.float32)
-        clean[truth_fit.mask] = _signal(truth_fit.tensors[truth_fit.mask], truth_fit.s0[truth_fit.mask], design)
+        clean[truth_fit.mask] = _signal(truth_fit.tensors[truth_fit.mask], truth_fit.s0[truth_fit.mask], gtab, affine)
         s0_mean = float(np.mean(truth_fit.s0[mask & truth_fit.mask]))
         snr = float(snr) if snr else s0_mean / info["noise_sigma"]
         sigma = s0_mean / snr
-        hr_dwi = _rician(clean, sigma, rng)
+        hr_dwi = add_rician_noise(clean, sigma, rng)
         truth = truth_fit.tensors
         info |= {"snr": float(snr), "synthetic_sigma": sigma}
     elif mode == "lesion":

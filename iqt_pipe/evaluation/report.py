@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from iqt_pipe.io import atomic_path
+from iqt_pipe.io import MISSING, format_number
 
 
 def _span(stat: dict | None) -> str:
-    """``mean [min, max]`` of a summary statistic, or – when absent."""
-    return "–" if stat is None else f"{stat['mean']:.3f} [{stat['min']:.3f}, {stat['max']:.3f}]"
-
-def _f(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    return f"{v:.{digits}f}"
+    """``mean [min, max]`` of a summary statistic, or :data:`~iqt_pipe.io.MISSING` when absent."""
+    return MISSING if stat is None else f"{stat['mean']:.3f} [{stat['min']:.3f}, {stat['max']:.3f}]"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -42,10 +36,10 @@ def markdown(results: dict[str, Any]) -> str:
         for name, slot in methods.items():
             v = slot["values"]
 
-            def mean(key):
-                return _f(v.get(key, {}).get("mean"))
+            def mean(key, v=v):
+                return format_number(v.get(key, {}).get("mean"))
 
-            def ratio(key):
+            def ratio(key, v=v):
                 return _span(v.get(key))
 
             lines.append(f"| {name} | {slot['runs']} | {mean('tensor_rmse.interior')} | {ratio('tensor_rmse_ratio.interior')} | "
@@ -61,13 +55,13 @@ def markdown(results: dict[str, Any]) -> str:
 
             for name, slot in unc.items():
                 v = slot["values"]
-                g = [_f(v.get(k, {}).get("mean")) for k in ("spearman.brain", "coverage0.5.brain", "coverage0.8.brain")]
+                g = [format_number(v.get(k, {}).get("mean")) for k in ("spearman.brain", "coverage0.5.brain", "coverage0.8.brain")]
                 g += [_span(v.get(k)) for k in ("coverage0.95.brain", "md_coverage0.95.brain", "error_sd_ratio.brain")]
                 g.append(_span(v.get("coverage0.95_loso.brain")))
-                g += [_f(v.get(k, {}).get("mean")) for k in ("risky.auc", "risky.precision", "risky.recall", "risky.f1",
+                g += [format_number(v.get(k, {}).get("mean")) for k in ("risky.auc", "risky.precision", "risky.recall", "risky.f1",
                                                              "lesion.auc")]
                 if "lesion.auc_parameter" in v:
-                    g[-1] += f" ({_f(v['lesion.auc_intrinsic']['mean'])} / {_f(v['lesion.auc_parameter']['mean'])})"
+                    g[-1] += f" ({format_number(v['lesion.auc_intrinsic']['mean'])} / {format_number(v['lesion.auc_parameter']['mean'])})"
                 lines.append(f"| {name} | " + " | ".join(g) + " |")
             lines.append("")
         goals = {n: s["goals"] for n, s in methods.items() if s.get("goals") and n not in ("nearest", "trilinear", "cubic")}
@@ -87,10 +81,10 @@ def markdown(results: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|"]
     for run, info in scans.items():
         size = " × ".join(f"{v:.2f}" for v in info.get("voxel_size_mm", []))
-        corr = " / ".join(_f(v, 2) for v in info.get("noise_neighbour_correlation", [])) or "–"
-        sigma = f"{info['noise_sigma']:.4g}" if "noise_sigma" in info else "–"
-        lines.append(f"| {run} | {size or '–'} | {info.get('volumes', '–')} | "
-                     f"{', '.join(map(str, info.get('bvals', []))) or '–'} | {sigma} | {corr} |")
+        corr = " / ".join(format_number(v, ".2f") for v in info.get("noise_neighbour_correlation", [])) or MISSING
+        sigma = f"{info['noise_sigma']:.4g}" if "noise_sigma" in info else MISSING
+        lines.append(f"| {run} | {size or MISSING} | {info.get('volumes', MISSING)} | "
+                     f"{', '.join(map(str, info.get('bvals', []))) or MISSING} | {sigma} | {corr} |")
     lines += ["", "## Every run", "",
               "| run | mode | floor int. | method | tensor int. | corrected int. | ratio int. | tensor ext. | ratio ext. | FA ratio |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -99,9 +93,9 @@ def markdown(results: dict[str, Any]) -> str:
         for name, s in rec["methods"].items():
             corr = s.get("tensor_rmse_corrected", s.get("tensor_rmse_vs_noisy_reference_corrected", {})).get("interior")
             lines.append(
-                f"| {rec['run']} | {rec['mode']} | {_f(floor)} | {name} | {_f(s['tensor_rmse'].get('interior'))} | {_f(corr)} | "
-                f"{_f(s.get('tensor_rmse_ratio', {}).get('interior'))} | {_f(s['tensor_rmse'].get('exterior'))} | "
-                f"{_f(s.get('tensor_rmse_ratio', {}).get('exterior'))} | {_f(s.get('fa_rmse_ratio', {}).get('brain'))} |")
+                f"| {rec['run']} | {rec['mode']} | {format_number(floor)} | {name} | {format_number(s['tensor_rmse'].get('interior'))} | {format_number(corr)} | "
+                f"{format_number(s.get('tensor_rmse_ratio', {}).get('interior'))} | {format_number(s['tensor_rmse'].get('exterior'))} | "
+                f"{format_number(s.get('tensor_rmse_ratio', {}).get('exterior'))} | {format_number(s.get('fa_rmse_ratio', {}).get('brain'))} |")
     lines += _domain_section(results)
     truth = [r for r in results["records"] if r["mode"] == "known-truth"]
     if truth:
@@ -114,7 +108,7 @@ def markdown(results: dict[str, Any]) -> str:
                 t = s["tensor_rmse"].get("interior")
                 noisy = s["tensor_rmse_vs_noisy_reference"].get("interior")
                 corr = s["tensor_rmse_vs_noisy_reference_corrected"].get("interior")
-                lines.append(f"| {rec['run']} | {name} | {_f(t)} | {_f(noisy)} | {_f(corr)} | {_f(corr / t if t else None)} |")
+                lines.append(f"| {rec['run']} | {name} | {format_number(t)} | {format_number(noisy)} | {format_number(corr)} | {format_number(corr / t if t else None)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -134,10 +128,10 @@ def _domain_section(results: dict[str, Any]) -> list[str]:
              "error ratio inside / outside | parameter sd inside / outside | total sd inside / outside |",
              "|---|---|---|---|---|---|---|---|"]
     for (mode, name), d in found.items():
-        lines.append(f"| {mode} | {name} | {d['runs_outside']} | {_f(d['spearman_parameter_sd_error'])} | "
-                     f"{_f(d['spearman_total_sd_error'])} | {_f(d['error_ratio_inside'])} / {_f(d['error_ratio_outside'])} | "
-                     f"{_f(d['parameter_sd_inside'])} / {_f(d['parameter_sd_outside'])} | "
-                     f"{_f(d['total_sd_inside'])} / {_f(d['total_sd_outside'])} |")
+        lines.append(f"| {mode} | {name} | {d['runs_outside']} | {format_number(d['spearman_parameter_sd_error'])} | "
+                     f"{format_number(d['spearman_total_sd_error'])} | {format_number(d['error_ratio_inside'])} / {format_number(d['error_ratio_outside'])} | "
+                     f"{format_number(d['parameter_sd_inside'])} / {format_number(d['parameter_sd_outside'])} | "
+                     f"{format_number(d['total_sd_inside'])} / {format_number(d['total_sd_outside'])} |")
     lines += ["", "| run | mode | method | vendor | outside the training domain | tensor RMSE | ratio | parameter sd | "
                   "total sd |", "|---|---|---|---|---|---|---|---|---|"]
     for rec in results["records"]:
@@ -145,24 +139,27 @@ def _domain_section(results: dict[str, Any]) -> list[str]:
             dom, sd = s.get("domain"), s.get("uncertainty", {}).get("sd_rms", {})
             if dom is None:
                 continue
-            lines.append(f"| {rec['run']} | {rec['mode']} | {name} | {dom.get('manufacturer') or '–'} | "
-                         f"{'; '.join(dom['problems']) or 'no'} | {_f(s['tensor_rmse'].get('brain'))} | "
-                         f"{_f(s.get('tensor_rmse_ratio', {}).get('brain'))} | {_f(sd.get('parameter'))} | "
-                         f"{_f(sd.get('total'))} |")
+            lines.append(f"| {rec['run']} | {rec['mode']} | {name} | {dom.get('manufacturer') or MISSING} | "
+                         f"{'; '.join(dom['problems']) or 'no'} | {format_number(s['tensor_rmse'].get('brain'))} | "
+                         f"{format_number(s.get('tensor_rmse_ratio', {}).get('brain'))} | {format_number(sd.get('parameter'))} | "
+                         f"{format_number(sd.get('total'))} |")
     return lines
 
 
 def _save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight", format=path.suffix.lstrip("."))
+    from iqt_pipe.reports.figures import save_figure
+
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
 
 def plot_all(figures, out_dir: str | os.PathLike) -> list[Path]:
-    """Calibration curves, error-vs-uncertainty scatter plots and slice maps as PNGs."""
+    """Calibration curves, error-vs-uncertainty scatter plots and slice maps as PNGs, written as the
+    reports' figures are (:func:`iqt_pipe.reports.figures.save_figure`: atomic, the same bytes for the
+    same figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,7 +169,7 @@ def plot_all(figures, out_dir: str | os.PathLike) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if figures.calibration:
-        fig, ax = plt.subplots(figsize=(5, 5))
+        fig, ax = plt.subplots(figsize=(5, 5), layout="constrained")
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
         for (run, mode, method), (nominal, empirical) in figures.calibration.items():
             ax.plot(nominal, empirical, lw=1, label=f"{run} {mode} {method}")
@@ -182,7 +179,7 @@ def plot_all(figures, out_dir: str | os.PathLike) -> list[Path]:
             ax.legend(fontsize=6)
         written.append(_save_figure(fig, out / "calibration.png"))
     for (run, mode, method), (sd, err) in figures.scatter.items():
-        fig, ax = plt.subplots(figsize=(5, 4))
+        fig, ax = plt.subplots(figsize=(5, 4), layout="constrained")
         hb = ax.hexbin(sd * 1e4, err * 1e4, gridsize=60, bins="log", mincnt=1, cmap="viridis")
         top = float(np.quantile(np.r_[sd, err] * 1e4, 0.995))
         ax.plot([0, top], [0, top], "r--", lw=1, label="|error| = sd")
@@ -193,7 +190,7 @@ def plot_all(figures, out_dir: str | os.PathLike) -> list[Path]:
         written.append(_save_figure(fig, out / f"{run}_mode-{mode}_{method}_error-vs-sd.png"))
     for (run, mode), maps in figures.slices.items():
         panels = {k: v for k, v in maps.items() if k not in ("axis", "mask")}
-        fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2))
+        fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2), layout="constrained")
         axes = np.atleast_1d(axes)
         errors = [v for k, v in panels.items() if k.endswith("|error|") or k.endswith(" sd")]
         vmax = float(np.quantile(np.concatenate([e[maps["mask"]] for e in errors]), 0.99)) * 1e4 if errors else None

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from iqt_pipe import __version__
-from iqt_pipe.io import InputError, atomic_path, read_tsv, save_text
+from iqt_pipe.io import MISSING, InputError, atomic_path, format_number, read_tsv, save_text
 from iqt_pipe.qc import (
     CORRELATED_NOISE,
     DEFAULT_SD_THRESHOLD,
@@ -61,18 +61,14 @@ TRACKS = {"dipydet": "DIPY deterministic", "dipyprob": "DIPY probabilistic",
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, (float, np.floating)):
-        return "n/a" if not math.isfinite(value) else f"{value:.{digits}g}"
-    return str(value)
+    return format_number(value, f".{digits}g") if value is None or isinstance(value, (float, np.floating)) else str(value)
 
 
 def _mm(value: Any) -> str:
     """A diffusivity in mm²/s, as ``1.23e-4 mm²/s``."""
-    return "n/a" if value is None or not math.isfinite(float(value)) else f"{F.sci(float(value))} mm²/s"
+    return MISSING if value is None or not math.isfinite(float(value)) else f"{F.sci(float(value))} mm²/s"
 
 
 def _grid(img_path: Path) -> tuple[str, str]:
@@ -208,7 +204,7 @@ def _about_html(ctx: SubjectContext) -> str:
         status = "super-resolved" if not run.missing else f"incomplete: missing {', '.join(run.missing)}"
         if run.tracts:
             status += f"; {len(run.tracts)} tractograms"
-        rows.append((run.name, raw.dwi.name if raw is not None else "n/a", status))
+        rows.append((run.name, raw.dwi.name if raw is not None else MISSING, status))
     for raw in ctx.raw_runs:
         if raw.dwi not in seen:
             rows.append((raw.name, raw.dwi.name, Raw('<span class="iqt-bad">no derivatives: the run failed or was not '
@@ -296,9 +292,9 @@ def _model_card_html(ctx: SubjectContext) -> str:
             patches = training.get("patches") or {}
             rows.append(("training data", f"{', '.join(training.get('datasets', [])) or 'unknown'}: "
                                           f"{len(training.get('subjects', []))} subject(s), {len(runs)} run(s), "
-                                          f"{patches.get('total', 'n/a')} patch pairs"))
-            rows.append(("training", f"{training.get('epochs', 'n/a')} epochs, {training.get('optimizer', '')} "
-                                     f"lr {training.get('learning_rate', 'n/a')}, batch {training.get('batch_size', 'n/a')}, "
+                                          f"{patches.get('total', MISSING)} patch pairs"))
+            rows.append(("training", f"{training.get('epochs', MISSING)} epochs, {training.get('optimizer', '')} "
+                                     f"lr {training.get('learning_rate', MISSING)}, batch {training.get('batch_size', MISSING)}, "
                                      f"augmentation {_augmentation(training)}; network {_network(card)}"))
         val = card.get("validation") if isinstance(card.get("validation"), dict) else {}
         rmse = val.get("rmse") or {}
@@ -432,7 +428,7 @@ def _tracts_html(run: RunOutputs, threshold: float | None, action: str | None) -
     def cell(row: dict, col: str) -> str:
         value = to_float(row.get(col))
         return (F.sci(value) if col == "mean_uncertainty" and value is not None
-                else f"{value:.1f}" if col == "mean_length_mm" and value is not None else row.get(col, "n/a"))
+                else f"{value:.1f}" if col == "mean_length_mm" and value is not None else row.get(col, MISSING))
 
     counts = table([tuple(cell(r, c) for c in cols) for r in rows],
                    ("tractogram", "seeds", "streamlines", "mean length (mm)", "stopped", "dropped",

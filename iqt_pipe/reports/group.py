@@ -61,7 +61,7 @@ def build_group_report(output_dir: str | os.PathLike) -> Path:
     n_out = sum(r.get("outlier") == "true" for r in rows)
     assessed = len(rows) >= 3
     body.append(f"<p>{len(rows)} run(s) from <a href=\"group_qc.tsv\">group_qc.tsv</a>"
-                + (f' (<a href="group_qc.txt">summary</a>)' if summary.exists() else "") + ". "
+                + (' (<a href="group_qc.txt">summary</a>)' if summary.exists() else "") + ". "
                 + (f"<strong>{n_out}</strong> outlier run(s): robust |z| &gt; {OUTLIER_Z:g} on "
                    + ", ".join(f"<code>{m}</code>" for m in OUTLIER_METRICS) + "."
                    if assessed else "Outliers are not assessed: robust z-scores need at least 3 runs.")
@@ -72,7 +72,7 @@ def build_group_report(output_dir: str | os.PathLike) -> Path:
         entities = {k: (None if row.get(k) in (None, "", "n/a") else row[k]) for k in ENTITIES}
         name = run_label(entities)
         report = out / f"sub-{entities['subject']}.html"
-        linked = (lambda inner: f'<a href="{escape(report.name)}">{inner}</a>') if report.exists() else (lambda inner: inner)
+        linked = (lambda inner, report=report: f'<a href="{escape(report.name)}">{inner}</a>') if report.exists() else (lambda inner: inner)
         thumb = _thumbnail(out, entities) if entities.get("subject") else None
         img = (f'<img class="iqt-thumb" src="{escape(relpath(thumb, out))}" alt="colour FA of {escape(name)}">' if thumb
                else "no image")

@@ -1,3 +1,3 @@
 """Super-resolution: the interpolation baselines, channel normalisation, the patch library,
-training, whole-volume inference with uncertainty and super-resolution of a tensor image.
+training (with its checkpoints and data-parallel helpers), whole-volume inference with uncertainty and super-resolution of a tensor image.
 The networks and model files are in :mod:`iqt_pipe.models`."""

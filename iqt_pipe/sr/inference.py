@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,11 @@ import torch
 from iqt_pipe.io import InputError
 from iqt_pipe.models.espcn import IQTNet
 from iqt_pipe.sr.normalise import TARGETS, ChannelStats, channel_stats, decode_output
+from iqt_pipe.sr.options import (
+    DEFAULT_MC_SAMPLES,
+    PRECISIONS,
+    SYMMETRIES,
+)
 
 #: bytes per float32
 _F32 = 4
@@ -79,10 +84,6 @@ def frobenius_sd(var: np.ndarray) -> np.ndarray:
     """sqrt(E‖D − D̂‖²_F) from per-component variances (..., 6) in BEP016 order: one
     rotation-invariant uncertainty number per voxel (mm²/s); off-diagonals count twice."""
     return np.sqrt(var[..., 0] + var[..., 3] + var[..., 5] + 2 * (var[..., 1] + var[..., 2] + var[..., 4]))
-
-
-#: The network's arithmetic (``--precision``).
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def bfloat16_is_native() -> bool:
@@ -142,14 +143,6 @@ def _fa_md(d: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]
     return fa, trace / 3
 
 
-#: Test-time symmetry ensembles (``--symmetries``): the symmetry codes of
-#: :mod:`iqt_pipe.sr.patches` each Monte-Carlo pass uses in turn — none, the 8 mirrors of the
-#: axes, or all 48 symmetries of the cube (mirrors and axis permutations).
-SYMMETRIES: dict[str, tuple[int, ...]] = {"none": (0,), "mirrors": tuple(range(8)), "cube": tuple(range(48))}
-DEFAULT_SYMMETRIES = "mirrors"
-DEFAULT_PRECISION = "auto"
-
-
 def _spatial(w: torch.Tensor, perm, mirror: int, inverse: bool = False) -> torch.Tensor:
     """Symmetry (axis permutation ``perm``, then mirror mask ``mirror``) on the last three
     dimensions of ``w``, or its inverse."""
@@ -188,27 +181,28 @@ def symmetric_network(net: IQTNet, code: int) -> IQTNet:
     rows = moved[inverse].reshape(-1).long()
     row_sign = sign[inverse].repeat_interleave(r**3)
     in_sign = sign.view(1, 6, 1, 1, 1)
-    for sub, signed in ((out.mean_net, True), (out.prec_net, False)):  # precisions carry no sign
-        if sub is None:
-            continue
-        last = len(sub.convs) - 1
-        for n, conv in enumerate(sub.convs):
-            # The weights and, per weight (Var.I) or per filter (Var.II), the dropout rates.
-            for key in ("weight", "rho", "bias"):
-                w = getattr(conv, key, None)
-                if w is None:
-                    continue
-                moved_w = _spatial(w, perm, mirror, inverse=True) if w.dim() == 5 else w
-                if n == 0 and w.dim() == 5 and w.shape[1] == 6:  # z_d enters where g puts it, signed
-                    folded = torch.empty_like(moved_w)
-                    folded[:, source] = moved_w * (in_sign.to(w) if key == "weight" else 1)
-                    moved_w = folded
-                if n == last:
-                    moved_w = moved_w[rows]
-                    if signed and key != "rho":
-                        moved_w = moved_w * row_sign.to(w).view((-1,) + (1,) * (w.dim() - 1))
-                w.copy_(moved_w.clone())
+    for n, last, signed, key, w in _conv_parameters(out):
+        moved_w = _spatial(w, perm, mirror, inverse=True) if w.dim() == 5 else w
+        if n == 0 and w.dim() == 5 and w.shape[1] == 6:  # z_d enters where g puts it, signed
+            folded = torch.empty_like(moved_w)
+            folded[:, source] = moved_w * (in_sign.to(w) if key == "weight" else 1)
+            moved_w = folded
+        if n == last:
+            moved_w = moved_w[rows]
+            if signed and key != "rho":
+                moved_w = moved_w * row_sign.to(w).view((-1,) + (1,) * (w.dim() - 1))
+        w.copy_(moved_w.clone())
     return out
+
+
+def _conv_parameters(net: IQTNet) -> list[tuple[int, int, bool, str, torch.Tensor]]:
+    """(layer, last layer, signed, name, tensor) of every convolution parameter of ``net``: the
+    weights, biases and, per weight (Var.I) or per filter (Var.II), the dropout rates. The mean
+    network's outputs are signed tensor components; the precision network's carry no sign."""
+    return [(n, len(sub.convs) - 1, signed, key, getattr(conv, key))
+            for sub, signed in ((net.mean_net, True), (net.prec_net, False)) if sub is not None
+            for n, conv in enumerate(sub.convs)
+            for key in ("weight", "rho", "bias") if getattr(conv, key, None) is not None]
 
 
 def _bytes_per_tile(model: IQTNet, t: int, scalar_samples: int) -> int:
@@ -350,6 +344,203 @@ class _Accumulator:
                 view[inside[hs]] = val
 
 
+@dataclass
+class _Passes:
+    """The T forward passes, T = max(weight draws, symmetries): pass k runs weight draw k (the
+    mean weights when ``draws`` is 1) under symmetry code ``symmetries[k mod n]``, in ``dtype``
+    on ``device``. Behind FA, ``per_sample`` tensor samples per voxel and pass (antithetic pairs,
+    drawn when ``draw_scalars``), else 1: FA of the pass's mean."""
+
+    count: int
+    draws: int
+    symmetries: tuple[int, ...]
+    draw_scalars: bool
+    per_sample: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def channels_last(self) -> bool:
+        """On CPU the network and its inputs use the channels-last memory layout."""
+        return self.device.type == "cpu"
+
+
+def _plan_passes(model: IQTNet, mc_samples: int, symmetries: Sequence[int], scalar_samples: int,
+                 device: torch.device, dtype: torch.dtype) -> _Passes:
+    """The passes :func:`predict_volume` runs for these settings (see its docstring)."""
+    draws = max(1, mc_samples) if model.stochastic else 1
+    symmetries = tuple(int(c) for c in symmetries) or (0,)
+    T = max(draws, len(symmetries))
+    # Tensor samples per MC sample behind FA: only the hetero Gaussian is sampled, and its MD
+    # moments are exact (MD is linear in the components).
+    draw_scalars = model.hetero and scalar_samples > 0
+    per_sample = 2 * math.ceil(scalar_samples / (2 * T)) if draw_scalars else 1  # antithetic pairs
+    return _Passes(T, draws, symmetries, draw_scalars, per_sample, device, dtype)
+
+
+def _pass_network(net: IQTNet, k: int, passes: _Passes, seed: int) -> IQTNet:
+    """The network of pass k: one posterior draw of the weights from ``seed`` (when the passes
+    draw weights), with its symmetry folded in, in the passes' arithmetic and memory layout;
+    ``net`` itself, converted in place, when it is neither drawn nor moved."""
+    draw = net.sample_weights(torch.Generator(device=passes.device).manual_seed(seed)) if passes.draws > 1 else net
+    code = passes.symmetries[k % len(passes.symmetries)]
+    if code:
+        draw = symmetric_network(draw, code)
+    draw = draw.to(passes.dtype)
+    return draw.to(memory_format=torch.channels_last_3d) if passes.channels_last else draw
+
+
+@dataclass
+class _TilePlan:
+    """Which LR tiles run, and how many per forward call: ``z`` is the standardised LR volume
+    padded by the receptive-field margin (with background), ``tiles`` the tiles whose LR
+    positions touch the region to predict."""
+
+    tiler: _Tiler
+    z: np.ndarray
+    tiles: list[tuple[int, int, int]]
+    per_call: int
+
+    def batches(self, passes: _Passes) -> Iterator[tuple[list[tuple[int, int, int]], torch.Tensor]]:
+        """The tiles, ``per_call`` at a time, with their inputs (B, 6, t + 2m, t + 2m, t + 2m)
+        on the passes' device, in their arithmetic and memory layout."""
+        for start in range(0, len(self.tiles), self.per_call):
+            chunk = self.tiles[start:start + self.per_call]
+            x = torch.from_numpy(np.stack([self.z[self.tiler.input_slices(tl)] for tl in chunk]))
+            x = x.to(passes.device, passes.dtype).permute(0, 4, 1, 2, 3)
+            if passes.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            yield chunk, x
+
+
+def _plan_tiles(net: IQTNet, lr_tensors: np.ndarray, stats: ChannelStats, region: np.ndarray, tile: int | None,
+                mem_mb: float, passes: _Passes) -> _TilePlan:
+    """Equal tiles of edge ``tile`` (default :func:`tile_size_for_budget`) over the LR volume;
+    those touching ``region`` run, as many per forward call as ``mem_mb`` allows."""
+    t = tile or tile_size_for_budget(net, mem_mb, passes.per_sample, passes.device.type)
+    # Tiles per forward call: what the budget allows, at most 16 (larger batches run slower
+    # on CPU: measured 0.78 s vs 0.67 s for an HCP-sized espcn pass).
+    per_call = max(1, min(16, int(mem_mb * 2**20 // _bytes_per_tile(net, t, passes.per_sample))))
+    tiler = _Tiler(region.shape, t, net.margin, net.r)
+    z = tiler.pad(stats.standardise(lr_tensors), stats.standardise(np.zeros(6)))
+    return _TilePlan(tiler, z, tiler.tiles_touching(region), per_call)
+
+
+@dataclass
+class _TileDecoder:
+    """One tile's network outputs in one pass → what :class:`_Accumulator` keeps of that MC
+    sample: the mean tensors on the HR grid (times the channel sd ``sd``, plus ``baseline``),
+    their intrinsic variances, and FA and MD of the tile's voxels in ``hr_region`` (FA of tensor
+    samples drawn with ``scalar_gen`` when the passes draw them)."""
+
+    tiler: _Tiler
+    hr_region: np.ndarray
+    baseline: np.ndarray
+    sd: torch.Tensor  # (6, 1, 1, 1), on the passes' device
+    passes: _Passes
+    scalar_gen: torch.Generator
+
+    def decode(self, tile, mean: torch.Tensor, prec: torch.Tensor | None):
+        """``mean`` (already times ``sd``) and ``prec``: the tile's (6, t·r, t·r, t·r) float32
+        outputs; returns the arguments of :meth:`_Accumulator.add` after ``tile`` and k."""
+        hs = self.tiler.hr_slices(tile)
+        crop = (slice(None),) + tuple(slice(0, s.stop - s.start) for s in hs)
+        mu = (mean[crop] + self._baseline(hs)).contiguous()  # (6, x, y, z)
+        inside = torch.from_numpy(self.hr_region[hs]).to(self.passes.device)
+        mu_in = mu[:, inside]  # (6, K)
+        var_i = self.sd**2 / prec[crop] if prec is not None else None
+        fa, md = _fa_md(mu_in, axis=0)
+        md_var = None
+        if self.passes.draw_scalars:
+            fa, md_var = self._sampled_fa(mu_in, var_i[:, inside])
+        return mu, var_i, fa.view(-1, md.shape[0]), md, md_var
+
+    def _baseline(self, hs) -> torch.Tensor:
+        """The baseline of the HR block ``hs``, broadcastable to (6, x, y, z)."""
+        baseline = self.baseline
+        base = torch.from_numpy(baseline if baseline.ndim == 1 else baseline[hs]).to(self.passes.device)
+        return base.view(6, 1, 1, 1) if baseline.ndim == 1 else base.permute(3, 0, 1, 2)
+
+    def _sampled_fa(self, mu_in: torch.Tensor, var_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FA of ``per_sample`` tensor samples (S, K) of the predictive Gaussians (mean ``mu_in``,
+        variances ``var_in``, both (6, K)), and MD's predicted variance (K,), exact: MD is linear."""
+        # Antithetic pairs μ ± ε·sd: half the random numbers, and each voxel's samples have
+        # exactly its predicted mean.
+        half = torch.randn((self.passes.per_sample // 2,) + tuple(mu_in.shape), generator=self.scalar_gen,
+                           device=self.passes.device) * var_in.sqrt()
+        fa = torch.cat([_fa_md(mu_in + half, axis=1)[0], _fa_md(mu_in - half, axis=1)[0]])
+        return fa, (var_in[0] + var_in[3] + var_in[5]) / 9
+
+
+def _run_pass(draw: IQTNet, k: int, plan: _TilePlan, decoder: _TileDecoder, acc: _Accumulator) -> None:
+    """MC sample k: the network ``draw`` over every planned tile, a batch at a time, into ``acc``."""
+    for chunk, x in plan.batches(decoder.passes):
+        mean, prec = draw(x, sample=False)
+        # Plain layout (elementwise work on channels_last views is slow), float32.
+        mean = mean.contiguous().float() * decoder.sd
+        prec = prec.contiguous().float() if prec is not None else None
+        for j, tl in enumerate(chunk):
+            acc.add(tl, k, *decoder.decode(tl, mean[j], prec[j] if prec is not None else None))
+
+
+def _volumes(acc: _Accumulator, passes: _Passes, tiler: _Tiler, hr_region: np.ndarray,
+             hetero: bool) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The accumulated statistics on the whole HR grid, float32, zero outside ``hr_region``:
+    ``mean``, ``fa``, ``md``, ``var_int`` (hetero variants) and ``m2`` (the parameter variance,
+    with more than one pass) by name, then FA sd and MD sd."""
+    acc.finish(passes.count, passes.count * passes.per_sample)
+    keys = ["mean", "fa", "md", "fa_sd", "md_sd"] + ["var_int"] * hetero + ["m2"] * (passes.count > 1)
+    hr_shape = tuple(s * tiler.r for s in tiler.shape)
+    arrays = {}
+    for key in keys:
+        arrays[key] = np.zeros(hr_shape + ((6,) if key in ("mean", "var_int", "m2") else ()), np.float32)
+        acc.write(key, arrays[key], tiler.hr_slices, hr_region)
+    fa_sd, md_sd = arrays.pop("fa_sd"), arrays.pop("md_sd")  # zero without samples or passes to spread
+    for key in ("mean", "var_int", "m2"):
+        if key in arrays:
+            arrays[key][~hr_region] = 0
+    return arrays, fa_sd, md_sd
+
+
+def _fill_outside(arrays: dict[str, np.ndarray], lr_tensors: np.ndarray, baseline: np.ndarray, target: str, r: int,
+                  hr_region: np.ndarray) -> None:
+    """``outside="cubic"``: outside the predicted voxels, the mean tensor and FA/MD of the cubic
+    B-spline upsampling of the input (already the baseline of a residual-cubic model)."""
+    from iqt_pipe.sr.baselines import interpolate_tensors
+
+    cubic = baseline if target == "residual-cubic" else interpolate_tensors(lr_tensors, r, "cubic")
+    arrays["mean"][~hr_region] = cubic[~hr_region]
+    fa, md = _fa_md(torch.from_numpy(cubic[~hr_region]))
+    arrays["fa"][~hr_region], arrays["md"][~hr_region] = fa.numpy(), md.numpy()
+
+
+def _calibrate(arrays: dict[str, np.ndarray], fa_sd: np.ndarray, md_sd: np.ndarray,
+               s: float) -> tuple[np.ndarray, np.ndarray]:
+    """The model card's calibration: every variance in ``arrays`` times ``s`` (in place); returns
+    the FA and MD sd times √s (to first order)."""
+    if s == 1.0:
+        return fa_sd, md_sd
+    for key in ("var_int", "m2"):
+        if key in arrays:
+            arrays[key] *= s
+    return fa_sd * np.float32(math.sqrt(s)), md_sd * np.float32(math.sqrt(s))
+
+
+def _checked_masks(lr_tensors: np.ndarray, lr_mask: np.ndarray, region: np.ndarray | None,
+                   outside: str) -> tuple[np.ndarray, np.ndarray]:
+    """The brain and the region to predict (default the brain) as boolean arrays, once they
+    are known to match the tensors."""
+    lr_mask = np.asarray(lr_mask, dtype=bool)
+    if lr_tensors.shape[:3] != lr_mask.shape or lr_tensors.shape[-1] != 6:
+        raise ValueError(f"tensors {lr_tensors.shape} and mask {lr_mask.shape} do not match")
+    if outside not in ("zero", "cubic"):
+        raise ValueError(f"outside must be zero or cubic, got {outside!r}")
+    region = lr_mask if region is None else np.asarray(region, dtype=bool)
+    if region.shape != lr_mask.shape:
+        raise ValueError(f"prediction region {region.shape} and mask {lr_mask.shape} do not match")
+    return lr_mask, region
+
+
 @torch.no_grad()
 def predict_volume(
     model: IQTNet,
@@ -358,7 +549,7 @@ def predict_volume(
     lr_affine: np.ndarray,
     *,
     stats: ChannelStats | None = None,
-    mc_samples: int = 8,
+    mc_samples: int = DEFAULT_MC_SAMPLES,
     scalar_samples: int = 32,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -368,7 +559,7 @@ def predict_volume(
     threads: int | None = None,
     region: np.ndarray | None = None,
     outside: str = "zero",
-    symmetries: Sequence[int] = (0,),
+    symmetries: Sequence[int] = SYMMETRIES["none"],
     precision: str = "float32",
 ) -> Prediction:
     """Super-resolve a voxel-frame LR tensor field; see the module docstring.
@@ -401,109 +592,29 @@ def predict_volume(
 
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[resolve_precision(precision, device)]
-    lr_mask = np.asarray(lr_mask, dtype=bool)
-    if lr_tensors.shape[:3] != lr_mask.shape or lr_tensors.shape[-1] != 6:
-        raise ValueError(f"tensors {lr_tensors.shape} and mask {lr_mask.shape} do not match")
-    if outside not in ("zero", "cubic"):
-        raise ValueError(f"outside must be zero or cubic, got {outside!r}")
-    region = lr_mask if region is None else np.asarray(region, dtype=bool)
-    if region.shape != lr_mask.shape:
-        raise ValueError(f"prediction region {region.shape} and mask {lr_mask.shape} do not match")
+    lr_mask, region = _checked_masks(lr_tensors, lr_mask, region, outside)
     target = _target_of(model, target)
-    r, m = model.r, model.margin
+    r = model.r
     stats = stats or channel_stats(lr_tensors, lr_mask)
-    draws = max(1, mc_samples) if model.stochastic else 1
-    symmetries = tuple(int(c) for c in symmetries) or (0,)
-    T = max(draws, len(symmetries))
-    # Tensor samples per MC sample behind FA: only the hetero Gaussian is sampled, and its MD
-    # moments are exact (MD is linear in the components).
-    draw_scalars = model.hetero and scalar_samples > 0
-    per_sample = 2 * math.ceil(scalar_samples / (2 * T)) if draw_scalars else 1  # antithetic pairs
-    hr_shape = tuple(s * r for s in lr_mask.shape)
+    passes = _plan_passes(model, mc_samples, symmetries, scalar_samples, device, dtype)
     hr_region = expand_mask(region, r)  # the voxels predicted
-
     net = copy.deepcopy(model).to(device).eval()
-    channels_last = device.type == "cpu"
-    t = tile or tile_size_for_budget(net, mem_mb, per_sample, device.type)
-    # Tiles per forward call: what the budget allows, at most 16 (larger batches run slower
-    # on CPU: measured 0.78 s vs 0.67 s for an HCP-sized espcn pass).
-    per_call = max(1, min(16, int(mem_mb * 2**20 // _bytes_per_tile(net, t, per_sample))))
-    tiler = _Tiler(lr_mask.shape, t, m, r)
-    z = tiler.pad(stats.standardise(lr_tensors), stats.standardise(np.zeros(6)))
-    tiles = tiler.tiles_touching(region)
+    plan = _plan_tiles(net, lr_tensors, stats, region, tile, mem_mb, passes)
     baseline = _hr_baseline(lr_tensors, stats, r, target)
-    sd = torch.as_tensor(stats.sd, dtype=torch.float32, device=device).view(6, 1, 1, 1)
     # Independent streams: weights from (seed, sample), FA/MD noise from (seed, "scalars").
-    seeds = np.random.SeedSequence(seed).spawn(T + 1)
-    scalar_gen = torch.Generator(device=device).manual_seed(int(seeds[-1].generate_state(1)[0]))
+    seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(passes.count + 1)]
+    sd = torch.as_tensor(stats.sd, dtype=torch.float32, device=device).view(6, 1, 1, 1)
+    decoder = _TileDecoder(plan.tiler, hr_region, baseline, sd, passes,
+                           torch.Generator(device=device).manual_seed(seeds[-1]))
     acc = _Accumulator()
-
     with _torch_threads(threads):
-        for k in range(T):
-            weight_gen = torch.Generator(device=device).manual_seed(int(seeds[k].generate_state(1)[0]))
-            draw = net.sample_weights(weight_gen) if draws > 1 else net
-            if symmetries[k % len(symmetries)]:
-                draw = symmetric_network(draw, symmetries[k % len(symmetries)])
-            draw = draw.to(dtype)
-            if channels_last:
-                draw = draw.to(memory_format=torch.channels_last_3d)
-            for start in range(0, len(tiles), per_call):
-                chunk = tiles[start:start + per_call]
-                x = torch.from_numpy(np.stack([z[tiler.input_slices(tl)] for tl in chunk])).to(device, dtype)
-                x = x.permute(0, 4, 1, 2, 3)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last_3d)
-                mean, prec = draw(x, sample=False)
-                # Plain layout (elementwise work on channels_last views is slow), float32.
-                mean = mean.contiguous().float() * sd
-                prec = prec.contiguous().float() if prec is not None else None
-                for j, tl in enumerate(chunk):
-                    hs = tiler.hr_slices(tl)
-                    crop = (slice(None),) + tuple(slice(0, s.stop - s.start) for s in hs)
-                    base = torch.from_numpy(baseline if baseline.ndim == 1 else baseline[hs]).to(device)
-                    base = base.view(6, 1, 1, 1) if baseline.ndim == 1 else base.permute(3, 0, 1, 2)
-                    mu = (mean[j][crop] + base).contiguous()  # (6, x, y, z)
-                    inside = torch.from_numpy(hr_region[hs]).to(device)
-                    mu_in = mu[:, inside]  # (6, K)
-                    var_i = None
-                    if prec is not None:
-                        var_i = sd**2 / prec[j][crop]
-                    fa, md = _fa_md(mu_in, axis=0)
-                    md_var = None
-                    if draw_scalars:
-                        var_in = var_i[:, inside]
-                        # Antithetic pairs μ ± ε·sd: half the random numbers, and each voxel's
-                        # samples have exactly its predicted mean.
-                        half = torch.randn((per_sample // 2,) + tuple(mu_in.shape), generator=scalar_gen,
-                                           device=device) * var_in.sqrt()
-                        fa = torch.cat([_fa_md(mu_in + half, axis=1)[0], _fa_md(mu_in - half, axis=1)[0]])
-                        md_var = (var_in[0] + var_in[3] + var_in[5]) / 9
-                    acc.add(tl, k, mu, var_i, fa.view(-1, md.shape[0]), md, md_var)
-    n = T * per_sample
-    acc.finish(T, n)
-    keys = ["mean", "fa", "md", "fa_sd", "md_sd"] + ["var_int"] * net.hetero + ["m2"] * (T > 1)
-    arrays = {}
-    for key in keys:
-        arrays[key] = np.zeros(hr_shape + ((6,) if key in ("mean", "var_int", "m2") else ()), np.float32)
-        acc.write(key, arrays[key], tiler.hr_slices, hr_region)
-    fa_sd, md_sd = arrays.pop("fa_sd"), arrays.pop("md_sd")  # zero without samples or passes to spread
-    for key in ("mean", "var_int", "m2"):
-        if key in arrays:
-            arrays[key][~hr_region] = 0
+        for k in range(passes.count):
+            _run_pass(_pass_network(net, k, passes, seeds[k]), k, plan, decoder, acc)
+    arrays, fa_sd, md_sd = _volumes(acc, passes, plan.tiler, hr_region, net.hetero)
     if outside == "cubic":
-        from iqt_pipe.sr.baselines import interpolate_tensors
-
-        cubic = baseline if target == "residual-cubic" else interpolate_tensors(lr_tensors, r, "cubic")
-        arrays["mean"][~hr_region] = cubic[~hr_region]
-        fa, md = _fa_md(torch.from_numpy(cubic[~hr_region]))
-        arrays["fa"][~hr_region], arrays["md"][~hr_region] = fa.numpy(), md.numpy()
-    # Calibration: every variance times s (FA/MD sd times √s, to first order).
+        _fill_outside(arrays, lr_tensors, baseline, target, r, hr_region)
     s = float(getattr(model, "variance_scale", 1.0))
-    if s != 1.0:
-        for key in ("var_int", "m2"):
-            if key in arrays:
-                arrays[key] *= s
-        fa_sd, md_sd = fa_sd * np.float32(math.sqrt(s)), md_sd * np.float32(math.sqrt(s))
+    fa_sd, md_sd = _calibrate(arrays, fa_sd, md_sd, s)
     guards = guard_outputs(arrays, fa_sd, md_sd, hr_region)
     return Prediction(
         mean=arrays["mean"],
@@ -513,9 +624,10 @@ def predict_volume(
         mask=expand_mask(lr_mask, r),
         region=hr_region,
         affine=upsample_affine(lr_affine, r),
-        info={"precision": str(dtype).removeprefix("torch."), "mc_samples": T if draws > 1 else 1,
-              "symmetries": len(symmetries), "passes": T, "scalar_samples": n, "target": target,
-              "variance_scale": s, "tile": t, "tiles": len(tiles), "tiles_total": int(np.prod(tiler.n_tiles)),
+        info={"precision": str(dtype).removeprefix("torch."), "mc_samples": passes.count if passes.draws > 1 else 1,
+              "symmetries": len(passes.symmetries), "passes": passes.count,
+              "scalar_samples": passes.count * passes.per_sample, "target": target, "variance_scale": s,
+              "tile": plan.tiler.t, "tiles": len(plan.tiles), "tiles_total": int(np.prod(plan.tiler.n_tiles)),
               "seed": seed, "device": str(device), "guards": guards},
     )
 
@@ -552,7 +664,8 @@ def predict_ensemble(models: Sequence[IQTNet], inputs, lr_affine: np.ndarray, *,
 VAR_FLOOR, VAR_CAP = 1e-16, 1e-4
 
 
-def guard_outputs(arrays: dict[str, np.ndarray], fa_sd: np.ndarray, md_sd: np.ndarray, mask: np.ndarray) -> dict[str, int]:
+def guard_outputs(arrays: dict[str, np.ndarray], fa_sd: np.ndarray, md_sd: np.ndarray,
+                  mask: np.ndarray) -> dict[str, int]:
     """Make every output finite, in place, and count the voxels that needed it (for the sidecars).
 
     In the mask: a non-finite mean tensor (a numerical failure of the network) becomes zero
@@ -677,7 +790,8 @@ def combine_ensemble(predictions: list[Prediction], scalar_samples: int = 32, se
     draws = mu_k[pick, cols] + rng.standard_normal((scalar_samples, idx.size, 6)) * sd_k[pick, cols]
     fa, md = (a.numpy() for a in _fa_md(torch.from_numpy(draws)))
     scal = {}
-    for name, val, fn in (("fa_mean", fa, np.mean), ("fa_sd", fa, np.std), ("md_mean", md, np.mean), ("md_sd", md, np.std)):
+    for name, val, fn in (("fa_mean", fa, np.mean), ("fa_sd", fa, np.std), ("md_mean", md, np.mean),
+                          ("md_sd", md, np.std)):
         arr = getattr(first, name).astype(np.float32, copy=True)  # outside the predicted voxels: as predicted there
         arr.reshape(-1)[idx] = fn(val, axis=0)
         scal[name] = arr

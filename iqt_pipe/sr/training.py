@@ -37,20 +37,22 @@ Determinism and resuming. The model is initialised from ``seed``; the split of p
 ``seed``; every epoch's shuffle (a seeded ``DistributedSampler`` with ``set_epoch``), mirror
 codes and weight noise from ``(seed, epoch[, rank])`` only. A checkpoint is written after
 every epoch to ``OUT_DIR/checkpoint/`` (safetensors: model, Adam state, best weights, the torch
-RNG state as uint8; JSON: epoch, best validation, settings — nothing pickled), so
-``resume=True`` reaches exactly the weights of an uninterrupted run.
+RNG state as uint8; JSON: epoch, best validation, settings — nothing pickled; see
+:mod:`iqt_pipe.sr.checkpoints`), so ``resume=True`` reaches exactly the weights of an
+uninterrupted run. The recipe is a :class:`TrainSettings`; :func:`train` also takes its fields
+as keywords.
 
 Data-parallel training: run under ``torchrun``; when ``WORLD_SIZE > 1`` every process joins a
 process group (gloo on CPU, nccl on CUDA), the model is wrapped in DistributedDataParallel,
 the training set is sharded by ``DistributedSampler`` (each process takes
 ceil(batch_size / world_size) pairs per step), rank 0 builds the patch cache while the others
-wait, validation sums are all-reduced, and only rank 0 writes files, logs or progress bars.
-Every rank draws the same seeded permutation of an epoch and takes every world_size-th pair,
-so step k's pairs over all ranks are the single-process batch k, mirrored the same way (the
-codes are looked up by pair); with ``batch_size`` divisible by the world size and no padding
-by the sampler, W processes follow a one-process run to floating-point rounding. Variational
-weight noise is drawn per process (``seed, epoch, rank``): equal in distribution only
-(tests/test_ddp.py).
+wait (:mod:`iqt_pipe.sr.distributed`), validation sums are all-reduced, and only rank 0
+writes files, logs or progress bars. Every rank draws the same seeded permutation of an epoch
+and takes every world_size-th pair, so step k's pairs over all ranks are the single-process
+batch k, mirrored the same way (the codes are looked up by pair); with ``batch_size``
+divisible by the world size and no padding by the sampler, W processes follow a one-process
+run to floating-point rounding. Variational weight noise is drawn per process (``seed,
+epoch, rank``): equal in distribution only (tests/test_ddp.py).
 """
 
 from __future__ import annotations
@@ -61,22 +63,33 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from iqt_pipe import __version__
-from iqt_pipe.io import InputError, atomic_open, atomic_path, save_json
+from iqt_pipe.dmri.prepare import NONE, Preprocessing
+from iqt_pipe.io import InputError
 from iqt_pipe.models import VARIANTS, IQTNet, gaussian_nll, save_model
 from iqt_pipe.models.espcn import KERNELS, WIDTHS, architecture_problem, margin, masked_mean
-from iqt_pipe.models.files import model_paths, sha256
+from iqt_pipe.models.files import model_paths
+from iqt_pipe.sr.checkpoints import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_JSON,
+    METRICS,
+    check_resumable,
+    load_checkpoint,
+    read_metrics,
+    restore_checkpoint,
+    save_checkpoint,
+    trim_metrics,
+)
+from iqt_pipe.sr.distributed import DistContext
 from iqt_pipe.sr.normalise import TARGETS
-from iqt_pipe.sr.patches import N_MIRRORS, N_SYMMETRIES, PatchLibrary, build_library
-from iqt_pipe.dmri.prepare import NONE
+from iqt_pipe.sr.patches import DEFAULT_PATCHES_PER_SUBJECT, N_MIRRORS, N_SYMMETRIES, PatchLibrary, patch_geometry
 
 log = logging.getLogger("iqt_pipe.sr.training")
 
@@ -99,106 +112,87 @@ NORMALISATION = {
     "statistics": "in-mask mean and sd of the LR tensor components",
     "mask": "median_otsu on the LR mean b=0",
 }
-CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_JSON = "checkpoint.json"
-METRICS = "metrics.jsonl"
-#: Settings a resumed run must share with its checkpoint.
-_RESUME_KEYS = ("variant", "r", "target", "seed", "batch_size", "lr", "val_fraction", "schedule",
-                "anneal_start", "anneal_epochs", "augment", "axis_swap", "loss_mask", "widths", "kernels", "library_key",
-                "patches")
-#: What checkpoints written before a setting existed were trained with.
-_RESUME_DEFAULTS = {"axis_swap": False, "loss_mask": "none", "widths": list(WIDTHS), "kernels": list(KERNELS)}
 
 
-# --------------------------------------------------------------------------- distributed
+# --------------------------------------------------------------------------- the recipe
 
 
 @dataclass
-class DistContext:
-    """This process's place in a (possibly one-process) data-parallel run."""
+class TrainSettings:
+    """The training recipe (see the module docstring): network, loss, optimiser, augmentation
+    and seed; the defaults are ``iqt-train``'s. :meth:`check` raises :func:`train`'s one-line
+    errors for settings that cannot work, :meth:`check_options` the command lines' ones."""
 
-    world_size: int = 1
-    rank: int = 0
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    initialised: bool = False
+    variant: str = DEFAULT_VARIANT
+    epochs: int = DEFAULT_EPOCHS
+    #: Patch pairs per optimiser step, over all processes.
+    batch_size: int = DEFAULT_BATCH
+    lr: float = DEFAULT_LR
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    schedule: str = "fixed"
+    #: Mirror augmentation; ``axis_swap`` adds the axis permutations to it.
+    augment: bool = DEFAULT_AUGMENT
+    axis_swap: bool = False
+    #: The architecture (the paper's 50, 100 and 3-1-3 by default), whose margin must be the library's.
+    widths: Sequence[int] = WIDTHS
+    kernels: Sequence[int] = KERNELS
+    #: ``"brain"``: the data term averages (and the KL term is scaled) over the HR brain voxels only.
+    loss_mask: str = DEFAULT_LOSS_MASK
+    #: Initialisation, split, shuffles, mirror codes and weight noise.
+    seed: int = 0
+    #: The anneal schedule's MSE epochs and switch epochs (default: a quarter of ``epochs`` each, at least 1).
+    anneal_start: int | None = None
+    anneal_epochs: int | None = None
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    def check(self) -> None:
+        """One-line errors (:class:`~iqt_pipe.io.InputError`) for unknown or contradicting settings.
+        The validation fraction is checked when the pairs are split (:func:`split_indices`)."""
+        if self.variant not in VARIANTS:
+            raise InputError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"unknown schedule {self.schedule!r}; choose fixed or anneal")
+        if self.schedule == "anneal" and not VARIANTS[self.variant][0]:
+            raise InputError(f"the anneal schedule switches MSE to the heteroscedastic NLL; variant {self.variant} has "
+                             "no precision network (use a hetero variant or --schedule fixed)")
+        if self.loss_mask not in LOSS_MASKS:
+            raise InputError(f"unknown loss mask {self.loss_mask!r}; choose {' or '.join(LOSS_MASKS)}")
+        if self.axis_swap and not self.augment:
+            raise InputError("axis swaps are part of the augmentation; turn augmentation on to use them")
+        if problem := architecture_problem(self.widths, self.kernels):
+            raise InputError(problem)
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise InputError(f"epochs ({self.epochs}) and batch size ({self.batch_size}) must be ≥ 1 and the "
+                             f"learning rate ({self.lr}) > 0")
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+    def check_options(self) -> None:
+        """One-line errors worded for the recipe options of ``iqt-train`` and ``iqt-eval
+        --cross-validate``, for the combinations their parsers let through: they run it before
+        any data is read."""
+        if problem := architecture_problem(self.widths, self.kernels):
+            raise InputError(problem)
+        if self.axis_swap and not self.augment:
+            raise InputError("--axis-swap extends the augmentation; drop --no-augment")
+        if self.schedule == "anneal" and not VARIANTS[self.variant][0]:
+            raise InputError(f"--schedule anneal switches to the heteroscedastic NLL; variant {self.variant} has none "
+                             "(use a hetero variant)")
 
-    def barrier(self) -> None:
-        if self.initialised:
-            torch.distributed.barrier()
+    def resolved(self) -> TrainSettings:
+        """These settings with the anneal schedule's epochs filled in."""
+        default = max(1, self.epochs // 4)
+        return replace(self, anneal_start=default if self.anneal_start is None else int(self.anneal_start),
+                       anneal_epochs=default if self.anneal_epochs is None else int(self.anneal_epochs))
 
-    def all_sum(self, values: Sequence[float]) -> list[float]:
-        """Sum a few numbers over the processes (float64)."""
-        if not self.initialised:
-            return [float(v) for v in values]
-        t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device)
-        torch.distributed.all_reduce(t)
-        return t.cpu().tolist()
+    def recipe(self) -> dict:
+        """The recipe as ``iqt-eval --cross-validate`` records it: every setting but the seed
+        (recorded on its own) and the anneal schedule's epochs (no command-line option)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("seed", "anneal_start", "anneal_epochs")}
 
-    @property
-    def _comm_device(self) -> torch.device:
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
-
-    def close(self) -> None:
-        if self.initialised and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-            self.initialised = False
-
-
-def init_distributed(device: torch.device | str = "cpu") -> DistContext:
-    """Join torchrun's process group when ``WORLD_SIZE > 1`` (env), else a one-process context.
-
-    On CUDA each process takes ``cuda:LOCAL_RANK`` and the nccl backend; on CPU, gloo.
-    """
-    device = torch.device(device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistContext(device=device)
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local % max(1, torch.cuda.device_count()))
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend=backend, init_method="env://", world_size=world, rank=rank)
-    return DistContext(world, rank, local, device, True)
-
-
-def build_library_distributed(dist: DistContext, runs: Sequence, **kwargs) -> PatchLibrary:
-    """:func:`~iqt_pipe.sr.patches.build_library` with rank 0 building the cache first.
-
-    The other processes wait, then read rank 0's cache; a failure on rank 0 is raised on
-    every rank (as a one-line error) instead of leaving them waiting.
-    """
-    if not dist.distributed:
-        return build_library(runs, **kwargs)
-    if kwargs.get("cache_dir") is None:
-        raise InputError("data-parallel training needs a patch cache folder shared by all processes")
-    failure = None
-    if dist.is_main:
-        try:
-            lib = build_library(runs, **kwargs)
-        except Exception as exc:  # reported to the other ranks below, then re-raised
-            failure = exc
-    (failed,) = dist.all_sum([1.0 if failure is not None else 0.0])
-    if dist.is_main and failure is not None:
-        raise failure
-    if failed:
-        raise InputError("rank 0 could not build the patch library (see its error)")
-    if not dist.is_main:
-        lib = build_library(runs, **{**kwargs, "quiet": True})
-        if not lib.from_cache:
-            log.warning("rank %d rebuilt the patch library instead of reading rank 0's cache", dist.rank)
-    return lib
+    def library_options(self, *, r: int = 2, patches_per_subject: int = DEFAULT_PATCHES_PER_SUBJECT,
+                        target: str = DEFAULT_TARGET, preprocessing: Preprocessing = NONE) -> dict:
+        """:func:`~iqt_pipe.sr.patches.build_library`'s keywords for a patch library these settings
+        can train on: patches cut for the margin of :attr:`kernels`, sampled with :attr:`seed`."""
+        return {"r": r, "patches_per_subject": patches_per_subject, "seed": self.seed, "target": target,
+                "preprocessing": preprocessing, **patch_geometry(margin(self.kernels))}
 
 
 # --------------------------------------------------------------------------- data
@@ -284,84 +278,6 @@ def loss_description(variant: str, schedule: str, loss_mask: str = "none") -> st
         data += " + 2·KL/N (N = training target elements; Kingma 2015 log-uniform approximation)"
     where = " over the HR brain-mask voxels" if loss_mask == "brain" else ""
     return data + f" on standardised targets{where}"
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _tensor_dict(model: IQTNet, optimizer: torch.optim.Optimizer, best_state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
-    opt = optimizer.state_dict()
-    for pid, st in opt["state"].items():
-        for k, v in st.items():
-            if not torch.is_tensor(v):
-                v = torch.tensor(v)
-            tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda{i}"] = s
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
-    return tensors, {"param_groups": groups}
-
-
-def save_checkpoint(out_dir: Path, model: IQTNet, optimizer, best_state, state: dict) -> Path:
-    """Write ``checkpoint/epoch-NNNN.safetensors`` then ``checkpoint.json`` pointing at it
-    (atomically, so a crash leaves the previous checkpoint intact); remove older weights."""
-    from safetensors.torch import save_file
-
-    folder = out_dir / CHECKPOINT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors, extra = _tensor_dict(model, optimizer, best_state)
-    name = f"epoch-{state['epoch']:04d}.safetensors"
-    with atomic_path(folder / name) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "iqt-pipe-checkpoint"})
-        digest = sha256(tmp)
-    save_json({**state, **extra, "weights": name, "sha256": digest, "iqt_pipe_version": __version__},
-              folder / CHECKPOINT_JSON)
-    for old in folder.glob("epoch-*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
-    return folder / CHECKPOINT_JSON
-
-
-def load_checkpoint(out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    """``(state, tensors)`` of ``OUT_DIR/checkpoint``, or None when there is none."""
-    from safetensors.torch import load_file
-
-    js = out_dir / CHECKPOINT_DIR / CHECKPOINT_JSON
-    if not js.exists():
-        return None
-    try:
-        state = json.loads(js.read_text())
-        weights = js.parent / state["weights"]
-        if sha256(weights) != state["sha256"]:
-            raise ValueError("checksum mismatch")
-        tensors = load_file(str(weights))
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(
-            f"{js}: unusable checkpoint ({exc.__class__.__name__}: {exc}); delete {js.parent} to start afresh"
-        ) from None
-    return state, tensors
-
-
-def _restore(model: IQTNet, optimizer, state: dict, tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    opt_state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, pid, name = k.split(".", 2)
-            opt_state.setdefault(int(pid), {})[name] = v
-    groups = []
-    for g in state["param_groups"]:
-        g = dict(g)
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    torch.set_rng_state(tensors["rng.cpu"])
-    return {k[5:]: v.clone() for k, v in tensors.items() if k.startswith("best.")}
 
 
 # --------------------------------------------------------------------------- output folder
@@ -455,6 +371,43 @@ class TrainResult:
     epochs: int
 
 
+@dataclass
+class _Run:
+    """What the epochs of one training share: the settings (anneal epochs resolved), the data
+    and its split, the model (``net``: wrapped for data-parallel training) and the optimiser."""
+
+    settings: TrainSettings
+    library: PatchLibrary
+    out: Path
+    dist: DistContext
+    device: torch.device
+    quiet: bool
+    data_summary: dict | None
+    model: IQTNet
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    dataset: PatchDataset
+    sampler: torch.utils.data.DistributedSampler
+    loader: torch.utils.data.DataLoader
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    #: N of the 2·KL/N term.
+    n_elements: int
+    #: Validation RMSE of the interpolations (mm²/s).
+    baselines: dict
+
+
+@dataclass
+class _Progress:
+    """How far a training has come: the epochs done and the best validation so far."""
+
+    epoch: int = 0
+    best_val: float = math.inf
+    best_epoch: int = 0
+    best_rmse: float = math.nan
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 def _epoch_progress(quiet: bool, dist: DistContext):
     """tqdm's ``disable``: True when quiet or not rank 0; None (auto: off when not a TTY)."""
     return True if (quiet or not dist.is_main) else None
@@ -501,196 +454,214 @@ def validate(
 def train(
     library: PatchLibrary,
     out_dir: str | os.PathLike,
+    settings: TrainSettings | None = None,
     *,
-    variant: str = DEFAULT_VARIANT,
-    epochs: int = DEFAULT_EPOCHS,
-    batch_size: int = DEFAULT_BATCH,
-    lr: float = DEFAULT_LR,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    seed: int = 0,
     device: torch.device | str = "cpu",
     resume: bool = False,
-    schedule: str = "fixed",
-    anneal_start: int | None = None,
-    anneal_epochs: int | None = None,
-    augment: bool = DEFAULT_AUGMENT,
-    axis_swap: bool = False,
-    widths: Sequence[int] = WIDTHS,
-    kernels: Sequence[int] = KERNELS,
-    loss_mask: str = DEFAULT_LOSS_MASK,
     quiet: bool = False,
     dist: DistContext | None = None,
     data_summary: dict | None = None,
+    **recipe,
 ) -> TrainResult:
-    """Train ``variant`` on ``library`` into ``out_dir`` (see the module docstring).
+    """Train on ``library`` into ``out_dir`` with ``settings`` (see the module docstring).
 
+    ``recipe``: any :class:`TrainSettings` field as a keyword (``variant=``, ``epochs=``,
+    ``seed=``, ``loss_mask=``, …), in place of ``settings`` or overriding its value.
     Writes ``OUT_DIR/model.safetensors`` + ``model.json`` (best validation loss),
-    ``OUT_DIR/metrics.jsonl`` and ``OUT_DIR/checkpoint/``. ``axis_swap`` adds axis permutations
-    to the mirror augmentation; ``loss_mask="brain"`` averages the data term (and scales the KL
-    term) over the HR brain voxels only; ``widths``/``kernels`` set the architecture (the paper's 50, 100
-    and 3-1-3 by default), whose margin must be the library's. ``data_summary`` (datasets,
+    ``OUT_DIR/metrics.jsonl`` and ``OUT_DIR/checkpoint/``; ``resume`` continues from the
+    checkpoint. The architecture's margin must be the library's. ``data_summary`` (datasets,
     subjects, …) is merged into the card's ``training`` entry. Returns a :class:`TrainResult`
     (on every rank; only rank 0 writes).
     """
     from tqdm.auto import tqdm
 
+    settings = replace(settings or TrainSettings(), **recipe)
     dist = dist or DistContext(device=torch.device(device))
     device = dist.device if dist.distributed else torch.device(device)
-    if variant not in VARIANTS:
-        raise InputError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    if schedule not in SCHEDULES:
-        raise InputError(f"unknown schedule {schedule!r}; choose fixed or anneal")
-    hetero, var = VARIANTS[variant]
-    if schedule == "anneal" and not hetero:
-        raise InputError(f"the anneal schedule switches MSE to the heteroscedastic NLL; variant {variant} has no precision network (use a hetero variant or --schedule fixed)")
-    if library.target not in TARGETS:
-        raise InputError(f"unknown target {library.target!r}")
-    if loss_mask not in LOSS_MASKS:
-        raise InputError(f"unknown loss mask {loss_mask!r}; choose {' or '.join(LOSS_MASKS)}")
-    if axis_swap and not augment:
-        raise InputError("axis swaps are part of the augmentation; turn augmentation on to use them")
-    if problem := architecture_problem(widths, kernels):
-        raise InputError(problem)
-    if library.margin != margin(kernels):
-        raise InputError(f"kernels {list(kernels)} lose {margin(kernels)} LR voxels per side but the patch library was cut for {library.margin}; build it with margin {margin(kernels)}")
-    if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise InputError(f"epochs ({epochs}) and batch size ({batch_size}) must be ≥ 1 and the learning rate ({lr}) > 0")
+    settings.check()
+    _check_library(library, settings)
     out = Path(out_dir).expanduser().absolute()
     if dist.is_main:
         check_training_dir(out, resume)
-    anneal_start = max(1, epochs // 4) if anneal_start is None else int(anneal_start)
-    anneal_epochs = max(1, epochs // 4) if anneal_epochs is None else int(anneal_epochs)
+    run = _start(library, out, settings.resolved(), dist, device, quiet, data_summary)
+    progress = _resume(run, resume)
+    start, epochs = progress.epoch, run.settings.epochs
+    metrics = read_metrics(out / METRICS) if dist.is_main else []
+    with _deterministic(device):
+        epoch_bar = tqdm(range(start, epochs), desc="epochs", unit="epoch", initial=start, total=epochs,
+                         disable=_epoch_progress(quiet, dist), dynamic_ncols=True)
+        for epoch in epoch_bar:
+            row = _epoch(run, progress, epoch)
+            metrics.append(row)
+            epoch_bar.set_postfix(val_loss=f"{row['val_loss']:.4g}", rmse=f"{row['val_rmse']:.3e}")
+        epoch_bar.close()
 
-    train_idx, val_idx = split_indices(len(library), val_fraction, seed)
-    settings = {
-        "variant": variant, "r": library.r, "target": library.target, "seed": int(seed),
-        "batch_size": int(batch_size), "lr": float(lr), "val_fraction": float(val_fraction),
-        "schedule": schedule, "anneal_start": anneal_start if schedule == "anneal" else None,
-        "anneal_epochs": anneal_epochs if schedule == "anneal" else None, "augment": bool(augment),
-        "axis_swap": bool(axis_swap), "loss_mask": loss_mask, "widths": [int(w) for w in widths], "kernels": [int(k) for k in kernels],
-        "library_key": library.meta.get("key"), "patches": len(library),
-    }
-
-    torch.manual_seed(seed)
-    model = IQTNet(variant, library.r, widths, kernels).to(device, memory_format=memory_format(device))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    start_epoch, best_val, best_epoch, best_rmse = 0, math.inf, 0, math.nan
-    ckpt = load_checkpoint(out) if resume else None
-    if resume and ckpt is None and dist.is_main:
-        log.warning("%s: no checkpoint to resume from; training from the start", out)
-    if ckpt is not None:
-        state, tensors = ckpt
-        saved = state.get("settings", {})
-        if schedule == "anneal":  # the checkpoint's resolved schedule wins when not given
-            settings["anneal_start"] = saved.get("anneal_start", anneal_start)
-            settings["anneal_epochs"] = saved.get("anneal_epochs", anneal_epochs)
-            anneal_start, anneal_epochs = settings["anneal_start"], settings["anneal_epochs"]
-        diff = [k for k in _RESUME_KEYS if saved.get(k, _RESUME_DEFAULTS.get(k)) != settings[k]]
-        if diff:
-            k = diff[0]
-            raise InputError(
-                f"{out}: the checkpoint was trained with {k} = {saved.get(k, _RESUME_DEFAULTS.get(k))!r}, this run asks for "
-                f"{settings[k]!r}; resume with the same settings or choose a new output folder"
-            )
-        best_state = _restore(model, optimizer, state, tensors, device)
-        start_epoch, best_val, best_epoch = state["epoch"], state["best_val_loss"], state["best_epoch"]
-        best_rmse = state.get("best_val_rmse", math.nan)
-        if dist.is_main:
-            log.info("resuming %s after epoch %d (best validation loss %.4g at epoch %d)", out, start_epoch, best_val, best_epoch)
+    card = _card(run, progress)
+    weights = model_paths(out)[0]
     if dist.is_main:
-        _trim_metrics(out / METRICS, start_epoch)
+        weights = _save_best(progress.best_state, run.model, out, card)
+    dist.barrier()
+    return TrainResult(weights, card, metrics, progress.best_epoch, progress.epoch)
 
-    dataset = PatchDataset(library, train_idx, augment, seed, axis_swap, with_brain=loss_mask == "brain")
-    per_rank = math.ceil(batch_size / dist.world_size)
+
+def _check_library(library: PatchLibrary, settings: TrainSettings) -> None:
+    """One-line errors when ``library`` cannot train ``settings``' network."""
+    if library.target not in TARGETS:
+        raise InputError(f"unknown target {library.target!r}")
+    if library.margin != margin(settings.kernels):
+        raise InputError(f"kernels {list(settings.kernels)} lose {margin(settings.kernels)} LR voxels per side but "
+                         f"the patch library was cut for {library.margin}; build it with margin "
+                         f"{margin(settings.kernels)}")
+
+
+def _start(library: PatchLibrary, out: Path, settings: TrainSettings, dist: DistContext, device: torch.device,
+           quiet: bool, data_summary: dict | None) -> _Run:
+    """Split the pairs, initialise the model from the seed, and set up the optimiser and the
+    training batches: shuffled by a seeded ``DistributedSampler``, each process taking
+    ceil(batch_size / world_size) pairs per step."""
+    train_idx, val_idx = split_indices(len(library), settings.val_fraction, settings.seed)
+    torch.manual_seed(settings.seed)
+    model = IQTNet(settings.variant, library.r, settings.widths, settings.kernels)
+    model = model.to(device, memory_format=memory_format(device))
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    dataset = PatchDataset(library, train_idx, settings.augment, settings.seed, settings.axis_swap,
+                           with_brain=settings.loss_mask == "brain")
     sampler = torch.utils.data.DistributedSampler(
-        dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=int(seed), drop_last=False
+        dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=int(settings.seed), drop_last=False
     )
+    per_rank = math.ceil(settings.batch_size / dist.world_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=0)
-    n_elements = target_elements(library, train_idx, loss_mask)
     net = model
     if dist.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    baselines = library.baseline_rmse(val_idx)
-    metrics = _read_metrics(out / METRICS) if dist.is_main else []
+    return _Run(settings, library, out, dist, device, quiet, data_summary, model, net, optimizer, dataset, sampler,
+                loader, train_idx, val_idx, target_elements(library, train_idx, settings.loss_mask),
+                library.baseline_rmse(val_idx))
 
-    disable = _epoch_progress(quiet, dist)
-    with _deterministic(device):
-        epoch_bar = tqdm(range(start_epoch, epochs), desc="epochs", unit="epoch", initial=start_epoch,
-                         total=epochs, disable=disable, dynamic_ncols=True)
-        for epoch in epoch_bar:
-            t0 = time.perf_counter()
-            sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
-            torch.manual_seed(_epoch_seed(seed, epoch, dist.rank))
-            model.train()
-            n_steps = len(loader)
-            running = 0.0
-            batch_bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch", disable=disable, dynamic_ncols=True)
-            for step, (x, y, *brain) in enumerate(batch_bar):
-                x = x.to(device, non_blocking=True, memory_format=memory_format(device))
-                y = y.to(device, non_blocking=True)
-                brain = brain[0].to(device, non_blocking=True) if brain else None
-                w = 1.0 if hetero else 0.0
-                if schedule == "anneal":
-                    w = anneal_weight(epoch + (step + 1) / n_steps, anneal_start, anneal_epochs)
-                mean, prec = net(x, sample=model.stochastic)
-                loss = data_loss(mean, prec, y, w, brain)
-                if brain is not None and dist.distributed:
-                    # DDP averages the processes' gradients: weight each process's masked mean by its
-                    # share of the batch's brain voxels, so a step follows the whole batch's masked
-                    # mean exactly as on one process.
-                    local = float(brain.sum())
-                    (total,) = dist.all_sum([local])
-                    loss = loss * (local * dist.world_size / max(total, 1.0))
-                if var:
-                    loss = loss + 2 * model.kl() / n_elements
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                running += float(loss.detach())
-                batch_bar.set_postfix(loss=f"{running / (step + 1):.4g}")
-            (train_sum, train_n) = dist.all_sum([running, n_steps])
-            if not math.isfinite(train_sum):
-                raise RuntimeError(f"training diverged (non-finite loss) in epoch {epoch + 1}; lower the learning rate")
-            val = validate(model, library, val_idx, batch_size=max(batch_size, 32), device=device, dist=dist,
-                           quiet=quiet, loss_mask=loss_mask)
-            seconds = time.perf_counter() - t0
-            improved = val["loss"] < best_val
-            if improved:
-                best_val, best_epoch, best_rmse = val["loss"], epoch + 1, val["rmse"]
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            row = {
-                "epoch": epoch + 1, "train_loss": train_sum / max(1, train_n), "val_loss": val["loss"],
-                "val_rmse": val["rmse"], "seconds": round(seconds, 3), "best": improved,
-            }
-            if schedule == "anneal":
-                row["nll_weight"] = anneal_weight(epoch + 1, anneal_start, anneal_epochs)
-            metrics.append(row)
-            epoch_bar.set_postfix(val_loss=f"{val['loss']:.4g}", rmse=f"{val['rmse']:.3e}")
-            if dist.is_main:
-                with open(out / METRICS, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                card = _card(library, settings, data_summary, dist, device, epoch + 1, best_epoch,
-                             best_val, best_rmse, baselines, len(train_idx), len(val_idx))
-                if improved:
-                    _save_best(best_state, model, out, card)
-                save_checkpoint(out, model, optimizer, best_state, {
-                    "epoch": epoch + 1, "best_val_loss": best_val, "best_epoch": best_epoch,
-                    "best_val_rmse": best_rmse, "settings": settings,
-                })
-            log.debug("epoch %d: %s", epoch + 1, row)
-        epoch_bar.close()
 
-    card = _card(library, settings, data_summary, dist, device, max(epochs, start_epoch), best_epoch,
-                 best_val, best_rmse, baselines, len(train_idx), len(val_idx))
-    weights = model_paths(out)[0]
-    if dist.is_main:
-        weights = _save_best(best_state, model, out, card)
-    dist.barrier()
-    return TrainResult(weights, card, metrics, best_epoch, max(epochs, start_epoch))
+def _record(settings: TrainSettings, library: PatchLibrary) -> dict:
+    """The settings as checkpoints record them and a resumed run must repeat them."""
+    anneal = settings.schedule == "anneal"
+    return {
+        "variant": settings.variant, "r": library.r, "target": library.target, "seed": int(settings.seed),
+        "batch_size": int(settings.batch_size), "lr": float(settings.lr), "val_fraction": float(settings.val_fraction),
+        "schedule": settings.schedule, "anneal_start": settings.anneal_start if anneal else None,
+        "anneal_epochs": settings.anneal_epochs if anneal else None, "augment": bool(settings.augment),
+        "axis_swap": bool(settings.axis_swap), "loss_mask": settings.loss_mask,
+        "widths": [int(w) for w in settings.widths], "kernels": [int(k) for k in settings.kernels],
+        "library_key": library.meta.get("key"), "patches": len(library),
+    }
+
+
+def _state(model: IQTNet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _resume(run: _Run, resume: bool) -> _Progress:
+    """Where the training starts: at the beginning, or with ``resume`` after the checkpoint in
+    the output folder (model, Adam state, best weights restored), whose settings this run must
+    repeat; an anneal schedule takes the checkpoint's epochs. Rank 0 trims the metrics log to
+    the epochs the checkpoint covers."""
+    progress = _Progress(best_state=_state(run.model))
+    ckpt = load_checkpoint(run.out) if resume else None
+    if resume and ckpt is None and run.dist.is_main:
+        log.warning("%s: no checkpoint to resume from; training from the start", run.out)
+    if ckpt is not None:
+        state, tensors = ckpt
+        saved = state.get("settings", {})
+        s = run.settings
+        if s.schedule == "anneal":  # the checkpoint's resolved schedule wins
+            run.settings = replace(s, anneal_start=saved.get("anneal_start", s.anneal_start),
+                                   anneal_epochs=saved.get("anneal_epochs", s.anneal_epochs))
+        check_resumable(run.out, saved, _record(run.settings, run.library))
+        best_state = restore_checkpoint(run.model, run.optimizer, state, tensors)
+        progress = _Progress(state["epoch"], state["best_val_loss"], state["best_epoch"],
+                             state.get("best_val_rmse", math.nan), best_state)
+        if run.dist.is_main:
+            log.info("resuming %s after epoch %d (best validation loss %.4g at epoch %d)", run.out, progress.epoch,
+                     progress.best_val, progress.best_epoch)
+    if run.dist.is_main:
+        trim_metrics(run.out / METRICS, progress.epoch)
+    return progress
+
+
+def _epoch(run: _Run, progress: _Progress, epoch: int) -> dict:
+    """Train epoch ``epoch`` (from 0) and validate it; rank 0 then logs its metrics row, saves
+    the model when it is the best so far, and writes the checkpoint. Returns the row."""
+    s = run.settings
+    t0 = time.perf_counter()
+    train_loss = _train_steps(run, epoch)
+    val = validate(run.model, run.library, run.val_idx, batch_size=max(s.batch_size, 32), device=run.device,
+                   dist=run.dist, quiet=run.quiet, loss_mask=s.loss_mask)
+    seconds = time.perf_counter() - t0
+    improved = val["loss"] < progress.best_val
+    if improved:
+        progress.best_val, progress.best_epoch, progress.best_rmse = val["loss"], epoch + 1, val["rmse"]
+        progress.best_state = _state(run.model)
+    progress.epoch = epoch + 1
+    row = {
+        "epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
+        "val_rmse": val["rmse"], "seconds": round(seconds, 3), "best": improved,
+    }
+    if s.schedule == "anneal":
+        row["nll_weight"] = anneal_weight(epoch + 1, s.anneal_start, s.anneal_epochs)
+    if run.dist.is_main:
+        with open(run.out / METRICS, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if improved:
+            _save_best(progress.best_state, run.model, run.out, _card(run, progress))
+        save_checkpoint(run.out, run.model, run.optimizer, progress.best_state, {
+            "epoch": epoch + 1, "best_val_loss": progress.best_val, "best_epoch": progress.best_epoch,
+            "best_val_rmse": progress.best_rmse, "settings": _record(s, run.library),
+        })
+    log.debug("epoch %d: %s", epoch + 1, row)
+    return row
+
+
+def _train_steps(run: _Run, epoch: int) -> float:
+    """One pass of this process over its share of the training pairs, shuffle, mirror codes and
+    weight noise drawn for ``(seed, epoch[, rank])``; the mean step loss over all processes."""
+    from tqdm.auto import tqdm
+
+    s, dist, device, model = run.settings, run.dist, run.device, run.model
+    hetero, var = VARIANTS[s.variant]
+    run.sampler.set_epoch(epoch)
+    run.dataset.set_epoch(epoch)
+    torch.manual_seed(_epoch_seed(s.seed, epoch, dist.rank))
+    model.train()
+    n_steps = len(run.loader)
+    running = 0.0
+    batch_bar = tqdm(run.loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch",
+                     disable=_epoch_progress(run.quiet, dist), dynamic_ncols=True)
+    for step, (x, y, *brain) in enumerate(batch_bar):
+        x = x.to(device, non_blocking=True, memory_format=memory_format(device))
+        y = y.to(device, non_blocking=True)
+        brain = brain[0].to(device, non_blocking=True) if brain else None
+        w = 1.0 if hetero else 0.0
+        if s.schedule == "anneal":
+            w = anneal_weight(epoch + (step + 1) / n_steps, s.anneal_start, s.anneal_epochs)
+        mean, prec = run.net(x, sample=model.stochastic)
+        loss = data_loss(mean, prec, y, w, brain)
+        if brain is not None and dist.distributed:
+            # DDP averages the processes' gradients: weight each process's masked mean by its
+            # share of the batch's brain voxels, so a step follows the whole batch's masked
+            # mean exactly as on one process.
+            local = float(brain.sum())
+            (total,) = dist.all_sum([local])
+            loss = loss * (local * dist.world_size / max(total, 1.0))
+        if var:
+            loss = loss + 2 * model.kl() / run.n_elements
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        running += float(loss.detach())
+        batch_bar.set_postfix(loss=f"{running / (step + 1):.4g}")
+    (train_sum, train_n) = dist.all_sum([running, n_steps])
+    if not math.isfinite(train_sum):
+        raise RuntimeError(f"training diverged (non-finite loss) in epoch {epoch + 1}; lower the learning rate")
+    return train_sum / max(1, train_n)
 
 
 def _save_best(best_state: dict, model: IQTNet, out: Path, card: dict) -> Path:
@@ -699,16 +670,18 @@ def _save_best(best_state: dict, model: IQTNet, out: Path, card: dict) -> Path:
     return save_model(best, out, card)
 
 
-def _card(library, settings, data_summary, dist, device, epochs_done, best_epoch, best_val, best_rmse,
-          baselines, n_train, n_val) -> dict:
+def _card(run: _Run, progress: _Progress) -> dict:
+    """The model card after ``progress.epoch`` epochs (:func:`~iqt_pipe.models.save_model` adds
+    the architecture)."""
+    library, settings = run.library, _record(run.settings, run.library)
     training = {
-        **(data_summary or {}),
+        **(run.data_summary or {}),
         "runs": [rp.name for rp in library.runs],
-        "patches": {"total": len(library), "train": int(n_train), "validation": int(n_val),
+        "patches": {"total": len(library), "train": len(run.train_idx), "validation": len(run.val_idx),
                     "per_subject": library.meta.get("patches_per_subject"),
                     "input_size": library.input_size, "target_size": library.r * library.core},
         "upsample": library.r,
-        "epochs": int(epochs_done),
+        "epochs": int(progress.epoch),
         "seed": settings["seed"],
         "variant": settings["variant"],
         "schedule": settings["schedule"],
@@ -720,8 +693,8 @@ def _card(library, settings, data_summary, dist, device, epochs_done, best_epoch
         "val_fraction": settings["val_fraction"],
         "loss": loss_description(settings["variant"], settings["schedule"], settings["loss_mask"]),
         "loss_mask": settings["loss_mask"],
-        "world_size": dist.world_size,
-        "device": device.type,
+        "world_size": run.dist.world_size,
+        "device": run.device.type,
         "patch_library": settings["library_key"],
         # The series the patches came from: what the app must do to a native series.
         "preprocessing": library.meta.get("preprocessing", NONE.to_card()),
@@ -735,32 +708,11 @@ def _card(library, settings, data_summary, dist, device, epochs_done, best_epoch
         "normalisation": dict(NORMALISATION),
         "training": training,
         "validation": {
-            "best_epoch": int(best_epoch),
-            "loss": float(best_val),
-            "rmse": {"model": float(best_rmse), **{k: float(v) for k, v in baselines.items()}},
+            "best_epoch": int(progress.best_epoch),
+            "loss": float(progress.best_val),
+            "rmse": {"model": float(progress.best_rmse), **{k: float(v) for k, v in run.baselines.items()}},
             "units": "mm^2/s",
             "voxels": "HR brain-mask voxels of the validation patches' targets, 6 components",
             "weights": "mean (no Monte-Carlo sampling)",
         },
     }
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def _trim_metrics(path: Path, keep_epochs: int) -> None:
-    """Keep the metrics of the epochs a checkpoint covers (a crash may have logged one more)."""
-    rows = [r for r in _read_metrics(path) if r.get("epoch", 0) <= keep_epochs]
-    if not path.exists() and not rows:
-        return
-    with atomic_open(path) as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)

@@ -1,2 +1,4 @@
-"""Streamline tractography on tensor images (DIPY, and MRtrix3's inputs), the uncertainty along
-every streamline, tractogram files, and the comparison of tractograms with a reference."""
+"""Streamline tractography on tensor images: DIPY tracking and the uncertainty along every
+streamline (:mod:`~iqt_pipe.tracking.track`), tractogram files (:mod:`~iqt_pipe.tracking.files`),
+MRtrix3's inputs (:mod:`~iqt_pipe.tracking.mrtrix`) and the comparison of tractograms with a
+reference (:mod:`~iqt_pipe.tracking.compare`)."""

@@ -14,8 +14,8 @@ compared with the HR one on the HR grid (:func:`evaluate_tractography`, on files
 * per bundle, with bundle masks: the Dice of the voxels visited by the streamlines with most
   of their points in the bundle.
 
-Plain functions, no Nipype; streamlines in world millimetres as
-:mod:`iqt_pipe.tracking.tractography` returns and writes them.
+Plain functions, no Nipype; streamlines in world millimetres as :mod:`iqt_pipe.tracking.track`
+returns them and :mod:`iqt_pipe.tracking.files` writes them.
 """
 
 from __future__ import annotations
@@ -27,16 +27,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from iqt_pipe.io import InputError, write_tsv
-from iqt_pipe.tracking.tractography import (
-    TSV_FLOAT,
-    densify,
-    load_on_grid,
-    load_streamlines,
-    reference_grid,
-    sample_nearest,
-    track_density,
-    voxel_size,
-)
+from iqt_pipe.tracking.files import TSV_FLOAT, load_on_grid, load_streamlines, reference_grid
+from iqt_pipe.tracking.track import densify, sample_nearest, track_density, voxel_size
 
 #: Columns of :func:`evaluate_files`' TSV after ``tractogram`` (bundle columns ``dice_<name>``
 #: and ``bundle_dice`` follow when bundle masks are given).

@@ -1,15 +1,20 @@
-"""Streamline tractography on tensor images, uncertainty along every streamline, and the
-comparison of tractograms (HR reference vs native vs super-resolved).
+"""Streamline tractography with DIPY on tensor images, and the uncertainty along every
+streamline: the tracking settings, white-matter seeds, the tensor ODF, the tracking itself, the
+uncertainty limit, and the streamline geometry (lengths, sampling a map at the points, track
+density) the other tracking modules share.
 
 Plain functions, no Nipype (the interfaces in :mod:`iqt_pipe.interfaces.tractography` call them).
+Tractogram files are :mod:`iqt_pipe.tracking.files`, MRtrix3's inputs
+:mod:`iqt_pipe.tracking.mrtrix`, and the comparison of tractograms (an HR reference against
+native-LR and super-resolved ones) :mod:`iqt_pipe.tracking.compare`.
 
 Frames and coordinates. Tensor files are in world (scanner RAS) coordinates (DESIGN §3).
 DIPY tracks in voxel-index space: :func:`track_tensors` rotates the tensors into the
 orthonormal frame of the voxel axes (:func:`iqt_pipe.dmri.dti.tensors_world_to_voxel`), where
 DIPY's trackers expect directions (a step moves ``direction / voxel_size · step`` voxels), and
-maps the points back through the image's affine: every streamline this module returns or
-writes is in world millimetres (RAS+), the space of ``.tck`` files and of nibabel's
-``RASMM``. MRtrix3 reads gradient directions in world coordinates too (:func:`write_mrtrix_grad`).
+maps the points back through the image's affine: every streamline the tracking modules return
+or write is in world millimetres (RAS+), the space of ``.tck`` files and of nibabel's
+``RASMM``.
 
 Tracking (DIPY's ``generate_tractogram``: compiled, without the Python interpreter in the
 loop, seeds spread over ``nthreads`` threads). One eigendecomposition of the brain's tensors
@@ -42,38 +47,25 @@ angle limit (degrees per step) default to values scaled to the voxel size: half 
 voxel). Each streamline's random generator is seeded from its seed point, so the
 tractograms do not depend on the number of threads.
 
-MRtrix3 (:func:`prepare_mrtrix_inputs`). ``tckgen``'s ``Tensor_Det``/``Tensor_Prob`` fit
-tensors to a DWI series themselves, so one is synthesised from the tensors and the fitted S0
-(trilinearly resampled to the tensor grid, so it stays positive) with the subject's gradient
-table. ``Tensor_Prob`` draws its directions by a wild bootstrap of the fit's residuals, which a
-noise-free series does not have: for it Rician noise is added (fixed seed) at the run's noise
-level, σ measured from the repeated b=0 volumes of the native DWI (:func:`b0_noise_sigma`), or,
-without repeats, σ = median S0 / :data:`DEFAULT_SYNTH_SNR` (30). The sidecars record σ and
-where it came from.
-
 Uncertainty. Each streamline gets its length (mm) and the mean and maximum of an
 uncertainty map (the super-resolution's total Frobenius sd, mm²/s) over the voxels its
 points lie in. With a threshold, action ``"stop"`` ends the streamline where it first enters
 a voxel above it (on each side of its seed, as if tracking had stopped there; the segments
 between points are checked every quarter voxel, so a step cannot jump a voxel) and ``"drop"``
 discards every streamline that enters one; both report how many streamlines they touched.
-
-Comparison of tractograms (an HR reference against native-LR and super-resolved ones) lives
-in :mod:`iqt_pipe.tracking.compare`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Sequence
 
 import nibabel as nb
 import numpy as np
 
-from iqt_pipe.io import InputError, atomic_open, atomic_path, load_nifti, load_tensor_image, save_nifti, write_tsv
+from iqt_pipe.dmri.signal import quadratic_form
+from iqt_pipe.io import InputError
 
 ALGORITHMS = ("det", "prob")
 #: What ``--max-uncertainty`` does to a streamline entering a voxel above the threshold.
@@ -91,9 +83,6 @@ SH_ORDER = 6
 SH_BASIS = "descoteaux07"
 #: DIPY sphere on which directions are chosen.
 SPHERE = "repulsion724"
-#: SNR of the synthesised b=0 that sets the noise added for ``Tensor_Prob`` when the run's own
-#: noise level cannot be measured (fewer than two b=0 volumes).
-DEFAULT_SYNTH_SNR = 30.0
 #: Smallest eigenvalue of a tensor's ODF, relative to its largest (keeps flat tensors finite).
 MIN_EIGENVALUE_RATIO = 0.01
 #: Probabilistic tracking draws from the ODF values at least this fraction of the largest.
@@ -102,40 +91,6 @@ PMF_THRESHOLD = 0.1
 #: within the angle limit hold less than this share of the trilinear weight (see the module
 #: docstring).
 DET_MIN_WEIGHT = 1 / 3
-#: Float format of the tractography TSVs.
-TSV_FLOAT = ".6g"
-
-#: Columns of the per-streamline TSV written beside every ``.tck``.
-STREAMLINE_COLUMNS = {
-    "streamline": "index of the streamline in the tractogram (0-based)",
-    "length_mm": "length along the streamline (mm)",
-    "n_points": "number of points",
-    "mean_uncertainty": "mean over the streamline's points of the total Frobenius sd of the super-resolved "
-                        "tensor in the voxel holding the point (mm^2/s); n/a without an uncertainty map",
-    "max_uncertainty": "maximum of the same (mm^2/s); n/a without an uncertainty map",
-}
-#: Columns of the per-run summary TSV (one row per tractogram).
-SUMMARY_COLUMNS = {
-    "tractogram": "space, software and algorithm, e.g. sr_dipydet (sr: super-resolved tensors; "
-                  "native: the native-resolution fit)",
-    "space": "native or sr",
-    "software": "dipy or mrtrix",
-    "algorithm": "det (deterministic, principal direction) or prob (probabilistic)",
-    "voxel_size_mm": "voxel size of the tracked tensor image (mm)",
-    "step_mm": "step size (mm)",
-    "max_angle_deg": "largest angle between successive steps (degrees)",
-    "n_seeds": "seeds tracked",
-    "n_tracked": "streamlines within the length limits before the uncertainty limit",
-    "uncertainty_threshold": "the --max-uncertainty threshold (mm^2/s); n/a when none was set",
-    "uncertainty_action": "stop or drop; n/a when no threshold was set",
-    "n_stopped": "streamlines cut where they entered a voxel above the uncertainty threshold",
-    "n_dropped": "streamlines removed by the uncertainty limit (action drop, or too short once cut)",
-    "n_streamlines": "streamlines in the tractogram",
-    "mean_length_mm": "mean streamline length (mm)",
-    "median_length_mm": "median streamline length (mm)",
-    "mean_uncertainty": "mean over streamlines of their mean uncertainty (mm^2/s)",
-    "max_uncertainty_seen": "largest uncertainty any kept streamline passes through (mm^2/s)",
-}
 
 
 # --------------------------------------------------------------------------- parameters
@@ -346,9 +301,9 @@ def random_seeds(seed_mask: np.ndarray, affine: np.ndarray, count: int, random_s
 
 
 def _quadratic_form_basis(vertices: np.ndarray) -> np.ndarray:
-    """``(6, V)``: ``d6 @ basis`` is ``uᵀDu`` at each unit vertex ``u`` for BEP016-ordered ``d6``."""
-    x, y, z = np.asarray(vertices, dtype=np.float64).T
-    return np.stack([x * x, 2 * x * y, 2 * x * z, y * y, 2 * y * z, z * z])
+    """``(6, V)``: ``d6 @ basis`` is ``uᵀDu`` at each unit vertex ``u`` for BEP016-ordered ``d6``
+    (the rows of :func:`iqt_pipe.dmri.signal.quadratic_form` as columns, contiguous)."""
+    return np.ascontiguousarray(quadratic_form(vertices).T)
 
 
 def _odf_from_eig(eigenvalues: np.ndarray, eigenvectors: np.ndarray, basis: np.ndarray) -> np.ndarray:
@@ -622,7 +577,8 @@ def streamline_table(
     points = table["n_points"]
     if uncertainty is not None and points.sum():
         # All points sampled at once, then reduced per streamline (NaN: outside the map).
-        values = sample_nearest(uncertainty, affine, np.concatenate([np.asarray(s).reshape(-1, 3) for s in streamlines]))
+        points_all = np.concatenate([np.asarray(s).reshape(-1, 3) for s in streamlines])
+        values = sample_nearest(uncertainty, affine, points_all)
         has = points > 0
         starts = (np.cumsum(points) - points)[has]
         finite = np.isfinite(values)
@@ -633,345 +589,3 @@ def streamline_table(
         table["mean_uncertainty"][np.flatnonzero(has)[seen]] = total[seen] / count[seen]
         table["max_uncertainty"][np.flatnonzero(has)[seen]] = peak[seen]
     return table
-
-
-# --------------------------------------------------------------------------- files
-
-
-def reference_grid(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Affine and 3-D shape of an image's grid, from its header only (the data are not read)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    try:
-        img = nb.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for a bad file
-        raise InputError(f"{path}: cannot read as NIfTI ({exc.__class__.__name__}: {exc})") from exc
-    if img.affine is None or not np.all(np.isfinite(img.affine)) or len(img.shape) < 3:
-        raise InputError(f"{path}: not a 3-D image with a valid affine; pass the tracked tensor image or its mask")
-    return np.asarray(img.affine, dtype=np.float64), tuple(int(n) for n in img.shape[:3])
-
-
-def load_on_grid(path: str | os.PathLike, affine: np.ndarray, shape: Sequence[int], what: str) -> np.ndarray:
-    """A 3-D map that must lie on a given grid (one-line :class:`InputError` otherwise)."""
-    data, data_affine, _ = load_nifti(path)
-    if data.shape[:3] != tuple(shape[:3]) or not np.allclose(data_affine, affine, atol=1e-3):
-        raise InputError(f"{path}: the {what}'s grid differs from the tracked image's; use the {what} of the "
-                         "same run and resolution")
-    return data
-
-
-def save_tck(streamlines: Sequence[np.ndarray], path: str | os.PathLike) -> Path:
-    """World-mm streamlines as an MRtrix3 ``.tck`` file, atomically."""
-    from nibabel.streamlines import TckFile, Tractogram
-
-    tractogram = Tractogram([np.asarray(s, np.float32) for s in streamlines], affine_to_rasmm=np.eye(4))
-    with atomic_path(path) as tmp:
-        TckFile(tractogram).save(str(tmp))
-    return Path(path)
-
-
-def save_trk(
-    streamlines: Sequence[np.ndarray],
-    path: str | os.PathLike,
-    affine: np.ndarray,
-    shape: Sequence[int],
-    data_per_streamline: dict[str, np.ndarray] | None = None,
-) -> Path:
-    """World-mm streamlines as a TrackVis ``.trk`` file whose header describes the reference
-    grid (``affine``, ``shape``), with per-streamline values, atomically."""
-    from nibabel.streamlines import Field, Tractogram, TrkFile
-
-    data = {k: np.asarray(v, np.float32).reshape(-1, 1) for k, v in (data_per_streamline or {}).items()}
-    tractogram = Tractogram([np.asarray(s, np.float32) for s in streamlines], data_per_streamline=data,
-                            affine_to_rasmm=np.eye(4))
-    header = {
-        Field.VOXEL_TO_RASMM: np.asarray(affine, np.float32),
-        Field.VOXEL_SIZES: nb.affines.voxel_sizes(affine).astype(np.float32),
-        Field.DIMENSIONS: np.asarray(shape[:3], np.int16),
-        Field.VOXEL_ORDER: "".join(nb.aff2axcodes(affine)),
-    }
-    with atomic_path(path) as tmp:
-        TrkFile(tractogram, header=header).save(str(tmp))
-    return Path(path)
-
-
-def load_streamlines(path: str | os.PathLike) -> list[np.ndarray]:
-    """Streamlines of a ``.tck`` or ``.trk`` file in world mm (RAS+)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: tractogram not found")
-    try:
-        tractogram = nb.streamlines.load(str(path)).tractogram
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for a bad file
-        raise InputError(f"{path}: cannot read as a .tck/.trk tractogram ({exc.__class__.__name__}: {exc})") from exc
-    return [np.asarray(s, np.float32) for s in tractogram.streamlines]
-
-
-def write_seed_file(path: str | os.PathLike, tracks: Tracks) -> Path:
-    """Seeds in MRtrix3's ``-output_seeds`` format (streamline index, index of the seed
-    point in it, seed position in world mm)."""
-    lines = ["#Track_index,Seed_index,Pos_x,Pos_y,Pos_z,"]
-    for k, (line, i) in enumerate(zip(tracks.streamlines, tracks.seed_index)):
-        x, y, z = line[i] if 0 <= i < len(line) else (np.nan, np.nan, np.nan)
-        lines.append(f"{k},{i},{x:.7g},{y:.7g},{z:.7g},")
-    with atomic_open(path) as fh:
-        fh.write("\n".join(lines) + "\n")
-    return Path(path)
-
-
-def read_seed_file(path: str | os.PathLike, n_streamlines: int) -> np.ndarray:
-    """Seed point index of each streamline from an ``-output_seeds`` file (-1 where absent)."""
-    index = np.full(n_streamlines, -1, dtype=int)
-    with open(path) as fh:
-        for line in fh:
-            if line.startswith("#") or not line.strip():
-                continue
-            fields = line.strip().rstrip(",").split(",")
-            k, i = int(fields[0]), int(fields[1])
-            if 0 <= k < n_streamlines:
-                index[k] = i
-    return index
-
-
-def write_tractogram(
-    tracks: Tracks,
-    prefix: str | os.PathLike,
-    reference_affine: np.ndarray,
-    reference_shape: Sequence[int],
-    uncertainty: np.ndarray | None = None,
-) -> tuple[dict[str, Path], dict[str, np.ndarray]]:
-    """``<prefix>.tck``, ``<prefix>.trk`` (length and uncertainty per streamline as
-    ``data_per_streamline``) and ``<prefix>.tsv`` (the same values) for tracks on a reference grid."""
-    table = streamline_table(tracks.streamlines, uncertainty, reference_affine)
-    prefix = str(prefix)
-    dps = {"length_mm": table["length_mm"]}
-    if uncertainty is not None:
-        dps.update(mean_uncertainty=table["mean_uncertainty"], max_uncertainty=table["max_uncertainty"])
-    rows = [{c: table[c][k] for c in STREAMLINE_COLUMNS} for k in range(len(tracks))]
-    paths = {
-        "tck": save_tck(tracks.streamlines, prefix + ".tck"),
-        "trk": save_trk(tracks.streamlines, prefix + ".trk", reference_affine, reference_shape, dps),
-        "tsv": write_tsv(rows, list(STREAMLINE_COLUMNS), prefix + ".tsv", TSV_FLOAT),
-    }
-    return paths, table
-
-
-def summarise_tractogram(
-    tracks: Tracks, table: dict[str, np.ndarray], counts: dict[str, int] | None = None, **extra: Any
-) -> dict[str, Any]:
-    """One row of the per-run summary (see :data:`SUMMARY_COLUMNS`)."""
-    lengths, mean_unc, max_unc = table["length_mm"], table["mean_uncertainty"], table["max_uncertainty"]
-    counts = counts or {}
-    n_tracked = len(tracks) + counts.get("n_dropped", 0)
-    return {
-        **{k: tracks.info.get(k) for k in ("voxel_size_mm", "step_mm", "max_angle_deg")},
-        "n_seeds": tracks.n_seeds,
-        "n_tracked": n_tracked,
-        "n_stopped": counts.get("n_stopped", 0),
-        "n_dropped": counts.get("n_dropped", 0),
-        "n_streamlines": len(tracks),
-        "mean_length_mm": float(lengths.mean()) if len(lengths) else None,
-        "median_length_mm": float(np.median(lengths)) if len(lengths) else None,
-        "mean_uncertainty": float(np.nanmean(mean_unc)) if np.isfinite(mean_unc).any() else None,
-        "max_uncertainty_seen": float(np.nanmax(max_unc)) if np.isfinite(max_unc).any() else None,
-        **extra,
-    }
-
-
-def finish_tractogram(
-    tracks: Tracks,
-    prefix: str | os.PathLike,
-    reference_affine: np.ndarray,
-    reference_shape: Sequence[int],
-    uncertainty: np.ndarray | None = None,
-    max_uncertainty: float | None = None,
-    action: str = "stop",
-    min_length: float = 0.0,
-) -> tuple[dict[str, Path], dict[str, Any]]:
-    """The uncertainty limit (when a threshold is given and a map exists), then the
-    tractogram files; returns their paths and the summary row."""
-    counts = {"n_stopped": 0, "n_dropped": 0}
-    if max_uncertainty is not None:
-        if uncertainty is None:
-            raise InputError("--max-uncertainty needs an uncertainty map; the model predicts none (use a hetero "
-                             "variant, or a variational one with --mc-samples above 1)")
-        tracks, counts = limit_uncertainty(tracks, uncertainty, reference_affine, max_uncertainty, action, min_length)
-    paths, table = write_tractogram(tracks, prefix, reference_affine, reference_shape, uncertainty)
-    row = summarise_tractogram(tracks, table, counts, uncertainty_threshold=max_uncertainty,
-                    uncertainty_action=action if max_uncertainty is not None else None)
-    return paths, row
-
-
-def write_summary(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """The per-run summary TSV (:data:`SUMMARY_COLUMNS`, one row per tractogram)."""
-    return write_tsv(rows, list(SUMMARY_COLUMNS), path, TSV_FLOAT)
-
-
-# --------------------------------------------------------------------------- MRtrix3 input
-
-
-def resample_to_grid(
-    volume: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: Sequence[int], order: int = 1
-) -> np.ndarray:
-    """Interpolate a 3-D volume at the voxel centres of another grid (world coordinates;
-    trilinear by default, which keeps a positive image positive; edges extended with the
-    nearest value)."""
-    from scipy import ndimage
-
-    from iqt_pipe.dmri.degrade import voxel_centres
-
-    points = voxel_centres(tuple(dst_shape[:3]), dst_affine)
-    ijk = nb.affines.apply_affine(np.linalg.inv(src_affine), points)
-    out = ndimage.map_coordinates(np.asarray(volume, np.float64), np.moveaxis(ijk, -1, 0), order=order,
-                                  mode="nearest", prefilter=order > 1)
-    return out.astype(np.float32)
-
-
-def synthesis_scheme(bvals: np.ndarray, bvecs_world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The volumes a synthesised series needs: one b = 0 and the DTI shell of the subject's
-    table (IQT protocol, :func:`iqt_pipe.dmri.gradients.select_dti_volumes`); world directions."""
-    from iqt_pipe.dmri.gradients import GradientTable, select_dti_volumes
-
-    gtab = GradientTable(np.asarray(bvals, float), np.asarray(bvecs_world, float))
-    keep = select_dti_volumes(gtab) & ~gtab.b0_mask
-    b = np.r_[0.0, gtab.bvals[keep]]
-    g = np.vstack([np.zeros((1, 3)), gtab.bvecs[keep]])
-    return b, g
-
-
-def synthesize_dwi(tensors_world: np.ndarray, s0: np.ndarray, bvals: np.ndarray, bvecs_world: np.ndarray) -> np.ndarray:
-    """Noise-free ``S0·exp(−b gᵀDg)`` for world-frame tensors and world directions, float32."""
-    from iqt_pipe.dmri.dti import project_psd
-    from iqt_pipe.sims.phantom import synthesize_signal
-
-    tensors, _ = project_psd(np.nan_to_num(tensors_world), 0.0)
-    s0 = np.clip(np.nan_to_num(s0), 0, None)
-    out = np.zeros(s0.shape + (len(bvals),), dtype=np.float32)
-    inside = s0 > 0
-    for start in range(0, int(inside.sum()), 200000):  # bounded memory on large grids
-        idx = tuple(a[start:start + 200000] for a in np.nonzero(inside))
-        out[idx] = synthesize_signal(s0[idx].astype(float), tensors[idx].astype(float), bvals, bvecs_world)
-    return out
-
-
-def write_mrtrix_grad(bvals: np.ndarray, bvecs_world: np.ndarray, path: str | os.PathLike) -> Path:
-    """An MRtrix3 ``-grad`` file: one row ``x y z b`` per volume, directions in world coordinates."""
-    rows = [f"{x:.8f} {y:.8f} {z:.8f} {b:g}" for (x, y, z), b in zip(bvecs_world, bvals)]
-    with atomic_open(path) as fh:
-        fh.write("\n".join(rows) + "\n")
-    return Path(path)
-
-
-def b0_noise_sigma(b0: np.ndarray, mask: np.ndarray) -> float | None:
-    """The noise σ of a DWI run from its repeated b=0 volumes ``(X, Y, Z, n)`` inside ``mask``:
-    the robust sd (1.4826 × median absolute deviation) of each voxel's deviations from its
-    mean b=0, times ``sqrt(n / (n − 1))`` for the mean's share; Gaussian (high-SNR Rician)
-    noise. None with fewer than two b=0 volumes or an empty mask."""
-    b0 = np.asarray(b0, dtype=np.float64)
-    mask = np.asarray(mask, bool)
-    n = b0.shape[-1] if b0.ndim == 4 else 1
-    if n < 2 or not mask.any():
-        return None
-    values = b0[mask]
-    deviations = values - values.mean(axis=1, keepdims=True)
-    sigma = 1.4826 * float(np.median(np.abs(deviations))) * math.sqrt(n / (n - 1))
-    return sigma if math.isfinite(sigma) and sigma > 0 else None
-
-
-def run_noise_sigma(
-    dwi_file: str | os.PathLike, bvals: np.ndarray, mask_file: str | os.PathLike | None = None
-) -> float | None:
-    """:func:`b0_noise_sigma` of a DWI series file (only its b=0 volumes are read) inside a
-    brain mask on its grid; None when the series has fewer than two b=0 volumes or the mask's
-    grid differs."""
-    from iqt_pipe.dmri.gradients import B0_THRESHOLD
-
-    b0_index = np.flatnonzero(np.asarray(bvals, float) <= B0_THRESHOLD)
-    if len(b0_index) < 2:
-        return None
-    img = nb.load(str(dwi_file))
-    if len(img.shape) != 4 or img.shape[3] != len(bvals):
-        raise InputError(f"{dwi_file}: expected a 4-D series of {len(bvals)} volumes (one per b-value), "
-                         f"got shape {img.shape}")
-    b0 = np.stack([np.asarray(img.dataobj[..., int(i)], dtype=np.float32) for i in b0_index], axis=-1)
-    if mask_file is not None:
-        mask, mask_affine, _ = load_nifti(mask_file)
-        if mask.shape != b0.shape[:3] or not np.allclose(mask_affine, img.affine, atol=1e-3):
-            return None
-        mask = mask > 0
-    else:  # no mask: the voxels brighter than half the 98th percentile of the mean b=0
-        mean = b0.mean(axis=-1)
-        mask = mean > 0.5 * np.percentile(mean, 98)
-    return b0_noise_sigma(b0, mask)
-
-
-def prepare_mrtrix_inputs(
-    tensor_file: str | os.PathLike,
-    mask_file: str | os.PathLike,
-    s0_file: str | os.PathLike,
-    bval_file: str | os.PathLike,
-    bvec_file: str | os.PathLike,
-    prefix: str | os.PathLike,
-    params: TrackingParams | None = None,
-    noisy: bool = False,
-    noise_dwi_file: str | os.PathLike | None = None,
-    noise_mask_file: str | os.PathLike | None = None,
-    snr: float = DEFAULT_SYNTH_SNR,
-) -> dict[str, Any]:
-    """Everything ``tckgen -algorithm Tensor_Det/Tensor_Prob`` needs for a tensor image:
-    a DWI series synthesised from the tensors and S0 (trilinearly resampled to the tensor grid
-    when the grids differ) with the subject's gradient table in world coordinates, the brain
-    mask, the white-matter seed mask (:func:`seed_mask`), and the seed count and step/angle for
-    this voxel size.
-
-    With ``noisy`` (for ``Tensor_Prob``, whose wild bootstrap needs residuals) also
-    ``noisy_dwi_file``: the same series with Rician noise (seeded by ``params.random_seed``)
-    inside the mask, σ from the repeated b=0 volumes of ``noise_dwi_file`` (the run's native
-    DWI, same gradient table; ``noise_mask_file`` its brain mask) or, failing that, median S0
-    in the mask / ``snr``; ``noise`` describes it for the sidecar.
-    """
-    from iqt_pipe.dmri.gradients import read_gradients
-    from iqt_pipe.sims.phantom import add_rician_noise
-
-    tensors, mask, affine = load_tensor_image(tensor_file, mask_file)
-    s0, s0_affine, _ = load_nifti(s0_file)
-    if s0.ndim != 3:
-        raise InputError(f"{s0_file}: expected a 3-D S0 image, got shape {s0.shape}")
-    gtab = read_gradients(bval_file, bvec_file)
-    if s0.shape != mask.shape or not np.allclose(s0_affine, affine, atol=1e-3):
-        s0 = resample_to_grid(s0, s0_affine, affine, mask.shape)
-    bvals, bvecs = synthesis_scheme(gtab.bvals, gtab.bvecs_world(s0_affine))
-    params = (params or TrackingParams()).resolved(voxel_size(affine))
-    seeds = seed_mask(tensors, mask, params.seed_fa, str(tensor_file))
-    prefix = str(prefix)
-    s0 = np.where(mask, s0, 0)
-    dwi = synthesize_dwi(np.where(mask[..., None], tensors, 0), s0, bvals, bvecs)
-    out = {
-        "dwi_file": save_nifti(dwi, affine, prefix + "_dwi.nii.gz"),
-        "grad_file": write_mrtrix_grad(bvals, bvecs, prefix + "_grad.b"),
-        "mask_file": save_nifti(mask.astype(np.uint8), affine, prefix + "_mask.nii.gz", dtype=np.uint8),
-        "seed_mask_file": save_nifti(seeds.astype(np.uint8), affine, prefix + "_seeds.nii.gz", dtype=np.uint8),
-        "n_seeds": seed_count(seeds, affine, params.seed_density),
-        "step_mm": params.step_mm,
-        "max_angle": params.max_angle,
-        "voxel_size_mm": voxel_size(affine),
-    }
-    if noisy:
-        if not (math.isfinite(snr) and snr > 0):
-            raise InputError(f"the SNR of the synthesised b=0 must be a positive number, got {snr!r}")
-        sigma = run_noise_sigma(noise_dwi_file, gtab.bvals, noise_mask_file) if noise_dwi_file else None
-        if sigma is not None:
-            how = f"robust sd of the repeated b=0 volumes of {Path(noise_dwi_file).name}"
-        else:
-            sigma = float(np.median(s0[mask & (s0 > 0)])) / snr if (mask & (s0 > 0)).any() else 0.0
-            how = f"median b=0 of the synthesised series / {snr:g} (SNR {snr:g}; the run's noise was not measurable)"
-        rng = np.random.default_rng(params.random_seed)
-        noisy_dwi = dwi  # the noise-free series is written; add the noise in place, in bounded chunks
-        where = np.nonzero(mask & (s0 > 0))
-        for start in range(0, len(where[0]), 200000):
-            idx = tuple(a[start:start + 200000] for a in where)
-            noisy_dwi[idx] = add_rician_noise(dwi[idx].astype(np.float64), sigma, rng).astype(np.float32)
-        out["noisy_dwi_file"] = save_nifti(noisy_dwi, affine, prefix + "_noisy_dwi.nii.gz")
-        out["noise"] = {"Type": "Rician", "Sigma": sigma, "Estimate": how, "RandomSeed": params.random_seed}
-    return out

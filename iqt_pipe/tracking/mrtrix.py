@@ -1,0 +1,181 @@
+"""Inputs of MRtrix3's tensor tractography (``tckgen -algorithm Tensor_Det/Tensor_Prob``) for a
+tensor image (:func:`prepare_mrtrix_inputs`).
+
+``tckgen``'s ``Tensor_Det``/``Tensor_Prob`` fit tensors to a DWI series themselves, so one is
+synthesised from the tensors and the fitted S0 (trilinearly resampled to the tensor grid, so it
+stays positive) with the subject's gradient table, by the forward model of
+:mod:`iqt_pipe.dmri.signal`. ``Tensor_Prob`` draws its directions by a wild bootstrap of the
+fit's residuals, which a noise-free series does not have: for it Rician noise is added (fixed
+seed) at the run's noise level, σ measured from the repeated b=0 volumes of the native DWI
+(:func:`b0_noise_sigma`), or, without repeats, σ = median S0 / :data:`DEFAULT_SYNTH_SNR` (30).
+The sidecars record σ and where it came from.
+
+Frames. Tensor files are in world coordinates, and MRtrix3 reads gradient directions in world
+coordinates too (:func:`write_mrtrix_grad`): the series is synthesised with world directions.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import nibabel as nb
+import numpy as np
+
+from iqt_pipe.dmri.signal import add_rician_noise, synthesize_signal
+from iqt_pipe.io import InputError, atomic_open, load_nifti, load_tensor_image, save_nifti
+from iqt_pipe.tracking.files import resample_to_grid
+from iqt_pipe.tracking.track import TrackingParams, seed_count, seed_mask, voxel_size
+
+#: SNR of the synthesised b=0 that sets the noise added for ``Tensor_Prob`` when the run's own
+#: noise level cannot be measured (fewer than two b=0 volumes).
+DEFAULT_SYNTH_SNR = 30.0
+
+
+def synthesis_scheme(bvals: np.ndarray, bvecs_world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The volumes a synthesised series needs: one b = 0 and the DTI shell of the subject's
+    table (IQT protocol, :func:`iqt_pipe.dmri.gradients.select_dti_volumes`); world directions."""
+    from iqt_pipe.dmri.gradients import GradientTable, select_dti_volumes
+
+    gtab = GradientTable(np.asarray(bvals, float), np.asarray(bvecs_world, float))
+    keep = select_dti_volumes(gtab) & ~gtab.b0_mask
+    b = np.r_[0.0, gtab.bvals[keep]]
+    g = np.vstack([np.zeros((1, 3)), gtab.bvecs[keep]])
+    return b, g
+
+
+def synthesize_dwi(tensors_world: np.ndarray, s0: np.ndarray, bvals: np.ndarray, bvecs_world: np.ndarray) -> np.ndarray:
+    """Noise-free ``S0·exp(−b gᵀDg)`` for world-frame tensors and world directions, float32."""
+    from iqt_pipe.dmri.dti import project_psd
+
+    tensors, _ = project_psd(np.nan_to_num(tensors_world), 0.0)
+    s0 = np.clip(np.nan_to_num(s0), 0, None)
+    out = np.zeros(s0.shape + (len(bvals),), dtype=np.float32)
+    inside = s0 > 0
+    for start in range(0, int(inside.sum()), 200000):  # bounded memory on large grids
+        idx = tuple(a[start:start + 200000] for a in np.nonzero(inside))
+        out[idx] = synthesize_signal(s0[idx].astype(float), tensors[idx].astype(float), bvals, bvecs_world)
+    return out
+
+
+def write_mrtrix_grad(bvals: np.ndarray, bvecs_world: np.ndarray, path: str | os.PathLike) -> Path:
+    """An MRtrix3 ``-grad`` file: one row ``x y z b`` per volume, directions in world coordinates."""
+    rows = [f"{x:.8f} {y:.8f} {z:.8f} {b:g}" for (x, y, z), b in zip(bvecs_world, bvals)]
+    with atomic_open(path) as fh:
+        fh.write("\n".join(rows) + "\n")
+    return Path(path)
+
+
+def b0_noise_sigma(b0: np.ndarray, mask: np.ndarray) -> float | None:
+    """The noise σ of a DWI run from its repeated b=0 volumes ``(X, Y, Z, n)`` inside ``mask``:
+    the robust sd (1.4826 × median absolute deviation) of each voxel's deviations from its
+    mean b=0, times ``sqrt(n / (n − 1))`` for the mean's share; Gaussian (high-SNR Rician)
+    noise. None with fewer than two b=0 volumes or an empty mask."""
+    b0 = np.asarray(b0, dtype=np.float64)
+    mask = np.asarray(mask, bool)
+    n = b0.shape[-1] if b0.ndim == 4 else 1
+    if n < 2 or not mask.any():
+        return None
+    values = b0[mask]
+    deviations = values - values.mean(axis=1, keepdims=True)
+    sigma = 1.4826 * float(np.median(np.abs(deviations))) * math.sqrt(n / (n - 1))
+    return sigma if math.isfinite(sigma) and sigma > 0 else None
+
+
+def run_noise_sigma(
+    dwi_file: str | os.PathLike, bvals: np.ndarray, mask_file: str | os.PathLike | None = None
+) -> float | None:
+    """:func:`b0_noise_sigma` of a DWI series file (only its b=0 volumes are read) inside a
+    brain mask on its grid; None when the series has fewer than two b=0 volumes or the mask's
+    grid differs."""
+    from iqt_pipe.dmri.gradients import B0_THRESHOLD
+
+    b0_index = np.flatnonzero(np.asarray(bvals, float) <= B0_THRESHOLD)
+    if len(b0_index) < 2:
+        return None
+    img = nb.load(str(dwi_file))
+    if len(img.shape) != 4 or img.shape[3] != len(bvals):
+        raise InputError(f"{dwi_file}: expected a 4-D series of {len(bvals)} volumes (one per b-value), "
+                         f"got shape {img.shape}")
+    b0 = np.stack([np.asarray(img.dataobj[..., int(i)], dtype=np.float32) for i in b0_index], axis=-1)
+    if mask_file is not None:
+        mask, mask_affine, _ = load_nifti(mask_file)
+        if mask.shape != b0.shape[:3] or not np.allclose(mask_affine, img.affine, atol=1e-3):
+            return None
+        mask = mask > 0
+    else:  # no mask: the voxels brighter than half the 98th percentile of the mean b=0
+        mean = b0.mean(axis=-1)
+        mask = mean > 0.5 * np.percentile(mean, 98)
+    return b0_noise_sigma(b0, mask)
+
+
+def prepare_mrtrix_inputs(
+    tensor_file: str | os.PathLike,
+    mask_file: str | os.PathLike,
+    s0_file: str | os.PathLike,
+    bval_file: str | os.PathLike,
+    bvec_file: str | os.PathLike,
+    prefix: str | os.PathLike,
+    params: TrackingParams | None = None,
+    noisy: bool = False,
+    noise_dwi_file: str | os.PathLike | None = None,
+    noise_mask_file: str | os.PathLike | None = None,
+    snr: float = DEFAULT_SYNTH_SNR,
+) -> dict[str, Any]:
+    """Everything ``tckgen -algorithm Tensor_Det/Tensor_Prob`` needs for a tensor image:
+    a DWI series synthesised from the tensors and S0 (trilinearly resampled to the tensor grid
+    when the grids differ) with the subject's gradient table in world coordinates, the brain
+    mask, the white-matter seed mask (:func:`seed_mask`), and the seed count and step/angle for
+    this voxel size.
+
+    With ``noisy`` (for ``Tensor_Prob``, whose wild bootstrap needs residuals) also
+    ``noisy_dwi_file``: the same series with Rician noise (seeded by ``params.random_seed``)
+    inside the mask, σ from the repeated b=0 volumes of ``noise_dwi_file`` (the run's native
+    DWI, same gradient table; ``noise_mask_file`` its brain mask) or, failing that, median S0
+    in the mask / ``snr``; ``noise`` describes it for the sidecar.
+    """
+    from iqt_pipe.dmri.gradients import read_gradients
+
+    tensors, mask, affine = load_tensor_image(tensor_file, mask_file)
+    s0, s0_affine, _ = load_nifti(s0_file)
+    if s0.ndim != 3:
+        raise InputError(f"{s0_file}: expected a 3-D S0 image, got shape {s0.shape}")
+    gtab = read_gradients(bval_file, bvec_file)
+    if s0.shape != mask.shape or not np.allclose(s0_affine, affine, atol=1e-3):
+        s0 = resample_to_grid(s0, s0_affine, affine, mask.shape)
+    bvals, bvecs = synthesis_scheme(gtab.bvals, gtab.bvecs_world(s0_affine))
+    params = (params or TrackingParams()).resolved(voxel_size(affine))
+    seeds = seed_mask(tensors, mask, params.seed_fa, str(tensor_file))
+    prefix = str(prefix)
+    s0 = np.where(mask, s0, 0)
+    dwi = synthesize_dwi(np.where(mask[..., None], tensors, 0), s0, bvals, bvecs)
+    out = {
+        "dwi_file": save_nifti(dwi, affine, prefix + "_dwi.nii.gz"),
+        "grad_file": write_mrtrix_grad(bvals, bvecs, prefix + "_grad.b"),
+        "mask_file": save_nifti(mask.astype(np.uint8), affine, prefix + "_mask.nii.gz", dtype=np.uint8),
+        "seed_mask_file": save_nifti(seeds.astype(np.uint8), affine, prefix + "_seeds.nii.gz", dtype=np.uint8),
+        "n_seeds": seed_count(seeds, affine, params.seed_density),
+        "step_mm": params.step_mm,
+        "max_angle": params.max_angle,
+        "voxel_size_mm": voxel_size(affine),
+    }
+    if noisy:
+        if not (math.isfinite(snr) and snr > 0):
+            raise InputError(f"the SNR of the synthesised b=0 must be a positive number, got {snr!r}")
+        sigma = run_noise_sigma(noise_dwi_file, gtab.bvals, noise_mask_file) if noise_dwi_file else None
+        if sigma is not None:
+            how = f"robust sd of the repeated b=0 volumes of {Path(noise_dwi_file).name}"
+        else:
+            sigma = float(np.median(s0[mask & (s0 > 0)])) / snr if (mask & (s0 > 0)).any() else 0.0
+            how = f"median b=0 of the synthesised series / {snr:g} (SNR {snr:g}; the run's noise was not measurable)"
+        rng = np.random.default_rng(params.random_seed)
+        noisy_dwi = dwi  # the noise-free series is written; add the noise in place, in bounded chunks
+        where = np.nonzero(mask & (s0 > 0))
+        for start in range(0, len(where[0]), 200000):
+            idx = tuple(a[start:start + 200000] for a in where)
+            noisy_dwi[idx] = add_rician_noise(dwi[idx].astype(np.float64), sigma, rng).astype(np.float32)
+        out["noisy_dwi_file"] = save_nifti(noisy_dwi, affine, prefix + "_noisy_dwi.nii.gz")
+        out["noise"] = {"Type": "Rician", "Sigma": sigma, "Estimate": how, "RandomSeed": params.random_seed}
+    return out
