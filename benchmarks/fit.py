@@ -14,7 +14,9 @@ from iqt_pipe.dmri.degrade import degrade_dwi
 from iqt_pipe.dmri.dwi import load_dwi
 from iqt_pipe.dmri.fit import brain_mask, fit_dti
 
-DEFAULT = Path(__file__).resolve().parents[1].parent / "shared/data/ds-realdwi/sub-achieva01/dwi/sub-achieva01_dwi.nii.gz"
+DEFAULT = (
+    Path(__file__).resolve().parents[1].parent / "shared/data/ds-realdwi/sub-achieva01/dwi/sub-achieva01_dwi.nii.gz"
+)
 
 
 def timed(label, n_voxels, fn):
@@ -38,7 +40,9 @@ def main():
     lr, lr_aff = timed(f"block average r={args.r}", n, lambda: degrade_dwi(series.data, series.affine, args.r))
     mask = timed("median_otsu mask", n, lambda: brain_mask(series.data, series.gtab, series.zooms))
     timed("DTI WLS fit (whole box)", n, lambda: fit_dti(series.data, series.affine, series.gtab))
-    timed("DTI WLS fit (brain mask)", int(mask.sum()), lambda: fit_dti(series.data, series.affine, series.gtab, mask=mask))
+    timed(
+        "DTI WLS fit (brain mask)", int(mask.sum()), lambda: fit_dti(series.data, series.affine, series.gtab, mask=mask)
+    )
     timed("DTI WLS fit (LR box)", int(np.prod(lr.shape[:3])), lambda: fit_dti(lr, lr_aff, series.gtab))
 
 

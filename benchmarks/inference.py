@@ -32,7 +32,7 @@ R = 2
 def espcn_flops(shape, r=R, widths=(50, 100), kernels=(3, 1, 3), channels=6) -> float:
     """Multiply-adds ×2 of one valid 3-1-3 ESPCN pass giving every LR position of ``shape``."""
     sizes = (channels, *widths, channels * r**3)
-    margin_left = [sum(k - 1 for k in kernels[i + 1:]) // 2 for i in range(len(kernels))]
+    margin_left = [sum(k - 1 for k in kernels[i + 1 :]) // 2 for i in range(len(kernels))]
     total = 0.0
     for i, k in enumerate(kernels):
         out_voxels = np.prod([s + 2 * margin_left[i] for s in shape])
@@ -72,11 +72,11 @@ def conv3d_peak(device, precision: str = "float32") -> float:
 
 
 def run_case(variant: str, case: str, precision: str, device: str, threads: int) -> dict:
-    import iqt_pipe.sr.baselines  # noqa: F401 - imports are not part of the timing
     import iqt_pipe.dmri.degrade  # noqa: F401
+    import iqt_pipe.sr.baselines  # noqa: F401 - imports are not part of the timing
+    from iqt_pipe.models import IQTNet
     from iqt_pipe.sr.inference import predict_brain, predict_patchwise
     from iqt_pipe.sr.options import SYMMETRIES
-    from iqt_pipe.models import IQTNet
 
     torch.set_num_threads(threads)
     lr, mask = synthetic_case()
@@ -89,8 +89,18 @@ def run_case(variant: str, case: str, precision: str, device: str, threads: int)
             return predict_patchwise(model, lr, mask, device=dev), {}
         T, scalars = {"deterministic": (1, 32), "network-only": (1, 0), "mc8": (8, 32), "mc32": (32, 32)}[case]
         # The app's call: the brain and its rim (the mask dilated by the receptive field).
-        pred = predict_brain(model, lr, mask, np.eye(4), mc_samples=T, scalar_samples=scalars, device=dev, mem_mb=1024,
-                             precision=precision, symmetries=SYMMETRIES["mirrors"] if T > 1 else (0,))
+        pred = predict_brain(
+            model,
+            lr,
+            mask,
+            np.eye(4),
+            mc_samples=T,
+            scalar_samples=scalars,
+            device=dev,
+            mem_mb=1024,
+            precision=precision,
+            symmetries=SYMMETRIES["mirrors"] if T > 1 else (0,),
+        )
         return pred.mean, pred.info
 
     t0 = time.perf_counter()
@@ -101,20 +111,39 @@ def run_case(variant: str, case: str, precision: str, device: str, threads: int)
     seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     np.save(f"/tmp/iqt-bench-{variant}-{case}-{precision}.npy", mean)
-    return {"variant": variant, "case": case, "precision": precision, "seconds": seconds, "cold_seconds": cold, "peak_mem_mb": peak_mb, "info": info,
-            "hr_voxels_in_mask": int(mask.sum()) * R**3}
+    return {
+        "variant": variant,
+        "case": case,
+        "precision": precision,
+        "seconds": seconds,
+        "cold_seconds": cold,
+        "peak_mem_mb": peak_mb,
+        "info": info,
+        "hr_voxels_in_mask": int(mask.sum()) * R**3,
+    }
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", help="also write one variant's figures here (conv3d_peak_fraction from its network-only pass)")
-    p.add_argument("--json-variant", default="hetero-var2", help="the variant --json reports (default: hetero-var2, iqt-train's default)")
+    p.add_argument(
+        "--json", help="also write one variant's figures here (conv3d_peak_fraction from its network-only pass)"
+    )
+    p.add_argument(
+        "--json-variant",
+        default="hetero-var2",
+        help="the variant --json reports (default: hetero-var2, iqt-train's default)",
+    )
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cpu")
     p.add_argument("--variants", nargs="+", default=["espcn", "hetero-var2"])
-    p.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
-                   help="the network's arithmetic, each case in each (default: both; bfloat16 is the app's choice on "
-                        "CPUs with AMX)")
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16"],
+        help="the network's arithmetic, each case in each (default: both; bfloat16 is the app's choice on "
+        "CPUs with AMX)",
+    )
     p.add_argument("--quick", action="store_true", help="skip T = 32")
     p.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -127,16 +156,25 @@ def main():
     peaks = {prec: conv3d_peak(device, prec) for prec in args.precisions}
     lr, mask = synthetic_case()
     flops = espcn_flops(LR_SHAPE)
-    print(f"box LR {LR_SHAPE} → HR {tuple(2 * s for s in LR_SHAPE)}, brain {mask.mean():.0%} of the box, "
-          f"{args.threads} threads, device {args.device}")
-    print("conv3d peak: " + ", ".join(f"{peak:.0f} GFLOP/s ({prec})" for prec, peak in peaks.items())
-          + f"; one ESPCN pass over the whole box: {flops / 1e9:.0f} GFLOP")
+    print(
+        f"box LR {LR_SHAPE} → HR {tuple(2 * s for s in LR_SHAPE)}, brain {mask.mean():.0%} of the box, "
+        f"{args.threads} threads, device {args.device}"
+    )
+    print(
+        "conv3d peak: "
+        + ", ".join(f"{peak:.0f} GFLOP/s ({prec})" for prec, peak in peaks.items())
+        + f"; one ESPCN pass over the whole box: {flops / 1e9:.0f} GFLOP"
+    )
     print("seconds: second call in a fresh process (the first, in brackets, also creates oneDNN's kernels);")
-    print("deterministic: mean weights + 32 tensor samples per voxel for FA sd (hetero); network-only: no FA "
-          "samples; mc8/mc32: Monte-Carlo weight samples, one test-time mirror each; 'of peak': of the conv3d peak "
-          "in the same arithmetic")
-    print(f"{'variant':<12} {'case':<14} {'precision':<9} {'seconds':>8} {'(cold)':>8} {'HR vox/s':>10} "
-          f"{'GFLOP/s':>8} {'of peak':>8} {'RSS MB':>7}")
+    print(
+        "deterministic: mean weights + 32 tensor samples per voxel for FA sd (hetero); network-only: no FA "
+        "samples; mc8/mc32: Monte-Carlo weight samples, one test-time mirror each; 'of peak': of the conv3d peak "
+        "in the same arithmetic"
+    )
+    print(
+        f"{'variant':<12} {'case':<14} {'precision':<9} {'seconds':>8} {'(cold)':>8} {'HR vox/s':>10} "
+        f"{'GFLOP/s':>8} {'of peak':>8} {'RSS MB':>7}"
+    )
     results = {}
     cases = ["deterministic", "network-only", "mc8"] + ([] if args.quick else ["mc32"])
     runs = [(case, prec) for prec in args.precisions for case in cases] + [("patchwise", "float32")]
@@ -145,9 +183,21 @@ def main():
             if case in ("network-only", "mc8", "mc32") and "var" not in variant and not variant.startswith("hetero"):
                 continue  # the same single deterministic pass as "deterministic"
             out = subprocess.run(
-                [sys.executable, __file__, "--_one", variant, case, prec, "--threads", str(args.threads),
-                 "--device", args.device],
-                check=True, capture_output=True, text=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--_one",
+                    variant,
+                    case,
+                    prec,
+                    "--threads",
+                    str(args.threads),
+                    "--device",
+                    args.device,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
             ).stdout
             res = json.loads(out.strip().splitlines()[-1])
             # Convolutions actually run: only tiles touching the brain (their margins
@@ -159,32 +209,45 @@ def main():
             res["gflops_per_s"] = flops * frac * nets * samples / 1e9 / res["seconds"]
             res["conv3d_peak_fraction"] = res["gflops_per_s"] / peaks.get(prec, peaks[args.precisions[0]])
             results[(variant, case, prec)] = res
-            print(f"{variant:<12} {case:<14} {prec:<9} {res['seconds']:8.2f} {res['cold_seconds']:8.2f} "
-                  f"{res['hr_voxels_in_mask'] / res['seconds']:10.3g} "
-                  f"{res['gflops_per_s']:8.0f} {res['conv3d_peak_fraction']:8.0%} {res['peak_mem_mb']:7.0f}")
+            print(
+                f"{variant:<12} {case:<14} {prec:<9} {res['seconds']:8.2f} {res['cold_seconds']:8.2f} "
+                f"{res['hr_voxels_in_mask'] / res['seconds']:10.3g} "
+                f"{res['gflops_per_s']:8.0f} {res['conv3d_peak_fraction']:8.0%} {res['peak_mem_mb']:7.0f}"
+            )
         patchwise = np.load(f"/tmp/iqt-bench-{variant}-patchwise-float32.npy")
         inside = np.any(patchwise != 0, axis=-1)  # the patch loop predicts the brain mask only
         for prec in args.precisions:
             whole = np.load(f"/tmp/iqt-bench-{variant}-deterministic-{prec}.npy")
             diff = np.abs(whole[inside] - patchwise[inside])
             fastest = results.get((variant, "network-only", prec), results[(variant, "deterministic", prec)])
-            print(f"  {variant}, {prec}: whole-volume vs patch-by-patch max |Δ| = {diff.max():.2e} "
-                  f"({diff.max() / np.abs(patchwise).max():.1e} of max, RMS {np.sqrt((diff**2).mean()):.1e}); "
-                  f"speed-up over it {results[(variant, 'patchwise', 'float32')]['seconds'] / fastest['seconds']:.2f}× "
-                  "(network-only pass)")
+            print(
+                f"  {variant}, {prec}: whole-volume vs patch-by-patch max |Δ| = {diff.max():.2e} "
+                f"({diff.max() / np.abs(patchwise).max():.1e} of max, RMS {np.sqrt((diff**2).mean()):.1e}); "
+                f"speed-up over it {results[(variant, 'patchwise', 'float32')]['seconds'] / fastest['seconds']:.2f}× "
+                "(network-only pass)"
+            )
     if args.json:
         v = args.json_variant if args.json_variant in args.variants else args.variants[-1]
-        summary = {"variant": v, "conv3d_peak_gflops": peaks, "patchwise_s": results[(v, "patchwise", "float32")]["seconds"],
-                   "peak_mem_mb": max(r["peak_mem_mb"] for (var, _, _), r in results.items() if var == v)}
+        summary = {
+            "variant": v,
+            "conv3d_peak_gflops": peaks,
+            "patchwise_s": results[(v, "patchwise", "float32")]["seconds"],
+            "peak_mem_mb": max(r["peak_mem_mb"] for (var, _, _), r in results.items() if var == v),
+        }
         for prec in args.precisions:
             d = {c: results[(v, c, prec)]["seconds"] for c in cases if (v, c, prec) in results}
             net_only = results.get((v, "network-only", prec), results[(v, "deterministic", prec)])
-            summary[prec] = {"deterministic_s": d["deterministic"], "network_only_s": net_only["seconds"],
-                             "mc8_s": d.get("mc8"), "mc32_s": d.get("mc32"),
-                             "conv3d_peak_fraction": net_only["conv3d_peak_fraction"]}
+            summary[prec] = {
+                "deterministic_s": d["deterministic"],
+                "network_only_s": net_only["seconds"],
+                "mc8_s": d.get("mc8"),
+                "mc32_s": d.get("mc32"),
+                "conv3d_peak_fraction": net_only["conv3d_peak_fraction"],
+            }
         summary["all"] = {"/".join(key): r for key, r in results.items()}
         with open(args.json, "w") as fh:
             json.dump(summary, fh, indent=2)
+
 
 if __name__ == "__main__":
     main()

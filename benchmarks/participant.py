@@ -21,12 +21,25 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = {"dwidenoise": "denoise", "denoise_mppca": "denoise", "mrdegibbs": "Gibbs removal",
-          "remove_gibbs": "Gibbs removal", "fit_dti": "DTI fit", "super_resolve": "super-resolution"}
+STAGES = {
+    "dwidenoise": "denoise",
+    "denoise_mppca": "denoise",
+    "mrdegibbs": "Gibbs removal",
+    "remove_gibbs": "Gibbs removal",
+    "fit_dti": "DTI fit",
+    "super_resolve": "super-resolution",
+}
 #: Node-name prefixes of the other stages.
-PREFIXES = {"ds_": "outputs and sidecars", "meta_": "outputs and sidecars", "track_": "DIPY tracking",
-            "tckgen_": "MRtrix3 tckgen", "mrtrix_inputs_": "MRtrix3 input synthesis", "tdi_": "track density",
-            "tckmap_": "track density", "finish_": "tractogram checks and limits"}
+PREFIXES = {
+    "ds_": "outputs and sidecars",
+    "meta_": "outputs and sidecars",
+    "track_": "DIPY tracking",
+    "tckgen_": "MRtrix3 tckgen",
+    "mrtrix_inputs_": "MRtrix3 input synthesis",
+    "tdi_": "track density",
+    "tckmap_": "track density",
+    "finish_": "tractogram checks and limits",
+}
 
 
 def node_times(work: Path) -> dict[str, float]:
@@ -56,9 +69,22 @@ def main():
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cmd = [sys.executable, "-m", "iqt_pipe.cli.run", str(args.bids), str(tmp / "out"), "participant",
-               "--participant-label", args.subject, "--model", str(args.model), "-w", str(tmp / "work"),
-               "--skip-bids-validation", *args.extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "iqt_pipe.cli.run",
+            str(args.bids),
+            str(tmp / "out"),
+            "participant",
+            "--participant-label",
+            args.subject,
+            "--model",
+            str(args.model),
+            "-w",
+            str(tmp / "work"),
+            "--skip-bids-validation",
+            *args.extra,
+        ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0

@@ -38,27 +38,39 @@ def prepare(args, tmp: Path) -> dict[str, dict[str, str]]:
 
     stem = args.bids / f"sub-{args.subject}/dwi/sub-{args.subject}_dwi"
     (tmp / "fit").mkdir()
-    fit = FitDTI(dwi_file=f"{stem}.nii.gz", bval_file=f"{stem}.bval", bvec_file=f"{stem}.bvec").run(
-        cwd=str(tmp / "fit")).outputs
+    fit = (
+        FitDTI(dwi_file=f"{stem}.nii.gz", bval_file=f"{stem}.bval", bvec_file=f"{stem}.bvec")
+        .run(cwd=str(tmp / "fit"))
+        .outputs
+    )
     net, _ = load_model(args.model)
     pred = super_resolve_tensors(*load_tensor_image(fit.tensor_file, fit.mask_file), net, mc_samples=1)
-    sr_tensor = save_nifti(tensors_voxel_to_world(pred.mean, pred.affine).astype(np.float32), pred.affine,
-                           tmp / "sr_tensor.nii.gz")
+    sr_tensor = save_nifti(
+        tensors_voxel_to_world(pred.mean, pred.affine).astype(np.float32), pred.affine, tmp / "sr_tensor.nii.gz"
+    )
     sr_mask = save_nifti(pred.mask.astype(np.uint8), pred.affine, tmp / "sr_mask.nii.gz", dtype=np.uint8)
-    common = {"s0_file": fit.s0_file, "bval_file": f"{stem}.bval", "bvec_file": f"{stem}.bvec",
-              "dwi_file": f"{stem}.nii.gz", "native_mask_file": fit.mask_file}
-    return {"native": {"tensor_file": fit.tensor_file, "mask_file": fit.mask_file, **common},
-            "sr": {"tensor_file": str(sr_tensor), "mask_file": str(sr_mask), **common}}
+    common = {
+        "s0_file": fit.s0_file,
+        "bval_file": f"{stem}.bval",
+        "bvec_file": f"{stem}.bvec",
+        "dwi_file": f"{stem}.nii.gz",
+        "native_mask_file": fit.mask_file,
+    }
+    return {
+        "native": {"tensor_file": fit.tensor_file, "mask_file": fit.mask_file, **common},
+        "sr": {"tensor_file": str(sr_tensor), "mask_file": str(sr_mask), **common},
+    }
 
 
 def time_dipy(files: dict, algorithm: str, threads: int, density: float):
-    from iqt_pipe.tracking import track as T
     from iqt_pipe.io import load_tensor_image
+    from iqt_pipe.tracking import track as T
 
     t0 = time.perf_counter()
     tensors, mask, affine = load_tensor_image(files["tensor_file"], files["mask_file"])
-    tracks = T.track_tensors(tensors, mask, affine, T.TrackingParams(algorithm=algorithm, seed_density=density),
-                             nthreads=threads)
+    tracks = T.track_tensors(
+        tensors, mask, affine, T.TrackingParams(algorithm=algorithm, seed_density=density), nthreads=threads
+    )
     return time.perf_counter() - t0, tracks
 
 
@@ -69,17 +81,32 @@ def time_tckgen(files: dict, algorithm: str, threads: int, density: float, folde
     from iqt_pipe.tracking import track as T
 
     folder.mkdir()
-    prep = M.prepare_mrtrix_inputs(files["tensor_file"], files["mask_file"], files["s0_file"], files["bval_file"],
-                                   files["bvec_file"], folder / "prep", T.TrackingParams(seed_density=density),
-                                   noisy=algorithm == "prob", noise_dwi_file=files["dwi_file"],
-                                   noise_mask_file=files["native_mask_file"])
+    prep = M.prepare_mrtrix_inputs(
+        files["tensor_file"],
+        files["mask_file"],
+        files["s0_file"],
+        files["bval_file"],
+        files["bvec_file"],
+        folder / "prep",
+        T.TrackingParams(seed_density=density),
+        noisy=algorithm == "prob",
+        noise_dwi_file=files["dwi_file"],
+        noise_mask_file=files["native_mask_file"],
+    )
     node = TensorTractography(
         in_file=str(prep["noisy_dwi_file"] if algorithm == "prob" else prep["dwi_file"]),
-        grad_file=str(prep["grad_file"]), roi_mask=str(prep["mask_file"]), seed_image=str(prep["seed_mask_file"]),
-        step_size=prep["step_mm"], angle=prep["max_angle"],
-        algorithm="Tensor_Det" if algorithm == "det" else "Tensor_Prob", cutoff=T.DEFAULT_FA_THRESHOLD,
-        min_length=T.DEFAULT_MIN_LENGTH, max_length=T.DEFAULT_MAX_LENGTH, out_file=str(folder / "tracked.tck"),
-        args=f"-quiet -seeds {prep['n_seeds']} -select 0", nthreads=threads,
+        grad_file=str(prep["grad_file"]),
+        roi_mask=str(prep["mask_file"]),
+        seed_image=str(prep["seed_mask_file"]),
+        step_size=prep["step_mm"],
+        angle=prep["max_angle"],
+        algorithm="Tensor_Det" if algorithm == "det" else "Tensor_Prob",
+        cutoff=T.DEFAULT_FA_THRESHOLD,
+        min_length=T.DEFAULT_MIN_LENGTH,
+        max_length=T.DEFAULT_MAX_LENGTH,
+        out_file=str(folder / "tracked.tck"),
+        args=f"-quiet -seeds {prep['n_seeds']} -select 0",
+        nthreads=threads,
     )
     env = {**os.environ, "MRTRIX_RNG_SEED": "0"}
     t0 = time.perf_counter()
@@ -106,20 +133,29 @@ def main():
         tmp = Path(tmp)
         inputs = prepare(args, tmp)
         print(f"sub-{args.subject}, {args.threads} thread(s), seed density {args.seed_density:g}/mm³")
-        print(f"{'space':<7} {'alg':<5} {'seeds':>7} {'DIPY s':>8} {'tckgen s':>9} {'ratio':>6} "
-              f"{'DIPY n':>7} {'tckgen n':>8} {'TDI r':>6}")
+        print(
+            f"{'space':<7} {'alg':<5} {'seeds':>7} {'DIPY s':>8} {'tckgen s':>9} {'ratio':>6} "
+            f"{'DIPY n':>7} {'tckgen n':>8} {'TDI r':>6}"
+        )
         for space in args.spaces:
             files = inputs[space]
             mask_img = nb.load(files["mask_file"])
             mask = mask_img.get_fdata() > 0
             for algorithm in ("det", "prob"):
                 dipy_s, tracks = time_dipy(files, algorithm, args.threads, args.seed_density)
-                mrtrix_s, lines, n_seeds = time_tckgen(files, algorithm, args.threads, args.seed_density,
-                                                       tmp / f"{space}_{algorithm}")
-                r = C.tdi_correlation(T.track_density(tracks.streamlines, mask_img.affine, mask.shape),
-                                      T.track_density(lines, mask_img.affine, mask.shape), mask)
-                print(f"{space:<7} {algorithm:<5} {tracks.n_seeds:>7} {dipy_s:>8.1f} {mrtrix_s:>9.1f} "
-                      f"{dipy_s / mrtrix_s:>6.2f} {len(tracks):>7} {len(lines):>8} {r:>6.3f}", flush=True)
+                mrtrix_s, lines, n_seeds = time_tckgen(
+                    files, algorithm, args.threads, args.seed_density, tmp / f"{space}_{algorithm}"
+                )
+                r = C.tdi_correlation(
+                    T.track_density(tracks.streamlines, mask_img.affine, mask.shape),
+                    T.track_density(lines, mask_img.affine, mask.shape),
+                    mask,
+                )
+                print(
+                    f"{space:<7} {algorithm:<5} {tracks.n_seeds:>7} {dipy_s:>8.1f} {mrtrix_s:>9.1f} "
+                    f"{dipy_s / mrtrix_s:>6.2f} {len(tracks):>7} {len(lines):>8} {r:>6.3f}",
+                    flush=True,
+                )
                 if tracks.n_seeds != n_seeds:
                     print(f"        (seed counts differ: DIPY {tracks.n_seeds}, tckgen {n_seeds})")
 

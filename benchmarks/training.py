@@ -33,8 +33,15 @@ def library_for(args, work: Path):
 
         root = write_bids_dataset(work / "ds", n_subjects=1, preset="tiny", seed=1, snr=30)
     runs = find_dwi_runs_multi([root], args.participant_label, None)
-    return build_library(runs, r=2, patches_per_subject=args.patches, seed=0, target="residual-cubic",
-                         cache_dir=work / "cache", quiet=True)
+    return build_library(
+        runs,
+        r=2,
+        patches_per_subject=args.patches,
+        seed=0,
+        target="residual-cubic",
+        cache_dir=work / "cache",
+        quiet=True,
+    )
 
 
 def epoch_seconds(library, variant: str, layout, work: Path) -> float:
@@ -66,8 +73,10 @@ def main() -> None:
         work = Path(tmp)
         library = library_for(args, work)
         n_train = len(library) - round(len(library) * 0.5)
-        print(f"{len(library)} patch pairs ({n_train} trained per epoch, the rest validated), "
-              f"{torch.get_num_threads()} thread(s)")
+        print(
+            f"{len(library)} patch pairs ({n_train} trained per epoch, the rest validated), "
+            f"{torch.get_num_threads()} thread(s)"
+        )
         print(f"{'variant':<12} {'layout':<17} {'epoch s':>8} {'pairs/s':>8} {'speed-up':>9}")
         for variant in args.variants:
             base = None

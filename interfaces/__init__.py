@@ -7,13 +7,21 @@ in niworkflows' BIDS module, whose TemplateFlow indexing costs seconds.
 import importlib
 
 _WHERE = {
-    "DegradeDWI": "dti", "FitDTI": "dti",
-    "DenoiseMPPCA": "preproc", "RemoveGibbs": "preproc",
-    "RunQC": "qc", "SuperResolve": "sr",
-    "DipyTracking": "tractography", "PrepareMRtrixTracking": "tractography",
-    "TensorTractography": "tractography", "FinishTractogram": "tractography",
-    "TrackDensity": "tractography", "TractographySummary": "tractography",
-    "DerivativesDataSink": "bids", "OptionalDerivativesDataSink": "bids", "SidecarMetadata": "bids",
+    "DegradeDWI": "dti",
+    "FitDTI": "dti",
+    "DenoiseMPPCA": "preproc",
+    "RemoveGibbs": "preproc",
+    "RunQC": "qc",
+    "SuperResolve": "sr",
+    "DipyTracking": "tractography",
+    "PrepareMRtrixTracking": "tractography",
+    "TensorTractography": "tractography",
+    "FinishTractogram": "tractography",
+    "TrackDensity": "tractography",
+    "TractographySummary": "tractography",
+    "DerivativesDataSink": "bids",
+    "OptionalDerivativesDataSink": "bids",
+    "SidecarMetadata": "bids",
 }
 __all__ = sorted(_WHERE)
 

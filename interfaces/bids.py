@@ -84,9 +84,9 @@ class DerivativesDataSink(_BaseDerivativesDataSink):
         import shutil
         from pathlib import Path
 
-        from iqt_pipe.io import move_atomic
-
         import niworkflows.interfaces.bids as niworkflows_bids
+
+        from iqt_pipe.io import move_atomic
 
         final = Path(self.inputs.base_directory if isdefined(self.inputs.base_directory) else runtime.cwd).absolute()
         stage = Path(runtime.cwd, "staged").absolute()

@@ -45,8 +45,8 @@ class FitDTI(SimpleInterface):
     def _run_interface(self, runtime):
         from iqt_pipe.dmri.dti import scalar_maps
         from iqt_pipe.dmri.dwi import load_dwi
-        from iqt_pipe.io import load_mask, save_nifti, save_tensors
         from iqt_pipe.dmri.prepare import fit_series
+        from iqt_pipe.io import load_mask, save_nifti, save_tensors
 
         series = load_dwi(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file)
         mask = load_mask(self.inputs.mask_file, series.data.shape) if self.inputs.mask_file else None
@@ -59,9 +59,7 @@ class FitDTI(SimpleInterface):
         for name, volume in scalar_maps(fit.tensors).items():
             self._results[f"{name}_file"] = str(save_nifti(volume, series.affine, out(f"_{name}")))
         self._results["s0_file"] = str(save_nifti(fit.s0, series.affine, out("_s0")))
-        self._results["mask_file"] = str(
-            save_nifti(mask.astype(np.uint8), series.affine, out("_mask"), dtype=np.uint8)
-        )
+        self._results["mask_file"] = str(save_nifti(mask.astype(np.uint8), series.affine, out("_mask"), dtype=np.uint8))
         self._results["metadata"] = {"NumericalGuards": fit.guards}
         return runtime
 

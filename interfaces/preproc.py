@@ -44,8 +44,8 @@ class DenoiseMPPCA(SimpleInterface):
     output_spec = _DenoiseMPPCAOutputSpec
 
     def _run_interface(self, runtime):
-        from iqt_pipe.io import load_mask, save_nifti
         from iqt_pipe.dmri.preproc import denoise_mppca
+        from iqt_pipe.io import load_mask, save_nifti
 
         data, affine, header = _load_series(self.inputs.in_file)
         mask = load_mask(self.inputs.mask_file, data.shape) if self.inputs.mask_file else None
@@ -74,8 +74,8 @@ class RemoveGibbs(SimpleInterface):
     output_spec = _RemoveGibbsOutputSpec
 
     def _run_interface(self, runtime):
-        from iqt_pipe.io import save_nifti
         from iqt_pipe.dmri.preproc import remove_gibbs
+        from iqt_pipe.io import save_nifti
 
         data, affine, header = _load_series(self.inputs.in_file)
         out = _out_path(self.inputs.in_file, "_unringed", runtime.cwd)
@@ -89,8 +89,12 @@ class _NoiseCorrelationInputSpec(BaseInterfaceInputSpec):
     bval_file = File(exists=True, mandatory=True, desc="its b-values (FSL)")
     bvec_file = File(exists=True, mandatory=True, desc="its b-vectors (FSL)")
     mask_file = File(exists=True, mandatory=True, desc="brain mask on the series' grid")
-    metadata = traits.Dict(traits.Str, traits.Any, usedefault=True,
-                           desc="sidecar fields to extend (e.g. FitDTI's); returned with the correlation added")
+    metadata = traits.Dict(
+        traits.Str,
+        traits.Any,
+        usedefault=True,
+        desc="sidecar fields to extend (e.g. FitDTI's); returned with the correlation added",
+    )
 
 
 class _NoiseCorrelationOutputSpec(TraitedSpec):
@@ -110,8 +114,8 @@ class NoiseCorrelation(SimpleInterface):
     def _run_interface(self, runtime):
         from iqt_pipe.dmri.dwi import load_dwi
         from iqt_pipe.dmri.gradients import select_dti_volumes
-        from iqt_pipe.io import load_mask
         from iqt_pipe.dmri.preproc import noise_neighbour_correlation
+        from iqt_pipe.io import load_mask
         from iqt_pipe.qc import CORRELATED_NOISE, NOISE_CORRELATION_FIELD
 
         series = load_dwi(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file)
@@ -119,12 +123,15 @@ class NoiseCorrelation(SimpleInterface):
         keep = select_dti_volumes(series.gtab, self.inputs.bval_file)
         correlation = noise_neighbour_correlation(series.data[..., keep], mask)
         self._results["correlation"] = correlation
-        self._results["metadata"] = {**self.inputs.metadata, NOISE_CORRELATION_FIELD: {
-            "Values": [None if c != c else round(c, 4) for c in correlation],
-            "Description": "Pearson correlation of the noise between face-neighbouring brain voxels along voxel "
-                           "axes i, j, k: the residual of MP-PCA (DIPY) on the b=0 and DTI-shell volumes of the "
-                           "series as reconstructed, central 12 slices of the brain. Independent noise gives about "
-                           f"0; above {CORRELATED_NOISE} the scanner interpolated the series, and super-resolution "
-                           "has little to recover.",
-        }}
+        self._results["metadata"] = {
+            **self.inputs.metadata,
+            NOISE_CORRELATION_FIELD: {
+                "Values": [None if c != c else round(c, 4) for c in correlation],
+                "Description": "Pearson correlation of the noise between face-neighbouring brain voxels along voxel "
+                "axes i, j, k: the residual of MP-PCA (DIPY) on the b=0 and DTI-shell volumes of the "
+                "series as reconstructed, central 12 slices of the brain. Independent noise gives about "
+                f"0; above {CORRELATED_NOISE} the scanner interpolated the series, and super-resolution "
+                "has little to recover.",
+            },
+        }
         return runtime

@@ -48,9 +48,16 @@ class RunQC(SimpleInterface):
         entities = dict(self.inputs.entities or {})
         name = run_label(entities) if entities else None
         metrics = metrics_from_files(
-            self.inputs.native_fa_file, self.inputs.native_md_file, self.inputs.native_mask_file,
-            self.inputs.sr_fa_file, self.inputs.sr_md_file, self.inputs.sr_sd_total_file, self.inputs.sr_mask_file,
-            self.inputs.upsample, self.inputs.threshold if isdefined(self.inputs.threshold) else None, name=name,
+            self.inputs.native_fa_file,
+            self.inputs.native_md_file,
+            self.inputs.native_mask_file,
+            self.inputs.sr_fa_file,
+            self.inputs.sr_md_file,
+            self.inputs.sr_sd_total_file,
+            self.inputs.sr_mask_file,
+            self.inputs.upsample,
+            self.inputs.threshold if isdefined(self.inputs.threshold) else None,
+            name=name,
         )
         row = {**entities, **metrics}
         stem = f"{name}_qc" if name and name != "?" else "qc"

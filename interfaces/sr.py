@@ -19,22 +19,44 @@ from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISION
 class _SuperResolveInputSpec(BaseInterfaceInputSpec):
     tensor_file = File(exists=True, mandatory=True, desc="LR tensors, BEP016 order, world frame")
     mask_file = File(exists=True, mandatory=True, desc="LR brain mask on the same grid")
-    model = InputMultiObject(Str, mandatory=True, desc="model folder, model.json or model.safetensors; several: "
-                                                        "their inverse-variance ensemble")
+    model = InputMultiObject(
+        Str,
+        mandatory=True,
+        desc="model folder, model.json or model.safetensors; several: their inverse-variance ensemble",
+    )
     mc_samples = traits.Int(8, usedefault=True, desc="Monte-Carlo weight samples (variational variants)")
-    symmetries = traits.Enum(DEFAULT_SYMMETRIES, *SYMMETRIES, usedefault=True,
-                             desc="test-time symmetry ensemble: none, mirrors (8) or cube (48)")
-    precision = traits.Enum(DEFAULT_PRECISION, *PRECISIONS, usedefault=True,
-                            desc="the network's arithmetic: auto (bfloat16 on CPUs with AMX), float32 or bfloat16")
+    symmetries = traits.Enum(
+        DEFAULT_SYMMETRIES,
+        *SYMMETRIES,
+        usedefault=True,
+        desc="test-time symmetry ensemble: none, mirrors (8) or cube (48)",
+    )
+    precision = traits.Enum(
+        DEFAULT_PRECISION,
+        *PRECISIONS,
+        usedefault=True,
+        desc="the network's arithmetic: auto (bfloat16 on CPUs with AMX), float32 or bfloat16",
+    )
     scalar_samples = traits.Int(32, usedefault=True, desc="tensor samples per voxel behind FA/MD sd")
     seed = traits.Int(0, usedefault=True, desc="random seed")
-    use_gpu = traits.Bool(False, usedefault=True, desc="run on CUDA (Nipype's MultiProc then gives the node a GPU slot)")
-    bval_file = File(exists=True, desc="the native series' b-values: the run is checked against the model's "
-                                       "training domain (voxel size, b-value, directions, and the scanner vendor of the "
-                                       "JSON sidecar beside it), recorded as ModelDomain")
+    use_gpu = traits.Bool(
+        False, usedefault=True, desc="run on CUDA (Nipype's MultiProc then gives the node a GPU slot)"
+    )
+    bval_file = File(
+        exists=True,
+        desc="the native series' b-values: the run is checked against the model's "
+        "training domain (voxel size, b-value, directions, and the scanner vendor of the "
+        "JSON sidecar beside it), recorded as ModelDomain",
+    )
     bvec_file = File(exists=True, desc="the native series' b-vectors (with bval_file)")
-    denoise = traits.Enum("none", "dipy", "mrtrix", "auto", desc="the denoising the native series had; "
-                          "recorded, with whether it matches the model's training, as Preprocessing")
+    denoise = traits.Enum(
+        "none",
+        "dipy",
+        "mrtrix",
+        "auto",
+        desc="the denoising the native series had; "
+        "recorded, with whether it matches the model's training, as Preprocessing",
+    )
     degibbs = traits.Bool(desc="whether Gibbs ringing was removed from the native series (with denoise)")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="CPU threads for PyTorch")
     mem_mb = traits.Float(1024, usedefault=True, nohash=True, desc="memory budget for the tiles (MB)")
@@ -50,7 +72,9 @@ class _SuperResolveOutputSpec(TraitedSpec):
     sd_parameter_file = File(desc="Frobenius sd of the parameter uncertainty (variational variants)")
     sd_total_file = File(desc="Frobenius sd of the total uncertainty (when the model has any)")
     mask_file = File(exists=True, desc="HR brain mask")
-    metadata = traits.Dict(desc="provenance for the outputs' sidecars: model file sha256, variant, r, samples, seed, device")
+    metadata = traits.Dict(
+        desc="provenance for the outputs' sidecars: model file sha256, variant, r, samples, seed, device"
+    )
 
 
 class SuperResolve(SimpleInterface):
@@ -65,17 +89,26 @@ class SuperResolve(SimpleInterface):
         from nipype.interfaces.base import isdefined
 
         from iqt_pipe.dmri.gradients import read_gradients
-        from iqt_pipe.models import load_model
         from iqt_pipe.dmri.prepare import Preprocessing, series_domain, series_manufacturer
+        from iqt_pipe.models import load_model
         from iqt_pipe.sr.superres import load_tensor_image, prediction_metadata, super_resolve_tensors, write_prediction
 
         device = "cuda" if self.inputs.use_gpu else "cpu"
         models, cards = zip(*(load_model(path, device=device) for path in self.inputs.model))
         tensors, mask, affine = load_tensor_image(self.inputs.tensor_file, self.inputs.mask_file)
         pred = super_resolve_tensors(
-            tensors, mask, affine, models, symmetries=SYMMETRIES[self.inputs.symmetries], precision=self.inputs.precision,
-            mc_samples=self.inputs.mc_samples, scalar_samples=self.inputs.scalar_samples,
-            seed=self.inputs.seed, device=device, mem_mb=self.inputs.mem_mb, threads=self.inputs.num_threads,
+            tensors,
+            mask,
+            affine,
+            models,
+            symmetries=SYMMETRIES[self.inputs.symmetries],
+            precision=self.inputs.precision,
+            mc_samples=self.inputs.mc_samples,
+            scalar_samples=self.inputs.scalar_samples,
+            seed=self.inputs.seed,
+            device=device,
+            mem_mb=self.inputs.mem_mb,
+            threads=self.inputs.num_threads,
         )
         prefix = fname_presuffix(self.inputs.tensor_file, suffix="_sr", newpath=runtime.cwd, use_ext=False)
         prefix = prefix.removesuffix(".nii")
@@ -84,14 +117,26 @@ class SuperResolve(SimpleInterface):
         if isdefined(self.inputs.denoise):
             preprocessing = Preprocessing(self.inputs.denoise, bool(self.inputs.degibbs))
         if isdefined(self.inputs.bval_file) and isdefined(self.inputs.bvec_file):
-            domain = series_domain(affine, read_gradients(self.inputs.bval_file, self.inputs.bvec_file),
-                                   self.inputs.bval_file, series_manufacturer(self.inputs.bval_file))
+            domain = series_domain(
+                affine,
+                read_gradients(self.inputs.bval_file, self.inputs.bvec_file),
+                self.inputs.bval_file,
+                series_manufacturer(self.inputs.bval_file),
+            )
         metadata = prediction_metadata(cards, pred, preprocessing, domain)
         paths = write_prediction(pred, prefix, metadata, sidecars=False)
         self._results["metadata"] = metadata
-        names = {"tensor": "tensor_file", "fa": "fa_file", "fasd": "fa_sd_file", "md": "md_file",
-                 "mdsd": "md_sd_file", "sdint": "sd_intrinsic_file", "sdpar": "sd_parameter_file",
-                 "sdtot": "sd_total_file", "mask": "mask_file"}
+        names = {
+            "tensor": "tensor_file",
+            "fa": "fa_file",
+            "fasd": "fa_sd_file",
+            "md": "md_file",
+            "mdsd": "md_sd_file",
+            "sdint": "sd_intrinsic_file",
+            "sdpar": "sd_parameter_file",
+            "sdtot": "sd_total_file",
+            "mask": "mask_file",
+        }
         for key, path in paths.items():
             self._results[names[key]] = str(path)
         return runtime

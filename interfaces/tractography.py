@@ -46,21 +46,30 @@ class _TrackingSettingsSpec(BaseInterfaceInputSpec):
 def _params(inputs, **extra):
     from iqt_pipe.tracking.track import TrackingParams
 
-    return TrackingParams(seed_density=inputs.seed_density, step_mm=_optional(inputs.step_mm),
-                          max_angle=_optional(inputs.max_angle), seed_fa=inputs.seed_fa,
-                          random_seed=inputs.random_seed, **extra)
+    return TrackingParams(
+        seed_density=inputs.seed_density,
+        step_mm=_optional(inputs.step_mm),
+        max_angle=_optional(inputs.max_angle),
+        seed_fa=inputs.seed_fa,
+        random_seed=inputs.random_seed,
+        **extra,
+    )
 
 
 class _DipyTrackingInputSpec(_TrackingSettingsSpec):
     tensor_file = File(exists=True, mandatory=True, desc="tensors, BEP016 order, world frame (mm²/s)")
     mask_file = File(exists=True, mandatory=True, desc="brain mask on the tensor grid (tracking stops at its edge)")
-    algorithm = traits.Enum(*ALGORITHMS, usedefault=True,
-                            desc="det: deterministic (principal eigenvector); prob: probabilistic (tensor ODF)")
+    algorithm = traits.Enum(
+        *ALGORITHMS,
+        usedefault=True,
+        desc="det: deterministic (principal eigenvector); prob: probabilistic (tensor ODF)",
+    )
     fa_threshold = traits.Float(DEFAULT_FA_THRESHOLD, usedefault=True, desc="tracking stops where FA falls below")
     min_length = traits.Float(DEFAULT_MIN_LENGTH, usedefault=True, desc="shortest streamline kept (mm)")
     max_length = traits.Float(DEFAULT_MAX_LENGTH, usedefault=True, desc="longest streamline kept (mm)")
-    nthreads = traits.Int(1, usedefault=True, desc="threads DIPY tracks the seeds on (0: all cores); "
-                                                  "the streamlines do not depend on it")
+    nthreads = traits.Int(
+        1, usedefault=True, desc="threads DIPY tracks the seeds on (0: all cores); the streamlines do not depend on it"
+    )
 
 
 class _TrackingOutputSpec(TraitedSpec):
@@ -87,10 +96,16 @@ class DipyTracking(SimpleInterface):
         from iqt_pipe.tracking.track import track_tensors
 
         tensors, mask, affine = load_tensor_image(self.inputs.tensor_file, self.inputs.mask_file)
-        params = _params(self.inputs, algorithm=self.inputs.algorithm, fa_threshold=self.inputs.fa_threshold,
-                         min_length=self.inputs.min_length, max_length=self.inputs.max_length)
-        tracks = track_tensors(tensors, mask, affine, params, source=self.inputs.tensor_file,
-                               nthreads=self.inputs.nthreads)
+        params = _params(
+            self.inputs,
+            algorithm=self.inputs.algorithm,
+            fa_threshold=self.inputs.fa_threshold,
+            min_length=self.inputs.min_length,
+            max_length=self.inputs.max_length,
+        )
+        tracks = track_tensors(
+            tensors, mask, affine, params, source=self.inputs.tensor_file, nthreads=self.inputs.nthreads
+        )
         self._results["tck_file"] = str(save_tck(tracks.streamlines, os.path.join(runtime.cwd, "tracked.tck")))
         self._results["seeds_file"] = str(write_seed_file(os.path.join(runtime.cwd, "seeds.txt"), tracks))
         self._results["n_seeds"] = tracks.n_seeds
@@ -106,13 +121,16 @@ class _PrepareMRtrixInputSpec(_TrackingSettingsSpec):
     s0_file = File(exists=True, mandatory=True, desc="fitted b=0 signal, on any grid of the same subject")
     bval_file = File(exists=True, mandatory=True, desc="the subject's FSL b-values")
     bvec_file = File(exists=True, mandatory=True, desc="the subject's FSL b-vectors (frame of s0_file's image)")
-    noisy = traits.Bool(False, usedefault=True,
-                        desc="also write noisy_dwi_file, the series with Rician noise (for Tensor_Prob)")
-    noise_dwi_file = File(exists=True, desc="the run's native DWI (same gradient table): its repeated b=0 "
-                                            "volumes give the noise level")
+    noisy = traits.Bool(
+        False, usedefault=True, desc="also write noisy_dwi_file, the series with Rician noise (for Tensor_Prob)"
+    )
+    noise_dwi_file = File(
+        exists=True, desc="the run's native DWI (same gradient table): its repeated b=0 volumes give the noise level"
+    )
     noise_mask_file = File(exists=True, desc="brain mask on noise_dwi_file's grid")
-    snr = traits.Float(DEFAULT_SYNTH_SNR, usedefault=True,
-                       desc="SNR of the synthesised b=0 when noise_dwi_file gives no noise level")
+    snr = traits.Float(
+        DEFAULT_SYNTH_SNR, usedefault=True, desc="SNR of the synthesised b=0 when noise_dwi_file gives no noise level"
+    )
 
 
 class _PrepareMRtrixOutputSpec(TraitedSpec):
@@ -140,11 +158,19 @@ class PrepareMRtrixTracking(SimpleInterface):
     def _run_interface(self, runtime):
         from iqt_pipe.tracking.mrtrix import prepare_mrtrix_inputs
 
-        out = prepare_mrtrix_inputs(self.inputs.tensor_file, self.inputs.mask_file, self.inputs.s0_file,
-                                    self.inputs.bval_file, self.inputs.bvec_file,
-                                    os.path.join(runtime.cwd, "tensor"), _params(self.inputs),
-                                    noisy=self.inputs.noisy, noise_dwi_file=_optional(self.inputs.noise_dwi_file),
-                                    noise_mask_file=_optional(self.inputs.noise_mask_file), snr=self.inputs.snr)
+        out = prepare_mrtrix_inputs(
+            self.inputs.tensor_file,
+            self.inputs.mask_file,
+            self.inputs.s0_file,
+            self.inputs.bval_file,
+            self.inputs.bvec_file,
+            os.path.join(runtime.cwd, "tensor"),
+            _params(self.inputs),
+            noisy=self.inputs.noisy,
+            noise_dwi_file=_optional(self.inputs.noise_dwi_file),
+            noise_mask_file=_optional(self.inputs.noise_mask_file),
+            snr=self.inputs.snr,
+        )
         for key in ("dwi_file", "grad_file", "mask_file", "seed_mask_file", "noisy_dwi_file"):
             if key in out:
                 self._results[key] = str(out[key])
@@ -168,10 +194,12 @@ class TensorTractography(Tractography):
 
 class _FinishTractogramInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="streamlines (.tck/.trk, world mm)")
-    seeds_file = File(exists=True,
-                      desc="seed of each streamline (-output_seeds format); else the longest piece is kept")
-    reference_file = File(exists=True, mandatory=True,
-                          desc="image on the tracked grid (the .trk header, the TSV's voxels)")
+    seeds_file = File(
+        exists=True, desc="seed of each streamline (-output_seeds format); else the longest piece is kept"
+    )
+    reference_file = File(
+        exists=True, mandatory=True, desc="image on the tracked grid (the .trk header, the TSV's voxels)"
+    )
     uncertainty_file = File(exists=True, desc="uncertainty map on the tracked grid (total Frobenius sd, mm²/s)")
     max_uncertainty = traits.Float(desc="threshold (mm²/s); none when undefined")
     uncertainty_action = traits.Enum(*UNCERTAINTY_ACTIONS, usedefault=True, desc="stop or drop streamlines above it")
@@ -184,8 +212,9 @@ class _FinishTractogramInputSpec(BaseInterfaceInputSpec):
     space = traits.Enum("native", "sr", mandatory=True, desc="native or super-resolved tensors")
     software = traits.Enum("dipy", "mrtrix", mandatory=True, desc="tracking software")
     algorithm = traits.Enum(*ALGORITHMS, mandatory=True, desc="det or prob")
-    synthesis_noise = traits.Dict(desc="MRtrix3: the noise added to the synthesised series (PrepareMRtrixTracking's "
-                                       "noise), for the sidecar")
+    synthesis_noise = traits.Dict(
+        desc="MRtrix3: the noise added to the synthesised series (PrepareMRtrixTracking's noise), for the sidecar"
+    )
 
 
 class _FinishTractogramOutputSpec(TraitedSpec):
@@ -216,48 +245,77 @@ class FinishTractogram(SimpleInterface):
         from iqt_pipe.tracking.track import Tracks
 
         streamlines = load_streamlines(self.inputs.in_file)
-        seeds = (read_seed_file(self.inputs.seeds_file, len(streamlines)) if isdefined(self.inputs.seeds_file)
-                 else np.full(len(streamlines), -1))
-        info = {"step_mm": _optional(self.inputs.step_mm), "max_angle_deg": _optional(self.inputs.max_angle),
-                "voxel_size_mm": _optional(self.inputs.voxel_size_mm)}
+        seeds = (
+            read_seed_file(self.inputs.seeds_file, len(streamlines))
+            if isdefined(self.inputs.seeds_file)
+            else np.full(len(streamlines), -1)
+        )
+        info = {
+            "step_mm": _optional(self.inputs.step_mm),
+            "max_angle_deg": _optional(self.inputs.max_angle),
+            "voxel_size_mm": _optional(self.inputs.voxel_size_mm),
+        }
         tracks = Tracks(streamlines, seeds, self.inputs.n_seeds, info)
         affine, shape = reference_grid(self.inputs.reference_file)  # the header only
         uncertainty = None
         if isdefined(self.inputs.uncertainty_file):
             uncertainty = load_on_grid(self.inputs.uncertainty_file, affine, shape, "uncertainty map")
         paths, row = finish_tractogram(
-            tracks, os.path.join(runtime.cwd, self.inputs.tractogram), affine, shape, uncertainty,
-            _optional(self.inputs.max_uncertainty), self.inputs.uncertainty_action, self.inputs.min_length,
+            tracks,
+            os.path.join(runtime.cwd, self.inputs.tractogram),
+            affine,
+            shape,
+            uncertainty,
+            _optional(self.inputs.max_uncertainty),
+            self.inputs.uncertainty_action,
+            self.inputs.min_length,
         )
-        row = {"tractogram": self.inputs.tractogram, "space": self.inputs.space, "software": self.inputs.software,
-               "algorithm": self.inputs.algorithm, **row}
+        row = {
+            "tractogram": self.inputs.tractogram,
+            "space": self.inputs.space,
+            "software": self.inputs.software,
+            "algorithm": self.inputs.algorithm,
+            **row,
+        }
         noise = _optional(self.inputs.synthesis_noise) or None
-        self._results.update(tck_file=str(paths["tck"]), trk_file=str(paths["trk"]), tsv_file=str(paths["tsv"]),
-                             summary=row, metadata=tractogram_metadata(row, noise))
+        self._results.update(
+            tck_file=str(paths["tck"]),
+            trk_file=str(paths["trk"]),
+            tsv_file=str(paths["tsv"]),
+            summary=row,
+            metadata=tractogram_metadata(row, noise),
+        )
         return runtime
 
 
 def tractogram_metadata(row: dict, synthesis_noise: dict | None = None) -> dict:
     """Sidecar fields of a tractogram from its summary row (and, for MRtrix3, the noise added
     to the synthesised series)."""
-    names = {"det": "deterministic (principal eigenvector)",
-             "prob": "probabilistic (tensor ODF)"}
+    names = {"det": "deterministic (principal eigenvector)", "prob": "probabilistic (tensor ODF)"}
     software = {"dipy": "DIPY generate_tractogram", "mrtrix": "MRtrix3 tckgen"}[row["software"]]
     if row["software"] == "mrtrix":
-        prob = ("Tensor_Prob (wild bootstrap of the synthesised series with Rician noise added)" if synthesis_noise
-                else "Tensor_Prob (wild bootstrap of a noise-free synthesised series: effectively deterministic)")
+        prob = (
+            "Tensor_Prob (wild bootstrap of the synthesised series with Rician noise added)"
+            if synthesis_noise
+            else "Tensor_Prob (wild bootstrap of a noise-free synthesised series: effectively deterministic)"
+        )
         names = {"det": "Tensor_Det", "prob": prob}
     meta = {
         "TrackingMethod": f"{software}, {names[row['algorithm']]}",
         "TrackingParameters": {
-            "StepSize": row.get("step_mm"), "MaxAngle": row.get("max_angle_deg"),
-            "VoxelSize": row.get("voxel_size_mm"), "Seeds": row.get("n_seeds"),
+            "StepSize": row.get("step_mm"),
+            "MaxAngle": row.get("max_angle_deg"),
+            "VoxelSize": row.get("voxel_size_mm"),
+            "Seeds": row.get("n_seeds"),
         },
         "StreamlineCounts": {k: row.get(k) for k in ("n_tracked", "n_stopped", "n_dropped", "n_streamlines")},
     }
     if row.get("uncertainty_threshold") is not None:
-        meta["UncertaintyLimit"] = {"Threshold": row["uncertainty_threshold"], "Units": "mm^2/s",
-                                    "Action": row.get("uncertainty_action")}
+        meta["UncertaintyLimit"] = {
+            "Threshold": row["uncertainty_threshold"],
+            "Units": "mm^2/s",
+            "Action": row.get("uncertainty_action"),
+        }
     if synthesis_noise:
         meta["SynthesisedNoise"] = {**synthesis_noise, "Units": "signal units of the fitted b=0"}
     return meta

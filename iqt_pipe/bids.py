@@ -26,10 +26,11 @@ import json
 import os
 import re
 import tomllib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from iqt_pipe.io import InputError
 
@@ -39,8 +40,15 @@ if TYPE_CHECKING:
 DWI_EXTENSIONS = (".nii.gz", ".nii")
 #: Entities that name a run in messages and output file names, in BIDS order.
 NAME_ENTITIES = ("subject", "session", "acquisition", "reconstruction", "direction", "run", "space")
-_PREFIX = {"subject": "sub", "session": "ses", "acquisition": "acq", "reconstruction": "rec", "direction": "dir",
-           "run": "run", "space": "space"}
+_PREFIX = {
+    "subject": "sub",
+    "session": "ses",
+    "acquisition": "acq",
+    "reconstruction": "rec",
+    "direction": "dir",
+    "run": "run",
+    "space": "space",
+}
 #: ``desc-`` label of the preprocessed series in a derivatives dataset (QSIPrep, fMRIPrep's convention).
 PREPROC_DESC = "preproc"
 #: Folders of a dataset that never hold DWI runs (pybids' default ignore list, plus derivatives).
@@ -54,7 +62,7 @@ class UpstreamSteps:
     """What the pipeline that wrote a derivatives dataset did to its DWI series before
     iqt-pipe sees them, in iqt-pipe's terms, and the file that says so."""
 
-    preprocessing: "Preprocessing"
+    preprocessing: Preprocessing
     pipeline: str
     evidence: str
 
@@ -98,7 +106,9 @@ class DWIRun:
 
     def as_dict(self) -> dict:
         return {
-            "dwi": str(self.dwi), "bval": str(self.bval), "bvec": str(self.bvec),
+            "dwi": str(self.dwi),
+            "bval": str(self.bval),
+            "bvec": str(self.bvec),
             "dataset": str(self.dataset) if self.dataset else None,
             **({"mask": str(self.mask)} if self.mask else {}),
             "entities": {k: v for k, v in self.entities.items() if k not in ("suffix", "extension")},
@@ -112,7 +122,7 @@ LABEL = re.compile(r"[A-Za-z0-9]+")
 def strip_label(label: str, prefix: str) -> str:
     """``sub-01`` → ``01`` (and ``01`` → ``01``); ``prefix`` is ``sub`` or ``ses``."""
     label = str(label).strip()
-    return label[len(prefix) + 1:] if label.startswith(f"{prefix}-") else label
+    return label[len(prefix) + 1 :] if label.startswith(f"{prefix}-") else label
 
 
 def _labels(values: Iterable[str] | str | None, prefix: str) -> list[str] | None:
@@ -138,8 +148,10 @@ def dataset_description(root: Path) -> dict:
     if not path.is_file():
         inner = sorted(p.parent for p in root.glob("*/dataset_description.json") if p.parent.name != "derivatives")
         hint = f" (did you mean {inner[0]}?)" if len(inner) == 1 else ""
-        raise InputError(f"{root}: not a BIDS dataset (no dataset_description.json); point to the dataset's root "
-                         f"folder, which holds dataset_description.json and sub-*/{hint}")
+        raise InputError(
+            f"{root}: not a BIDS dataset (no dataset_description.json); point to the dataset's root "
+            f"folder, which holds dataset_description.json and sub-*/{hint}"
+        )
     try:
         description = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -167,12 +179,12 @@ def subject_folders(root: Path) -> set[str]:
         entries = list(os.scandir(root))
     except OSError as exc:
         raise InputError(f"{root}: cannot list the dataset folder ({exc.strerror or exc})") from None
-    return {e.name[4:] for e in entries
-            if e.name.startswith("sub-") and LABEL.fullmatch(e.name[4:]) and e.is_dir()}
+    return {e.name[4:] for e in entries if e.name.startswith("sub-") and LABEL.fullmatch(e.name[4:]) and e.is_dir()}
 
 
-def index_layout(root: str | os.PathLike, *, config=("bids",), subjects: Iterable[str] | None = None,
-                 index_metadata: bool = True):
+def index_layout(
+    root: str | os.PathLike, *, config=("bids",), subjects: Iterable[str] | None = None, index_metadata: bool = True
+):
     """A pybids ``BIDSLayout`` of ``root`` whose entities come from each file's path below
     ``root`` only; with ``subjects``, only those ``sub-<label>`` folders are indexed (the
     dataset's top-level files always are)."""
@@ -268,17 +280,25 @@ def find_dwi_runs_multi(
     folders = [subject_folders(root) for root in roots]
     _check_known(subjects, folders, "participant", "sub", where)
     mine = [sorted(s for s in subjects if s in have) if subjects is not None else None for have in folders]
-    layouts = [index_layout(root, config=("bids", "derivatives") if deriv else ("bids",), subjects=sel)
-               if sel is None or sel else None
-               for root, deriv, sel in zip(roots, derivative, mine)]
+    layouts = [
+        index_layout(root, config=("bids", "derivatives") if deriv else ("bids",), subjects=sel)
+        if sel is None or sel
+        else None
+        for root, deriv, sel in zip(roots, derivative, mine)
+    ]
     known_sessions = [set(layout.get_sessions()) if layout is not None else set() for layout in layouts]
     _check_known(sessions, known_sessions, "session", "ses", where)
     runs: list[DWIRun] = []
     for root, layout, deriv, kses in zip(roots, layouts, derivative, known_sessions):
         if layout is None:
             continue
-        query = {"suffix": "dwi", "datatype": "dwi", "extension": list(DWI_EXTENSIONS),
-                 **({"desc": PREPROC_DESC} if deriv else {}), **(filters or {})}
+        query = {
+            "suffix": "dwi",
+            "datatype": "dwi",
+            "extension": list(DWI_EXTENSIONS),
+            **({"desc": PREPROC_DESC} if deriv else {}),
+            **(filters or {}),
+        }
         if sessions is not None:
             query["session"] = [s for s in sessions if s in kses]
             if not query["session"]:
@@ -297,16 +317,29 @@ def find_dwi_runs_multi(
             subject = entities["subject"]
             if deriv and subject not in upstream:
                 upstream[subject] = upstream_steps(root, subject)
-            runs.append(DWIRun(Path(f.path), bval, bvec, entities, root, mask=mask, derivative=deriv,
-                               upstream=upstream.get(subject)))
+            runs.append(
+                DWIRun(
+                    Path(f.path),
+                    bval,
+                    bvec,
+                    entities,
+                    root,
+                    mask=mask,
+                    derivative=deriv,
+                    upstream=upstream.get(subject),
+                )
+            )
     if not runs:
         which = ""
         if subjects is not None:
             which += " for " + ", ".join(f"sub-{s}" for s in subjects)
         if sessions is not None:
             which += (" and " if which else " for ") + ", ".join(f"ses-{s}" for s in sessions)
-        pattern = (f"sub-*/[ses-*/]dwi/*_desc-{PREPROC_DESC}_dwi.nii[.gz], a derivatives dataset"
-                   if all(derivative) else "sub-*/[ses-*/]dwi/*_dwi.nii[.gz]")
+        pattern = (
+            f"sub-*/[ses-*/]dwi/*_desc-{PREPROC_DESC}_dwi.nii[.gz], a derivatives dataset"
+            if all(derivative)
+            else "sub-*/[ses-*/]dwi/*_dwi.nii[.gz]"
+        )
         raise InputError(f"{where}: no DWI series ({pattern}) found{which}")
     return runs
 
@@ -347,8 +380,7 @@ def _gradient_file(siblings: dict, dwi, entities: dict, root: Path, kind: str) -
             break
         folder = folder.parent
     dwi_path = Path(dwi.path)
-    raise InputError(f"{dwi_path}: no .{kind} file found for this DWI series; "
-                     f"add {dwi_path.name.split('.')[0]}.{kind}")
+    raise InputError(f"{dwi_path}: no .{kind} file found for this DWI series; add {dwi_path.name.split('.')[0]}.{kind}")
 
 
 def _mask_file(siblings: dict, dwi, entities: dict) -> Path | None:
@@ -385,5 +417,7 @@ def upstream_steps(root: str | os.PathLike, subject: str) -> UpstreamSteps | Non
         return None
     unringing = str(workflow.get("unringing_method") or "none")  # QSIPrep leaves it out when unset
     return UpstreamSteps(
-        Preprocessing(_QSIPREP_DENOISE[method], unringing != "none"), "QSIPrep",
-        f"{logs[-1].relative_to(root)}: denoise_method {method}, unringing_method {unringing}")
+        Preprocessing(_QSIPREP_DENOISE[method], unringing != "none"),
+        "QSIPrep",
+        f"{logs[-1].relative_to(root)}: denoise_method {method}, unringing_method {unringing}",
+    )

@@ -17,9 +17,10 @@ import math
 import os
 import tomllib
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from iqt_pipe import __version__
 from iqt_pipe.io import InputError, save_text
@@ -92,32 +93,53 @@ class RunConfig:
     run_uuid: str = field(default_factory=new_run_uuid)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "RunConfig":
+    def from_args(cls, args: argparse.Namespace) -> RunConfig:
         """From :func:`iqt_pipe.cli.parser.parse_args`'s namespace (already validated)."""
         card = getattr(args, "model_card", None) or {}
         trained = getattr(args, "model_preprocessing", None) if card else None
-        labels = {name: tuple(getattr(args, name)) if getattr(args, name) is not None else None
-                  for name in ("participant_label", "session_label")}
+        labels = {
+            name: tuple(getattr(args, name)) if getattr(args, name) is not None else None
+            for name in ("participant_label", "session_label")
+        }
         return cls(
-            bids_dir=args.bids_dir, output_dir=args.output_dir, analysis_level=args.analysis_level,
-            work_dir=args.work_dir, **labels,
-            bids_filter_file=args.bids_filter_file, bids_filters=args.bids_filters,
+            bids_dir=args.bids_dir,
+            output_dir=args.output_dir,
+            analysis_level=args.analysis_level,
+            work_dir=args.work_dir,
+            **labels,
+            bids_filter_file=args.bids_filter_file,
+            bids_filters=args.bids_filters,
             skip_bids_validation=args.skip_bids_validation,
             input_derivatives=bool(getattr(args, "input_derivatives", False)),
-            model=args.model, model_variant=card.get("variant"), model_upsample=card.get("upsample"),
+            model=args.model,
+            model_variant=card.get("variant"),
+            model_upsample=card.get("upsample"),
             model_sha256=(card.get("weights") or {}).get("sha256"),
             ensemble_models=tuple(getattr(args, "ensemble_models", ())),
-            device=args.device, mc_samples=args.mc_samples, symmetries=args.symmetries,
-            precision=args.precision, seed=args.seed,
-            denoise=args.denoise, degibbs=args.degibbs,
-            model_denoise=trained.denoise if trained else None, model_degibbs=trained.degibbs if trained else None,
+            device=args.device,
+            mc_samples=args.mc_samples,
+            symmetries=args.symmetries,
+            precision=args.precision,
+            seed=args.seed,
+            denoise=args.denoise,
+            degibbs=args.degibbs,
+            model_denoise=trained.denoise if trained else None,
+            model_degibbs=trained.degibbs if trained else None,
             tractography=args.tractography,
-            seed_density=args.seed_density, max_uncertainty=args.max_uncertainty,
+            seed_density=args.seed_density,
+            max_uncertainty=args.max_uncertainty,
             uncertainty_action=args.max_uncertainty_action,
-            nprocs=args.nprocs, omp_nthreads=args.omp_nthreads, mem_mb=args.mem_mb,
-            use_plugin=args.use_plugin, plugin=args.plugin, plugin_args=dict(args.plugin_args),
-            stop_on_first_crash=args.stop_on_first_crash, write_graph=args.write_graph,
-            boilerplate_only=args.boilerplate_only, reports_only=args.reports_only, verbose=args.verbose,
+            nprocs=args.nprocs,
+            omp_nthreads=args.omp_nthreads,
+            mem_mb=args.mem_mb,
+            use_plugin=args.use_plugin,
+            plugin=args.plugin,
+            plugin_args=dict(args.plugin_args),
+            stop_on_first_crash=args.stop_on_first_crash,
+            write_graph=args.write_graph,
+            boilerplate_only=args.boilerplate_only,
+            reports_only=args.reports_only,
+            verbose=args.verbose,
         )
 
     def preprocessing_warning(self) -> str | None:
@@ -132,11 +154,13 @@ class RunConfig:
         trained = Preprocessing(self.model_denoise, bool(self.model_degibbs))
         if used.same_steps(trained):
             return None
-        return (f"the native series get {used.describe()}, but the model was trained on series with "
-                f"{trained.describe()}: expect less accurate super-resolution and uncertainty; leave out "
-                "--denoise and --degibbs to follow the model (recorded as Preprocessing in the sidecars)")
+        return (
+            f"the native series get {used.describe()}, but the model was trained on series with "
+            f"{trained.describe()}: expect less accurate super-resolution and uncertainty; leave out "
+            "--denoise and --degibbs to follow the model (recorded as Preprocessing in the sidecars)"
+        )
 
-    def series_preprocessing(self, run) -> "Preprocessing | None":
+    def series_preprocessing(self, run) -> Preprocessing | None:
         """What a run's series has had when it is fitted: iqt-pipe's own steps, after (for a
         preprocessed run) those its pipeline recorded; None where that pipeline recorded
         nothing (then nothing is claimed in the sidecars)."""
@@ -165,33 +189,56 @@ class RunConfig:
             if not getattr(run, "derivative", False):
                 continue
             if run.upstream is None:
-                key = (f"the preprocessed series do not record whether they were denoised or Gibbs-corrected "
-                       f"(no sub-<label>/log/*/qsiprep.toml); iqt-pipe applies {ours.describe()} and the model "
-                       f"was trained on series with {trained.describe()}: check that the pipeline did the same "
-                       "(add --denoise/--degibbs for a step it left out)")
+                key = (
+                    f"the preprocessed series do not record whether they were denoised or Gibbs-corrected "
+                    f"(no sub-<label>/log/*/qsiprep.toml); iqt-pipe applies {ours.describe()} and the model "
+                    f"was trained on series with {trained.describe()}: check that the pipeline did the same "
+                    "(add --denoise/--degibbs for a step it left out)"
+                )
                 lines.setdefault(key, []).append(run.name)
                 continue
             theirs, seen = run.upstream.preprocessing, self.series_preprocessing(run)
-            again = [step for step, twice in (("denoising", theirs.denoises and ours.denoises),
-                                              ("Gibbs-ringing removal", theirs.degibbs and ours.degibbs)) if twice]
+            again = [
+                step
+                for step, twice in (
+                    ("denoising", theirs.denoises and ours.denoises),
+                    ("Gibbs-ringing removal", theirs.degibbs and ours.degibbs),
+                )
+                if twice
+            ]
             if again:
-                key = (f"{' and '.join(again)} again on series that had it ({run.upstream.describe()}); "
-                       "leave out --denoise/--degibbs: a preprocessed series is not denoised or corrected twice")
+                key = (
+                    f"{' and '.join(again)} again on series that had it ({run.upstream.describe()}); "
+                    "leave out --denoise/--degibbs: a preprocessed series is not denoised or corrected twice"
+                )
             elif not seen.same_steps(trained):
-                lacking = [flag for flag, lacks in ((f"--denoise {trained.denoise}", trained.denoises and not seen.denoises),
-                                                    ("--degibbs", trained.degibbs and not seen.degibbs)) if lacks]
+                lacking = [
+                    flag
+                    for flag, lacks in (
+                        (f"--denoise {trained.denoise}", trained.denoises and not seen.denoises),
+                        ("--degibbs", trained.degibbs and not seen.degibbs),
+                    )
+                    if lacks
+                ]
                 extra = (seen.denoises and not trained.denoises) or (seen.degibbs and not trained.degibbs)
-                fix = ("a model trained on series preprocessed like these (iqt-train on them) fits them better"
-                       if extra or not lacking else f"add {' and '.join(lacking)}")
+                fix = (
+                    "a model trained on series preprocessed like these (iqt-train on them) fits them better"
+                    if extra or not lacking
+                    else f"add {' and '.join(lacking)}"
+                )
                 added = "" if not (ours.denoises or ours.degibbs) else f", then iqt-pipe's {ours.describe()}"
-                key = (f"the network sees {seen.describe()} ({run.upstream.describe()}{added}), but the model was "
-                       f"trained on series with {trained.describe()}: expect less accurate super-resolution and "
-                       f"uncertainty; {fix}")
+                key = (
+                    f"the network sees {seen.describe()} ({run.upstream.describe()}{added}), but the model was "
+                    f"trained on series with {trained.describe()}: expect less accurate super-resolution and "
+                    f"uncertainty; {fix}"
+                )
             else:
                 continue
             lines.setdefault(key, []).append(run.name)
-        return [f"{names[0]}{f' and {len(names) - 1} more run(s)' if len(names) > 1 else ''}: {text}"
-                for text, names in lines.items()]
+        return [
+            f"{names[0]}{f' and {len(names) - 1} more run(s)' if len(names) > 1 else ''}: {text}"
+            for text, names in lines.items()
+        ]
 
     # -- TOML ---------------------------------------------------------------------------------
 
@@ -215,7 +262,7 @@ class RunConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "run configuration") -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "run configuration") -> RunConfig:
         """Inverse of :meth:`to_dict`; a wrong key or type is an :class:`InputError` (one line)."""
         unknown = sorted(set(data) - set(_KINDS))
         if unknown:
@@ -231,13 +278,14 @@ class RunConfig:
 
     def to_toml(self, path: str | os.PathLike) -> Path:
         """Write the configuration as TOML, atomically; returns the path."""
-        lines = [f"# iqt-pipe {self.version} run configuration; "
-                 "read it back with iqt_pipe.config.RunConfig.from_toml()"]
+        lines = [
+            f"# iqt-pipe {self.version} run configuration; read it back with iqt_pipe.config.RunConfig.from_toml()"
+        ]
         lines += [f"{key} = {_toml_value(value)}" for key, value in self.to_dict().items()]
         return save_text("\n".join(lines) + "\n", path)
 
     @classmethod
-    def from_toml(cls, path: str | os.PathLike) -> "RunConfig":
+    def from_toml(cls, path: str | os.PathLike) -> RunConfig:
         path = Path(path)
         try:
             with open(path, "rb") as fh:
@@ -275,6 +323,7 @@ class RunConfig:
         ``runs``: the DWI runs found (:class:`iqt_pipe.bids.DWIRun`), to count them;
         ``device``: the device ``auto`` resolved to, when known.
         """
+
         def labels(values, prefix, every):
             return ", ".join(f"{prefix}-{v}" for v in values) if values else every
 
@@ -290,15 +339,23 @@ class RunConfig:
         rows.append(("sessions", labels(self.session_label, "ses", "all")))
         if runs is not None:
             subjects = sorted({r.subject for r in runs})
-            rows.append(("DWI runs", f"{len(runs)} in {len(subjects)} participant(s): "
-                                     + ", ".join(f"sub-{s}" for s in subjects)))
+            rows.append(
+                (
+                    "DWI runs",
+                    f"{len(runs)} in {len(subjects)} participant(s): " + ", ".join(f"sub-{s}" for s in subjects),
+                )
+            )
         rows.append(("output", str(self.output_dir)))
         if self.model is not None:
             sha = f", sha256 {self.model_sha256[:12]}…" if self.model_sha256 else ""
             rows.append(("model", f"{self.model} (variant {self.model_variant}, r = {self.model_upsample}{sha})"))
             if self.ensemble_models:
-                rows.append(("ensemble", f"averaged with {', '.join(map(str, self.ensemble_models))} "
-                                         "(inverse-variance weights)"))
+                rows.append(
+                    (
+                        "ensemble",
+                        f"averaged with {', '.join(map(str, self.ensemble_models))} (inverse-variance weights)",
+                    )
+                )
         else:
             rows.append(("model", "none"))
         if device is not None and device != self.device:
@@ -308,30 +365,50 @@ class RunConfig:
         else:
             dev = self.device
         symmetric = {"none": "", "mirrors": ", test-time mirrors (8)", "cube": ", test-time cube symmetries (48)"}
-        rows.append(("inference", f"device {dev}, {self.precision} precision, {self.mc_samples} MC sample(s)"
-                                  f"{symmetric[self.symmetries]}, seed {self.seed}"))
+        rows.append(
+            (
+                "inference",
+                f"device {dev}, {self.precision} precision, {self.mc_samples} MC sample(s)"
+                f"{symmetric[self.symmetries]}, seed {self.seed}",
+            )
+        )
         steps = f"denoise {self.denoise}, Gibbs removal {'on' if self.degibbs else 'off'}"
         if self.input_derivatives:
             steps += " by iqt-pipe, after the preprocessing pipeline's own steps (never repeated by default)"
         elif self.model_denoise is not None:
-            steps += " (as the model was trained)" if not self.preprocessing_warning() else " (NOT as the model was trained)"
+            steps += (
+                " (as the model was trained)" if not self.preprocessing_warning() else " (NOT as the model was trained)"
+            )
         rows.append(("preprocessing", steps))
         rows.append(("tractography", self.tractography))
         if self.tractography != "none":
-            limit = (f"{self.uncertainty_action} where the uncertainty exceeds {self.max_uncertainty:g} mm²/s"
-                     if self.max_uncertainty is not None else "no uncertainty limit")
+            limit = (
+                f"{self.uncertainty_action} where the uncertainty exceeds {self.max_uncertainty:g} mm²/s"
+                if self.max_uncertainty is not None
+                else "no uncertainty limit"
+            )
             rows.append(("streamlines", f"{self.seed_density:g} seeds/mm³ of white matter, {limit}"))
         memory = f"{self.mem_mb} MB" if self.mem_mb is not None else "no limit"
         source = f" (from {self.use_plugin})" if self.use_plugin else ""
-        rows.append(("execution", f"Nipype {self.plugin}{source}: {self.nprocs} process(es), "
-                                  f"{self.omp_nthreads} thread(s) each, memory {memory}"))
+        rows.append(
+            (
+                "execution",
+                f"Nipype {self.plugin}{source}: {self.nprocs} process(es), "
+                f"{self.omp_nthreads} thread(s) each, memory {memory}",
+            )
+        )
         resumes = "exists: finished steps are reused" if self.work_dir.is_dir() else "new"
         rows.append(("work dir", f"{self.work_dir} ({resumes})"))
-        flags = [text for on, text in ((self.stop_on_first_crash, "stop on first crash"),
-                                       (self.write_graph, "write workflow graphs"),
-                                       (self.boilerplate_only, "boilerplate only: methods text, then stop"),
-                                       (self.reports_only, "reports only: rebuild the visual reports from the outputs"))
-                 if on]
+        flags = [
+            text
+            for on, text in (
+                (self.stop_on_first_crash, "stop on first crash"),
+                (self.write_graph, "write workflow graphs"),
+                (self.boilerplate_only, "boilerplate only: methods text, then stop"),
+                (self.reports_only, "reports only: rebuild the visual reports from the outputs"),
+            )
+            if on
+        ]
         if flags:
             rows.append(("options", ", ".join(flags)))
         width = max(len(name) for name, _ in rows)
@@ -343,26 +420,65 @@ class RunConfig:
 
 #: How each field is stored: "path", "labels", "json", "str", "int", "float", "bool"; "?" = may be unset.
 _KINDS = {
-    "bids_dir": "path", "output_dir": "path", "analysis_level": "str", "work_dir": "path",
-    "participant_label": "labels?", "session_label": "labels?",
-    "bids_filter_file": "path?", "bids_filters": "json?", "skip_bids_validation": "bool",
+    "bids_dir": "path",
+    "output_dir": "path",
+    "analysis_level": "str",
+    "work_dir": "path",
+    "participant_label": "labels?",
+    "session_label": "labels?",
+    "bids_filter_file": "path?",
+    "bids_filters": "json?",
+    "skip_bids_validation": "bool",
     "input_derivatives": "bool",
-    "model": "path?", "model_variant": "str?", "model_upsample": "int?", "model_sha256": "str?",
-    "ensemble_models": "paths", "device": "str", "mc_samples": "int", "symmetries": "str", "precision": "str", "seed": "int", "denoise": "str", "degibbs": "bool",
-    "model_denoise": "str?", "model_degibbs": "bool?",
-    "tractography": "str", "seed_density": "float", "max_uncertainty": "float?", "uncertainty_action": "str",
-    "nprocs": "int", "omp_nthreads": "int", "mem_mb": "int?",
-    "use_plugin": "path?", "plugin": "str", "plugin_args": "json",
-    "stop_on_first_crash": "bool", "write_graph": "bool", "boilerplate_only": "bool", "reports_only": "bool",
+    "model": "path?",
+    "model_variant": "str?",
+    "model_upsample": "int?",
+    "model_sha256": "str?",
+    "ensemble_models": "paths",
+    "device": "str",
+    "mc_samples": "int",
+    "symmetries": "str",
+    "precision": "str",
+    "seed": "int",
+    "denoise": "str",
+    "degibbs": "bool",
+    "model_denoise": "str?",
+    "model_degibbs": "bool?",
+    "tractography": "str",
+    "seed_density": "float",
+    "max_uncertainty": "float?",
+    "uncertainty_action": "str",
+    "nprocs": "int",
+    "omp_nthreads": "int",
+    "mem_mb": "int?",
+    "use_plugin": "path?",
+    "plugin": "str",
+    "plugin_args": "json",
+    "stop_on_first_crash": "bool",
+    "write_graph": "bool",
+    "boilerplate_only": "bool",
+    "reports_only": "bool",
     "verbose": "int",
-    "version": "str", "run_uuid": "str",
+    "version": "str",
+    "run_uuid": "str",
 }
 assert set(_KINDS) == {f.name for f in dataclasses.fields(RunConfig)}
 #: Settings a file may leave out: their defaults apply (None for the unset ones).
-_DEFAULTED = {f.name for f in dataclasses.fields(RunConfig)
-              if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-_CHOICES = {"analysis_level": ("participant", "group"), "device": DEVICES, "symmetries": SYMMETRIES, "precision": PRECISIONS, "denoise": DENOISE, "model_denoise": DENOISE,
-            "tractography": TRACTOGRAPHY, "uncertainty_action": UNCERTAINTY_ACTIONS}
+_DEFAULTED = {
+    f.name
+    for f in dataclasses.fields(RunConfig)
+    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+}
+_CHOICES = {
+    "analysis_level": ("participant", "group"),
+    "device": DEVICES,
+    "symmetries": SYMMETRIES,
+    "precision": PRECISIONS,
+    "denoise": DENOISE,
+    "model_denoise": DENOISE,
+    "tractography": TRACTOGRAPHY,
+    "uncertainty_action": UNCERTAINTY_ACTIONS,
+}
 
 
 def _decode(name: str, kind: str, value: Any, source: str) -> Any:

@@ -7,8 +7,9 @@ import json
 import os
 import tempfile
 import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Sequence
+from typing import IO, Any
 
 import nibabel as nb
 import numpy as np
@@ -33,8 +34,9 @@ NIFTI_READ_ERRORS = (OSError, EOFError, ValueError, TypeError, nb.filebasedimage
 
 def unreadable_nifti(path: str | os.PathLike, exc: Exception) -> InputError:
     """The one-line refusal of an image nibabel cannot read."""
-    return InputError(f"{path}: cannot read as NIfTI ({exc.__class__.__name__}: {str(exc)[:120]}); "
-                      "re-export or re-download the file")
+    return InputError(
+        f"{path}: cannot read as NIfTI ({exc.__class__.__name__}: {str(exc)[:120]}); re-export or re-download the file"
+    )
 
 
 def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, nb.Nifti1Header]:
@@ -64,8 +66,10 @@ def load_mask(path: str | os.PathLike, shape: tuple[int, ...], of: str = "DWI") 
     a mask of another grid is an :class:`InputError` naming the file and the fix."""
     mask = load_nifti(path)[0] > 0
     if mask.shape != tuple(shape[:3]):
-        raise InputError(f"{path}: mask grid {mask.shape} differs from the {of} grid {tuple(shape[:3])}; "
-                         "give a mask of the same series")
+        raise InputError(
+            f"{path}: mask grid {mask.shape} differs from the {of} grid {tuple(shape[:3])}; "
+            "give a mask of the same series"
+        )
     return mask
 
 
@@ -209,7 +213,9 @@ def read_tsv(path: str | os.PathLike) -> list[dict[str, str]]:
         return list(csv.DictReader(fh, delimiter="\t"))
 
 
-def load_tensor_image(tensor_file: str | os.PathLike, mask_file: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_tensor_image(
+    tensor_file: str | os.PathLike, mask_file: str | os.PathLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A world-frame BEP016 tensor image and its brain mask, checked against each other
     (one-line :class:`InputError` otherwise); returns ``(tensors, mask, affine)``."""
     tensors, affine, _ = load_nifti(tensor_file)
@@ -217,7 +223,9 @@ def load_tensor_image(tensor_file: str | os.PathLike, mask_file: str | os.PathLi
         raise InputError(f"{tensor_file}: expected 6 tensor volumes (D11 … D33), got shape {tensors.shape}")
     mask, mask_affine, _ = load_nifti(mask_file)
     if mask.shape != tensors.shape[:3] or not np.allclose(mask_affine, affine, atol=1e-3):
-        raise InputError(f"{mask_file}: the mask's grid differs from {Path(tensor_file).name}'s; use the mask of the same run")
+        raise InputError(
+            f"{mask_file}: the mask's grid differs from {Path(tensor_file).name}'s; use the mask of the same run"
+        )
     mask = mask > 0
     if not mask.any():
         raise InputError(f"{mask_file}: the brain mask is empty; check the masking step")

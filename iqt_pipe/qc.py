@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -61,14 +62,24 @@ OUTLIER_METRICS = ("sdtot_wm_median", "sdtot_frac_above", "fa_wm_median_ratio", 
 #: five vendors 0.08-0.25 on every axis (:func:`iqt_pipe.dmri.preproc.noise_neighbour_correlation`).
 CORRELATED_NOISE = 0.4
 #: What correlated noise means for super-resolution.
-INTERPOLATED = ("the scanner interpolated this series, so its grid holds less detail than its voxel size "
-                "suggests and super-resolution gains little over cubic-spline interpolation")
+INTERPOLATED = (
+    "the scanner interpolated this series, so its grid holds less detail than its voxel size "
+    "suggests and super-resolution gains little over cubic-spline interpolation"
+)
 #: Native tensor sidecar field with that correlation (written by the participant level).
 NOISE_CORRELATION_FIELD = "NoiseNeighbourCorrelation"
 #: BIDS entities (pybids names, labels without prefix) in column order; short keys for run names.
 #: ``space`` comes from a preprocessed input (e.g. QSIPrep's ``space-ACPC``) and names its runs too.
-ENTITIES = {"subject": "sub", "session": "ses", "acquisition": "acq", "reconstruction": "rec",
-            "direction": "dir", "run": "run", "part": "part", "space": "space"}
+ENTITIES = {
+    "subject": "sub",
+    "session": "ses",
+    "acquisition": "acq",
+    "reconstruction": "rec",
+    "direction": "dir",
+    "run": "run",
+    "part": "part",
+    "space": "space",
+}
 
 
 def _metric_columns() -> dict[str, str]:
@@ -97,15 +108,17 @@ def _metric_columns() -> dict[str, str]:
 METRIC_COLUMNS: dict[str, str] = _metric_columns()
 #: Columns :func:`group_table` adds, with their meaning.
 GROUP_COLUMNS: dict[str, str] = {
-    **{f"{m}_z": f"robust z of {m}: (x - median) / (1.4826 MAD) across runs; n/a with < 3 runs"
-       for m in OUTLIER_METRICS},
+    **{
+        f"{m}_z": f"robust z of {m}: (x - median) / (1.4826 MAD) across runs; n/a with < 3 runs"
+        for m in OUTLIER_METRICS
+    },
     "outlier": f"true when any |z| > {OUTLIER_Z} (Iglewicz-Hoaglin)",
     "outlier_metrics": "the metrics with |z| > 3.5, comma-separated",
 }
 #: Columns from the participant level's sidecars (n/a for outputs of versions without them).
 NOISE_COLUMNS: dict[str, str] = {
     "noise_corr_max": "largest neighbour correlation of the noise over the voxel axes (MP-PCA residual in the "
-                      f"brain); above {CORRELATED_NOISE} the scanner interpolated: little for super-resolution to recover",
+    f"brain); above {CORRELATED_NOISE} the scanner interpolated: little for super-resolution to recover",
 }
 #: Every known column after the BIDS entities, in TSV order, with its meaning.
 COLUMN_MEANINGS: dict[str, str] = {**METRIC_COLUMNS, **GROUP_COLUMNS, **NOISE_COLUMNS}
@@ -121,11 +134,16 @@ def noise_correlation(sidecar: dict[str, Any]) -> list[float] | None:
 def noise_correlation_warning(correlation: Sequence[float] | None, name: str) -> str | None:
     """One line when the noise correlates between neighbours along any axis above
     :data:`CORRELATED_NOISE`, else None."""
-    high = [f"{axis} {value:.2f}" for axis, value in zip("ijk", correlation or ())
-            if math.isfinite(value) and value > CORRELATED_NOISE]
+    high = [
+        f"{axis} {value:.2f}"
+        for axis, value in zip("ijk", correlation or ())
+        if math.isfinite(value) and value > CORRELATED_NOISE
+    ]
     if not high:
         return None
-    return f"{name}: noise correlated between neighbouring voxels ({', '.join(high)} > {CORRELATED_NOISE}): {INTERPOLATED}"
+    return (
+        f"{name}: noise correlated between neighbouring voxels ({', '.join(high)} > {CORRELATED_NOISE}): {INTERPOLATED}"
+    )
 
 
 def model_domain_warning(sr_sidecar: dict[str, Any], name: str) -> str | None:
@@ -134,9 +152,11 @@ def model_domain_warning(sr_sidecar: dict[str, Any], name: str) -> str | None:
     problems = (sr_sidecar.get("ModelDomain") or {}).get("Problems")
     if not problems:
         return None
-    return (f"{name}: outside the model's training domain ({'; '.join(problems)}): the super-resolved maps "
-            "and their uncertainty are extrapolated; check them against the native ones, or train a model on "
-            "such scans (iqt-train)")
+    return (
+        f"{name}: outside the model's training domain ({'; '.join(problems)}): the super-resolved maps "
+        "and their uncertainty are extrapolated; check them against the native ones, or train a model on "
+        "such scans (iqt-train)"
+    )
 
 
 def expand_blocks(native: np.ndarray, r: int) -> np.ndarray:
@@ -302,7 +322,10 @@ def metrics_from_files(
     hr_shape = tuple(s * int(r) for s in mask_shape)
     check(sr, hr_shape, upsample_affine(mask_affine, int(r)), f"r={r} block upsampling of the native grid {hr_shape}")
     return run_qc_metrics(
-        *(arrays[label][0] for label in native), *(arrays[label][0] for label in sr), r, threshold,
+        *(arrays[label][0] for label in native),
+        *(arrays[label][0] for label in sr),
+        r,
+        threshold,
         name=name or Path(sr_fa).name,
     )
 
@@ -380,11 +403,16 @@ def summary_text(rows: list[dict[str, Any]], metrics: Iterable[str] = OUTLIER_ME
         for row in outliers:
             why = ", ".join(f"{m} z={row[f'{m}_z']:+.1f}" for m in row["outlier_metrics"].split(",") if m)
             lines.append(f"  {run_label(row)}: {why}")
-    correlated = [row for row in rows if isinstance(row.get("noise_corr_max"), (int, float))
-                  and row["noise_corr_max"] > CORRELATED_NOISE]
+    correlated = [
+        row
+        for row in rows
+        if isinstance(row.get("noise_corr_max"), (int, float)) and row["noise_corr_max"] > CORRELATED_NOISE
+    ]
     if correlated:
-        lines.append(f"Correlated noise (neighbour correlation > {CORRELATED_NOISE}; interpolated by the scanner, "
-                     f"little for super-resolution to recover): {len(correlated)}")
+        lines.append(
+            f"Correlated noise (neighbour correlation > {CORRELATED_NOISE}; interpolated by the scanner, "
+            f"little for super-resolution to recover): {len(correlated)}"
+        )
         lines += [f"  {run_label(row)}: {row['noise_corr_max']:.2f}" for row in correlated]
     if rows:
         lines.append("Medians across runs:")

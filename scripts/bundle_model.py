@@ -27,12 +27,33 @@ from iqt_pipe.models import load_model, read_card
 from iqt_pipe.models.files import BUNDLED, bundled_dir, model_paths
 
 #: The card keeps these metrics of the pooled summary …
-_KEEP = ("tensor_rmse_ratio", "tensor_rmse_corrected_ratio", "fa_rmse_ratio", "md_rmse_ratio", "spearman",
-         "coverage0.5", "coverage0.8", "coverage0.95", "md_coverage0.95", "error_sd_ratio", "predicted_fraction",
-         "risky", "lesion")  # metric names: the key before its last dot (coverage0.95.brain → coverage0.95)
+_KEEP = (
+    "tensor_rmse_ratio",
+    "tensor_rmse_corrected_ratio",
+    "fa_rmse_ratio",
+    "md_rmse_ratio",
+    "spearman",
+    "coverage0.5",
+    "coverage0.8",
+    "coverage0.95",
+    "md_coverage0.95",
+    "error_sd_ratio",
+    "predicted_fraction",
+    "risky",
+    "lesion",
+)  # metric names: the key before its last dot (coverage0.95.brain → coverage0.95)
 #: … in these regions and scores.
-_SUFFIXES = (".interior", ".exterior", ".brain", ".auc", ".auc_intrinsic", ".auc_parameter", ".f1", ".precision",
-             ".recall")
+_SUFFIXES = (
+    ".interior",
+    ".exterior",
+    ".brain",
+    ".auc",
+    ".auc_intrinsic",
+    ".auc_parameter",
+    ".f1",
+    ".precision",
+    ".recall",
+)
 
 
 def _relative(card: dict) -> dict:
@@ -51,8 +72,11 @@ def _relative(card: dict) -> dict:
         run["dataset"] = Path(run["dataset"]).name if run.get("dataset") else None
     training["datasets"] = [d.name for d in datasets]
     # What each folder held (e.g. "iqt-phantom synthetic DWI (preset demo, seed 7)"): its name alone travels.
-    training["dataset_names"] = {d.name: json.loads((d / "dataset_description.json").read_text()).get("Name")
-                                 for d in datasets if (d / "dataset_description.json").is_file()}
+    training["dataset_names"] = {
+        d.name: json.loads((d / "dataset_description.json").read_text()).get("Name")
+        for d in datasets
+        if (d / "dataset_description.json").is_file()
+    }
     return card
 
 
@@ -67,8 +91,14 @@ def _evaluation(folds: list[tuple[Path, str]], command: str | None) -> dict:
             rec["methods"] = {"model": rec["methods"][method]}
             rec["fold"] = k
         records += mine
-        info.append({"fold": k, "method": method, "runs": sorted({r["run"] for r in mine}),
-                     "risky_threshold_md_sd": res.get("thresholds", {}).get(method)})
+        info.append(
+            {
+                "fold": k,
+                "method": method,
+                "runs": sorted({r["run"] for r in mine}),
+                "risky_threshold_md_sd": res.get("thresholds", {}).get(method),
+            }
+        )
     summary = {}
     for mode, methods in summarise(records).items():
         values = methods["model"]["values"]
@@ -85,9 +115,15 @@ def _evaluation(folds: list[tuple[Path, str]], command: str | None) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", type=Path)
-    p.add_argument("--evaluation", nargs=2, action="append", metavar=("RESULTS", "METHOD"), default=[],
-                   help="one fold: iqt-eval results.json of the same recipe on held-out subjects and the "
-                        "method name of that recipe's model in it (repeatable)")
+    p.add_argument(
+        "--evaluation",
+        nargs=2,
+        action="append",
+        metavar=("RESULTS", "METHOD"),
+        default=[],
+        help="one fold: iqt-eval results.json of the same recipe on held-out subjects and the "
+        "method name of that recipe's model in it (repeatable)",
+    )
     p.add_argument("--evaluation-command", help="the commands that reproduce the evaluation")
     args = p.parse_args()
     card = _relative(read_card(args.model))

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from helpers import REALDWI
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")

@@ -58,8 +58,10 @@ def why_unavailable() -> str | None:
         return "a one-machine SLURM cluster needs root (munged runs as user munge, slurmd runs jobs as their owners)"
     missing = [name for name in DAEMONS + CLIENTS if _which(name) is None]
     if missing:
-        return (f"SLURM/munge not installed ({', '.join(missing)} missing; "
-                "scripts/setup.sh installs slurmctld slurmd slurm-client munge as root)")
+        return (
+            f"SLURM/munge not installed ({', '.join(missing)} missing; "
+            "scripts/setup.sh installs slurmctld slurmd slurm-client munge as root)"
+        )
     try:
         pwd.getpwnam("munge")
     except KeyError:
@@ -82,8 +84,15 @@ class Cluster:
 
     def run(self, *cmd, check: bool = True, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
         """A client command (``sbatch``, ``squeue``, ...) against this cluster."""
-        return subprocess.run([str(c) for c in cmd], env={**self.env, **kwargs.pop("env", {})}, check=check,
-                              capture_output=True, text=True, timeout=timeout, **kwargs)
+        return subprocess.run(
+            [str(c) for c in cmd],
+            env={**self.env, **kwargs.pop("env", {})},
+            check=check,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kwargs,
+        )
 
     def sbatch(self, *args, env: dict | None = None, cwd: str | os.PathLike | None = None) -> str:
         """Submit a batch job; returns its id (an array's parent id for ``--array``)."""
@@ -161,12 +170,12 @@ SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=socket={socket_path}
 CredType=cred/munge
-StateSaveLocation={state / 'ctld'}
-SlurmdSpoolDir={state / 'd'}
-SlurmctldPidFile={state / 'slurmctld.pid'}
-SlurmdPidFile={state / 'slurmd.pid'}
-SlurmctldLogFile={log / 'slurmctld.log'}
-SlurmdLogFile={log / 'slurmd.log'}
+StateSaveLocation={state / "ctld"}
+SlurmdSpoolDir={state / "d"}
+SlurmctldPidFile={state / "slurmctld.pid"}
+SlurmdPidFile={state / "slurmd.pid"}
+SlurmctldLogFile={log / "slurmctld.log"}
+SlurmdLogFile={log / "slurmd.log"}
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -218,7 +227,11 @@ def start_cluster(timeout: float = 60) -> Cluster:
     memory_mb = _memory_mb()
     conf = root / "slurm.conf"
     conf.write_text(_slurm_conf(root, socket_path, cpus, memory_mb))
-    env = {**os.environ, "SLURM_CONF": str(conf), "LOGNAME": os.environ.get("LOGNAME") or pwd.getpwuid(os.geteuid()).pw_name}
+    env = {
+        **os.environ,
+        "SLURM_CONF": str(conf),
+        "LOGNAME": os.environ.get("LOGNAME") or pwd.getpwuid(os.geteuid()).pw_name,
+    }
     for name in list(env):  # a job's own variables must not leak into the test cluster's clients
         if name.startswith(("SLURM_", "SBATCH_", "SRUN_")) and name != "SLURM_CONF":
             del env[name]
@@ -227,23 +240,37 @@ def start_cluster(timeout: float = 60) -> Cluster:
     def launch(name: str, cmd: list[str], **kwargs) -> None:
         out = open(root / "log" / f"{name}.console", "w")
         try:
-            cluster.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                                   stdin=subprocess.DEVNULL, **kwargs)
+            cluster.procs[name] = subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kwargs
+            )
         finally:
             out.close()
 
     def fail(what: str) -> ClusterUnavailable:
-        consoles = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1000:]}"
-                             for p in sorted((root / "log").glob("*.console")))
+        consoles = "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-1000:]}" for p in sorted((root / "log").glob("*.console"))
+        )
         message = f"the one-machine SLURM cluster did not start: {what}\n{cluster.logs()}\n{consoles}"
         cluster.stop()
         return ClusterUnavailable(message)
 
     try:
-        launch("munged", [_which("munged"), "--foreground", f"--key-file={key}", f"--socket={socket_path}",
-                          f"--pid-file={mdir / 'munged.pid'}", f"--log-file={mdir / 'munged.log'}",
-                          f"--seed-file={mdir / 'munged.seed'}"],
-               user=munge.pw_uid, group=munge.pw_gid, extra_groups=[], cwd=mdir)
+        launch(
+            "munged",
+            [
+                _which("munged"),
+                "--foreground",
+                f"--key-file={key}",
+                f"--socket={socket_path}",
+                f"--pid-file={mdir / 'munged.pid'}",
+                f"--log-file={mdir / 'munged.log'}",
+                f"--seed-file={mdir / 'munged.seed'}",
+            ],
+            user=munge.pw_uid,
+            group=munge.pw_gid,
+            extra_groups=[],
+            cwd=mdir,
+        )
         end = time.monotonic() + timeout
         while not socket_path.exists():
             if cluster.procs["munged"].poll() is not None or time.monotonic() > end:

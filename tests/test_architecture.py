@@ -46,10 +46,13 @@ def test_few_modules_at_the_top_of_the_package():
 
 
 def test_no_long_functions():
-    long = [f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for path, tree in _modules(*CODE) for node in ast.walk(tree)
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    long = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path, tree in _modules(*CODE)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
     assert not long, long
 
 
@@ -66,14 +69,21 @@ def _imports(tree: ast.Module) -> set[str]:
 
 def test_science_never_imports_the_phantom():
     """The forward model and noise live in iqt_pipe.dmri.signal; iqt_pipe.sims is test and demo data."""
-    offenders = [str(path.relative_to(REPO)) for path, tree in _modules(*CODE)
-                 if "sims" not in path.parts and path.name != "phantom.py"
-                 and any(name.startswith("iqt_pipe.sims") for name in _imports(tree))]
+    offenders = [
+        str(path.relative_to(REPO))
+        for path, tree in _modules(*CODE)
+        if "sims" not in path.parts
+        and path.name != "phantom.py"
+        and any(name.startswith("iqt_pipe.sims") for name in _imports(tree))
+    ]
     assert not offenders, offenders
 
 
 def test_nipype_only_in_interfaces_and_workflows():
     """Science is plain functions and torch modules; the command line (iqt_pipe/cli) runs the workflows."""
-    offenders = [str(path.relative_to(REPO)) for path, tree in _modules("iqt_pipe") if "cli" not in path.parts
-                 and any(name == "nipype" or name.startswith("nipype.") for name in _imports(tree))]
+    offenders = [
+        str(path.relative_to(REPO))
+        for path, tree in _modules("iqt_pipe")
+        if "cli" not in path.parts and any(name == "nipype" or name.startswith("nipype.") for name in _imports(tree))
+    ]
     assert not offenders, offenders

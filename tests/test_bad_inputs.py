@@ -20,8 +20,8 @@ import nibabel as nb
 import numpy as np
 import pytest
 import torch
-
 from helpers import tiny_dataset_and_model
+
 from iqt_pipe.cli.run import main
 from iqt_pipe.models import IQTNet, save_model
 from iqt_pipe.sims.dataset import write_bids_dataset
@@ -80,6 +80,7 @@ def _voxel(ds, value):
         d = d.astype(np.float32)
         d[10, 10, 10, 3] = value
         return d, a
+
     _edit_image(ds, fn)
 
 
@@ -88,6 +89,7 @@ def _zero_volume(ds):
         d = d.copy()
         d[..., 5] = 0
         return d, a
+
     _edit_image(ds, fn)
 
 
@@ -96,6 +98,7 @@ def _scale_axis(ds, factor, axis=2):
         a = a.copy()
         a[:3, axis] *= factor
         return d, a
+
     _edit_image(ds, fn)
 
 
@@ -104,6 +107,7 @@ def _shear(ds):
         a = a.copy()
         a[0, 1] = 0.3 * a[1, 1]
         return d, a
+
     _edit_image(ds, fn)
 
 
@@ -182,8 +186,14 @@ def _nan_weights(model: Path) -> None:
 CASES = [
     ("not-bids", lambda ds: (ds / "dataset_description.json").unlink(), None, [], "not a BIDS dataset", 2),
     ("bids-json-broken", lambda ds: (ds / "dataset_description.json").write_text("{"), None, [], "not valid JSON", 2),
-    ("no-dwi-for-participant", lambda ds: (shutil.rmtree(ds / "sub-01/dwi"), (ds / "sub-01/anat").mkdir()), None,
-     [], "no DWI series", 2),
+    (
+        "no-dwi-for-participant",
+        lambda ds: (shutil.rmtree(ds / "sub-01/dwi"), (ds / "sub-01/anat").mkdir()),
+        None,
+        [],
+        "no DWI series",
+        2,
+    ),
     ("unknown-participant", None, None, ["--participant-label", "07"], "participant label sub-07 not found", 2),
     ("label-path-trick", None, None, ["--participant-label", "../01"], "not a BIDS label", 2),
     ("label-slash", None, None, ["--participant-label", "sub-01/.."], "not a BIDS label", 2),
@@ -192,11 +202,24 @@ CASES = [
     ("bval-wrong-count", lambda ds: _set_bvals(ds, lambda b: b[:-1]), None, [], "b-values but", 2),
     ("bval-not-numeric", lambda ds: (ds / BVAL).write_text("0 1000 abc\n"), None, [], "non-numeric value 'abc'", 2),
     ("bvec-transposed", lambda ds: _write_lines(ds, BVEC, np.asarray(_lines(ds, BVEC)).T), None, [], "transposed", 2),
-    ("bvec-not-unit", lambda ds: _write_lines(ds, BVEC, np.asarray(_lines(ds, BVEC)) * 1.5), None, [],
-     "normalise the vectors", 2),
-    ("bvec-nan", lambda ds: _write_lines(ds, BVEC, np.where(np.arange(len(_lines(ds, BVEC)[0])) == 3,
-                                                              np.nan, np.asarray(_lines(ds, BVEC)))), None, [],
-     "directions contain NaN or Inf", 2),
+    (
+        "bvec-not-unit",
+        lambda ds: _write_lines(ds, BVEC, np.asarray(_lines(ds, BVEC)) * 1.5),
+        None,
+        [],
+        "normalise the vectors",
+        2,
+    ),
+    (
+        "bvec-nan",
+        lambda ds: _write_lines(
+            ds, BVEC, np.where(np.arange(len(_lines(ds, BVEC)[0])) == 3, np.nan, np.asarray(_lines(ds, BVEC)))
+        ),
+        None,
+        [],
+        "directions contain NaN or Inf",
+        2,
+    ),
     ("b0-only", lambda ds: _keep_volumes(ds, np.flatnonzero(_b0s(ds))), None, [], "only b=0 volumes", 2),
     ("no-b0", lambda ds: _keep_volumes(ds, np.flatnonzero(~_b0s(ds))), None, [], "no b=0 volume", 2),
     ("single-volume", lambda ds: _keep_volumes(ds, [0]), None, [], "a single volume is not a DWI series", 2),
@@ -218,8 +241,14 @@ CASES = [
     ("output-unwritable", None, None, ["@out-unwritable"], "cannot write there", 2),
     ("work-inside-input", None, None, ["-w", "@bids/work"], "lies inside the BIDS folder", 2),
     ("model-missing", None, None, ["--model", "@nowhere"], "no such file or folder", 2),
-    ("model-corrupt", None, lambda m: _model_bytes(m, lambda b: b[:100] + os.urandom(len(b) - 100)), [],
-     "checksum differs", 2),
+    (
+        "model-corrupt",
+        None,
+        lambda m: _model_bytes(m, lambda b: b[:100] + os.urandom(len(b) - 100)),
+        [],
+        "checksum differs",
+        2,
+    ),
     ("model-truncated", None, lambda m: _model_bytes(m, lambda b: b[: len(b) // 3]), [], "checksum differs", 2),
     ("model-wrong-r", None, _model_r3_card, [], "do not match a hetero-var2 r=3 network", 2),
     ("model-unknown-variant", None, lambda m: _model_card(m, variant="hetero-var9"), [], "unknown variant", 2),
@@ -255,8 +284,18 @@ def test_bad_input(case, pristine, tmp_path, capsys):
     ds, mdl = _damaged_copy(case, pristine, tmp_path)
     out = tmp_path / "out"
     (tmp_path / "broken.json").write_text("{")
-    args = [str(ds), str(out), "participant", "--model", str(mdl), "-w", str(tmp_path / "work"),
-            "--skip-bids-validation", "--nprocs", "1"]
+    args = [
+        str(ds),
+        str(out),
+        "participant",
+        "--model",
+        str(mdl),
+        "-w",
+        str(tmp_path / "work"),
+        "--skip-bids-validation",
+        "--nprocs",
+        "1",
+    ]
     for token in extra:
         if token == "@out-inside":
             out = ds / "sub-01" / "out"
@@ -268,11 +307,16 @@ def test_bad_input(case, pristine, tmp_path, capsys):
             out = Path("/proc/iqt-pipe-out")
             args[1] = str(out)
         else:
-            args.append({"@bids/work": str(ds / "work"), "@nowhere": str(tmp_path / "nowhere"),
-                         "@broken-json": str(tmp_path / "broken.json")}.get(token, token))
+            args.append(
+                {
+                    "@bids/work": str(ds / "work"),
+                    "@nowhere": str(tmp_path / "nowhere"),
+                    "@broken-json": str(tmp_path / "broken.json"),
+                }.get(token, token)
+            )
     if "--model" in extra:  # the case's own --model replaces the default one
         i = args.index("--model")
-        del args[i:i + 2]
+        del args[i : i + 2]
     try:
         rc = main(args)
     except SystemExit as exc:
@@ -302,16 +346,45 @@ def test_console_script_no_traceback(case, pristine, tmp_path):
     row = next(c for c in CASES if c[0] == case)
     expected, code = row[4], row[5]
     ds, mdl = _damaged_copy(row, pristine, tmp_path)
-    proc = subprocess.run([exe, str(ds), str(tmp_path / "out"), "participant", "--model", str(mdl),
-                           "-w", str(tmp_path / "work"), "--skip-bids-validation"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "NIPYPE_NO_ET": "1"})
+    proc = subprocess.run(
+        [
+            exe,
+            str(ds),
+            str(tmp_path / "out"),
+            "participant",
+            "--model",
+            str(mdl),
+            "-w",
+            str(tmp_path / "work"),
+            "--skip-bids-validation",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NIPYPE_NO_ET": "1"},
+    )
     assert proc.returncode == code
     assert proc.stderr.strip().count("\n") == 0 and expected in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
     # With -v the same failure shows where it came from.
-    verbose = subprocess.run([exe, str(ds), str(tmp_path / "out"), "participant", "--model", str(mdl),
-                              "-w", str(tmp_path / "work"), "--skip-bids-validation", "-v"],
-                             capture_output=True, text=True, timeout=300, env={**os.environ, "NIPYPE_NO_ET": "1"})
+    verbose = subprocess.run(
+        [
+            exe,
+            str(ds),
+            str(tmp_path / "out"),
+            "participant",
+            "--model",
+            str(mdl),
+            "-w",
+            str(tmp_path / "work"),
+            "--skip-bids-validation",
+            "-v",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NIPYPE_NO_ET": "1"},
+    )
     assert verbose.returncode == code and expected in verbose.stderr
 
 
@@ -319,10 +392,31 @@ def test_one_bad_run_among_good_ones_is_named_and_the_others_finish(tmp_path):
     """Two participants, one unusable: its error is one line, the other is processed, exit 2."""
     root = write_bids_dataset(tmp_path / "ds", n_subjects=2, preset="tiny", seed=1, snr=30)
     (root / "sub-02/dwi/sub-02_dwi.bvec").write_text("0 1 0\n0 0 1\n")
-    proc = subprocess.run([sys.executable, "-m", "iqt_pipe.cli.run", str(root), str(tmp_path / "out"), "participant",
-                           "-w", str(tmp_path / "work"), "--skip-bids-validation", "--denoise", "dipy", "--no-degibbs",
-                           "--mc-samples", "2", "--nprocs", "2", "--omp-nthreads", "1"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iqt_pipe.cli.run",
+            str(root),
+            str(tmp_path / "out"),
+            "participant",
+            "-w",
+            str(tmp_path / "work"),
+            "--skip-bids-validation",
+            "--denoise",
+            "dipy",
+            "--no-degibbs",
+            "--mc-samples",
+            "2",
+            "--nprocs",
+            "2",
+            "--omp-nthreads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("iqt-pipe: error:")]
     assert len(errors) == 1 and "sub-02_dwi.bvec" in errors[0]
@@ -335,7 +429,7 @@ def test_memory_estimate_and_tile_budget_honour_mem_mb(pristine, tmp_path):
     """--mem-mb covers the run's arrays plus the network's tiles: a limit just large enough
     passes and leaves MIN_TILE_MB for the tiles, one MB less is refused."""
     from iqt_pipe.bids import find_dwi_runs
-    from iqt_pipe.dmri.preflight import MIN_TILE_MB, DEFAULT_TILE_MB, check_run, memory_needed_mb, tile_budget_mb
+    from iqt_pipe.dmri.preflight import DEFAULT_TILE_MB, MIN_TILE_MB, check_run, memory_needed_mb, tile_budget_mb
 
     root, _ = pristine
     run = find_dwi_runs(root)[0]
@@ -345,8 +439,8 @@ def test_memory_estimate_and_tile_budget_honour_mem_mb(pristine, tmp_path):
     check_run(run, upsample=2, mem_mb=needed + MIN_TILE_MB)
     assert tile_budget_mb(shape, 2, needed + MIN_TILE_MB) == MIN_TILE_MB
     assert tile_budget_mb(shape, 2, needed + 300) == 300
-    from iqt_pipe.sr.inference import tile_size_for_budget
     from iqt_pipe.models import IQTNet
+    from iqt_pipe.sr.inference import tile_size_for_budget
 
     for variant in ("hetero", "hetero-var2"):  # the CPU tile never shrinks below --mem-mb's floor
         assert tile_size_for_budget(IQTNet(variant, 2), MIN_TILE_MB, scalar_samples=32) == 16

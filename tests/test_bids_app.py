@@ -12,7 +12,6 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 import pytest
-
 from helpers import REPO, tiny_dataset_and_model
 
 EXPECTED = json.loads((REPO / "tests/data/expected_participant_outputs.json").read_text())
@@ -33,22 +32,27 @@ def iqt_pipe(*args, check_rc=0):
 
 
 def tree(out: Path) -> list[str]:
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*")
-                  if p.is_file() and "/log/" not in str(p) and not p.name.startswith(".iqt-pipe"))
+    return sorted(
+        str(p.relative_to(out))
+        for p in out.rglob("*")
+        if p.is_file() and "/log/" not in str(p) and not p.name.startswith(".iqt-pipe")
+    )
 
 
 def image_digests(out: Path) -> dict[str, str]:
     """sha256 of every output file's bytes (the sink writes gzip with a zero time stamp)."""
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("sub-*/dwi/*"))}
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("sub-*/dwi/*"))
+    }
 
 
 @pytest.fixture(scope="module")
 def first_run(data, tmp_path_factory):
     root, model = data
     tmp = tmp_path_factory.mktemp("run")
-    proc = iqt_pipe(root, tmp / "out", "participant", "--participant-label", "sub-01", "--model", model,
-                    "-w", tmp / "work", *FAST)
+    proc = iqt_pipe(
+        root, tmp / "out", "participant", "--participant-label", "sub-01", "--model", model, "-w", tmp / "work", *FAST
+    )
     return tmp, proc
 
 
@@ -90,8 +94,20 @@ def test_rerun_with_the_same_work_dir_reuses_it_and_gives_identical_outputs(firs
     before, stamp = image_digests(tmp / "out"), sr_result.stat().st_mtime_ns
     plugin = tmp / "linear.yml"
     plugin.write_text("plugin: Linear\nplugin_args: {}\n")
-    iqt_pipe(root, tmp / "out", "participant", "--participant-label", "01", "--model", model,
-             "-w", tmp / "work", *FAST, "--use-plugin", plugin)
+    iqt_pipe(
+        root,
+        tmp / "out",
+        "participant",
+        "--participant-label",
+        "01",
+        "--model",
+        model,
+        "-w",
+        tmp / "work",
+        *FAST,
+        "--use-plugin",
+        plugin,
+    )
     assert sr_result.stat().st_mtime_ns == stamp, "the super-resolution node ran again"
     assert image_digests(tmp / "out") == before
 
@@ -113,11 +129,15 @@ def test_runs_with_correlated_noise_are_flagged(first_run, data, tmp_path, capsy
     sidecar.write_text(json.dumps(meta))
     warn_about_runs(SimpleNamespace(output_dir=out), ["01"])
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("iqt-pipe: warning: sub-01: noise correlated between neighbouring "
-                                                  "voxels (i 0.62 > 0.4): the scanner interpolated this series")
+    assert err.count("\n") == 1 and err.startswith(
+        "iqt-pipe: warning: sub-01: noise correlated between neighbouring "
+        "voxels (i 0.62 > 0.4): the scanner interpolated this series"
+    )
     iqt_pipe(root, out, "participant", "--reports-only", "--skip-bids-validation")
-    assert "Noise correlation between neighbouring voxels (the noise MP-PCA removed, in the brain): i 0.62, j 0.08, " \
-           "k 0.05: above 0.4, the scanner interpolated" in (out / "sub-01.html").read_text()
+    assert (
+        "Noise correlation between neighbouring voxels (the noise MP-PCA removed, in the brain): i 0.62, j 0.08, "
+        "k 0.05: above 0.4, the scanner interpolated" in (out / "sub-01.html").read_text()
+    )
     proc = iqt_pipe(root, out, "group", "--skip-bids-validation")
     assert "Correlated noise (neighbour correlation > 0.4" in proc.stdout and "  sub-01: 0.62" in proc.stdout
     header, row = ((out / "group_qc.tsv").read_text().splitlines()[i].split("\t") for i in (0, 1))
@@ -128,9 +148,27 @@ def test_runs_with_correlated_noise_are_flagged(first_run, data, tmp_path, capsy
 def test_two_job_array_tasks_share_one_output_folder(data, tmp_path):
     root, model = data
     procs = [
-        subprocess.Popen([sys.executable, "-m", "iqt_pipe.cli.run", str(root), str(tmp_path / "out"), "participant",
-                          "--participant-label", label, "--model", str(model), "-w", str(tmp_path / f"work{label}"),
-                          "--skip-bids-validation", *FAST], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "iqt_pipe.cli.run",
+                str(root),
+                str(tmp_path / "out"),
+                "participant",
+                "--participant-label",
+                label,
+                "--model",
+                str(model),
+                "-w",
+                str(tmp_path / f"work{label}"),
+                "--skip-bids-validation",
+                *FAST,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for label in ("01", "02")
     ]
     for p in procs:
@@ -161,10 +199,25 @@ def test_a_failing_run_does_not_stop_the_others(data, tmp_path):
 
     root, model = data
     env = mrtrix_failing_on(tmp_path, "sub-02")
-    proc = subprocess.run([sys.executable, "-m", "iqt_pipe.cli.run", str(root), str(tmp_path / "out"), "participant",
-                           "--model", str(model), "-w", str(tmp_path / "work"), "--skip-bids-validation",
-                           *[a if a != "dipy" else "mrtrix" for a in FAST]],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iqt_pipe.cli.run",
+            str(root),
+            str(tmp_path / "out"),
+            "participant",
+            "--model",
+            str(model),
+            "-w",
+            str(tmp_path / "work"),
+            "--skip-bids-validation",
+            *[a if a != "dipy" else "mrtrix" for a in FAST],
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "crash report" in proc.stderr
     assert (tmp_path / "out/sub-01/dwi/sub-01_res-hi_model-tensor_param-tensor_dwimap.nii.gz").exists()
@@ -175,8 +228,18 @@ def test_a_failing_run_does_not_stop_the_others(data, tmp_path):
 
 def test_boilerplate_only_and_graph(data, tmp_path):
     root, model = data
-    iqt_pipe(root, tmp_path / "out", "participant", "--model", model, "-w", tmp_path / "work",
-             "--boilerplate-only", "--write-graph", "--skip-bids-validation")
+    iqt_pipe(
+        root,
+        tmp_path / "out",
+        "participant",
+        "--model",
+        model,
+        "-w",
+        tmp_path / "work",
+        "--boilerplate-only",
+        "--write-graph",
+        "--skip-bids-validation",
+    )
     text = (tmp_path / "out/logs/CITATION.md").read_text()
     assert "weighted linear least squares" in text and "@tanno2017" in text
     assert not list((tmp_path / "out").glob("sub-*/dwi"))
@@ -188,8 +251,19 @@ def test_boilerplate_only_and_graph(data, tmp_path):
 def test_missing_executable_exits_127(data, tmp_path, monkeypatch):
     root, model = data
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
-    proc = iqt_pipe(root, tmp_path / "out", "participant", "--model", model, "-w", tmp_path / "work",
-                    "--denoise", "mrtrix", "--skip-bids-validation", check_rc=127)
+    proc = iqt_pipe(
+        root,
+        tmp_path / "out",
+        "participant",
+        "--model",
+        model,
+        "-w",
+        tmp_path / "work",
+        "--denoise",
+        "mrtrix",
+        "--skip-bids-validation",
+        check_rc=127,
+    )
     assert proc.stderr.strip().count("\n") == 0 and "dwidenoise" in proc.stderr
 
 
@@ -198,9 +272,26 @@ def test_real_subject_end_to_end(realdwi, data, tmp_path):
     _, model = data
     filters = tmp_path / "filters.json"
     filters.write_text(json.dumps({"dwi": {"run": 1}}))
-    proc = iqt_pipe(realdwi, tmp_path / "out", "participant", "--participant-label", "galan02", "--model", model,
-                    "-w", tmp_path / "work", "--bids-filter-file", filters, "--skip-bids-validation",
-                    "--mc-samples", "2", "--nprocs", "2", "--omp-nthreads", "1")
+    proc = iqt_pipe(
+        realdwi,
+        tmp_path / "out",
+        "participant",
+        "--participant-label",
+        "galan02",
+        "--model",
+        model,
+        "-w",
+        tmp_path / "work",
+        "--bids-filter-file",
+        filters,
+        "--skip-bids-validation",
+        "--mc-samples",
+        "2",
+        "--nprocs",
+        "2",
+        "--omp-nthreads",
+        "1",
+    )
     files = tree(tmp_path / "out")
     stem = "sub-galan02/dwi/sub-galan02_run-1_"
     assert f"{stem}res-hi_model-tensor_param-tensor_desc-totalsd_dwimap.nii.gz" in files

@@ -10,12 +10,12 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 import pytest
-
 from helpers import REPO, venv_tool
+
 from iqt_pipe import __version__
-from iqt_pipe.dmri import dti
 from iqt_pipe.cli import degrade as degrade_cli
 from iqt_pipe.cli import run as run_cli
+from iqt_pipe.dmri import dti
 from iqt_pipe.io import load_nifti
 from iqt_pipe.sims.dataset import write_bids_dataset
 
@@ -46,7 +46,9 @@ def test_iqt_degrade_writes_world_frame_pair(phantom_run, tmp_path, capsys):
     sidecar = json.loads(Path(f"{stem}_res-hi_model-tensor_param-tensor_dwimap.json").read_text())
     assert sidecar["OrientationEncoding"]["Reference"] == "xyz" and sidecar["Units"] == "mm^2/s"
     # Noise-free phantom: the HR fit equals the world-frame ground truth.
-    truth, _, _ = load_nifti(phantom_run.parents[2] / "derivatives/phantom-truth/sub-01/dwi/sub-01_model-tensor_param-tensor_dwimap.nii.gz")
+    truth, _, _ = load_nifti(
+        phantom_run.parents[2] / "derivatives/phantom-truth/sub-01/dwi/sub-01_model-tensor_param-tensor_dwimap.nii.gz"
+    )
     mask = load_nifti(f"{stem}_res-hi_desc-brain_mask.nii.gz")[0] > 0
     crop = truth[: hr_t.shape[0], : hr_t.shape[1], : hr_t.shape[2]]
     np.testing.assert_allclose(hr_t[mask], crop[mask], atol=2e-6)
@@ -71,7 +73,8 @@ def test_iqt_degrade_bad_input_one_line_exit_2_nothing_written(phantom_run, tmp_
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "iqt_pipe.cli.degrade", str(src / "in_dwi.nii.gz"), "-o", str(out)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -92,7 +95,9 @@ def test_fitdti_and_degrade_interfaces(phantom_run, tmp_path):
     fa = load_nifti(out.fa_file)[0]
     mask = load_nifti(out.mask_file)[0] > 0
     np.testing.assert_allclose(fa[mask], dti.scalar_maps(tensors[mask])["fa"], atol=1e-5)
-    deg = DegradeDWI(dwi_file=str(phantom_run), bval_file=str(bval), bvec_file=str(bvec), upsample=3).run(cwd=str(tmp_path / "deg"))
+    deg = DegradeDWI(dwi_file=str(phantom_run), bval_file=str(bval), bvec_file=str(bvec), upsample=3).run(
+        cwd=str(tmp_path / "deg")
+    )
     lr = nb.load(deg.outputs.dwi_file)
     assert lr.shape[:3] == tuple(s // 3 for s in nb.load(phantom_run).shape[:3])
     assert Path(deg.outputs.bval_file).read_text() == bval.read_text()

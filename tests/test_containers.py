@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
 
 CONTAINERS = REPO / "containers"
@@ -27,8 +26,25 @@ DOCKERFILE = CONTAINERS / "Dockerfile"
 DEFFILE = CONTAINERS / "iqt-pipe.def"
 PLUGINS = sorted((CONTAINERS / "slurm").glob("*.yml"))
 SBATCH_SCRIPTS = sorted((CONTAINERS / "slurm").glob("*.sbatch"))
-INSTRUCTIONS = {"FROM", "ARG", "RUN", "COPY", "ADD", "ENV", "LABEL", "USER", "WORKDIR", "ENTRYPOINT", "CMD",
-                "EXPOSE", "VOLUME", "SHELL", "HEALTHCHECK", "STOPSIGNAL", "ONBUILD"}
+INSTRUCTIONS = {
+    "FROM",
+    "ARG",
+    "RUN",
+    "COPY",
+    "ADD",
+    "ENV",
+    "LABEL",
+    "USER",
+    "WORKDIR",
+    "ENTRYPOINT",
+    "CMD",
+    "EXPOSE",
+    "VOLUME",
+    "SHELL",
+    "HEALTHCHECK",
+    "STOPSIGNAL",
+    "ONBUILD",
+}
 SOURCE = ("iqt_pipe", "interfaces", "workflows")
 
 
@@ -104,8 +120,11 @@ def dockerignore_patterns() -> list[str]:
     path = REPO / ".dockerignore"
     if not path.exists():
         return []
-    return [line.strip().rstrip("/") for line in path.read_text().splitlines()
-            if line.strip() and not line.strip().startswith("#")]
+    return [
+        line.strip().rstrip("/")
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
 
 
 def _matches(path: str, pattern: str) -> bool:
@@ -139,7 +158,9 @@ def docker():
 def _global_args(instructions: list[Instruction]) -> dict[str, str]:
     """The ARGs declared before the first FROM, with their defaults."""
     first = next(n for n, i in enumerate(instructions) if i.keyword == "FROM")
-    return dict(i.args.split("=", 1) if "=" in i.args else (i.args, "") for i in instructions[:first] if i.keyword == "ARG")
+    return dict(
+        i.args.split("=", 1) if "=" in i.args else (i.args, "") for i in instructions[:first] if i.keyword == "ARG"
+    )
 
 
 def _image(stage: Stage, instructions: list[Instruction]) -> str:
@@ -199,7 +220,9 @@ def test_dockerfile_cpu_by_default_and_cuda_by_build_argument(docker):
     build = _stage(stages, "build")
     assert any(i.keyword == "ARG" and i.args == "DEVICE" for i in build.instructions)
     torch_run = build.instructions[build.index(lambda i: i.keyword == "RUN" and "TORCH_SPEC" in i.args)]
-    assert re.search(r'cpu\) pip install --extra-index-url https://download.pytorch.org/whl/cpu "\$TORCH_SPEC"', torch_run.args)
+    assert re.search(
+        r'cpu\) pip install --extra-index-url https://download.pytorch.org/whl/cpu "\$TORCH_SPEC"', torch_run.args
+    )
     assert re.search(r'cuda\) pip install "\$TORCH_SPEC"', torch_run.args)
     assert "exit 2" in torch_run.args  # any other value stops the build
 
@@ -278,7 +301,9 @@ def test_runtime_stage_runs_iqt_pipe_as_a_non_root_user(docker):
     assert env["PATH"].startswith("/opt/venv/bin:") and "/opt/mrtrix3/bin" in env["PATH"]
     (entry,) = runtime.all("ENTRYPOINT")
     assert json.loads(entry.args) == ["iqt-pipe"]
-    scripts = dict(line.split(" = ") for line in _setup_cfg()["options.entry_points"]["console_scripts"].strip().splitlines())
+    scripts = dict(
+        line.split(" = ") for line in _setup_cfg()["options.entry_points"]["console_scripts"].strip().splitlines()
+    )
     assert scripts["iqt-pipe"] == "iqt_pipe.cli.run:main"
     copies = {i.flags()[0].get("from"): i.flags()[1] for i in runtime.all("COPY")}
     assert copies["build"] == ["/opt/venv", "/opt/venv"] and copies["mrtrix3"] == ["/opt/mrtrix3", "/opt/mrtrix3"]
@@ -400,7 +425,9 @@ def test_docker_and_apptainer_recipes_agree(docker):
     text = DEFFILE.read_text()
     defs = read_def(DEFFILE)
     assert defs[0]["header"]["From"] == _image(_stage(stages, "mrtrix3"), instructions)
-    assert defs[1]["header"]["From"] == _image(stages[-1], instructions) == _image(_stage(stages, "build"), instructions)
+    assert (
+        defs[1]["header"]["From"] == _image(stages[-1], instructions) == _image(_stage(stages, "build"), instructions)
+    )
     assert _requirements_one_liner(text) == _requirements_one_liner(DOCKERFILE.read_text())
 
 
@@ -410,8 +437,16 @@ def test_docker_and_apptainer_recipes_agree(docker):
 #: The plugin arguments Nipype 1.11 reads, per plugin (a misspelt key would be ignored silently).
 _BATCH = {"template", "max_jobs", "retry_timeout", "max_tries"}
 KNOWN_PLUGIN_ARGS = {
-    "MultiProc": {"n_procs", "memory_gb", "n_gpu_procs", "raise_insufficient", "scheduler", "maxtasksperchild",
-                  "mp_context", "status_callback"},
+    "MultiProc": {
+        "n_procs",
+        "memory_gb",
+        "n_gpu_procs",
+        "raise_insufficient",
+        "scheduler",
+        "maxtasksperchild",
+        "mp_context",
+        "status_callback",
+    },
     "SLURM": _BATCH | {"sbatch_args", "jobid_re"},
     "SGE": _BATCH | {"qsub_args", "qstatProgramPath", "qstatCachedProgramPath"},
     "PBS": _BATCH | {"qsub_args", "max_jobname_len"},
@@ -433,12 +468,23 @@ def test_plugin_files_are_accepted_by_use_plugin(plugin_file, bids_root, tmp_pat
     from iqt_pipe.cli.parser import parse_args
     from iqt_pipe.config import RunConfig
 
-    args = parse_args([str(bids_root), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "work"),
-                       "--use-plugin", str(plugin_file)])
+    args = parse_args(
+        [
+            str(bids_root),
+            str(tmp_path / "out"),
+            "participant",
+            "-w",
+            str(tmp_path / "work"),
+            "--use-plugin",
+            str(plugin_file),
+        ]
+    )
     settings = RunConfig.from_args(args).plugin_settings()
     name = settings["plugin"]
     assert name.lower() == plugin_file.stem.lower()
-    assert set(settings["plugin_args"]) <= KNOWN_PLUGIN_ARGS[name], set(settings["plugin_args"]) - KNOWN_PLUGIN_ARGS[name]
+    assert set(settings["plugin_args"]) <= KNOWN_PLUGIN_ARGS[name], (
+        set(settings["plugin_args"]) - KNOWN_PLUGIN_ARGS[name]
+    )
     if name == "SGE":
         return  # its constructor already polls qstat (with retries) to learn the queue's old jobs
     runner = getattr(plugins, f"{name}Plugin")(plugin_args=settings["plugin_args"])  # Nipype takes its arguments

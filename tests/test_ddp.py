@@ -46,8 +46,21 @@ from iqt_pipe.sr.training import split_indices
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 PATCHES, BATCH, EPOCHS = 40, 8, 2  # 2 subjects × 40 pairs, half for training: 40 pairs, 5 steps per epoch
-ARGS = ["--patches-per-subject", str(PATCHES), "--epochs", str(EPOCHS), "--variant", "hetero", "--device", "cpu",
-        "--nthreads", "1", "--seed", "0", "-q"]
+ARGS = [
+    "--patches-per-subject",
+    str(PATCHES),
+    "--epochs",
+    str(EPOCHS),
+    "--variant",
+    "hetero",
+    "--device",
+    "cpu",
+    "--nthreads",
+    "1",
+    "--seed",
+    "0",
+    "-q",
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +78,23 @@ def runs(tmp_path_factory):
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                         "--master_addr", "127.0.0.1", "--master_port", str(port)]
-        proc = subprocess.run([*launcher, str(WORKER), str(bids), "-o", str(tmp / name), *ARGS, *cache,
-                               "--batch-size", str(batch)], capture_output=True, text=True, env=env, timeout=600)
+            launcher += [
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(processes),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+            ]
+        proc = subprocess.run(
+            [*launcher, str(WORKER), str(bids), "-o", str(tmp / name), *ARGS, *cache, "--batch-size", str(batch)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return tmp / name
 
@@ -85,7 +111,7 @@ def _last_weights(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     tensors = load_file(str(out / "checkpoint" / f"epoch-{EPOCHS:04d}.safetensors"))
-    return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    return {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
 
 
 def _distance(a: dict, b: dict, start: dict) -> dict[str, float]:
@@ -105,8 +131,8 @@ def test_the_ranks_share_out_each_single_process_batch(runs):
         assert not set(a) & set(b), "both ranks trained on the same pairs"
         assert sorted(a + b) == sorted(single[epoch]) == sorted(train_idx.tolist())
         for step in range(len(single[epoch]) // BATCH):
-            together = a[step * per_rank:(step + 1) * per_rank] + b[step * per_rank:(step + 1) * per_rank]
-            assert sorted(together) == sorted(single[epoch][step * BATCH:(step + 1) * BATCH]), (epoch, step)
+            together = a[step * per_rank : (step + 1) * per_rank] + b[step * per_rank : (step + 1) * per_rank]
+            assert sorted(together) == sorted(single[epoch][step * BATCH : (step + 1) * BATCH]), (epoch, step)
     assert single[0] != single[1]  # reshuffled every epoch
 
 
@@ -121,10 +147,14 @@ def test_two_processes_reach_the_single_process_weights(runs):
     assert max(same.values()) < 1e-2, same
     other = _distance(single, half, start)
     assert min(other.values()) > 0.1, other  # the tolerance separates a different optimisation
-    rows = {k: [json.loads(line) for line in (runs[k] / "metrics.jsonl").read_text().splitlines()]
-            for k in ("single", "ddp")}
+    rows = {
+        k: [json.loads(line) for line in (runs[k] / "metrics.jsonl").read_text().splitlines()]
+        for k in ("single", "ddp")
+    }
     np.testing.assert_allclose([r["val_loss"] for r in rows["ddp"]], [r["val_loss"] for r in rows["single"]], rtol=1e-5)
-    np.testing.assert_allclose([r["train_loss"] for r in rows["ddp"]], [r["train_loss"] for r in rows["single"]], rtol=1e-5)
+    np.testing.assert_allclose(
+        [r["train_loss"] for r in rows["ddp"]], [r["train_loss"] for r in rows["single"]], rtol=1e-5
+    )
     cards = {k: json.loads((runs[k] / "model.json").read_text()) for k in ("single", "ddp")}
     assert cards["single"]["training"]["world_size"] == 1 and cards["ddp"]["training"]["world_size"] == 2
     assert cards["ddp"]["training"]["batch_size"] == cards["single"]["training"]["batch_size"] == BATCH

@@ -4,7 +4,14 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from iqt_pipe.dmri.degrade import block_average, crop_to_multiple, degrade_dwi, downsample_affine, upsample_affine, voxel_centres
+from iqt_pipe.dmri.degrade import (
+    block_average,
+    crop_to_multiple,
+    degrade_dwi,
+    downsample_affine,
+    upsample_affine,
+    voxel_centres,
+)
 
 
 @pytest.mark.parametrize("r", [2, 3])
@@ -14,7 +21,7 @@ def test_block_means_exact(r):
     nx, ny, nz = 7 // r, 8 // r, 9 // r
     assert lr.shape == (nx, ny, nz, 2)
     for i, j, k in np.ndindex(nx, ny, nz):
-        block = hr[i * r:(i + 1) * r, j * r:(j + 1) * r, k * r:(k + 1) * r]
+        block = hr[i * r : (i + 1) * r, j * r : (j + 1) * r, k * r : (k + 1) * r]
         np.testing.assert_array_equal(lr[i, j, k], block.reshape(-1, 2).mean(axis=0))
 
 
@@ -74,8 +81,15 @@ def test_separable_interpolation_is_scipys_on_the_hr_grid(method, order, shape, 
     lr = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     coords = np.meshgrid(*[(np.arange(s * r) - (r - 1) / 2) / r for s in shape[:3]], indexing="ij")
     fields = lr.reshape(shape[:3] + (-1,))
-    want = np.stack([ndimage.map_coordinates(fields[..., c].astype(np.float64), coords, order=order, mode="nearest",
-                                             prefilter=order > 1) for c in range(fields.shape[-1])], -1)
+    want = np.stack(
+        [
+            ndimage.map_coordinates(
+                fields[..., c].astype(np.float64), coords, order=order, mode="nearest", prefilter=order > 1
+            )
+            for c in range(fields.shape[-1])
+        ],
+        -1,
+    )
     got = interpolate_tensors(lr, r, method)
     assert got.shape == tuple(s * r for s in shape[:3]) + shape[3:] and got.dtype == np.float32
     np.testing.assert_allclose(got.reshape(want.shape), want, atol=1e-6)

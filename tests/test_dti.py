@@ -51,7 +51,9 @@ def test_scalars_match_dipy():
     np.testing.assert_allclose(dti.mean_diffusivity(w), dipy_dti.mean_diffusivity(dw), atol=1e-9)
     np.testing.assert_allclose(dti.axial_diffusivity(w), dipy_dti.axial_diffusivity(dw), atol=1e-9)
     np.testing.assert_allclose(dti.radial_diffusivity(w), dipy_dti.radial_diffusivity(dw), atol=1e-9)
-    np.testing.assert_allclose(dti.colour_fa(w, v), dipy_dti.color_fa(dipy_dti.fractional_anisotropy(dw), dv), atol=1e-5)
+    np.testing.assert_allclose(
+        dti.colour_fa(w, v), dipy_dti.color_fa(dipy_dti.fractional_anisotropy(dw), dv), atol=1e-5
+    )
     maps = dti.scalar_maps(d.astype(np.float32))
     np.testing.assert_allclose(maps["fa"], dipy_dti.fractional_anisotropy(dw), atol=1e-5)
     np.testing.assert_allclose(maps["md"], dipy_dti.mean_diffusivity(dw), atol=1e-9)

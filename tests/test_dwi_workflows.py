@@ -84,8 +84,13 @@ def test_run_wf_embeds_alone_in_another_pipeline(tractography, tmp_path):
     from iqt_pipe.workflows.outputs import NATIVE_DERIVATIVES, SR_DERIVATIVES
     from iqt_pipe.workflows.tractography import tractogram_keys
 
-    run_wf = init_dwi_run_wf(model=str(tmp_path / "model"), output_dir=str(tmp_path / "out"), denoise="dipy",
-                             tractography=tractography, name="my_run_wf")
+    run_wf = init_dwi_run_wf(
+        model=str(tmp_path / "model"),
+        output_dir=str(tmp_path / "out"),
+        denoise="dipy",
+        tractography=tractography,
+        name="my_run_wf",
+    )
     steps = {"dwi_preproc_wf", "dti_wf", "sr_wf", "outputs_wf"}
     if tractography:
         steps |= {"tractography_wf", "tractography_outputs_wf"}
@@ -127,7 +132,9 @@ def dipy_run(phantom):
     """DIPY denoising (no Gibbs step: the phantom has no ringing) then the DTI fit."""
     outer = pe.Workflow(name="dipy_chain", base_dir=str(phantom["tmp"] / "work"))
     preproc, dti = init_dwi_preproc_wf(denoise="dipy", degibbs=False), init_dti_wf()
-    outer.connect([(preproc, dti, [(f"outputnode.{f}", f"inputnode.{f}") for f in ("dwi_file", "bval_file", "bvec_file")])])
+    outer.connect(
+        [(preproc, dti, [(f"outputnode.{f}", f"inputnode.{f}") for f in ("dwi_file", "bval_file", "bvec_file")])]
+    )
     for field, value in phantom["inputs"].items():
         setattr(preproc.inputs.inputnode, field, value)
     nodes = {node.name: node for node in outer.run(plugin="Linear").nodes()}
@@ -209,8 +216,10 @@ def _ringing_series(n=32, nz=3, n_vol=3, up=4):
         reference.append(disk.reshape(n, up, n, up).mean(axis=(1, 3)))
         edge = (reference[-1] > 100.0) & (reference[-1] < 1000.0)
         flat.append(~ndimage.binary_dilation(edge, iterations=2))
+
     def stack(a):
         return np.repeat(np.stack(a, axis=-1)[:, :, None, :], nz, axis=2)
+
     return stack(ringing).astype(np.float32), stack(reference), stack(flat)
 
 
@@ -234,7 +243,6 @@ def test_gibbs_removal_reduces_ringing(monkeypatch, request, tmp_path, tool):
     # Measured ringing away from the edges: 15.7 → 2.4 (DIPY), 3.2 (MRtrix3).
     before, after = _rmse(ringing, reference, flat), _rmse(unringed, reference, flat)
     assert after < 0.33 * before, (before, after)
-
 
 
 def test_noise_correlation_tells_interpolated_noise_from_white(phantom, tmp_path):

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iqt_pipe.evaluation import crossval
-from iqt_pipe.evaluation import protocol as ev
-from iqt_pipe.evaluation import metrics
 from iqt_pipe.bids import find_dwi_runs
 from iqt_pipe.cli import eval as eval_cli
 from iqt_pipe.dmri.dti import tensors_world_to_voxel
+from iqt_pipe.evaluation import crossval, metrics
+from iqt_pipe.evaluation import protocol as ev
 from iqt_pipe.io import load_nifti
 from iqt_pipe.sims.dataset import TRUTH_DIR, write_bids_dataset
 
@@ -31,8 +30,13 @@ def runs(phantom):
 
 def _truth_voxel(phantom, run, r=2):
     """The phantom's true tensors in the voxel frame, cropped like the HR reference."""
-    d, affine, _ = load_nifti(phantom / TRUTH_DIR / f"sub-{run.subject}" / "dwi" /
-                              f"sub-{run.subject}_model-tensor_param-tensor_dwimap.nii.gz")
+    d, affine, _ = load_nifti(
+        phantom
+        / TRUTH_DIR
+        / f"sub-{run.subject}"
+        / "dwi"
+        / f"sub-{run.subject}_model-tensor_param-tensor_dwimap.nii.gz"
+    )
     d = tensors_world_to_voxel(d, affine)
     return d[tuple(slice(0, s - s % r) for s in d.shape[:3])]
 
@@ -92,8 +96,17 @@ def test_lesion_is_written_where_its_weight_says(runs):
     shape, zeros = les.reference.shape, np.zeros(les.hr_mask.shape)
     intrinsic = np.full(shape, 1e-9) * rng.uniform(1, 2, shape[:3])[..., None]
     parameter = np.full(shape, 1e-10) + 1e-8 * (les.lesion >= 0.5)[..., None]
-    pred = Prediction(mean=les.reference, var_intrinsic=intrinsic, var_parameter=parameter, fa_mean=zeros,
-                      fa_sd=zeros, md_mean=zeros, md_sd=zeros, mask=les.hr_mask, affine=np.eye(4))
+    pred = Prediction(
+        mean=les.reference,
+        var_intrinsic=intrinsic,
+        var_parameter=parameter,
+        fa_mean=zeros,
+        fa_sd=zeros,
+        md_mean=zeros,
+        md_sd=zeros,
+        mask=les.hr_mask,
+        affine=np.eye(4),
+    )
     lesion = ev.uncertainty_scores(les, pred, zeros, zeros, None)["lesion"]
     assert lesion["auc_parameter"] == 1.0 and lesion["auc"] == 1.0
     assert lesion["auc_intrinsic"] == pytest.approx(0.5, abs=0.1)
@@ -101,20 +114,42 @@ def test_lesion_is_written_where_its_weight_says(runs):
 
 def test_baselines_order_and_ratios(runs):
     case = ev.prepare_case(runs[1], mode="raw")
-    scores = {m.name: ev.score(case, ev.predict(m, case)) for m in ev.interpolation_methods(["nearest", "trilinear", "cubic"])}
+    scores = {
+        m.name: ev.score(case, ev.predict(m, case)) for m in ev.interpolation_methods(["nearest", "trilinear", "cubic"])
+    }
     ev.add_ratios(scores)
     assert scores["cubic"]["tensor_rmse_ratio"]["interior"] == pytest.approx(1.0)
     assert scores["cubic"]["tensor_rmse"]["interior"] < scores["nearest"]["tensor_rmse"]["interior"]
     assert scores["cubic"]["tensor_rmse"]["interior"] < scores["trilinear"]["tensor_rmse"]["interior"]
     assert scores["trilinear"]["tensor_rmse_ratio"]["interior"] == pytest.approx(
-        scores["trilinear"]["tensor_rmse"]["interior"] / scores["cubic"]["tensor_rmse"]["interior"])
+        scores["trilinear"]["tensor_rmse"]["interior"] / scores["cubic"]["tensor_rmse"]["interior"]
+    )
 
 
 def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
     out = tmp_path / "eval"
-    code = eval_cli.main([str(phantom), "-o", str(out), "--cross-validate", "2", "--epochs", "1",
-                          "--patches-per-subject", "24", "--mode", "raw", "known-truth", "lesion",
-                          "--mc-samples", "2", "--loss-mask", "brain", "-q"])
+    code = eval_cli.main(
+        [
+            str(phantom),
+            "-o",
+            str(out),
+            "--cross-validate",
+            "2",
+            "--epochs",
+            "1",
+            "--patches-per-subject",
+            "24",
+            "--mode",
+            "raw",
+            "known-truth",
+            "lesion",
+            "--mc-samples",
+            "2",
+            "--loss-mask",
+            "brain",
+            "-q",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
     assert [f["test"] for f in res["folds"]] == [["01"], ["02"]]
@@ -130,7 +165,9 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
         assert 0 <= u["risky"]["recall"] <= 1
         assert ("lesion" in u) == (rec["mode"] == "lesion")
         sd = u["sd_rms"]  # per part, over the brain
-        assert set(sd) == {"intrinsic", "parameter", "total"} and sd["total"] >= max(sd["intrinsic"], sd["parameter"]) > 0
+        assert (
+            set(sd) == {"intrinsic", "parameter", "total"} and sd["total"] >= max(sd["intrinsic"], sd["parameter"]) > 0
+        )
         assert methods["hetero-var2"]["domain"]["inside"] and "domain" not in methods["cubic"]
     summary = res["summary"]["raw"]["hetero-var2"]
     assert summary["domain"]["runs_outside"] == 0 and summary["domain"]["parameter_sd_outside"] is None
@@ -142,7 +179,9 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
     assert loso["sub-02"]["scale"] == pytest.approx(raw["sub-01"]["variance_scale_95"])
     own = metrics.coverage_at_scale(raw["sub-01"]["sd_ratio_quantiles"], raw["sub-01"]["variance_scale_95"])
     assert own == pytest.approx(0.95, abs=0.01)  # its own scale would calibrate it exactly
-    assert summary["values"]["coverage0.95_loso.brain"]["min"] == pytest.approx(min(r["coverage0.95"] for r in loso.values()))
+    assert summary["values"]["coverage0.95_loso.brain"]["min"] == pytest.approx(
+        min(r["coverage0.95"] for r in loso.values())
+    )
     text = (out / "results.md").read_text()
     assert "## Mode: known-truth" in text and "Noise correction against known truth" in text
     # The phantom's noise is independent between voxels (≈ 0; the denoised signal itself
@@ -170,14 +209,26 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
                 part["records"].append(rec)
         (tmp_path / f"fold{k}.json").write_text(json.dumps(part))
         folds.append((tmp_path / f"fold{k}.json", f"fold{k}"))
-    spec = importlib.util.spec_from_file_location("bundle_model", Path(__file__).parents[1] / "scripts" / "bundle_model.py")
+    spec = importlib.util.spec_from_file_location(
+        "bundle_model", Path(__file__).parents[1] / "scripts" / "bundle_model.py"
+    )
     bundle = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bundle)
     # … and writes the training data relative to each dataset, with the dataset's name.
     dwi = str(phantom / "sub-01" / "dwi" / "sub-01_dwi.nii.gz")
-    trained = {"training": {"datasets": [str(phantom)], "dwi_runs": [
-        {"dwi": dwi, "bval": dwi.replace(".nii.gz", ".bval"), "bvec": dwi.replace(".nii.gz", ".bvec"),
-         "dataset": str(phantom)}]}}
+    trained = {
+        "training": {
+            "datasets": [str(phantom)],
+            "dwi_runs": [
+                {
+                    "dwi": dwi,
+                    "bval": dwi.replace(".nii.gz", ".bval"),
+                    "bvec": dwi.replace(".nii.gz", ".bvec"),
+                    "dataset": str(phantom),
+                }
+            ],
+        }
+    }
     relative = bundle._relative(trained)["training"]
     assert relative["datasets"] == ["ds"] and relative["dwi_runs"][0]["dwi"] == "ds/sub-01/dwi/sub-01_dwi.nii.gz"
     assert relative["dwi_runs"][0]["dataset"] == "ds" and relative["dwi_runs"][0]["bvec"].startswith("ds/sub-01/")
@@ -197,15 +248,30 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
 
 
 def _fold_epochs(out):
-    return [[json.loads(line)["epoch"] for line in (out / "cv" / f"fold-{k}" / "metrics.jsonl").read_text().splitlines()]
-            for k in (1, 2)]
+    return [
+        [json.loads(line)["epoch"] for line in (out / "cv" / f"fold-{k}" / "metrics.jsonl").read_text().splitlines()]
+        for k in (1, 2)
+    ]
 
 
 @pytest.mark.slow
 def test_cli_cross_validation_resumes_after_a_stop(phantom, tmp_path, capsys):
     out = tmp_path / "eval"
-    args = [str(phantom), "-o", str(out), "--cross-validate", "2", "--patches-per-subject", "24",
-            "--mode", "raw", "--mc-samples", "2", "--no-figures", "-q"]
+    args = [
+        str(phantom),
+        "-o",
+        str(out),
+        "--cross-validate",
+        "2",
+        "--patches-per-subject",
+        "24",
+        "--mode",
+        "raw",
+        "--mc-samples",
+        "2",
+        "--no-figures",
+        "-q",
+    ]
     assert eval_cli.main([*args, "--epochs", "1"]) == 0
     first = (out / "results.json").read_text()
     capsys.readouterr()
@@ -235,15 +301,18 @@ def test_cli_cross_validation_resumes_after_a_stop(phantom, tmp_path, capsys):
     assert "trained with lr = 0.001, this run asks for 0.01" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--model", "missing.safetensors"], "missing.safetensors: model file not found"),
-    (["--cross-validate", "1"], "--cross-validate takes 'loso' or a number of folds ≥ 2"),
-    (["--cross-validate", "5"], "--cross-validate 5: only 2 subject(s)"),
-    (["--cross-validate", "2", "--axis-swap", "--no-augment"], "--axis-swap extends the augmentation"),
-    (["--cross-validate", "2", "--kernels", "3", "3"], "one width fewer than kernels"),
-    (["--participant-label", "99"], "99"),
-    (["--resume"], "--resume continues a --cross-validate run"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "missing.safetensors"], "missing.safetensors: model file not found"),
+        (["--cross-validate", "1"], "--cross-validate takes 'loso' or a number of folds ≥ 2"),
+        (["--cross-validate", "5"], "--cross-validate 5: only 2 subject(s)"),
+        (["--cross-validate", "2", "--axis-swap", "--no-augment"], "--axis-swap extends the augmentation"),
+        (["--cross-validate", "2", "--kernels", "3", "3"], "one width fewer than kernels"),
+        (["--participant-label", "99"], "99"),
+        (["--resume"], "--resume continues a --cross-validate run"),
+    ],
+)
 def test_cli_errors_are_one_line(phantom, tmp_path, capsys, extra, message):
     try:
         code = eval_cli.main([str(phantom), "-o", str(tmp_path / "o"), "-q", *extra])
@@ -294,11 +363,20 @@ def test_noise_correlation_finds_the_interpolated_scan(realdwi):
 def test_out_of_domain_summary():
     """Over runs: Spearman of the parameter (total) sd RMS against the error, and the means
     inside and outside the training domain."""
+
     def rec(run, inside, error, par):
-        return {"run": run, "mode": "raw", "methods": {"m": {
-            "tensor_rmse": {"brain": error}, "tensor_rmse_ratio": {"brain": error / 2},
-            "uncertainty": {"sd_rms": {"parameter": par, "total": 2 * par}},
-            "domain": {"inside": inside, "problems": [] if inside else ["scanner vendor X …"]}}}}
+        return {
+            "run": run,
+            "mode": "raw",
+            "methods": {
+                "m": {
+                    "tensor_rmse": {"brain": error},
+                    "tensor_rmse_ratio": {"brain": error / 2},
+                    "uncertainty": {"sd_rms": {"parameter": par, "total": 2 * par}},
+                    "domain": {"inside": inside, "problems": [] if inside else ["scanner vendor X …"]},
+                }
+            },
+        }
 
     records = [rec("a", True, 1.0, 0.1), rec("b", True, 2.0, 0.2), rec("c", False, 3.0, 0.4), rec("d", False, 4.0, 0.3)]
     found = ev.out_of_domain(records)[("raw", "m")]
@@ -311,8 +389,9 @@ def test_out_of_domain_summary():
 def test_runs_per_subject_keeps_the_first_runs_of_each_subject():
     from types import SimpleNamespace
 
-    runs = [SimpleNamespace(subject=s, name=n) for s, n in
-            [("a", "a1"), ("b", "b1"), ("a", "a2"), ("a", "a3"), ("b", "b2")]]
+    runs = [
+        SimpleNamespace(subject=s, name=n) for s, n in [("a", "a1"), ("b", "b1"), ("a", "a2"), ("a", "a3"), ("b", "b2")]
+    ]
     assert [r.name for r in crossval.first_runs(runs, 2)] == ["a1", "b1", "a2", "b2"]
     assert [r.name for r in crossval.first_runs(runs, 1)] == ["a1", "b1"]
     assert crossval.first_runs(runs, None) == runs

@@ -56,7 +56,9 @@ def synthetic_series(shape=(6, 7, 5), det_sign=1) -> DWISeries:
 
     rng = np.random.default_rng(4)
     affine = np.eye(4)
-    affine[:3, :3] = Rotation.from_euler("xyz", [20, -15, 40], degrees=True).as_matrix() @ np.diag([2, 2, 2.5 * det_sign])
+    affine[:3, :3] = Rotation.from_euler("xyz", [20, -15, 40], degrees=True).as_matrix() @ np.diag(
+        [2, 2, 2.5 * det_sign]
+    )
     dirs = rng.normal(size=(30, 3))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     bvals = np.r_[0, 0, np.full(30, 1000.0)]
@@ -78,8 +80,11 @@ def test_fit_recovers_world_tensors_on_oblique_grid(det_sign):
 
 @pytest.mark.parametrize(
     "perm, flips, det_changes",
-    [((0, 2, 1), (True, False, False), False), ((0, 2, 1), (False, False, False), True),
-     ((2, 0, 1), (False, True, False), True)],
+    [
+        ((0, 2, 1), (True, False, False), False),
+        ((0, 2, 1), (False, False, False), True),
+        ((2, 0, 1), (False, True, False), True),
+    ],
 )
 def test_reoriented_synthetic_copy_gives_same_world_tensors(perm, flips, det_changes):
     series, truth = synthetic_series()
@@ -110,8 +115,15 @@ def test_world_tensors_equal_mrtrix_dwi2tensor(realdwi, mrtrix, run, tmp_path):
     save_nifti(series.data[..., fit.volumes], series.affine, tmp_path / "dwi.nii.gz")
     write_gradients(sub, tmp_path / "dwi.bval", tmp_path / "dwi.bvec")
     subprocess.run(
-        ["dwi2tensor", "-quiet", "-fslgrad", tmp_path / "dwi.bvec", tmp_path / "dwi.bval",
-         tmp_path / "dwi.nii.gz", tmp_path / "dt.nii.gz"],
+        [
+            "dwi2tensor",
+            "-quiet",
+            "-fslgrad",
+            tmp_path / "dwi.bvec",
+            tmp_path / "dwi.bval",
+            tmp_path / "dwi.nii.gz",
+            tmp_path / "dt.nii.gz",
+        ],
         check=True,
     )
     img = nb.load(tmp_path / "dt.nii.gz")
@@ -141,12 +153,16 @@ def test_phantom_world_tensors_equal_mrtrix_and_truth(mrtrix, tmp_path, orientat
 
     root = write_bids_dataset(tmp_path / "ds", preset="tiny", seed=4, snr=None, orientation=orientation)
     run = root / "sub-01/dwi/sub-01_dwi"
-    subprocess.run(["dwi2tensor", "-quiet", "-fslgrad", f"{run}.bvec", f"{run}.bval", f"{run}.nii.gz",
-                    tmp_path / "dt.nii.gz"], check=True)
+    subprocess.run(
+        ["dwi2tensor", "-quiet", "-fslgrad", f"{run}.bvec", f"{run}.bval", f"{run}.nii.gz", tmp_path / "dt.nii.gz"],
+        check=True,
+    )
     theirs = dti.from_mrtrix_order(nb.load(tmp_path / "dt.nii.gz").get_fdata(dtype=np.float32))
     series = load_dwi(f"{run}.nii.gz")
     ours = world_tensors(series)
-    truth = nb.load(root / "derivatives/phantom-truth/sub-01/dwi/sub-01_model-tensor_param-tensor_dwimap.nii.gz").get_fdata()
+    truth = nb.load(
+        root / "derivatives/phantom-truth/sub-01/dwi/sub-01_model-tensor_param-tensor_dwimap.nii.gz"
+    ).get_fdata()
     brain = nb.load(root / "derivatives/phantom-truth/sub-01/dwi/sub-01_desc-brain_mask.nii.gz").get_fdata() > 0
     scale = np.abs(truth[brain]).max()
     np.testing.assert_allclose(theirs[brain], truth[brain], atol=1e-4 * scale)

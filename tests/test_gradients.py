@@ -60,20 +60,67 @@ BAD_CASES = {
     "missing bval": (None, fsl_text(GOOD_BVALS, GOOD_BVECS)[1], 7, r"x_dwi.bval: bval file not found"),
     "missing bvec": (fsl_text(GOOD_BVALS, GOOD_BVECS)[0], None, 7, r"x_dwi.bvec: bvec file not found"),
     "empty bval": ("  \n", fsl_text(GOOD_BVALS, GOOD_BVECS)[1], 7, r"x_dwi.bval: bval file is empty"),
-    "non-numeric": ("0 1000 abc 1000 1000 1000 1000", fsl_text(GOOD_BVALS, GOOD_BVECS)[1], 7, r"non-numeric value 'abc'"),
+    "non-numeric": (
+        "0 1000 abc 1000 1000 1000 1000",
+        fsl_text(GOOD_BVALS, GOOD_BVECS)[1],
+        7,
+        r"non-numeric value 'abc'",
+    ),
     "transposed bvec": (
         fsl_text(GOOD_BVALS, GOOD_BVECS)[0],
-        "\n".join(" ".join(map(str, r)) for r in GOOD_BVECS), 7, r"x_dwi.bvec: found 7 rows of 3 values: the table is transposed",
+        "\n".join(" ".join(map(str, r)) for r in GOOD_BVECS),
+        7,
+        r"x_dwi.bvec: found 7 rows of 3 values: the table is transposed",
     ),
-    "two bvec rows": (fsl_text(GOOD_BVALS, GOOD_BVECS)[0], "0 1 0 0 0 0 0\n0 0 1 0 0 0 0", 7, r"expected 3 rows \(x, y, z\), found 2"),
-    "ragged rows": (fsl_text(GOOD_BVALS, GOOD_BVECS)[0], "0 1 0 0 0 0 0\n0 0 1 0 0 0\n0 0 0 1 0 0 0", 7, r"rows of different lengths"),
-    "count mismatch": ("0 1000 1000 1000 1000 1000", fsl_text(GOOD_BVALS, GOOD_BVECS)[1], None, r"6 b-values but x_dwi.bvec has 7 directions"),
+    "two bvec rows": (
+        fsl_text(GOOD_BVALS, GOOD_BVECS)[0],
+        "0 1 0 0 0 0 0\n0 0 1 0 0 0 0",
+        7,
+        r"expected 3 rows \(x, y, z\), found 2",
+    ),
+    "ragged rows": (
+        fsl_text(GOOD_BVALS, GOOD_BVECS)[0],
+        "0 1 0 0 0 0 0\n0 0 1 0 0 0\n0 0 0 1 0 0 0",
+        7,
+        r"rows of different lengths",
+    ),
+    "count mismatch": (
+        "0 1000 1000 1000 1000 1000",
+        fsl_text(GOOD_BVALS, GOOD_BVECS)[1],
+        None,
+        r"6 b-values but x_dwi.bvec has 7 directions",
+    ),
     "volumes mismatch": (*fsl_text(GOOD_BVALS, GOOD_BVECS), 9, r"7 entries but the DWI series has 9 volumes"),
-    "negative b": (fsl_text([0, -1000, 1000, 1000, 1000, 1000, 1000], GOOD_BVECS)[0], fsl_text(GOOD_BVALS, GOOD_BVECS)[1], 7, r"finite and non-negative"),
-    "nan bvec": (fsl_text(GOOD_BVALS, GOOD_BVECS)[0], fsl_text(GOOD_BVALS, GOOD_BVECS)[1].replace("0.707107", "nan", 1), 7, r"NaN or Inf"),
-    "zero vector b>0": (fsl_text(GOOD_BVALS, GOOD_BVECS)[0], fsl_text(GOOD_BVALS, np.vstack([[0, 0, 0], [0, 0, 0], DIRS[1:]]))[1], 7, r"volume 1 has b=1000 but a zero gradient direction"),
-    "not unit": (fsl_text(GOOD_BVALS, GOOD_BVECS)[0], fsl_text(GOOD_BVALS, np.vstack([[0, 0, 0], [0.5, 0, 0], DIRS[1:]]))[1], 7, r"volume 1 has a gradient direction of length 0.500, not 1"),
-    "b0 odd vector": (fsl_text(GOOD_BVALS, GOOD_BVECS)[0], fsl_text(GOOD_BVALS, np.vstack([[0.3, 0, 0], DIRS]))[1], 7, r"b=0 volume 0 has a direction of length 0.300"),
+    "negative b": (
+        fsl_text([0, -1000, 1000, 1000, 1000, 1000, 1000], GOOD_BVECS)[0],
+        fsl_text(GOOD_BVALS, GOOD_BVECS)[1],
+        7,
+        r"finite and non-negative",
+    ),
+    "nan bvec": (
+        fsl_text(GOOD_BVALS, GOOD_BVECS)[0],
+        fsl_text(GOOD_BVALS, GOOD_BVECS)[1].replace("0.707107", "nan", 1),
+        7,
+        r"NaN or Inf",
+    ),
+    "zero vector b>0": (
+        fsl_text(GOOD_BVALS, GOOD_BVECS)[0],
+        fsl_text(GOOD_BVALS, np.vstack([[0, 0, 0], [0, 0, 0], DIRS[1:]]))[1],
+        7,
+        r"volume 1 has b=1000 but a zero gradient direction",
+    ),
+    "not unit": (
+        fsl_text(GOOD_BVALS, GOOD_BVECS)[0],
+        fsl_text(GOOD_BVALS, np.vstack([[0, 0, 0], [0.5, 0, 0], DIRS[1:]]))[1],
+        7,
+        r"volume 1 has a gradient direction of length 0.500, not 1",
+    ),
+    "b0 odd vector": (
+        fsl_text(GOOD_BVALS, GOOD_BVECS)[0],
+        fsl_text(GOOD_BVALS, np.vstack([[0.3, 0, 0], DIRS]))[1],
+        7,
+        r"b=0 volume 0 has a direction of length 0.300",
+    ),
 }
 
 
@@ -117,7 +164,11 @@ def test_dti_shell_choice_follows_protocol():
     [
         ([0, 0, 0], None, r"only b=0 volumes"),
         ([1000] * 8, None, r"no b=0 volume"),
-        ([0] + [1000] * 8, [[0, 0, 0]] + [[1, 0, 0], [0, 1, 0], [0, 0, 1]] * 2 + [[1, 0, 0], [0, 1, 0]], r"fewer than 6 non-collinear directions"),
+        (
+            [0] + [1000] * 8,
+            [[0, 0, 0]] + [[1, 0, 0], [0, 1, 0], [0, 0, 1]] * 2 + [[1, 0, 0], [0, 1, 0]],
+            r"fewer than 6 non-collinear directions",
+        ),
     ],
 )
 def test_unusable_tables_for_dti(bvals, dirs, message):

@@ -127,7 +127,17 @@ def test_scalar_samples_match_dti_functions():
 
 def _pred(mean, var, mask):
     z = np.zeros(mask.shape, np.float32)
-    return Prediction(mean=mean, var_intrinsic=var, var_parameter=None, fa_mean=z, fa_sd=z, md_mean=z, md_sd=z, mask=mask, affine=np.eye(4))
+    return Prediction(
+        mean=mean,
+        var_intrinsic=var,
+        var_parameter=None,
+        fa_mean=z,
+        fa_sd=z,
+        md_mean=z,
+        md_sd=z,
+        mask=mask,
+        affine=np.eye(4),
+    )
 
 
 def test_ensemble_weights_by_inverse_variance():
@@ -240,8 +250,9 @@ def _inverse_code(code):
     return next(d for d in range(48) if np.allclose(transform_field(transform_field(x, code), d), x))
 
 
-@pytest.mark.parametrize("variant, kernels, r", [("hetero-var2", (3, 1, 3), 2), ("hetero-var1", (3, 3, 3), 3),
-                                                 ("espcn", (3, 1, 3), 2)])
+@pytest.mark.parametrize(
+    "variant, kernels, r", [("hetero-var2", (3, 1, 3), 2), ("hetero-var1", (3, 3, 3), 3), ("espcn", (3, 1, 3), 2)]
+)
 def test_symmetric_network_is_the_network_on_the_transformed_field(variant, kernels, r):
     """For each of the 48 cube symmetries g, the folded copy computes g⁻¹(f(g z)) exactly: voxels
     moved back, tensor components permuted and signed (the mean), permuted (the precision)."""
@@ -279,8 +290,14 @@ def test_mirror_ensemble_is_the_mean_of_the_mirrored_scans_predictions(field):
     assert got.info["passes"] == 8 and got.info["symmetries"] == 8 and got.info["mc_samples"] == 1
     means, variances = [], []
     for code in SYMMETRIES["mirrors"]:
-        p = predict_volume(model, transform_field(lr, code).copy(), transform_volume(mask, code).copy(), np.eye(4),
-                           target="hr", scalar_samples=0)
+        p = predict_volume(
+            model,
+            transform_field(lr, code).copy(),
+            transform_volume(mask, code).copy(),
+            np.eye(4),
+            target="hr",
+            scalar_samples=0,
+        )
         means.append(transform_field(p.mean, code))  # mirrors are their own inverses
         variances.append(np.abs(transform_field(p.var_intrinsic, code)))
     scale = np.abs(got.mean).max()
@@ -313,7 +330,6 @@ def test_fa_and_md_moments_of_the_predictive_distribution(field):
     assert np.median(np.abs(p.fa_mean[m][pick] - fa_mean)) < 1.2 * np.median(fa_sd) / np.sqrt(32)
     assert np.median(np.abs(p.fa_sd[m][pick] / fa_sd - 1)) < 1.2 / np.sqrt(64)
     assert abs(np.median(p.fa_sd[m][pick] / fa_sd) - 1) < 0.05  # and no bias
-
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):

@@ -16,7 +16,6 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 import pytest
-
 from helpers import REPO, tiny_dataset_and_model
 
 EXPECTED = json.loads((REPO / "tests/data/expected_participant_outputs.json").read_text())
@@ -49,15 +48,17 @@ def stub_subject(root: Path, label: str, broken: bool = False) -> None:
     data = gzip.compress(img.to_bytes(), mtime=0)
     (folder / f"sub-{label}_dwi.nii.gz").write_bytes(data[: len(data) // 2] if broken else data)
     (folder / f"sub-{label}_dwi.bval").write_text("0 1000 1000 1000 1000 1000 1000\n")
-    (folder / f"sub-{label}_dwi.bvec").write_text("0 1 0 0 0.7071 0.7071 0\n0 0 1 0 0.7071 0 0.7071\n"
-                                                  "0 0 0 1 0 0.7071 0.7071\n")
+    (folder / f"sub-{label}_dwi.bvec").write_text(
+        "0 1 0 0 0.7071 0.7071 0\n0 0 1 0 0.7071 0 0.7071\n0 0 0 1 0 0.7071 0.7071\n"
+    )
     (folder / f"sub-{label}_dwi.json").write_text("{ not json" if broken else '{"RepetitionTime": 5.0}')
 
 
 def stub_dataset(root: Path, labels: list[str], broken: tuple[str, ...] = ()) -> Path:
     root.mkdir(parents=True)
-    (root / "dataset_description.json").write_text(json.dumps(
-        {"Name": "stubs", "BIDSVersion": "1.9.0", "DatasetType": "raw", "Authors": ["iqt-pipe"]}))
+    (root / "dataset_description.json").write_text(
+        json.dumps({"Name": "stubs", "BIDSVersion": "1.9.0", "DatasetType": "raw", "Authors": ["iqt-pipe"]})
+    )
     (root / "README").write_text("Tiny DWI series for iqt-pipe's tests of BIDS indexing.\n")
     (root / "participants.tsv").write_text("participant_id\n" + "".join(f"sub-{label}\n" for label in labels))
     for label in labels:
@@ -92,7 +93,6 @@ def test_gradient_files_by_inheritance_and_only_the_selected_participants_indexe
     """A dataset-level dwi.bval/.bvec serves every run; another subject's broken sidecar is
     never read (before: pybids indexed and parsed every subject's JSON)."""
     from iqt_pipe.bids import find_dwi_runs
-
     from iqt_pipe.io import InputError
 
     root = stub_dataset(tmp_path / "ds", ["01", "02", "03"], broken=("02",))
@@ -134,16 +134,19 @@ def entity_run(tmp_path_factory):
     stub_dataset(root, ["07"], broken=("07",))
     (root / "participants.tsv").write_text("participant_id\nsub-07\nsub-eval\n")
     source = phantom / "sub-01/dwi/sub-01_dwi"
-    for stem, ext in (("ses-pre/dwi/sub-eval_ses-pre_acq-hr_dir-AP_run-1_dwi", ".nii.gz"),
-                      ("ses-post/dwi/sub-eval_ses-post_run-2_dwi", ".nii")):
+    for stem, ext in (
+        ("ses-pre/dwi/sub-eval_ses-pre_acq-hr_dir-AP_run-1_dwi", ".nii.gz"),
+        ("ses-post/dwi/sub-eval_ses-post_run-2_dwi", ".nii"),
+    ):
         target = root / "sub-eval" / stem
         target.parent.mkdir(parents=True, exist_ok=True)
         nb.save(nb.load(f"{source}.nii.gz"), f"{target}{ext}")
         for kind in ("bval", "bvec", "json"):
             shutil.copy(f"{source}.{kind}", f"{target}.{kind}")
     out = base / "out"
-    proc = iqt_pipe(root, out, "participant", "--participant-label", "eval", "--model", model, "-w", tmp / "work",
-                    *RAW_FAST)
+    proc = iqt_pipe(
+        root, out, "participant", "--participant-label", "eval", "--model", model, "-w", tmp / "work", *RAW_FAST
+    )
     group = iqt_pipe(root, out, "group")
     return root, out, proc, group
 
@@ -166,12 +169,15 @@ def test_a_broken_file_in_another_subject_does_not_stop_a_participant_run(entity
 @pytest.mark.slow  # shares one app run (participant + group, ~40-55 s on 2 cores)
 def test_sessions_acq_dir_and_run_entities_name_the_outputs(entity_run):
     _, out, _, _ = entity_run
-    expected = (expected_dwi_outputs("sub-eval/ses-pre/dwi/sub-eval_ses-pre_acq-hr_dir-AP_run-1")
-                + expected_dwi_outputs("sub-eval/ses-post/dwi/sub-eval_ses-post_run-2"))
+    expected = expected_dwi_outputs("sub-eval/ses-pre/dwi/sub-eval_ses-pre_acq-hr_dir-AP_run-1") + expected_dwi_outputs(
+        "sub-eval/ses-post/dwi/sub-eval_ses-post_run-2"
+    )
     assert dwi_outputs(out) == sorted(expected)
     figures = sorted(p.name for p in (out / "sub-eval/figures").glob("*colourfa*"))
-    assert figures == ["sub-eval_ses-post_run-2_desc-colourfa_dwi.svg",
-                       "sub-eval_ses-pre_acq-hr_dir-AP_run-1_desc-colourfa_dwi.svg"]
+    assert figures == [
+        "sub-eval_ses-post_run-2_desc-colourfa_dwi.svg",
+        "sub-eval_ses-pre_acq-hr_dir-AP_run-1_desc-colourfa_dwi.svg",
+    ]
 
 
 @pytest.mark.slow  # shares one app run (participant + group, ~40-55 s on 2 cores)
@@ -197,8 +203,9 @@ def test_the_group_level_finds_every_run(entity_run):
 # -- preprocessed input: a QSIPrep-style derivatives dataset ---------------------------------
 
 
-def qsiprep_like(phantom: Path, root: Path, *, denoise_method: str | None = "dwidenoise",
-                 mask: np.ndarray | None = None) -> Path:
+def qsiprep_like(
+    phantom: Path, root: Path, *, denoise_method: str | None = "dwidenoise", mask: np.ndarray | None = None
+) -> Path:
     """QSIPrep's output layout for the phantom's sub-01 (as run-1, space-ACPC): the
     preprocessed series with its gradient files and sidecar, a brain mask on its grid, the
     files iqt-pipe must leave alone (dwiref, confounds, .b, an anatomical mask on another grid)
@@ -212,15 +219,26 @@ def qsiprep_like(phantom: Path, root: Path, *, denoise_method: str | None = "dwi
         shutil.copy(f"{source}{ext}", f"{stem}{ext}")
     img = nb.load(f"{source}.nii.gz")
     if mask is not None:
-        nb.save(nb.Nifti1Image(mask.astype(np.uint8), img.affine), dwi / "sub-01_run-1_space-ACPC_desc-brain_mask.nii.gz")
+        nb.save(
+            nb.Nifti1Image(mask.astype(np.uint8), img.affine), dwi / "sub-01_run-1_space-ACPC_desc-brain_mask.nii.gz"
+        )
     nb.save(nb.Nifti1Image(np.asarray(img.dataobj)[..., 0], img.affine), dwi / "sub-01_run-1_space-ACPC_dwiref.nii.gz")
     (dwi / "sub-01_run-1_desc-confounds_timeseries.tsv").write_text("framewise_displacement\nn/a\n")
     Path(f"{stem}.b").write_text("0 0 0 0\n")
-    nb.save(nb.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)),
-            root / "sub-01/anat/sub-01_space-ACPC_desc-brain_mask.nii.gz")
-    (root / "dataset_description.json").write_text(json.dumps({
-        "Name": "QSIPrep output", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "qsiprep", "Version": "1.0.0"}]}))
+    nb.save(
+        nb.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)),
+        root / "sub-01/anat/sub-01_space-ACPC_desc-brain_mask.nii.gz",
+    )
+    (root / "dataset_description.json").write_text(
+        json.dumps(
+            {
+                "Name": "QSIPrep output",
+                "BIDSVersion": "1.9.0",
+                "DatasetType": "derivative",
+                "GeneratedBy": [{"Name": "qsiprep", "Version": "1.0.0"}],
+            }
+        )
+    )
     if denoise_method is not None:
         log = root / "sub-01/log/20250101-120000_0a1b2c3d"
         log.mkdir(parents=True)
@@ -263,13 +281,20 @@ def test_qsiprep_series_are_not_denoised_again_and_the_difference_is_warned_once
     what the series had."""
     tmp, _, proc, _ = qsiprep_run
     assert "denoise none, Gibbs removal off by iqt-pipe" in proc.stdout
-    assert not [p for p in (tmp / "work").rglob("*") if p.is_dir() and
-                p.name in ("denoise_mppca", "dwidenoise", "remove_gibbs", "mrdegibbs")]
+    assert not [
+        p
+        for p in (tmp / "work").rglob("*")
+        if p.is_dir() and p.name in ("denoise_mppca", "dwidenoise", "remove_gibbs", "mrdegibbs")
+    ]
     warnings = [line for line in proc.stderr.splitlines() if "warning:" in line and "qsiprep.toml" in line]
-    assert len(warnings) == 1 and "denoise_method dwidenoise" in warnings[0] and "trained on series with no " \
-        "denoising" in warnings[0], proc.stderr
-    sr = json.loads((tmp / "out/sub-01/dwi/sub-01_run-1_space-ACPC_res-hi_model-tensor_param-tensor_dwimap.json")
-                    .read_text())
+    assert (
+        len(warnings) == 1
+        and "denoise_method dwidenoise" in warnings[0]
+        and "trained on series with no denoising" in warnings[0]
+    ), proc.stderr
+    sr = json.loads(
+        (tmp / "out/sub-01/dwi/sub-01_run-1_space-ACPC_res-hi_model-tensor_param-tensor_dwimap.json").read_text()
+    )
     assert sr["Preprocessing"]["Denoise"] == "mrtrix" and sr["Preprocessing"]["MatchesModel"] is False
 
 
@@ -283,8 +308,8 @@ def test_the_group_level_finds_qsiprep_runs(qsiprep_run):
 
 def test_a_mask_on_another_grid_is_refused_in_one_line(tmp_path):
     from iqt_pipe.bids import find_dwi_runs
-    from iqt_pipe.io import InputError
     from iqt_pipe.dmri.preflight import check_run
+    from iqt_pipe.io import InputError
 
     phantom = tiny_dataset_and_model(tmp_path, n_subjects=1, seed=1)[0]
     root = qsiprep_like(phantom, tmp_path / "qsiprep", mask=np.ones((5, 5, 5), bool))
@@ -308,9 +333,16 @@ def test_what_qsiprep_recorded_decides_the_warnings(tmp_path):
     assert unknown[0].upstream is None and upstream_steps(tmp_path / "b", "01").preprocessing.denoise == "dipy"
 
     def config(**kw):
-        return RunConfig(bids_dir=tmp_path, output_dir=tmp_path / "o", analysis_level="participant",
-                         work_dir=tmp_path / "w", input_derivatives=True, model_denoise="dipy", model_degibbs=False,
-                         **kw)
+        return RunConfig(
+            bids_dir=tmp_path,
+            output_dir=tmp_path / "o",
+            analysis_level="participant",
+            work_dir=tmp_path / "w",
+            input_derivatives=True,
+            model_denoise="dipy",
+            model_degibbs=False,
+            **kw,
+        )
 
     assert len(lines := config().upstream_warnings(unknown)) == 1 and "do not record" in lines[0]
     assert config().upstream_warnings(known) == [] and config().preprocessing_warning() is None

@@ -120,10 +120,14 @@ def test_coverage_at_another_variance_scale_from_stored_quantiles():
     err = 2 * rng.standard_normal(sd.size) * sd  # errors twice the predicted sd
     q = metrics.sd_ratio_quantiles(err, sd)
     assert q.shape == (401,) and np.all(np.diff(q) >= 0)
-    assert metrics.coverage_at_scale(q, 1.0) == pytest.approx(metrics.interval_coverage(err, sd, [0.95])[0.95], abs=0.003)
+    assert metrics.coverage_at_scale(q, 1.0) == pytest.approx(
+        metrics.interval_coverage(err, sd, [0.95])[0.95], abs=0.003
+    )
     s = metrics.variance_scale(err, sd)  # ≈ 4: the scale that calibrates exactly
     assert metrics.coverage_at_scale(q, s) == pytest.approx(0.95, abs=0.003)
-    assert metrics.coverage_at_scale(q, 1e6) == 1.0 and metrics.coverage_at_scale(q, 1e-12) == pytest.approx(0, abs=0.003)
+    assert metrics.coverage_at_scale(q, 1e6) == 1.0 and metrics.coverage_at_scale(q, 1e-12) == pytest.approx(
+        0, abs=0.003
+    )
     # Hand case: ratios 0, 1, 2 → quantiles 0 … 2; half-width 1.96·√s = 1 ⇒ s = (1/1.96)², coverage 1/2
     hand = metrics.sd_ratio_quantiles(np.array([0.0, 1.0, -2.0]), np.ones(3), n=3)
     assert hand.tolist() == [0.0, 1.0, 2.0]

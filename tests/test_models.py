@@ -9,7 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iqt_pipe.models import VARIANTS, IQTNet, ModelFileError, gaussian_nll, load_model, periodic_shuffle, periodic_unshuffle, save_model
+from iqt_pipe.models import (
+    VARIANTS,
+    IQTNet,
+    ModelFileError,
+    gaussian_nll,
+    load_model,
+    periodic_shuffle,
+    periodic_unshuffle,
+    save_model,
+)
 from iqt_pipe.models.layers import KL_C1, KL_C2, KL_C3, VarConv3d, kl_log_uniform
 
 
@@ -117,8 +126,14 @@ def _edit_card(folder, **changes):
 
 
 BAD_FILES = {
-    "truncated weights": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]), "checksum differs"),
-    "corrupt byte": (lambda d: (d / "model.safetensors").write_bytes(b"\x00" + (d / "model.safetensors").read_bytes()[1:]), "checksum differs"),
+    "truncated weights": (
+        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+        "checksum differs",
+    ),
+    "corrupt byte": (
+        lambda d: (d / "model.safetensors").write_bytes(b"\x00" + (d / "model.safetensors").read_bytes()[1:]),
+        "checksum differs",
+    ),
     "pickle": (lambda d: (d / "model.safetensors").write_bytes(pickle.dumps({"a": 1})), "pickle/torch.save file"),
     "torch.save zip": (lambda d: torch.save({"a": torch.zeros(2)}, d / "model.safetensors"), "pickle/torch.save file"),
     "unknown variant": (lambda d: _edit_card(d, variant="espcn-var9"), "unknown variant 'espcn-var9'"),

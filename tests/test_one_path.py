@@ -13,14 +13,21 @@ import numpy as np
 import pytest
 import torch
 
-from iqt_pipe.dmri import dti
-from iqt_pipe.evaluation import protocol as ev
 from iqt_pipe.bids import find_dwi_runs
+from iqt_pipe.dmri import dti
 from iqt_pipe.dmri.gradients import write_gradients
+from iqt_pipe.dmri.prepare import (
+    NONE,
+    Preprocessing,
+    domain_problems,
+    fit_series,
+    preprocess_series,
+    series_domain,
+    training_domain,
+)
+from iqt_pipe.evaluation import protocol as ev
 from iqt_pipe.io import save_nifti
 from iqt_pipe.models import IQTNet, load_model, save_model
-from iqt_pipe.dmri.prepare import (NONE, Preprocessing, domain_problems, fit_series, preprocess_series, series_domain,
-                              training_domain)
 
 
 def write_lr_dataset(case: ev.Case, root: Path) -> Path:
@@ -35,9 +42,26 @@ def write_lr_dataset(case: ev.Case, root: Path) -> Path:
 
 
 def run_app(bids: Path, out: Path, *args) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "iqt_pipe.cli.run", str(bids), str(out), "participant",
-                           "-w", str(out.parent / "work"), "--skip-bids-validation", "--nprocs", "2",
-                           "--omp-nthreads", "2", *map(str, args)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iqt_pipe.cli.run",
+            str(bids),
+            str(out),
+            "participant",
+            "-w",
+            str(out.parent / "work"),
+            "--skip-bids-validation",
+            "--nprocs",
+            "2",
+            "--omp-nthreads",
+            "2",
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -70,8 +94,11 @@ def phantom(tmp_path_factory):
     torch.manual_seed(0)
     # Trained (as far as its card says) on finer scans than the tiny phantom's 13 mm LR input.
     domain = {"lr_voxel_size_mm": [3.5, 8.4], "bvalue": [928, 2000], "directions": [12, 40]}
-    save_model(IQTNet("hetero-var2", 2), tmp / "model" / "model.safetensors",
-               {"target": "residual-cubic", "training": {"domain": domain}})
+    save_model(
+        IQTNet("hetero-var2", 2),
+        tmp / "model" / "model.safetensors",
+        {"target": "residual-cubic", "training": {"domain": domain}},
+    )
     return tmp, find_dwi_runs(root)[0]
 
 
@@ -96,8 +123,12 @@ def test_the_app_writes_what_iqt_eval_scores(phantom):
     for region in ("interior", "exterior", "brain"):
         assert ours["tensor_rmse"][region] == pytest.approx(theirs["tensor_rmse"][region], rel=1e-3)
     assert theirs["predicted_fraction"] == 1.0
-    assert sidecar["Preprocessing"] == {"Denoise": "none", "GibbsRemoval": False, "MatchesModel": True,
-                                        "ModelTrainedWith": {"Denoise": "none", "GibbsRemoval": False}}
+    assert sidecar["Preprocessing"] == {
+        "Denoise": "none",
+        "GibbsRemoval": False,
+        "MatchesModel": True,
+        "ModelTrainedWith": {"Denoise": "none", "GibbsRemoval": False},
+    }
     # Outside the card's domain: the sidecar field, one warning line, an alert in the report.
     assert sidecar["ModelDomain"]["Inside"] is False and sidecar["ModelDomain"]["Run"]["directions"] == 30
     problem = sidecar["ModelDomain"]["Problems"][0]
@@ -135,8 +166,10 @@ def test_preprocessing_of_a_card():
 def test_domain_of_validity():
     """The card's domain spans the training runs' LR inputs; a run outside it (beyond 10 % in
     voxel size, 20 % in b-value, or another number of directions) is named, one fact each."""
-    runs = [{"voxel_size_mm": [1.75, 1.75, 2.5], "bvalue": 1000.0, "directions": 32},
-            {"voxel_size_mm": [3.5, 3.5, 4.2], "bvalue": 929.75, "directions": 16}]
+    runs = [
+        {"voxel_size_mm": [1.75, 1.75, 2.5], "bvalue": 1000.0, "directions": 32},
+        {"voxel_size_mm": [3.5, 3.5, 4.2], "bvalue": 929.75, "directions": 16},
+    ]
     domain = training_domain(runs, 2)
     assert domain == {"lr_voxel_size_mm": [3.5, 8.4], "bvalue": [930, 1000], "directions": [16, 32]}
     inside = {"voxel_size_mm": [4.0, 4.0, 4.0], "bvalue": 1000.0, "directions": 20}
@@ -146,9 +179,10 @@ def test_domain_of_validity():
     problems = domain_problems(domain, hcp)
     assert len(problems) == 3 and "1.25×1.25×1.25 mm outside the training inputs' 3.5–8.4 mm" in problems[0]
     assert "b = 3000" in problems[1] and "90 directions outside the training runs' 16–32" in problems[2]
-    gtab = ev.GradientTable(np.array([0, 1000, 1000, 1000, 1000, 1000, 1000, 2000.0]),
-                            np.vstack([[0, 0, 0], np.eye(3), np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1]]) / 2**0.5,
-                                       [[1, 0, 0]]]))
+    gtab = ev.GradientTable(
+        np.array([0, 1000, 1000, 1000, 1000, 1000, 1000, 2000.0]),
+        np.vstack([[0, 0, 0], np.eye(3), np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1]]) / 2**0.5, [[1, 0, 0]]]),
+    )
     run = series_domain(np.diag([2.0, 2, 2, 1]), gtab)
     assert run == {"voxel_size_mm": [2.0, 2.0, 2.0], "bvalue": 1000.0, "directions": 6}  # the DTI shell
 
@@ -165,28 +199,41 @@ def test_scanner_vendor_in_the_domain(tmp_path):
     assert series_manufacturer(tmp_path / "sub-01_dwi.bval") == "Siemens"
     assert series_manufacturer(tmp_path / "sub-02_dwi.nii.gz") is None
     assert series_manufacturer(tmp_path / "sub-03_dwi.nii.gz") is None
-    runs = [{"voxel_size_mm": [2.0] * 3, "bvalue": 1000.0, "directions": 30, "manufacturer": m}
-            for m in ("Siemens", "Philips", "Siemens")]
+    runs = [
+        {"voxel_size_mm": [2.0] * 3, "bvalue": 1000.0, "directions": 30, "manufacturer": m}
+        for m in ("Siemens", "Philips", "Siemens")
+    ]
     domain = training_domain(runs + [{"voxel_size_mm": [2.0] * 3, "bvalue": 1000.0, "directions": 30}], 2)
     assert domain["manufacturers"] == ["Philips", "Siemens"]
     run = {"voxel_size_mm": [4.0] * 3, "bvalue": 1000.0, "directions": 30}
     assert domain_problems(domain, {**run, "manufacturer": "SIEMENS"}) == []
     assert domain_problems(domain, run) == []  # vendor unknown: not held against the run
     assert domain_problems(domain, {**run, "manufacturer": "GE"}) == [
-        "scanner vendor GE not among the training runs' (Philips, Siemens)"]
-    old = {"training": {"domain": {k: v for k, v in domain.items() if k != "manufacturers"},
-                        "dwi_runs": [{"dwi": str(tmp_path / "sub-01_dwi.nii.gz")}, {"dwi": "elsewhere/sub-09_dwi.nii.gz"}]}}
+        "scanner vendor GE not among the training runs' (Philips, Siemens)"
+    ]
+    old = {
+        "training": {
+            "domain": {k: v for k, v in domain.items() if k != "manufacturers"},
+            "dwi_runs": [{"dwi": str(tmp_path / "sub-01_dwi.nii.gz")}, {"dwi": "elsewhere/sub-09_dwi.nii.gz"}],
+        }
+    }
     assert card_domain(old)["manufacturers"] == ["Siemens"]
     assert card_domain({"training": {"domain": domain}}) == domain and card_domain({}) is None
     # A card from before training.domain: the domain of its training runs, read from disk.
-    gtab = ev.GradientTable(np.array([0.0] + [1000.0] * 6),
-                            np.vstack([[0, 0, 0], np.eye(3), np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1]]) / 2**0.5]))
+    gtab = ev.GradientTable(
+        np.array([0.0] + [1000.0] * 6),
+        np.vstack([[0, 0, 0], np.eye(3), np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1]]) / 2**0.5]),
+    )
     stem = tmp_path / "sub-01_dwi"
     save_nifti(np.ones((4, 4, 4, 7), np.float32), np.diag([2.0, 2.0, 2.5, 1.0]), f"{stem}.nii.gz")
     write_gradients(gtab, f"{stem}.bval", f"{stem}.bvec")
     runs = [{"dwi": f"{stem}.nii.gz", "bval": f"{stem}.bval", "bvec": f"{stem}.bvec"}]
     assert card_domain({"upsample": 2, "training": {"dwi_runs": runs}}) == {
-        "lr_voxel_size_mm": [4.0, 5.0], "bvalue": [1000, 1000], "directions": [6, 6], "manufacturers": ["Siemens"]}
+        "lr_voxel_size_mm": [4.0, 5.0],
+        "bvalue": [1000, 1000],
+        "directions": [6, 6],
+        "manufacturers": ["Siemens"],
+    }
     gone = [{**runs[0], "dwi": str(tmp_path / "moved.nii.gz")}]
     assert card_domain({"upsample": 2, "training": {"dwi_runs": gone}}) is None
 
@@ -200,8 +247,20 @@ def test_training_records_preprocessing_and_domain(tmp_path):
     from iqt_pipe.sims.dataset import write_bids_dataset
 
     root = write_bids_dataset(tmp_path / "ds", n_subjects=1, preset="tiny", seed=5)
-    base = [str(root), "--patches-per-subject", "12", "--variant", "espcn", "--epochs", "1", "--nthreads", "1",
-            "-q", "--cache-dir", str(tmp_path / "cache")]
+    base = [
+        str(root),
+        "--patches-per-subject",
+        "12",
+        "--variant",
+        "espcn",
+        "--epochs",
+        "1",
+        "--nthreads",
+        "1",
+        "-q",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     try:
         assert train_cli.main([*base, "-o", str(tmp_path / "plain")]) == 0
         assert train_cli.main([*base, "-o", str(tmp_path / "degibbs"), "--degibbs"]) == 0
@@ -269,8 +328,15 @@ def test_the_apps_ensemble_with_mirrors_is_what_iqt_eval_scores(phantom):
     save_model(IQTNet("hetero-var2", 2), tmp / "model2" / "model.safetensors", {"target": "residual-cubic"})
     case = ev.prepare_case(run, mode="raw", noise_floor=False)
     out = tmp / "out-ensemble"
-    proc = run_app(write_lr_dataset(case, tmp / "lr-ensemble"), out, "--model", tmp / "model", tmp / "model2",
-                   "--symmetries", "mirrors")
+    proc = run_app(
+        write_lr_dataset(case, tmp / "lr-ensemble"),
+        out,
+        "--model",
+        tmp / "model",
+        tmp / "model2",
+        "--symmetries",
+        "mirrors",
+    )
     assert "test-time mirrors (8)" in proc.stdout and "averaged with" in proc.stdout
     tensors, mask, sidecar = app_tensors(out)
 

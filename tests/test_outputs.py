@@ -205,12 +205,17 @@ def test_the_sink_copies_what_save_nifti_wrote(tmp_path):
     source.parent.mkdir(parents=True)
     save_nifti(np.zeros((2, 2, 2, 3), np.float32), np.eye(4), source)
     written = save_nifti(np.random.default_rng(0).random((5, 6, 7, 6)), np.diag([2, 2, 2, 1]), tmp_path / "t.nii.gz")
-    sink = DerivativesDataSink(base_directory=str(tmp_path / "out"), source_file=str(source), in_file=str(written),
-                               model="tensor", param="tensor", suffix="dwimap")
+    sink = DerivativesDataSink(
+        base_directory=str(tmp_path / "out"),
+        source_file=str(source),
+        in_file=str(written),
+        model="tensor",
+        param="tensor",
+        suffix="dwimap",
+    )
     result = sink.run()
     assert result.outputs.fixed_hdr == [False]
     assert Path(result.outputs.out_file).read_bytes() == written.read_bytes()
-
 
 
 def test_sidecar_takes_the_factor_from_the_provenance(tmp_path):

@@ -25,9 +25,7 @@ def test_every_package_directory_is_listed_in_setup_cfg():
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
     listed = set(cfg["options"]["packages"].split())
-    mapping = dict(
-        line.split(" = ") for line in cfg["options"]["package_dir"].strip().splitlines()
-    )
+    mapping = dict(line.split(" = ") for line in cfg["options"]["package_dir"].strip().splitlines())
     found = set()
     for pkg, folder in mapping.items():
         for init in (REPO / folder).rglob("__init__.py"):
@@ -52,7 +50,10 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path):
         shutil.copy2(REPO / name, src / name)
     for name in ("iqt_pipe", "interfaces", "workflows"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", src], cwd=tmp_path)
+    run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", src],
+        cwd=tmp_path,
+    )
     wheel = next((tmp_path / "dist").glob("iqt_pipe-*.whl"))
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path)

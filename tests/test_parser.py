@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
+
 from iqt_pipe import __version__
 from iqt_pipe.cli.parser import _build_parser, default_nprocs, parse_args
 from iqt_pipe.config import CONFIG_NAME, RunConfig
@@ -110,15 +110,54 @@ def test_default_model_is_the_bundled_one(here):
 def test_every_flag(here):
     (here / "plugin.yml").write_text("plugin: MultiProc\nplugin_args:\n  n_procs: 2\n  memory_gb: 3\n")
     (here / "filter.json").write_text(json.dumps({"dwi": {"acquisition": "hr", "run": [1, 2]}}))
-    args = parse_args([
-        "ds", "ds/derivatives/iqt", "participant", "--participant-label", "sub-01", "02", "01",
-        "--session-label", "ses-1", "pre", "--bids-filter-file", "filter.json", "-w", "scratch",
-        "--nprocs", "2", "--omp-nthreads", "1", "--mem-mb", "3072", "--use-plugin", "plugin.yml",
-        "--device", "cpu", "--model", "m/model.json", "--mc-samples", "3", "--seed", "7",
-        "--symmetries", "cube", "--precision", "bfloat16",
-        "--tractography", "both", "--denoise", "dipy", "--no-degibbs", "--skip-bids-validation",
-        "--stop-on-first-crash", "--write-graph", "--boilerplate-only", "-vv",
-    ])
+    args = parse_args(
+        [
+            "ds",
+            "ds/derivatives/iqt",
+            "participant",
+            "--participant-label",
+            "sub-01",
+            "02",
+            "01",
+            "--session-label",
+            "ses-1",
+            "pre",
+            "--bids-filter-file",
+            "filter.json",
+            "-w",
+            "scratch",
+            "--nprocs",
+            "2",
+            "--omp-nthreads",
+            "1",
+            "--mem-mb",
+            "3072",
+            "--use-plugin",
+            "plugin.yml",
+            "--device",
+            "cpu",
+            "--model",
+            "m/model.json",
+            "--mc-samples",
+            "3",
+            "--seed",
+            "7",
+            "--symmetries",
+            "cube",
+            "--precision",
+            "bfloat16",
+            "--tractography",
+            "both",
+            "--denoise",
+            "dipy",
+            "--no-degibbs",
+            "--skip-bids-validation",
+            "--stop-on-first-crash",
+            "--write-graph",
+            "--boilerplate-only",
+            "-vv",
+        ]
+    )
     assert args.output_dir == here / "ds" / "derivatives" / "iqt" and args.work_dir == here / "scratch"
     assert args.participant_label == ["01", "02"] and args.session_label == ["1", "pre"]
     assert args.bids_filters == {"dwi": {"acquisition": "hr", "run": [1, 2]}}
@@ -168,10 +207,17 @@ def _setup_files(root: Path):
     if not (root / "ds_link").is_symlink():
         (root / "ds_link").symlink_to(root / "ds")
     files = {
-        "badjson.json": "{", "list.json": "[]", "query.json": '{"anat": {}}', "notobj.json": '{"dwi": 3}',
-        "suffix.json": '{"dwi": {"suffix": "T1w"}}', "nested.json": '{"dwi": {"acquisition": {"a": 1}}}',
-        "bad.yml": "plugin: [MultiProc\n", "noplugin.yml": "plugin_args: {}\n", "extra.yml": "plugin: Linear\nqueue: x\n",
-        "unknown.yml": "plugin: Nonsense\n", "args.yml": "plugin: MultiProc\nplugin_args: [1, 2]\n",
+        "badjson.json": "{",
+        "list.json": "[]",
+        "query.json": '{"anat": {}}',
+        "notobj.json": '{"dwi": 3}',
+        "suffix.json": '{"dwi": {"suffix": "T1w"}}',
+        "nested.json": '{"dwi": {"acquisition": {"a": 1}}}',
+        "bad.yml": "plugin: [MultiProc\n",
+        "noplugin.yml": "plugin_args: {}\n",
+        "extra.yml": "plugin: Linear\nqueue: x\n",
+        "unknown.yml": "plugin: Nonsense\n",
+        "args.yml": "plugin: MultiProc\nplugin_args: [1, 2]\n",
         "nprocs.yml": "plugin: MultiProc\nplugin_args: {n_procs: 0}\n",
         "conflict.yml": "plugin: MultiProc\nplugin_args: {n_procs: 2}\n",
         "memory.yml": "plugin: MultiProc\nplugin_args: {memory_gb: 1}\n",
@@ -187,8 +233,11 @@ def _setup_files(root: Path):
     (lonely / "model.json").write_text(json.dumps(card))
     if not (root / "m3").exists():  # ensemble members that do not fit the first model
         save_model(IQTNet("espcn", 3), root / "m3" / "model.safetensors")
-        save_model(IQTNet("espcn", 2), root / "mgibbs" / "model.safetensors",
-                   {"training": {"preprocessing": {"denoise": "none", "degibbs": True}}})
+        save_model(
+            IQTNet("espcn", 2),
+            root / "mgibbs" / "model.safetensors",
+            {"training": {"preprocessing": {"denoise": "none", "degibbs": True}}},
+        )
 
 
 REFUSALS = [
@@ -281,8 +330,13 @@ def test_cuda_without_gpu_is_refused(here, capsys):
 def test_refusal_in_a_real_process_has_no_traceback(here):
     """Through a fresh interpreter, as a user sees it (one subprocess: startup costs ~1 s)."""
     code = "import sys; from iqt_pipe.cli.parser import parse_args; parse_args(sys.argv[1:])"
-    out = subprocess.run([sys.executable, "-c", code, "ds", "ds", "participant", "--model", "m"],
-                         capture_output=True, text=True, cwd=here, env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [sys.executable, "-c", code, "ds", "ds", "participant", "--model", "m"],
+        capture_output=True,
+        text=True,
+        cwd=here,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and "output_dir is the BIDS folder itself" in out.stderr
     assert f"suggestion: {here / 'ds' / 'derivatives' / 'iqt-pipe'}" in out.stderr
@@ -294,11 +348,32 @@ def test_refusal_in_a_real_process_has_no_traceback(here):
 def _full_config(here) -> RunConfig:
     (here / "plugin.yml").write_text("plugin: MultiProc\nplugin_args: {n_procs: 2, maxtasksperchild: 1}\n")
     (here / "filter.json").write_text(json.dumps({"dwi": {"acquisition": "hr", "run": None, "echo": [1, 2.5]}}))
-    return RunConfig.from_args(parse_args(base(
-        "--participant-label", "01", "sub-02", "--session-label", "ses-1", "--bids-filter-file", "filter.json",
-        "--use-plugin", "plugin.yml", "--mem-mb", "2048", "--mc-samples", "4", "--seed", "3",
-        "--tractography", "dipy", "--no-degibbs", "--write-graph", "-v",
-    )))
+    return RunConfig.from_args(
+        parse_args(
+            base(
+                "--participant-label",
+                "01",
+                "sub-02",
+                "--session-label",
+                "ses-1",
+                "--bids-filter-file",
+                "filter.json",
+                "--use-plugin",
+                "plugin.yml",
+                "--mem-mb",
+                "2048",
+                "--mc-samples",
+                "4",
+                "--seed",
+                "3",
+                "--tractography",
+                "dipy",
+                "--no-degibbs",
+                "--write-graph",
+                "-v",
+            )
+        )
+    )
 
 
 def test_config_toml_round_trip(here, tmp_path):
@@ -316,8 +391,14 @@ def test_config_toml_round_trip(here, tmp_path):
 
 def test_config_strings_escape(tmp_path):
     odd = Path('/data/a "quoted"\\dir/tab\there/ünï\x7f\nline')
-    config = RunConfig(bids_dir=odd, output_dir=Path("/o"), analysis_level="participant", work_dir=Path("/w"),
-                       participant_label=("01",), plugin_args={"qsub_args": '-q "long"\n', "x": 1.5})
+    config = RunConfig(
+        bids_dir=odd,
+        output_dir=Path("/o"),
+        analysis_level="participant",
+        work_dir=Path("/w"),
+        participant_label=("01",),
+        plugin_args={"qsub_args": '-q "long"\n', "x": 1.5},
+    )
     assert RunConfig.from_toml(config.to_toml(tmp_path / "c.toml")) == config
 
 
@@ -328,13 +409,16 @@ def test_config_archive_with_subject_logs(here):
     assert RunConfig.from_toml(path) == config
 
 
-@pytest.mark.parametrize("line, message", [
-    ("colour = \"red\"", "unknown setting 'colour'"),
-    ("mc_samples = \"8\"", "mc_samples must be an integer"),
-    ("device = \"tpu\"", "device must be one of auto, cpu, cuda"),
-    ("plugin_args = \"[1]\"", "plugin_args must be a JSON object"),
-    ("degibbs = 1", "degibbs must be true or false"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('colour = "red"', "unknown setting 'colour'"),
+        ('mc_samples = "8"', "mc_samples must be an integer"),
+        ('device = "tpu"', "device must be one of auto, cpu, cuda"),
+        ('plugin_args = "[1]"', "plugin_args must be a JSON object"),
+        ("degibbs = 1", "degibbs must be true or false"),
+    ],
+)
 def test_config_from_toml_refuses_bad_files(tmp_path, line, message):
     good = RunConfig(bids_dir=Path("/b"), output_dir=Path("/o"), analysis_level="group", work_dir=Path("/w"))
     text = good.to_toml(tmp_path / "c.toml").read_text()
@@ -353,18 +437,33 @@ def test_config_from_toml_refuses_bad_files(tmp_path, line, message):
 
 def test_plugin_settings_complete_multiproc(here):
     config = _full_config(here)
-    assert config.plugin_settings() == {"plugin": "MultiProc", "plugin_args": {
-        "n_procs": 2, "maxtasksperchild": 1, "memory_gb": 2.0, "raise_insufficient": False}}
+    assert config.plugin_settings() == {
+        "plugin": "MultiProc",
+        "plugin_args": {"n_procs": 2, "maxtasksperchild": 1, "memory_gb": 2.0, "raise_insufficient": False},
+    }
 
 
 def test_summary_mentions_key_settings(here):
     config = _full_config(here)
     text = config.summary(device="cpu")
-    for piece in (f"{here / 'ds'}", "sub-01, sub-02", "ses-1", f"{here / 'm' / 'model.safetensors'}",
-                  "variant espcn, r = 2", "device cpu (auto)", "auto precision", "4 MC sample(s), test-time mirrors (8)", "seed 3",
-                  "Gibbs removal off", f"Nipype MultiProc (from {here / 'plugin.yml'}): 2 process(es)",
-                  "memory 2048 MB", f"{here / 'work'} (new)", '"acquisition": "hr"', "write workflow graphs",
-                  "participant level"):
+    for piece in (
+        f"{here / 'ds'}",
+        "sub-01, sub-02",
+        "ses-1",
+        f"{here / 'm' / 'model.safetensors'}",
+        "variant espcn, r = 2",
+        "device cpu (auto)",
+        "auto precision",
+        "4 MC sample(s), test-time mirrors (8)",
+        "seed 3",
+        "Gibbs removal off",
+        f"Nipype MultiProc (from {here / 'plugin.yml'}): 2 process(es)",
+        "memory 2048 MB",
+        f"{here / 'work'} (new)",
+        '"acquisition": "hr"',
+        "write workflow graphs",
+        "participant level",
+    ):
         assert piece in text, piece
     assert re.search(r"^  tractography +dipy$", text, re.M)
     assert "sessions" in text and "all" in RunConfig.from_args(parse_args(base())).summary()
@@ -396,6 +495,7 @@ def test_an_empty_templateflow_home_unless_the_user_set_one():
     templateflow_without_templates(mine)
     assert mine == {"TEMPLATEFLOW_HOME": "/opt/tf"}
     code = "from niworkflows.interfaces.bids import DerivativesDataSink, STANDARD_SPACES; print(STANDARD_SPACES)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env})
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]

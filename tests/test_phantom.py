@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from helpers import venv_tool
 
-from iqt_pipe.sims import dataset as ds
-from iqt_pipe.sims import phantom as ph
 from iqt_pipe.cli import phantom as cli
 from iqt_pipe.dmri.dti import eig, scalar_maps, tensors_voxel_to_world
 from iqt_pipe.dmri.fit import fit_dti
 from iqt_pipe.dmri.gradients import read_gradients
 from iqt_pipe.io import InputError, load_nifti
+from iqt_pipe.sims import dataset as ds
+from iqt_pipe.sims import phantom as ph
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,14 @@ def dataset(tmp_path_factory):
 
 def _arrays(p: ph.Phantom) -> dict:
     return {
-        "dwi": p.dwi, "affine": p.affine, "bvals": p.gtab.bvals, "bvecs": p.gtab.bvecs,
-        "tensors": p.tensors_world, "s0": p.s0, "tissue": p.tissue, "bundles": p.bundles,
+        "dwi": p.dwi,
+        "affine": p.affine,
+        "bvals": p.gtab.bvals,
+        "bvecs": p.gtab.bvecs,
+        "tensors": p.tensors_world,
+        "s0": p.s0,
+        "tissue": p.tissue,
+        "bundles": p.bundles,
     }
 
 
@@ -79,15 +85,12 @@ def test_presets_and_gradient_scheme(clean):
     np.fill_diagonal(cos, 0)
     assert np.degrees(np.arccos(cos.max())) > 15
     # The .bvec (FSL) frame converts back to the scheme's world-frame directions.
-    np.testing.assert_allclose(
-        g.bvecs_world(clean.affine)[dw], ph.world_directions(int(dw.sum())), atol=1e-12
-    )
+    np.testing.assert_allclose(g.bvecs_world(clean.affine)[dw], ph.world_directions(int(dw.sum())), atol=1e-12)
     assert np.linalg.det(clean.affine[:3, :3]) > 0  # RAS+: FSL's x flip is exercised
 
 
 def test_bad_arguments_raise_input_error(tmp_path):
-    for kwargs in ({"preset": "huge"}, {"snr": 0}, {"snr": -1}, {"seed": -1},
-                   {"orientation": "RAR"}):
+    for kwargs in ({"preset": "huge"}, {"snr": 0}, {"snr": -1}, {"seed": -1}, {"orientation": "RAR"}):
         with pytest.raises(InputError):
             ph.make_phantom(**kwargs)
     with pytest.raises(InputError):
@@ -255,8 +258,7 @@ def test_dataset_layout_and_truth_files(dataset):
     assert desc["DatasetType"] == "raw" and desc["BIDSVersion"] == "1.9.0"
     assert desc["GeneratedBy"][0]["Name"] == "iqt-phantom"
     rows = (dataset / "participants.tsv").read_text().splitlines()
-    assert rows[0].startswith("participant_id") and [r.split("\t")[0] for r in rows[1:]] == [
-        "sub-01", "sub-02"]
+    assert rows[0].startswith("participant_id") and [r.split("\t")[0] for r in rows[1:]] == ["sub-01", "sub-02"]
     assert (dataset / "README").read_text().strip()
 
     expected = ph.make_phantom("tiny", seed=5, snr=30, lesion=True, subject=1)
@@ -280,8 +282,11 @@ def test_dataset_layout_and_truth_files(dataset):
     for name, array in (("fa", expected.fa), ("md", expected.md)):
         got, _, _ = load_nifti(f"{base}_model-tensor_param-{name}_dwimap.nii.gz")
         np.testing.assert_array_equal(got, array)
-    for suffix, array in (("desc-brain_mask", expected.mask), ("desc-tissue_dseg", expected.tissue),
-                          ("desc-lesion_mask", expected.lesion)):
+    for suffix, array in (
+        ("desc-brain_mask", expected.mask),
+        ("desc-tissue_dseg", expected.tissue),
+        ("desc-lesion_mask", expected.lesion),
+    ):
         got, _, _ = load_nifti(f"{base}_{suffix}.nii.gz")
         np.testing.assert_array_equal(got, array.astype(np.float32))
     # Subjects differ.
@@ -293,8 +298,7 @@ def _validate(path) -> list[dict]:
     exe = venv_tool("bids-validator-deno")
     if exe is None:
         pytest.skip("bids-validator-deno not installed (pip install bids-validator-deno)")
-    proc = subprocess.run([exe, str(path), "--format", "json"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([exe, str(path), "--format", "json"], capture_output=True, text=True, timeout=300)
     try:
         report = json.loads(proc.stdout)
     except ValueError:
@@ -341,8 +345,7 @@ def test_cli_writes_dataset(tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and "wrote 1 subject" in printed[0] and "noise-free" in printed[0]
     assert (out / "sub-01" / "dwi" / "sub-01_dwi.nii.gz").exists()
-    assert (out / "derivatives" / "phantom-truth" / "sub-01" / "dwi"
-            / "sub-01_desc-lesion_mask.nii.gz").exists()
+    assert (out / "derivatives" / "phantom-truth" / "sub-01" / "dwi" / "sub-01_desc-lesion_mask.nii.gz").exists()
 
 
 def test_cli_refuses_foreign_folder(tmp_path, capsys):
@@ -353,8 +356,9 @@ def test_cli_refuses_foreign_folder(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("iqt-phantom: error:") and "foreign" in err[0]
     # As a console program: exit status 2, one line, no traceback.
-    proc = subprocess.run([sys.executable, "-m", "iqt_pipe.cli.phantom", str(foreign)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "iqt_pipe.cli.phantom", str(foreign)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert [f.name for f in foreign.iterdir()] == ["data.csv"]
@@ -379,5 +383,4 @@ def test_demo_preset_noise_free_fit():
     fit = fit_dti(p.dwi, p.affine, p.gtab, mask=p.mask)
     m = p.mask
     world = tensors_voxel_to_world(fit.tensors, p.affine)
-    np.testing.assert_allclose(world[m], p.tensors_world[m], rtol=0,
-                               atol=1e-4 * np.abs(p.tensors_world[m]).max())
+    np.testing.assert_allclose(world[m], p.tensors_world[m], rtol=0, atol=1e-4 * np.abs(p.tensors_world[m]).max())

@@ -42,8 +42,9 @@ def gradient_tables(draw):
     """b=0 volumes plus one to three shells of random directions, shuffled."""
     rng = np.random.default_rng(draw(seeds))
     n_b0 = draw(st.integers(1, 4))
-    shells = draw(st.lists(st.sampled_from([700.0, 1000.0, 1300.0, 2000.0, 3000.0]), min_size=1, max_size=3,
-                           unique=True))
+    shells = draw(
+        st.lists(st.sampled_from([700.0, 1000.0, 1300.0, 2000.0, 3000.0]), min_size=1, max_size=3, unique=True)
+    )
     counts = [draw(st.integers(7, 20)) for _ in shells]
     bvals = np.concatenate([np.zeros(n_b0), *[np.full(c, b) + rng.uniform(-20, 20, c) for b, c in zip(shells, counts)]])
     bvecs = np.concatenate([np.zeros((n_b0, 3)), _directions(rng, sum(counts))])
@@ -154,10 +155,13 @@ def test_numerical_guards_leave_only_finite_values_and_count_them(seed, n_nan, n
     rng = np.random.default_rng(seed)
     shape = (6, 6, 6)
     mask = np.ones(shape, bool)
-    arrays_ = {"mean": rng.uniform(0.2e-3, 1e-3, shape + (6,)).astype(np.float32),
-               "var_int": rng.uniform(1e-9, 1e-8, shape + (6,)).astype(np.float32),
-               "m2": rng.uniform(0, 1e-9, shape + (6,)).astype(np.float32),
-               "fa": rng.uniform(0, 1, shape), "md": rng.uniform(0, 1e-3, shape)}
+    arrays_ = {
+        "mean": rng.uniform(0.2e-3, 1e-3, shape + (6,)).astype(np.float32),
+        "var_int": rng.uniform(1e-9, 1e-8, shape + (6,)).astype(np.float32),
+        "m2": rng.uniform(0, 1e-9, shape + (6,)).astype(np.float32),
+        "fa": rng.uniform(0, 1, shape),
+        "md": rng.uniform(0, 1e-3, shape),
+    }
     flat = rng.permutation(np.prod(shape))
     nan_at, inf_at, zero_at = np.split(flat[: n_nan + n_inf + n_zero], [n_nan, n_nan + n_inf])
     arrays_["mean"].reshape(-1, 6)[nan_at, 0] = np.nan

@@ -31,8 +31,7 @@ def native_maps(shape=SHAPE):
 def sr_of(fa, md, mask, r, sd=1e-4):
     """SR maps identical to the block-expanded native ones, constant sd_total in the brain."""
     hr_mask = qc.expand_blocks(mask, r)
-    return (qc.expand_blocks(fa, r), qc.expand_blocks(md, r),
-            np.where(hr_mask, sd, 0.0).astype(np.float32), hr_mask)
+    return (qc.expand_blocks(fa, r), qc.expand_blocks(md, r), np.where(hr_mask, sd, 0.0).astype(np.float32), hr_mask)
 
 
 def metrics(r=2, sd=1e-4, threshold=None, **kw):
@@ -75,7 +74,7 @@ def test_white_matter_block_geometry(r):
     hr = qc.expand_blocks(wm, r)
     assert hr.shape == tuple(s * r for s in SHAPE)
     hr_expected = np.zeros(hr.shape, bool)
-    hr_expected[3 * r:5 * r, 3 * r:5 * r, 3 * r:5 * r] = True  # native p → r·p … r·p + r − 1
+    hr_expected[3 * r : 5 * r, 3 * r : 5 * r, 3 * r : 5 * r] = True  # native p → r·p … r·p + r − 1
     np.testing.assert_array_equal(hr, hr_expected)
     m = qc.run_qc_metrics(fa, md, mask, *sr_of(fa, md, mask, r), r)
     assert (m["n_wm_native"], m["n_wm_hr"]) == (8, 8 * r**3)
@@ -231,9 +230,15 @@ def write_run(tmp_path, r=2, sd=1e-4, hr_affine=None):
     sr_fa, sr_md, sr_sd, hr_mask = sr_of(fa, md, mask, r, sd)
     hr_affine = upsample_affine(affine, r) if hr_affine is None else hr_affine
     paths = {}
-    for key, data, aff in (("native_fa", fa, affine), ("native_md", md, affine), ("native_mask", mask, affine),
-                           ("sr_fa", sr_fa, hr_affine), ("sr_md", sr_md, hr_affine),
-                           ("sr_sd_total", sr_sd, hr_affine), ("sr_mask", hr_mask, hr_affine)):
+    for key, data, aff in (
+        ("native_fa", fa, affine),
+        ("native_md", md, affine),
+        ("native_mask", mask, affine),
+        ("sr_fa", sr_fa, hr_affine),
+        ("sr_md", sr_md, hr_affine),
+        ("sr_sd_total", sr_sd, hr_affine),
+        ("sr_mask", hr_mask, hr_affine),
+    ):
         paths[key] = str(save_nifti(data.astype(np.float32), aff, tmp_path / f"{key}.nii.gz"))
     return paths
 
@@ -264,9 +269,15 @@ def test_runqc_interface(tmp_path, monkeypatch):
     work.mkdir()
     monkeypatch.chdir(work)
     node = RunQC(
-        native_fa_file=paths["native_fa"], native_md_file=paths["native_md"], native_mask_file=paths["native_mask"],
-        sr_fa_file=paths["sr_fa"], sr_md_file=paths["sr_md"], sr_sd_total_file=paths["sr_sd_total"],
-        sr_mask_file=paths["sr_mask"], upsample=2, entities={"subject": "01", "session": "a"},
+        native_fa_file=paths["native_fa"],
+        native_md_file=paths["native_md"],
+        native_mask_file=paths["native_mask"],
+        sr_fa_file=paths["sr_fa"],
+        sr_md_file=paths["sr_md"],
+        sr_sd_total_file=paths["sr_sd_total"],
+        sr_mask_file=paths["sr_mask"],
+        upsample=2,
+        entities={"subject": "01", "session": "a"},
     )
     res = node.run(cwd=str(work))
     out = res.outputs

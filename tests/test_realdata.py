@@ -4,9 +4,9 @@ with physiological values; Philips scale factors are applied exactly once."""
 import nibabel as nb
 import numpy as np
 import pytest
+from helpers import REALDWI, real_runs
 from scipy.ndimage import binary_erosion
 
-from helpers import REALDWI, real_runs
 from iqt_pipe.dmri import dti
 from iqt_pipe.dmri.dwi import load_dwi
 from iqt_pipe.dmri.fit import brain_mask, fit_dti

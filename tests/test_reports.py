@@ -28,18 +28,35 @@ import numpy as np
 import pytest
 
 from iqt_pipe.dmri.degrade import upsample_affine
-from iqt_pipe.sims.phantom import make_phantom
 from iqt_pipe.qc import DEFAULT_SD_THRESHOLD
 from iqt_pipe.reports import figures as F
 from iqt_pipe.reports.citations import cite, methods_html, parse_bibtex
+from iqt_pipe.sims.phantom import make_phantom
 
 SVG = "{http://www.w3.org/2000/svg}"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-FAST = ["--denoise", "dipy", "--no-degibbs", "--mc-samples", "2", "--nprocs", "2", "--omp-nthreads", "1",
-        "--skip-bids-validation"]
+FAST = [
+    "--denoise",
+    "dipy",
+    "--no-degibbs",
+    "--mc-samples",
+    "2",
+    "--nprocs",
+    "2",
+    "--omp-nthreads",
+    "1",
+    "--skip-bids-validation",
+]
 #: Reportlets of a run without / with DIPY tractography.
-RUN_FIGURES = ["summary.html", "qc.html", "colourfa.svg", "scalars.svg", "uncertainty.svg", "histogram.svg",
-               "thumbnail.png"]
+RUN_FIGURES = [
+    "summary.html",
+    "qc.html",
+    "colourfa.svg",
+    "scalars.svg",
+    "uncertainty.svg",
+    "histogram.svg",
+    "thumbnail.png",
+]
 TRACT_FIGURES = ["tracts.html", "dipydet.png", "dipyprob.png"]
 SUBJECT_FIGURES = ["about.html", "methods.html", "errors.html"]
 
@@ -139,8 +156,10 @@ def test_uncertainty_and_scalar_mosaics_have_colour_bars_with_units(phantoms, tm
     sr_mask = upsampled(mask)
     rng = np.random.default_rng(0)
     shape = sr_mask.data.shape
-    maps = {"intrinsic": F.Volume(rng.uniform(0.5e-4, 1.5e-4, shape), sr_mask.affine),
-            "parameter": F.Volume(rng.uniform(0.1e-4, 0.5e-4, shape), sr_mask.affine)}
+    maps = {
+        "intrinsic": F.Volume(rng.uniform(0.5e-4, 1.5e-4, shape), sr_mask.affine),
+        "parameter": F.Volume(rng.uniform(0.1e-4, 0.5e-4, shape), sr_mask.affine),
+    }
     maps["total"] = F.Volume(np.hypot(maps["intrinsic"].data, maps["parameter"].data), sr_mask.affine)
     fa = F.Volume(rng.uniform(0, 1, shape), sr_mask.affine)
     fig, info = F.uncertainty_mosaic(fa, maps, mask, sr_mask, n_slices=4)
@@ -218,8 +237,11 @@ def test_streamlines_figure_colours_by_direction_and_uncertainty(tmp_path):
 def test_figures_are_written_atomically_and_reproducibly(phantoms, tmp_path):
     tensors, mask = phantoms["RAS"]
     for name in ("a.svg", "b.svg", "t1.png", "t2.png"):
-        fig, _ = (F.colour_fa_mosaic(tensors, upsampled(tensors), mask, n_slices=3) if name.endswith(".svg")
-                  else F.thumbnail(upsampled(tensors), mask))
+        fig, _ = (
+            F.colour_fa_mosaic(tensors, upsampled(tensors), mask, n_slices=3)
+            if name.endswith(".svg")
+            else F.thumbnail(upsampled(tensors), mask)
+        )
         F.save_figure(fig, tmp_path / name)
     assert (tmp_path / "a.svg").read_bytes() == (tmp_path / "b.svg").read_bytes()
     assert (tmp_path / "t1.png").read_bytes() == (tmp_path / "t2.png").read_bytes()
@@ -237,15 +259,19 @@ def test_methods_text_cites_readably():
 @misc{two, author = "Doe, Jane", title = {Solo}, year = 2019}""")
     assert bib["one"]["pages"] == "1–9" and bib["one"]["title"] == "Uncertainty MRI" and bib["two"]["year"] == "2019"
     assert cite(bib["one"], "one") == "Tanno et al., 2021" and cite(bib["two"], "two", narrative=True) == "Doe (2019)"
-    text = methods_html("# Methods\n\nFitted with <DIPY> [@one; @two], as in\n@one and `code`.\n\n"
-                        "Unknown [@nope].\n\nCitation keys refer to the bib.",
-                        """@article{one, author = {Tanno, Ryutaro and Worrall, Daniel E. and Kaden, Enrico},
+    text = methods_html(
+        "# Methods\n\nFitted with <DIPY> [@one; @two], as in\n@one and `code`.\n\n"
+        "Unknown [@nope].\n\nCitation keys refer to the bib.",
+        """@article{one, author = {Tanno, Ryutaro and Worrall, Daniel E. and Kaden, Enrico},
                         title = {T}, journal = {NeuroImage}, year = {2021}, doi = {10.1/x}}
                         @misc{two, author = {Doe, Jane}, title = {Solo}, year = {2019}}""",
-                        [("logs/CITATION.md", "CITATION.md")])
+        [("logs/CITATION.md", "CITATION.md")],
+    )
     assert "(Tanno et al., 2021; Doe, 2019)" in text and "Tanno et al. (2021) and <code>code</code>" in text
     assert "&lt;DIPY&gt;" in text and "(?nope)" in text and "Citation keys" not in text and "# Methods" not in text
-    assert text.count("<li>") == 2 and 'href="https://doi.org/10.1/x"' in text and "Tanno R, Worrall DE, Kaden E" in text
+    assert (
+        text.count("<li>") == 2 and 'href="https://doi.org/10.1/x"' in text and "Tanno R, Worrall DE, Kaden E" in text
+    )
 
 
 def test_group_report_highlights_outliers(browser, tmp_path):
@@ -257,8 +283,13 @@ def test_group_report_highlights_outliers(browser, tmp_path):
     rows = []
     for i, sd in enumerate([1.0e-4, 1.1e-4, 0.9e-4, 1.05e-4, 6.0e-4], start=1):
         row = {key: 1.0 for key in METRIC_COLUMNS}
-        row.update(subject=f"{i:02d}", sdtot_wm_median=sd, sdtot_frac_above=0.1 + 0.01 * i,
-                   fa_wm_median_ratio=1.0 + 0.01 * i, md_wm_median_ratio=1.0 - 0.01 * i)
+        row.update(
+            subject=f"{i:02d}",
+            sdtot_wm_median=sd,
+            sdtot_frac_above=0.1 + 0.01 * i,
+            fa_wm_median_ratio=1.0 + 0.01 * i,
+            md_wm_median_ratio=1.0 - 0.01 * i,
+        )
         rows.append(row)
     write_group_qc(group_table(rows), tmp_path / "group_qc.tsv", tmp_path / "group_qc.txt")
     (tmp_path / "sub-05.html").write_text("<!DOCTYPE html><title>sub-05</title>")
@@ -301,9 +332,24 @@ def e2e(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reports")
     root, _ = tiny_dataset_and_model(tmp, n_subjects=2, seed=1)
     out = tmp / "out"
-    part = iqt_pipe(root, out, "participant", "--participant-label", "01", "--model", tmp / "model",
-                    "-w", tmp / "work", *FAST, "--tractography", "dipy", "--seed-density", "0.02",
-                    "--max-uncertainty", "1e-3")
+    part = iqt_pipe(
+        root,
+        out,
+        "participant",
+        "--participant-label",
+        "01",
+        "--model",
+        tmp / "model",
+        "-w",
+        tmp / "work",
+        *FAST,
+        "--tractography",
+        "dipy",
+        "--seed-density",
+        "0.02",
+        "--max-uncertainty",
+        "1e-3",
+    )
     group = iqt_pipe(root, out, "group", "--skip-bids-validation")
     return root, out, part, group
 
@@ -331,7 +377,9 @@ def test_participant_and_group_write_the_reports(e2e):
     assert f"{F.sci(float(row['sdtot_wm_median']))} mm²/s" in page
     assert f"{100 * float(row['sdtot_frac_above']):.1f} %" in page
     group_page = (out / "group.html").read_text()
-    assert '<a href="sub-01.html"><img class="iqt-thumb" src="sub-01/figures/sub-01_desc-thumbnail_dwi.png"' in group_page
+    assert (
+        '<a href="sub-01.html"><img class="iqt-thumb" src="sub-01/figures/sub-01_desc-thumbnail_dwi.png"' in group_page
+    )
     assert "Outliers are not assessed" in group_page
     assert f"{float(row['sdtot_wm_median']) / 1e-4:.3g}" in group_page
     hist = svg_texts(out / "sub-01" / "figures" / "sub-01_desc-histogram_dwi.svg")
@@ -354,13 +402,25 @@ def browser():
 
     for exe in (CHROMIUM, CHROMEDRIVER):
         if not exe.exists():
-            pytest.skip(f"{exe} not found: install Debian's chromium and chromium-driver (scripts/setup.sh does as root)")
+            pytest.skip(
+                f"{exe} not found: install Debian's chromium and chromium-driver (scripts/setup.sh does as root)"
+            )
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
     profile = tempfile.mkdtemp(prefix="iqt-chromium-")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,1000"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,1000",
+    ):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
@@ -387,9 +447,11 @@ def check_page(driver, base: str, folder: Path, page: str, screenshot: Path) -> 
     found = driver.execute_script("""
         const box = e => { const r = e.getBoundingClientRect(); return [r.width, r.height]; };
         return {
-          images: Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth, i.naturalHeight]),
-          objects: Array.from(document.querySelectorAll('object, embed')).map(o => [o.getAttribute('data') || o.getAttribute('src'),
-                     box(o), o.contentDocument ? box(o.contentDocument.documentElement) : [0, 0]]),
+          images: Array.from(document.images).map(
+            i => [i.getAttribute('src'), i.complete, i.naturalWidth, i.naturalHeight]),
+          objects: Array.from(document.querySelectorAll('object, embed')).map(
+            o => [o.getAttribute('data') || o.getAttribute('src'),
+                  box(o), o.contentDocument ? box(o.contentDocument.documentElement) : [0, 0]]),
           svgs: Array.from(document.querySelectorAll('svg')).map(box),
           links: Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href')),
           ids: Array.from(document.querySelectorAll('[id]')).map(e => e.id),
@@ -505,8 +567,10 @@ def test_every_run_of_a_subject_gets_its_section(e2e, tmp_path):
 
 def test_reports_only_refuses_a_folder_without_outputs(e2e, tmp_path):
     root, built, _, _ = e2e
-    for level, message in (("participant", "no iqt-pipe participant outputs to build reports from"),
-                           ("group", "no group_qc.tsv to build group.html from; run the group level first")):
+    for level, message in (
+        ("participant", "no iqt-pipe participant outputs to build reports from"),
+        ("group", "no group_qc.tsv to build group.html from; run the group level first"),
+    ):
         proc = iqt_pipe(root, tmp_path / "empty", level, "--reports-only", check_rc=2)
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
         (tmp_path / "empty").mkdir(exist_ok=True)
@@ -528,8 +592,9 @@ def _crash_in(log_dir: Path, bval: Path) -> Path:
         return read_gradients(bval, bvec)
 
     wf = pe.Workflow(name="sub_02_wf", base_dir=str(log_dir.parent.parent / "work"))
-    node = pe.Node(niu.Function(input_names=["bval", "bvec"], output_names=["table"], function=read_table),
-                   name="read_gradients")
+    node = pe.Node(
+        niu.Function(input_names=["bval", "bvec"], output_names=["table"], function=read_table), name="read_gradients"
+    )
     node.inputs.bval, node.inputs.bvec = str(bval), str(bval.with_suffix(".bvec"))
     wf.add_nodes([node])
     wf.config["execution"].update({"crashdump_dir": str(log_dir), "crashfile_format": "txt"})
@@ -580,12 +645,28 @@ def test_participant_level_failure_still_writes_both_reports(e2e, browser, tmp_p
     root = e2e[0]
     env = mrtrix_failing_on(tmp_path, "sub-02")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "iqt_pipe.cli.run", str(root), str(out), "participant", "--model",
-                           str(root.parent / "model"), "-w", str(tmp_path / "work"),
-                           *[a if a != "dipy" else "mrtrix" for a in FAST]],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iqt_pipe.cli.run",
+            str(root),
+            str(out),
+            "participant",
+            "--model",
+            str(root.parent / "model"),
+            "-w",
+            str(tmp_path / "work"),
+            *[a if a != "dipy" else "mrtrix" for a in FAST],
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert f"visual report {out / 'sub-01.html'}" in proc.stdout and f"visual report {out / 'sub-02.html'}" in proc.stdout
+    assert (
+        f"visual report {out / 'sub-01.html'}" in proc.stdout and f"visual report {out / 'sub-02.html'}" in proc.stdout
+    )
     failed = (out / "sub-02.html").read_text()
     assert "simulated scanner-file failure" in failed and "no derivatives: the run failed" in failed
     assert "No errors recorded" in (out / "sub-01.html").read_text()

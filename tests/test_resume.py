@@ -17,11 +17,22 @@ from pathlib import Path
 
 import nibabel as nb
 import pytest
-
 from helpers import tiny_dataset_and_model
 
-FAST = ["--denoise", "dipy", "--no-degibbs", "--mc-samples", "2", "--nprocs", "2", "--omp-nthreads", "1",
-        "--skip-bids-validation", "--seed", "7"]
+FAST = [
+    "--denoise",
+    "dipy",
+    "--no-degibbs",
+    "--mc-samples",
+    "2",
+    "--nprocs",
+    "2",
+    "--omp-nthreads",
+    "1",
+    "--skip-bids-validation",
+    "--seed",
+    "7",
+]
 SUB = "iqt_wf/sub_01_wf"
 
 
@@ -34,13 +45,25 @@ def data(tmp_path_factory):
 
 def _command(data, out: Path, work: Path) -> list[str]:
     root, model = data
-    return [sys.executable, "-m", "iqt_pipe.cli.run", str(root), str(out), "participant", "--model", str(model),
-            "-w", str(work), *FAST]
+    return [
+        sys.executable,
+        "-m",
+        "iqt_pipe.cli.run",
+        str(root),
+        str(out),
+        "participant",
+        "--model",
+        str(model),
+        "-w",
+        str(work),
+        *FAST,
+    ]
 
 
 def _digests(out: Path) -> dict[str, str]:
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("sub-*/dwi/*"))}
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("sub-*/dwi/*"))
+    }
 
 
 def _run_until(cmd: list[str], ready, timeout: float = 600) -> bool:
@@ -128,9 +151,16 @@ def test_a_data_sink_that_fails_half_way_leaves_the_output_folder_untouched(tmp_
     def sink(value: float):
         image = tmp_path / f"fa{int(value)}.nii.gz"
         nb.save(nb.Nifti1Image(np.full((4, 4, 4), value, np.float32), np.eye(4)), image)
-        node = DerivativesDataSink(base_directory=str(tmp_path / "out"), source_file=str(source), in_file=str(image),
-                                   model="tensor", param="fa", suffix="dwimap", check_hdr=False,
-                                   meta_dict={"Description": f"value {value}"})
+        node = DerivativesDataSink(
+            base_directory=str(tmp_path / "out"),
+            source_file=str(source),
+            in_file=str(image),
+            model="tensor",
+            param="fa",
+            suffix="dwimap",
+            check_hdr=False,
+            meta_dict={"Description": f"value {value}"},
+        )
         cwd = tmp_path / f"node{int(value)}"
         cwd.mkdir()
         monkeypatch.chdir(cwd)

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, tiny_dataset_and_model, venv_tool
 from slurm_cluster import ClusterUnavailable, start_cluster
 
@@ -65,8 +64,16 @@ def submit_array(cluster, tmp: Path, bids: Path, model: Path, participants: str,
     listing = tmp / "participants.txt"
     listing.write_text(participants)
     return cluster.sbatch(
-        f"--array={array}", *TASK, f"--output={tmp}/slurm-%A_%a.out", ARRAY_SCRIPT,
-        bids, tmp / "out", listing, "--model", model, *FAST,
+        f"--array={array}",
+        *TASK,
+        f"--output={tmp}/slurm-%A_%a.out",
+        ARRAY_SCRIPT,
+        bids,
+        tmp / "out",
+        listing,
+        "--model",
+        model,
+        *FAST,
         env={"IQT_PIPE": iqt_pipe_exe(), "IQT_WORK_ROOT": str(tmp / "work")},
     )
 
@@ -77,7 +84,9 @@ def tasks(cluster, job_id: str) -> dict[str, dict]:
 
 
 def digests(out: Path) -> dict[str, str]:
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("sub-*/dwi/*"))}
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("sub-*/dwi/*"))
+    }
 
 
 def outputs(out: Path) -> set[str]:
@@ -122,9 +131,25 @@ def test_nipype_slurm_plugin_gives_the_array_outputs(cluster, data, array_run, t
     """The shipped plugin file, unchanged: every node a SLURM job, same bytes as the array."""
     bids, model = data
     proc = subprocess.run(
-        [iqt_pipe_exe(), bids, tmp_path / "out", "participant", "--model", model, "-w", tmp_path / "work",
-         "--nprocs", "1", *FAST, "--use-plugin", SLURM_PLUGIN],
-        env=cluster.env, capture_output=True, text=True, timeout=600,
+        [
+            iqt_pipe_exe(),
+            bids,
+            tmp_path / "out",
+            "participant",
+            "--model",
+            model,
+            "-w",
+            tmp_path / "work",
+            "--nprocs",
+            "1",
+            *FAST,
+            "--use-plugin",
+            SLURM_PLUGIN,
+        ],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Nipype SLURM (from" in proc.stdout
@@ -161,8 +186,9 @@ def test_a_failing_array_task_is_reported_failed_with_its_message(cluster, data,
 def _run_until_first_job(cluster, cmd: list, then) -> subprocess.CompletedProcess:
     """Start ``cmd`` (iqt-pipe with the SLURM plugin), call ``then(job_id)`` as soon as its
     first node is in the queue, and wait for it to end."""
-    proc = subprocess.Popen([str(c) for c in cmd], env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [str(c) for c in cmd], env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         end = time.monotonic() + 120
         while not (queued := cluster.queued()):
@@ -186,8 +212,23 @@ def test_a_failing_node_job_is_reported_by_the_plugin(cluster, data, tmp_path):
     bids, model = data
     mine = tmp_path / "model"
     shutil.copytree(model, mine)
-    cmd = [iqt_pipe_exe(), bids, tmp_path / "out", "participant", "--participant-label", "01", "--model", mine,
-           "-w", tmp_path / "work", "--nprocs", "1", *FAST, "--use-plugin", SLURM_PLUGIN]
+    cmd = [
+        iqt_pipe_exe(),
+        bids,
+        tmp_path / "out",
+        "participant",
+        "--participant-label",
+        "01",
+        "--model",
+        mine,
+        "-w",
+        tmp_path / "work",
+        "--nprocs",
+        "1",
+        *FAST,
+        "--use-plugin",
+        SLURM_PLUGIN,
+    ]
     proc = _run_until_first_job(cluster, cmd, lambda job: shutil.rmtree(mine))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "crash report" in proc.stderr
@@ -210,8 +251,23 @@ def test_a_node_job_that_dies_fails_the_run(cluster, data, tmp_path):
         cluster.run("scancel", job)
         cancelled.append(job)
 
-    cmd = [iqt_pipe_exe(), bids, tmp_path / "out", "participant", "--participant-label", "01", "--model", model,
-           "-w", tmp_path / "work", "--nprocs", "1", *FAST, "--use-plugin", SLURM_PLUGIN]
+    cmd = [
+        iqt_pipe_exe(),
+        bids,
+        tmp_path / "out",
+        "participant",
+        "--participant-label",
+        "01",
+        "--model",
+        model,
+        "-w",
+        tmp_path / "work",
+        "--nprocs",
+        "1",
+        *FAST,
+        "--use-plugin",
+        SLURM_PLUGIN,
+    ]
     proc = _run_until_first_job(cluster, cmd, cancel)
     assert proc.returncode == 1, proc.stderr[-3000:]
     (record,) = cluster.jobs(cancelled[0])
@@ -233,11 +289,30 @@ def test_training_script_runs_torchrun_under_srun(cluster, data, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "model"
-    env = {"IQT_NPROC_PER_NODE": "2", "IQT_RDZV_PORT": str(port),
-           "IQT_TORCHRUN": f"{sys.executable} -m torch.distributed.run", "OMP_NUM_THREADS": "1"}
-    job = cluster.sbatch("--cpus-per-task=2", f"--output={tmp_path}/train-%j.out", TRAIN_SCRIPT, bids, "-o", out,
-                         "--patches-per-subject", "12", "--epochs", "1", "--variant", "espcn", "--device", "cpu", "-q",
-                         env=env)
+    env = {
+        "IQT_NPROC_PER_NODE": "2",
+        "IQT_RDZV_PORT": str(port),
+        "IQT_TORCHRUN": f"{sys.executable} -m torch.distributed.run",
+        "OMP_NUM_THREADS": "1",
+    }
+    job = cluster.sbatch(
+        "--cpus-per-task=2",
+        f"--output={tmp_path}/train-%j.out",
+        TRAIN_SCRIPT,
+        bids,
+        "-o",
+        out,
+        "--patches-per-subject",
+        "12",
+        "--epochs",
+        "1",
+        "--variant",
+        "espcn",
+        "--device",
+        "cpu",
+        "-q",
+        env=env,
+    )
     cluster.wait(timeout=600)
     (record,) = cluster.jobs(job)
     log = Path(record["StdOut"]).read_text()
@@ -263,33 +338,61 @@ def test_the_cluster_says_why_it_cannot_start(monkeypatch):
         start_cluster()
 
 
-
 def _script(*args, env: dict | None = None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    return subprocess.run(["bash", ARRAY_SCRIPT, *map(str, args)], env={**clean, "IQT_PIPE": "echo", **(env or {})},
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", ARRAY_SCRIPT, *map(str, args)],
+        env={**clean, "IQT_PIPE": "echo", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_array_script_builds_the_iqt_pipe_command(tmp_path):
     listing = tmp_path / "participants.tsv"
     listing.write_text("participant_id\tage\nsub-01\t30\n# excluded\n\nsub-07\t41\n")
-    proc = _script("/data/bids", "/data/out", listing, "--device", "cuda",
-                   env={"SLURM_ARRAY_TASK_ID": "2", "SLURM_CPUS_PER_TASK": "6", "IQT_WORK_ROOT": "/scratch/w"})
+    proc = _script(
+        "/data/bids",
+        "/data/out",
+        listing,
+        "--device",
+        "cuda",
+        env={"SLURM_ARRAY_TASK_ID": "2", "SLURM_CPUS_PER_TASK": "6", "IQT_WORK_ROOT": "/scratch/w"},
+    )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["/data/bids", "/data/out", "participant", "--participant-label", "07",
-                                   "-w", "/scratch/w/sub-07", "--nprocs", "6", "--device", "cuda"]
+    assert proc.stdout.split() == [
+        "/data/bids",
+        "/data/out",
+        "participant",
+        "--participant-label",
+        "07",
+        "-w",
+        "/scratch/w/sub-07",
+        "--nprocs",
+        "6",
+        "--device",
+        "cuda",
+    ]
     # an explicit --nprocs or a plugin file wins over the allocation
     proc = _script("/b", "/o", listing, "--use-plugin", "slurm.yml", env={"IQT_TASK_ID": "1"})
     assert "--nprocs" not in proc.stdout.split() and "--participant-label 01" in proc.stdout
     assert "-w " + str(Path.cwd() / "iqt-work" / "sub-01") in proc.stdout
 
 
-@pytest.mark.parametrize("args, env, message", [
-    ([], {}, "usage: sbatch --array=1-N"),
-    (["b", "o", "LIST"], {}, "no array task id"),
-    (["b", "o", "missing.txt"], {"IQT_TASK_ID": "1"}, "participants file missing.txt not found"),
-    (["b", "o", "LIST"], {"IQT_TASK_ID": "3"}, "array task 3: LIST lists fewer participants; submit with --array=1-2"),
-])
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        ([], {}, "usage: sbatch --array=1-N"),
+        (["b", "o", "LIST"], {}, "no array task id"),
+        (["b", "o", "missing.txt"], {"IQT_TASK_ID": "1"}, "participants file missing.txt not found"),
+        (
+            ["b", "o", "LIST"],
+            {"IQT_TASK_ID": "3"},
+            "array task 3: LIST lists fewer participants; submit with --array=1-2",
+        ),
+    ],
+)
 def test_array_script_refuses_with_one_line(tmp_path, args, env, message):
     listing = tmp_path / "p.txt"
     listing.write_text("01\n02\n")

@@ -6,16 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import tiny_dataset_and_model
+
 from iqt_pipe.dmri import dti
-from iqt_pipe.sr.baselines import interpolate_tensors
 from iqt_pipe.dmri.degrade import upsample_affine
-from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES
-from iqt_pipe.sr.inference import (expand_mask, predict_brain,
-                                prediction_region)
 from iqt_pipe.io import load_nifti
 from iqt_pipe.models import load_model
+from iqt_pipe.sr.baselines import interpolate_tensors
+from iqt_pipe.sr.inference import expand_mask, predict_brain, prediction_region
+from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +54,17 @@ def test_sr_workflow_embedded_in_another_workflow(setup):
     lr_world, lr_affine, _ = load_nifti(fit_out.tensor_file)
     lr_mask = load_nifti(fit_out.mask_file)[0] > 0
     model, _ = load_model(model_dir)
-    pred = predict_brain(model, dti.tensors_world_to_voxel(lr_world, lr_affine), lr_mask, lr_affine,
-                         mc_samples=3, scalar_samples=6, seed=2, precision=DEFAULT_PRECISION,
-                         symmetries=SYMMETRIES[DEFAULT_SYMMETRIES])
+    pred = predict_brain(
+        model,
+        dti.tensors_world_to_voxel(lr_world, lr_affine),
+        lr_mask,
+        lr_affine,
+        mc_samples=3,
+        scalar_samples=6,
+        seed=2,
+        precision=DEFAULT_PRECISION,
+        symmetries=SYMMETRIES[DEFAULT_SYMMETRIES],
+    )
     hr_world, hr_affine, _ = load_nifti(out.tensor_file)
     np.testing.assert_allclose(hr_affine, upsample_affine(lr_affine, 2), atol=1e-5)
     assert hr_world.shape == tuple(2 * s for s in lr_mask.shape) + (6,)
@@ -84,14 +91,18 @@ def test_sr_workflow_embedded_in_another_workflow(setup):
 
 
 def test_write_prediction_sidecars(setup, tmp_path):
-    from iqt_pipe.sr.superres import load_tensor_image, prediction_metadata, super_resolve_tensors, write_prediction
     from iqt_pipe.interfaces import FitDTI
+    from iqt_pipe.sr.superres import load_tensor_image, prediction_metadata, super_resolve_tensors, write_prediction
 
     run, model_dir, _ = setup
     (tmp_path / "fit").mkdir()
-    fit = FitDTI(dwi_file=f"{run}.nii.gz", bval_file=f"{run}.bval", bvec_file=f"{run}.bvec").run(cwd=str(tmp_path / "fit"))
+    fit = FitDTI(dwi_file=f"{run}.nii.gz", bval_file=f"{run}.bval", bvec_file=f"{run}.bvec").run(
+        cwd=str(tmp_path / "fit")
+    )
     model, card = load_model(model_dir)
-    pred = super_resolve_tensors(*load_tensor_image(fit.outputs.tensor_file, fit.outputs.mask_file), model, mc_samples=2)
+    pred = super_resolve_tensors(
+        *load_tensor_image(fit.outputs.tensor_file, fit.outputs.mask_file), model, mc_samples=2
+    )
     paths = write_prediction(pred, tmp_path / "out" / "sub-01", prediction_metadata(card, pred))
     assert sorted(paths) == sorted(["tensor", "fa", "fasd", "md", "mdsd", "sdint", "sdpar", "sdtot", "mask"])
     for name, path in paths.items():
@@ -112,7 +123,9 @@ def test_super_resolve_declares_gpu_and_refuses_mismatched_mask(setup, tmp_path)
     assert pe.Node(SuperResolve(model="m", use_gpu=True), name="gpu").is_gpu_node()
     assert not pe.Node(SuperResolve(model="m"), name="cpu").is_gpu_node()
     (tmp_path / "fit").mkdir()
-    fit = FitDTI(dwi_file=f"{run}.nii.gz", bval_file=f"{run}.bval", bvec_file=f"{run}.bvec").run(cwd=str(tmp_path / "fit"))
+    fit = FitDTI(dwi_file=f"{run}.nii.gz", bval_file=f"{run}.bval", bvec_file=f"{run}.bvec").run(
+        cwd=str(tmp_path / "fit")
+    )
     bad = save_nifti(np.ones((3, 3, 3), np.uint8), np.eye(4), tmp_path / "bad_mask.nii.gz", dtype=np.uint8)
     node = SuperResolve(model=str(model_dir), tensor_file=fit.outputs.tensor_file, mask_file=str(bad))
     with pytest.raises(InputError, match="bad_mask.nii.gz: the mask's grid differs"):

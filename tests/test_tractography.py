@@ -15,15 +15,15 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 import pytest
-
 from helpers import REPO, real_runs
+
+from iqt_pipe.dmri.dti import tensors_voxel_to_world
+from iqt_pipe.io import InputError, load_tensor_image, read_tsv, save_nifti
+from iqt_pipe.sims.phantom import BUNDLES, FOV_CENTRE, make_phantom
 from iqt_pipe.tracking import compare as C
 from iqt_pipe.tracking import files as F
 from iqt_pipe.tracking import mrtrix as M
 from iqt_pipe.tracking import track as T
-from iqt_pipe.dmri.dti import tensors_voxel_to_world
-from iqt_pipe.io import InputError, load_tensor_image, read_tsv, save_nifti
-from iqt_pipe.sims.phantom import BUNDLES, FOV_CENTRE, make_phantom
 
 EXPECTED = json.loads((REPO / "tests/data/expected_participant_outputs.json").read_text())
 
@@ -72,7 +72,7 @@ def bundle_deviation(p, tracks: T.Tracks) -> dict[str, tuple[np.ndarray, np.ndar
         for line, seed in zip(tracks.streamlines, tracks.seed_index):
             if seed < 0:
                 continue
-            ijk = T.voxel_indices(line[seed:seed + 1], p.affine)[0]
+            ijk = T.voxel_indices(line[seed : seed + 1], p.affine)[0]
             if own[tuple(ijk)] < 0.9 or others[tuple(ijk)] > 0.05:
                 continue
             ok = T.sample_nearest(clean.astype(float), p.affine, line, 0.0) > 0
@@ -81,15 +81,16 @@ def bundle_deviation(p, tracks: T.Tracks) -> dict[str, tuple[np.ndarray, np.ndar
                 a -= 1
             while z < len(line) - 1 and ok[z + 1]:
                 z += 1
-            piece = line[a:z + 1]
+            piece = line[a : z + 1]
             d = tree.query(piece)[0]
             dist.append(np.abs(d - tree.query(line[seed])[0]).mean())
             length.append(T.streamline_lengths([piece])[0])
             dense = T.densify(line, 0.25 * p.voxel_size[0])
             nearest = tree.query(dense)[1]
             alongside = (nearest > 0) & (nearest < len(centreline) - 1)
-            fraction.append(np.mean(T.sample_nearest(in_tubes, p.affine, dense[alongside], 0.0)) if alongside.any()
-                            else 1.0)
+            fraction.append(
+                np.mean(T.sample_nearest(in_tubes, p.affine, dense[alongside], 0.0)) if alongside.any() else 1.0
+            )
         out[bundle.name] = (np.array(dist), np.array(length), np.array(fraction))
     return out
 
@@ -100,7 +101,7 @@ def assert_follows_bundles(p, tracks: T.Tracks, tolerance_voxels: float, label: 
     all_dist = np.concatenate([d for d, _, _ in result.values()])
     all_len = np.concatenate([n for _, n, _ in result.values()])
     assert len(all_dist) > 100, f"{label}: only {len(all_dist)} streamlines seeded in the bundles' cores"
-    for name, (dist, length, fraction) in result.items():
+    for name, (dist, _length, fraction) in result.items():
         assert len(dist) >= 5, f"{label} {name}: {len(dist)} streamlines"
         # The issue's criterion: mean closest-point distance to the true path below one voxel...
         assert dist.mean() < voxel, f"{label} {name}: {dist.mean():.2f} mm from the true path"
@@ -127,8 +128,9 @@ def phantom(request):
 
 
 def core_seeds(p, fa, per_bundle=40, seed=0) -> np.ndarray:
-    return np.concatenate([T.random_seeds(core, p.affine, per_bundle, seed + k)
-                           for k, core in enumerate(clean_cores(p, fa).values())])
+    return np.concatenate(
+        [T.random_seeds(core, p.affine, per_bundle, seed + k) for k, core in enumerate(clean_cores(p, fa).values())]
+    )
 
 
 # --------------------------------------------------------------------------- DIPY on the phantom
@@ -191,7 +193,8 @@ def write_phantom_inputs(p, world, fit, folder: Path) -> dict[str, str]:
         "tensor_file": str(save_nifti(world, p.affine, folder / "tensor.nii.gz")),
         "mask_file": str(save_nifti(p.mask.astype(np.uint8), p.affine, folder / "mask.nii.gz", dtype=np.uint8)),
         "s0_file": str(save_nifti(fit.s0, p.affine, folder / "s0.nii.gz")),
-        "bval_file": str(folder / "dwi.bval"), "bvec_file": str(folder / "dwi.bvec"),
+        "bval_file": str(folder / "dwi.bval"),
+        "bvec_file": str(folder / "dwi.bvec"),
     }
 
 
@@ -200,11 +203,21 @@ def run_tckgen(prep: dict, seed_image: str, n_seeds: int, cwd: Path, algorithm="
     from iqt_pipe.interfaces.tractography import TensorTractography
 
     node = TensorTractography(
-        in_file=str(prep["dwi_file"]), grad_file=str(prep["grad_file"]), roi_mask=str(prep["mask_file"]),
-        seed_image=seed_image, step_size=prep["step_mm"], angle=prep["max_angle"], algorithm=algorithm,
-        cutoff=T.DEFAULT_FA_THRESHOLD, min_length=T.DEFAULT_MIN_LENGTH, max_length=T.DEFAULT_MAX_LENGTH,
-        out_file="tracked.tck", out_seeds="seeds.txt", args=f"-quiet -seeds {n_seeds} -select 0",
-        environ={"MRTRIX_RNG_SEED": "0"}, nthreads=1,
+        in_file=str(prep["dwi_file"]),
+        grad_file=str(prep["grad_file"]),
+        roi_mask=str(prep["mask_file"]),
+        seed_image=seed_image,
+        step_size=prep["step_mm"],
+        angle=prep["max_angle"],
+        algorithm=algorithm,
+        cutoff=T.DEFAULT_FA_THRESHOLD,
+        min_length=T.DEFAULT_MIN_LENGTH,
+        max_length=T.DEFAULT_MAX_LENGTH,
+        out_file="tracked.tck",
+        out_seeds="seeds.txt",
+        args=f"-quiet -seeds {n_seeds} -select 0",
+        environ={"MRTRIX_RNG_SEED": "0"},
+        nthreads=1,
     )
     cwd.mkdir(parents=True, exist_ok=True)
     out = node.run(cwd=str(cwd)).outputs
@@ -217,8 +230,10 @@ def test_mrtrix_streamlines_follow_the_true_bundles(phantom, mrtrix, tmp_path):
     files = write_phantom_inputs(p, world, fit, tmp_path / "in")
     prep = M.prepare_mrtrix_inputs(**files, prefix=tmp_path / "prep")
     # The synthesised series reproduces the tensors: MRtrix3's own fit of it matches.
-    subprocess.run(["dwi2tensor", "-quiet", "-grad", str(prep["grad_file"]), str(prep["dwi_file"]),
-                    str(tmp_path / "dt.nii.gz")], check=True)
+    subprocess.run(
+        ["dwi2tensor", "-quiet", "-grad", str(prep["grad_file"]), str(prep["dwi_file"]), str(tmp_path / "dt.nii.gz")],
+        check=True,
+    )
     mrtrix_tensors = nb.load(tmp_path / "dt.nii.gz").get_fdata()  # xx yy zz xy xz yz, world frame
     from iqt_pipe.dmri.dti import from_mrtrix_order
 
@@ -271,8 +286,9 @@ def test_tractograms_round_trip_through_nibabel_dipy_and_mrtrix(phantom, tmp_pat
     trk = nb.streamlines.load(str(paths["trk"]))
     np.testing.assert_allclose(trk.header["voxel_to_rasmm"], p.affine, atol=1e-4)
     np.testing.assert_allclose(trk.tractogram.data_per_streamline["length_mm"][:, 0], table["length_mm"], rtol=1e-5)
-    np.testing.assert_allclose(trk.tractogram.data_per_streamline["max_uncertainty"][:, 0], table["max_uncertainty"],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        trk.tractogram.data_per_streamline["max_uncertainty"][:, 0], table["max_uncertainty"], rtol=1e-5
+    )
     sft = load_tractogram(str(paths["trk"]), str(ref))  # DIPY checks the header against the image
     sft.to_rasmm()
     np.testing.assert_allclose(sft.streamlines[0], tracks.streamlines[0], atol=1e-3)
@@ -281,15 +297,20 @@ def test_tractograms_round_trip_through_nibabel_dipy_and_mrtrix(phantom, tmp_pat
     assert float(rows[3]["length_mm"]) == pytest.approx(table["length_mm"][3], rel=1e-5)
     # the mean uncertainty lies between the map's values along the streamline
     values = T.sample_nearest(unc, p.affine, tracks.streamlines[3])
-    assert values.min() <= float(rows[3]["mean_uncertainty"]) <= float(rows[3]["max_uncertainty"]) == pytest.approx(
-        values.max(), rel=1e-5)
+    assert (
+        values.min()
+        <= float(rows[3]["mean_uncertainty"])
+        <= float(rows[3]["max_uncertainty"])
+        == pytest.approx(values.max(), rel=1e-5)
+    )
     if shutil.which("tckinfo"):
         info = subprocess.run(["tckinfo", "-count", str(paths["tck"])], capture_output=True, text=True, check=True)
         assert f"actual count in file: {n}" in info.stdout
         # MRtrix3 puts the points where we do: its track density matches ours (tckmap's own
         # resampling counts ~10 % fewer of the voxel corners a streamline clips).
-        subprocess.run(["tckmap", "-quiet", "-template", str(ref), str(paths["tck"]), str(tmp_path / "tdi.nii.gz")],
-                       check=True)
+        subprocess.run(
+            ["tckmap", "-quiet", "-template", str(ref), str(paths["tck"]), str(tmp_path / "tdi.nii.gz")], check=True
+        )
         theirs = nb.load(tmp_path / "tdi.nii.gz").get_fdata()
         ours = T.track_density(tracks.streamlines, p.affine, p.mask.shape)
         assert C.tdi_correlation(theirs, ours) > 0.95 and abs(theirs.sum() - ours.sum()) < 0.15 * ours.sum()
@@ -321,15 +342,19 @@ def _slab():
     xs = np.arange(2, 20, 0.5)  # voxel x 2 … 19.5, step 1 mm
     line = nb.affines.apply_affine(affine, np.stack([xs, np.full_like(xs, 2), np.full_like(xs, 2)], 1))
     short = line[:10]  # ends before the slab
-    seeds = {"before": int(np.argmin(abs(xs - 5))), "after": int(np.argmin(abs(xs - 17))),
-             "inside": int(np.argmin(abs(xs - 12.5)))}
+    seeds = {
+        "before": int(np.argmin(abs(xs - 5))),
+        "after": int(np.argmin(abs(xs - 17))),
+        "inside": int(np.argmin(abs(xs - 12.5))),
+    }
     return affine, unc, line.astype(np.float32), short.astype(np.float32), seeds, xs
 
 
 def test_uncertainty_limit_stops_or_drops(tmp_path):
     affine, unc, line, short, seeds, xs = _slab()
-    tracks = T.Tracks([line, line, line, short, line], np.array([seeds["before"], seeds["after"], seeds["inside"],
-                                                                 3, -1]), n_seeds=5)
+    tracks = T.Tracks(
+        [line, line, line, short, line], np.array([seeds["before"], seeds["after"], seeds["inside"], 3, -1]), n_seeds=5
+    )
     kept, counts = T.limit_uncertainty(tracks, unc, affine, 1e-4, "stop", min_length=2.0)
     assert counts == {"n_stopped": 3, "n_dropped": 1}  # the seed inside the slab stops at once
     first, second, untouched, longest = kept.streamlines
@@ -359,11 +384,13 @@ def test_tracking_settings_scale_with_the_voxel_and_refuse_nonsense():
     custom = T.TrackingParams(step_mm=0.5).resolved(2.0)
     assert custom.step_mm == 0.5 and custom.max_angle == pytest.approx(15.0)
     assert T.TrackingParams(step_mm=0.5, max_angle=45).resolved(2.0).max_angle == 45
-    for bad, message in [(dict(algorithm="eudx"), "algorithm 'eudx' unknown"),
-                         (dict(seed_density=0), "seed density must be a positive number"),
-                         (dict(max_angle=120), r"angle limit must lie in \(0, 90\]"),
-                         (dict(min_length=50, max_length=40), "minimum streamline length"),
-                         (dict(fa_threshold=1.5), "FA threshold must lie in")]:
+    for bad, message in [
+        (dict(algorithm="eudx"), "algorithm 'eudx' unknown"),
+        (dict(seed_density=0), "seed density must be a positive number"),
+        (dict(max_angle=120), r"angle limit must lie in \(0, 90\]"),
+        (dict(min_length=50, max_length=40), "minimum streamline length"),
+        (dict(fa_threshold=1.5), "FA threshold must lie in"),
+    ]:
         with pytest.raises(InputError, match=message) as info:
             T.TrackingParams(**bad).check()
         assert "\n" not in str(info.value)
@@ -439,12 +466,12 @@ def test_tensor_odf_sh_is_the_projection_on_the_whole_sphere():
     tensors[0] = [1e-3, 0, 0, 0, 0, 0]  # flat: clamped eigenvalues
     tensors[1] = [-1e-3, 0, 0, -1e-3, 0, -1e-3]  # no positive eigenvalue: uniform
     sphere = get_sphere(name=T.SPHERE)
-    _, inverse = sh_to_sf_matrix(sphere, sh_order_max=T.SH_ORDER, basis_type=T.SH_BASIS, return_inv=True,
-                                 legacy=False)
+    _, inverse = sh_to_sf_matrix(sphere, sh_order_max=T.SH_ORDER, basis_type=T.SH_BASIS, return_inv=True, legacy=False)
     expected = T.tensor_odf(tensors, sphere.vertices) @ inverse
     assert len(T.tracking_hemisphere().vertices) == len(sphere.vertices) // 2
-    np.testing.assert_allclose(T.tensor_odf_sh(*T._eigh(tensors), chunk=64), expected, rtol=1e-9,
-                               atol=1e-12 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        T.tensor_odf_sh(*T._eigh(tensors), chunk=64), expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max()
+    )
 
 
 def test_s0_resampling_stays_positive():
@@ -495,11 +522,13 @@ def test_tensor_prob_series_gets_the_runs_noise(tmp_path):
         "tensor_file": save_nifti(p.tensors_world, p.affine, tmp_path / "tensor.nii.gz"),
         "mask_file": save_nifti(p.mask.astype(np.uint8), p.affine, tmp_path / "mask.nii.gz", dtype=np.uint8),
         "s0_file": save_nifti(p.s0, p.affine, tmp_path / "s0.nii.gz"),
-        "bval_file": tmp_path / "dwi.bval", "bvec_file": tmp_path / "dwi.bvec",
+        "bval_file": tmp_path / "dwi.bval",
+        "bvec_file": tmp_path / "dwi.bvec",
     }
     dwi = save_nifti(p.dwi, p.affine, tmp_path / "dwi.nii.gz")
-    prep = M.prepare_mrtrix_inputs(**files, prefix=tmp_path / "a", noisy=True, noise_dwi_file=dwi,
-                                   noise_mask_file=files["mask_file"])
+    prep = M.prepare_mrtrix_inputs(
+        **files, prefix=tmp_path / "a", noisy=True, noise_dwi_file=dwi, noise_mask_file=files["mask_file"]
+    )
     noise = prep["noise"]
     assert noise["Type"] == "Rician" and "b=0 volumes of dwi.nii.gz" in noise["Estimate"]
     assert noise["Sigma"] == pytest.approx(p.sigma, rel=0.15)
@@ -508,8 +537,9 @@ def test_tensor_prob_series_gets_the_runs_noise(tmp_path):
     inside = p.mask & (clean[..., 0] > 0)
     assert np.std((noisy - clean)[..., 1:][inside]) == pytest.approx(noise["Sigma"], rel=0.2)
     np.testing.assert_array_equal(noisy[~inside], clean[~inside])  # nothing outside the mask
-    again = M.prepare_mrtrix_inputs(**files, prefix=tmp_path / "b", noisy=True, noise_dwi_file=dwi,
-                                    noise_mask_file=files["mask_file"])
+    again = M.prepare_mrtrix_inputs(
+        **files, prefix=tmp_path / "b", noisy=True, noise_dwi_file=dwi, noise_mask_file=files["mask_file"]
+    )
     np.testing.assert_array_equal(nb.load(again["noisy_dwi_file"]).get_fdata(), noisy)  # fixed seed
     fallback = M.prepare_mrtrix_inputs(**files, prefix=tmp_path / "c", noisy=True)
     s0 = clean[..., 0][inside]
@@ -578,8 +608,9 @@ def test_evaluate_files_masks_and_bundles(tmp_path):
     bundle = np.zeros(shape, bool)
     bundle[:, 4:7, 4:7] = True  # around the first streamline
     tck = {k: tmp_path / f"{k}.tck" for k in ("hr", "lr", "sr")}
-    result = C.evaluate_files(tck["hr"], tck["lr"], tck["sr"], mask_file, out_tsv=tmp_path / "eval.tsv",
-                              bundles={"first": bundle})
+    result = C.evaluate_files(
+        tck["hr"], tck["lr"], tck["sr"], mask_file, out_tsv=tmp_path / "eval.tsv", bundles={"first": bundle}
+    )
     hr, lr, sr = (F.load_streamlines(tck[k]) for k in ("hr", "lr", "sr"))
     # the reference image is a brain mask: it is the default mask
     expected = C.evaluate_tractography(hr, lr, sr, affine, shape, bundles={"first": bundle}, mask=brain)
@@ -594,8 +625,9 @@ def test_evaluate_files_masks_and_bundles(tmp_path):
     # an explicit mask file wins; a non-mask reference falls back to the visited voxels
     fa = save_nifti(np.full(shape, 0.5, np.float32), affine, tmp_path / "fa.nii.gz")
     union = C.evaluate_files(tck["hr"], tck["lr"], tck["sr"], fa)
-    assert union["sr"]["tdi_correlation"] == pytest.approx(C.compare_tractograms(hr, sr, affine, shape, 2.0)[
-        "tdi_correlation"])
+    assert union["sr"]["tdi_correlation"] == pytest.approx(
+        C.compare_tractograms(hr, sr, affine, shape, 2.0)["tdi_correlation"]
+    )
     explicit = C.evaluate_files(tck["hr"], tck["lr"], tck["sr"], fa, mask=mask_file)
     assert explicit["sr"]["tdi_correlation"] == pytest.approx(result["sr"]["tdi_correlation"])
     with pytest.raises(InputError, match="bundle mask first has shape"):
@@ -609,9 +641,9 @@ def test_evaluate_files_masks_and_bundles(tmp_path):
 def tiny_inputs(tmp_path_factory):
     """Native files of a tiny phantom (truth tensors, fitted S0) and a 2× 'super-resolved'
     version (cubic interpolation) with a made-up uncertainty map."""
-    from iqt_pipe.sr.baselines import interpolate_tensors
     from iqt_pipe.dmri.degrade import upsample_affine
     from iqt_pipe.dmri.gradients import write_gradients
+    from iqt_pipe.sr.baselines import interpolate_tensors
 
     tmp = tmp_path_factory.mktemp("tiny")
     p = make_phantom("tiny", seed=4, snr=None)
@@ -625,7 +657,8 @@ def tiny_inputs(tmp_path_factory):
         "tensor_file": save_nifti(p.tensors_world, p.affine, tmp / "tensor.nii.gz"),
         "mask_file": save_nifti(p.mask.astype(np.uint8), p.affine, tmp / "mask.nii.gz", dtype=np.uint8),
         "s0_file": save_nifti(p.s0, p.affine, tmp / "s0.nii.gz"),
-        "bval_file": tmp / "dwi.bval", "bvec_file": tmp / "dwi.bvec",
+        "bval_file": tmp / "dwi.bval",
+        "bvec_file": tmp / "dwi.bvec",
         "sr_tensor_file": save_nifti(sr, hr_affine, tmp / "sr_tensor.nii.gz"),
         "sr_mask_file": save_nifti(sr_mask.astype(np.uint8), hr_affine, tmp / "sr_mask.nii.gz", dtype=np.uint8),
         "sr_sd_total_file": save_nifti(unc, hr_affine, tmp / "sr_sd.nii.gz"),
@@ -649,8 +682,16 @@ def test_tractography_workflow_end_to_end(tiny_inputs):
     """The fast end-to-end check: the DIPY branch of ``init_tractography_wf`` on native and
     super-resolved tensors, with the uncertainty limit and the summary."""
     files, tmp = tiny_inputs
-    wf, out = run_tractography_wf(files, tmp / "work", software=("dipy",), algorithms=("det",), seed_density=0.01,
-                                  max_uncertainty=1e-4, uncertainty_action="drop", name="tract_wf")
+    wf, out = run_tractography_wf(
+        files,
+        tmp / "work",
+        software=("dipy",),
+        algorithms=("det",),
+        seed_density=0.01,
+        max_uncertainty=1e-4,
+        uncertainty_action="drop",
+        name="tract_wf",
+    )
     assert "DIPY" in wf.__desc__ and "discarded" in wf.__desc__ and "0.0001 mm²/s" in wf.__desc__
     rows = {r["tractogram"]: r for r in read_tsv(out["summary"].out_file)}
     assert sorted(rows) == ["native_dipydet", "sr_dipydet"]
@@ -676,15 +717,24 @@ def test_tractography_workflow_end_to_end(tiny_inputs):
 @pytest.mark.mrtrix
 def test_tractography_workflow_mrtrix_branch(tiny_inputs, mrtrix):
     files, tmp = tiny_inputs
-    _, out = run_tractography_wf(files, tmp / "work_mrtrix", software=("mrtrix",), algorithms=("det", "prob"),
-                                 spaces=("sr",), seed_density=0.01, max_uncertainty=1e-4, name="mrtrix_wf")
+    _, out = run_tractography_wf(
+        files,
+        tmp / "work_mrtrix",
+        software=("mrtrix",),
+        algorithms=("det", "prob"),
+        spaces=("sr",),
+        seed_density=0.01,
+        max_uncertainty=1e-4,
+        name="mrtrix_wf",
+    )
     rows = {r["tractogram"]: r for r in read_tsv(out["summary"].out_file)}
     assert sorted(rows) == ["sr_mrtrixdet", "sr_mrtrixprob"]
     det = rows["sr_mrtrixdet"]
     assert int(det["n_stopped"]) > 0 and det["uncertainty_action"] == "stop"
     tdi = nb.load(out["tckmap_sr_mrtrixdet"].out_file).get_fdata()
-    ours = T.track_density(F.load_streamlines(out["finish_sr_mrtrixdet"].tck_file),
-                           nb.load(files["sr_mask_file"]).affine, tdi.shape[:3])
+    ours = T.track_density(
+        F.load_streamlines(out["finish_sr_mrtrixdet"].tck_file), nb.load(files["sr_mask_file"]).affine, tdi.shape[:3]
+    )
     assert C.tdi_correlation(tdi, ours) > 0.95
     meta = out["finish_sr_mrtrixdet"].metadata
     assert meta["TrackingMethod"] == "MRtrix3 tckgen, Tensor_Det" and meta["StreamlineCounts"]["n_stopped"] > 0
@@ -710,10 +760,10 @@ def test_super_resolved_tractography_is_closer_to_hr_than_native(tmp_path):
 
     from iqt_pipe.dmri.degrade import make_pair
     from iqt_pipe.dmri.dwi import load_dwi
-    from iqt_pipe.sr.inference import predict_volume
     from iqt_pipe.models import load_model
-    from iqt_pipe.sr.patches import build_library
     from iqt_pipe.sims.dataset import write_bids_dataset
+    from iqt_pipe.sr.inference import predict_volume
+    from iqt_pipe.sr.patches import build_library
     from iqt_pipe.sr.training import train
 
     root = write_bids_dataset(tmp_path / "ds", n_subjects=3, preset="small", seed=5, snr=30)
@@ -724,8 +774,7 @@ def test_super_resolved_tractography_is_closer_to_hr_than_native(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # reproducible training; restored for the other tests
     try:
-        lib = build_library([run(1), run(2)], r=2, patches_per_subject=300, seed=0, target="residual-cubic",
-                            quiet=True)
+        lib = build_library([run(1), run(2)], r=2, patches_per_subject=300, seed=0, target="residual-cubic", quiet=True)
         # The paper's loss over every target voxel, on which the numbers below were measured. (With
         # the default brain-masked loss the TDI correlation gains more, 0.791 → 0.835, but the far
         # fraction rises, 0.0044 → 0.0051: nothing is trained outside the mask.)
@@ -746,8 +795,9 @@ def test_super_resolved_tractography_is_closer_to_hr_than_native(tmp_path):
     p = make_phantom("small", seed=5, snr=30, subject=3)
     shape = pair.hr_mask.shape
     bundles = {b.name: p.bundles[: shape[0], : shape[1], : shape[2], k] >= 0.5 for k, b in enumerate(BUNDLES)}
-    result = C.evaluate_tractography(hr.streamlines, lr.streamlines, sr.streamlines, pair.hr_affine, shape,
-                                     bundles=bundles, mask=pair.hr_mask)
+    result = C.evaluate_tractography(
+        hr.streamlines, lr.streamlines, sr.streamlines, pair.hr_affine, shape, bundles=bundles, mask=pair.hr_mask
+    )
     native, sup = result["native"], result["sr"]
     # Measured (seed 5), native → SR: TDI r 0.791 → 0.827, far fraction (mean closest-point
     # distance > 4 mm) 0.0044 → 0.0034, mean closest-point distance 1.12 → 1.06 mm, median
@@ -762,8 +812,9 @@ def test_super_resolved_tractography_is_closer_to_hr_than_native(tmp_path):
     for name, tracks in (("hr", hr), ("lr", lr), ("sr", sr)):
         F.save_tck(tracks.streamlines, tmp_path / f"{name}.tck")
     ref = save_nifti(pair.hr_mask.astype(np.uint8), pair.hr_affine, tmp_path / "hr_mask.nii.gz", dtype=np.uint8)
-    from_files = C.evaluate_files(tmp_path / "hr.tck", tmp_path / "lr.tck", tmp_path / "sr.tck", ref,
-                                  out_tsv=tmp_path / "eval.tsv")
+    from_files = C.evaluate_files(
+        tmp_path / "hr.tck", tmp_path / "lr.tck", tmp_path / "sr.tck", ref, out_tsv=tmp_path / "eval.tsv"
+    )
     assert from_files["sr"]["far_fraction"] == pytest.approx(sup["far_fraction"], abs=0.01)
     # the reference image is the HR brain mask: the default mask of the TDI correlation
     assert from_files["sr"]["tdi_correlation"] == pytest.approx(sup["tdi_correlation"], abs=1e-3)
@@ -774,8 +825,9 @@ def test_super_resolved_tractography_is_closer_to_hr_than_native(tmp_path):
 
 
 def iqt_pipe(*args, check_rc=0, env=None):
-    proc = subprocess.run([sys.executable, "-m", "iqt_pipe.cli.run", *map(str, args)], capture_output=True,
-                          text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "iqt_pipe.cli.run", *map(str, args)], capture_output=True, text=True, env=env
+    )
     assert proc.returncode == check_rc, proc.stderr[-3000:]
     return proc
 
@@ -783,6 +835,7 @@ def iqt_pipe(*args, check_rc=0, env=None):
 @pytest.fixture(scope="module")
 def app_data(tmp_path_factory):
     from helpers import tiny_dataset_and_model
+
     from iqt_pipe.models import IQTNet, save_model
 
     tmp = tmp_path_factory.mktemp("tract_app")
@@ -792,8 +845,20 @@ def app_data(tmp_path_factory):
     return root, tmp / "model", tmp / "plain"
 
 
-FAST = ["--denoise", "dipy", "--no-degibbs", "--mc-samples", "2", "--nprocs", "2", "--omp-nthreads", "1",
-        "--skip-bids-validation", "--seed-density", "0.01"]
+FAST = [
+    "--denoise",
+    "dipy",
+    "--no-degibbs",
+    "--mc-samples",
+    "2",
+    "--nprocs",
+    "2",
+    "--omp-nthreads",
+    "1",
+    "--skip-bids-validation",
+    "--seed-density",
+    "0.01",
+]
 
 
 def test_command_line_refusals_are_one_line(app_data, tmp_path):
@@ -809,19 +874,41 @@ def test_command_line_refusals_are_one_line(app_data, tmp_path):
     ]:
         proc = iqt_pipe(*base, *extra, check_rc=2)
         assert message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
-    proc = iqt_pipe(str(root), tmp_path / "out", "participant", "--model", plain, "-w", tmp_path / "w",
-                    "--tractography", "dipy", "--max-uncertainty", "1e-4", check_rc=2)
+    proc = iqt_pipe(
+        str(root),
+        tmp_path / "out",
+        "participant",
+        "--model",
+        plain,
+        "-w",
+        tmp_path / "w",
+        "--tractography",
+        "dipy",
+        "--max-uncertainty",
+        "1e-4",
+        check_rc=2,
+    )
     assert "variant espcn) predicts no uncertainty" in proc.stderr
     # a variational model has an uncertainty map only with more than one MC sample
-    variational = [str(root), str(tmp_path / "out"), "participant", "--model", str(plain.parent / "var"),
-                   "--tractography", "dipy", "--max-uncertainty", "1e-4"]
+    variational = [
+        str(root),
+        str(tmp_path / "out"),
+        "participant",
+        "--model",
+        str(plain.parent / "var"),
+        "--tractography",
+        "dipy",
+        "--max-uncertainty",
+        "1e-4",
+    ]
     proc = iqt_pipe(*variational, "--mc-samples", "1", check_rc=2)
     assert "(variant espcn-var1) predicts uncertainty only with --mc-samples above 1" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
     assert parse_args([*variational, "--mc-samples", "4"]).max_uncertainty == 1e-4
     assert parse_args([*base, "--tractography", "dipy", "--max-uncertainty", "1e-4", "--mc-samples", "1"])
-    args = parse_args([*base, "--tractography", "both", "--max-uncertainty", "2e-4",
-                       "--max-uncertainty-action", "drop"])
+    args = parse_args(
+        [*base, "--tractography", "both", "--max-uncertainty", "2e-4", "--max-uncertainty-action", "drop"]
+    )
     assert (args.max_uncertainty, args.max_uncertainty_action) == (2e-4, "drop")
     assert args.seed_density == T.DEFAULT_SEED_DENSITY
 
@@ -831,8 +918,20 @@ def test_mrtrix_tractography_without_mrtrix_exits_127(app_data, tmp_path):
 
     root, model, _ = app_data
     env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
-    proc = iqt_pipe(root, tmp_path / "out", "participant", "--model", model, "-w", tmp_path / "w",
-                    "--tractography", "mrtrix", *FAST, check_rc=127, env=env)
+    proc = iqt_pipe(
+        root,
+        tmp_path / "out",
+        "participant",
+        "--model",
+        model,
+        "-w",
+        tmp_path / "w",
+        "--tractography",
+        "mrtrix",
+        *FAST,
+        check_rc=127,
+        env=env,
+    )
     assert "tckgen" in proc.stderr and proc.stderr.strip().count("\n") == 0
 
 
@@ -845,32 +944,47 @@ def _tract_files(sub: str, software: tuple[str, ...]) -> list[str]:
                 files += [f"{stem}_tractogram.{ext}" for ext in ("json", "tck", "trk", "tsv")]
                 files += [f"{stem}_tdi.{ext}" for ext in ("json", "nii.gz")]
     figures = [f"{sub}/figures/{sub}_desc-{sw}{alg}_dwi.png" for sw in software for alg in ("det", "prob")]  # report
-    return files + [f"{sub}/dwi/{sub}_model-tensor_desc-summary_tractogram.{ext}" for ext in ("json", "tsv")] + \
-        figures + [f"{sub}/figures/{sub}_desc-tracts_dwi.html"]
+    return (
+        files
+        + [f"{sub}/dwi/{sub}_model-tensor_desc-summary_tractogram.{ext}" for ext in ("json", "tsv")]
+        + figures
+        + [f"{sub}/figures/{sub}_desc-tracts_dwi.html"]
+    )
 
 
 def _tree(out: Path) -> list[str]:
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*")
-                  if p.is_file() and "/log/" not in str(p) and not p.name.startswith(".iqt-pipe"))
+    return sorted(
+        str(p.relative_to(out))
+        for p in out.rglob("*")
+        if p.is_file() and "/log/" not in str(p) and not p.name.startswith(".iqt-pipe")
+    )
 
 
 def uncertainty_percentile(root: Path, model: Path, q: float, folder: Path) -> str:
     """The q-th percentile of the model's total uncertainty (2 MC samples, the app's other
     defaults) in the brain of sub-01, as the command line would take it: a threshold the run's
     map crosses."""
-    from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES
     from iqt_pipe.interfaces import FitDTI
     from iqt_pipe.models import load_model
+    from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES
     from iqt_pipe.sr.superres import super_resolve_tensors
 
     stem = root / "sub-01/dwi/sub-01_dwi"
     folder.mkdir(parents=True, exist_ok=True)
-    fit = FitDTI(dwi_file=f"{stem}.nii.gz", bval_file=f"{stem}.bval", bvec_file=f"{stem}.bvec").run(
-        cwd=str(folder)).outputs
+    fit = (
+        FitDTI(dwi_file=f"{stem}.nii.gz", bval_file=f"{stem}.bval", bvec_file=f"{stem}.bvec")
+        .run(cwd=str(folder))
+        .outputs
+    )
     net, _ = load_model(model)
     # The app's defaults: its map is the one the threshold has to cross.
-    pred = super_resolve_tensors(*load_tensor_image(fit.tensor_file, fit.mask_file), net, mc_samples=2,
-                                 symmetries=SYMMETRIES[DEFAULT_SYMMETRIES], precision=DEFAULT_PRECISION)
+    pred = super_resolve_tensors(
+        *load_tensor_image(fit.tensor_file, fit.mask_file),
+        net,
+        mc_samples=2,
+        symmetries=SYMMETRIES[DEFAULT_SYMMETRIES],
+        precision=DEFAULT_PRECISION,
+    )
     return f"{np.percentile(pred.sd_frobenius[pred.mask], q):.3g}"
 
 
@@ -882,8 +996,22 @@ def test_bids_app_tractography(app_data, tmp_path, choice):
         pytest.skip("MRtrix3 not installed")
     software = ("dipy",) if choice == "dipy" else ("dipy", "mrtrix")
     threshold = uncertainty_percentile(root, model, 50, tmp_path / "fit")  # inside the map's range
-    proc = iqt_pipe(root, tmp_path / "out", "participant", "--model", model, "-w", tmp_path / "work", *FAST,
-                    "--tractography", choice, "--max-uncertainty", threshold, "--max-uncertainty-action", "stop")
+    proc = iqt_pipe(
+        root,
+        tmp_path / "out",
+        "participant",
+        "--model",
+        model,
+        "-w",
+        tmp_path / "work",
+        *FAST,
+        "--tractography",
+        choice,
+        "--max-uncertainty",
+        threshold,
+        "--max-uncertainty-action",
+        "stop",
+    )
     assert "streamlines" in proc.stdout
     assert f"stop where the uncertainty exceeds {float(threshold):g} mm²/s" in proc.stdout
     out = tmp_path / "out"
@@ -942,8 +1070,11 @@ def test_real_run_smoke(realdwi, tmp_path):
     run = runs[0]
     stem = str(run).removesuffix(".nii.gz")
     (tmp_path / "fit").mkdir()
-    fit = FitDTI(dwi_file=str(run), bval_file=f"{stem}.bval", bvec_file=f"{stem}.bvec").run(
-        cwd=str(tmp_path / "fit")).outputs
+    fit = (
+        FitDTI(dwi_file=str(run), bval_file=f"{stem}.bval", bvec_file=f"{stem}.bvec")
+        .run(cwd=str(tmp_path / "fit"))
+        .outputs
+    )
     tensors, mask, affine = load_tensor_image(fit.tensor_file, fit.mask_file)
     params = T.TrackingParams(seed_density=0.02)
     tracks = T.track_tensors(tensors, mask, affine, params)
@@ -955,8 +1086,9 @@ def test_real_run_smoke(realdwi, tmp_path):
     assert len(F.load_streamlines(paths["trk"])) == len(tracks)
     if shutil.which("tckgen") is None:
         return
-    prep = M.prepare_mrtrix_inputs(fit.tensor_file, fit.mask_file, fit.s0_file, f"{stem}.bval", f"{stem}.bvec",
-                                   tmp_path / "prep", params)
+    prep = M.prepare_mrtrix_inputs(
+        fit.tensor_file, fit.mask_file, fit.s0_file, f"{stem}.bval", f"{stem}.bvec", tmp_path / "prep", params
+    )
     mrtrix_tracks = run_tckgen(prep, str(prep["seed_mask_file"]), prep["n_seeds"], tmp_path / "tckgen")
     a = T.track_density(tracks.streamlines, affine, mask.shape)
     b = T.track_density(mrtrix_tracks.streamlines, affine, mask.shape)

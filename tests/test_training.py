@@ -148,10 +148,12 @@ def test_target_block_aligned_with_input(r, m):
         x = rp.stats.destandardise(rp.input(j).transpose(1, 2, 3, 0))
         y = rp.stats.destandardise(rp.target(j).transpose(1, 2, 3, 0))
         # the patch centre ...
-        np.testing.assert_allclose(x[c0, c0, c0], y[3 * r:4 * r, 3 * r:4 * r, 3 * r:4 * r].mean(axis=(0, 1, 2)), rtol=1e-5)
+        np.testing.assert_allclose(
+            x[c0, c0, c0], y[3 * r : 4 * r, 3 * r : 4 * r, 3 * r : 4 * r].mean(axis=(0, 1, 2)), rtol=1e-5
+        )
         # ... and every LR position of the core against its HR block
         blocks = y.reshape(7, r, 7, r, 7, r, 6).mean(axis=(1, 3, 5))
-        np.testing.assert_allclose(x[m:m + 7, m:m + 7, m:m + 7], blocks, rtol=1e-5)
+        np.testing.assert_allclose(x[m : m + 7, m : m + 7, m : m + 7], blocks, rtol=1e-5)
         # and the input really is the LR field around the full-volume centre
         c = rp.centres[j] + rp.origin
         np.testing.assert_allclose(x[c0, c0, c0], lr[tuple(c)], rtol=1e-5)
@@ -200,10 +202,17 @@ def test_augmentation_is_tensor_consistent(target):
     index = _spatial(np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), -1), 0)
     for code in range(1, N_SYMMETRIES):
         moved = _spatial(index, code)  # moved[new position] = old position
-        lookup = {tuple(old): new for new, old in zip(np.argwhere(np.ones(moved.shape[:3], bool)), moved.reshape(-1, 3))}
+        lookup = {
+            tuple(old): new for new, old in zip(np.argwhere(np.ones(moved.shape[:3], bool)), moved.reshape(-1, 3))
+        }
         b = RunPatches.from_arrays(
-            transform_field(lr, code), transform_field(hr, code), _spatial(lr_mask, code), _spatial(hr_mask, code), r,
-            centres=np.array([lookup[tuple(c)] for c in centres]), target=target,
+            transform_field(lr, code),
+            transform_field(hr, code),
+            _spatial(lr_mask, code),
+            _spatial(hr_mask, code),
+            r,
+            centres=np.array([lookup[tuple(c)] for c in centres]),
+            target=target,
         )
         for j in range(len(a)):
             np.testing.assert_allclose(transform_patch(a.input(j), code), b.input(j), atol=2e-5)
@@ -357,8 +366,16 @@ def test_wider_network_and_axis_swaps(runs, cache, tmp_path):
     margin is refused; the axis-swap codes are drawn from all 48 symmetries."""
     from iqt_pipe.sr.training import PatchDataset
 
-    wide = build_library(runs, r=2, patches_per_subject=24, seed=0, target="residual-cubic", cache_dir=cache,
-                         quiet=True, **P.patch_geometry(3))
+    wide = build_library(
+        runs,
+        r=2,
+        patches_per_subject=24,
+        seed=0,
+        target="residual-cubic",
+        cache_dir=cache,
+        quiet=True,
+        **P.patch_geometry(3),
+    )
     assert wide.input_shape == (6, 13, 13, 13) and wide.target_shape == (6, 14, 14, 14)
     kw = dict(SMALL, variant="espcn", kernels=(3, 3, 3), axis_swap=True)
     res = train(wide, tmp_path / "wide", epochs=2, **kw)
@@ -398,7 +415,8 @@ def test_brain_masked_loss():
         noisy = torch.where(inside, target, target + 100.0)
         assert data_loss(mean, p, noisy, w, brain).item() == pytest.approx(masked.item(), rel=1e-6)
         assert data_loss(mean, p, target, w, torch.ones_like(brain)).item() == pytest.approx(
-            data_loss(mean, p, target, w).item(), rel=1e-6)
+            data_loss(mean, p, target, w).item(), rel=1e-6
+        )
 
 
 def test_brain_masked_training(runs, cache, tmp_path):
@@ -455,11 +473,37 @@ def test_torchrun_two_processes(bids_ds, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), "-m", "iqt_pipe.cli.train", str(bids_ds), "-o", str(out),
-         "--patches-per-subject", "24", "--epochs", "2", "--variant", "hetero-var2", "--device", "cpu",
-         "--nthreads", "1", "-q"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "iqt_pipe.cli.train",
+            str(bids_ds),
+            "-o",
+            str(out),
+            "--patches-per-subject",
+            "24",
+            "--epochs",
+            "2",
+            "--variant",
+            "hetero-var2",
+            "--device",
+            "cpu",
+            "--nthreads",
+            "1",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("best epoch") == 1  # only rank 0 reports
@@ -530,8 +574,20 @@ def test_cli_unwritable_output_and_not_bids(bids_ds, tmp_path, capsys):
 
 def test_cli_trains_then_refuses_without_resume(bids_ds, tmp_path, capsys):
     out = tmp_path / "cli"
-    base = [str(bids_ds), "-o", str(out), "--participant-label", "01", "--patches-per-subject", "12",
-            "--variant", "espcn", "--nthreads", "1", "-q"]
+    base = [
+        str(bids_ds),
+        "-o",
+        str(out),
+        "--participant-label",
+        "01",
+        "--patches-per-subject",
+        "12",
+        "--variant",
+        "espcn",
+        "--nthreads",
+        "1",
+        "-q",
+    ]
     try:
         assert _main([*base, "--epochs", "1"]) == 0
         text = capsys.readouterr().out
@@ -556,7 +612,10 @@ def test_cli_trains_then_refuses_without_resume(bids_ds, tmp_path, capsys):
 def test_learnt_nothing_warning():
     # The validation RMSEs (mm²/s) of a collapsed 3-3-3 network on ds-realdwi (all ReLUs dead:
     # the residual network outputs zeros, so it is cubic spline), and of a healthy 3-1-3 one.
-    collapsed = {"validation": {"rmse": {"model": 1.88566e-4, "cubic": 1.88420e-4}}, "training": {"learning_rate": 1e-3}}
+    collapsed = {
+        "validation": {"rmse": {"model": 1.88566e-4, "cubic": 1.88420e-4}},
+        "training": {"learning_rate": 1e-3},
+    }
     warning = learnt_nothing_warning(collapsed)
     assert warning.startswith("the model's validation RMSE is 1.001 × cubic B-spline's")
     assert "--lr (e.g. 0.00033)" in warning and "\n" not in warning

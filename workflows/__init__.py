@@ -8,10 +8,15 @@ Names load on first use (the output sinks import niworkflows' BIDS module, which
 import importlib
 
 _WHERE = {
-    "init_iqt_wf": "base", "init_single_subject_wf": "base", "init_dwi_run_wf": "run",
-    "init_dwi_preproc_wf": "dwi", "init_dti_wf": "dwi",
-    "init_sr_wf": "sr", "init_outputs_wf": "outputs",
-    "init_tractography_wf": "tractography", "init_tractography_outputs_wf": "outputs",
+    "init_iqt_wf": "base",
+    "init_single_subject_wf": "base",
+    "init_dwi_run_wf": "run",
+    "init_dwi_preproc_wf": "dwi",
+    "init_dti_wf": "dwi",
+    "init_sr_wf": "sr",
+    "init_outputs_wf": "outputs",
+    "init_tractography_wf": "tractography",
+    "init_tractography_outputs_wf": "outputs",
 }
 __all__ = sorted(_WHERE)
 

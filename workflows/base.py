@@ -50,9 +50,7 @@ def _run_wf_name(run: DWIRun) -> str:
     return re.sub(r"\W", "_", "_".join(["dwi", *run.name.split("_")[1:], "wf"]).replace("-", "_"))
 
 
-def init_single_subject_wf(
-    *, config: RunConfig, subject: str, runs: list[DWIRun], name: str | None = None
-) -> Workflow:
+def init_single_subject_wf(*, config: RunConfig, subject: str, runs: list[DWIRun], name: str | None = None) -> Workflow:
     """Every DWI run of one participant: one :func:`~iqt_pipe.workflows.run.init_dwi_run_wf` each.
 
     Runs are independent branches: one failing run does not stop the others.
@@ -89,14 +87,25 @@ super-resolution follow @tanno2017 and @tanno2021.
         shape, r = nb.load(run.dwi).shape, config.model_upsample or 2
         tiles_mb = tile_budget_mb(shape, r, config.mem_mb)
         run_wf = init_dwi_run_wf(
-            model=[str(m) for m in (config.model, *config.ensemble_models)], output_dir=str(config.output_dir),
-            denoise=config.denoise, degibbs=config.degibbs, gibbs_tool=gibbs_tool,
-            mc_samples=config.mc_samples, symmetries=config.symmetries, precision=config.precision,
-            seed=config.seed, use_gpu=use_gpu, omp_nthreads=config.omp_nthreads, mem_mb=tiles_mb,
+            model=[str(m) for m in (config.model, *config.ensemble_models)],
+            output_dir=str(config.output_dir),
+            denoise=config.denoise,
+            degibbs=config.degibbs,
+            gibbs_tool=gibbs_tool,
+            mc_samples=config.mc_samples,
+            symmetries=config.symmetries,
+            precision=config.precision,
+            seed=config.seed,
+            use_gpu=use_gpu,
+            omp_nthreads=config.omp_nthreads,
+            mem_mb=tiles_mb,
             mem_gb=(tiles_mb + memory_needed_mb(shape, r) * (1 + len(config.ensemble_models))) / 1024,
-            preprocessing=config.series_preprocessing(run), upsample=config.model_upsample,
-            tractography=software_for(config.tractography), seed_density=config.seed_density,
-            max_uncertainty=config.max_uncertainty, uncertainty_action=config.uncertainty_action,
+            preprocessing=config.series_preprocessing(run),
+            upsample=config.model_upsample,
+            tractography=software_for(config.tractography),
+            seed_density=config.seed_density,
+            max_uncertainty=config.max_uncertainty,
+            uncertainty_action=config.uncertainty_action,
             name=_run_wf_name(run),
         )
         # The series names its derivatives; a mask given with a preprocessed series is used, not recomputed.

@@ -129,8 +129,8 @@ def init_outputs_wf(*, output_dir: str, name: str = "outputs_wf") -> Workflow:
 #: the TSV's columns (BIDS tabular-file style); the tracking settings and counts come at run time.
 TRACTOGRAM_SIDECAR = {
     "Description": "Whole-brain streamlines in world (scanner RAS) millimetres; the .trk header holds the "
-                   "tracked image's grid and, per streamline, length_mm and (super-resolved tensors) "
-                   "mean_uncertainty and max_uncertainty, which the .tsv lists too",
+    "tracked image's grid and, per streamline, length_mm and (super-resolved tensors) "
+    "mean_uncertainty and max_uncertainty, which the .tsv lists too",
     **{column: {"Description": text} for column, text in STREAMLINE_COLUMNS.items()},
 }
 TDI_SIDECAR = {"Description": "Track-density image: streamlines passing through each voxel", "Units": "streamlines"}
@@ -179,40 +179,65 @@ def init_tractography_outputs_wf(
 
     workflow = Workflow(name=name)
     fields = [f"{k}_{f}" for k in keys for f in TRACTOGRAM_FIELDS]
-    inputnode = pe.Node(niu.IdentityInterface(
-        fields=["source_file", "tensor_file", "sr_tensor_file", "sr_sd_total_file", "upsample", *fields,
-                "summary_file"]), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=[*(f"{k}_{f}" for k in keys for f in ("tck", "tdi")),
-                                                       "summary_file"]), name="outputnode")
+    inputnode = pe.Node(
+        niu.IdentityInterface(
+            fields=[
+                "source_file",
+                "tensor_file",
+                "sr_tensor_file",
+                "sr_sd_total_file",
+                "upsample",
+                *fields,
+                "summary_file",
+            ]
+        ),
+        name="inputnode",
+    )
+    outputnode = pe.Node(
+        niu.IdentityInterface(fields=[*(f"{k}_{f}" for k in keys for f in ("tck", "tdi")), "summary_file"]),
+        name="outputnode",
+    )
     sr_sources = pe.Node(niu.Merge(2), name="sr_sources", run_without_submitting=True)
     connections = [(inputnode, sr_sources, [("sr_tensor_file", "in1"), ("sr_sd_total_file", "in2")])]
     for key in keys:
         space, sw, alg = split_key(key)
         entities = {"model": "tensor", "track": f"{sw}{alg}", **({"res": SR_RES} if space == "sr" else {})}
-        meta, tck_sink = _sink_nodes(f"{key}_tck", {**entities, "suffix": "tractogram", "compress": False},
-                                     TRACTOGRAM_SIDECAR, output_dir, optional=False)
+        meta, tck_sink = _sink_nodes(
+            f"{key}_tck",
+            {**entities, "suffix": "tractogram", "compress": False},
+            TRACTOGRAM_SIDECAR,
+            output_dir,
+            optional=False,
+        )
         connections += [  # no in_file for the sidecar: a tractogram has no voxel size of its own
             (inputnode, meta, [(f"{key}_metadata", "provenance")]),
-            (sr_sources, meta, [("out", "derived_sources")]) if space == "sr"
+            (sr_sources, meta, [("out", "derived_sources")])
+            if space == "sr"
             else (inputnode, meta, [("tensor_file", "derived_sources")]),
             (inputnode, tck_sink, [("source_file", "source_file"), (f"{key}_tck", "in_file")]),
             (meta, tck_sink, [("meta_dict", "meta_dict")]),
             (tck_sink, outputnode, [("out_file", f"{key}_tck")]),
         ]
         for ext in ("trk", "tsv"):  # beside the .tck, sharing its sidecar
-            other = pe.Node(DerivativesDataSink(base_directory=str(output_dir), suffix="tractogram",
-                                                compress=False, **entities),
-                            name=f"ds_{key}_{ext}", run_without_submitting=True)
+            other = pe.Node(
+                DerivativesDataSink(base_directory=str(output_dir), suffix="tractogram", compress=False, **entities),
+                name=f"ds_{key}_{ext}",
+                run_without_submitting=True,
+            )
             connections.append((inputnode, other, [("source_file", "source_file"), (f"{key}_{ext}", "in_file")]))
-        meta, sink = _sink_nodes(f"{key}_tdi", {**entities, "suffix": "tdi"}, TDI_SIDECAR, output_dir,
-                                 optional=False)
+        meta, sink = _sink_nodes(f"{key}_tdi", {**entities, "suffix": "tdi"}, TDI_SIDECAR, output_dir, optional=False)
         meta.inputs.super_resolved = space == "sr"
         connections += _sink_connections(inputnode, outputnode, f"{key}_tdi", meta, sink)
         connections.append((tck_sink, meta, [("out_file", "derived_sources")]))
         if space == "sr":
             connections.append((inputnode, meta, [("upsample", "upsample")]))
-    meta, sink = _sink_nodes("summary_file", {"model": "tensor", "desc": "summary", "suffix": "tractogram",
-                                              "compress": False}, SUMMARY_SIDECAR, output_dir, optional=False)
+    meta, sink = _sink_nodes(
+        "summary_file",
+        {"model": "tensor", "desc": "summary", "suffix": "tractogram", "compress": False},
+        SUMMARY_SIDECAR,
+        output_dir,
+        optional=False,
+    )
     connections += [  # no in_file for the sidecar: a TSV has no voxel size
         (inputnode, meta, [("source_file", "raw_sources")]),
         (inputnode, sink, [("source_file", "source_file"), ("summary_file", "in_file")]),

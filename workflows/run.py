@@ -127,22 +127,37 @@ def init_dwi_run_wf(
     keys = tractogram_keys(tuple(tractography)) if tractography else []
     workflow = Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=RUN_INPUTS), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=[*NATIVE_DERIVATIVES, *SR_DERIVATIVES,
-                                                       *_written_tractography(keys)]), name="outputnode")
-    preproc_wf = init_dwi_preproc_wf(denoise=denoise, degibbs=degibbs, gibbs_tool=gibbs_tool,
-                                     omp_nthreads=omp_nthreads)
-    sr_wf = init_sr_wf(model=model, mc_samples=mc_samples, symmetries=symmetries, precision=precision, seed=seed,
-                       use_gpu=use_gpu, omp_nthreads=omp_nthreads, mem_mb=mem_mb, mem_gb=mem_gb,
-                       preprocessing=preprocessing)
+    outputnode = pe.Node(
+        niu.IdentityInterface(fields=[*NATIVE_DERIVATIVES, *SR_DERIVATIVES, *_written_tractography(keys)]),
+        name="outputnode",
+    )
+    preproc_wf = init_dwi_preproc_wf(denoise=denoise, degibbs=degibbs, gibbs_tool=gibbs_tool, omp_nthreads=omp_nthreads)
+    sr_wf = init_sr_wf(
+        model=model,
+        mc_samples=mc_samples,
+        symmetries=symmetries,
+        precision=precision,
+        seed=seed,
+        use_gpu=use_gpu,
+        omp_nthreads=omp_nthreads,
+        mem_mb=mem_mb,
+        mem_gb=mem_gb,
+        preprocessing=preprocessing,
+    )
     outputs_wf = init_outputs_wf(output_dir=output_dir)
     if upsample is not None:
         outputs_wf.inputs.inputnode.upsample = upsample
     steps = dict(preproc_wf=preproc_wf, dti_wf=init_dti_wf(), sr_wf=sr_wf, outputs_wf=outputs_wf)
     _connect_run(workflow, inputnode, outputnode, **steps)
     if keys:
-        tract_wf = init_tractography_wf(software=tuple(tractography), seed_density=seed_density,
-                                        max_uncertainty=max_uncertainty, uncertainty_action=uncertainty_action,
-                                        random_seed=seed, omp_nthreads=omp_nthreads)
+        tract_wf = init_tractography_wf(
+            software=tuple(tractography),
+            seed_density=seed_density,
+            max_uncertainty=max_uncertainty,
+            uncertainty_action=uncertainty_action,
+            random_seed=seed,
+            omp_nthreads=omp_nthreads,
+        )
         tract_outputs_wf = init_tractography_outputs_wf(output_dir=output_dir, keys=keys)
         if upsample is not None:
             tract_outputs_wf.inputs.inputnode.upsample = upsample
@@ -182,8 +197,9 @@ def _connect_run(workflow, inputnode, outputnode, *, preproc_wf, dti_wf, sr_wf, 
     ])  # fmt:skip
 
 
-def _connect_tractography(workflow, inputnode, outputnode, tract_wf, tract_outputs_wf, keys, *, preproc_wf, dti_wf,
-                          sr_wf, outputs_wf) -> None:
+def _connect_tractography(
+    workflow, inputnode, outputnode, tract_wf, tract_outputs_wf, keys, *, preproc_wf, dti_wf, sr_wf, outputs_wf
+) -> None:
     """Track the run's native and super-resolved tensors and write the tractograms."""
     fields = ["summary_file"] + [f"{k}_{f}" for k in keys for f in TRACTOGRAM_FIELDS]
     workflow.connect([

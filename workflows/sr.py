@@ -9,13 +9,21 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
-from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES
 from iqt_pipe.dmri.prepare import Preprocessing
 from iqt_pipe.interfaces.sr import SuperResolve
+from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES
 
 SR_OUTPUTS = [
-    "tensor_file", "fa_file", "fa_sd_file", "md_file", "md_sd_file",
-    "sd_intrinsic_file", "sd_parameter_file", "sd_total_file", "mask_file", "metadata",
+    "tensor_file",
+    "fa_file",
+    "fa_sd_file",
+    "md_file",
+    "md_sd_file",
+    "sd_intrinsic_file",
+    "sd_parameter_file",
+    "sd_total_file",
+    "mask_file",
+    "metadata",
 ]
 
 
@@ -94,14 +102,24 @@ def init_sr_wf(
     models = [str(model)] if isinstance(model, (str, os.PathLike)) else [str(m) for m in model]
     workflow = Workflow(name=name)
     workflow.__desc__ = _methods(mc_samples, symmetries, precision, len(models))
-    inputnode = pe.Node(niu.IdentityInterface(fields=["tensor_file", "mask_file", "bval_file", "bvec_file"]),
-                        name="inputnode")
+    inputnode = pe.Node(
+        niu.IdentityInterface(fields=["tensor_file", "mask_file", "bval_file", "bvec_file"]), name="inputnode"
+    )
     outputnode = pe.Node(niu.IdentityInterface(fields=SR_OUTPUTS), name="outputnode")
     steps = {} if preprocessing is None else {"denoise": preprocessing.denoise, "degibbs": preprocessing.degibbs}
     super_resolve = pe.Node(
-        SuperResolve(model=models, mc_samples=mc_samples, symmetries=symmetries, precision=precision,
-                     scalar_samples=scalar_samples, seed=seed, use_gpu=use_gpu, num_threads=omp_nthreads,
-                     mem_mb=mem_mb, **steps),
+        SuperResolve(
+            model=models,
+            mc_samples=mc_samples,
+            symmetries=symmetries,
+            precision=precision,
+            scalar_samples=scalar_samples,
+            seed=seed,
+            use_gpu=use_gpu,
+            num_threads=omp_nthreads,
+            mem_mb=mem_mb,
+            **steps,
+        ),
         name="super_resolve",
         n_procs=omp_nthreads,
         mem_gb=mem_gb if mem_gb is not None else max(mem_mb, 512) / 1024 + 1,

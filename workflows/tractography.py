@@ -22,8 +22,17 @@ SOFTWARE = ("dipy", "mrtrix")
 SPACES = ("native", "sr")
 #: Outputs per tractogram: ``<key>_<field>`` on the outputnode.
 TRACTOGRAM_FIELDS = ("tck", "trk", "tsv", "tdi", "metadata")
-_INPUTS = ["tensor_file", "mask_file", "s0_file", "bval_file", "bvec_file", "dwi_file",
-           "sr_tensor_file", "sr_mask_file", "sr_sd_total_file"]
+_INPUTS = [
+    "tensor_file",
+    "mask_file",
+    "s0_file",
+    "bval_file",
+    "bvec_file",
+    "dwi_file",
+    "sr_tensor_file",
+    "sr_mask_file",
+    "sr_sd_total_file",
+]
 #: The inputnode's tensor and mask fields of each space.
 _SPACE_INPUTS = {"native": ("tensor_file", "mask_file"), "sr": ("sr_tensor_file", "sr_mask_file")}
 
@@ -42,7 +51,7 @@ def split_key(key: str) -> tuple[str, str, str]:
     """``sr_dipydet`` → ``("sr", "dipy", "det")``."""
     space, rest = key.split("_", 1)
     sw = next(s for s in SOFTWARE if rest.startswith(s))
-    return space, sw, rest[len(sw):]
+    return space, sw, rest[len(sw) :]
 
 
 def init_tractography_wf(
@@ -121,28 +130,61 @@ def init_tractography_wf(
     summary_file
         Per-run summary TSV.
     """
-    keys = _checked_keys(software, algorithms, spaces, max_uncertainty, uncertainty_action,
-                         seed_density=seed_density, step_mm=step_mm, max_angle=max_angle, fa_threshold=fa_threshold,
-                         seed_fa=seed_fa, min_length=min_length, max_length=max_length)
+    keys = _checked_keys(
+        software,
+        algorithms,
+        spaces,
+        max_uncertainty,
+        uncertainty_action,
+        seed_density=seed_density,
+        step_mm=step_mm,
+        max_angle=max_angle,
+        fa_threshold=fa_threshold,
+        seed_fa=seed_fa,
+        min_length=min_length,
+        max_length=max_length,
+    )
     workflow = Workflow(name=name)
-    workflow.__desc__ = _methods(software, algorithms, spaces, seed_density, fa_threshold, seed_fa,
-                                 min_length, max_length, max_uncertainty, uncertainty_action)
+    workflow.__desc__ = _methods(
+        software,
+        algorithms,
+        spaces,
+        seed_density,
+        fa_threshold,
+        seed_fa,
+        min_length,
+        max_length,
+        max_uncertainty,
+        uncertainty_action,
+    )
     inputnode = pe.Node(niu.IdentityInterface(fields=_INPUTS), name="inputnode")
     outputnode = pe.Node(
         niu.IdentityInterface(fields=[f"{k}_{f}" for k in keys for f in TRACTOGRAM_FIELDS] + ["summary_file"]),
         name="outputnode",
     )
     finish = _add_finishing(workflow, inputnode, outputnode, keys, max_uncertainty, uncertainty_action, min_length)
-    settings = dict(seed_density=seed_density, seed_fa=seed_fa, random_seed=random_seed,
-                    **({"step_mm": step_mm} if step_mm is not None else {}),
-                    **({"max_angle": max_angle} if max_angle is not None else {}))
+    settings = dict(
+        seed_density=seed_density,
+        seed_fa=seed_fa,
+        random_seed=random_seed,
+        **({"step_mm": step_mm} if step_mm is not None else {}),
+        **({"max_angle": max_angle} if max_angle is not None else {}),
+    )
     limits = dict(fa_threshold=fa_threshold, min_length=min_length, max_length=max_length)
     branch = {sw: {key: node for key, node in finish.items() if split_key(key)[1] == sw} for sw in SOFTWARE}
     if branch["dipy"]:
         _add_dipy_branch(workflow, inputnode, outputnode, branch["dipy"], settings, limits, omp_nthreads)
     if branch["mrtrix"]:
-        _add_mrtrix_branch(workflow, inputnode, outputnode, branch["mrtrix"], settings, limits, omp_nthreads,
-                           noisy="prob" in algorithms)
+        _add_mrtrix_branch(
+            workflow,
+            inputnode,
+            outputnode,
+            branch["mrtrix"],
+            settings,
+            limits,
+            omp_nthreads,
+            noisy="prob" in algorithms,
+        )
     return workflow
 
 
@@ -172,13 +214,22 @@ def _add_finishing(workflow, inputnode, outputnode, keys, max_uncertainty, actio
     finish = {}
     for i, key in enumerate(keys, start=1):
         space, sw, alg = split_key(key)
-        finish[key] = pe.Node(_finish_interface(key, space, sw, alg, max_uncertainty, action, min_length),
-                              name=f"finish_{key}")
+        finish[key] = pe.Node(
+            _finish_interface(key, space, sw, alg, max_uncertainty, action, min_length), name=f"finish_{key}"
+        )
         connections += [
             (inputnode, finish[key], [(_SPACE_INPUTS[space][0], "reference_file")]),
             (finish[key], summaries, [("summary", f"in{i}")]),
-            (finish[key], outputnode, [("tck_file", f"{key}_tck"), ("trk_file", f"{key}_trk"),
-                                       ("tsv_file", f"{key}_tsv"), ("metadata", f"{key}_metadata")]),
+            (
+                finish[key],
+                outputnode,
+                [
+                    ("tck_file", f"{key}_tck"),
+                    ("trk_file", f"{key}_trk"),
+                    ("tsv_file", f"{key}_tsv"),
+                    ("metadata", f"{key}_metadata"),
+                ],
+            ),
         ]
         if space == "sr":
             connections.append((inputnode, finish[key], [("sr_sd_total_file", "uncertainty_file")]))
@@ -186,8 +237,9 @@ def _add_finishing(workflow, inputnode, outputnode, keys, max_uncertainty, actio
     return finish
 
 
-def _add_dipy_branch(workflow, inputnode, outputnode, finish: dict, settings: dict, limits: dict,
-                     omp_nthreads: int) -> None:
+def _add_dipy_branch(
+    workflow, inputnode, outputnode, finish: dict, settings: dict, limits: dict, omp_nthreads: int
+) -> None:
     """DIPY's multi-threaded tracker on the tensors (:class:`~iqt_pipe.interfaces.tractography.DipyTracking`,
     ``omp_nthreads`` threads): deterministic along the principal eigenvector, probabilistic from the
     tensor ODF; then each tractogram's track-density image. ``finish``: the DIPY tractograms' nodes."""
@@ -197,13 +249,26 @@ def _add_dipy_branch(workflow, inputnode, outputnode, finish: dict, settings: di
     for key, node in finish.items():
         space, _, alg = split_key(key)
         tensor, mask = _SPACE_INPUTS[space]
-        track = pe.Node(DipyTracking(algorithm=alg, **limits, nthreads=omp_nthreads, **settings),
-                        name=f"track_{key}", n_procs=omp_nthreads)
+        track = pe.Node(
+            DipyTracking(algorithm=alg, **limits, nthreads=omp_nthreads, **settings),
+            name=f"track_{key}",
+            n_procs=omp_nthreads,
+        )
         tdi = pe.Node(TrackDensity(), name=f"tdi_{key}")
         connections += [
             (inputnode, track, [(tensor, "tensor_file"), (mask, "mask_file")]),
-            (track, node, [("tck_file", "in_file"), ("seeds_file", "seeds_file"), ("n_seeds", "n_seeds"),
-                           ("step_mm", "step_mm"), ("max_angle", "max_angle"), ("voxel_size_mm", "voxel_size_mm")]),
+            (
+                track,
+                node,
+                [
+                    ("tck_file", "in_file"),
+                    ("seeds_file", "seeds_file"),
+                    ("n_seeds", "n_seeds"),
+                    ("step_mm", "step_mm"),
+                    ("max_angle", "max_angle"),
+                    ("voxel_size_mm", "voxel_size_mm"),
+                ],
+            ),
             (inputnode, tdi, [(mask, "reference")]),
             (node, tdi, [("tck_file", "in_file")]),
             (tdi, outputnode, [("out_file", f"{key}_tdi")]),
@@ -211,8 +276,9 @@ def _add_dipy_branch(workflow, inputnode, outputnode, finish: dict, settings: di
     workflow.connect(connections)
 
 
-def _add_mrtrix_branch(workflow, inputnode, outputnode, finish: dict, settings: dict, limits: dict,
-                       omp_nthreads: int, noisy: bool) -> None:
+def _add_mrtrix_branch(
+    workflow, inputnode, outputnode, finish: dict, settings: dict, limits: dict, omp_nthreads: int, noisy: bool
+) -> None:
     """MRtrix3 on a DWI series synthesised from the tensors and the subject's S0 and gradient table
     (one synthesis per space, shared by its algorithms), then ``tckgen -algorithm Tensor_Det/Tensor_Prob``
     (Nipype's ``Tractography``) and ``tckmap`` (``ComputeTDI``). ``Tensor_Prob`` tracks the series with
@@ -228,29 +294,71 @@ def _add_mrtrix_branch(workflow, inputnode, outputnode, finish: dict, settings: 
         space, _, alg = split_key(key)
         tensor, mask = _SPACE_INPUTS[space]
         if space not in prepared:
-            prepared[space] = pe.Node(PrepareMRtrixTracking(noisy=noisy, snr=DEFAULT_SYNTH_SNR, **settings),
-                                      name=f"mrtrix_inputs_{space}")
-            connections.append((inputnode, prepared[space], [
-                (tensor, "tensor_file"), (mask, "mask_file"), ("s0_file", "s0_file"),
-                ("bval_file", "bval_file"), ("bvec_file", "bvec_file"), ("dwi_file", "noise_dwi_file"),
-                ("mask_file", "noise_mask_file")]))
+            prepared[space] = pe.Node(
+                PrepareMRtrixTracking(noisy=noisy, snr=DEFAULT_SYNTH_SNR, **settings), name=f"mrtrix_inputs_{space}"
+            )
+            connections.append(
+                (
+                    inputnode,
+                    prepared[space],
+                    [
+                        (tensor, "tensor_file"),
+                        (mask, "mask_file"),
+                        ("s0_file", "s0_file"),
+                        ("bval_file", "bval_file"),
+                        ("bvec_file", "bvec_file"),
+                        ("dwi_file", "noise_dwi_file"),
+                        ("mask_file", "noise_mask_file"),
+                    ],
+                )
+            )
         prep = prepared[space]
         dwi = "dwi_file" if alg == "det" else "noisy_dwi_file"  # Tensor_Prob's bootstrap needs noise
-        track = pe.Node(TensorTractography(
-            algorithm="Tensor_Det" if alg == "det" else "Tensor_Prob", cutoff=limits["fa_threshold"],
-            min_length=limits["min_length"], max_length=limits["max_length"], out_file="tracked.tck",
-            out_seeds="seeds.txt", nthreads=omp_nthreads, environ={"MRTRIX_RNG_SEED": str(settings["random_seed"])},
-        ), name=f"tckgen_{key}", n_procs=omp_nthreads)
-        tdi = pe.Node(ComputeTDI(out_file="tdi.nii.gz", args="-quiet", nthreads=omp_nthreads),
-                      name=f"tckmap_{key}", n_procs=omp_nthreads)
+        track = pe.Node(
+            TensorTractography(
+                algorithm="Tensor_Det" if alg == "det" else "Tensor_Prob",
+                cutoff=limits["fa_threshold"],
+                min_length=limits["min_length"],
+                max_length=limits["max_length"],
+                out_file="tracked.tck",
+                out_seeds="seeds.txt",
+                nthreads=omp_nthreads,
+                environ={"MRTRIX_RNG_SEED": str(settings["random_seed"])},
+            ),
+            name=f"tckgen_{key}",
+            n_procs=omp_nthreads,
+        )
+        tdi = pe.Node(
+            ComputeTDI(out_file="tdi.nii.gz", args="-quiet", nthreads=omp_nthreads),
+            name=f"tckmap_{key}",
+            n_procs=omp_nthreads,
+        )
         connections += [
-            (prep, track, [(dwi, "in_file"), ("grad_file", "grad_file"), ("mask_file", "roi_mask"),
-                           ("seed_mask_file", "seed_image"), ("step_mm", "step_size"),
-                           ("max_angle", "angle"), ("tckgen_args", "args")]),
+            (
+                prep,
+                track,
+                [
+                    (dwi, "in_file"),
+                    ("grad_file", "grad_file"),
+                    ("mask_file", "roi_mask"),
+                    ("seed_mask_file", "seed_image"),
+                    ("step_mm", "step_size"),
+                    ("max_angle", "angle"),
+                    ("tckgen_args", "args"),
+                ],
+            ),
             (track, node, [("out_file", "in_file"), ("out_seeds", "seeds_file")]),
-            (prep, node, [("n_seeds", "n_seeds"), ("step_mm", "step_mm"), ("max_angle", "max_angle"),
-                          ("voxel_size_mm", "voxel_size_mm"),
-                          *([("noise", "synthesis_noise")] if alg == "prob" else [])]),
+            (
+                prep,
+                node,
+                [
+                    ("n_seeds", "n_seeds"),
+                    ("step_mm", "step_mm"),
+                    ("max_angle", "max_angle"),
+                    ("voxel_size_mm", "voxel_size_mm"),
+                    *([("noise", "synthesis_noise")] if alg == "prob" else []),
+                ],
+            ),
             (inputnode, tdi, [(mask, "reference")]),
             (node, tdi, [("tck_file", "in_file")]),
             (tdi, outputnode, [("out_file", f"{key}_tdi")]),
@@ -261,8 +369,9 @@ def _add_mrtrix_branch(workflow, inputnode, outputnode, finish: dict, settings: 
 def _finish_interface(key, space, sw, alg, max_uncertainty, action, min_length):
     from iqt_pipe.interfaces.tractography import FinishTractogram
 
-    node = FinishTractogram(tractogram=key, space=space, software=sw, algorithm=alg,
-                            uncertainty_action=action, min_length=min_length)
+    node = FinishTractogram(
+        tractogram=key, space=space, software=sw, algorithm=alg, uncertainty_action=action, min_length=min_length
+    )
     if max_uncertainty is not None and space == "sr":
         node.inputs.max_uncertainty = max_uncertainty
     return node
@@ -309,6 +418,8 @@ def _methods(software, algorithms, spaces, density, fa, seed_fa, min_len, max_le
     )
     if max_unc is not None:
         verb = "cut where they entered" if action == "stop" else "discarded when they entered"
-        text.append(f"Streamlines on the super-resolved tensors were {verb} a voxel whose total uncertainty "
-                    f"exceeded {max_unc:g} mm²/s.")
+        text.append(
+            f"Streamlines on the super-resolved tensors were {verb} a voxel whose total uncertainty "
+            f"exceeded {max_unc:g} mm²/s."
+        )
     return "\n".join(text) + "\n"

@@ -47,9 +47,7 @@ def degrade(args: argparse.Namespace) -> int:
         raise InputError(f"--upsample {args.upsample}: the block size must be an integer ≥ 2")
     series = load_dwi(args.dwi, args.bval, args.bvec)
     if min(series.data.shape[:3]) < 2 * args.upsample:
-        raise InputError(
-            f"{args.dwi}: matrix {series.data.shape[:3]} is too small for {args.upsample}³ blocks"
-        )
+        raise InputError(f"{args.dwi}: matrix {series.data.shape[:3]} is too small for {args.upsample}³ blocks")
     pair = make_pair(series.data, series.affine, series.gtab, args.upsample, str(args.dwi))
     # Written to a staging folder first: a failure leaves nothing in the output folder.
     stem = _entities_stem(args.dwi)

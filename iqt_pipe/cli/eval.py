@@ -52,53 +52,129 @@ def _build_parser() -> argparse.ArgumentParser:
     from iqt_pipe.evaluation.protocol import MODES
     from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISIONS, SYMMETRIES
 
-    p = Parser(prog=PROG, description="Score super-resolution (interpolation, models, ensembles) against HR "
-                                      "references made from BIDS DWI runs: accuracy and calibrated uncertainty.")
+    p = Parser(
+        prog=PROG,
+        description="Score super-resolution (interpolation, models, ensembles) against HR "
+        "references made from BIDS DWI runs: accuracy and calibrated uncertainty.",
+    )
     p.add_argument("bids_dirs", nargs="+", type=Path, metavar="BIDS_DIR", help="BIDS dataset root(s)")
-    p.add_argument("-o", "--output-dir", type=Path, required=True, metavar="OUT_DIR",
-                   help="folder for results.json, results.md and figures/")
+    p.add_argument(
+        "-o",
+        "--output-dir",
+        type=Path,
+        required=True,
+        metavar="OUT_DIR",
+        help="folder for results.json, results.md and figures/",
+    )
     p.add_argument("--participant-label", nargs="+", metavar="L", help="participants to score (default: all)")
     p.add_argument("--session-label", nargs="+", metavar="S", help="sessions to score (default: all)")
-    p.add_argument("--model", nargs="+", type=Path, default=[], metavar="PATH",
-                   help="model file(s) to score, each as its own method (default, without --ensemble or "
-                        "--cross-validate: the bundled model)")
-    p.add_argument("--ensemble", nargs="+", type=Path, action="append", default=[], metavar="PATH",
-                   help="model files scored together as one inverse-variance-weighted ensemble (repeatable)")
-    p.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES),
-                   help="interpolation baselines (default: all three; cubic is the reference of the ratios)")
-    p.add_argument("--mode", nargs="+", choices=MODES, default=["raw"],
-                   help="raw: the scan is the reference; known-truth: synthetic noisy HR series from the "
-                        "denoised scan's tensors, scored against the noise-free truth; lesion: a tumour-like "
-                        "lesion inserted before degradation (uncertainty AUC) (default: raw)")
-    p.add_argument("--snr", type=positive_float("the SNR"), metavar="X",
-                   help="known-truth mode: b=0 SNR of the added Rician noise (default: each run's own, from MP-PCA)")
-    p.add_argument("--calibration-label", nargs="+", metavar="L",
-                   help="participants (not scored) on which the risky-voxel threshold is chosen; default: the "
-                        "model cards' training subjects found in BIDS_DIR and not scored")
-    p.add_argument("-r", "--upsample", type=int_at_least(2, "the upsampling factor"), metavar="R",
-                   help="upsampling factor (default: the models', else 2)")
-    p.add_argument("--mc-samples", type=int_at_least(1, "the number of Monte-Carlo samples"), default=8, metavar="T",
-                   help="Monte-Carlo weight samples per model (default: 8)")
-    p.add_argument("--symmetries", nargs="+", choices=list(SYMMETRIES), default=[DEFAULT_SYMMETRIES],
-                   help="test-time symmetry ensemble of every model, as iqt-pipe's --symmetries; several: each "
-                        f"model is scored once per setting, named MODEL+SETTING (default: {DEFAULT_SYMMETRIES})")
-    p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=[DEFAULT_PRECISION],
-                   help="the network's arithmetic, as iqt-pipe's --precision; several: each model is scored once "
-                        f"per setting, as --symmetries (default: {DEFAULT_PRECISION})")
+    p.add_argument(
+        "--model",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="model file(s) to score, each as its own method (default, without --ensemble or "
+        "--cross-validate: the bundled model)",
+    )
+    p.add_argument(
+        "--ensemble",
+        nargs="+",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="model files scored together as one inverse-variance-weighted ensemble (repeatable)",
+    )
+    p.add_argument(
+        "--baselines",
+        nargs="*",
+        choices=BASELINES,
+        default=list(BASELINES),
+        help="interpolation baselines (default: all three; cubic is the reference of the ratios)",
+    )
+    p.add_argument(
+        "--mode",
+        nargs="+",
+        choices=MODES,
+        default=["raw"],
+        help="raw: the scan is the reference; known-truth: synthetic noisy HR series from the "
+        "denoised scan's tensors, scored against the noise-free truth; lesion: a tumour-like "
+        "lesion inserted before degradation (uncertainty AUC) (default: raw)",
+    )
+    p.add_argument(
+        "--snr",
+        type=positive_float("the SNR"),
+        metavar="X",
+        help="known-truth mode: b=0 SNR of the added Rician noise (default: each run's own, from MP-PCA)",
+    )
+    p.add_argument(
+        "--calibration-label",
+        nargs="+",
+        metavar="L",
+        help="participants (not scored) on which the risky-voxel threshold is chosen; default: the "
+        "model cards' training subjects found in BIDS_DIR and not scored",
+    )
+    p.add_argument(
+        "-r",
+        "--upsample",
+        type=int_at_least(2, "the upsampling factor"),
+        metavar="R",
+        help="upsampling factor (default: the models', else 2)",
+    )
+    p.add_argument(
+        "--mc-samples",
+        type=int_at_least(1, "the number of Monte-Carlo samples"),
+        default=8,
+        metavar="T",
+        help="Monte-Carlo weight samples per model (default: 8)",
+    )
+    p.add_argument(
+        "--symmetries",
+        nargs="+",
+        choices=list(SYMMETRIES),
+        default=[DEFAULT_SYMMETRIES],
+        help="test-time symmetry ensemble of every model, as iqt-pipe's --symmetries; several: each "
+        f"model is scored once per setting, named MODEL+SETTING (default: {DEFAULT_SYMMETRIES})",
+    )
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        choices=PRECISIONS,
+        default=[DEFAULT_PRECISION],
+        help="the network's arithmetic, as iqt-pipe's --precision; several: each model is scored once "
+        f"per setting, as --symmetries (default: {DEFAULT_PRECISION})",
+    )
     p.add_argument("--seed", type=int_at_least(0, "the seed"), default=0, metavar="N", help="random seed (default: 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device (default: auto)")
-    p.add_argument("--mem-mb", type=int_at_least(256, "--mem-mb"), default=2048, metavar="MB",
-                   help="memory budget for prediction tiles (default: 2048)")
-    p.add_argument("--runs-per-subject", type=int_at_least(1, "--runs-per-subject"), metavar="N",
-                   help="score (and calibrate on) only the first N DWI runs of each subject (default: all)")
+    p.add_argument(
+        "--mem-mb",
+        type=int_at_least(256, "--mem-mb"),
+        default=2048,
+        metavar="MB",
+        help="memory budget for prediction tiles (default: 2048)",
+    )
+    p.add_argument(
+        "--runs-per-subject",
+        type=int_at_least(1, "--runs-per-subject"),
+        metavar="N",
+        help="score (and calibrate on) only the first N DWI runs of each subject (default: all)",
+    )
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
     cv = p.add_argument_group("cross-validation (one model per fold, trained with iqt-train's recipe options)")
-    cv.add_argument("--cross-validate", type=_folds, metavar="{loso,K}",
-                    help="split the subjects into K folds (loso: one per subject), train on the others, score "
-                         "the held-out fold; the training subjects choose the risky-voxel threshold")
-    cv.add_argument("--resume", action="store_true",
-                    help="continue an interrupted --cross-validate in OUT_DIR (same folds and recipe): finished "
-                         "folds' models are reused, an unfinished fold resumes from its last epoch")
+    cv.add_argument(
+        "--cross-validate",
+        type=_folds,
+        metavar="{loso,K}",
+        help="split the subjects into K folds (loso: one per subject), train on the others, score "
+        "the held-out fold; the training subjects choose the risky-voxel threshold",
+    )
+    cv.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted --cross-validate in OUT_DIR (same folds and recipe): finished "
+        "folds' models are reused, an unfinished fold resumes from its last epoch",
+    )
     add_recipe_arguments(cv)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
@@ -177,25 +253,52 @@ def run(args: argparse.Namespace) -> int:
     scored = {x.subject for x in runs}
     folds = crossval.fold_subjects(sorted(scored), args.cross_validate) if args.cross_validate else None
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{PROG}: {len(runs)} DWI run(s) of {len(scored)} subject(s); methods: "
-          f"{', '.join(m.name for m in methods) + (' + one model per fold' if args.cross_validate else '')}; "
-          f"modes: {', '.join(args.mode)}; r = {r}", flush=True)
+    print(
+        f"{PROG}: {len(runs)} DWI run(s) of {len(scored)} subject(s); methods: "
+        f"{', '.join(m.name for m in methods) + (' + one model per fold' if args.cross_validate else '')}; "
+        f"modes: {', '.join(args.mode)}; r = {r}",
+        flush=True,
+    )
     if args.cross_validate:
         options = library_options(args)
         results, figures = crossval.cross_validate(
-            all_runs, folds, methods, settings, out, library_options=options, r=r, modes=args.mode, snr=args.snr,
-            mc_samples=args.mc_samples, device=device, mem_mb=args.mem_mb, symmetries=args.symmetries,
-            precisions=args.precision, runs_per_subject=args.runs_per_subject, resume=args.resume,
-            figures=not args.no_figures, quiet=args.quiet, prog=PROG)
+            all_runs,
+            folds,
+            methods,
+            settings,
+            out,
+            library_options=options,
+            r=r,
+            modes=args.mode,
+            snr=args.snr,
+            mc_samples=args.mc_samples,
+            device=device,
+            mem_mb=args.mem_mb,
+            symmetries=args.symmetries,
+            precisions=args.precision,
+            runs_per_subject=args.runs_per_subject,
+            resume=args.resume,
+            figures=not args.no_figures,
+            quiet=args.quiet,
+            prog=PROG,
+        )
     else:
         results, figures = _score(args, device, runs, methods, scored)
     results["summary"] = summarise(results["records"])
-    results["settings"] = {"r": r, "modes": args.mode, "mc_samples": args.mc_samples,
-                           "symmetries": args.symmetries, "precision": args.precision, "seed": args.seed,
-                           "snr": args.snr or "own", "device": str(device), "iqt_pipe_version": __version__,
-                           "models": [str(p) for p in args.model],
-                           "ensembles": [[str(p) for p in g] for g in args.ensemble],
-                           "cross_validate": args.cross_validate}
+    results["settings"] = {
+        "r": r,
+        "modes": args.mode,
+        "mc_samples": args.mc_samples,
+        "symmetries": args.symmetries,
+        "precision": args.precision,
+        "seed": args.seed,
+        "snr": args.snr or "own",
+        "device": str(device),
+        "iqt_pipe_version": __version__,
+        "models": [str(p) for p in args.model],
+        "ensembles": [[str(p) for p in g] for g in args.ensemble],
+        "cross_validate": args.cross_validate,
+    }
     if args.cross_validate:
         results["settings"]["recipe"] = crossval.recipe_record(settings, options)
     _write(results, figures, out)
@@ -208,16 +311,35 @@ def _score(args, device, runs, methods, scored):
     from iqt_pipe.evaluation.crossval import calibration_runs
     from iqt_pipe.evaluation.protocol import Figures, evaluate
 
-    calibration = calibration_runs(args.bids_dirs, methods, scored, labels=args.calibration_label,
-                                   sessions=args.session_label, runs_per_subject=args.runs_per_subject)
+    calibration = calibration_runs(
+        args.bids_dirs,
+        methods,
+        scored,
+        labels=args.calibration_label,
+        sessions=args.session_label,
+        runs_per_subject=args.runs_per_subject,
+    )
     if any(m.is_model for m in methods):
-        print(f"{PROG}: risky-voxel threshold chosen on "
-              f"{', '.join(sorted({c.subject for c in calibration})) or 'no subjects (precision/recall not reported)'}",
-              flush=True)
+        print(
+            f"{PROG}: risky-voxel threshold chosen on "
+            f"{', '.join(sorted({c.subject for c in calibration})) or 'no subjects (precision/recall not reported)'}",
+            flush=True,
+        )
     figures = None if args.no_figures else Figures()
-    results = evaluate(runs, methods, r=args.upsample, modes=args.mode, snr=args.snr, seed=args.seed,
-                       mc_samples=args.mc_samples, device=device, mem_mb=args.mem_mb,
-                       calibration_runs=calibration, quiet=args.quiet, figures=figures)
+    results = evaluate(
+        runs,
+        methods,
+        r=args.upsample,
+        modes=args.mode,
+        snr=args.snr,
+        seed=args.seed,
+        mc_samples=args.mc_samples,
+        device=device,
+        mem_mb=args.mem_mb,
+        calibration_runs=calibration,
+        quiet=args.quiet,
+        figures=figures,
+    )
     return results, figures
 
 
@@ -232,8 +354,10 @@ def _write(results: dict, figures, out: Path) -> None:
     text = markdown(results)
     save_text(text, out / "results.md")
     print(text.split("## Every run")[0].rstrip())
-    print(f"{PROG}: wrote {out / 'results.md'}, {out / 'results.json'}"
-          + ("" if figures is None else f", {out / 'figures'}/"))
+    print(
+        f"{PROG}: wrote {out / 'results.md'}, {out / 'results.json'}"
+        + ("" if figures is None else f", {out / 'figures'}/")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

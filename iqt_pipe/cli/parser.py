@@ -19,9 +19,18 @@ from pathlib import Path
 from iqt_pipe import __version__
 from iqt_pipe.bids import LABEL, dataset_description
 from iqt_pipe.cli._common import Parser, int_at_least, positive_float
+from iqt_pipe.config import (
+    DEFAULT_MC_SAMPLES,
+    DEFAULT_PRECISION,
+    DEFAULT_SEED,
+    DEFAULT_SYMMETRIES,
+    DENOISE,
+    DEVICES,
+    PRECISIONS,
+    SYMMETRIES,
+    TRACTOGRAPHY,
+)
 from iqt_pipe.io import InputError
-from iqt_pipe.config import (DEFAULT_MC_SAMPLES, DEFAULT_PRECISION, DEFAULT_SEED, DEFAULT_SYMMETRIES, DENOISE, DEVICES,
-                             PRECISIONS, SYMMETRIES, TRACTOGRAPHY)
 from iqt_pipe.tracking.track import DEFAULT_SEED_DENSITY, UNCERTAINTY_ACTIONS
 
 PROG = "iqt-pipe"
@@ -49,7 +58,7 @@ def _label_type(prefix: str, what: str):
     (``..``, ``/``, spaces, ``_``, ``-``) is refused."""
 
     def parse(text: str) -> str:
-        label = text[len(prefix) + 1:] if text.startswith(f"{prefix}-") else text
+        label = text[len(prefix) + 1 :] if text.startswith(f"{prefix}-") else text
         if not LABEL.fullmatch(label):
             raise argparse.ArgumentTypeError(
                 f"{what} label {text!r} is not a BIDS label: letters and digits only, "
@@ -69,85 +78,182 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
         epilog=EPILOG,
     )
-    p.add_argument("bids_dir", type=Path,
-                   help="root folder of a BIDS dataset with DWI runs, raw or preprocessed (a BIDS-derivatives "
-                        "dataset such as QSIPrep's output: its *_desc-preproc_dwi series and brain masks are used)")
-    p.add_argument("output_dir", type=Path,
-                   help="folder for the BIDS derivatives (outside bids_dir, or under bids_dir/derivatives/)")
-    p.add_argument("analysis_level", choices=["participant", "group"],
-                   help="participant: process each subject; group: summarise the processed subjects")
+    p.add_argument(
+        "bids_dir",
+        type=Path,
+        help="root folder of a BIDS dataset with DWI runs, raw or preprocessed (a BIDS-derivatives "
+        "dataset such as QSIPrep's output: its *_desc-preproc_dwi series and brain masks are used)",
+    )
+    p.add_argument(
+        "output_dir",
+        type=Path,
+        help="folder for the BIDS derivatives (outside bids_dir, or under bids_dir/derivatives/)",
+    )
+    p.add_argument(
+        "analysis_level",
+        choices=["participant", "group"],
+        help="participant: process each subject; group: summarise the processed subjects",
+    )
 
     g = p.add_argument_group("selecting data")
-    g.add_argument("--participant-label", nargs="+", type=_label_type("sub", "participant"), metavar="LABEL",
-                   help="participants to process, with or without 'sub-' (default: all)")
-    g.add_argument("--session-label", nargs="+", type=_label_type("ses", "session"), metavar="LABEL",
-                   help="sessions to process, with or without 'ses-' (default: all)")
-    g.add_argument("--bids-filter-file", type=Path, metavar="FILE",
-                   help='JSON file of pybids entities refining the DWI query, e.g. {"dwi": {"acquisition": "hr"}}')
-    g.add_argument("--skip-bids-validation", action="store_true",
-                   help="do not run the BIDS validator on bids_dir")
+    g.add_argument(
+        "--participant-label",
+        nargs="+",
+        type=_label_type("sub", "participant"),
+        metavar="LABEL",
+        help="participants to process, with or without 'sub-' (default: all)",
+    )
+    g.add_argument(
+        "--session-label",
+        nargs="+",
+        type=_label_type("ses", "session"),
+        metavar="LABEL",
+        help="sessions to process, with or without 'ses-' (default: all)",
+    )
+    g.add_argument(
+        "--bids-filter-file",
+        type=Path,
+        metavar="FILE",
+        help='JSON file of pybids entities refining the DWI query, e.g. {"dwi": {"acquisition": "hr"}}',
+    )
+    g.add_argument("--skip-bids-validation", action="store_true", help="do not run the BIDS validator on bids_dir")
 
     g = p.add_argument_group("processing")
-    g.add_argument("--model", nargs="+", type=Path, metavar="PATH",
-                   help="model file (model.safetensors beside its model.json, or their folder), as written "
-                        "by iqt-train (default: the bundled r = 2 model, trained on real multi-vendor DWI; "
-                        "see README); several: their inverse-variance ensemble (same r and preprocessing)")
-    g.add_argument("--device", choices=DEVICES, default="auto",
-                   help="compute device for the network (default: auto = CUDA when visible, else CPU)")
-    g.add_argument("--mc-samples", type=int_at_least(1, "the number of MC samples"), default=DEFAULT_MC_SAMPLES,
-                   metavar="N", help="Monte Carlo samples of the Bayesian network per voxel; with --symmetries, at least "
-                                 f"one per symmetry (default: {DEFAULT_MC_SAMPLES})")
-    g.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
-                   help="the network's arithmetic: bfloat16 convolutions are ~5× faster on CPUs with AMX and "
-                        "move the super-resolved tensors by ~0.15 %% of the model's own error; auto = bfloat16 on "
-                        f"such CPUs, float32 elsewhere and on GPUs (default: {DEFAULT_PRECISION})")
-    g.add_argument("--symmetries", choices=SYMMETRIES, default=DEFAULT_SYMMETRIES,
-                   help="test-time symmetry ensemble: each Monte-Carlo pass runs the network on the scan mirrored "
-                        "(8 mirrors) or mirrored and transposed (48 cube symmetries), the tensors transformed "
-                        "alike, and moves its prediction back; costs nothing while --mc-samples is at least the "
-                        f"number of symmetries (default: {DEFAULT_SYMMETRIES})")
-    g.add_argument("--seed", type=int_at_least(0, "the seed"), default=DEFAULT_SEED, metavar="N",
-                   help=f"random seed of the MC sampling (default: {DEFAULT_SEED})")
-    g.add_argument("--denoise", choices=DENOISE,
-                   help="MP-PCA denoising of the native series: mrtrix (dwidenoise), dipy (mppca), auto (MRtrix3 "
-                        "when on PATH, else DIPY) or none (default: what the model was trained with, its card's "
-                        "training.preprocessing; the bundled model: none; none for a derivatives dataset, whose series were "
-                        "preprocessed already)")
-    g.add_argument("--degibbs", action=argparse.BooleanOptionalAction,
-                   help="Gibbs-ringing removal from the native series (default: what the model was trained "
-                        "with; the bundled model: off; off for a derivatives dataset). A setting that differs from the model's training "
-                        "is warned about and recorded in the sidecars")
-    g.add_argument("--tractography", choices=TRACTOGRAPHY, default="none",
-                   help="deterministic and probabilistic tractography on the native and the super-resolved "
-                        "tensors with DIPY, MRtrix3 (tckgen, tckmap) or both (default: none)")
-    g.add_argument("--seed-density", type=positive_float("the seed density"), default=DEFAULT_SEED_DENSITY,
-                   metavar="N", help=f"tractography seeds per mm³ of white matter, whatever the voxel size "
-                                     f"(default: {DEFAULT_SEED_DENSITY})")
-    g.add_argument("--max-uncertainty", type=positive_float("--max-uncertainty"), metavar="SD",
-                   help="stop super-resolved streamlines where they enter a voxel whose total uncertainty "
-                        "(Frobenius sd, mm²/s) exceeds SD, e.g. 1.5e-4 (default: no limit)")
-    g.add_argument("--max-uncertainty-action", choices=UNCERTAINTY_ACTIONS, default="stop",
-                   help="what --max-uncertainty does: stop a streamline there, or drop it (default: stop)")
+    g.add_argument(
+        "--model",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="model file (model.safetensors beside its model.json, or their folder), as written "
+        "by iqt-train (default: the bundled r = 2 model, trained on real multi-vendor DWI; "
+        "see README); several: their inverse-variance ensemble (same r and preprocessing)",
+    )
+    g.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="compute device for the network (default: auto = CUDA when visible, else CPU)",
+    )
+    g.add_argument(
+        "--mc-samples",
+        type=int_at_least(1, "the number of MC samples"),
+        default=DEFAULT_MC_SAMPLES,
+        metavar="N",
+        help="Monte Carlo samples of the Bayesian network per voxel; with --symmetries, at least "
+        f"one per symmetry (default: {DEFAULT_MC_SAMPLES})",
+    )
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=DEFAULT_PRECISION,
+        help="the network's arithmetic: bfloat16 convolutions are ~5× faster on CPUs with AMX and "
+        "move the super-resolved tensors by ~0.15 %% of the model's own error; auto = bfloat16 on "
+        f"such CPUs, float32 elsewhere and on GPUs (default: {DEFAULT_PRECISION})",
+    )
+    g.add_argument(
+        "--symmetries",
+        choices=SYMMETRIES,
+        default=DEFAULT_SYMMETRIES,
+        help="test-time symmetry ensemble: each Monte-Carlo pass runs the network on the scan mirrored "
+        "(8 mirrors) or mirrored and transposed (48 cube symmetries), the tensors transformed "
+        "alike, and moves its prediction back; costs nothing while --mc-samples is at least the "
+        f"number of symmetries (default: {DEFAULT_SYMMETRIES})",
+    )
+    g.add_argument(
+        "--seed",
+        type=int_at_least(0, "the seed"),
+        default=DEFAULT_SEED,
+        metavar="N",
+        help=f"random seed of the MC sampling (default: {DEFAULT_SEED})",
+    )
+    g.add_argument(
+        "--denoise",
+        choices=DENOISE,
+        help="MP-PCA denoising of the native series: mrtrix (dwidenoise), dipy (mppca), auto (MRtrix3 "
+        "when on PATH, else DIPY) or none (default: what the model was trained with, its card's "
+        "training.preprocessing; the bundled model: none; none for a derivatives dataset, whose series were "
+        "preprocessed already)",
+    )
+    g.add_argument(
+        "--degibbs",
+        action=argparse.BooleanOptionalAction,
+        help="Gibbs-ringing removal from the native series (default: what the model was trained "
+        "with; the bundled model: off; off for a derivatives dataset). A setting that differs from the model's "
+        "training is warned about and recorded in the sidecars",
+    )
+    g.add_argument(
+        "--tractography",
+        choices=TRACTOGRAPHY,
+        default="none",
+        help="deterministic and probabilistic tractography on the native and the super-resolved "
+        "tensors with DIPY, MRtrix3 (tckgen, tckmap) or both (default: none)",
+    )
+    g.add_argument(
+        "--seed-density",
+        type=positive_float("the seed density"),
+        default=DEFAULT_SEED_DENSITY,
+        metavar="N",
+        help=f"tractography seeds per mm³ of white matter, whatever the voxel size (default: {DEFAULT_SEED_DENSITY})",
+    )
+    g.add_argument(
+        "--max-uncertainty",
+        type=positive_float("--max-uncertainty"),
+        metavar="SD",
+        help="stop super-resolved streamlines where they enter a voxel whose total uncertainty "
+        "(Frobenius sd, mm²/s) exceeds SD, e.g. 1.5e-4 (default: no limit)",
+    )
+    g.add_argument(
+        "--max-uncertainty-action",
+        choices=UNCERTAINTY_ACTIONS,
+        default="stop",
+        help="what --max-uncertainty does: stop a streamline there, or drop it (default: stop)",
+    )
 
     g = p.add_argument_group("execution")
-    g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
-                   help="folder for intermediate results; reusing it resumes a run (default: ./work)")
-    g.add_argument("--nprocs", type=int_at_least(1, "the number of processes"), metavar="N",
-                   help="processes run in parallel (default: the CPUs available)")
-    g.add_argument("--omp-nthreads", type=int_at_least(1, "the number of threads"), metavar="N",
-                   help=f"threads per process, at most --nprocs (default: --nprocs, at most {MAX_DEFAULT_OMP})")
-    g.add_argument("--mem-mb", type=int_at_least(1, "the memory in MB"), metavar="MB",
-                   help="memory the run may use, in MB (default: no limit)")
-    g.add_argument("--use-plugin", type=Path, metavar="FILE",
-                   help="YAML file with Nipype execution settings: 'plugin: MultiProc' and optional 'plugin_args: {...}'")
-    g.add_argument("--stop-on-first-crash", action="store_true",
-                   help="stop everything at the first failing step (default: finish the other subjects)")
+    g.add_argument(
+        "-w",
+        "--work-dir",
+        type=Path,
+        metavar="DIR",
+        help="folder for intermediate results; reusing it resumes a run (default: ./work)",
+    )
+    g.add_argument(
+        "--nprocs",
+        type=int_at_least(1, "the number of processes"),
+        metavar="N",
+        help="processes run in parallel (default: the CPUs available)",
+    )
+    g.add_argument(
+        "--omp-nthreads",
+        type=int_at_least(1, "the number of threads"),
+        metavar="N",
+        help=f"threads per process, at most --nprocs (default: --nprocs, at most {MAX_DEFAULT_OMP})",
+    )
+    g.add_argument(
+        "--mem-mb",
+        type=int_at_least(1, "the memory in MB"),
+        metavar="MB",
+        help="memory the run may use, in MB (default: no limit)",
+    )
+    g.add_argument(
+        "--use-plugin",
+        type=Path,
+        metavar="FILE",
+        help="YAML file with Nipype execution settings: 'plugin: MultiProc' and optional 'plugin_args: {...}'",
+    )
+    g.add_argument(
+        "--stop-on-first-crash",
+        action="store_true",
+        help="stop everything at the first failing step (default: finish the other subjects)",
+    )
     g.add_argument("--write-graph", action="store_true", help="write the workflow graphs into the work folder")
-    g.add_argument("--boilerplate-only", action="store_true",
-                   help="write the methods text (logs/CITATION.md) and stop")
-    g.add_argument("--reports-only", action="store_true",
-                   help="only rebuild the visual reports (sub-<label>.html; group.html at the group level) "
-                        "from the outputs already in output_dir, without processing")
+    g.add_argument("--boilerplate-only", action="store_true", help="write the methods text (logs/CITATION.md) and stop")
+    g.add_argument(
+        "--reports-only",
+        action="store_true",
+        help="only rebuild the visual reports (sub-<label>.html; group.html at the group level) "
+        "from the outputs already in output_dir, without processing",
+    )
 
     p.add_argument("-v", "--verbose", action="count", default=0, help="more messages; tracebacks on errors")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -229,16 +335,25 @@ def _check_bids_dir(parser, bids_dir: Path) -> bool:
 def _check_app_output_dir(parser, output_dir: Path, bids_dir: Path) -> None:
     suggestion = bids_dir / "derivatives" / "iqt-pipe"
     if output_dir.resolve() == bids_dir.resolve():
-        _fail(parser, f"output_dir is the BIDS folder itself ({bids_dir}); "
-                      f"write the derivatives elsewhere (suggestion: {suggestion})")
+        _fail(
+            parser,
+            f"output_dir is the BIDS folder itself ({bids_dir}); "
+            f"write the derivatives elsewhere (suggestion: {suggestion})",
+        )
     if _inside(output_dir, bids_dir):
         parts = output_dir.resolve().relative_to(bids_dir.resolve()).parts
         if parts == ("derivatives",):
-            _fail(parser, f"output_dir {output_dir} is the BIDS folder's derivatives/ itself; "
-                          f"use a folder below it (suggestion: {suggestion})")
+            _fail(
+                parser,
+                f"output_dir {output_dir} is the BIDS folder's derivatives/ itself; "
+                f"use a folder below it (suggestion: {suggestion})",
+            )
         if parts[0] != "derivatives":
-            _fail(parser, f"output_dir {output_dir} lies inside the BIDS folder; use a folder outside it "
-                          f"or below its derivatives/ (suggestion: {suggestion})")
+            _fail(
+                parser,
+                f"output_dir {output_dir} lies inside the BIDS folder; use a folder outside it "
+                f"or below its derivatives/ (suggestion: {suggestion})",
+            )
     if output_dir.exists() and not output_dir.is_dir():
         _fail(parser, f"output_dir {output_dir} exists and is not a folder; choose another output folder")
     _check_writable(parser, output_dir, "output_dir")
@@ -263,11 +378,17 @@ def _check_work_dir(parser, work_dir: Path, bids_dir: Path, output_dir: Path) ->
     if _inside(suggestion, bids_dir) or suggestion.resolve() == output_dir.resolve():
         suggestion = bids_dir.resolve().parent / "iqt-pipe-work"
     if _inside(work_dir, bids_dir):
-        _fail(parser, f"the work folder {work_dir} lies inside the BIDS folder {bids_dir}; "
-                      f"choose one outside it (suggestion: -w {suggestion})")
+        _fail(
+            parser,
+            f"the work folder {work_dir} lies inside the BIDS folder {bids_dir}; "
+            f"choose one outside it (suggestion: -w {suggestion})",
+        )
     if work_dir.resolve() == output_dir.resolve():
-        _fail(parser, f"the work folder is the output folder ({output_dir}); intermediate files would mix with "
-                      f"the derivatives (suggestion: -w {suggestion})")
+        _fail(
+            parser,
+            f"the work folder is the output folder ({output_dir}); intermediate files would mix with "
+            f"the derivatives (suggestion: -w {suggestion})",
+        )
     if work_dir.exists() and not work_dir.is_dir():
         _fail(parser, f"the work folder {work_dir} exists and is not a folder; choose another with -w")
     _check_writable(parser, work_dir, "the work folder")
@@ -294,16 +415,27 @@ def _read_bids_filters(parser, path: Path) -> dict:
         _fail(parser, f"--bids-filter-file {path}: must hold a JSON object of queries, {example}")
     for query, entities in filters.items():
         if query not in FILTER_QUERIES:
-            _fail(parser, f"--bids-filter-file {path}: unknown query {query!r}; known: {', '.join(FILTER_QUERIES)} ({example})")
+            _fail(
+                parser,
+                f"--bids-filter-file {path}: unknown query {query!r}; known: {', '.join(FILTER_QUERIES)} ({example})",
+            )
         if not isinstance(entities, dict):
-            _fail(parser, f"--bids-filter-file {path}: the {query!r} query must be an object of BIDS entities, {example}")
+            _fail(
+                parser, f"--bids-filter-file {path}: the {query!r} query must be an object of BIDS entities, {example}"
+            )
         for entity, value in entities.items():
             if entity in _FIXED_ENTITIES:
-                _fail(parser, f"--bids-filter-file {path}: {query}.{entity} cannot be changed (iqt-pipe reads DWI series only)")
+                _fail(
+                    parser,
+                    f"--bids-filter-file {path}: {query}.{entity} cannot be changed (iqt-pipe reads DWI series only)",
+                )
             values = value if isinstance(value, list) else [value]
             if not all(v is None or isinstance(v, (str, int, float, bool)) for v in values):
-                _fail(parser, f"--bids-filter-file {path}: {query}.{entity} must be a string, number, "
-                              f"boolean, null or a list of them, got {json.dumps(value)}")
+                _fail(
+                    parser,
+                    f"--bids-filter-file {path}: {query}.{entity} must be a string, number, "
+                    f"boolean, null or a list of them, got {json.dumps(value)}",
+                )
     return filters
 
 
@@ -330,7 +462,9 @@ def _read_plugin(parser, path: Path) -> tuple[str, dict]:
     try:
         json.dumps(plugin_args, allow_nan=False)
     except (TypeError, ValueError):
-        _fail(parser, f"--use-plugin {path}: 'plugin_args' may hold only strings, numbers, booleans, lists and mappings")
+        _fail(
+            parser, f"--use-plugin {path}: 'plugin_args' may hold only strings, numbers, booleans, lists and mappings"
+        )
     from nipype.pipeline import plugins
 
     if not hasattr(plugins, f"{plugin}Plugin"):
@@ -339,8 +473,9 @@ def _read_plugin(parser, path: Path) -> tuple[str, dict]:
     n_procs, memory_gb = plugin_args.get("n_procs"), plugin_args.get("memory_gb")
     if n_procs is not None and (isinstance(n_procs, bool) or not isinstance(n_procs, int) or n_procs < 1):
         _fail(parser, f"--use-plugin {path}: plugin_args.n_procs must be an integer ≥ 1, got {n_procs!r}")
-    if memory_gb is not None and (isinstance(memory_gb, bool) or not isinstance(memory_gb, (int, float))
-                                  or not memory_gb > 0):
+    if memory_gb is not None and (
+        isinstance(memory_gb, bool) or not isinstance(memory_gb, (int, float)) or not memory_gb > 0
+    ):
         _fail(parser, f"--use-plugin {path}: plugin_args.memory_gb must be a positive number, got {memory_gb!r}")
     return plugin, plugin_args
 
@@ -350,13 +485,19 @@ def _settle_resources(parser, args: argparse.Namespace) -> None:
     file_procs = args.plugin_args.get("n_procs")
     if file_procs is not None:
         if args.nprocs is not None and args.nprocs != file_procs:
-            _fail(parser, f"--nprocs {args.nprocs} disagrees with n_procs: {file_procs} in {args.use_plugin}; keep one of them")
+            _fail(
+                parser,
+                f"--nprocs {args.nprocs} disagrees with n_procs: {file_procs} in {args.use_plugin}; keep one of them",
+            )
         args.nprocs = file_procs
     file_gb = args.plugin_args.get("memory_gb")
     if file_gb is not None:
         file_mb = max(1, int(round(file_gb * 1024)))
         if args.mem_mb is not None and args.mem_mb != file_mb:
-            _fail(parser, f"--mem-mb {args.mem_mb} disagrees with memory_gb: {file_gb} in {args.use_plugin}; keep one of them")
+            _fail(
+                parser,
+                f"--mem-mb {args.mem_mb} disagrees with memory_gb: {file_gb} in {args.use_plugin}; keep one of them",
+            )
         args.mem_mb = file_mb
     explicit = args.nprocs is not None
     if not explicit:
@@ -397,8 +538,8 @@ def _check_ensemble(parser, args: argparse.Namespace) -> None:
     training preprocessing (one native series and one grid for all), none named twice."""
     if not args.ensemble_models:
         return
-    from iqt_pipe.models.files import model_paths
     from iqt_pipe.dmri.prepare import Preprocessing
+    from iqt_pipe.models.files import model_paths
 
     first = Preprocessing.of_model(args.model_card)
     seen = {model_paths(args.model)[0].resolve()}
@@ -408,11 +549,17 @@ def _check_ensemble(parser, args: argparse.Namespace) -> None:
             _fail(parser, f"--model {path}: named twice; give each ensemble member once")
         seen.add(model_paths(path)[0].resolve())
         if card["upsample"] != args.model_card["upsample"]:
-            _fail(parser, f"--model {path}: upsamples by {card['upsample']}, {args.model} by "
-                          f"{args.model_card['upsample']}; an ensemble's models must share r")
+            _fail(
+                parser,
+                f"--model {path}: upsamples by {card['upsample']}, {args.model} by "
+                f"{args.model_card['upsample']}; an ensemble's models must share r",
+            )
         if not Preprocessing.of_model(card).same_steps(first):
-            _fail(parser, f"--model {path}: trained on series with {Preprocessing.of_model(card).describe()}, "
-                          f"{args.model} with {first.describe()}; an ensemble's models must share their preprocessing")
+            _fail(
+                parser,
+                f"--model {path}: trained on series with {Preprocessing.of_model(card).describe()}, "
+                f"{args.model} with {first.describe()}; an ensemble's models must share their preprocessing",
+            )
 
 
 def _settle_preprocessing(args: argparse.Namespace) -> None:
@@ -444,17 +591,26 @@ def _check_tractography(parser, args: argparse.Namespace) -> None:
         return  # no model card (checked elsewhere)
     hetero, variational = VARIANTS[variant]
     if not hetero and (not variational or args.mc_samples == 1):
-        why = (f"(variant {variant}) predicts no uncertainty" if not variational
-               else f"(variant {variant}) predicts uncertainty only with --mc-samples above 1")
-        _fail(parser, f"--max-uncertainty: the model {args.model} {why}; use a hetero model, raise "
-                      "--mc-samples for a variational one, or drop --max-uncertainty")
+        why = (
+            f"(variant {variant}) predicts no uncertainty"
+            if not variational
+            else f"(variant {variant}) predicts uncertainty only with --mc-samples above 1"
+        )
+        _fail(
+            parser,
+            f"--max-uncertainty: the model {args.model} {why}; use a hetero model, raise "
+            "--mc-samples for a variational one, or drop --max-uncertainty",
+        )
 
 
 def _check_reports_only(parser, args: argparse.Namespace) -> None:
     """``--reports-only`` processes nothing, so it cannot go with ``--boilerplate-only``."""
     if args.reports_only and args.boilerplate_only:
-        _fail(parser, "--reports-only and --boilerplate-only exclude each other: one rebuilds the reports of "
-                      "existing outputs, the other writes the methods text before processing; keep one")
+        _fail(
+            parser,
+            "--reports-only and --boilerplate-only exclude each other: one rebuilds the reports of "
+            "existing outputs, the other writes the methods text before processing; keep one",
+        )
 
 
 def _check_device(parser, device: str) -> None:

@@ -28,9 +28,7 @@ def _snr(text: str) -> float | None:
     except ValueError:
         value = float("nan")
     if math.isnan(value) or value <= 0:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive number, or inf for noise-free data, got {text!r}"
-        )
+        raise argparse.ArgumentTypeError(f"expected a positive number, or inf for noise-free data, got {text!r}")
     return None if math.isinf(value) else value
 
 
@@ -47,21 +45,37 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("out_dir", help="new or empty folder (or an earlier phantom to replace)")
-    parser.add_argument("--preset", choices=list(PRESETS), default="tiny",
-                        help=f"size of the phantom: {presets} (default: tiny)")
-    parser.add_argument("--subjects", type=int_at_least(1, "the number of subjects"), default=1, metavar="N",
-                        help="number of subjects; they differ by head pose and noise (default: 1)")
-    parser.add_argument("--seed", type=int_at_least(0, "the seed"), default=0, metavar="N",
-                        help="random seed; the same seed writes the same data (default: 0)")
-    parser.add_argument("--snr", type=_snr, default=30.0, metavar="X",
-                        help="mean white-matter b=0 signal over the Rician noise level; "
-                             "'inf' for noise-free data (default: 30)")
-    parser.add_argument("--lesion", action="store_true",
-                        help="add a tumour-like lesion (high MD, low FA) in the right white matter")
-    parser.add_argument("--orientation", default="RAS", metavar="CODES",
-                        help="voxel axis directions, e.g. RAS (default), LAS, LPS")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show the traceback of an error")
+    parser.add_argument(
+        "--preset", choices=list(PRESETS), default="tiny", help=f"size of the phantom: {presets} (default: tiny)"
+    )
+    parser.add_argument(
+        "--subjects",
+        type=int_at_least(1, "the number of subjects"),
+        default=1,
+        metavar="N",
+        help="number of subjects; they differ by head pose and noise (default: 1)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int_at_least(0, "the seed"),
+        default=0,
+        metavar="N",
+        help="random seed; the same seed writes the same data (default: 0)",
+    )
+    parser.add_argument(
+        "--snr",
+        type=_snr,
+        default=30.0,
+        metavar="X",
+        help="mean white-matter b=0 signal over the Rician noise level; 'inf' for noise-free data (default: 30)",
+    )
+    parser.add_argument(
+        "--lesion", action="store_true", help="add a tumour-like lesion (high MD, low FA) in the right white matter"
+    )
+    parser.add_argument(
+        "--orientation", default="RAS", metavar="CODES", help="voxel axis directions, e.g. RAS (default), LAS, LPS"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser
 

@@ -26,7 +26,7 @@ from iqt_pipe import __version__
 from iqt_pipe.cli._common import EXIT_FAILED, EXIT_MISSING_EXECUTABLE, EXIT_OK, EXIT_USAGE, run_guarded
 from iqt_pipe.cli.parser import PROG, _build_parser, parse_args  # noqa: F401 - _build_parser for docs/tests
 from iqt_pipe.config import RunConfig
-from iqt_pipe.io import InputError, save_json, save_text
+from iqt_pipe.io import InputError, save_text
 
 #: Seconds Nipype's scheduler sleeps between looks at finished nodes.
 POLL_SLEEP_S = 0.1
@@ -71,8 +71,9 @@ def validate_bids(bids_dir: Path, participant_labels=None) -> None:
         )
     with tempfile.TemporaryDirectory(prefix="iqt-pipe-validate.") as tmp:
         target = bids_dir if participant_labels is None else _selected_view(bids_dir, participant_labels, Path(tmp))
-        proc = subprocess.run([exe, str(target), "--format", "json", "--max-rows", "-1"],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [exe, str(target), "--format", "json", "--max-rows", "-1"], capture_output=True, text=True
+        )
     try:
         issues = json.loads(proc.stdout)["issues"]["issues"]
     except (json.JSONDecodeError, KeyError, TypeError):
@@ -84,8 +85,11 @@ def validate_bids(bids_dir: Path, participant_labels=None) -> None:
     if errors:
         first = errors[0]
         where = first.get("location", "")
-        scope = "" if participant_labels is None else " (in " + ", ".join(f"sub-{s}" for s in participant_labels) + \
-            " and the dataset's top-level files)"
+        scope = (
+            ""
+            if participant_labels is None
+            else " (in " + ", ".join(f"sub-{s}" for s in participant_labels) + " and the dataset's top-level files)"
+        )
         raise InputError(
             f"{bids_dir}: the BIDS validator found {len(errors)} error(s){scope}, first {first.get('code')} "
             f"{where}; fix them or pass --skip-bids-validation"
@@ -130,19 +134,24 @@ def write_dataset_files(config: RunConfig, methods: str) -> None:
         "Name": "iqt-pipe derivatives: super-resolved diffusion tensors with uncertainty",
         "BIDSVersion": "1.9.0",
         "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "iqt-pipe", "Version": __version__,
-                         "CodeURL": "https://github.com/iqt-pipe/iqt-pipe"}],
+        "GeneratedBy": [
+            {"Name": "iqt-pipe", "Version": __version__, "CodeURL": "https://github.com/iqt-pipe/iqt-pipe"}
+        ],
         "DatasetLinks": {"raw": str(config.bids_dir)},
     }
     out = config.output_dir
     with output_lock(out):
         _write_if_changed(out / "dataset_description.json", json.dumps(description, indent=2) + "\n")
-        _write_if_changed(out / ".bidsignore",
-                          "*_dwimap.*\n*_tractogram.*\n*_tdi.*\n*.lock\nlogs/\nfigures/\n*.html\n")  # reports
+        _write_if_changed(
+            out / ".bidsignore", "*_dwimap.*\n*_tractogram.*\n*_tdi.*\n*.lock\nlogs/\nfigures/\n*.html\n"
+        )  # reports
         bib = files("iqt_pipe.data").joinpath("boilerplate.bib").read_text()
         _write_if_changed(out / "logs" / "CITATION.bib", bib)
-        _write_if_changed(out / "logs" / "CITATION.md", "# Methods\n\n" + methods.strip() + "\n\n"
-                          "Citation keys (`@key`) refer to `CITATION.bib` beside this file.\n")
+        _write_if_changed(
+            out / "logs" / "CITATION.md",
+            "# Methods\n\n" + methods.strip() + "\n\n"
+            "Citation keys (`@key`) refer to `CITATION.bib` beside this file.\n",
+        )
 
 
 def participant(config: RunConfig) -> int:
@@ -174,13 +183,15 @@ def participant(config: RunConfig) -> int:
         return EXIT_OK
     for subject in sorted({r.subject for r in runs}):
         config.archive(subject)
-    workflow.config["execution"].update({
-        "crashfile_format": "txt",
-        "stop_on_first_crash": config.stop_on_first_crash,
-        # How long Nipype's scheduler sleeps between looks at finished nodes (its default, 2 s,
-        # is waited after nearly every node of a run's chain; plugin_args cannot set it).
-        "poll_sleep_duration": POLL_SLEEP_S,
-    })
+    workflow.config["execution"].update(
+        {
+            "crashfile_format": "txt",
+            "stop_on_first_crash": config.stop_on_first_crash,
+            # How long Nipype's scheduler sleeps between looks at finished nodes (its default, 2 s,
+            # is waited after nearly every node of a run's chain; plugin_args cannot set it).
+            "poll_sleep_duration": POLL_SLEEP_S,
+        }
+    )
     if not config.verbose:
         logging.getLogger("nipype.workflow").setLevel(logging.WARNING)
     settings = config.plugin_settings()
@@ -188,15 +199,21 @@ def participant(config: RunConfig) -> int:
         workflow.run(plugin=plugin_instance(settings["plugin"], settings["plugin_args"]))
     except RuntimeError as exc:
         crashes = sorted(config.output_dir.glob(f"sub-*/log/{config.run_uuid}/crash-*.txt"))
-        print(f"{PROG}: some steps failed ({exc.__class__.__name__}); "
-              f"{len(crashes)} crash report(s) under {config.output_dir}/sub-*/log/{config.run_uuid}/", file=sys.stderr)
+        print(
+            f"{PROG}: some steps failed ({exc.__class__.__name__}); "
+            f"{len(crashes)} crash report(s) under {config.output_dir}/sub-*/log/{config.run_uuid}/",
+            file=sys.stderr,
+        )
         write_reports(config, sorted({r.subject for r in runs}), run_uuid=config.run_uuid)
         return EXIT_FAILED
     write_reports(config, sorted({r.subject for r in runs}), run_uuid=config.run_uuid)  # problems: warnings
     warn_about_runs(config, sorted({r.subject for r in runs}))
     if refused:
-        print(f"{PROG}: {len(refused)} run(s) refused (see the errors above); the other {len(runs)} finished, "
-              f"derivatives in {config.output_dir}", file=sys.stderr)
+        print(
+            f"{PROG}: {len(refused)} run(s) refused (see the errors above); the other {len(runs)} finished, "
+            f"derivatives in {config.output_dir}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     print(f"{PROG}: finished; derivatives in {config.output_dir}")
     return EXIT_OK
@@ -243,7 +260,9 @@ def preflight(config: RunConfig, runs: list) -> tuple[list, list]:
             print(f"{PROG}: warning: {warning}", file=sys.stderr)
         usable.append(run)
     if not usable:
-        raise InputError(f"none of the {len(runs)} selected DWI runs is usable (see the errors above); fix them and rerun")
+        raise InputError(
+            f"none of the {len(runs)} selected DWI runs is usable (see the errors above); fix them and rerun"
+        )
     return usable, refused
 
 
@@ -278,8 +297,10 @@ def warn_about_runs(config: RunConfig, subjects: list[str]) -> None:
 
     for subject in subjects:
         for run in find_runs(config.output_dir, subject):
-            for warning in (noise_correlation_warning(noise_correlation(run.sidecar("tensor")), run.name),
-                            model_domain_warning(run.sidecar("sr_tensor"), run.name)):
+            for warning in (
+                noise_correlation_warning(noise_correlation(run.sidecar("tensor")), run.name),
+                model_domain_warning(run.sidecar("sr_tensor"), run.name),
+            ):
                 if warning:
                     print(f"{PROG}: warning: {warning}", file=sys.stderr)
 
@@ -328,8 +349,10 @@ def group(config: RunConfig) -> int:
         common["session"] = list(config.session_label)
     natives = layout.get(param="fa", res=Query.NONE, desc=Query.NONE, **common)
     if not natives:
-        raise InputError(f"{out}: no participant outputs found (no *_model-tensor_param-fa_dwimap.nii.gz); "
-                         "run the participant level first")
+        raise InputError(
+            f"{out}: no participant outputs found (no *_model-tensor_param-fa_dwimap.nii.gz); "
+            "run the participant level first"
+        )
     rows = []
     for native in natives:
         entities = {k: v for k, v in native.get_entities().items() if k in ENTITIES}
@@ -337,8 +360,10 @@ def group(config: RunConfig) -> int:
         def one(entities=entities, **query) -> str:
             found = layout.get(return_type="file", **{**entities, **query})
             if len(found) != 1:
-                raise InputError(f"{run_label(entities)}: expected one {query} output in {out}, found {len(found)}; "
-                                 "rerun its participant level")
+                raise InputError(
+                    f"{run_label(entities)}: expected one {query} output in {out}, found {len(found)}; "
+                    "rerun its participant level"
+                )
             return found[0]
 
         base = {"extension": ".nii.gz"}
@@ -352,7 +377,8 @@ def group(config: RunConfig) -> int:
             one(suffix="dwimap", model="tensor", param="md", res="hi", desc=Query.NONE, **base),
             one(suffix="dwimap", model="tensor", param="tensor", res="hi", desc="totalsd", **base),
             one(suffix="mask", desc="brain", res="hi", **base),
-            r=int(r), name=run_label(entities),
+            r=int(r),
+            name=run_label(entities),
         )
         native_tensor = one(suffix="dwimap", model="tensor", param="tensor", res=Query.NONE, desc=Query.NONE, **base)
         correlation = noise_correlation(json.loads(sidecar_path(native_tensor).read_text()))

@@ -75,65 +75,145 @@ def add_recipe_arguments(p) -> None:
         SCHEDULES,
     )
 
-    p.add_argument("--variant", choices=list(VARIANTS), default=DEFAULT_VARIANT,
-                   help=f"network variant (default: {DEFAULT_VARIANT})")
-    p.add_argument("--patches-per-subject", type=int_at_least(2, "patches per subject"),
-                   default=DEFAULT_PATCHES_PER_SUBJECT, metavar="N",
-                   help=f"patch pairs sampled per subject (default: {DEFAULT_PATCHES_PER_SUBJECT}, the paper's)")
-    p.add_argument("--epochs", type=int_at_least(1, "epochs"), default=DEFAULT_EPOCHS, metavar="N",
-                   help=f"training epochs (default: {DEFAULT_EPOCHS}; the paper used 200 on a GPU)")
-    p.add_argument("--batch-size", type=int_at_least(1, "the batch size"), default=DEFAULT_BATCH, metavar="N",
-                   help=f"patch pairs per optimiser step, over all processes (default: {DEFAULT_BATCH})")
-    p.add_argument("--lr", type=positive_float("the learning rate"), default=DEFAULT_LR, metavar="X",
-                   help=f"Adam learning rate (default: {DEFAULT_LR:g})")
-    p.add_argument("--val-fraction", type=_fraction, default=DEFAULT_VAL_FRACTION, metavar="X",
-                   help=f"fraction of patch pairs held out for validation (default: {DEFAULT_VAL_FRACTION:g})")
-    p.add_argument("--schedule", choices=list(SCHEDULES), default="fixed",
-                   help="fixed: the variant's loss throughout; anneal: MSE first, then a linear switch "
-                        "to the heteroscedastic NLL (hetero variants; default: fixed)")
-    p.add_argument("--target", choices=list(TARGETS), default=DEFAULT_TARGET,
-                   help=f"what the network predicts: hr (the paper) or residual-cubic, the HR tensors "
-                        f"minus the cubic B-spline upsampling (default: {DEFAULT_TARGET})")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="tensor-consistent mirror augmentation of the training patches (default: on)")
-    p.add_argument("--axis-swap", action="store_true",
-                   help="with --augment, also permute the spatial axes (all 48 symmetries of the cube, "
-                        "tensors transformed alike) instead of the 8 mirrors (default: off)")
-    p.add_argument("--loss-mask", choices=list(LOSS_MASKS), default=DEFAULT_LOSS_MASK,
-                   help="voxels the loss averages over: none = every target voxel (the paper), brain = the "
-                        f"HR brain mask only (default: {DEFAULT_LOSS_MASK})")
-    p.add_argument("--kernels", type=int_at_least(1, "a kernel size"), nargs="+", default=list(KERNELS), metavar="K",
-                   help="odd kernel size of each convolution (default: 3 1 3, the paper's: a 5³ LR receptive "
-                        "field; 3 3 3 widens it to 7³ and the input patches to 13³: train it with --lr 3e-4, "
-                        "at 1e-3 it can collapse to the cubic spline)")
-    p.add_argument("--widths", type=int_at_least(1, "a width"), nargs="+", default=list(WIDTHS), metavar="W",
-                   help="channels of each hidden layer, one fewer than --kernels (default: 50 100)")
-    p.add_argument("--denoise", choices=["none", "dipy"], default="none",
-                   help="MP-PCA denoising (DIPY) of each HR series before its LR series is made; recorded in "
-                        "the card, and iqt-pipe then denoises native series likewise (default: none)")
-    p.add_argument("--degibbs", action=argparse.BooleanOptionalAction, default=False,
-                   help="Gibbs-ringing removal (DIPY) of each HR series before its LR series is made; recorded "
-                        "in the card, and iqt-pipe then removes it from native series likewise (default: off, "
-                        "measured on held-out subjects: see the README)")
+    p.add_argument(
+        "--variant",
+        choices=list(VARIANTS),
+        default=DEFAULT_VARIANT,
+        help=f"network variant (default: {DEFAULT_VARIANT})",
+    )
+    p.add_argument(
+        "--patches-per-subject",
+        type=int_at_least(2, "patches per subject"),
+        default=DEFAULT_PATCHES_PER_SUBJECT,
+        metavar="N",
+        help=f"patch pairs sampled per subject (default: {DEFAULT_PATCHES_PER_SUBJECT}, the paper's)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int_at_least(1, "epochs"),
+        default=DEFAULT_EPOCHS,
+        metavar="N",
+        help=f"training epochs (default: {DEFAULT_EPOCHS}; the paper used 200 on a GPU)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int_at_least(1, "the batch size"),
+        default=DEFAULT_BATCH,
+        metavar="N",
+        help=f"patch pairs per optimiser step, over all processes (default: {DEFAULT_BATCH})",
+    )
+    p.add_argument(
+        "--lr",
+        type=positive_float("the learning rate"),
+        default=DEFAULT_LR,
+        metavar="X",
+        help=f"Adam learning rate (default: {DEFAULT_LR:g})",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=DEFAULT_VAL_FRACTION,
+        metavar="X",
+        help=f"fraction of patch pairs held out for validation (default: {DEFAULT_VAL_FRACTION:g})",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=list(SCHEDULES),
+        default="fixed",
+        help="fixed: the variant's loss throughout; anneal: MSE first, then a linear switch "
+        "to the heteroscedastic NLL (hetero variants; default: fixed)",
+    )
+    p.add_argument(
+        "--target",
+        choices=list(TARGETS),
+        default=DEFAULT_TARGET,
+        help=f"what the network predicts: hr (the paper) or residual-cubic, the HR tensors "
+        f"minus the cubic B-spline upsampling (default: {DEFAULT_TARGET})",
+    )
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="tensor-consistent mirror augmentation of the training patches (default: on)",
+    )
+    p.add_argument(
+        "--axis-swap",
+        action="store_true",
+        help="with --augment, also permute the spatial axes (all 48 symmetries of the cube, "
+        "tensors transformed alike) instead of the 8 mirrors (default: off)",
+    )
+    p.add_argument(
+        "--loss-mask",
+        choices=list(LOSS_MASKS),
+        default=DEFAULT_LOSS_MASK,
+        help="voxels the loss averages over: none = every target voxel (the paper), brain = the "
+        f"HR brain mask only (default: {DEFAULT_LOSS_MASK})",
+    )
+    p.add_argument(
+        "--kernels",
+        type=int_at_least(1, "a kernel size"),
+        nargs="+",
+        default=list(KERNELS),
+        metavar="K",
+        help="odd kernel size of each convolution (default: 3 1 3, the paper's: a 5³ LR receptive "
+        "field; 3 3 3 widens it to 7³ and the input patches to 13³: train it with --lr 3e-4, "
+        "at 1e-3 it can collapse to the cubic spline)",
+    )
+    p.add_argument(
+        "--widths",
+        type=int_at_least(1, "a width"),
+        nargs="+",
+        default=list(WIDTHS),
+        metavar="W",
+        help="channels of each hidden layer, one fewer than --kernels (default: 50 100)",
+    )
+    p.add_argument(
+        "--denoise",
+        choices=["none", "dipy"],
+        default="none",
+        help="MP-PCA denoising (DIPY) of each HR series before its LR series is made; recorded in "
+        "the card, and iqt-pipe then denoises native series likewise (default: none)",
+    )
+    p.add_argument(
+        "--degibbs",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Gibbs-ringing removal (DIPY) of each HR series before its LR series is made; recorded "
+        "in the card, and iqt-pipe then removes it from native series likewise (default: off, "
+        "measured on held-out subjects: see the README)",
+    )
 
 
 def train_settings(args: argparse.Namespace) -> TrainSettings:
     """The :class:`~iqt_pipe.sr.training.TrainSettings` of the recipe options and ``--seed``."""
     from iqt_pipe.sr.training import TrainSettings
 
-    return TrainSettings(variant=args.variant, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         val_fraction=args.val_fraction, schedule=args.schedule, augment=args.augment,
-                         axis_swap=args.axis_swap, widths=args.widths, kernels=args.kernels, loss_mask=args.loss_mask,
-                         seed=args.seed)
+    return TrainSettings(
+        variant=args.variant,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        val_fraction=args.val_fraction,
+        schedule=args.schedule,
+        augment=args.augment,
+        axis_swap=args.axis_swap,
+        widths=args.widths,
+        kernels=args.kernels,
+        loss_mask=args.loss_mask,
+        seed=args.seed,
+    )
 
 
 def library_options(args: argparse.Namespace) -> dict:
     """:func:`~iqt_pipe.sr.patches.build_library`'s keywords from the recipe options and ``--upsample``."""
     from iqt_pipe.dmri.prepare import Preprocessing
 
-    return train_settings(args).library_options(r=args.upsample, patches_per_subject=args.patches_per_subject,
-                                                target=args.target,
-                                                preprocessing=Preprocessing(args.denoise, args.degibbs))
+    return train_settings(args).library_options(
+        r=args.upsample,
+        patches_per_subject=args.patches_per_subject,
+        target=args.target,
+        preprocessing=Preprocessing(args.denoise, args.degibbs),
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -143,25 +223,55 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     p.add_argument("bids_dirs", nargs="+", type=Path, metavar="BIDS_DIR", help="BIDS dataset root(s)")
-    p.add_argument("-o", "--output-dir", type=Path, required=True, metavar="OUT_DIR",
-                   help="folder for model.safetensors/model.json, metrics.jsonl, checkpoint/ and cache/")
-    p.add_argument("--participant-label", nargs="+", metavar="L",
-                   help="participants to train on, with or without 'sub-' (default: all)")
-    p.add_argument("--session-label", nargs="+", metavar="S",
-                   help="sessions to train on, with or without 'ses-' (default: all)")
-    p.add_argument("-r", "--upsample", type=int_at_least(2, "the upsampling factor"), default=2, metavar="R",
-                   help="upsampling factor r, an integer ≥ 2 (default: 2)")
+    p.add_argument(
+        "-o",
+        "--output-dir",
+        type=Path,
+        required=True,
+        metavar="OUT_DIR",
+        help="folder for model.safetensors/model.json, metrics.jsonl, checkpoint/ and cache/",
+    )
+    p.add_argument(
+        "--participant-label",
+        nargs="+",
+        metavar="L",
+        help="participants to train on, with or without 'sub-' (default: all)",
+    )
+    p.add_argument(
+        "--session-label", nargs="+", metavar="S", help="sessions to train on, with or without 'ses-' (default: all)"
+    )
+    p.add_argument(
+        "-r",
+        "--upsample",
+        type=int_at_least(2, "the upsampling factor"),
+        default=2,
+        metavar="R",
+        help="upsampling factor r, an integer ≥ 2 (default: 2)",
+    )
     add_recipe_arguments(p)
-    p.add_argument("--seed", type=int_at_least(0, "the seed"), default=0, metavar="N",
-                   help="random seed: patches, split, initialisation, shuffles (default: 0)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="compute device (default: auto = CUDA when visible)")
-    p.add_argument("--nthreads", type=int_at_least(1, "the number of threads"), metavar="N",
-                   help="CPU threads per process (default: PyTorch's; torchrun sets 1)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the training in OUT_DIR from its last checkpoint")
-    p.add_argument("--cache-dir", type=Path, metavar="DIR",
-                   help="folder for the patch library cache (default: OUT_DIR/cache)")
+    p.add_argument(
+        "--seed",
+        type=int_at_least(0, "the seed"),
+        default=0,
+        metavar="N",
+        help="random seed: patches, split, initialisation, shuffles (default: 0)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="compute device (default: auto = CUDA when visible)",
+    )
+    p.add_argument(
+        "--nthreads",
+        type=int_at_least(1, "the number of threads"),
+        metavar="N",
+        help="CPU threads per process (default: PyTorch's; torchrun sets 1)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the training in OUT_DIR from its last checkpoint")
+    p.add_argument(
+        "--cache-dir", type=Path, metavar="DIR", help="folder for the patch library cache (default: OUT_DIR/cache)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="more messages; tracebacks on errors")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -192,40 +302,57 @@ def run(args: argparse.Namespace) -> int:
     try:
         quiet = args.quiet or not dist.is_main
         options = library_options(args)
-        library = build_library_distributed(dist, runs, cache_dir=args.cache_dir or out / "cache", quiet=quiet,
-                                            **options)
+        library = build_library_distributed(
+            dist, runs, cache_dir=args.cache_dir or out / "cache", quiet=quiet, **options
+        )
         subjects = sorted({f"sub-{r.subject}" for r in runs})
         n_val = len(split_indices(len(library), args.val_fraction, args.seed)[1])
         if dist.is_main:
             datasets = ", ".join(str(d) for d in args.bids_dirs)
             cached = "reused cache" if library.from_cache else "new cache"
-            print(f"{PROG}: {len(args.bids_dirs)} dataset(s) ({datasets}): {len(subjects)} subject(s), "
-                  f"{len(runs)} DWI run(s) → {len(library)} patch pairs "
-                  f"({library.input_size}³ → {library.target_shape[1]}³, r = {args.upsample}; "
-                  f"{len(library) - n_val} train / {n_val} validation; {cached})")
+            print(
+                f"{PROG}: {len(args.bids_dirs)} dataset(s) ({datasets}): {len(subjects)} subject(s), "
+                f"{len(runs)} DWI run(s) → {len(library)} patch pairs "
+                f"({library.input_size}³ → {library.target_shape[1]}³, r = {args.upsample}; "
+                f"{len(library) - n_val} train / {n_val} validation; {cached})"
+            )
             threads = torch.get_num_threads()
             augment = ("mirrors + axis swaps" if args.axis_swap else "mirrors") if args.augment else "off"
             resuming = ""
             if args.resume and (out / CHECKPOINT_DIR / CHECKPOINT_JSON).exists():
                 resuming = "; resuming from OUT_DIR/checkpoint"
-            print(f"{PROG}: variant {args.variant}, target {args.target}, schedule {args.schedule}, "
-                  f"augment {augment}, kernels {'-'.join(map(str, args.kernels))} × widths "
-                  f"{'-'.join(map(str, args.widths))}, loss mask {args.loss_mask}, "
-                  f"preprocessing: {options['preprocessing'].describe()}, {args.epochs} epochs, "
-                  f"batch {args.batch_size}, lr {args.lr:g}, seed {args.seed}; "
-                  f"device {dist.device if dist.distributed else device}"
-                  f" × {dist.world_size} process(es), {threads} thread(s) each{resuming}", flush=True)
+            print(
+                f"{PROG}: variant {args.variant}, target {args.target}, schedule {args.schedule}, "
+                f"augment {augment}, kernels {'-'.join(map(str, args.kernels))} × widths "
+                f"{'-'.join(map(str, args.widths))}, loss mask {args.loss_mask}, "
+                f"preprocessing: {options['preprocessing'].describe()}, {args.epochs} epochs, "
+                f"batch {args.batch_size}, lr {args.lr:g}, seed {args.seed}; "
+                f"device {dist.device if dist.distributed else device}"
+                f" × {dist.world_size} process(es), {threads} thread(s) each{resuming}",
+                flush=True,
+            )
         result = train(
-            library, out, settings, device=device, resume=args.resume, quiet=quiet, dist=dist,
-            data_summary={"datasets": [str(Path(d).absolute()) for d in args.bids_dirs], "subjects": subjects,
-                          "dwi_runs": [r.as_dict() for r in runs]},
+            library,
+            out,
+            settings,
+            device=device,
+            resume=args.resume,
+            quiet=quiet,
+            dist=dist,
+            data_summary={
+                "datasets": [str(Path(d).absolute()) for d in args.bids_dirs],
+                "subjects": subjects,
+                "dwi_runs": [r.as_dict() for r in runs],
+            },
         )
         if dist.is_main:
             v = result.card["validation"]
             rm = v["rmse"]
-            print(f"{PROG}: best epoch {v['best_epoch']}/{result.epochs}: validation loss {v['loss']:.4g}; "
-                  f"RMSE ×1e-4 mm²/s: model {_fmt_rmse(rm['model'])}, trilinear {_fmt_rmse(rm['trilinear'])}, "
-                  f"cubic {_fmt_rmse(rm['cubic'])} → {result.model_path}")
+            print(
+                f"{PROG}: best epoch {v['best_epoch']}/{result.epochs}: validation loss {v['loss']:.4g}; "
+                f"RMSE ×1e-4 mm²/s: model {_fmt_rmse(rm['model'])}, trilinear {_fmt_rmse(rm['trilinear'])}, "
+                f"cubic {_fmt_rmse(rm['cubic'])} → {result.model_path}"
+            )
             if warning := learnt_nothing_warning(result.card):
                 print(f"{PROG}: warning: {warning}", file=sys.stderr)
     finally:
@@ -235,8 +362,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format=f"{PROG}: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(message)s")
     return run_guarded(PROG, lambda: run(args), args.verbose)
 
 

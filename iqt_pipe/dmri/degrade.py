@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import nibabel as nb
+import numpy as np
 
 from iqt_pipe.dmri.fit import DTIFit
 from iqt_pipe.dmri.gradients import GradientTable
@@ -84,8 +84,16 @@ def make_pair(
     lr_dwi, lr_affine = degrade_dwi(hr_dwi, affine, r)
     hr, hr_mask = fit_series(hr_dwi, affine, gtab, source=source)
     lr, lr_mask = fit_series(lr_dwi, lr_affine, gtab, source=f"{source} (LR)")
-    return TrainingPair(r=r, hr=hr, lr=lr, hr_affine=np.asarray(affine, dtype=np.float64), lr_affine=lr_affine,
-                        hr_mask=hr_mask, lr_mask=lr_mask, lr_dwi=lr_dwi)
+    return TrainingPair(
+        r=r,
+        hr=hr,
+        lr=lr,
+        hr_affine=np.asarray(affine, dtype=np.float64),
+        lr_affine=lr_affine,
+        hr_mask=hr_mask,
+        lr_mask=lr_mask,
+        lr_dwi=lr_dwi,
+    )
 
 
 def voxel_centres(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:

@@ -42,9 +42,7 @@ def load_dwi(
     path = Path(path)
     data, affine, _ = load_nifti(path)
     if data.ndim != 4:
-        raise InputError(
-            f"{path}: a DWI series must be 4-D (x, y, z, volumes), this image is {data.ndim}-D"
-        )
+        raise InputError(f"{path}: a DWI series must be 4-D (x, y, z, volumes), this image is {data.ndim}-D")
     if data.shape[-1] < 2:
         raise InputError(f"{path}: a single volume is not a DWI series; DTI needs b=0 plus ≥ 6 directions")
     zooms = nb.affines.voxel_sizes(affine)

@@ -67,9 +67,7 @@ def fit_dti(
     from dipy.core.gradients import gradient_table
 
     if dwi.ndim != 4 or dwi.shape[-1] != len(gtab.bvals):
-        raise InputError(
-            f"{source}: expected a 4-D series with {len(gtab.bvals)} volumes, got shape {dwi.shape}"
-        )
+        raise InputError(f"{source}: expected a 4-D series with {len(gtab.bvals)} volumes, got shape {dwi.shape}")
     keep = select_dti_volumes(gtab, source)
     sub = gtab.subset(keep)
     data = dwi[..., keep]
@@ -77,9 +75,7 @@ def fit_dti(
     if mask is not None:
         fit_mask &= np.asarray(mask, dtype=bool)
     # Fitting with voxel-frame directions gives voxel-frame tensors directly.
-    dipy_gtab = gradient_table(
-        sub.bvals, bvecs=sub.bvecs_voxel(affine), b0_threshold=sub.b0_threshold
-    )
+    dipy_gtab = gradient_table(sub.bvals, bvecs=sub.bvecs_voxel(affine), b0_threshold=sub.b0_threshold)
     model = dipy_dti.TensorModel(dipy_gtab, fit_method="WLS", return_S0_hat=True)
     tensors = np.zeros(dwi.shape[:3] + (6,), dtype=np.float32)
     s0 = np.zeros(dwi.shape[:3], dtype=np.float32)
@@ -90,6 +86,8 @@ def fit_dti(
     bad = ~np.all(np.isfinite(tensors), axis=-1)
     tensors[bad] = 0
     s0[~np.isfinite(s0)] = 0
-    guards = {"NonFiniteTensors": int(bad.sum()),
-              "NonPositiveDefinite": int(not_positive_definite(tensors[fit_mask & ~bad]).sum())}
+    guards = {
+        "NonFiniteTensors": int(bad.sum()),
+        "NonPositiveDefinite": int(not_positive_definite(tensors[fit_mask & ~bad]).sum()),
+    }
     return DTIFit(tensors=tensors, s0=s0, mask=fit_mask, volumes=keep, guards=guards)

@@ -45,7 +45,7 @@ class GradientTable:
         """Per volume: -1 for b = 0, else the index of its shell in :meth:`shells`."""
         return find_shells(self.bvals, self.b0_threshold, tolerance)[1]
 
-    def subset(self, keep: np.ndarray) -> "GradientTable":
+    def subset(self, keep: np.ndarray) -> GradientTable:
         return GradientTable(self.bvals[keep], self.bvecs[keep], self.b0_threshold)
 
     def bvecs_voxel(self, affine: np.ndarray) -> np.ndarray:
@@ -111,8 +111,7 @@ def read_gradients(
             bvals = bvals.T
         else:
             raise GradientError(
-                f"{bval}: expected one row of b-values, found {bvals.shape[0]} rows "
-                f"of {bvals.shape[1]}"
+                f"{bval}: expected one row of b-values, found {bvals.shape[0]} rows of {bvals.shape[1]}"
             )
     bvals = bvals[0]
     vecs = _read_matrix(bvec, "bvec")
@@ -122,9 +121,7 @@ def read_gradients(
                 f"{bvec}: found {vecs.shape[0]} rows of 3 values: the table is transposed; "
                 "FSL/BIDS bvec files have 3 rows (x, y, z) with one column per volume"
             )
-        raise GradientError(
-            f"{bvec}: expected 3 rows (x, y, z), found {vecs.shape[0]} rows of {vecs.shape[1]}"
-        )
+        raise GradientError(f"{bvec}: expected 3 rows (x, y, z), found {vecs.shape[0]} rows of {vecs.shape[1]}")
     bvecs = vecs.T
     if len(bvals) != len(bvecs):
         raise GradientError(
@@ -194,9 +191,7 @@ def select_dti_volumes(gtab: GradientTable, source: str = "gradient table") -> n
     Raises :class:`GradientError` when no fit is possible.
     """
     if not np.any(gtab.b0_mask):
-        raise GradientError(
-            f"{source}: no b=0 volume (b ≤ {gtab.b0_threshold:g}); a DTI fit needs at least one"
-        )
+        raise GradientError(f"{source}: no b=0 volume (b ≤ {gtab.b0_threshold:g}); a DTI fit needs at least one")
     shells = gtab.shells()
     if not shells:
         raise GradientError(f"{source}: only b=0 volumes; a DTI fit needs a diffusion-weighted shell")
@@ -206,8 +201,15 @@ def select_dti_volumes(gtab: GradientTable, source: str = "gradient table") -> n
     dirs = gtab.bvecs[keep & ~gtab.b0_mask]
     # The six quadratic terms g gᵀ must span the tensor space.
     design = np.stack(
-        [dirs[:, 0] ** 2, dirs[:, 0] * dirs[:, 1], dirs[:, 0] * dirs[:, 2],
-         dirs[:, 1] ** 2, dirs[:, 1] * dirs[:, 2], dirs[:, 2] ** 2], axis=1
+        [
+            dirs[:, 0] ** 2,
+            dirs[:, 0] * dirs[:, 1],
+            dirs[:, 0] * dirs[:, 2],
+            dirs[:, 1] ** 2,
+            dirs[:, 1] * dirs[:, 2],
+            dirs[:, 2] ** 2,
+        ],
+        axis=1,
     )
     if np.linalg.matrix_rank(design, tol=1e-6) < 6:
         raise GradientError(

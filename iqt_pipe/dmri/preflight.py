@@ -56,8 +56,10 @@ def check_geometry(path: Path, img) -> tuple[float, float, float]:
     """The voxel grid's checks; returns the voxel sizes (mm)."""
     shape, affine = tuple(int(n) for n in img.shape), np.asarray(img.affine, dtype=float)
     if len(shape) != 4:
-        raise InputError(f"{path}: a DWI series must be 4-D (x, y, z, volumes), this image is {len(shape)}-D; "
-                         "give the whole series, not one volume")
+        raise InputError(
+            f"{path}: a DWI series must be 4-D (x, y, z, volumes), this image is {len(shape)}-D; "
+            "give the whole series, not one volume"
+        )
     if shape[3] < 2:
         raise InputError(f"{path}: a single volume is not a DWI series; DTI needs b=0 plus ≥ 6 directions")
     if not np.all(np.isfinite(affine)):
@@ -69,22 +71,30 @@ def check_geometry(path: Path, img) -> tuple[float, float, float]:
     unit = axes / zooms
     cos = np.abs(unit.T @ unit - np.eye(3)).max()
     if cos > MAX_SHEAR_COS:
-        raise InputError(f"{path}: the voxel axes are sheared ({math.degrees(math.asin(min(cos, 1))):.1f}° from "
-                         "orthogonal); reslice to an orthogonal grid (e.g. mrgrid regrid) or fix the header")
+        raise InputError(
+            f"{path}: the voxel axes are sheared ({math.degrees(math.asin(min(cos, 1))):.1f}° from "
+            "orthogonal); reslice to an orthogonal grid (e.g. mrgrid regrid) or fix the header"
+        )
     hdr_zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
     if np.any(~np.isfinite(hdr_zooms)) or np.any(hdr_zooms <= 0) or np.any(np.abs(hdr_zooms - zooms) > 0.01 * zooms):
         # nibabel reads a pixdim of 0 as 1: a mismatch with the affine is how it shows.
-        raise InputError(f"{path}: the header's voxel sizes (pixdim {_mm(hdr_zooms)}) disagree with its affine "
-                         f"({_mm(zooms)}); fix the header so both give the true voxel size")
+        raise InputError(
+            f"{path}: the header's voxel sizes (pixdim {_mm(hdr_zooms)}) disagree with its affine "
+            f"({_mm(zooms)}); fix the header so both give the true voxel size"
+        )
     small = [n for n in shape[:3] if n < MIN_VOXELS_PER_AXIS]
     if small:
-        raise InputError(f"{path}: the matrix {shape[0]}×{shape[1]}×{shape[2]} is too small; super-resolution "
-                         f"needs at least {MIN_VOXELS_PER_AXIS} voxels along each axis")
+        raise InputError(
+            f"{path}: the matrix {shape[0]}×{shape[1]}×{shape[2]} is too small; super-resolution "
+            f"needs at least {MIN_VOXELS_PER_AXIS} voxels along each axis"
+        )
     ratio = zooms.max() / zooms.min()
     if ratio > MAX_ANISOTROPY:
-        raise InputError(f"{path}: voxels of {_mm(zooms)} are too anisotropic (ratio {ratio:.1f} > "
-                         f"{MAX_ANISOTROPY:g}); reslice to near-isotropic voxels first (e.g. mrgrid regrid -voxel "
-                         f"{zooms.min():.3g})")
+        raise InputError(
+            f"{path}: voxels of {_mm(zooms)} are too anisotropic (ratio {ratio:.1f} > "
+            f"{MAX_ANISOTROPY:g}); reslice to near-isotropic voxels first (e.g. mrgrid regrid -voxel "
+            f"{zooms.min():.3g})"
+        )
     return tuple(float(z) for z in zooms)
 
 
@@ -94,8 +104,10 @@ def check_data(path: Path, img) -> None:
         proxy = img.dataobj
         data = np.asanyarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
-        raise InputError(f"{path}: the voxel data cannot be read ({exc.__class__.__name__}: {str(exc)[:80]}); "
-                         "the file is truncated or corrupt, re-export or re-download it") from None
+        raise InputError(
+            f"{path}: the voxel data cannot be read ({exc.__class__.__name__}: {str(exc)[:80]}); "
+            "the file is truncated or corrupt, re-export or re-download it"
+        ) from None
     # Volume by volume: the temporaries stay one volume large.
     floating = np.issubdtype(data.dtype, np.floating)
     n_bad, first, empty = 0, None, []
@@ -109,13 +121,17 @@ def check_data(path: Path, img) -> None:
         if not np.any(volume):
             empty.append(k)
     if n_bad:
-        raise InputError(f"{path}: {n_bad} voxel values are NaN or Inf (first at {tuple(map(int, first))}); "
-                         "replace them with 0 (e.g. fslmaths in -nan out) or fix the step that made them")
+        raise InputError(
+            f"{path}: {n_bad} voxel values are NaN or Inf (first at {tuple(map(int, first))}); "
+            "replace them with 0 (e.g. fslmaths in -nan out) or fix the step that made them"
+        )
     if len(empty) == data.shape[-1]:
         raise InputError(f"{path}: every voxel is zero; the image holds no data, re-export it")
     if empty:
-        raise InputError(f"{path}: volume {empty[0]} is all zero ({len(empty)} such volume(s)); remove them "
-                         "and their .bval/.bvec entries, or re-export the series")
+        raise InputError(
+            f"{path}: volume {empty[0]} is all zero ({len(empty)} such volume(s)); remove them "
+            "and their .bval/.bvec entries, or re-export the series"
+        )
 
 
 def check_mask(path: Path, dwi) -> None:
@@ -123,20 +139,28 @@ def check_mask(path: Path, dwi) -> None:
     mask = _header(path)
     shape = tuple(int(n) for n in mask.shape)
     if shape[3:] not in ((), (1,)) or shape[:3] != tuple(dwi.shape[:3]):
-        raise InputError(f"{path}: this brain mask ({'×'.join(map(str, shape))}) is not on the grid of its DWI series "
-                         f"({'×'.join(map(str, dwi.shape[:3]))}); give the mask written with the series, or remove it "
-                         "and iqt-pipe estimates one")
+        raise InputError(
+            f"{path}: this brain mask ({'×'.join(map(str, shape))}) is not on the grid of its DWI series "
+            f"({'×'.join(map(str, dwi.shape[:3]))}); give the mask written with the series, or remove it "
+            "and iqt-pipe estimates one"
+        )
     if not np.allclose(mask.affine, dwi.affine, atol=1e-3):
-        raise InputError(f"{path}: this brain mask's affine differs from its DWI series'; give the mask written "
-                         "with the series, or remove it and iqt-pipe estimates one")
+        raise InputError(
+            f"{path}: this brain mask's affine differs from its DWI series'; give the mask written "
+            "with the series, or remove it and iqt-pipe estimates one"
+        )
     try:
         empty = not np.any(np.asanyarray(mask.dataobj))
     except (OSError, EOFError, ValueError, zlib.error) as exc:
-        raise InputError(f"{path}: the mask cannot be read ({exc.__class__.__name__}); re-export it, or remove it "
-                         "and iqt-pipe estimates one") from None
+        raise InputError(
+            f"{path}: the mask cannot be read ({exc.__class__.__name__}); re-export it, or remove it "
+            "and iqt-pipe estimates one"
+        ) from None
     if empty:
-        raise InputError(f"{path}: the brain mask is empty (every voxel 0); give the mask written with the series, "
-                         "or remove it and iqt-pipe estimates one")
+        raise InputError(
+            f"{path}: the brain mask is empty (every voxel 0); give the mask written with the series, "
+            "or remove it and iqt-pipe estimates one"
+        )
 
 
 def memory_needed_mb(shape: tuple[int, ...], r: int) -> int:
@@ -162,13 +186,17 @@ def check_memory(path: Path, needed_mb: int, mem_mb: int | None) -> None:
     needed_mb += MIN_TILE_MB
     if mem_mb is not None:
         if needed_mb > mem_mb:
-            raise InputError(f"{path}: super-resolving this series needs about {needed_mb} MB but --mem-mb is "
-                             f"{mem_mb}; raise --mem-mb to at least {needed_mb} (and request that much from the scheduler)")
+            raise InputError(
+                f"{path}: super-resolving this series needs about {needed_mb} MB but --mem-mb is "
+                f"{mem_mb}; raise --mem-mb to at least {needed_mb} (and request that much from the scheduler)"
+            )
         return
     total = _machine_memory_mb()
     if total is not None and needed_mb > total:
-        raise InputError(f"{path}: super-resolving this series needs about {needed_mb} MB but this machine has "
-                         f"{total} MB; run it on a machine with more memory")
+        raise InputError(
+            f"{path}: super-resolving this series needs about {needed_mb} MB but this machine has "
+            f"{total} MB; run it on a machine with more memory"
+        )
 
 
 def _machine_memory_mb() -> int | None:

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import nibabel as nb
 import numpy as np
@@ -58,19 +59,20 @@ class Preprocessing:
         return {"denoise": self.denoise, "degibbs": bool(self.degibbs)}
 
     @classmethod
-    def of_model(cls, card: dict[str, Any]) -> "Preprocessing":
+    def of_model(cls, card: dict[str, Any]) -> Preprocessing:
         """What a model was trained with (its card's ``training.preprocessing``; none for
         cards written before it was recorded: those models saw series as acquired)."""
         given = (card.get("training") or {}).get("preprocessing") or {}
         return cls(denoise=given.get("denoise", "none"), degibbs=bool(given.get("degibbs", False)))
 
-    def same_steps(self, other: "Preprocessing") -> bool:
+    def same_steps(self, other: Preprocessing) -> bool:
         """Whether both run the same steps (MP-PCA by any tool counts as the same step)."""
         return (self.denoises, self.degibbs) == (other.denoises, other.degibbs)
 
     def describe(self) -> str:
         steps = ([f"denoising ({self.denoise})"] if self.denoises else []) + (
-            ["Gibbs-ringing removal"] if self.degibbs else [])
+            ["Gibbs-ringing removal"] if self.degibbs else []
+        )
         return " then ".join(steps) if steps else "no denoising, no Gibbs-ringing removal"
 
 
@@ -91,7 +93,10 @@ def preprocess_series(dwi: np.ndarray, preprocessing: Preprocessing, slice_axis:
 
 
 def fit_series(
-    dwi: np.ndarray, affine: np.ndarray, gtab: GradientTable, mask: np.ndarray | None = None,
+    dwi: np.ndarray,
+    affine: np.ndarray,
+    gtab: GradientTable,
+    mask: np.ndarray | None = None,
     source: str = "DWI series",
 ) -> tuple[DTIFit, np.ndarray]:
     """The DTI fit of every voxel with a positive signal (voxel frame) and the brain mask:
@@ -104,15 +109,19 @@ def fit_series(
 # ------------------------------------------------------------------------ domain of validity
 
 
-def series_domain(affine: np.ndarray, gtab: GradientTable, source: str = "DWI series",
-                  manufacturer: str | None = None) -> dict[str, Any]:
+def series_domain(
+    affine: np.ndarray, gtab: GradientTable, source: str = "DWI series", manufacturer: str | None = None
+) -> dict[str, Any]:
     """The facts of a network input that a model's training covered or not: voxel size (mm,
     per axis), the DTI shell's b-value and its number of directions, and the scanner's
     manufacturer when known (:func:`series_manufacturer`)."""
     keep = select_dti_volumes(gtab, source)
     shell = keep & ~gtab.b0_mask
-    domain = {"voxel_size_mm": [float(z) for z in nb.affines.voxel_sizes(affine)],
-              "bvalue": float(np.median(gtab.bvals[shell])), "directions": int(shell.sum())}
+    domain = {
+        "voxel_size_mm": [float(z) for z in nb.affines.voxel_sizes(affine)],
+        "bvalue": float(np.median(gtab.bvals[shell])),
+        "directions": int(shell.sum()),
+    }
     return domain | ({"manufacturer": manufacturer} if manufacturer else {})
 
 
@@ -140,9 +149,11 @@ def training_domain(domains: Iterable[dict[str, Any]], r: int) -> dict[str, Any]
     b = [d["bvalue"] for d in domains]
     n = [d["directions"] for d in domains]
     vendors = sorted({d["manufacturer"] for d in domains if d.get("manufacturer")})
-    return {"lr_voxel_size_mm": [round(min(sizes), 3), round(max(sizes), 3)],
-            "bvalue": [round(min(b)), round(max(b))], "directions": [min(n), max(n)]} | (
-        {"manufacturers": vendors} if vendors else {})
+    return {
+        "lr_voxel_size_mm": [round(min(sizes), 3), round(max(sizes), 3)],
+        "bvalue": [round(min(b)), round(max(b))],
+        "directions": [min(n), max(n)],
+    } | ({"manufacturers": vendors} if vendors else {})
 
 
 def card_domain(card: dict[str, Any]) -> dict[str, Any] | None:
@@ -152,7 +163,9 @@ def card_domain(card: dict[str, Any]) -> dict[str, Any] | None:
     domain = training.get("domain")
     if domain and "manufacturers" in domain:
         return domain
-    files = tuple((run.get("dwi", ""), run.get("bval", ""), run.get("bvec", "")) for run in training.get("dwi_runs", []))
+    files = tuple(
+        (run.get("dwi", ""), run.get("bval", ""), run.get("bvec", "")) for run in training.get("dwi_runs", [])
+    )
     if domain:
         vendors = sorted({v for dwi, _, _ in files if (v := series_manufacturer(dwi))})
         return domain | ({"manufacturers": vendors} if vendors else {})
@@ -189,8 +202,9 @@ def domain_problems(domain: dict[str, Any] | None, run: dict[str, Any]) -> list[
     lo, hi = domain["lr_voxel_size_mm"]
     sizes = run["voxel_size_mm"]
     if min(sizes) < lo / (1 + VOXEL_SIZE_TOLERANCE) or max(sizes) > hi * (1 + VOXEL_SIZE_TOLERANCE):
-        problems.append(f"voxel size {'×'.join(f'{z:.3g}' for z in sizes)} mm outside the training inputs' "
-                        f"{lo:.3g}–{hi:.3g} mm")
+        problems.append(
+            f"voxel size {'×'.join(f'{z:.3g}' for z in sizes)} mm outside the training inputs' {lo:.3g}–{hi:.3g} mm"
+        )
     lo, hi = domain["bvalue"]
     if not lo / (1 + BVALUE_TOLERANCE) <= run["bvalue"] <= hi * (1 + BVALUE_TOLERANCE):
         problems.append(f"b = {run['bvalue']:.0f} s/mm² outside the training shells' {lo}–{hi}")

@@ -79,6 +79,6 @@ def noise_neighbour_correlation(dwi: np.ndarray, mask: np.ndarray, slices: int |
     if slices is not None:
         z = np.flatnonzero(mask.any(axis=(0, 1)))
         start = max((z[0] + z[-1]) // 2 - slices // 2, 0)
-        dwi, mask = dwi[:, :, start:start + slices], mask[:, :, start:start + slices]
+        dwi, mask = dwi[:, :, start : start + slices], mask[:, :, start : start + slices]
     denoised, _ = denoise_mppca_brain(dwi, mask)
     return neighbour_correlation(dwi - denoised, mask)

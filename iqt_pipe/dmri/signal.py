@@ -22,8 +22,10 @@ def quadratic_form(directions: np.ndarray) -> np.ndarray:
     """Rows ``(N, 6)`` with ``rows @ d6 = gᵀDg`` for each direction ``g`` and BEP016-ordered
     ``d6`` (the off-diagonal components count twice)."""
     g = np.asarray(directions, dtype=np.float64)
-    return np.stack([g[:, 0] ** 2, 2 * g[:, 0] * g[:, 1], 2 * g[:, 0] * g[:, 2],
-                     g[:, 1] ** 2, 2 * g[:, 1] * g[:, 2], g[:, 2] ** 2], axis=1)
+    return np.stack(
+        [g[:, 0] ** 2, 2 * g[:, 0] * g[:, 1], 2 * g[:, 0] * g[:, 2], g[:, 1] ** 2, 2 * g[:, 1] * g[:, 2], g[:, 2] ** 2],
+        axis=1,
+    )
 
 
 def dti_design(bvals: np.ndarray, bvecs: np.ndarray) -> np.ndarray:

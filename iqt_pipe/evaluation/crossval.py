@@ -62,8 +62,10 @@ def refuse_earlier_folds(output_dir: Path) -> None:
     cross-validation's folds."""
     for folder in sorted((Path(output_dir) / CV_DIR).glob("fold-*")):
         if what := holds_training(folder):
-            raise InputError(f"{folder}: holds {what} of an earlier cross-validation; add --resume to reuse "
-                             "and continue its folds, or choose a new --output-dir")
+            raise InputError(
+                f"{folder}: holds {what} of an earlier cross-validation; add --resume to reuse "
+                "and continue its folds, or choose a new --output-dir"
+            )
 
 
 def load_scored_model(path: Path, device, r: int | None) -> tuple:
@@ -76,8 +78,11 @@ def load_scored_model(path: Path, device, r: int | None) -> tuple:
     return model, card, path
 
 
-def prediction_settings(methods: Sequence[Method], symmetries: Sequence[str] = (DEFAULT_SYMMETRIES,),
-                        precisions: Sequence[str] = (DEFAULT_PRECISION,)) -> list[Method]:
+def prediction_settings(
+    methods: Sequence[Method],
+    symmetries: Sequence[str] = (DEFAULT_SYMMETRIES,),
+    precisions: Sequence[str] = (DEFAULT_PRECISION,),
+) -> list[Method]:
     """Each model method once per test-time ``symmetries`` and ``precisions`` setting, named
     ``NAME+SETTING`` for each of the two given several settings; interpolations once."""
     out = []
@@ -86,21 +91,34 @@ def prediction_settings(methods: Sequence[Method], symmetries: Sequence[str] = (
             out.append(m)
             continue
         for symmetry, precision in itertools.product(symmetries, precisions):
-            name = m.name + "".join(f"+{s}" for s, options in ((symmetry, symmetries),
-                                                                (precision, precisions)) if len(options) > 1)
+            name = m.name + "".join(
+                f"+{s}" for s, options in ((symmetry, symmetries), (precision, precisions)) if len(options) > 1
+            )
             out.append(replace(m, name=name, symmetries=symmetry, precision=precision))
     return out
 
 
-def calibration_runs(bids_dirs: Sequence[Path], methods: Sequence[Method], scored_subjects, *,
-                     labels: Sequence[str] | None = None, sessions: Sequence[str] | None = None,
-                     runs_per_subject: int | None = None) -> list:
+def calibration_runs(
+    bids_dirs: Sequence[Path],
+    methods: Sequence[Method],
+    scored_subjects,
+    *,
+    labels: Sequence[str] | None = None,
+    sessions: Sequence[str] | None = None,
+    runs_per_subject: int | None = None,
+) -> list:
     """The runs on which the models' risky-voxel thresholds are chosen: those of ``labels``, by
     default of the subjects the model cards were trained on that are in ``bids_dirs`` and not
     among ``scored_subjects``; the first ``runs_per_subject`` of each."""
     if labels is None:
-        labels = sorted({s.removeprefix("sub-") for m in methods for _, card, _ in m.models
-                         for s in card.get("training", {}).get("subjects", [])})
+        labels = sorted(
+            {
+                s.removeprefix("sub-")
+                for m in methods
+                for _, card, _ in m.models
+                for s in card.get("training", {}).get("subjects", [])
+            }
+        )
         available = set()
         for d in bids_dirs:
             available |= {p.name.removeprefix("sub-") for p in Path(d).glob("sub-*") if p.is_dir()}
@@ -113,16 +131,33 @@ def calibration_runs(bids_dirs: Sequence[Path], methods: Sequence[Method], score
 def recipe_record(settings: TrainSettings, library_options: dict) -> dict:
     """The folds' recipe as the results record it: the settings' options, the target and the
     patch pairs per subject."""
-    return {**settings.recipe(), "target": library_options["target"],
-            "patches_per_subject": library_options["patches_per_subject"]}
+    return {
+        **settings.recipe(),
+        "target": library_options["target"],
+        "patches_per_subject": library_options["patches_per_subject"],
+    }
 
 
 def cross_validate(
-    runs: Sequence, folds: Sequence[Sequence[str]], methods: Sequence[Method], settings: TrainSettings,
-    output_dir: Path, *, library_options: dict | None = None, r: int = 2, modes: Sequence[str] = ("raw",),
-    snr: float | None = None, mc_samples: int = 8, device="cpu", mem_mb: float = 1024,
-    symmetries: Sequence[str] = (DEFAULT_SYMMETRIES,), precisions: Sequence[str] = (DEFAULT_PRECISION,),
-    runs_per_subject: int | None = None, resume: bool = False, figures: bool = True, quiet: bool = False,
+    runs: Sequence,
+    folds: Sequence[Sequence[str]],
+    methods: Sequence[Method],
+    settings: TrainSettings,
+    output_dir: Path,
+    *,
+    library_options: dict | None = None,
+    r: int = 2,
+    modes: Sequence[str] = ("raw",),
+    snr: float | None = None,
+    mc_samples: int = 8,
+    device="cpu",
+    mem_mb: float = 1024,
+    symmetries: Sequence[str] = (DEFAULT_SYMMETRIES,),
+    precisions: Sequence[str] = (DEFAULT_PRECISION,),
+    runs_per_subject: int | None = None,
+    resume: bool = False,
+    figures: bool = True,
+    quiet: bool = False,
     prog: str = "iqt-eval",
 ) -> tuple[dict, Figures | None]:
     """Train one model per fold of subjects (``folds``) on every run of the other folds'
@@ -146,23 +181,51 @@ def cross_validate(
         test_runs = first_runs([x for x in runs if x.subject in held_out], runs_per_subject)
         folder = fold_dir(output_dir, k)
         earlier = resume and holds_training(folder)
-        print(f"{prog}: fold {k}: train on {', '.join(sorted({x.subject for x in train_runs}))}; "
-              f"score {', '.join(held_out)}" + (f" (resuming from {earlier})" if earlier else ""), flush=True)
+        print(
+            f"{prog}: fold {k}: train on {', '.join(sorted({x.subject for x in train_runs}))}; "
+            f"score {', '.join(held_out)}" + (f" (resuming from {earlier})" if earlier else ""),
+            flush=True,
+        )
         library = build_library(train_runs, cache_dir=folder / "cache", quiet=quiet, **options)
-        result = train(library, folder, settings, device=device, quiet=quiet, resume=resume,
-                       data_summary={"subjects": sorted({f"sub-{x.subject}" for x in train_runs})})
+        result = train(
+            library,
+            folder,
+            settings,
+            device=device,
+            quiet=quiet,
+            resume=resume,
+            data_summary={"subjects": sorted({f"sub-{x.subject}" for x in train_runs})},
+        )
         if warning := learnt_nothing_warning(result.card):
             print(f"{prog}: warning: fold {k}: {warning}", file=sys.stderr)
         model = load_scored_model(result.model_path, device, r)
-        fold_methods = list(methods) + prediction_settings([Method(name=settings.variant, models=[model])],
-                                                           symmetries, precisions)
-        res = evaluate(test_runs, fold_methods, r=r, modes=modes, snr=snr, seed=settings.seed,
-                       mc_samples=mc_samples, device=device, mem_mb=mem_mb,
-                       calibration_runs=first_runs(train_runs, runs_per_subject), quiet=quiet, figures=collected)
+        fold_methods = list(methods) + prediction_settings(
+            [Method(name=settings.variant, models=[model])], symmetries, precisions
+        )
+        res = evaluate(
+            test_runs,
+            fold_methods,
+            r=r,
+            modes=modes,
+            snr=snr,
+            seed=settings.seed,
+            mc_samples=mc_samples,
+            device=device,
+            mem_mb=mem_mb,
+            calibration_runs=first_runs(train_runs, runs_per_subject),
+            quiet=quiet,
+            figures=collected,
+        )
         for rec in res["records"]:
             rec["fold"] = k
         records += res["records"]
         thresholds[f"fold-{k}"] = res["thresholds"]
-        fold_info.append({"fold": k, "train": sorted({x.subject for x in train_runs}), "test": held_out,
-                          "model": str(result.model_path)})
+        fold_info.append(
+            {
+                "fold": k,
+                "train": sorted({x.subject for x in train_runs}),
+                "test": held_out,
+                "model": str(result.model_path),
+            }
+        )
     return {"records": records, "thresholds": thresholds, "folds": fold_info}, collected

@@ -11,7 +11,7 @@ norms (off-diagonals counted twice), which do not depend on the frame.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage, stats
@@ -169,10 +169,19 @@ def detection(flagged: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     tp = int(np.sum(flagged & truth))
     precision = tp / flagged.sum() if flagged.any() else math.nan
     recall = tp / truth.sum() if truth.any() else math.nan
-    f1 = (2 * precision * recall / (precision + recall)
-          if precision == precision and recall == recall and precision + recall > 0 else math.nan)
-    return {"precision": float(precision), "recall": float(recall), "f1": float(f1),
-            "flagged": int(flagged.sum()), "positives": int(truth.sum()), "n": int(truth.size)}
+    f1 = (
+        2 * precision * recall / (precision + recall)
+        if precision == precision and recall == recall and precision + recall > 0
+        else math.nan
+    )
+    return {
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "flagged": int(flagged.sum()),
+        "positives": int(truth.sum()),
+        "n": int(truth.size),
+    }
 
 
 def best_f1_threshold(scores: np.ndarray, truth: np.ndarray) -> float:

@@ -28,27 +28,35 @@ what the app writes for that series.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from iqt_pipe.evaluation import metrics
-from iqt_pipe.sr.baselines import ORDERS, interpolate_tensors
 from iqt_pipe.dmri.degrade import crop_to_multiple, make_pair
 from iqt_pipe.dmri.dti import scalar_maps
 from iqt_pipe.dmri.dwi import load_dwi
 from iqt_pipe.dmri.fit import brain_mask, fit_dti
 from iqt_pipe.dmri.gradients import GradientTable, select_dti_volumes
-from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES
-from iqt_pipe.sr.inference import (Prediction, frobenius_sd,
-                                predict_ensemble)
-from iqt_pipe.dmri.prepare import (NONE, Preprocessing, card_domain, domain_problems, fit_series, preprocess_series,
-                              series_domain, series_manufacturer)
+from iqt_pipe.dmri.prepare import (
+    NONE,
+    Preprocessing,
+    card_domain,
+    domain_problems,
+    fit_series,
+    preprocess_series,
+    series_domain,
+    series_manufacturer,
+)
 from iqt_pipe.dmri.preproc import denoise_mppca_brain
 from iqt_pipe.dmri.signal import add_rician_noise, dti_design, synthesize_signal
+from iqt_pipe.evaluation import metrics
+from iqt_pipe.sr.baselines import ORDERS, interpolate_tensors
+from iqt_pipe.sr.inference import Prediction, frobenius_sd, predict_ensemble
+from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES
 
 MODES = ("raw", "known-truth", "lesion")
 #: Lesion: radius (mm), diffusivities (mm²/s, principal first) and b = 0 signal gain.
@@ -102,8 +110,12 @@ class Case:
             if preprocessing.same_steps(NONE):
                 self._inputs[key] = (self.lr_tensors, self.lr_mask)
             else:
-                fit, brain = fit_series(preprocess_series(self.lr_dwi, preprocessing), self.lr_affine, self.gtab,
-                                        source=f"{self.name} (LR, preprocessed)")
+                fit, brain = fit_series(
+                    preprocess_series(self.lr_dwi, preprocessing),
+                    self.lr_affine,
+                    self.gtab,
+                    source=f"{self.name} (LR, preprocessed)",
+                )
                 self._inputs[key] = (fit.tensors, brain)
         return self._inputs[key]
 
@@ -124,8 +136,14 @@ def _floor_variance(fit, gtab: GradientTable, affine: np.ndarray, sigma: np.ndar
 
 
 def insert_lesion(
-    dwi: np.ndarray, gtab: GradientTable, affine: np.ndarray, fit, mask: np.ndarray, sigma: float,
-    rng: np.random.Generator, radius_mm: float = LESION_RADIUS_MM,
+    dwi: np.ndarray,
+    gtab: GradientTable,
+    affine: np.ndarray,
+    fit,
+    mask: np.ndarray,
+    sigma: float,
+    rng: np.random.Generator,
+    radius_mm: float = LESION_RADIUS_MM,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Write a tumour-like lesion into an HR series: a ball of ``radius_mm`` centred in white
     matter (FA > 0.3) at least its radius plus 4 mm inside ``mask``, where the signal blends
@@ -157,8 +175,9 @@ def insert_lesion(
     return out, weight
 
 
-def prepare_case(run, r: int = 2, mode: str = "raw", snr: float | None = None, seed: int = 0,
-                 noise_floor: bool = True) -> Case:
+def prepare_case(
+    run, r: int = 2, mode: str = "raw", snr: float | None = None, seed: int = 0, noise_floor: bool = True
+) -> Case:
     """Load a DWI run (:class:`~iqt_pipe.bids.DWIRun`) and make its :class:`Case`.
 
     ``snr`` (known-truth mode): mean brain b = 0 signal over the added noise's σ; default
@@ -174,8 +193,12 @@ def prepare_case(run, r: int = 2, mode: str = "raw", snr: float | None = None, s
     zooms = series.zooms
     rng = np.random.default_rng([seed, 7])
     mask = brain_mask(hr_dwi, gtab, zooms)
-    info: dict[str, Any] = {"dwi": str(series.path), "volumes": int(keep.sum()),
-                            "bvals": sorted({int(round(b)) for b in gtab.bvals}), "voxel_size_mm": [float(z) for z in zooms]}
+    info: dict[str, Any] = {
+        "dwi": str(series.path),
+        "volumes": int(keep.sum()),
+        "bvals": sorted({int(round(b)) for b in gtab.bvals}),
+        "voxel_size_mm": [float(z) for z in zooms],
+    }
     sigma_map = None
     noise = mode != "raw" or noise_floor
     if noise:
@@ -203,10 +226,21 @@ def prepare_case(run, r: int = 2, mode: str = "raw", snr: float | None = None, s
     pair = make_pair(hr_dwi, affine, gtab, r=r, source=str(series.path))
     interior, exterior = metrics.region_masks(pair.lr_mask, mask, r)
     case = Case(
-        name=run.name, subject=run.subject, mode=mode, r=r, lr_tensors=pair.lr.tensors, lr_mask=pair.lr_mask,
-        lr_affine=pair.lr_affine, lr_dwi=pair.lr_dwi, gtab=gtab,
-        reference=pair.hr.tensors if truth is None else truth, hr_mask=mask,
-        interior=interior, exterior=exterior, lesion=lesion, info=info,
+        name=run.name,
+        subject=run.subject,
+        mode=mode,
+        r=r,
+        lr_tensors=pair.lr.tensors,
+        lr_mask=pair.lr_mask,
+        lr_affine=pair.lr_affine,
+        lr_dwi=pair.lr_dwi,
+        gtab=gtab,
+        reference=pair.hr.tensors if truth is None else truth,
+        hr_mask=mask,
+        interior=interior,
+        exterior=exterior,
+        lesion=lesion,
+        info=info,
     )
     if mode == "known-truth":
         case.noisy_reference = pair.hr.tensors
@@ -245,8 +279,9 @@ def interpolation_methods(names: Sequence[str]) -> list[Method]:
     return [Method(name=n, interpolation=n) for n in names]
 
 
-def predict(method: Method, case: Case, *, mc_samples: int = 8, seed: int = 0, device="cpu",
-            mem_mb: float = 1024) -> Prediction | np.ndarray:
+def predict(
+    method: Method, case: Case, *, mc_samples: int = 8, seed: int = 0, device="cpu", mem_mb: float = 1024
+) -> Prediction | np.ndarray:
     """HR tensors (interpolation of the LR fit) or a :class:`Prediction` (model, ensemble) for
     ``case``: the whole brain predicted from the LR series as the app does
     (:meth:`Case.network_input` with the preprocessing of each model's card, then
@@ -257,9 +292,17 @@ def predict(method: Method, case: Case, *, mc_samples: int = 8, seed: int = 0, d
         if model.r != case.r:
             raise ValueError(f"{method.name}: the model upsamples by {model.r}, the evaluation by {case.r}")
     inputs = [case.network_input(Preprocessing.of_model(card)) for _, card, _ in method.models]
-    return predict_ensemble([model for model, _, _ in method.models], inputs, case.lr_affine, mc_samples=mc_samples,
-                            seed=seed, device=device, mem_mb=mem_mb, symmetries=SYMMETRIES[method.symmetries],
-                            precision=method.precision)
+    return predict_ensemble(
+        [model for model, _, _ in method.models],
+        inputs,
+        case.lr_affine,
+        mc_samples=mc_samples,
+        seed=seed,
+        device=device,
+        mem_mb=mem_mb,
+        symmetries=SYMMETRIES[method.symmetries],
+        precision=method.precision,
+    )
 
 
 # --------------------------------------------------------------------------------------- scoring
@@ -282,8 +325,9 @@ def reference_scores(case: Case) -> dict[str, Any]:
     out: dict[str, Any] = {"voxels": {k: int(v.sum()) for k, v in _regions(case).items()}}
     floor = case.floor_var if case.floor_var is not None else case.noisy_floor_var
     if floor is not None:
-        out["noise_floor"] = {k: float(np.sqrt(np.mean(floor[v].astype(np.float64)))) / UNIT
-                              for k, v in _regions(case).items() if v.any()}
+        out["noise_floor"] = {
+            k: float(np.sqrt(np.mean(floor[v].astype(np.float64)))) / UNIT for k, v in _regions(case).items() if v.any()
+        }
     return out
 
 
@@ -309,7 +353,9 @@ def score(case: Case, result: Prediction | np.ndarray, md_threshold: float | Non
         out["md_rmse"][key] = metrics.rmse(md, md_ref, m) / UNIT
         out["fa_rmse"][key] = metrics.rmse(fa, fa_ref, m)
         if floor is not None:
-            out["tensor_rmse_corrected"][key] = metrics.noise_corrected_rmse(t, math.sqrt(np.mean(floor[m].astype(np.float64))) / UNIT)
+            out["tensor_rmse_corrected"][key] = metrics.noise_corrected_rmse(
+                t, math.sqrt(np.mean(floor[m].astype(np.float64))) / UNIT
+            )
     if case.noisy_reference is not None:
         # Known truth: the same method scored against the noisy reference, raw and corrected.
         out["tensor_rmse_vs_noisy_reference"] = {}
@@ -331,12 +377,16 @@ def model_domain(method: Method, case: Case) -> dict[str, Any]:
     """Whether the case lies in the training domain of the method's models (every member's
     problems, :func:`~iqt_pipe.dmri.prepare.domain_problems`), and its scanner vendor."""
     problems = [p for _, card, _ in method.models for p in domain_problems(card_domain(card), case.domain)]
-    return {"problems": list(dict.fromkeys(problems)), "inside": not problems,
-            "manufacturer": case.domain.get("manufacturer")}
+    return {
+        "problems": list(dict.fromkeys(problems)),
+        "inside": not problems,
+        "manufacturer": case.domain.get("manufacturer"),
+    }
 
 
-def uncertainty_scores(case: Case, pred: Prediction, md: np.ndarray, md_ref: np.ndarray,
-                       md_threshold: float | None) -> dict[str, Any]:
+def uncertainty_scores(
+    case: Case, pred: Prediction, md: np.ndarray, md_ref: np.ndarray, md_threshold: float | None
+) -> dict[str, Any]:
     """Spearman(sd, |error|), interval coverage, the risky-voxel test and, with a lesion, its AUC."""
     var = pred.var_total
     err = pred.mean.astype(np.float64) - case.reference
@@ -347,17 +397,20 @@ def uncertainty_scores(case: Case, pred: Prediction, md: np.ndarray, md_ref: np.
         if m.any():
             out["spearman"][key] = metrics.spearman(sd[m], abs_err[m])
             out["coverage"][key] = {f"{p:g}": c for p, c in metrics.interval_coverage(err[m], np.sqrt(var[m])).items()}
-            out["md_coverage"][key] = {f"{p:g}": c for p, c in
-                                       metrics.interval_coverage(md[m] - md_ref[m], pred.md_sd[m]).items()}
+            out["md_coverage"][key] = {
+                f"{p:g}": c for p, c in metrics.interval_coverage(md[m] - md_ref[m], pred.md_sd[m]).items()
+            }
             # RMS of the Frobenius error over RMS of the predicted Frobenius sd: 1 when calibrated.
             mean_var = max(float(np.mean(sd[m].astype(np.float64) ** 2)), 1e-300)
             out["error_sd_ratio"][key] = float(np.sqrt(np.mean(abs_err[m] ** 2) / mean_var))
     # RMS over the brain of each part's Frobenius sd (1e-4 mm²/s): does the parameter part rise
     # where the model is out of its domain?
     m = case.hr_mask
-    out["sd_rms"] = {name: float(np.sqrt(np.mean(frobenius_sd(part)[m].astype(np.float64) ** 2))) / UNIT
-                     for name, part in (("intrinsic", pred.var_intrinsic), ("parameter", pred.var_parameter),
-                                        ("total", var)) if part is not None and m.any()}
+    out["sd_rms"] = {
+        name: float(np.sqrt(np.mean(frobenius_sd(part)[m].astype(np.float64) ** 2))) / UNIT
+        for name, part in (("intrinsic", pred.var_intrinsic), ("parameter", pred.var_parameter), ("total", var))
+        if part is not None and m.any()
+    }
     levels, cov = metrics.calibration_curve(err[case.hr_mask], np.sqrt(var[case.hr_mask]))
     out["calibration_curve"] = {"nominal": levels.tolist(), "empirical": cov.tolist()}
     out["variance_scale_95"] = metrics.variance_scale(err[case.hr_mask], np.sqrt(var[case.hr_mask]))
@@ -371,8 +424,11 @@ def uncertainty_scores(case: Case, pred: Prediction, md: np.ndarray, md_ref: np.
         lesion = case.lesion >= 0.5
         normal = m & (case.lesion == 0)
         sel = (lesion & m) | normal
-        out["lesion"] = {"auc": metrics.roc_auc(sd[sel], lesion[sel]), "voxels": int((lesion & m).sum()),
-                         "rmse": metrics.rmse(pred.mean, case.reference, lesion & m) / UNIT}
+        out["lesion"] = {
+            "auc": metrics.roc_auc(sd[sel], lesion[sel]),
+            "voxels": int((lesion & m).sum()),
+            "rmse": metrics.rmse(pred.mean, case.reference, lesion & m) / UNIT,
+        }
         if pred.var_intrinsic is not None and pred.var_parameter is not None:  # which map flags it
             for part, var_part in (("intrinsic", pred.var_intrinsic), ("parameter", pred.var_parameter)):
                 out["lesion"][f"auc_{part}"] = metrics.roc_auc(frobenius_sd(var_part)[sel], lesion[sel])
@@ -396,8 +452,9 @@ def add_ratios(method_scores: dict[str, dict], reference_method: str = "cubic") 
     for s in method_scores.values():
         for metric in ("tensor_rmse", "tensor_rmse_corrected", "md_rmse", "fa_rmse"):
             if metric in s and metric in ref:
-                s[f"{metric}_ratio"] = {k: v / ref[metric][k] if ref[metric].get(k) else math.nan
-                                        for k, v in s[metric].items()}
+                s[f"{metric}_ratio"] = {
+                    k: v / ref[metric][k] if ref[metric].get(k) else math.nan for k, v in s[metric].items()
+                }
 
 
 # --------------------------------------------------------------------------------------- driver
@@ -431,9 +488,19 @@ def _take(a: np.ndarray, axis: int, index: int) -> np.ndarray:
 
 
 def evaluate(
-    test_runs: Sequence, methods: Sequence[Method], *, r: int = 2, modes: Sequence[str] = ("raw",),
-    snr: float | None = None, seed: int = 0, mc_samples: int = 8, device="cpu", mem_mb: float = 1024,
-    calibration_runs: Sequence = (), quiet: bool = False, figures: Figures | None = None,
+    test_runs: Sequence,
+    methods: Sequence[Method],
+    *,
+    r: int = 2,
+    modes: Sequence[str] = ("raw",),
+    snr: float | None = None,
+    seed: int = 0,
+    mc_samples: int = 8,
+    device="cpu",
+    mem_mb: float = 1024,
+    calibration_runs: Sequence = (),
+    quiet: bool = False,
+    figures: Figures | None = None,
     scatter_points: int = 20000,
 ) -> dict[str, Any]:
     """Score ``methods`` on ``test_runs`` in each of ``modes``; see the module docstring.
@@ -451,21 +518,33 @@ def evaluate(
             for m in model_methods:
                 pred = predict(m, case, mc_samples=mc_samples, seed=seed, device=device, mem_mb=mem_mb)
                 collected[m.name].append(risky_voxels(case, pred))
-        thresholds = {name: metrics.best_f1_threshold(np.concatenate([s for s, _ in pairs]),
-                                                      np.concatenate([t for _, t in pairs]))
-                      for name, pairs in collected.items()}
+        thresholds = {
+            name: metrics.best_f1_threshold(
+                np.concatenate([s for s, _ in pairs]), np.concatenate([t for _, t in pairs])
+            )
+            for name, pairs in collected.items()
+        }
     records = []
     jobs = [(run, mode) for run in test_runs for mode in modes]
     for run, mode in _case_progress(jobs, "evaluation", quiet):
         case = prepare_case(run, r=r, mode=mode, snr=snr, seed=seed)
-        rec: dict[str, Any] = {"run": case.name, "subject": case.subject, "mode": mode, "info": case.info,
-                               **reference_scores(case), "methods": {}}
+        rec: dict[str, Any] = {
+            "run": case.name,
+            "subject": case.subject,
+            "mode": mode,
+            "info": case.info,
+            **reference_scores(case),
+            "methods": {},
+        }
         axis, index = _mid_slice(case)
         key = (case.name, mode)
         if figures is not None:
             _, md_ref = case.reference_scalars
-            figures.slices[key] = {"axis": axis, "reference MD": _take(md_ref, axis, index),
-                                   "mask": _take(case.hr_mask, axis, index)}
+            figures.slices[key] = {
+                "axis": axis,
+                "reference MD": _take(md_ref, axis, index),
+                "mask": _take(case.hr_mask, axis, index),
+            }
         for m in methods:
             result = predict(m, case, mc_samples=mc_samples, seed=seed, device=device, mem_mb=mem_mb)
             rec["methods"][m.name] = score(case, result, thresholds.get(m.name))
@@ -499,8 +578,9 @@ def _cross_calibrate(records: Sequence[dict], out: dict[str, Any]) -> None:
             if s.get("uncertainty", {}).get("sd_ratio_quantiles") is not None:
                 groups.setdefault((rec["mode"], name), []).append((rec, s["uncertainty"]))
     for (mode, name), items in groups.items():
-        scales = metrics.leave_one_group_out([u["variance_scale_95"] for _, u in items],
-                                             [rec["subject"] for rec, _ in items])
+        scales = metrics.leave_one_group_out(
+            [u["variance_scale_95"] for _, u in items], [rec["subject"] for rec, _ in items]
+        )
         slot = out[mode][name]
         slot["calibration_loso"] = []
         for (rec, u), scale in zip(items, scales):
@@ -537,7 +617,9 @@ def summarise(records: Sequence[dict]) -> dict[str, Any]:
             if u:
                 flat = {f"spearman.{k}": v for k, v in u["spearman"].items()}
                 flat |= {f"coverage{p}.{k}": c for k, cov in u["coverage"].items() for p, c in cov.items()}
-                flat |= {f"md_coverage{p}.{k}": c for k, cov in u.get("md_coverage", {}).items() for p, c in cov.items()}
+                flat |= {
+                    f"md_coverage{p}.{k}": c for k, cov in u.get("md_coverage", {}).items() for p, c in cov.items()
+                }
                 flat |= {f"error_sd_ratio.{k}": v for k, v in u.get("error_sd_ratio", {}).items()}
                 flat |= {f"sd_rms.{k}": v for k, v in u.get("sd_rms", {}).items()}
                 flat |= {f"risky.{k}": v for k, v in u["risky"].items() if isinstance(v, float)}
@@ -548,8 +630,11 @@ def summarise(records: Sequence[dict]) -> dict[str, Any]:
     _cross_calibrate(records, out)
     for mode in out.values():
         for slot in mode.values():
-            slot["values"] = {k: {"mean": float(np.nanmean(v)), "min": float(np.nanmin(v)), "max": float(np.nanmax(v))}
-                              for k, v in slot["values"].items() if np.isfinite(v).any()}
+            slot["values"] = {
+                k: {"mean": float(np.nanmean(v)), "min": float(np.nanmin(v)), "max": float(np.nanmax(v))}
+                for k, v in slot["values"].items()
+                if np.isfinite(v).any()
+            }
             slot["goals"] = {}
             for goal, (metric, region, how, limit) in GOALS.items():
                 stat = slot["values"].get(f"{metric}.{region}")
@@ -582,8 +667,14 @@ def out_of_domain(records: Sequence[dict]) -> dict[tuple[str, str], dict[str, An
             sd, dom = s.get("uncertainty", {}).get("sd_rms"), s.get("domain")
             if sd and dom and "brain" in s.get("tensor_rmse", {}):
                 rows.setdefault((rec["mode"], name), []).append(
-                    (dom["inside"], s["tensor_rmse"]["brain"], s.get("tensor_rmse_ratio", {}).get("brain", math.nan),
-                     sd.get("parameter", math.nan), sd.get("total", math.nan)))
+                    (
+                        dom["inside"],
+                        s["tensor_rmse"]["brain"],
+                        s.get("tensor_rmse_ratio", {}).get("brain", math.nan),
+                        sd.get("parameter", math.nan),
+                        sd.get("total", math.nan),
+                    )
+                )
     out = {}
     for key, runs in rows.items():
         inside, error, ratio, par, tot = (np.array(col, dtype=float) for col in zip(*runs))
@@ -596,8 +687,10 @@ def out_of_domain(records: Sequence[dict]) -> dict[tuple[str, str], dict[str, An
             "runs_outside": int((~inside).sum()),
             "spearman_parameter_sd_error": metrics.spearman(par, error) if len(runs) > 2 else None,
             "spearman_total_sd_error": metrics.spearman(tot, error) if len(runs) > 2 else None,
-            **{f"{name}_{side}": mean(values, where) for name, values in
-               (("error_ratio", ratio), ("parameter_sd", par), ("total_sd", tot))
-               for side, where in (("inside", inside), ("outside", ~inside))},
+            **{
+                f"{name}_{side}": mean(values, where)
+                for name, values in (("error_ratio", ratio), ("parameter_sd", par), ("total_sd", tot))
+                for side, where in (("inside", inside), ("outside", ~inside))
+            },
         }
     return out

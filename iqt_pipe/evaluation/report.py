@@ -16,23 +16,46 @@ def _span(stat: dict | None) -> str:
     return MISSING if stat is None else f"{stat['mean']:.3f} [{stat['min']:.3f}, {stat['max']:.3f}]"
 
 
+def _row(*cells: Any) -> str:
+    """One Markdown table row."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(*columns: str) -> list[str]:
+    """A Markdown table's header and separator lines."""
+    return [_row(*columns), "|" + "---|" * len(columns)]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """Tables: per mode, the mean over runs per method; then every run; then the goals."""
     lines = ["# iqt-eval results", ""]
     settings = results.get("settings", {})
     if settings:
-        lines += ["Settings: " + "; ".join(f"{k} = {v}" for k, v in settings.items() if not isinstance(v, (list, dict))), ""]
+        lines += [
+            "Settings: " + "; ".join(f"{k} = {v}" for k, v in settings.items() if not isinstance(v, (list, dict))),
+            "",
+        ]
     lines += [
         "Tensor and MD RMSE in 1e-4 mm²/s over 6 components (tensor) or voxels (MD, FA); ratios are to cubic "
         "B-spline interpolation of the LR tensors on the same voxels. *Interior*: HR voxels whose parent LR "
         "voxel's 5³ neighbourhood lies in the LR brain mask; *exterior*: the rest of the HR brain mask. "
         "*Floor*: the RMS noise of the HR reference itself (WLS delta method from an MP-PCA σ); *corrected* "
-        "= sqrt(max(RMSE² − floor², 0)).", "",
+        "= sqrt(max(RMSE² − floor², 0)).",
+        "",
     ]
     for mode, methods in results["summary"].items():
         lines += [f"## Mode: {mode} (mean over runs; [min, max] of ratios)", ""]
-        lines += ["| method | runs | tensor int. | ratio int. | tensor ext. | ratio ext. | MD brain | FA brain | FA ratio |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += _table(
+            "method",
+            "runs",
+            "tensor int.",
+            "ratio int.",
+            "tensor ext.",
+            "ratio ext.",
+            "MD brain",
+            "FA brain",
+            "FA ratio",
+        )
         for name, slot in methods.items():
             v = slot["values"]
 
@@ -42,29 +65,58 @@ def markdown(results: dict[str, Any]) -> str:
             def ratio(key, v=v):
                 return _span(v.get(key))
 
-            lines.append(f"| {name} | {slot['runs']} | {mean('tensor_rmse.interior')} | {ratio('tensor_rmse_ratio.interior')} | "
-                         f"{mean('tensor_rmse.exterior')} | {ratio('tensor_rmse_ratio.exterior')} | {mean('md_rmse.brain')} | "
-                         f"{mean('fa_rmse.brain')} | {ratio('fa_rmse_ratio.brain')} |")
+            lines.append(
+                _row(
+                    name,
+                    slot["runs"],
+                    mean("tensor_rmse.interior"),
+                    ratio("tensor_rmse_ratio.interior"),
+                    mean("tensor_rmse.exterior"),
+                    ratio("tensor_rmse_ratio.exterior"),
+                    mean("md_rmse.brain"),
+                    mean("fa_rmse.brain"),
+                    ratio("fa_rmse_ratio.brain"),
+                )
+            )
         lines.append("")
         unc = {n: s for n, s in methods.items() if "spearman.brain" in s["values"]}
         if unc:
-            lines += ["| method | Spearman(sd, err) | cov. 50 % | cov. 80 % | cov. 95 % [min, max] | MD cov. 95 % [min, max] | "
-                      "RMS error / sd [min, max] | cov. 95 %, scale from other subjects "
-                      "[min, max] | risky AUC | risky precision | risky recall | risky F1 | lesion AUC (intrinsic / parameter sd) |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines += _table(
+                "method",
+                "Spearman(sd, err)",
+                "cov. 50 %",
+                "cov. 80 %",
+                "cov. 95 % [min, max]",
+                "MD cov. 95 % [min, max]",
+                "RMS error / sd [min, max]",
+                "cov. 95 %, scale from other subjects [min, max]",
+                "risky AUC",
+                "risky precision",
+                "risky recall",
+                "risky F1",
+                "lesion AUC (intrinsic / parameter sd)",
+            )
 
             for name, slot in unc.items():
                 v = slot["values"]
-                g = [format_number(v.get(k, {}).get("mean")) for k in ("spearman.brain", "coverage0.5.brain", "coverage0.8.brain")]
+                g = [
+                    format_number(v.get(k, {}).get("mean"))
+                    for k in ("spearman.brain", "coverage0.5.brain", "coverage0.8.brain")
+                ]
                 g += [_span(v.get(k)) for k in ("coverage0.95.brain", "md_coverage0.95.brain", "error_sd_ratio.brain")]
                 g.append(_span(v.get("coverage0.95_loso.brain")))
-                g += [format_number(v.get(k, {}).get("mean")) for k in ("risky.auc", "risky.precision", "risky.recall", "risky.f1",
-                                                             "lesion.auc")]
+                g += [
+                    format_number(v.get(k, {}).get("mean"))
+                    for k in ("risky.auc", "risky.precision", "risky.recall", "risky.f1", "lesion.auc")
+                ]
                 if "lesion.auc_parameter" in v:
-                    g[-1] += f" ({format_number(v['lesion.auc_intrinsic']['mean'])} / {format_number(v['lesion.auc_parameter']['mean'])})"
-                lines.append(f"| {name} | " + " | ".join(g) + " |")
+                    intrinsic, parameter = (v[f"lesion.auc_{k}"]["mean"] for k in ("intrinsic", "parameter"))
+                    g[-1] += f" ({format_number(intrinsic)} / {format_number(parameter)})"
+                lines.append(_row(name, *g))
             lines.append("")
-        goals = {n: s["goals"] for n, s in methods.items() if s.get("goals") and n not in ("nearest", "trilinear", "cubic")}
+        goals = {
+            n: s["goals"] for n, s in methods.items() if s.get("goals") and n not in ("nearest", "trilinear", "cubic")
+        }
         if goals:
             lines += ["Goals (every run):", ""]
             for name, g in goals.items():
@@ -73,76 +125,161 @@ def markdown(results: dict[str, Any]) -> str:
     scans = {}
     for rec in results["records"]:
         scans.setdefault(rec["run"], rec.get("info", {}))
-    lines += ["## The scans", "",
-              "Noise correlation: of the MP-PCA residual between neighbouring voxels along each voxel axis; "
-              "≈ 0 for independent noise, 0.5 or more where the scanner interpolated (less detail to recover "
-              "than the voxel size suggests).", "",
-              "| run | voxel size (mm) | volumes | b-values (s/mm²) | noise σ | noise correlation x / y / z |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "## The scans",
+        "",
+        "Noise correlation: of the MP-PCA residual between neighbouring voxels along each voxel axis; "
+        "≈ 0 for independent noise, 0.5 or more where the scanner interpolated (less detail to recover "
+        "than the voxel size suggests).",
+        "",
+        *_table("run", "voxel size (mm)", "volumes", "b-values (s/mm²)", "noise σ", "noise correlation x / y / z"),
+    ]
     for run, info in scans.items():
         size = " × ".join(f"{v:.2f}" for v in info.get("voxel_size_mm", []))
         corr = " / ".join(format_number(v, ".2f") for v in info.get("noise_neighbour_correlation", [])) or MISSING
         sigma = f"{info['noise_sigma']:.4g}" if "noise_sigma" in info else MISSING
-        lines.append(f"| {run} | {size or MISSING} | {info.get('volumes', MISSING)} | "
-                     f"{', '.join(map(str, info.get('bvals', []))) or MISSING} | {sigma} | {corr} |")
-    lines += ["", "## Every run", "",
-              "| run | mode | floor int. | method | tensor int. | corrected int. | ratio int. | tensor ext. | ratio ext. | FA ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {run} | {size or MISSING} | {info.get('volumes', MISSING)} | "
+            f"{', '.join(map(str, info.get('bvals', []))) or MISSING} | {sigma} | {corr} |"
+        )
+    lines += [
+        "",
+        "## Every run",
+        "",
+        *_table(
+            "run",
+            "mode",
+            "floor int.",
+            "method",
+            "tensor int.",
+            "corrected int.",
+            "ratio int.",
+            "tensor ext.",
+            "ratio ext.",
+            "FA ratio",
+        ),
+    ]
     for rec in results["records"]:
         floor = rec.get("noise_floor", {}).get("interior")
         for name, s in rec["methods"].items():
             corr = s.get("tensor_rmse_corrected", s.get("tensor_rmse_vs_noisy_reference_corrected", {})).get("interior")
+            rmse, ratio = s["tensor_rmse"], s.get("tensor_rmse_ratio", {})
+            cells = (
+                floor,
+                rmse.get("interior"),
+                corr,
+                ratio.get("interior"),
+                rmse.get("exterior"),
+                ratio.get("exterior"),
+                s.get("fa_rmse_ratio", {}).get("brain"),
+            )
             lines.append(
-                f"| {rec['run']} | {rec['mode']} | {format_number(floor)} | {name} | {format_number(s['tensor_rmse'].get('interior'))} | {format_number(corr)} | "
-                f"{format_number(s.get('tensor_rmse_ratio', {}).get('interior'))} | {format_number(s['tensor_rmse'].get('exterior'))} | "
-                f"{format_number(s.get('tensor_rmse_ratio', {}).get('exterior'))} | {format_number(s.get('fa_rmse_ratio', {}).get('brain'))} |")
+                _row(rec["run"], rec["mode"], *map(format_number, cells[:1]), name, *map(format_number, cells[1:]))
+            )
     lines += _domain_section(results)
     truth = [r for r in results["records"] if r["mode"] == "known-truth"]
     if truth:
-        lines += ["", "## Noise correction against known truth", "",
-                  "Known-truth mode scores each method against the noise-free truth and against the noisy series' own "
-                  "HR fit (raw and noise-corrected), so the correction used in raw mode can be checked.", "",
-                  "| run | method | true RMSE int. | vs noisy ref. | corrected | corrected / true |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Noise correction against known truth",
+            "",
+            "Known-truth mode scores each method against the noise-free truth and against the noisy series' own "
+            "HR fit (raw and noise-corrected), so the correction used in raw mode can be checked.",
+            "",
+            *_table("run", "method", "true RMSE int.", "vs noisy ref.", "corrected", "corrected / true"),
+        ]
         for rec in truth:
             for name, s in rec["methods"].items():
                 t = s["tensor_rmse"].get("interior")
                 noisy = s["tensor_rmse_vs_noisy_reference"].get("interior")
                 corr = s["tensor_rmse_vs_noisy_reference_corrected"].get("interior")
-                lines.append(f"| {rec['run']} | {name} | {format_number(t)} | {format_number(noisy)} | {format_number(corr)} | {format_number(corr / t if t else None)} |")
+                lines.append(_row(rec["run"], name, *map(format_number, (t, noisy, corr, corr / t if t else None))))
     return "\n".join(lines) + "\n"
 
 
 def _domain_section(results: dict[str, Any]) -> list[str]:
     """Does the uncertainty rise with the error, and outside the training domain? Per model:
     the summary over runs, then each run's vendor, domain problems, error and sd."""
-    found = {(mode, name): slot["domain"] for mode, methods in results["summary"].items()
-             for name, slot in methods.items() if slot.get("domain")}
+    found = {
+        (mode, name): slot["domain"]
+        for mode, methods in results["summary"].items()
+        for name, slot in methods.items()
+        if slot.get("domain")
+    }
     if not found:
         return []
-    lines = ["", "## Uncertainty and the training domain", "",
-             "Per run: the RMS over the brain of the parameter and total Frobenius sd (1e-4 mm²/s) beside the "
-             "tensor RMSE; *outside*: the run lies outside the model's training domain (scanner vendor, LR voxel "
-             "size, b-value, directions; the model card's `training.domain`). Spearman over runs: does the sd rise "
-             "with the error from run to run?", "",
-             "| mode | method | runs outside | Spearman(parameter sd, error) | Spearman(total sd, error) | "
-             "error ratio inside / outside | parameter sd inside / outside | total sd inside / outside |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Uncertainty and the training domain",
+        "",
+        "Per run: the RMS over the brain of the parameter and total Frobenius sd (1e-4 mm²/s) beside the "
+        "tensor RMSE; *outside*: the run lies outside the model's training domain (scanner vendor, LR voxel "
+        "size, b-value, directions; the model card's `training.domain`). Spearman over runs: does the sd rise "
+        "with the error from run to run?",
+        "",
+        *_table(
+            "mode",
+            "method",
+            "runs outside",
+            "Spearman(parameter sd, error)",
+            "Spearman(total sd, error)",
+            "error ratio inside / outside",
+            "parameter sd inside / outside",
+            "total sd inside / outside",
+        ),
+    ]
     for (mode, name), d in found.items():
-        lines.append(f"| {mode} | {name} | {d['runs_outside']} | {format_number(d['spearman_parameter_sd_error'])} | "
-                     f"{format_number(d['spearman_total_sd_error'])} | {format_number(d['error_ratio_inside'])} / {format_number(d['error_ratio_outside'])} | "
-                     f"{format_number(d['parameter_sd_inside'])} / {format_number(d['parameter_sd_outside'])} | "
-                     f"{format_number(d['total_sd_inside'])} / {format_number(d['total_sd_outside'])} |")
-    lines += ["", "| run | mode | method | vendor | outside the training domain | tensor RMSE | ratio | parameter sd | "
-                  "total sd |", "|---|---|---|---|---|---|---|---|---|"]
+
+        def pair(key, d=d):
+            return f"{format_number(d[f'{key}_inside'])} / {format_number(d[f'{key}_outside'])}"
+
+        lines.append(
+            _row(
+                mode,
+                name,
+                d["runs_outside"],
+                format_number(d["spearman_parameter_sd_error"]),
+                format_number(d["spearman_total_sd_error"]),
+                pair("error_ratio"),
+                pair("parameter_sd"),
+                pair("total_sd"),
+            )
+        )
+    lines += [
+        "",
+        *_table(
+            "run",
+            "mode",
+            "method",
+            "vendor",
+            "outside the training domain",
+            "tensor RMSE",
+            "ratio",
+            "parameter sd",
+            "total sd",
+        ),
+    ]
     for rec in results["records"]:
         for name, s in rec["methods"].items():
             dom, sd = s.get("domain"), s.get("uncertainty", {}).get("sd_rms", {})
             if dom is None:
                 continue
-            lines.append(f"| {rec['run']} | {rec['mode']} | {name} | {dom.get('manufacturer') or MISSING} | "
-                         f"{'; '.join(dom['problems']) or 'no'} | {format_number(s['tensor_rmse'].get('brain'))} | "
-                         f"{format_number(s.get('tensor_rmse_ratio', {}).get('brain'))} | {format_number(sd.get('parameter'))} | "
-                         f"{format_number(sd.get('total'))} |")
+            numbers = (
+                s["tensor_rmse"].get("brain"),
+                s.get("tensor_rmse_ratio", {}).get("brain"),
+                sd.get("parameter"),
+                sd.get("total"),
+            )
+            lines.append(
+                _row(
+                    rec["run"],
+                    rec["mode"],
+                    name,
+                    dom.get("manufacturer") or MISSING,
+                    "; ".join(dom["problems"]) or "no",
+                    *map(format_number, numbers),
+                )
+            )
     return lines
 
 
@@ -173,8 +310,13 @@ def plot_all(figures, out_dir: str | os.PathLike) -> list[Path]:
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
         for (run, mode, method), (nominal, empirical) in figures.calibration.items():
             ax.plot(nominal, empirical, lw=1, label=f"{run} {mode} {method}")
-        ax.set(xlabel="nominal coverage of the central interval", ylabel="empirical coverage",
-               title="Calibration of the predictive intervals", xlim=(0, 1), ylim=(0, 1))
+        ax.set(
+            xlabel="nominal coverage of the central interval",
+            ylabel="empirical coverage",
+            title="Calibration of the predictive intervals",
+            xlim=(0, 1),
+            ylim=(0, 1),
+        )
         if len(figures.calibration) <= 12:
             ax.legend(fontsize=6)
         written.append(_save_figure(fig, out / "calibration.png"))
@@ -183,8 +325,13 @@ def plot_all(figures, out_dir: str | os.PathLike) -> list[Path]:
         hb = ax.hexbin(sd * 1e4, err * 1e4, gridsize=60, bins="log", mincnt=1, cmap="viridis")
         top = float(np.quantile(np.r_[sd, err] * 1e4, 0.995))
         ax.plot([0, top], [0, top], "r--", lw=1, label="|error| = sd")
-        ax.set(xlim=(0, top), ylim=(0, top), xlabel="predicted sd (Frobenius, 1e-4 mm²/s)",
-               ylabel="|error| (Frobenius, 1e-4 mm²/s)", title=f"{run} ({mode}): {method}")
+        ax.set(
+            xlim=(0, top),
+            ylim=(0, top),
+            xlabel="predicted sd (Frobenius, 1e-4 mm²/s)",
+            ylabel="|error| (Frobenius, 1e-4 mm²/s)",
+            title=f"{run} ({mode}): {method}",
+        )
         ax.legend(fontsize=7)
         fig.colorbar(hb, ax=ax, label="voxels")
         written.append(_save_figure(fig, out / f"{run}_mode-{mode}_{method}_error-vs-sd.png"))
@@ -196,12 +343,15 @@ def plot_all(figures, out_dir: str | os.PathLike) -> list[Path]:
         vmax = float(np.quantile(np.concatenate([e[maps["mask"]] for e in errors]), 0.99)) * 1e4 if errors else None
         for ax, (title, img) in zip(axes, panels.items()):
             scale = 1e4 if title != "reference MD" else 1e3
-            im = ax.imshow(np.rot90(img * scale), cmap="gray" if title == "reference MD" else "inferno",
-                           vmin=0, vmax=None if title == "reference MD" else vmax)
+            im = ax.imshow(
+                np.rot90(img * scale),
+                cmap="gray" if title == "reference MD" else "inferno",
+                vmin=0,
+                vmax=None if title == "reference MD" else vmax,
+            )
             ax.set_title(title, fontsize=8)
             ax.axis("off")
             fig.colorbar(im, ax=ax, fraction=0.046, label="1e-3 mm²/s" if title == "reference MD" else "1e-4 mm²/s")
         fig.suptitle(f"{run} ({mode})", fontsize=9)
         written.append(_save_figure(fig, out / f"{run}_mode-{mode}_maps.png"))
     return written
-

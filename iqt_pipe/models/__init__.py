@@ -5,6 +5,13 @@ from iqt_pipe.models.files import ModelFileError, load_model, read_card, save_mo
 from iqt_pipe.models.shuffle import periodic_shuffle, periodic_unshuffle
 
 __all__ = [
-    "VARIANTS", "IQTNet", "gaussian_nll", "ModelFileError", "load_model", "read_card",
-    "save_model", "periodic_shuffle", "periodic_unshuffle",
+    "VARIANTS",
+    "IQTNet",
+    "gaussian_nll",
+    "ModelFileError",
+    "load_model",
+    "read_card",
+    "save_model",
+    "periodic_shuffle",
+    "periodic_unshuffle",
 ]

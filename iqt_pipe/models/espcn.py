@@ -35,9 +35,16 @@ PRECISION_FLOOR = 1e-6
 
 def architecture_problem(widths, kernels) -> str | None:
     """Why ``widths``/``kernels`` make no ESPCN (one line), or None when they do."""
-    if len(widths) != len(kernels) - 1 or min(widths, default=1) < 1 or min(kernels) < 1 or any(k % 2 == 0 for k in kernels):
-        return (f"kernels {' '.join(map(str, kernels))} with widths {' '.join(map(str, widths))}: give odd kernel "
-                "sizes ≥ 1 and one width fewer than kernels (e.g. --kernels 3 3 3 --widths 50 100)")
+    if (
+        len(widths) != len(kernels) - 1
+        or min(widths, default=1) < 1
+        or min(kernels) < 1
+        or any(k % 2 == 0 for k in kernels)
+    ):
+        return (
+            f"kernels {' '.join(map(str, kernels))} with widths {' '.join(map(str, widths))}: give odd kernel "
+            "sizes ≥ 1 and one width fewer than kernels (e.g. --kernels 3 3 3 --widths 50 100)"
+        )
     return None
 
 
@@ -103,7 +110,7 @@ class IQTNet(nn.Module):
         return mean, F.softplus(self.prec_net(x, sample)) + PRECISION_FLOOR
 
     @torch.no_grad()
-    def sample_weights(self, generator: torch.Generator | None = None) -> "IQTNet":
+    def sample_weights(self, generator: torch.Generator | None = None) -> IQTNet:
         """A copy whose variational convolutions hold one posterior weight draw each (use it
         with ``sample=False``): one Monte-Carlo network for prediction."""
         net = copy.deepcopy(self)
@@ -125,7 +132,8 @@ def masked_mean(values: torch.Tensor, brain: torch.Tensor | None = None) -> torc
     return (values * brain).sum() / (brain.sum() * values.shape[1]).clamp_min(1.0)
 
 
-def gaussian_nll(mean: torch.Tensor, precision: torch.Tensor, target: torch.Tensor,
-                 brain: torch.Tensor | None = None) -> torch.Tensor:
+def gaussian_nll(
+    mean: torch.Tensor, precision: torch.Tensor, target: torch.Tensor, brain: torch.Tensor | None = None
+) -> torch.Tensor:
     """Heteroscedastic loss: mean(prec·(y − μ)²) − mean(log prec) (means as in :func:`masked_mean`)."""
     return masked_mean(precision * (target - mean) ** 2, brain) - masked_mean(torch.log(precision), brain)

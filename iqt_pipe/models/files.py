@@ -43,12 +43,15 @@ def bundled_dir() -> Path:
 def bundled_model(r: int = 2) -> Path:
     """The weights file of the default model for upsampling factor ``r``."""
     if r not in BUNDLED:
-        raise ModelFileError(f"no model is bundled for r = {r} (only r = {', '.join(map(str, BUNDLED))}); "
-                             f"train one with iqt-train -r {r} and pass --model")
+        raise ModelFileError(
+            f"no model is bundled for r = {r} (only r = {', '.join(map(str, BUNDLED))}); "
+            f"train one with iqt-train -r {r} and pass --model"
+        )
     path = bundled_dir() / f"{BUNDLED[r]}.safetensors"
     if not path.exists():
-        raise ModelFileError(f"{path}: the bundled model is missing from this installation; reinstall iqt-pipe "
-                             "or pass --model")
+        raise ModelFileError(
+            f"{path}: the bundled model is missing from this installation; reinstall iqt-pipe or pass --model"
+        )
     return path
 
 
@@ -91,7 +94,7 @@ def save_model(model: IQTNet, path: str | os.PathLike, card: dict[str, Any] | No
         "kernels": list(model.kernels),
         **(card or {}),
         "iqt_pipe_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "weights": {
             "file": weights.name,
             "sha256": digest,
@@ -150,15 +153,22 @@ def check_model_file(path: str | os.PathLike, expect_r: int | None = None) -> tu
     weights, card_path = model_paths(path)
     card = read_card(path)
     if expect_r is not None and card["upsample"] != expect_r:
-        raise ModelFileError(f"{card_path}: the model upsamples by {card['upsample']}, not {expect_r}; choose a model for r = {expect_r}")
+        raise ModelFileError(
+            f"{card_path}: the model upsamples by {card['upsample']}, not {expect_r}; choose a model for r = {expect_r}"
+        )
     if not weights.exists():
         raise ModelFileError(f"{weights}: weights file not found beside its card")
     with open(weights, "rb") as fh:
         head = fh.read(4)
     if head.startswith(_PICKLE_MAGIC):
-        raise ModelFileError(f"{weights}: this is a pickle/torch.save file; iqt-pipe only loads safetensors (pickles can run code)")
+        raise ModelFileError(
+            f"{weights}: this is a pickle/torch.save file; iqt-pipe only loads safetensors (pickles can run code)"
+        )
     if sha256(weights) != card["weights"]["sha256"]:
-        raise ModelFileError(f"{weights}: checksum differs from the card's (corrupt, truncated or mismatched file); re-download the model")
+        raise ModelFileError(
+            f"{weights}: checksum differs from the card's (corrupt, truncated or mismatched file); "
+            "re-download the model"
+        )
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -169,10 +179,15 @@ def check_model_file(path: str | os.PathLike, expect_r: int | None = None) -> tu
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:
         diff = sorted(set(expected.items()) ^ set(found.items()))[:3]
-        raise ModelFileError(f"{weights}: tensors do not match a {card['variant']} r={card['upsample']} network (e.g. {diff}); the card and weights belong to different models")
+        raise ModelFileError(
+            f"{weights}: tensors do not match a {card['variant']} r={card['upsample']} network (e.g. {diff}); "
+            "the card and weights belong to different models"
+        )
     broken = next((k for k, v in state.items() if not np.all(np.isfinite(v))), None)
     if broken is not None:
-        raise ModelFileError(f"{weights}: the weights hold NaN or Inf (tensor {broken}); the training diverged, use another model")
+        raise ModelFileError(
+            f"{weights}: the weights hold NaN or Inf (tensor {broken}); the training diverged, use another model"
+        )
     scale = card.get("calibration", {}).get("variance_scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
         raise ModelFileError(f"{card_path}: calibration.variance_scale must be a positive number; fix or remove it")

@@ -14,7 +14,7 @@ def periodic_shuffle(x: torch.Tensor, r: int) -> torch.Tensor:
     b, cr3, nx, ny, nz = x.shape
     c = cr3 // r**3
     if c * r**3 != cr3:
-        raise ValueError(f"{cr3} channels are not a multiple of r³ = {r ** 3}")
+        raise ValueError(f"{cr3} channels are not a multiple of r³ = {r**3}")
     # channel index = c·r³ + k·r² + j·r + i  →  axes (c, k, j, i)
     x = x.reshape(b, c, r, r, r, nx, ny, nz)  # (b, c, k, j, i, X, Y, Z)
     x = x.permute(0, 1, 5, 4, 6, 3, 7, 2)  # (b, c, X, i, Y, j, Z, k)

@@ -26,8 +26,9 @@ import datetime as _dt
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -45,25 +46,43 @@ from iqt_pipe.qc import (
 )
 from iqt_pipe.reports import figures as F
 from iqt_pipe.reports.citations import methods_html
-from iqt_pipe.reports.markup import (
-    TEMPLATE_FILE, Raw, data_file, escape, link, relpath, table, to_float,
-)
 from iqt_pipe.reports.discover import (
-    CONFIG_NAME, RunOutputs, crash_files, figure_path, find_runs, log_dirs, run_label,
+    CONFIG_NAME,
+    RunOutputs,
+    crash_files,
+    figure_path,
+    find_runs,
+    log_dirs,
+    run_label,
+)
+from iqt_pipe.reports.markup import (
+    TEMPLATE_FILE,
+    Raw,
+    data_file,
+    escape,
+    link,
+    relpath,
+    table,
+    to_float,
 )
 
 #: The nireports bootstrap file (it names the page template, :data:`~iqt_pipe.reports.markup.TEMPLATE_FILE`).
 SPEC_FILE = "reports-spec.yml"
 #: Tractography methods drawn, in report order (``track-`` labels), with their titles.
-TRACKS = {"dipydet": "DIPY deterministic", "dipyprob": "DIPY probabilistic",
-          "mrtrixdet": "MRtrix3 Tensor_Det", "mrtrixprob": "MRtrix3 Tensor_Prob"}
-
+TRACKS = {
+    "dipydet": "DIPY deterministic",
+    "dipyprob": "DIPY probabilistic",
+    "mrtrixdet": "MRtrix3 Tensor_Det",
+    "mrtrixprob": "MRtrix3 Tensor_Prob",
+}
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
-    return format_number(value, f".{digits}g") if value is None or isinstance(value, (float, np.floating)) else str(value)
+    return (
+        format_number(value, f".{digits}g") if value is None or isinstance(value, (float, np.floating)) else str(value)
+    )
 
 
 def _mm(value: Any) -> str:
@@ -76,8 +95,10 @@ def _grid(img_path: Path) -> tuple[str, str]:
 
     img = nb.load(str(img_path))
     zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
-    return ("×".join(str(s) for s in img.shape), "×".join(f"{z:.3g}" for z in zooms) + " mm, "
-            + "".join(nb.aff2axcodes(img.affine)))
+    return (
+        "×".join(str(s) for s in img.shape),
+        "×".join(f"{z:.3g}" for z in zooms) + " mm, " + "".join(nb.aff2axcodes(img.affine)),
+    )
 
 
 # --------------------------------------------------------------------------- context
@@ -155,8 +176,10 @@ def _write_html(path: Path, body: str) -> Path:
 
 
 def _error_html(what: str, exc: BaseException) -> str:
-    return (f'<p class="iqt-alert">Could not draw the {escape(what)}: '
-            f"<code>{escape(exc.__class__.__name__)}: {escape(exc)}</code></p>")
+    return (
+        f'<p class="iqt-alert">Could not draw the {escape(what)}: '
+        f"<code>{escape(exc.__class__.__name__)}: {escape(exc)}</code></p>"
+    )
 
 
 class _Writer:
@@ -192,9 +215,11 @@ def _about_html(ctx: SubjectContext) -> str:
         when = f", started {_dt.datetime.strptime((ctx.run_uuid or '')[:15], '%Y%m%d-%H%M%S'):%Y-%m-%d %H:%M:%S}"
     except ValueError:
         pass
-    parts.append(f"<p>Participant <strong>sub-{escape(ctx.subject)}</strong>; iqt-pipe run "
-                 f"<code>{escape(ctx.run_uuid or 'unknown')}</code>{escape(when)}; "
-                 f"report by iqt-pipe {escape(__version__)}.</p>")
+    parts.append(
+        f"<p>Participant <strong>sub-{escape(ctx.subject)}</strong>; iqt-pipe run "
+        f"<code>{escape(ctx.run_uuid or 'unknown')}</code>{escape(when)}; "
+        f"report by iqt-pipe {escape(__version__)}.</p>"
+    )
     # Processing status: derivative runs, and raw runs that have none.
     rows, seen = [], set()
     crashes = crash_files(ctx.log_dir)
@@ -207,8 +232,15 @@ def _about_html(ctx: SubjectContext) -> str:
         rows.append((run.name, raw.dwi.name if raw is not None else MISSING, status))
     for raw in ctx.raw_runs:
         if raw.dwi not in seen:
-            rows.append((raw.name, raw.dwi.name, Raw('<span class="iqt-bad">no derivatives: the run failed or was not '
-                                                      'processed (see Errors)</span>')))
+            rows.append(
+                (
+                    raw.name,
+                    raw.dwi.name,
+                    Raw(
+                        '<span class="iqt-bad">no derivatives: the run failed or was not processed (see Errors)</span>'
+                    ),
+                )
+            )
     if rows:
         parts.append(table(rows, ("run", "raw DWI", "status")))
     else:
@@ -216,24 +248,32 @@ def _about_html(ctx: SubjectContext) -> str:
     if ctx.raw_error:
         parts.append(f'<p class="iqt-note">Raw inputs not listed: {escape(ctx.raw_error)}.</p>')
     if crashes:
-        parts.append(f'<p class="iqt-alert">{len(crashes)} step(s) failed in this run: see <a href="#errors">Errors</a>.</p>')
+        parts.append(
+            f'<p class="iqt-alert">{len(crashes)} step(s) failed in this run: see <a href="#errors">Errors</a>.</p>'
+        )
     # Settings.
     cfg = ctx.config
     if cfg is not None:
-        limit = ("none" if cfg.max_uncertainty is None
-                 else f"{F.sci(cfg.max_uncertainty)} mm²/s ({cfg.uncertainty_action})")
+        limit = (
+            "none" if cfg.max_uncertainty is None else f"{F.sci(cfg.max_uncertainty)} mm²/s ({cfg.uncertainty_action})"
+        )
         settings = [
             ("BIDS dataset", str(cfg.bids_dir)),
             ("model", str(cfg.model) if cfg.model else "none"),
-            ("device", cfg.device), ("Monte-Carlo samples", cfg.mc_samples), ("seed", cfg.seed),
-            ("denoising", cfg.denoise), ("Gibbs-ringing removal", "on" if cfg.degibbs else "off"),
+            ("device", cfg.device),
+            ("Monte-Carlo samples", cfg.mc_samples),
+            ("seed", cfg.seed),
+            ("denoising", cfg.denoise),
+            ("Gibbs-ringing removal", "on" if cfg.degibbs else "off"),
             ("tractography", cfg.tractography),
         ]
         if cfg.tractography != "none":
             settings += [("seed density", f"{cfg.seed_density:g} seeds/mm³"), ("--max-uncertainty", limit)]
-        settings += [("risky-voxel threshold (QC)", f"{F.sci(DEFAULT_SD_THRESHOLD)} mm²/s"),
-                     ("execution", f"Nipype {cfg.plugin}, {cfg.nprocs} process(es), {cfg.omp_nthreads} thread(s)"),
-                     ("archived configuration", link(ctx.log_dir / CONFIG_NAME, out))]
+        settings += [
+            ("risky-voxel threshold (QC)", f"{F.sci(DEFAULT_SD_THRESHOLD)} mm²/s"),
+            ("execution", f"Nipype {cfg.plugin}, {cfg.nprocs} process(es), {cfg.omp_nthreads} thread(s)"),
+            ("archived configuration", link(ctx.log_dir / CONFIG_NAME, out)),
+        ]
         parts.append("<h4>Settings</h4>" + table(settings))
     else:
         why = ctx.config_error or f"no archived run configuration (sub-<label>/log/<run>/{CONFIG_NAME})"
@@ -272,17 +312,30 @@ def _model_card_html(ctx: SubjectContext) -> str:
             card = None
     rows = []
     variant = model.get("Variant") or (card or {}).get("variant") or (ctx.config.model_variant if ctx.config else None)
-    r = model.get("UpsampleFactor") or (card or {}).get("upsample") or (ctx.config.model_upsample if ctx.config else None)
-    rows += [("variant", variant or "unknown"), ("upsampling factor r", r or "unknown"),
-             ("target", model.get("Target") or (card or {}).get("target", "unknown"))]
+    r = (
+        model.get("UpsampleFactor")
+        or (card or {}).get("upsample")
+        or (ctx.config.model_upsample if ctx.config else None)
+    )
+    rows += [
+        ("variant", variant or "unknown"),
+        ("upsampling factor r", r or "unknown"),
+        ("target", model.get("Target") or (card or {}).get("target", "unknown")),
+    ]
     sha = model.get("WeightsSHA256") or (ctx.config.model_sha256 if ctx.config else None)
     recorded = "the outputs' sidecars" if model.get("WeightsSHA256") else "the run configuration"
     rows.append(("weights sha256", sha or "unknown"))
     if card is not None:
         card_sha = (card.get("weights") or {}).get("sha256")
-        check = (f"matches {recorded}" if sha and card_sha == sha
-                 else Raw(f'<span class="iqt-bad">differs from {escape(recorded)}: the model file changed since '
-                           'the run</span>') if sha else "")
+        check = (
+            f"matches {recorded}"
+            if sha and card_sha == sha
+            else Raw(
+                f'<span class="iqt-bad">differs from {escape(recorded)}: the model file changed since the run</span>'
+            )
+            if sha
+            else ""
+        )
         rows.append(("model card", f"{where}" + (f" ({check})" if isinstance(check, str) and check else "")))
         if isinstance(check, Raw):
             rows.append(("card check", check))
@@ -290,24 +343,41 @@ def _model_card_html(ctx: SubjectContext) -> str:
         if training:
             runs = training.get("runs") or training.get("dwi_runs") or []
             patches = training.get("patches") or {}
-            rows.append(("training data", f"{', '.join(training.get('datasets', [])) or 'unknown'}: "
-                                          f"{len(training.get('subjects', []))} subject(s), {len(runs)} run(s), "
-                                          f"{patches.get('total', MISSING)} patch pairs"))
-            rows.append(("training", f"{training.get('epochs', MISSING)} epochs, {training.get('optimizer', '')} "
-                                     f"lr {training.get('learning_rate', MISSING)}, batch {training.get('batch_size', MISSING)}, "
-                                     f"augmentation {_augmentation(training)}; network {_network(card)}"))
+            rows.append(
+                (
+                    "training data",
+                    f"{', '.join(training.get('datasets', [])) or 'unknown'}: "
+                    f"{len(training.get('subjects', []))} subject(s), {len(runs)} run(s), "
+                    f"{patches.get('total', MISSING)} patch pairs",
+                )
+            )
+            rows.append(
+                (
+                    "training",
+                    f"{training.get('epochs', MISSING)} epochs, {training.get('optimizer', '')} "
+                    f"lr {training.get('learning_rate', MISSING)}, batch {training.get('batch_size', MISSING)}, "
+                    f"augmentation {_augmentation(training)}; network {_network(card)}",
+                )
+            )
         val = card.get("validation") if isinstance(card.get("validation"), dict) else {}
         rmse = val.get("rmse") or {}
         if rmse:
-            rows.append(("validation RMSE", ", ".join(f"{k} {v / 1e-4:.2f}" for k, v in rmse.items()) + " (10⁻⁴ mm²/s)"))
+            rows.append(
+                ("validation RMSE", ", ".join(f"{k} {v / 1e-4:.2f}" for k, v in rmse.items()) + " (10⁻⁴ mm²/s)")
+            )
         evaluation = card.get("evaluation") if isinstance(card.get("evaluation"), dict) else {}
-        ratio = (((evaluation.get("summary") or {}).get("raw") or {}).get("tensor_rmse_ratio.interior") or {})
+        ratio = ((evaluation.get("summary") or {}).get("raw") or {}).get("tensor_rmse_ratio.interior") or {}
         if ratio:
             folds = evaluation.get("folds") or []
             where = f" of subjects held out in {len(folds)} folds" if len(folds) > 1 else ""
-            rows.append(("held-out evaluation", f"{len(evaluation.get('runs', []))} run(s){where}: interior tensor RMSE "
-                                                f"{ratio.get('mean', float('nan')):.2f} × cubic B-spline "
-                                                f"[{ratio.get('min', float('nan')):.2f}, {ratio.get('max', float('nan')):.2f}]"))
+            rows.append(
+                (
+                    "held-out evaluation",
+                    f"{len(evaluation.get('runs', []))} run(s){where}: interior tensor RMSE "
+                    f"{ratio.get('mean', float('nan')):.2f} × cubic B-spline "
+                    f"[{ratio.get('min', float('nan')):.2f}, {ratio.get('max', float('nan')):.2f}]",
+                )
+            )
         rows.append(("created", f"{card.get('created', 'unknown')} by iqt-pipe {card.get('iqt_pipe_version', '?')}"))
     elif ctx.config is not None and ctx.config.model is not None:
         rows.append(("model card", f"not readable at {ctx.config.model} (moved?)"))
@@ -342,11 +412,19 @@ def _run_summary_html(ctx: SubjectContext, run: RunOutputs) -> str:
             for k, b in enumerate(shells):
                 dirs = gtab.bvecs[index == k]
                 unique = len({tuple(np.round(d * np.sign(d[np.argmax(np.abs(d))]), 3)) for d in dirs})
-                grows.append((f"b = {b:g} s/mm²", f"{int((index == k).sum())} ({unique} distinct directions)",
-                              "yes" if k in used else "no"))
-            parts.append("<h4>Gradient scheme</h4>" + table(grows, ("shell", "volumes", "used for the DTI fit"))
-                         + f'<p class="iqt-note">{len(gtab.bvals)} volumes; from {escape(raw.bval.name)} and '
-                           f"{escape(raw.bvec.name)}.</p>")
+                grows.append(
+                    (
+                        f"b = {b:g} s/mm²",
+                        f"{int((index == k).sum())} ({unique} distinct directions)",
+                        "yes" if k in used else "no",
+                    )
+                )
+            parts.append(
+                "<h4>Gradient scheme</h4>"
+                + table(grows, ("shell", "volumes", "used for the DTI fit"))
+                + f'<p class="iqt-note">{len(gtab.bvals)} volumes; from {escape(raw.bval.name)} and '
+                f"{escape(raw.bvec.name)}.</p>"
+            )
         except Exception as exc:  # noqa: BLE001
             parts.append(f'<p class="iqt-alert">Gradient table not readable: {escape(exc)}</p>')
     else:
@@ -354,31 +432,45 @@ def _run_summary_html(ctx: SubjectContext, run: RunOutputs) -> str:
         parts.append(f'<p class="iqt-note">Gradient scheme not shown: raw input not found ({escape(why)}).</p>')
     sr = run.sidecar("sr_tensor")
     if sr:
-        parts.append(f'<p class="iqt-note">{escape(sr.get("Resolution", ""))} Predictive moments from '
-                     f'{escape(sr.get("MonteCarloSamples", "?"))} Monte-Carlo sample(s), seed {escape(sr.get("Seed", "?"))}, '
-                     f'device {escape(sr.get("Device", "?"))}, variance scale {escape(sr.get("VarianceScale", 1.0))}.</p>')
+        parts.append(
+            f'<p class="iqt-note">{escape(sr.get("Resolution", ""))} Predictive moments from '
+            f"{escape(sr.get('MonteCarloSamples', '?'))} Monte-Carlo sample(s), seed {escape(sr.get('Seed', '?'))}, "
+            f"device {escape(sr.get('Device', '?'))}, variance scale {escape(sr.get('VarianceScale', 1.0))}.</p>"
+        )
     if sr.get("Preprocessing"):
         steps = sr["Preprocessing"]
         trained = steps.get("ModelTrainedWith", {})
-        text = (f"Preprocessing of the native series: denoising {steps.get('Denoise')}, Gibbs-ringing removal "
-                f"{'on' if steps.get('GibbsRemoval') else 'off'}; the model was trained on series with denoising "
-                f"{trained.get('Denoise')}, Gibbs-ringing removal {'on' if trained.get('GibbsRemoval') else 'off'}")
+        text = (
+            f"Preprocessing of the native series: denoising {steps.get('Denoise')}, Gibbs-ringing removal "
+            f"{'on' if steps.get('GibbsRemoval') else 'off'}; the model was trained on series with denoising "
+            f"{trained.get('Denoise')}, Gibbs-ringing removal {'on' if trained.get('GibbsRemoval') else 'off'}"
+        )
         matches = steps.get("MatchesModel", True)
-        parts.append(f'<p class="{"iqt-note" if matches else "iqt-alert"}">{escape(text)}'
-                     + (".</p>" if matches else ": they differ, expect less accurate maps and uncertainty.</p>"))
+        parts.append(
+            f'<p class="{"iqt-note" if matches else "iqt-alert"}">{escape(text)}'
+            + (".</p>" if matches else ": they differ, expect less accurate maps and uncertainty.</p>")
+        )
     if domain_warning := model_domain_warning(sr, run.name):
         parts.append(f'<p class="iqt-alert">{escape(domain_warning)}.</p>')
     correlation = noise_correlation(run.sidecar("tensor"))
     if correlation is not None:
         warning = noise_correlation_warning(correlation, run.name)
         values = ", ".join(f"{axis} {_fmt(value, 2)}" for axis, value in zip("ijk", correlation))
-        parts.append(f'<p class="{"iqt-alert" if warning else "iqt-note"}">Noise correlation between neighbouring '
-                     f"voxels (the noise MP-PCA removed, in the brain): {escape(values)}"
-                     + (f": above {CORRELATED_NOISE}, {escape(INTERPOLATED)}.</p>" if warning else
-                        f"; independent enough (≤ {CORRELATED_NOISE}), no sign of interpolation by the scanner.</p>"))
+        parts.append(
+            f'<p class="{"iqt-alert" if warning else "iqt-note"}">Noise correlation between neighbouring '
+            f"voxels (the noise MP-PCA removed, in the brain): {escape(values)}"
+            + (
+                f": above {CORRELATED_NOISE}, {escape(INTERPOLATED)}.</p>"
+                if warning
+                else f"; independent enough (≤ {CORRELATED_NOISE}), no sign of interpolation by the scanner.</p>"
+            )
+        )
     links = [link(path, out).text for key, path in sorted(run.files.items())]
-    parts.append(f"<details><summary>Derivatives of this run ({len(links)} files)</summary><p>"
-                 + "<br>".join(links) + "</p></details>")
+    parts.append(
+        f"<details><summary>Derivatives of this run ({len(links)} files)</summary><p>"
+        + "<br>".join(links)
+        + "</p></details>"
+    )
     return "\n".join(parts)
 
 
@@ -403,22 +495,35 @@ def run_metrics(run: RunOutputs) -> dict[str, Any]:
         raise InputError("no total-uncertainty map (the model predicts no uncertainty)")
     r = int(run.sidecar("sr_tensor")["Model"]["UpsampleFactor"])
     f = run.files
-    return metrics_from_files(f["fa"], f["md"], f["mask"], f["sr_fa"], f["sr_md"], f["sr_sd_total"], f["sr_mask"],
-                              r=r, name=run.name)
+    return metrics_from_files(
+        f["fa"], f["md"], f["mask"], f["sr_fa"], f["sr_md"], f["sr_sd_total"], f["sr_mask"], r=r, name=run.name
+    )
 
 
 def _qc_html(metrics: dict[str, Any]) -> str:
     rows = []
     for key, label, kind in _QC_ROWS:
         value = metrics[key]
-        text = (_mm(value) if kind == "mm" else f"{100 * value:.1f} %" if kind == "pct"
-                else f"{metrics['n_wm_native']} / {metrics['n_wm_hr']}" if kind == "wm" else _fmt(value, 4))
+        text = (
+            _mm(value)
+            if kind == "mm"
+            else f"{100 * value:.1f} %"
+            if kind == "pct"
+            else f"{metrics['n_wm_native']} / {metrics['n_wm_hr']}"
+            if kind == "wm"
+            else _fmt(value, 4)
+        )
         rows.append((label, text, key))
-    detail = table([(k, _fmt(metrics[k], 5), METRIC_COLUMNS[k]) for k in METRIC_COLUMNS], ("metric", "value", "meaning"))
-    return (f'<p class="iqt-note">The numbers of <code>group_qc.tsv</code> for this run; risky-voxel threshold '
-            f"{F.sci(metrics['sd_threshold'])} mm²/s (Tanno et al.'s MD error for a risky voxel). Robust z-scores and "
-            f'outlier flags need the group: see <code>group.html</code> once <code>iqt-pipe … group</code> has run.</p>'
-            + table(rows, ("measure", "value", "column")) + f"<details><summary>All QC metrics</summary>{detail}</details>")
+    detail = table(
+        [(k, _fmt(metrics[k], 5), METRIC_COLUMNS[k]) for k in METRIC_COLUMNS], ("metric", "value", "meaning")
+    )
+    return (
+        f'<p class="iqt-note">The numbers of <code>group_qc.tsv</code> for this run; risky-voxel threshold '
+        f"{F.sci(metrics['sd_threshold'])} mm²/s (Tanno et al.'s MD error for a risky voxel). Robust z-scores and "
+        f"outlier flags need the group: see <code>group.html</code> once <code>iqt-pipe … group</code> has run.</p>"
+        + table(rows, ("measure", "value", "column"))
+        + f"<details><summary>All QC metrics</summary>{detail}</details>"
+    )
 
 
 def _tracts_html(run: RunOutputs, threshold: float | None, action: str | None) -> str:
@@ -427,21 +532,44 @@ def _tracts_html(run: RunOutputs, threshold: float | None, action: str | None) -
 
     def cell(row: dict, col: str) -> str:
         value = to_float(row.get(col))
-        return (F.sci(value) if col == "mean_uncertainty" and value is not None
-                else f"{value:.1f}" if col == "mean_length_mm" and value is not None else row.get(col, MISSING))
+        return (
+            F.sci(value)
+            if col == "mean_uncertainty" and value is not None
+            else f"{value:.1f}"
+            if col == "mean_length_mm" and value is not None
+            else row.get(col, MISSING)
+        )
 
-    counts = table([tuple(cell(r, c) for c in cols) for r in rows],
-                   ("tractogram", "seeds", "streamlines", "mean length (mm)", "stopped", "dropped",
-                    "mean uncertainty (mm²/s)")) if rows else "<p>No tractography summary.</p>"
-    limit = (f"--max-uncertainty {F.sci(threshold)} mm²/s ({action}): super-resolved streamlines "
-             f"{'end where they enter' if action == 'stop' else 'are removed when they enter'} a voxel above it."
-             if threshold is not None else "No uncertainty limit was set.")
+    counts = (
+        table(
+            [tuple(cell(r, c) for c in cols) for r in rows],
+            (
+                "tractogram",
+                "seeds",
+                "streamlines",
+                "mean length (mm)",
+                "stopped",
+                "dropped",
+                "mean uncertainty (mm²/s)",
+            ),
+        )
+        if rows
+        else "<p>No tractography summary.</p>"
+    )
+    limit = (
+        f"--max-uncertainty {F.sci(threshold)} mm²/s ({action}): super-resolved streamlines "
+        f"{'end where they enter' if action == 'stop' else 'are removed when they enter'} a voxel above it."
+        if threshold is not None
+        else "No uncertainty limit was set."
+    )
     return f'{counts}<p class="iqt-note">{escape(limit)}</p>'
 
 
 def _errors_html(ctx: SubjectContext) -> str:
     crashes = crash_files(ctx.log_dir)
-    where = f"<code>{escape(relpath(ctx.log_dir, ctx.output_dir))}/</code>" if ctx.log_dir is not None else "no log folder"
+    where = (
+        f"<code>{escape(relpath(ctx.log_dir, ctx.output_dir))}/</code>" if ctx.log_dir is not None else "no log folder"
+    )
     if not crashes:
         return f'<p class="iqt-ok">No errors recorded ({where}).</p>'
     parts = [f'<p class="iqt-alert">{len(crashes)} processing step(s) failed; their crash files are in {where}.</p>']
@@ -449,9 +577,11 @@ def _errors_html(ctx: SubjectContext) -> str:
         text = crash.read_text(errors="replace")
         node = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()[:3] if ln.startswith("Node:")), crash.name)
         last = next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "")
-        parts.append(f'<div class="iqt-crash"><p><strong>{escape(node)}</strong>: {link(crash, ctx.output_dir).text}</p>'
-                     f'<p class="iqt-bad"><code>{escape(last)}</code></p>'
-                     f"<details><summary>Full crash report</summary><pre>{escape(text)}</pre></details></div>")
+        parts.append(
+            f'<div class="iqt-crash"><p><strong>{escape(node)}</strong>: {link(crash, ctx.output_dir).text}</p>'
+            f'<p class="iqt-bad"><code>{escape(last)}</code></p>'
+            f"<details><summary>Full crash report</summary><pre>{escape(text)}</pre></details></div>"
+        )
     return "\n".join(parts)
 
 
@@ -467,8 +597,12 @@ def _write_run(writer: _Writer, run: RunOutputs) -> None:
     except Exception as exc:  # noqa: BLE001 - shown in the report (a model without uncertainty has no QC)
         writer.html(ent, "qc", f'<p class="iqt-alert">QC metrics not available: {escape(exc)}</p>')
     if run.missing:
-        writer.html(ent, "colourfa", f'<p class="iqt-alert">Figures not drawn: missing derivatives '
-                                     f'{escape(", ".join(run.missing))}; rerun the participant level.</p>')
+        writer.html(
+            ent,
+            "colourfa",
+            f'<p class="iqt-alert">Figures not drawn: missing derivatives '
+            f"{escape(', '.join(run.missing))}; rerun the participant level.</p>",
+        )
         return
     f = run.files
     vol: dict[str, F.Volume] = {}
@@ -478,21 +612,46 @@ def _write_run(writer: _Writer, run: RunOutputs) -> None:
             vol[key] = F.Volume.load(f[key])
         return vol[key]
 
-    writer.figure(ent, "colourfa", ".svg", "colour-FA mosaic",
-                  lambda: F.colour_fa_mosaic(v("tensor"), v("sr_tensor"), v("mask"), v("sr_mask")))
-    writer.figure(ent, "scalars", ".svg", "FA/MD maps",
-                  lambda: F.scalar_maps_mosaic(v("fa"), v("md"), v("sr_fa"), v("sr_fa_sd"), v("sr_md"), v("sr_md_sd"),
-                                               v("mask"), v("sr_mask")))
-    maps = {name: key for name, key in (("intrinsic", "sr_sd_intrinsic"), ("parameter", "sr_sd_parameter"),
-                                        ("total", "sr_sd_total")) if key in f}
+    writer.figure(
+        ent,
+        "colourfa",
+        ".svg",
+        "colour-FA mosaic",
+        lambda: F.colour_fa_mosaic(v("tensor"), v("sr_tensor"), v("mask"), v("sr_mask")),
+    )
+    writer.figure(
+        ent,
+        "scalars",
+        ".svg",
+        "FA/MD maps",
+        lambda: F.scalar_maps_mosaic(
+            v("fa"), v("md"), v("sr_fa"), v("sr_fa_sd"), v("sr_md"), v("sr_md_sd"), v("mask"), v("sr_mask")
+        ),
+    )
+    maps = {
+        name: key
+        for name, key in (("intrinsic", "sr_sd_intrinsic"), ("parameter", "sr_sd_parameter"), ("total", "sr_sd_total"))
+        if key in f
+    }
     threshold, action = ctx.max_uncertainty(run)
     if maps:
-        writer.figure(ent, "uncertainty", ".svg", "uncertainty maps",
-                      lambda: F.uncertainty_mosaic(v("sr_fa"), {n: v(k) for n, k in maps.items()}, v("mask"), v("sr_mask")))
+        writer.figure(
+            ent,
+            "uncertainty",
+            ".svg",
+            "uncertainty maps",
+            lambda: F.uncertainty_mosaic(v("sr_fa"), {n: v(k) for n, k in maps.items()}, v("mask"), v("sr_mask")),
+        )
     if "sr_sd_total" in f:
-        writer.figure(ent, "histogram", ".svg", "uncertainty histogram",
-                      lambda: F.uncertainty_histogram(v("sr_sd_total").data[v("sr_mask").data > 0],
-                                                      DEFAULT_SD_THRESHOLD, threshold))
+        writer.figure(
+            ent,
+            "histogram",
+            ".svg",
+            "uncertainty histogram",
+            lambda: F.uncertainty_histogram(
+                v("sr_sd_total").data[v("sr_mask").data > 0], DEFAULT_SD_THRESHOLD, threshold
+            ),
+        )
     writer.figure(ent, "thumbnail", ".png", "thumbnail", lambda: F.thumbnail(v("sr_tensor"), v("mask")))
     if run.tracts:
         writer.html(ent, "tracts", _tracts_html(run, threshold, action))
@@ -505,8 +664,11 @@ def _write_run(writer: _Writer, run: RunOutputs) -> None:
         def draw(native=native, sr=sr, title=title):
             if sr is None:
                 raise InputError("the super-resolved tractogram is missing")
-            return F.streamlines_figure(F.load_tractogram(native.path, "native") if native else None,
-                                        F.load_tractogram(sr.path, "super-resolved"), title)
+            return F.streamlines_figure(
+                F.load_tractogram(native.path, "native") if native else None,
+                F.load_tractogram(sr.path, "super-resolved"),
+                title,
+            )
 
         writer.figure(ent, track, ".png", f"{title} streamlines", draw)
     vol.clear()
@@ -525,8 +687,9 @@ def build_subject_report(output_dir: str | os.PathLike, subject: str, run_uuid: 
     return build_subject_report_with_problems(output_dir, subject, run_uuid)[0]
 
 
-def build_subject_report_with_problems(output_dir: str | os.PathLike, subject: str,
-                                       run_uuid: str | None = None) -> tuple[Path, list[str]]:
+def build_subject_report_with_problems(
+    output_dir: str | os.PathLike, subject: str, run_uuid: str | None = None
+) -> tuple[Path, list[str]]:
     """:func:`build_subject_report`, also returning the reportlets that could not be drawn."""
     from nireports.assembler.report import Report
 
@@ -543,11 +706,19 @@ def build_subject_report_with_problems(output_dir: str | os.PathLike, subject: s
     citation = out / "logs" / "CITATION.md"
     if citation.exists():
         bib = out / "logs" / "CITATION.bib"
-        writer.html(subject_entities, "methods", methods_html(
-            citation.read_text(), bib.read_text() if bib.exists() else "",
-            [(f"logs/{p.name}", f"logs/{p.name}") for p in (citation, bib) if p.exists()]))
+        writer.html(
+            subject_entities,
+            "methods",
+            methods_html(
+                citation.read_text(),
+                bib.read_text() if bib.exists() else "",
+                [(f"logs/{p.name}", f"logs/{p.name}") for p in (citation, bib) if p.exists()],
+            ),
+        )
     else:
-        writer.html(subject_entities, "methods", '<p class="iqt-note">No methods text (logs/CITATION.md) in this folder.</p>')
+        writer.html(
+            subject_entities, "methods", '<p class="iqt-note">No methods text (logs/CITATION.md) in this folder.</p>'
+        )
     writer.html(subject_entities, "errors", _errors_html(ctx))
     figures_dir = out / f"sub-{subject}" / "figures"
     keep = set(writer.written)
@@ -556,13 +727,22 @@ def build_subject_report_with_problems(output_dir: str | os.PathLike, subject: s
             stale.unlink()
     final = out / f"sub-{subject}.html"
     with atomic_path(final) as tmp:
-        report = Report(out, ctx.run_uuid or "unknown", bootstrap_file=data_file(SPEC_FILE), out_filename=tmp,
-                        reportlets_dir=out / f"sub-{subject}",
-                        metadata={"template_path": str(data_file(TEMPLATE_FILE))}, subject=subject)
+        report = Report(
+            out,
+            ctx.run_uuid or "unknown",
+            bootstrap_file=data_file(SPEC_FILE),
+            out_filename=tmp,
+            reportlets_dir=out / f"sub-{subject}",
+            metadata={"template_path": str(data_file(TEMPLATE_FILE))},
+            subject=subject,
+        )
         report.generate_report()
         text = tmp.read_text(encoding="utf-8")
-    missing = [p for p in writer.written  # image reportlets the spec did not place (a naming bug)
-               if p.suffix in (".svg", ".png") and "_desc-thumbnail_" not in p.name and relpath(p, out) not in text]
+    missing = [
+        p
+        for p in writer.written  # image reportlets the spec did not place (a naming bug)
+        if p.suffix in (".svg", ".png") and "_desc-thumbnail_" not in p.name and relpath(p, out) not in text
+    ]
     if missing:
         writer.problems.append("reportlets not placed in the report: " + ", ".join(p.name for p in missing))
     return final, writer.problems

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import html
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 _ENTRY = re.compile(r"@(\w+)\s*\{\s*([^,\s]+)\s*,")
 _FIELD = re.compile(r"\s*,?\s*(\w+)\s*=\s*")
@@ -38,7 +38,7 @@ def parse_bibtex(text: str) -> dict[str, dict[str, str]]:
     entries: dict[str, dict[str, str]] = {}
     for match in _ENTRY.finditer(text):
         end = _braced(text, text.index("{", match.start())) - 1
-        body, pos = text[match.end():end], 0
+        body, pos = text[match.end() : end], 0
         fields = {"type": match.group(1).lower()}
         while True:
             m = _FIELD.match(body, pos)
@@ -47,10 +47,10 @@ def parse_bibtex(text: str) -> dict[str, dict[str, str]]:
             pos = m.end()
             if body[pos] == "{":
                 close = _braced(body, pos)
-                value, pos = body[pos + 1:close - 1], close
+                value, pos = body[pos + 1 : close - 1], close
             elif body[pos] == '"':
                 close = body.index('"', pos + 1)
-                value, pos = body[pos + 1:close], close + 1
+                value, pos = body[pos + 1 : close], close + 1
             else:
                 bare = re.match(r"[^,\s]+", body[pos:])
                 value, pos = bare.group(0), pos + bare.end()
@@ -65,12 +65,19 @@ def _surnames(entry: dict[str, str]) -> list[str]:
 
 
 def cite(entry: dict[str, str] | None, key: str, narrative: bool = False) -> str:
-    """"Tanno et al., 2017" (``narrative``: "Tanno et al. (2017)"); ``?key`` when unknown."""
+    """ "Tanno et al., 2017" (``narrative``: "Tanno et al. (2017)"); ``?key`` when unknown."""
     if entry is None:
         return f"?{key}"
     names = _surnames(entry)
-    who = (names[0] if len(names) == 1 else f"{names[0]} and {names[1]}" if len(names) == 2
-           else f"{names[0]} et al." if names else key)
+    who = (
+        names[0]
+        if len(names) == 1
+        else f"{names[0]} and {names[1]}"
+        if len(names) == 2
+        else f"{names[0]} et al."
+        if names
+        else key
+    )
     year = entry.get("year", "n.d.")
     return f"{who} ({year})" if narrative else f"{who}, {year}"
 
@@ -79,13 +86,17 @@ def reference(entry: dict[str, str]) -> str:
     """One reference as HTML: authors (surname and initials), year, title, venue, DOI link."""
     authors = []
     for author in (a.strip() for a in entry.get("author", "").split(" and ") if a.strip()):
-        last, _, first = author.partition(",") if "," in author else (author.split()[-1], "", " ".join(author.split()[:-1]))
+        last, _, first = (
+            author.partition(",") if "," in author else (author.split()[-1], "", " ".join(author.split()[:-1]))
+        )
         initials = "".join(part[0] for part in re.split(r"[\s.-]+", first.strip()) if part)
         authors.append(f"{last.strip()} {initials}".strip())
     venue = entry.get("journal") or entry.get("booktitle") or entry.get("publisher") or ""
     details = ", ".join(v for v in (entry.get("volume"), entry.get("pages")) if v)
-    parts = [html.escape(", ".join(authors)) + f" ({html.escape(entry.get('year', 'n.d.'))}).",
-             html.escape(entry.get("title", "")) + "."]
+    parts = [
+        html.escape(", ".join(authors)) + f" ({html.escape(entry.get('year', 'n.d.'))}).",
+        html.escape(entry.get("title", "")) + ".",
+    ]
     if venue:
         parts.append(f"<em>{html.escape(venue)}</em>" + (f" {html.escape(details)}" if details else "") + ".")
     if entry.get("doi"):
@@ -129,7 +140,10 @@ def methods_html(markdown: str, bibtex: str, links: Iterable[tuple[str, str]] = 
     if refs:
         out += ["<h4>References</h4>", f'<ol class="iqt-references">{refs}</ol>']
     if links:
-        out.append("<p class=\"iqt-note\">Source: " + ", ".join(
-            f'<a href="{html.escape(href)}">{html.escape(text)}</a>' for href, text in links) + ".</p>")
+        out.append(
+            '<p class="iqt-note">Source: '
+            + ", ".join(f'<a href="{html.escape(href)}">{html.escape(text)}</a>' for href, text in links)
+            + ".</p>"
+        )
     out.append("</div>")
     return "\n".join(out)

@@ -82,14 +82,16 @@ def figure_path(output_dir: str | os.PathLike, entities: dict[str, Any], desc: s
     from bids.layout.writing import build_path
 
     source = {k: v for k, v in entities.items() if k in ENTITIES and v not in (None, "")}
-    return Path(output_dir) / build_path({**source, "desc": desc, "suffix": "dwi", "extension": extension},
-                                         [FIGURE_PATTERN])
+    return Path(output_dir) / build_path(
+        {**source, "desc": desc, "suffix": "dwi", "extension": extension}, [FIGURE_PATTERN]
+    )
 
 
 def run_label(entities: dict[str, Any]) -> str:
     """``sub-01_ses-1_run-1``: the run's source entities."""
-    return "_".join(f"{short}-{entities[key]}" for key, short in ENTITIES.items()
-                    if entities.get(key) not in (None, ""))
+    return "_".join(
+        f"{short}-{entities[key]}" for key, short in ENTITIES.items() if entities.get(key) not in (None, "")
+    )
 
 
 @dataclass
@@ -139,7 +141,8 @@ def find_runs(output_dir: str | os.PathLike, subject: str) -> list[RunOutputs]:
     root = out / f"sub-{subject}"
     runs = []
     natives = sorted(root.glob("dwi/*_model-tensor_param-fa_dwimap.nii.gz")) + sorted(
-        root.glob("ses-*/dwi/*_model-tensor_param-fa_dwimap.nii.gz"))
+        root.glob("ses-*/dwi/*_model-tensor_param-fa_dwimap.nii.gz")
+    )
     for path in natives:
         entities = parse_entities(path)
         if entities.get("res") or entities.get("desc"):
@@ -173,7 +176,9 @@ def crash_files(log_dir: Path | None) -> list[Path]:
     return sorted(log_dir.glob("crash-*.txt")) if log_dir is not None and log_dir.is_dir() else []
 
 
-def subjects_with_outputs(output_dir: str | os.PathLike, labels: list[str] | tuple[str, ...] | None = None) -> list[str]:
+def subjects_with_outputs(
+    output_dir: str | os.PathLike, labels: list[str] | tuple[str, ...] | None = None
+) -> list[str]:
     """Participants of an output folder that a report can be built for (derivatives or logs);
     ``labels`` restricts them and must all be there. Raises :class:`InputError` (one line)
     when there is nothing to build from."""
@@ -189,7 +194,9 @@ def subjects_with_outputs(output_dir: str | os.PathLike, labels: list[str] | tup
         missing = [label for label in labels if not has_outputs(label)]
         if missing:
             names = ", ".join(f"sub-{m}" for m in missing)
-            raise InputError(f"{out}: no iqt-pipe outputs of {names} to build reports from; run its participant level first")
+            raise InputError(
+                f"{out}: no iqt-pipe outputs of {names} to build reports from; run its participant level first"
+            )
         return list(labels)
     found = sorted(p.name[4:] for p in out.glob("sub-*") if p.is_dir() and has_outputs(p.name[4:]))
     if not found:

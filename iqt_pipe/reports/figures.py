@@ -19,9 +19,10 @@ tests use. :func:`save_figure` writes a figure atomically as SVG (text kept as t
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -51,14 +52,14 @@ class Volume:
     affine: np.ndarray
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Volume":
+    def load(cls, path: str | os.PathLike) -> Volume:
         data, affine, _ = load_nifti(path)
         while data.ndim > 3 and data.shape[-1] == 1:
             data = data[..., 0]
         return cls(data, affine)
 
     @classmethod
-    def from_image(cls, img) -> "Volume":
+    def from_image(cls, img) -> Volume:
         """From a nibabel image."""
         return cls(np.asarray(img.get_fdata(dtype=np.float32)), np.asarray(img.affine, dtype=np.float64))
 
@@ -98,7 +99,9 @@ def world_bounds(mask: Volume, pad_mm: float = 0.0) -> tuple[np.ndarray, np.ndar
     return centres.min(axis=0) - half - pad_mm, centres.max(axis=0) + half + pad_mm
 
 
-def slice_positions(mask: Volume, n: int = 6, axis: str = "z", coverage: tuple[float, float] = (0.15, 0.85)) -> np.ndarray:
+def slice_positions(
+    mask: Volume, n: int = 6, axis: str = "z", coverage: tuple[float, float] = (0.15, 0.85)
+) -> np.ndarray:
     """``n`` world positions (mm, rounded to 0.1) along ``axis``, evenly spread over the
     middle ``coverage`` of the span of the mask's voxel centres."""
     coords = _world_centres(mask)[:, AXES[axis]]
@@ -194,8 +197,15 @@ def _limits(row: Row, planes: Sequence[Plane]) -> tuple[float, float]:
     return vmin, vmax
 
 
-def mosaic(rows: Sequence[Row], positions: Sequence[float], axis: str, bounds: tuple[np.ndarray, np.ndarray],
-           spacing: float, title: str | None = None, panel_inches: float = 1.7):
+def mosaic(
+    rows: Sequence[Row],
+    positions: Sequence[float],
+    axis: str,
+    bounds: tuple[np.ndarray, np.ndarray],
+    spacing: float,
+    title: str | None = None,
+    panel_inches: float = 1.7,
+):
     """A grid of panels: one row per :class:`Row`, one column per world position (mm).
 
     Every panel samples its image on the same plane (:func:`make_plane` over ``bounds``
@@ -209,11 +219,19 @@ def mosaic(rows: Sequence[Row], positions: Sequence[float], axis: str, bounds: t
     planes = [make_plane(axis, p, bounds[0], bounds[1], spacing) for p in positions]
     left, right, bottom, top = planes[0].extent
     aspect = (top - bottom) / max(right - left, 1e-6)
-    fig = Figure(figsize=(panel_inches * len(planes) + 1.3, panel_inches * aspect * len(rows) + (0.5 if title else 0.25)),
-                 layout="constrained", facecolor="white")
+    fig = Figure(
+        figsize=(panel_inches * len(planes) + 1.3, panel_inches * aspect * len(rows) + (0.5 if title else 0.25)),
+        layout="constrained",
+        facecolor="white",
+    )
     axes = fig.subplots(len(rows), len(planes), squeeze=False)
-    info: dict[str, Any] = {"axis": axis, "positions": [p.position for p in planes], "spacing_mm": spacing,
-                            "extent": planes[0].extent, "rows": {}}
+    info: dict[str, Any] = {
+        "axis": axis,
+        "positions": [p.position for p in planes],
+        "spacing_mm": spacing,
+        "extent": planes[0].extent,
+        "rows": {},
+    }
     h_name = "xyz"[IN_PLANE[axis][0]]
     for r, row in enumerate(rows):
         panels = []
@@ -236,11 +254,25 @@ def mosaic(rows: Sequence[Row], positions: Sequence[float], axis: str, bounds: t
                 shown = values
                 if row.kind == "overlay" and row.anatomy is not None:
                     anat = np.nan_to_num(sample_plane(row.anatomy, plane, outside=0.0))
-                    ax.imshow(anat, origin="lower", extent=plane.extent, cmap="gray", vmin=0.0,
-                              vmax=max(float(np.percentile(anat, 99)), 1e-6), interpolation="nearest")
-                image = ax.imshow(np.ma.masked_invalid(values), origin="lower", extent=plane.extent, cmap=row.cmap,
-                                  vmin=limits[0], vmax=limits[1], interpolation="nearest",
-                                  alpha=0.75 if row.kind == "overlay" else 1.0)
+                    ax.imshow(
+                        anat,
+                        origin="lower",
+                        extent=plane.extent,
+                        cmap="gray",
+                        vmin=0.0,
+                        vmax=max(float(np.percentile(anat, 99)), 1e-6),
+                        interpolation="nearest",
+                    )
+                image = ax.imshow(
+                    np.ma.masked_invalid(values),
+                    origin="lower",
+                    extent=plane.extent,
+                    cmap=row.cmap,
+                    vmin=limits[0],
+                    vmax=limits[1],
+                    interpolation="nearest",
+                    alpha=0.75 if row.kind == "overlay" else 1.0,
+                )
             image.set_gid(f"{row.key}_{axis}_{plane.position:.1f}")
             panels.append(shown)
             if r == 0:
@@ -250,8 +282,9 @@ def mosaic(rows: Sequence[Row], positions: Sequence[float], axis: str, bounds: t
         if r == 0:  # orientation letters on the first panel
             low, high = ("L", "R") if h_name == "x" else ("P", "A")
             for x, letter, ha in ((0.03, low, "left"), (0.97, high, "right")):
-                axes[0, 0].text(x, 0.5, letter, color="white", fontsize=7, ha=ha, va="center",
-                                transform=axes[0, 0].transAxes)
+                axes[0, 0].text(
+                    x, 0.5, letter, color="white", fontsize=7, ha=ha, va="center", transform=axes[0, 0].transAxes
+                )
         if row.kind != "colourfa" and image is not None:
             label = row.units or row.label
             bar = fig.colorbar(image, ax=list(axes[r, :]), fraction=0.05, pad=0.01, aspect=12)
@@ -269,43 +302,103 @@ def _sr_spacing(*volumes: Volume) -> float:
     return float(min(v.voxel_size.min() for v in volumes))
 
 
-def colour_fa_mosaic(native_tensor: Volume, sr_tensor: Volume, native_mask: Volume, sr_mask: Volume | None = None,
-                     n_slices: int = 6, axis: str = "z"):
+def colour_fa_mosaic(
+    native_tensor: Volume,
+    sr_tensor: Volume,
+    native_mask: Volume,
+    sr_mask: Volume | None = None,
+    n_slices: int = 6,
+    axis: str = "z",
+):
     """Native vs super-resolved colour FA, two rows at the same world positions (picked from
     the native mask), sampled every SR voxel size so native voxels show their true size."""
     positions = slice_positions(native_mask, n_slices, axis)
     bounds = world_bounds(native_mask, pad_mm=float(native_mask.voxel_size.max()))
     nat = "×".join(f"{v:.3g}" for v in native_tensor.voxel_size)
     sr = "×".join(f"{v:.3g}" for v in sr_tensor.voxel_size)
-    rows = [Row("native", f"native\n{nat} mm", native_tensor, kind="colourfa", mask=native_mask),
-            Row("sr", f"super-resolved\n{sr} mm", sr_tensor, kind="colourfa", mask=sr_mask)]
-    return mosaic(rows, positions, axis, bounds, _sr_spacing(native_tensor, sr_tensor),
-                  title=f"Colour FA, {VIEW_NAMES[axis]} slices (red: left–right, green: anterior–posterior, "
-                        f"blue: superior–inferior)")
+    rows = [
+        Row("native", f"native\n{nat} mm", native_tensor, kind="colourfa", mask=native_mask),
+        Row("sr", f"super-resolved\n{sr} mm", sr_tensor, kind="colourfa", mask=sr_mask),
+    ]
+    return mosaic(
+        rows,
+        positions,
+        axis,
+        bounds,
+        _sr_spacing(native_tensor, sr_tensor),
+        title=f"Colour FA, {VIEW_NAMES[axis]} slices (red: left–right, green: anterior–posterior, "
+        f"blue: superior–inferior)",
+    )
 
 
-def scalar_maps_mosaic(native_fa: Volume, native_md: Volume, sr_fa: Volume, sr_fa_sd: Volume, sr_md: Volume,
-                       sr_md_sd: Volume, native_mask: Volume, sr_mask: Volume, n_slices: int = 4, axis: str = "z"):
+def scalar_maps_mosaic(
+    native_fa: Volume,
+    native_md: Volume,
+    sr_fa: Volume,
+    sr_fa_sd: Volume,
+    sr_md: Volume,
+    sr_md_sd: Volume,
+    native_mask: Volume,
+    sr_mask: Volume,
+    n_slices: int = 4,
+    axis: str = "z",
+):
     """Native FA and MD beside the super-resolved FA and MD means and standard deviations."""
     positions = slice_positions(native_mask, n_slices, axis)
     bounds = world_bounds(native_mask, pad_mm=float(native_mask.voxel_size.max()))
     md_max = _limits(Row("md", "", native_md, scale=MD_SCALE, mask=native_mask), [])[1]
     rows = [
-        Row("native_fa", "native FA", native_fa, cmap="gray", vmin=0.0, vmax=1.0, units="FA (unitless)", mask=native_mask),
+        Row(
+            "native_fa",
+            "native FA",
+            native_fa,
+            cmap="gray",
+            vmin=0.0,
+            vmax=1.0,
+            units="FA (unitless)",
+            mask=native_mask,
+        ),
         Row("sr_fa", "SR FA mean", sr_fa, cmap="gray", vmin=0.0, vmax=1.0, units="FA (unitless)", mask=sr_mask),
         Row("sr_fa_sd", "SR FA sd", sr_fa_sd, cmap="viridis", units="FA sd (unitless)", mask=sr_mask),
-        Row("native_md", "native MD", native_md, cmap="gray", scale=MD_SCALE, vmin=0.0, vmax=md_max,
-            units=f"MD ({MD_UNITS})", mask=native_mask),
-        Row("sr_md", "SR MD mean", sr_md, cmap="gray", scale=MD_SCALE, vmin=0.0, vmax=md_max,
-            units=f"MD ({MD_UNITS})", mask=sr_mask),
-        Row("sr_md_sd", "SR MD sd", sr_md_sd, cmap="viridis", scale=SD_SCALE, units=f"MD sd ({SD_UNITS})", mask=sr_mask),
+        Row(
+            "native_md",
+            "native MD",
+            native_md,
+            cmap="gray",
+            scale=MD_SCALE,
+            vmin=0.0,
+            vmax=md_max,
+            units=f"MD ({MD_UNITS})",
+            mask=native_mask,
+        ),
+        Row(
+            "sr_md",
+            "SR MD mean",
+            sr_md,
+            cmap="gray",
+            scale=MD_SCALE,
+            vmin=0.0,
+            vmax=md_max,
+            units=f"MD ({MD_UNITS})",
+            mask=sr_mask,
+        ),
+        Row(
+            "sr_md_sd", "SR MD sd", sr_md_sd, cmap="viridis", scale=SD_SCALE, units=f"MD sd ({SD_UNITS})", mask=sr_mask
+        ),
     ]
-    return mosaic(rows, positions, axis, bounds, _sr_spacing(native_fa, sr_fa),
-                  title=f"FA and MD: native fit and super-resolved predictive mean and sd ({VIEW_NAMES[axis]})")
+    return mosaic(
+        rows,
+        positions,
+        axis,
+        bounds,
+        _sr_spacing(native_fa, sr_fa),
+        title=f"FA and MD: native fit and super-resolved predictive mean and sd ({VIEW_NAMES[axis]})",
+    )
 
 
-def uncertainty_mosaic(anatomy: Volume, maps: dict[str, Volume], native_mask: Volume, sr_mask: Volume,
-                       n_slices: int = 6, axis: str = "z"):
+def uncertainty_mosaic(
+    anatomy: Volume, maps: dict[str, Volume], native_mask: Volume, sr_mask: Volume, n_slices: int = 6, axis: str = "z"
+):
     """Uncertainty maps (Frobenius sd of the predicted tensor, mm²/s; keys among
     ``intrinsic``, ``parameter``, ``total``) overlaid on ``anatomy`` (the SR FA) inside the
     SR brain mask, one row each, at the colour-FA mosaic's positions. All rows share one
@@ -317,18 +410,38 @@ def uncertainty_mosaic(anatomy: Volume, maps: dict[str, Volume], native_mask: Vo
     vmax = max(float(np.percentile(np.asarray(v.data)[inside], 99)) for v in maps.values()) / SD_SCALE
     vmax = vmax if vmax > 0 else 1.0
     names = {"intrinsic": "intrinsic sd", "parameter": "parameter sd", "total": "total sd"}
-    rows = [Row(key, names.get(key, key), vol, kind="overlay", cmap="inferno", scale=SD_SCALE, vmin=0.0, vmax=vmax,
-                units=f"{names.get(key, key)} ({SD_UNITS})", anatomy=anatomy, mask=sr_mask)
-            for key, vol in maps.items()]
-    return mosaic(rows, positions, axis, bounds, _sr_spacing(anatomy, *maps.values()),
-                  title=f"Uncertainty of the super-resolved tensor (Frobenius sd) on the SR FA ({VIEW_NAMES[axis]})")
+    rows = [
+        Row(
+            key,
+            names.get(key, key),
+            vol,
+            kind="overlay",
+            cmap="inferno",
+            scale=SD_SCALE,
+            vmin=0.0,
+            vmax=vmax,
+            units=f"{names.get(key, key)} ({SD_UNITS})",
+            anatomy=anatomy,
+            mask=sr_mask,
+        )
+        for key, vol in maps.items()
+    ]
+    return mosaic(
+        rows,
+        positions,
+        axis,
+        bounds,
+        _sr_spacing(anatomy, *maps.values()),
+        title=f"Uncertainty of the super-resolved tensor (Frobenius sd) on the SR FA ({VIEW_NAMES[axis]})",
+    )
 
 
 # --------------------------------------------------------------------------- histogram
 
 
-def uncertainty_histogram(sd_total: np.ndarray, threshold: float = DEFAULT_SD_THRESHOLD,
-                          max_uncertainty: float | None = None, bins: int = 60):
+def uncertainty_histogram(
+    sd_total: np.ndarray, threshold: float = DEFAULT_SD_THRESHOLD, max_uncertainty: float | None = None, bins: int = 60
+):
     """Histogram of the total sd (mm²/s, brain voxels) in 10⁻⁴ mm²/s, with the risky-voxel
     ``threshold`` and, when set, the tractography limit ``max_uncertainty`` as lines that
     say how many voxels lie above them."""
@@ -339,8 +452,7 @@ def uncertainty_histogram(sd_total: np.ndarray, threshold: float = DEFAULT_SD_TH
     if values.size == 0:
         raise ValueError("no finite uncertainty values to plot")
     shown = values / SD_SCALE
-    top = max(float(np.percentile(shown, 99.9)), threshold / SD_SCALE,
-              (max_uncertainty or 0.0) / SD_SCALE) * 1.08
+    top = max(float(np.percentile(shown, 99.9)), threshold / SD_SCALE, (max_uncertainty or 0.0) / SD_SCALE) * 1.08
     fig = Figure(figsize=(8.4, 3.0), layout="constrained", facecolor="white")
     ax = fig.subplots()
     ax.hist(np.clip(shown, 0, top), bins=bins, range=(0, top), color="#4c72b0")
@@ -349,15 +461,30 @@ def uncertainty_histogram(sd_total: np.ndarray, threshold: float = DEFAULT_SD_TH
     ax.set_xlabel(f"total sd of the super-resolved tensor ({SD_UNITS})", fontsize=8)
     ax.set_ylabel("voxels in the SR brain mask", fontsize=8)
     ax.tick_params(labelsize=7)
-    info: dict[str, Any] = {"n": int(values.size), "median": float(np.median(values)), "threshold": float(threshold),
-                            "fraction_above": float(np.mean(values > threshold)), "max_uncertainty": max_uncertainty,
-                            "xlim": (0.0, top)}
-    ax.axvline(threshold / SD_SCALE, color="#c44e52", ls="--", lw=1.2,
-               label=f"risky-voxel threshold {sci(threshold)} mm²/s: {100 * info['fraction_above']:.1f} % above")
+    info: dict[str, Any] = {
+        "n": int(values.size),
+        "median": float(np.median(values)),
+        "threshold": float(threshold),
+        "fraction_above": float(np.mean(values > threshold)),
+        "max_uncertainty": max_uncertainty,
+        "xlim": (0.0, top),
+    }
+    ax.axvline(
+        threshold / SD_SCALE,
+        color="#c44e52",
+        ls="--",
+        lw=1.2,
+        label=f"risky-voxel threshold {sci(threshold)} mm²/s: {100 * info['fraction_above']:.1f} % above",
+    )
     if max_uncertainty is not None:
         info["fraction_above_max"] = float(np.mean(values > max_uncertainty))
-        ax.axvline(max_uncertainty / SD_SCALE, color="#dd8452", ls=":", lw=1.5,
-                   label=f"--max-uncertainty {sci(max_uncertainty)} mm²/s: {100 * info['fraction_above_max']:.1f} % above")
+        ax.axvline(
+            max_uncertainty / SD_SCALE,
+            color="#dd8452",
+            ls=":",
+            lw=1.5,
+            label=f"--max-uncertainty {sci(max_uncertainty)} mm²/s: {100 * info['fraction_above_max']:.1f} % above",
+        )
     ax.axvline(info["median"] / SD_SCALE, color="0.3", lw=0.8, label=f"median {sci(info['median'])} mm²/s")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title(f"Total uncertainty in the brain ({values.size} voxels)", fontsize=9)
@@ -428,8 +555,14 @@ def _segments(lines: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(segs), np.concatenate(owner)
 
 
-def streamlines_figure(native: Tractogram | None, sr: Tractogram, title: str = "",
-                       max_streamlines: int = MAX_STREAMLINES, seed: int = 0, views: Sequence[str] = ("z", "x")):
+def streamlines_figure(
+    native: Tractogram | None,
+    sr: Tractogram,
+    title: str = "",
+    max_streamlines: int = MAX_STREAMLINES,
+    seed: int = 0,
+    views: Sequence[str] = ("z", "x"),
+):
     """Streamlines projected on world planes (``z``: axial, seen from above; ``x``: sagittal,
     seen from the left), one row per view: native and super-resolved coloured by direction,
     and super-resolved coloured by its mean uncertainty (10⁻⁴ mm²/s) when it has one. At
@@ -489,8 +622,11 @@ def streamlines_figure(native: Tractogram | None, sr: Tractogram, title: str = "
             lc.set_gid(f"streamlines_{key}_{colour}_{view}")
             ax.add_collection(lc)
             what = "by direction" if colour == "direction" else "by mean uncertainty"
-            ax.set_title(f"{labels[key]} ({info['n_drawn'][key]} of {info['n_total'][key]}), {what}\n"
-                         f"{VIEW_NAMES[view]} projection", fontsize=7)
+            ax.set_title(
+                f"{labels[key]} ({info['n_drawn'][key]} of {info['n_total'][key]}), {what}\n"
+                f"{VIEW_NAMES[view]} projection",
+                fontsize=7,
+            )
             if colour == "uncertainty":
                 bar = fig.colorbar(lc, ax=ax, fraction=0.05, pad=0.02)
                 bar.set_label(f"mean total sd ({SD_UNITS})", fontsize=7)

@@ -60,47 +60,85 @@ def build_group_report(output_dir: str | os.PathLike) -> Path:
     summary = out / "group_qc.txt"
     n_out = sum(r.get("outlier") == "true" for r in rows)
     assessed = len(rows) >= 3
-    body.append(f"<p>{len(rows)} run(s) from <a href=\"group_qc.tsv\">group_qc.tsv</a>"
-                + (' (<a href="group_qc.txt">summary</a>)' if summary.exists() else "") + ". "
-                + (f"<strong>{n_out}</strong> outlier run(s): robust |z| &gt; {OUTLIER_Z:g} on "
-                   + ", ".join(f"<code>{m}</code>" for m in OUTLIER_METRICS) + "."
-                   if assessed else "Outliers are not assessed: robust z-scores need at least 3 runs.")
-                + f" Threshold of the fraction column: {F.sci(DEFAULT_SD_THRESHOLD)} mm²/s.</p>")
+    body.append(
+        f'<p>{len(rows)} run(s) from <a href="group_qc.tsv">group_qc.tsv</a>'
+        + (' (<a href="group_qc.txt">summary</a>)' if summary.exists() else "")
+        + ". "
+        + (
+            f"<strong>{n_out}</strong> outlier run(s): robust |z| &gt; {OUTLIER_Z:g} on "
+            + ", ".join(f"<code>{m}</code>" for m in OUTLIER_METRICS)
+            + "."
+            if assessed
+            else "Outliers are not assessed: robust z-scores need at least 3 runs."
+        )
+        + f" Threshold of the fraction column: {F.sci(DEFAULT_SD_THRESHOLD)} mm²/s.</p>"
+    )
     header = ["run", "colour FA (SR)", *(h for _, h, _ in _GROUP_SHOWN), "outlier"]
     trs = []
     for row in rows:
         entities = {k: (None if row.get(k) in (None, "", "n/a") else row[k]) for k in ENTITIES}
         name = run_label(entities)
         report = out / f"sub-{entities['subject']}.html"
-        linked = (lambda inner, report=report: f'<a href="{escape(report.name)}">{inner}</a>') if report.exists() else (lambda inner: inner)
+        linked = (
+            (lambda inner, report=report: f'<a href="{escape(report.name)}">{inner}</a>')
+            if report.exists()
+            else (lambda inner: inner)
+        )
         thumb = _thumbnail(out, entities) if entities.get("subject") else None
-        img = (f'<img class="iqt-thumb" src="{escape(relpath(thumb, out))}" alt="colour FA of {escape(name)}">' if thumb
-               else "no image")
+        img = (
+            f'<img class="iqt-thumb" src="{escape(relpath(thumb, out))}" alt="colour FA of {escape(name)}">'
+            if thumb
+            else "no image"
+        )
         cells = [f"<td>{linked(escape(name))}</td>", f"<td>{linked(img)}</td>"]
         for metric, _, kind in _GROUP_SHOWN:
             value = to_float(row.get(metric))
             z = to_float(row.get(f"{metric}_z"))
-            shown = ("n/a" if value is None else f"{value / 1e-4:.3g}" if kind == "sd"
-                     else f"{100 * value:.1f}" if kind == "pct" else f"{value:.3f}")
-            flag = (z is not None and abs(z) > OUTLIER_Z) or (kind == "corr" and value is not None
-                                                              and value > CORRELATED_NOISE)
+            shown = (
+                "n/a"
+                if value is None
+                else f"{value / 1e-4:.3g}"
+                if kind == "sd"
+                else f"{100 * value:.1f}"
+                if kind == "pct"
+                else f"{value:.3f}"
+            )
+            flag = (z is not None and abs(z) > OUTLIER_Z) or (
+                kind == "corr" and value is not None and value > CORRELATED_NOISE
+            )
             ztext = f' <span class="iqt-z">z {z:+.1f}</span>' if z is not None else ""
-            cells.append(f'<td class="{"iqt-flag" if flag else "iqt-num"}" title="{escape(metric)}">{shown}{ztext}</td>')
+            cells.append(
+                f'<td class="{"iqt-flag" if flag else "iqt-num"}" title="{escape(metric)}">{shown}{ztext}</td>'
+            )
         outlier = row.get("outlier") == "true"
-        cells.append(f"<td>{'yes: ' + escape(row.get('outlier_metrics', '').replace(',', ', ')) if outlier else 'no'}</td>")
+        cells.append(
+            f"<td>{'yes: ' + escape(row.get('outlier_metrics', '').replace(',', ', ')) if outlier else 'no'}</td>"
+        )
         trs.append(f'<tr class="{"iqt-outlier" if outlier else ""}">{"".join(cells)}</tr>')
-    table_html = ('<table class="iqt-table iqt-group"><thead><tr>' + "".join(f"<th>{escape(h)}</th>" for h in header)
-             + "</tr></thead><tbody>" + "".join(trs) + "</tbody></table>")
-    legend = ("<p class=\"iqt-note\">Rows in red are outlier runs; red cells are the metrics that flag them "
-              f"(robust z = (x − median) / (1.4826·MAD) across runs, |z| &gt; {OUTLIER_Z:g}), and noise correlations "
-              f"above {CORRELATED_NOISE:g}, where the scanner interpolated. Click a run or its "
-              "image for its report. Column meanings: " + "; ".join(
-                  f"<code>{m}</code>: {escape(COLUMN_MEANINGS.get(m, ''))}"
-                  for m, _, _ in _GROUP_SHOWN)
-              + ".</p>")
+    table_html = (
+        '<table class="iqt-table iqt-group"><thead><tr>'
+        + "".join(f"<th>{escape(h)}</th>" for h in header)
+        + "</tr></thead><tbody>"
+        + "".join(trs)
+        + "</tbody></table>"
+    )
+    legend = (
+        '<p class="iqt-note">Rows in red are outlier runs; red cells are the metrics that flag them '
+        f"(robust z = (x − median) / (1.4826·MAD) across runs, |z| &gt; {OUTLIER_Z:g}), and noise correlations "
+        f"above {CORRELATED_NOISE:g}, where the scanner interpolated. Click a run or its "
+        "image for its report. Column meanings: "
+        + "; ".join(f"<code>{m}</code>: {escape(COLUMN_MEANINGS.get(m, ''))}" for m, _, _ in _GROUP_SHOWN)
+        + ".</p>"
+    )
     summary_html = f"<h2>Summary</h2><pre>{escape(summary.read_text())}</pre>" if summary.exists() else ""
-    page = _GROUP_PAGE.format(version=escape(__version__), css=style_sheet(), body="\n".join(body), table=table_html,
-                              legend=legend, summary=summary_html)
+    page = _GROUP_PAGE.format(
+        version=escape(__version__),
+        css=style_sheet(),
+        body="\n".join(body),
+        table=table_html,
+        legend=legend,
+        summary=summary_html,
+    )
     return save_text(page, out / "group.html")
 
 

@@ -20,6 +20,7 @@ def escape(value: Any) -> str:
 
 def table(rows: list[tuple[Any, ...]], header: tuple[str, ...] | None = None, cls: str = "iqt-table") -> str:
     """An HTML table; cells are escaped unless given as :class:`Raw`."""
+
     def cell(v: Any, tag: str) -> str:
         return f"<{tag}>{v.text if isinstance(v, Raw) else escape(v)}</{tag}>"
 

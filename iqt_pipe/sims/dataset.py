@@ -56,8 +56,7 @@ def _check_dataset_dir(out_dir: Path) -> None:
         raise InputError(f"{out_dir}: exists and is not a folder; choose another output folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_phantom_dataset(out_dir):
         raise InputError(
-            f"{out_dir}: folder is not empty and was not written by {GENERATOR}; "
-            "choose an empty or new output folder"
+            f"{out_dir}: folder is not empty and was not written by {GENERATOR}; choose an empty or new output folder"
         )
 
 
@@ -73,11 +72,13 @@ def _nifti_header(shape, voxel_size: float):
 
 
 def _generated_by() -> list[dict]:
-    return [{
-        "Name": GENERATOR,
-        "Version": __version__,
-        "Description": "Synthetic brain DWI with exact ground-truth tensors (iqt_pipe.sims.phantom)",
-    }]
+    return [
+        {
+            "Name": GENERATOR,
+            "Version": __version__,
+            "Description": "Synthetic brain DWI with exact ground-truth tensors (iqt_pipe.sims.phantom)",
+        }
+    ]
 
 
 def _write_top_level(root: Path, spec: Preset, seed: int, snr, rows: list[dict]) -> None:
@@ -99,10 +100,8 @@ def _write_top_level(root: Path, spec: Preset, seed: int, snr, rows: list[dict])
     save_json(
         {
             "phantom_seed": {"Description": "seed given to iqt-phantom; subjects differ by index"},
-            "head_rotation_deg": {"Description": "rotation of the head from the template pose",
-                                  "Units": "degree"},
-            "head_shift_mm": {"Description": "shift of the head from the template pose",
-                              "Units": "mm"},
+            "head_rotation_deg": {"Description": "rotation of the head from the template pose", "Units": "degree"},
+            "head_shift_mm": {"Description": "shift of the head from the template pose", "Units": "mm"},
         },
         root / "participants.json",
     )
@@ -166,9 +165,14 @@ def _truth_sidecar(label: str, p: Phantom, description: str, **extra) -> dict:
         "SpatialReference": source,
         **extra,
         "PhantomParameters": {
-            "Preset": p.preset, "Seed": p.seed, "Subject": p.subject,
-            "SNR": p.snr, "NoiseSigma": p.sigma, "Lesion": p.lesion is not None,
-            "HeadRotation": p.rotation.round(8).tolist(), "HeadShiftMM": p.shift.round(6).tolist(),
+            "Preset": p.preset,
+            "Seed": p.seed,
+            "Subject": p.subject,
+            "SNR": p.snr,
+            "NoiseSigma": p.sigma,
+            "Lesion": p.lesion is not None,
+            "HeadRotation": p.rotation.round(8).tolist(),
+            "HeadShiftMM": p.shift.round(6).tolist(),
         },
     }
 
@@ -187,23 +191,43 @@ def _write_truth(truth: Path, label: str, p: Phantom) -> None:
     base = truth / f"sub-{label}" / "dwi" / f"sub-{label}"
     vox = float(p.voxel_size[0])
     maps = [
-        ("model-tensor_param-tensor_dwimap", p.tensors_world, np.float32,
-         dict(Description="ground-truth diffusion tensor, world frame", **TENSOR_SIDECAR)),
-        ("model-tensor_param-fa_dwimap", p.fa, np.float32,
-         dict(Description="ground-truth fractional anisotropy", Units="arbitrary")),
-        ("model-tensor_param-md_dwimap", p.md, np.float32,
-         dict(Description="ground-truth mean diffusivity", Units="mm^2/s")),
-        ("desc-brain_mask", p.mask, np.uint8,
-         dict(Description="brain fraction >= 0.5", Type="Brain")),
-        ("desc-tissue_dseg", p.tissue, np.uint8,
-         dict(Description="largest tissue fraction where brain fraction >= 0.5")),
+        (
+            "model-tensor_param-tensor_dwimap",
+            p.tensors_world,
+            np.float32,
+            dict(Description="ground-truth diffusion tensor, world frame", **TENSOR_SIDECAR),
+        ),
+        (
+            "model-tensor_param-fa_dwimap",
+            p.fa,
+            np.float32,
+            dict(Description="ground-truth fractional anisotropy", Units="arbitrary"),
+        ),
+        (
+            "model-tensor_param-md_dwimap",
+            p.md,
+            np.float32,
+            dict(Description="ground-truth mean diffusivity", Units="mm^2/s"),
+        ),
+        ("desc-brain_mask", p.mask, np.uint8, dict(Description="brain fraction >= 0.5", Type="Brain")),
+        (
+            "desc-tissue_dseg",
+            p.tissue,
+            np.uint8,
+            dict(Description="largest tissue fraction where brain fraction >= 0.5"),
+        ),
     ]
     if p.lesion is not None:
-        maps.append(("desc-lesion_mask", p.lesion, np.uint8,
-                     dict(Description="tumour-like lesion (fraction >= 0.5)", Type="Lesion")))
+        maps.append(
+            (
+                "desc-lesion_mask",
+                p.lesion,
+                np.uint8,
+                dict(Description="tumour-like lesion (fraction >= 0.5)", Type="Lesion"),
+            )
+        )
     for suffix, data, dtype, meta in maps:
-        save_nifti(data, p.affine, f"{base}_{suffix}.nii.gz", dtype=dtype,
-                   header=_nifti_header(data.shape, vox))
+        save_nifti(data, p.affine, f"{base}_{suffix}.nii.gz", dtype=dtype, header=_nifti_header(data.shape, vox))
         description = meta.pop("Description")
         save_json(_truth_sidecar(label, p, description, **meta), f"{base}_{suffix}.json")
 
@@ -231,8 +255,7 @@ def _write_truth_top_level(truth: Path) -> None:
         "2\tgrey matter\tGM\n3\twhite matter\tWM\n",
         truth / "desc-tissue_dseg.tsv",
     )
-    save_json({"Description": "labels of the sub-*_desc-tissue_dseg maps"},
-              truth / "desc-tissue_dseg.json")
+    save_json({"Description": "labels of the sub-*_desc-tissue_dseg maps"}, truth / "desc-tissue_dseg.json")
     save_text("*_dwimap.*\n", truth / ".bidsignore")
 
 

@@ -222,8 +222,7 @@ def make_affine(voxel_size: float, shape_ras, orientation: str = "RAS") -> tuple
         valid = False
     if not valid:
         raise InputError(
-            f"orientation {orientation!r} is not three axis codes naming three different "
-            "axes, such as RAS or LPS"
+            f"orientation {orientation!r} is not three axis codes naming three different axes, such as RAS or LPS"
         )
     shape_ras = np.asarray(shape_ras)
     lo = FOV_CENTRE - voxel_size * (shape_ras - 1) / 2.0  # world centre of the first voxel
@@ -236,7 +235,6 @@ def make_affine(voxel_size: float, shape_ras, orientation: str = "RAS") -> tuple
         affine[world_axis, 3] = lo[world_axis] + (0 if sign > 0 else voxel_size * (n - 1))
         shape.append(int(n))
     return affine, tuple(shape)
-
 
 
 def random_head_pose(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -274,9 +272,7 @@ def _smoothed_templates(voxel_size: float) -> tuple[np.ndarray, np.ndarray]:
     )
     affine = images[0].affine
     sigma = voxel_size / (2.0 * math.sqrt(2.0 * math.log(2.0))) / abs(affine[0, 0])
-    maps = np.stack(
-        [gaussian_filter(img.get_fdata(dtype=np.float32), sigma, mode="constant") for img in images]
-    )
+    maps = np.stack([gaussian_filter(img.get_fdata(dtype=np.float32), sigma, mode="constant") for img in images])
     maps.setflags(write=False)
     return maps, affine
 
@@ -291,9 +287,7 @@ def tissue_fractions(template_points: np.ndarray, voxel_size: float) -> np.ndarr
     maps, affine = _smoothed_templates(float(voxel_size))
     inv = np.linalg.inv(affine)
     idx = (template_points @ inv[:3, :3].T + inv[:3, 3]).reshape(-1, 3).T
-    mask, gm, wm = (
-        np.clip(map_coordinates(m, idx, order=1, mode="constant", cval=0.0), 0, 1) for m in maps
-    )
+    mask, gm, wm = (np.clip(map_coordinates(m, idx, order=1, mode="constant", cval=0.0), 0, 1) for m in maps)
     tissue = gm + wm
     over = tissue > 1.0
     gm[over] /= tissue[over]
@@ -350,9 +344,7 @@ def white_matter_tensors(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     fields = [bundle_field(b, points) for b in BUNDLES]
     weights = np.stack([w for w, _ in fields], axis=-1)
     scale = 1.0 / np.maximum(weights.sum(axis=-1), 1.0)
-    tensors = (1.0 - weights.sum(axis=-1) * scale)[:, None] * axial_tensors(
-        WM_BACKGROUND, radial_field(points)
-    )
+    tensors = (1.0 - weights.sum(axis=-1) * scale)[:, None] * axial_tensors(WM_BACKGROUND, radial_field(points))
     for w, direction in fields:
         tensors += (w * scale)[:, None] * axial_tensors(WM_TUBE, direction)
     return tensors, weights
@@ -537,9 +529,7 @@ def make_phantom(
     bvals, dirs = gradient_scheme(spec)
     signal = np.zeros(shape + (len(bvals),), dtype=np.float64)
     inside = brain.inside
-    signal[inside] = synthesize_signal(
-        brain.s0[inside].astype(float), tensors[inside].astype(float), bvals, dirs
-    )
+    signal[inside] = synthesize_signal(brain.s0[inside].astype(float), tensors[inside].astype(float), bvals, dirs)
     sigma = 0.0 if snr is None else float(brain.s0[brain.tissue == 3].mean()) / snr
     if snr is not None:
         signal = add_rician_noise(signal, sigma, rng)

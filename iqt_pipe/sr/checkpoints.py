@@ -24,14 +24,32 @@ CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_JSON = "checkpoint.json"
 METRICS = "metrics.jsonl"
 #: Settings a resumed run must share with its checkpoint.
-_RESUME_KEYS = ("variant", "r", "target", "seed", "batch_size", "lr", "val_fraction", "schedule", "anneal_start",
-                "anneal_epochs", "augment", "axis_swap", "loss_mask", "widths", "kernels", "library_key", "patches")
+_RESUME_KEYS = (
+    "variant",
+    "r",
+    "target",
+    "seed",
+    "batch_size",
+    "lr",
+    "val_fraction",
+    "schedule",
+    "anneal_start",
+    "anneal_epochs",
+    "augment",
+    "axis_swap",
+    "loss_mask",
+    "widths",
+    "kernels",
+    "library_key",
+    "patches",
+)
 #: What checkpoints written before a setting existed were trained with.
 _RESUME_DEFAULTS = {"axis_swap": False, "loss_mask": "none", "widths": list(WIDTHS), "kernels": list(KERNELS)}
 
 
-def _tensor_dict(model: IQTNet, optimizer: torch.optim.Optimizer,
-                 best_state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+def _tensor_dict(
+    model: IQTNet, optimizer: torch.optim.Optimizer, best_state: dict[str, torch.Tensor]
+) -> tuple[dict, dict]:
     """The tensors of a checkpoint (model, best weights, Adam state, RNG states) and the Adam
     parameter groups, JSON-ready."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -62,8 +80,9 @@ def save_checkpoint(out_dir: Path, model: IQTNet, optimizer, best_state, state: 
     with atomic_path(folder / name) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "iqt-pipe-checkpoint"})
         digest = sha256(tmp)
-    save_json({**state, **extra, "weights": name, "sha256": digest, "iqt_pipe_version": __version__},
-              folder / CHECKPOINT_JSON)
+    save_json(
+        {**state, **extra, "weights": name, "sha256": digest, "iqt_pipe_version": __version__}, folder / CHECKPOINT_JSON
+    )
     for old in folder.glob("epoch-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
@@ -103,8 +122,9 @@ def check_resumable(out_dir: Path, saved: dict, settings: dict) -> None:
         )
 
 
-def restore_checkpoint(model: IQTNet, optimizer, state: dict,
-                       tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def restore_checkpoint(
+    model: IQTNet, optimizer, state: dict, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Load a checkpoint's model and Adam state and the torch RNG state; return its best weights."""
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state: dict[int, dict] = {}

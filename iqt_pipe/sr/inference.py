@@ -199,10 +199,14 @@ def _conv_parameters(net: IQTNet) -> list[tuple[int, int, bool, str, torch.Tenso
     """(layer, last layer, signed, name, tensor) of every convolution parameter of ``net``: the
     weights, biases and, per weight (Var.I) or per filter (Var.II), the dropout rates. The mean
     network's outputs are signed tensor components; the precision network's carry no sign."""
-    return [(n, len(sub.convs) - 1, signed, key, getattr(conv, key))
-            for sub, signed in ((net.mean_net, True), (net.prec_net, False)) if sub is not None
-            for n, conv in enumerate(sub.convs)
-            for key in ("weight", "rho", "bias") if getattr(conv, key, None) is not None]
+    return [
+        (n, len(sub.convs) - 1, signed, key, getattr(conv, key))
+        for sub, signed in ((net.mean_net, True), (net.prec_net, False))
+        if sub is not None
+        for n, conv in enumerate(sub.convs)
+        for key in ("weight", "rho", "bias")
+        if getattr(conv, key, None) is not None
+    ]
 
 
 def _bytes_per_tile(model: IQTNet, t: int, scalar_samples: int) -> int:
@@ -237,7 +241,7 @@ class _Tiler:
         out = np.empty(self.padded_shape + x.shape[3:], dtype=np.float32)
         out[...] = value
         m = self.m
-        out[m:m + self.shape[0], m:m + self.shape[1], m:m + self.shape[2]] = x
+        out[m : m + self.shape[0], m : m + self.shape[1], m : m + self.shape[2]] = x
         return out
 
     def tiles_touching(self, lr_mask: np.ndarray) -> list[tuple[int, int, int]]:
@@ -297,8 +301,16 @@ class _Accumulator:
     def __init__(self):
         self.tiles: dict[tuple, dict[str, torch.Tensor]] = {}
 
-    def add(self, tile, k: int, mu: torch.Tensor, var_i: torch.Tensor | None, fa: torch.Tensor, md: torch.Tensor,
-            md_var: torch.Tensor | None):
+    def add(
+        self,
+        tile,
+        k: int,
+        mu: torch.Tensor,
+        var_i: torch.Tensor | None,
+        fa: torch.Tensor,
+        md: torch.Tensor,
+        md_var: torch.Tensor | None,
+    ):
         """MC sample ``k`` of ``tile``: ``mu``/``var_i`` (6, x, y, z); ``fa`` (S, K) tensor
         samples' FA; ``md`` (K,) the MD of ``mu`` and ``md_var`` its predicted variance (MD is
         linear: its moments need no samples)."""
@@ -365,8 +377,14 @@ class _Passes:
         return self.device.type == "cpu"
 
 
-def _plan_passes(model: IQTNet, mc_samples: int, symmetries: Sequence[int], scalar_samples: int,
-                 device: torch.device, dtype: torch.dtype) -> _Passes:
+def _plan_passes(
+    model: IQTNet,
+    mc_samples: int,
+    symmetries: Sequence[int],
+    scalar_samples: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> _Passes:
     """The passes :func:`predict_volume` runs for these settings (see its docstring)."""
     draws = max(1, mc_samples) if model.stochastic else 1
     symmetries = tuple(int(c) for c in symmetries) or (0,)
@@ -405,7 +423,7 @@ class _TilePlan:
         """The tiles, ``per_call`` at a time, with their inputs (B, 6, t + 2m, t + 2m, t + 2m)
         on the passes' device, in their arithmetic and memory layout."""
         for start in range(0, len(self.tiles), self.per_call):
-            chunk = self.tiles[start:start + self.per_call]
+            chunk = self.tiles[start : start + self.per_call]
             x = torch.from_numpy(np.stack([self.z[self.tiler.input_slices(tl)] for tl in chunk]))
             x = x.to(passes.device, passes.dtype).permute(0, 4, 1, 2, 3)
             if passes.channels_last:
@@ -413,8 +431,15 @@ class _TilePlan:
             yield chunk, x
 
 
-def _plan_tiles(net: IQTNet, lr_tensors: np.ndarray, stats: ChannelStats, region: np.ndarray, tile: int | None,
-                mem_mb: float, passes: _Passes) -> _TilePlan:
+def _plan_tiles(
+    net: IQTNet,
+    lr_tensors: np.ndarray,
+    stats: ChannelStats,
+    region: np.ndarray,
+    tile: int | None,
+    mem_mb: float,
+    passes: _Passes,
+) -> _TilePlan:
     """Equal tiles of edge ``tile`` (default :func:`tile_size_for_budget`) over the LR volume;
     those touching ``region`` run, as many per forward call as ``mem_mb`` allows."""
     t = tile or tile_size_for_budget(net, mem_mb, passes.per_sample, passes.device.type)
@@ -466,8 +491,14 @@ class _TileDecoder:
         variances ``var_in``, both (6, K)), and MD's predicted variance (K,), exact: MD is linear."""
         # Antithetic pairs μ ± ε·sd: half the random numbers, and each voxel's samples have
         # exactly its predicted mean.
-        half = torch.randn((self.passes.per_sample // 2,) + tuple(mu_in.shape), generator=self.scalar_gen,
-                           device=self.passes.device) * var_in.sqrt()
+        half = (
+            torch.randn(
+                (self.passes.per_sample // 2,) + tuple(mu_in.shape),
+                generator=self.scalar_gen,
+                device=self.passes.device,
+            )
+            * var_in.sqrt()
+        )
         fa = torch.cat([_fa_md(mu_in + half, axis=1)[0], _fa_md(mu_in - half, axis=1)[0]])
         return fa, (var_in[0] + var_in[3] + var_in[5]) / 9
 
@@ -483,8 +514,9 @@ def _run_pass(draw: IQTNet, k: int, plan: _TilePlan, decoder: _TileDecoder, acc:
             acc.add(tl, k, *decoder.decode(tl, mean[j], prec[j] if prec is not None else None))
 
 
-def _volumes(acc: _Accumulator, passes: _Passes, tiler: _Tiler, hr_region: np.ndarray,
-             hetero: bool) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+def _volumes(
+    acc: _Accumulator, passes: _Passes, tiler: _Tiler, hr_region: np.ndarray, hetero: bool
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """The accumulated statistics on the whole HR grid, float32, zero outside ``hr_region``:
     ``mean``, ``fa``, ``md``, ``var_int`` (hetero variants) and ``m2`` (the parameter variance,
     with more than one pass) by name, then FA sd and MD sd."""
@@ -502,8 +534,14 @@ def _volumes(acc: _Accumulator, passes: _Passes, tiler: _Tiler, hr_region: np.nd
     return arrays, fa_sd, md_sd
 
 
-def _fill_outside(arrays: dict[str, np.ndarray], lr_tensors: np.ndarray, baseline: np.ndarray, target: str, r: int,
-                  hr_region: np.ndarray) -> None:
+def _fill_outside(
+    arrays: dict[str, np.ndarray],
+    lr_tensors: np.ndarray,
+    baseline: np.ndarray,
+    target: str,
+    r: int,
+    hr_region: np.ndarray,
+) -> None:
     """``outside="cubic"``: outside the predicted voxels, the mean tensor and FA/MD of the cubic
     B-spline upsampling of the input (already the baseline of a residual-cubic model)."""
     from iqt_pipe.sr.baselines import interpolate_tensors
@@ -514,8 +552,9 @@ def _fill_outside(arrays: dict[str, np.ndarray], lr_tensors: np.ndarray, baselin
     arrays["fa"][~hr_region], arrays["md"][~hr_region] = fa.numpy(), md.numpy()
 
 
-def _calibrate(arrays: dict[str, np.ndarray], fa_sd: np.ndarray, md_sd: np.ndarray,
-               s: float) -> tuple[np.ndarray, np.ndarray]:
+def _calibrate(
+    arrays: dict[str, np.ndarray], fa_sd: np.ndarray, md_sd: np.ndarray, s: float
+) -> tuple[np.ndarray, np.ndarray]:
     """The model card's calibration: every variance in ``arrays`` times ``s`` (in place); returns
     the FA and MD sd times √s (to first order)."""
     if s == 1.0:
@@ -526,8 +565,9 @@ def _calibrate(arrays: dict[str, np.ndarray], fa_sd: np.ndarray, md_sd: np.ndarr
     return fa_sd * np.float32(math.sqrt(s)), md_sd * np.float32(math.sqrt(s))
 
 
-def _checked_masks(lr_tensors: np.ndarray, lr_mask: np.ndarray, region: np.ndarray | None,
-                   outside: str) -> tuple[np.ndarray, np.ndarray]:
+def _checked_masks(
+    lr_tensors: np.ndarray, lr_mask: np.ndarray, region: np.ndarray | None, outside: str
+) -> tuple[np.ndarray, np.ndarray]:
     """The brain and the region to predict (default the brain) as boolean arrays, once they
     are known to match the tensors."""
     lr_mask = np.asarray(lr_mask, dtype=bool)
@@ -604,8 +644,9 @@ def predict_volume(
     # Independent streams: weights from (seed, sample), FA/MD noise from (seed, "scalars").
     seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(passes.count + 1)]
     sd = torch.as_tensor(stats.sd, dtype=torch.float32, device=device).view(6, 1, 1, 1)
-    decoder = _TileDecoder(plan.tiler, hr_region, baseline, sd, passes,
-                           torch.Generator(device=device).manual_seed(seeds[-1]))
+    decoder = _TileDecoder(
+        plan.tiler, hr_region, baseline, sd, passes, torch.Generator(device=device).manual_seed(seeds[-1])
+    )
     acc = _Accumulator()
     with _torch_threads(threads):
         for k in range(passes.count):
@@ -620,30 +661,46 @@ def predict_volume(
         mean=arrays["mean"],
         var_intrinsic=arrays.get("var_int"),
         var_parameter=arrays.get("m2"),
-        fa_mean=arrays["fa"], fa_sd=fa_sd, md_mean=arrays["md"], md_sd=md_sd,
+        fa_mean=arrays["fa"],
+        fa_sd=fa_sd,
+        md_mean=arrays["md"],
+        md_sd=md_sd,
         mask=expand_mask(lr_mask, r),
         region=hr_region,
         affine=upsample_affine(lr_affine, r),
-        info={"precision": str(dtype).removeprefix("torch."), "mc_samples": passes.count if passes.draws > 1 else 1,
-              "symmetries": len(passes.symmetries), "passes": passes.count,
-              "scalar_samples": passes.count * passes.per_sample, "target": target, "variance_scale": s,
-              "tile": plan.tiler.t, "tiles": len(plan.tiles), "tiles_total": int(np.prod(plan.tiler.n_tiles)),
-              "seed": seed, "device": str(device), "guards": guards},
+        info={
+            "precision": str(dtype).removeprefix("torch."),
+            "mc_samples": passes.count if passes.draws > 1 else 1,
+            "symmetries": len(passes.symmetries),
+            "passes": passes.count,
+            "scalar_samples": passes.count * passes.per_sample,
+            "target": target,
+            "variance_scale": s,
+            "tile": plan.tiler.t,
+            "tiles": len(plan.tiles),
+            "tiles_total": int(np.prod(plan.tiler.n_tiles)),
+            "seed": seed,
+            "device": str(device),
+            "guards": guards,
+        },
     )
 
 
-def predict_brain(model: IQTNet, lr_tensors: np.ndarray, brain: np.ndarray, lr_affine: np.ndarray,
-                  **kwargs) -> Prediction:
+def predict_brain(
+    model: IQTNet, lr_tensors: np.ndarray, brain: np.ndarray, lr_affine: np.ndarray, **kwargs
+) -> Prediction:
     """Super-resolve the whole brain as the app does (and ``iqt-eval``, which scores it):
     :func:`predict_volume` over :func:`prediction_region` of the LR brain mask, with the
     channel statistics from the brain itself; farther out (a mask of a finer scan may hold
     islands there) the mean tensor is the cubic B-spline upsampling, never zero."""
-    return predict_volume(model, lr_tensors, brain, lr_affine, region=prediction_region(brain, model.margin),
-                          outside="cubic", **kwargs)
+    return predict_volume(
+        model, lr_tensors, brain, lr_affine, region=prediction_region(brain, model.margin), outside="cubic", **kwargs
+    )
 
 
-def predict_ensemble(models: Sequence[IQTNet], inputs, lr_affine: np.ndarray, *, seed: int = 0,
-                     scalar_samples: int = 32, **kwargs) -> Prediction:
+def predict_ensemble(
+    models: Sequence[IQTNet], inputs, lr_affine: np.ndarray, *, seed: int = 0, scalar_samples: int = 32, **kwargs
+) -> Prediction:
     """What the app writes, and ``iqt-eval`` scores, for one model or several: each model's
     :func:`predict_brain`, combined by :func:`combine_ensemble` when there are several.
     ``inputs`` is the LR ``(tensors, brain)`` of every model, or a list of one pair per model
@@ -653,8 +710,10 @@ def predict_ensemble(models: Sequence[IQTNet], inputs, lr_affine: np.ndarray, *,
     pairs = list(inputs) if isinstance(inputs, list) else [inputs] * len(models)
     if len(pairs) != len(models):
         raise ValueError(f"{len(models)} models but {len(pairs)} inputs")
-    preds = [predict_brain(model, tensors, brain, lr_affine, seed=seed, scalar_samples=scalar_samples, **kwargs)
-             for model, (tensors, brain) in zip(models, pairs)]
+    preds = [
+        predict_brain(model, tensors, brain, lr_affine, seed=seed, scalar_samples=scalar_samples, **kwargs)
+        for model, (tensors, brain) in zip(models, pairs)
+    ]
     return preds[0] if len(preds) == 1 else combine_ensemble(preds, scalar_samples=scalar_samples, seed=seed)
 
 
@@ -664,8 +723,9 @@ def predict_ensemble(models: Sequence[IQTNet], inputs, lr_affine: np.ndarray, *,
 VAR_FLOOR, VAR_CAP = 1e-16, 1e-4
 
 
-def guard_outputs(arrays: dict[str, np.ndarray], fa_sd: np.ndarray, md_sd: np.ndarray,
-                  mask: np.ndarray) -> dict[str, int]:
+def guard_outputs(
+    arrays: dict[str, np.ndarray], fa_sd: np.ndarray, md_sd: np.ndarray, mask: np.ndarray
+) -> dict[str, int]:
     """Make every output finite, in place, and count the voxels that needed it (for the sidecars).
 
     In the mask: a non-finite mean tensor (a numerical failure of the network) becomes zero
@@ -737,7 +797,7 @@ def predict_patchwise(
     model = copy.deepcopy(model).to(device).eval()
     corners = [tl for tl in np.ndindex(*tiler.n_tiles)]
     for start in range(0, len(corners), batch):
-        chunk = corners[start:start + batch]
+        chunk = corners[start : start + batch]
         x = torch.from_numpy(np.stack([z[tiler.input_slices(tl)] for tl in chunk])).permute(0, 4, 1, 2, 3)
         mean, _ = model(x.to(device), sample=False)
         mean = mean.permute(0, 2, 3, 4, 1).cpu().numpy()
@@ -773,10 +833,13 @@ def combine_ensemble(predictions: list[Prediction], scalar_samples: int = 32, se
     mean = np.einsum("m...,m...c->...c", w, mus)
     var_i = None
     if any(p.var_intrinsic is not None for p in predictions):
-        var_i = sum(wm[..., None] * (p.var_intrinsic if p.var_intrinsic is not None else 0)
-                    for wm, p in zip(w, predictions))
-    var_p = sum(wm[..., None] * ((p.var_parameter if p.var_parameter is not None else 0) + (p.mean - mean) ** 2)
-                for wm, p in zip(w, predictions))
+        var_i = sum(
+            wm[..., None] * (p.var_intrinsic if p.var_intrinsic is not None else 0) for wm, p in zip(w, predictions)
+        )
+    var_p = sum(
+        wm[..., None] * ((p.var_parameter if p.var_parameter is not None else 0) + (p.mean - mean) ** 2)
+        for wm, p in zip(w, predictions)
+    )
     member_var = np.stack([p.var_total.astype(np.float64) for p in predictions])
     # Mixture samples: per voxel and sample, pick a member by weight, then draw its Gaussian.
     rng = np.random.default_rng(seed)
@@ -790,8 +853,12 @@ def combine_ensemble(predictions: list[Prediction], scalar_samples: int = 32, se
     draws = mu_k[pick, cols] + rng.standard_normal((scalar_samples, idx.size, 6)) * sd_k[pick, cols]
     fa, md = (a.numpy() for a in _fa_md(torch.from_numpy(draws)))
     scal = {}
-    for name, val, fn in (("fa_mean", fa, np.mean), ("fa_sd", fa, np.std), ("md_mean", md, np.mean),
-                          ("md_sd", md, np.std)):
+    for name, val, fn in (
+        ("fa_mean", fa, np.mean),
+        ("fa_sd", fa, np.std),
+        ("md_mean", md, np.mean),
+        ("md_sd", md, np.std),
+    ):
         arr = getattr(first, name).astype(np.float32, copy=True)  # outside the predicted voxels: as predicted there
         arr.reshape(-1)[idx] = fn(val, axis=0)
         scal[name] = arr
@@ -799,10 +866,18 @@ def combine_ensemble(predictions: list[Prediction], scalar_samples: int = 32, se
         mean=mean.astype(np.float32),
         var_intrinsic=None if var_i is None else var_i.astype(np.float32),
         var_parameter=var_p.astype(np.float32),
-        mask=first.mask, region=first.region, affine=first.affine,
-        info={**first.info, "ensemble": [p.info for p in predictions], "scalar_samples": scalar_samples, "seed": seed,
-              "variance_scale": [p.info.get("variance_scale", 1.0) for p in predictions],
-              "guards": {k: sum(p.info.get("guards", {}).get(k, 0) for p in predictions)
-                         for k in first.info.get("guards", {})}},
+        mask=first.mask,
+        region=first.region,
+        affine=first.affine,
+        info={
+            **first.info,
+            "ensemble": [p.info for p in predictions],
+            "scalar_samples": scalar_samples,
+            "seed": seed,
+            "variance_scale": [p.info.get("variance_scale", 1.0) for p in predictions],
+            "guards": {
+                k: sum(p.info.get("guards", {}).get(k, 0) for p in predictions) for k in first.info.get("guards", {})
+            },
+        },
         **scal,
     )

@@ -49,19 +49,25 @@ import hashlib
 import itertools
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
-from iqt_pipe.sr.baselines import interpolate_tensors
 from iqt_pipe.dmri.degrade import make_pair
 from iqt_pipe.dmri.dwi import load_dwi
+from iqt_pipe.dmri.prepare import (
+    NONE,
+    Preprocessing,
+    preprocess_series,
+    series_domain,
+    series_manufacturer,
+    training_domain,
+)
 from iqt_pipe.io import InputError, atomic_path
+from iqt_pipe.sr.baselines import interpolate_tensors
 from iqt_pipe.sr.normalise import TARGETS, ChannelStats, channel_stats, encode_target
-from iqt_pipe.dmri.prepare import (NONE, Preprocessing, preprocess_series, series_domain, series_manufacturer,
-                              training_domain)
 
 LIBRARY_FORMAT = "iqt-pipe-patches"
 LIBRARY_VERSION = 1
@@ -181,7 +187,7 @@ class RunPatches:
         """Channels-first ``(6, n, n, n)`` input of patch ``j``."""
         a = self._corner(j)
         n = self.input_size
-        return self.inputs[a[0]:a[0] + n, a[1]:a[1] + n, a[2]:a[2] + n].transpose(3, 0, 1, 2)
+        return self.inputs[a[0] : a[0] + n, a[1] : a[1] + n, a[2] : a[2] + n].transpose(3, 0, 1, 2)
 
     def _hr_slices(self, j: int):
         a = self._corner(j) * self.r
@@ -213,7 +219,7 @@ class RunPatches:
         input_size: int = INPUT_SIZE,
         margin: int = MARGIN,
         name: str = "run",
-    ) -> "RunPatches":
+    ) -> RunPatches:
         """Patches from voxel-frame LR ``(X, Y, Z, 6)`` and HR ``(rX, rY, rZ, 6)`` tensors.
 
         ``centres`` (full-volume LR indices) fixes the patches; otherwise ``n_patches``
@@ -250,8 +256,8 @@ class RunPatches:
         z = stats.standardise(lr_tensors)
         padded = np.empty(tuple(shape + 2 * margin) + (6,), np.float32)
         padded[...] = stats.standardise(np.zeros(6))
-        padded[margin:margin + shape[0], margin:margin + shape[1], margin:margin + shape[2]] = z
-        inputs = padded[lo[0]:hi[0] + 2 * margin, lo[1]:hi[1] + 2 * margin, lo[2]:hi[2] + 2 * margin]
+        padded[margin : margin + shape[0], margin : margin + shape[1], margin : margin + shape[2]] = z
+        inputs = padded[lo[0] : hi[0] + 2 * margin, lo[1] : hi[1] + 2 * margin, lo[2] : hi[2] + 2 * margin]
         hr_crop = tuple(slice(a * r, b * r) for a, b in zip(lo, hi))
         cubic = interpolate_tensors(lr_tensors, r, "cubic")
         trilinear = interpolate_tensors(lr_tensors, r, "trilinear")
@@ -259,11 +265,20 @@ class RunPatches:
         targets = encode_target(hr_tensors, stats, baseline)[hr_crop]
         hr_mask_c = np.asarray(hr_mask, bool)[hr_crop]
         run = cls(
-            name=name, r=int(r), inputs=np.ascontiguousarray(inputs), targets=np.ascontiguousarray(targets),
-            hr_mask=np.ascontiguousarray(hr_mask_c), centres=centres - lo, origin=lo.astype(np.int64),
-            mean=np.asarray(stats.mean, np.float64), sd=np.asarray(stats.sd, np.float64),
-            sse_trilinear=np.zeros(len(centres)), sse_cubic=np.zeros(len(centres)),
-            n_brain=np.zeros(len(centres), np.int64), input_size=input_size, margin=margin,
+            name=name,
+            r=int(r),
+            inputs=np.ascontiguousarray(inputs),
+            targets=np.ascontiguousarray(targets),
+            hr_mask=np.ascontiguousarray(hr_mask_c),
+            centres=centres - lo,
+            origin=lo.astype(np.int64),
+            mean=np.asarray(stats.mean, np.float64),
+            sd=np.asarray(stats.sd, np.float64),
+            sse_trilinear=np.zeros(len(centres)),
+            sse_cubic=np.zeros(len(centres)),
+            n_brain=np.zeros(len(centres), np.int64),
+            input_size=input_size,
+            margin=margin,
         )
         hr_c, tri_c, cub_c = hr_tensors[hr_crop], trilinear[hr_crop], cubic[hr_crop]
         for j in range(len(run)):
@@ -275,14 +290,24 @@ class RunPatches:
         return run
 
     # -- (de)serialisation
-    _ARRAYS = ("inputs", "targets", "hr_mask", "centres", "origin", "mean", "sd",
-               "sse_trilinear", "sse_cubic", "n_brain")
+    _ARRAYS = (
+        "inputs",
+        "targets",
+        "hr_mask",
+        "centres",
+        "origin",
+        "mean",
+        "sd",
+        "sse_trilinear",
+        "sse_cubic",
+        "n_brain",
+    )
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {f"{prefix}{k}": getattr(self, k) for k in self._ARRAYS}
 
     @classmethod
-    def from_npz(cls, data, prefix: str, name: str, r: int, input_size: int, margin: int) -> "RunPatches":
+    def from_npz(cls, data, prefix: str, name: str, r: int, input_size: int, margin: int) -> RunPatches:
         arrays = {k: data[f"{prefix}{k}"] for k in cls._ARRAYS}
         arrays["hr_mask"] = arrays["hr_mask"].astype(bool)
         return cls(name=name, r=r, input_size=input_size, margin=margin, **arrays)
@@ -336,8 +361,10 @@ class PatchLibrary:
         indices = list(indices)
         symmetries = [0] * len(indices) if symmetries is None else list(symmetries)
         pairs = [self.pair(i, f) for i, f in zip(indices, symmetries)]
-        return (np.stack([p[0] for p in pairs]).astype(np.float32, copy=False),
-                np.stack([p[1] for p in pairs]).astype(np.float32, copy=False))
+        return (
+            np.stack([p[0] for p in pairs]).astype(np.float32, copy=False),
+            np.stack([p[1] for p in pairs]).astype(np.float32, copy=False),
+        )
 
     def sd(self, indices: Iterable[int]) -> np.ndarray:
         """``(B, 6)`` per-patch channel sd (mm²/s): standardised error × sd = error in mm²/s."""
@@ -384,9 +411,14 @@ class PatchLibrary:
         for i, rp in enumerate(self.runs):
             arrays.update(rp.to_arrays(f"run{i}_"))
         header = {
-            "format": LIBRARY_FORMAT, "version": LIBRARY_VERSION, "target": self.target, "r": self.r,
-            "input_size": self.input_size, "margin": self.margin,
-            "runs": [rp.name for rp in self.runs], "meta": self.meta,
+            "format": LIBRARY_FORMAT,
+            "version": LIBRARY_VERSION,
+            "target": self.target,
+            "r": self.r,
+            "input_size": self.input_size,
+            "margin": self.margin,
+            "runs": [rp.name for rp in self.runs],
+            "meta": self.meta,
         }
         arrays["header"] = np.array(json.dumps(header))
         with atomic_path(path) as tmp:
@@ -395,7 +427,7 @@ class PatchLibrary:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PatchLibrary":
+    def load(cls, path: str | os.PathLike) -> PatchLibrary:
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -456,8 +488,14 @@ def content_digest(path: Path) -> str:
 
 
 def library_key(
-    runs: Sequence, r: int, patches_per_subject: int, seed: int, target: str,
-    input_size: int = INPUT_SIZE, margin: int = MARGIN, preprocessing: Preprocessing = NONE,
+    runs: Sequence,
+    r: int,
+    patches_per_subject: int,
+    seed: int,
+    target: str,
+    input_size: int = INPUT_SIZE,
+    margin: int = MARGIN,
+    preprocessing: Preprocessing = NONE,
 ) -> str:
     """sha256 over the runs' files (name and :func:`content_digest`) and every sampling setting:
     a copy of the data elsewhere, with new time stamps (a cluster job's scratch folder), has the
@@ -470,9 +508,15 @@ def library_key(
             except OSError:
                 raise InputError(f"{p}: file not found or not readable") from None
     spec = {
-        "format": LIBRARY_FORMAT, "version": LIBRARY_VERSION, "files": files, "r": int(r),
-        "patches_per_subject": int(patches_per_subject), "seed": int(seed), "target": target,
-        "input_size": int(input_size), "margin": int(margin),
+        "format": LIBRARY_FORMAT,
+        "version": LIBRARY_VERSION,
+        "files": files,
+        "r": int(r),
+        "patches_per_subject": int(patches_per_subject),
+        "seed": int(seed),
+        "target": target,
+        "input_size": int(input_size),
+        "margin": int(margin),
     }
     if preprocessing != NONE:  # (libraries of series as acquired keep their earlier keys)
         spec["preprocessing"] = preprocessing.to_card()
@@ -552,15 +596,26 @@ def build_library(
         pair = make_pair(hr_dwi, series.affine, series.gtab, r, str(dwi))
         built.append(
             RunPatches.from_arrays(
-                pair.lr.tensors, pair.hr.tensors, pair.lr_mask, pair.hr_mask, r,
-                n_patches=n, seed=[int(seed), i], target=target, input_size=input_size,
-                margin=margin, name=name,
+                pair.lr.tensors,
+                pair.hr.tensors,
+                pair.lr_mask,
+                pair.hr_mask,
+                r,
+                n_patches=n,
+                seed=[int(seed), i],
+                target=target,
+                input_size=input_size,
+                margin=margin,
+                name=name,
             )
         )
     meta = {
-        "key": key, "seed": int(seed), "patches_per_subject": int(patches_per_subject),
+        "key": key,
+        "seed": int(seed),
+        "patches_per_subject": int(patches_per_subject),
         "runs": [{"name": _run_id(run), "subject": _run_subject(run), "dwi": str(_run_files(run)[0])} for run in runs],
-        "preprocessing": preprocessing.to_card(), "domain": training_domain(domains, r),
+        "preprocessing": preprocessing.to_card(),
+        "domain": training_domain(domains, r),
     }
     lib = PatchLibrary(built, target, meta)
     if cache is not None:

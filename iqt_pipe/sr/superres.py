@@ -10,19 +10,24 @@ parameter and total — the last is the scalar map fit for thresholding.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from iqt_pipe import __version__
 from iqt_pipe.dmri.dti import tensors_world_to_voxel
-from iqt_pipe.sr.inference import Prediction, frobenius_sd, predict_ensemble
-from iqt_pipe.io import load_tensor_image  # noqa: F401 - re-exported; it lives in io so tractography needs no torch
-from iqt_pipe.io import save_json, save_nifti, save_tensors, sidecar_path
-from iqt_pipe.models.espcn import IQTNet
 from iqt_pipe.dmri.prepare import Preprocessing, card_domain, domain_problems
-
+from iqt_pipe.io import (
+    load_tensor_image,  # noqa: F401 - re-exported; it lives in io so tractography needs no torch
+    save_json,
+    save_nifti,
+    save_tensors,
+    sidecar_path,
+)
+from iqt_pipe.models.espcn import IQTNet
+from iqt_pipe.sr.inference import Prediction, frobenius_sd, predict_ensemble
 
 _DIFFUSIVITY = "mm^2/s"
 #: Sidecar fields of each map :func:`write_prediction` writes (the BIDS outputs reuse them).
@@ -31,22 +36,35 @@ MAP_SIDECARS: dict[str, dict[str, str]] = {
     "fasd": {"Description": "FA: sd over samples of the predictive distribution", "Units": "arbitrary"},
     "md": {"Description": "MD: mean over samples of the predictive distribution", "Units": _DIFFUSIVITY},
     "mdsd": {"Description": "MD: sd over samples of the predictive distribution", "Units": _DIFFUSIVITY},
-    "sdint": {"Description": "Frobenius sd of the intrinsic (heteroscedastic noise model) uncertainty "
-                             "of the tensor", "Units": _DIFFUSIVITY},
-    "sdpar": {"Description": "Frobenius sd of the parameter uncertainty of the tensor: the spread of the "
-                             "Monte-Carlo passes (variational-dropout weight draws, test-time symmetries) "
-                             "and of an ensemble's models",
-              "Units": _DIFFUSIVITY},
-    "sdtot": {"Description": "Frobenius sd of the total predictive uncertainty of the tensor (intrinsic "
-                             "and parameter parts together)", "Units": _DIFFUSIVITY},
-    "mask": {"Description": "Super-resolved brain mask: each native mask voxel's r×r×r block (the network "
-                     "predicts beyond it, over the mask dilated by its receptive field; farther out the tensor "
-                     "is the cubic B-spline upsampling of the native one)", "Type": "Brain"},
+    "sdint": {
+        "Description": "Frobenius sd of the intrinsic (heteroscedastic noise model) uncertainty of the tensor",
+        "Units": _DIFFUSIVITY,
+    },
+    "sdpar": {
+        "Description": "Frobenius sd of the parameter uncertainty of the tensor: the spread of the "
+        "Monte-Carlo passes (variational-dropout weight draws, test-time symmetries) "
+        "and of an ensemble's models",
+        "Units": _DIFFUSIVITY,
+    },
+    "sdtot": {
+        "Description": "Frobenius sd of the total predictive uncertainty of the tensor (intrinsic "
+        "and parameter parts together)",
+        "Units": _DIFFUSIVITY,
+    },
+    "mask": {
+        "Description": "Super-resolved brain mask: each native mask voxel's r×r×r block (the network "
+        "predicts beyond it, over the mask dilated by its receptive field; farther out the tensor "
+        "is the cubic B-spline upsampling of the native one)",
+        "Type": "Brain",
+    },
 }
 
 
 def super_resolve_tensors(
-    world_tensors: np.ndarray, mask: np.ndarray, affine: np.ndarray, model: IQTNet | Sequence[IQTNet],
+    world_tensors: np.ndarray,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    model: IQTNet | Sequence[IQTNet],
     **predict_kwargs,
 ) -> Prediction:
     """:func:`~iqt_pipe.sr.inference.predict_ensemble` (one model or several) on world-frame
@@ -57,8 +75,13 @@ def super_resolve_tensors(
 
 
 def _model_fields(card: dict[str, Any]) -> dict[str, Any]:
-    return {"Variant": card["variant"], "UpsampleFactor": card["upsample"], "Target": card.get("target", "hr"),
-            "WeightsSHA256": card["weights"]["sha256"], "Version": card.get("iqt_pipe_version")}
+    return {
+        "Variant": card["variant"],
+        "UpsampleFactor": card["upsample"],
+        "Target": card.get("target", "hr"),
+        "WeightsSHA256": card["weights"]["sha256"],
+        "Version": card.get("iqt_pipe_version"),
+    }
 
 
 def write_prediction(
@@ -91,7 +114,9 @@ def write_prediction(
 
 
 def prediction_metadata(
-    card: dict[str, Any] | Sequence[dict[str, Any]], pred: Prediction, preprocessing: Preprocessing | None = None,
+    card: dict[str, Any] | Sequence[dict[str, Any]],
+    pred: Prediction,
+    preprocessing: Preprocessing | None = None,
     domain: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Provenance for every output sidecar: the model file (the first of an ensemble's cards,
@@ -106,14 +131,21 @@ def prediction_metadata(
         extra["Ensemble"] = [_model_fields(c) for c in cards]
     if preprocessing is not None:
         trained = Preprocessing.of_model(card)
-        extra["Preprocessing"] = {"Denoise": preprocessing.denoise, "GibbsRemoval": preprocessing.degibbs,
-                                  "ModelTrainedWith": {"Denoise": trained.denoise, "GibbsRemoval": trained.degibbs},
-                                  "MatchesModel": preprocessing.same_steps(trained)}
+        extra["Preprocessing"] = {
+            "Denoise": preprocessing.denoise,
+            "GibbsRemoval": preprocessing.degibbs,
+            "ModelTrainedWith": {"Denoise": trained.denoise, "GibbsRemoval": trained.degibbs},
+            "MatchesModel": preprocessing.same_steps(trained),
+        }
     if domain is not None:
         trained_domain = card_domain(card)
         problems = domain_problems(trained_domain, domain)
-        extra["ModelDomain"] = {"Inside": None if not trained_domain else not problems, "Problems": problems,
-                                "Run": domain, "Training": trained_domain}
+        extra["ModelDomain"] = {
+            "Inside": None if not trained_domain else not problems,
+            "Problems": problems,
+            "Run": domain,
+            "Training": trained_domain,
+        }
     return {
         "Model": _model_fields(card),
         "VarianceScale": pred.info.get("variance_scale", 1.0),

@@ -152,8 +152,10 @@ class TrainSettings:
         if self.schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {self.schedule!r}; choose fixed or anneal")
         if self.schedule == "anneal" and not VARIANTS[self.variant][0]:
-            raise InputError(f"the anneal schedule switches MSE to the heteroscedastic NLL; variant {self.variant} has "
-                             "no precision network (use a hetero variant or --schedule fixed)")
+            raise InputError(
+                f"the anneal schedule switches MSE to the heteroscedastic NLL; variant {self.variant} has "
+                "no precision network (use a hetero variant or --schedule fixed)"
+            )
         if self.loss_mask not in LOSS_MASKS:
             raise InputError(f"unknown loss mask {self.loss_mask!r}; choose {' or '.join(LOSS_MASKS)}")
         if self.axis_swap and not self.augment:
@@ -161,8 +163,10 @@ class TrainSettings:
         if problem := architecture_problem(self.widths, self.kernels):
             raise InputError(problem)
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise InputError(f"epochs ({self.epochs}) and batch size ({self.batch_size}) must be ≥ 1 and the "
-                             f"learning rate ({self.lr}) > 0")
+            raise InputError(
+                f"epochs ({self.epochs}) and batch size ({self.batch_size}) must be ≥ 1 and the "
+                f"learning rate ({self.lr}) > 0"
+            )
 
     def check_options(self) -> None:
         """One-line errors worded for the recipe options of ``iqt-train`` and ``iqt-eval
@@ -173,26 +177,43 @@ class TrainSettings:
         if self.axis_swap and not self.augment:
             raise InputError("--axis-swap extends the augmentation; drop --no-augment")
         if self.schedule == "anneal" and not VARIANTS[self.variant][0]:
-            raise InputError(f"--schedule anneal switches to the heteroscedastic NLL; variant {self.variant} has none "
-                             "(use a hetero variant)")
+            raise InputError(
+                f"--schedule anneal switches to the heteroscedastic NLL; variant {self.variant} has none "
+                "(use a hetero variant)"
+            )
 
     def resolved(self) -> TrainSettings:
         """These settings with the anneal schedule's epochs filled in."""
         default = max(1, self.epochs // 4)
-        return replace(self, anneal_start=default if self.anneal_start is None else int(self.anneal_start),
-                       anneal_epochs=default if self.anneal_epochs is None else int(self.anneal_epochs))
+        return replace(
+            self,
+            anneal_start=default if self.anneal_start is None else int(self.anneal_start),
+            anneal_epochs=default if self.anneal_epochs is None else int(self.anneal_epochs),
+        )
 
     def recipe(self) -> dict:
         """The recipe as ``iqt-eval --cross-validate`` records it: every setting but the seed
         (recorded on its own) and the anneal schedule's epochs (no command-line option)."""
         return {k: v for k, v in asdict(self).items() if k not in ("seed", "anneal_start", "anneal_epochs")}
 
-    def library_options(self, *, r: int = 2, patches_per_subject: int = DEFAULT_PATCHES_PER_SUBJECT,
-                        target: str = DEFAULT_TARGET, preprocessing: Preprocessing = NONE) -> dict:
+    def library_options(
+        self,
+        *,
+        r: int = 2,
+        patches_per_subject: int = DEFAULT_PATCHES_PER_SUBJECT,
+        target: str = DEFAULT_TARGET,
+        preprocessing: Preprocessing = NONE,
+    ) -> dict:
         """:func:`~iqt_pipe.sr.patches.build_library`'s keywords for a patch library these settings
         can train on: patches cut for the margin of :attr:`kernels`, sampled with :attr:`seed`."""
-        return {"r": r, "patches_per_subject": patches_per_subject, "seed": self.seed, "target": target,
-                "preprocessing": preprocessing, **patch_geometry(margin(self.kernels))}
+        return {
+            "r": r,
+            "patches_per_subject": patches_per_subject,
+            "seed": self.seed,
+            "target": target,
+            "preprocessing": preprocessing,
+            **patch_geometry(margin(self.kernels)),
+        }
 
 
 # --------------------------------------------------------------------------- data
@@ -214,8 +235,15 @@ class PatchDataset(torch.utils.data.Dataset):
     ``axis_swap``, its axes permuted) by a symmetry code drawn from ``(seed, epoch)`` (see
     :mod:`iqt_pipe.sr.patches`)."""
 
-    def __init__(self, library: PatchLibrary, indices: np.ndarray, augment: bool = False, seed: int = 0,
-                 axis_swap: bool = False, with_brain: bool = False):
+    def __init__(
+        self,
+        library: PatchLibrary,
+        indices: np.ndarray,
+        augment: bool = False,
+        seed: int = 0,
+        axis_swap: bool = False,
+        with_brain: bool = False,
+    ):
         self.library, self.indices, self.augment, self.seed = library, np.asarray(indices), augment, int(seed)
         self.with_brain = with_brain
         self.n_codes = N_SYMMETRIES if axis_swap else N_MIRRORS
@@ -247,8 +275,13 @@ def anneal_weight(epoch_position: float, start: int, length: int) -> float:
     return float(min(1.0, max(0.0, (epoch_position - start) / max(1, length))))
 
 
-def data_loss(mean: torch.Tensor, precision: torch.Tensor | None, target: torch.Tensor, nll_weight: float,
-              brain: torch.Tensor | None = None) -> torch.Tensor:
+def data_loss(
+    mean: torch.Tensor,
+    precision: torch.Tensor | None,
+    target: torch.Tensor,
+    nll_weight: float,
+    brain: torch.Tensor | None = None,
+) -> torch.Tensor:
     """MSE, NLL, or their mix ``(1 − w)·MSE + w·NLL`` (w = ``nll_weight``), averaged over every
     target element or, with ``brain`` ((B, 1, X, Y, Z), 1 in the HR brain mask), over the
     brain voxels' elements only."""
@@ -266,7 +299,7 @@ def target_elements(library: PatchLibrary, indices: np.ndarray, loss_mask: str =
     if loss_mask != "brain":
         return len(indices) * int(np.prod(library.target_shape))
     step = 4096
-    return 6 * sum(int(library.brain(indices[s:s + step]).sum()) for s in range(0, len(indices), step))
+    return 6 * sum(int(library.brain(indices[s : s + step]).sum()) for s in range(0, len(indices), step))
 
 
 def loss_description(variant: str, schedule: str, loss_mask: str = "none") -> str:
@@ -297,8 +330,10 @@ def learnt_nothing_warning(card: dict) -> str | None:
     ratio = rmse["model"] / rmse["cubic"] if rmse.get("cubic") else math.nan
     if not ratio <= LEARNT_NOTHING:
         lr = card["training"]["learning_rate"]
-        return (f"the model's validation RMSE is {ratio:.3f} × cubic B-spline's: it has learnt (almost) nothing over "
-                f"interpolation; train longer, or with a lower --lr (e.g. {lr / 3:.2g}) or another --seed")
+        return (
+            f"the model's validation RMSE is {ratio:.3f} × cubic B-spline's: it has learnt (almost) nothing over "
+            f"interpolation; train longer, or with a lower --lr (e.g. {lr / 3:.2g}) or another --seed"
+        )
     return None
 
 
@@ -415,8 +450,14 @@ def _epoch_progress(quiet: bool, dist: DistContext):
 
 @torch.no_grad()
 def validate(
-    model: IQTNet, library: PatchLibrary, indices: np.ndarray, *, batch_size: int = 64,
-    device: torch.device | str = "cpu", dist: DistContext | None = None, quiet: bool = True,
+    model: IQTNet,
+    library: PatchLibrary,
+    indices: np.ndarray,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    dist: DistContext | None = None,
+    quiet: bool = True,
     loss_mask: str = "none",
 ) -> dict[str, float]:
     """Validation loss (final objective's data term) and RMSE (mm²/s, brain voxels), mean weights.
@@ -428,12 +469,12 @@ def validate(
 
     dist = dist or DistContext(device=torch.device(device))
     device = torch.device(device)
-    mine = np.asarray(indices)[dist.rank::dist.world_size]
+    mine = np.asarray(indices)[dist.rank :: dist.world_size]
     model.eval()
     loss_sum = n_el = sse = n_brain = 0.0
     starts = range(0, len(mine), batch_size)
     for s in tqdm(starts, desc="validation", leave=False, unit="batch", disable=_epoch_progress(quiet, dist)):
-        idx = mine[s:s + batch_size]
+        idx = mine[s : s + batch_size]
         x, y = library.get(idx)
         xt = torch.from_numpy(x).to(device, memory_format=memory_format(device))
         yt = torch.from_numpy(y).to(device)
@@ -488,8 +529,15 @@ def train(
     start, epochs = progress.epoch, run.settings.epochs
     metrics = read_metrics(out / METRICS) if dist.is_main else []
     with _deterministic(device):
-        epoch_bar = tqdm(range(start, epochs), desc="epochs", unit="epoch", initial=start, total=epochs,
-                         disable=_epoch_progress(quiet, dist), dynamic_ncols=True)
+        epoch_bar = tqdm(
+            range(start, epochs),
+            desc="epochs",
+            unit="epoch",
+            initial=start,
+            total=epochs,
+            disable=_epoch_progress(quiet, dist),
+            dynamic_ncols=True,
+        )
         for epoch in epoch_bar:
             row = _epoch(run, progress, epoch)
             metrics.append(row)
@@ -509,13 +557,22 @@ def _check_library(library: PatchLibrary, settings: TrainSettings) -> None:
     if library.target not in TARGETS:
         raise InputError(f"unknown target {library.target!r}")
     if library.margin != margin(settings.kernels):
-        raise InputError(f"kernels {list(settings.kernels)} lose {margin(settings.kernels)} LR voxels per side but "
-                         f"the patch library was cut for {library.margin}; build it with margin "
-                         f"{margin(settings.kernels)}")
+        raise InputError(
+            f"kernels {list(settings.kernels)} lose {margin(settings.kernels)} LR voxels per side but "
+            f"the patch library was cut for {library.margin}; build it with margin "
+            f"{margin(settings.kernels)}"
+        )
 
 
-def _start(library: PatchLibrary, out: Path, settings: TrainSettings, dist: DistContext, device: torch.device,
-           quiet: bool, data_summary: dict | None) -> _Run:
+def _start(
+    library: PatchLibrary,
+    out: Path,
+    settings: TrainSettings,
+    dist: DistContext,
+    device: torch.device,
+    quiet: bool,
+    data_summary: dict | None,
+) -> _Run:
     """Split the pairs, initialise the model from the seed, and set up the optimiser and the
     training batches: shuffled by a seeded ``DistributedSampler``, each process taking
     ceil(batch_size / world_size) pairs per step."""
@@ -524,8 +581,14 @@ def _start(library: PatchLibrary, out: Path, settings: TrainSettings, dist: Dist
     model = IQTNet(settings.variant, library.r, settings.widths, settings.kernels)
     model = model.to(device, memory_format=memory_format(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    dataset = PatchDataset(library, train_idx, settings.augment, settings.seed, settings.axis_swap,
-                           with_brain=settings.loss_mask == "brain")
+    dataset = PatchDataset(
+        library,
+        train_idx,
+        settings.augment,
+        settings.seed,
+        settings.axis_swap,
+        with_brain=settings.loss_mask == "brain",
+    )
     sampler = torch.utils.data.DistributedSampler(
         dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=int(settings.seed), drop_last=False
     )
@@ -536,22 +599,48 @@ def _start(library: PatchLibrary, out: Path, settings: TrainSettings, dist: Dist
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    return _Run(settings, library, out, dist, device, quiet, data_summary, model, net, optimizer, dataset, sampler,
-                loader, train_idx, val_idx, target_elements(library, train_idx, settings.loss_mask),
-                library.baseline_rmse(val_idx))
+    return _Run(
+        settings,
+        library,
+        out,
+        dist,
+        device,
+        quiet,
+        data_summary,
+        model,
+        net,
+        optimizer,
+        dataset,
+        sampler,
+        loader,
+        train_idx,
+        val_idx,
+        target_elements(library, train_idx, settings.loss_mask),
+        library.baseline_rmse(val_idx),
+    )
 
 
 def _record(settings: TrainSettings, library: PatchLibrary) -> dict:
     """The settings as checkpoints record them and a resumed run must repeat them."""
     anneal = settings.schedule == "anneal"
     return {
-        "variant": settings.variant, "r": library.r, "target": library.target, "seed": int(settings.seed),
-        "batch_size": int(settings.batch_size), "lr": float(settings.lr), "val_fraction": float(settings.val_fraction),
-        "schedule": settings.schedule, "anneal_start": settings.anneal_start if anneal else None,
-        "anneal_epochs": settings.anneal_epochs if anneal else None, "augment": bool(settings.augment),
-        "axis_swap": bool(settings.axis_swap), "loss_mask": settings.loss_mask,
-        "widths": [int(w) for w in settings.widths], "kernels": [int(k) for k in settings.kernels],
-        "library_key": library.meta.get("key"), "patches": len(library),
+        "variant": settings.variant,
+        "r": library.r,
+        "target": library.target,
+        "seed": int(settings.seed),
+        "batch_size": int(settings.batch_size),
+        "lr": float(settings.lr),
+        "val_fraction": float(settings.val_fraction),
+        "schedule": settings.schedule,
+        "anneal_start": settings.anneal_start if anneal else None,
+        "anneal_epochs": settings.anneal_epochs if anneal else None,
+        "augment": bool(settings.augment),
+        "axis_swap": bool(settings.axis_swap),
+        "loss_mask": settings.loss_mask,
+        "widths": [int(w) for w in settings.widths],
+        "kernels": [int(k) for k in settings.kernels],
+        "library_key": library.meta.get("key"),
+        "patches": len(library),
     }
 
 
@@ -573,15 +662,28 @@ def _resume(run: _Run, resume: bool) -> _Progress:
         saved = state.get("settings", {})
         s = run.settings
         if s.schedule == "anneal":  # the checkpoint's resolved schedule wins
-            run.settings = replace(s, anneal_start=saved.get("anneal_start", s.anneal_start),
-                                   anneal_epochs=saved.get("anneal_epochs", s.anneal_epochs))
+            run.settings = replace(
+                s,
+                anneal_start=saved.get("anneal_start", s.anneal_start),
+                anneal_epochs=saved.get("anneal_epochs", s.anneal_epochs),
+            )
         check_resumable(run.out, saved, _record(run.settings, run.library))
         best_state = restore_checkpoint(run.model, run.optimizer, state, tensors)
-        progress = _Progress(state["epoch"], state["best_val_loss"], state["best_epoch"],
-                             state.get("best_val_rmse", math.nan), best_state)
+        progress = _Progress(
+            state["epoch"],
+            state["best_val_loss"],
+            state["best_epoch"],
+            state.get("best_val_rmse", math.nan),
+            best_state,
+        )
         if run.dist.is_main:
-            log.info("resuming %s after epoch %d (best validation loss %.4g at epoch %d)", run.out, progress.epoch,
-                     progress.best_val, progress.best_epoch)
+            log.info(
+                "resuming %s after epoch %d (best validation loss %.4g at epoch %d)",
+                run.out,
+                progress.epoch,
+                progress.best_val,
+                progress.best_epoch,
+            )
     if run.dist.is_main:
         trim_metrics(run.out / METRICS, progress.epoch)
     return progress
@@ -593,8 +695,16 @@ def _epoch(run: _Run, progress: _Progress, epoch: int) -> dict:
     s = run.settings
     t0 = time.perf_counter()
     train_loss = _train_steps(run, epoch)
-    val = validate(run.model, run.library, run.val_idx, batch_size=max(s.batch_size, 32), device=run.device,
-                   dist=run.dist, quiet=run.quiet, loss_mask=s.loss_mask)
+    val = validate(
+        run.model,
+        run.library,
+        run.val_idx,
+        batch_size=max(s.batch_size, 32),
+        device=run.device,
+        dist=run.dist,
+        quiet=run.quiet,
+        loss_mask=s.loss_mask,
+    )
     seconds = time.perf_counter() - t0
     improved = val["loss"] < progress.best_val
     if improved:
@@ -602,8 +712,12 @@ def _epoch(run: _Run, progress: _Progress, epoch: int) -> dict:
         progress.best_state = _state(run.model)
     progress.epoch = epoch + 1
     row = {
-        "epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
-        "val_rmse": val["rmse"], "seconds": round(seconds, 3), "best": improved,
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "val_loss": val["loss"],
+        "val_rmse": val["rmse"],
+        "seconds": round(seconds, 3),
+        "best": improved,
     }
     if s.schedule == "anneal":
         row["nll_weight"] = anneal_weight(epoch + 1, s.anneal_start, s.anneal_epochs)
@@ -612,10 +726,19 @@ def _epoch(run: _Run, progress: _Progress, epoch: int) -> dict:
             fh.write(json.dumps(row) + "\n")
         if improved:
             _save_best(progress.best_state, run.model, run.out, _card(run, progress))
-        save_checkpoint(run.out, run.model, run.optimizer, progress.best_state, {
-            "epoch": epoch + 1, "best_val_loss": progress.best_val, "best_epoch": progress.best_epoch,
-            "best_val_rmse": progress.best_rmse, "settings": _record(s, run.library),
-        })
+        save_checkpoint(
+            run.out,
+            run.model,
+            run.optimizer,
+            progress.best_state,
+            {
+                "epoch": epoch + 1,
+                "best_val_loss": progress.best_val,
+                "best_epoch": progress.best_epoch,
+                "best_val_rmse": progress.best_rmse,
+                "settings": _record(s, run.library),
+            },
+        )
     log.debug("epoch %d: %s", epoch + 1, row)
     return row
 
@@ -633,8 +756,14 @@ def _train_steps(run: _Run, epoch: int) -> float:
     model.train()
     n_steps = len(run.loader)
     running = 0.0
-    batch_bar = tqdm(run.loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch",
-                     disable=_epoch_progress(run.quiet, dist), dynamic_ncols=True)
+    batch_bar = tqdm(
+        run.loader,
+        desc=f"epoch {epoch + 1}",
+        leave=False,
+        unit="batch",
+        disable=_epoch_progress(run.quiet, dist),
+        dynamic_ncols=True,
+    )
     for step, (x, y, *brain) in enumerate(batch_bar):
         x = x.to(device, non_blocking=True, memory_format=memory_format(device))
         y = y.to(device, non_blocking=True)
@@ -677,9 +806,14 @@ def _card(run: _Run, progress: _Progress) -> dict:
     training = {
         **(run.data_summary or {}),
         "runs": [rp.name for rp in library.runs],
-        "patches": {"total": len(library), "train": len(run.train_idx), "validation": len(run.val_idx),
-                    "per_subject": library.meta.get("patches_per_subject"),
-                    "input_size": library.input_size, "target_size": library.r * library.core},
+        "patches": {
+            "total": len(library),
+            "train": len(run.train_idx),
+            "validation": len(run.val_idx),
+            "per_subject": library.meta.get("patches_per_subject"),
+            "input_size": library.input_size,
+            "target_size": library.r * library.core,
+        },
         "upsample": library.r,
         "epochs": int(progress.epoch),
         "seed": settings["seed"],

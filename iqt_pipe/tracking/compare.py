@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -42,12 +42,13 @@ COMPARISON_COLUMNS = {
     "median_closest_mm": "median over streamlines of their mean closest-point distance to the reference (mm)",
     "mean_closest_point_mm": "mean over streamlines of the same (mm)",
     "median_mdf_mm": "median over streamlines of their minimum direct-flip distance to a reference streamline "
-                     "(mm; penalises length differences too)",
+    "(mm; penalises length differences too)",
 }
 
 
-def mean_closest_distances(streamlines: Sequence[np.ndarray], reference: Sequence[np.ndarray] | np.ndarray,
-                           step: float = 0.5) -> np.ndarray:
+def mean_closest_distances(
+    streamlines: Sequence[np.ndarray], reference: Sequence[np.ndarray] | np.ndarray, step: float = 0.5
+) -> np.ndarray:
     """For each streamline, the mean over its points of the distance (mm) to the closest
     point of ``reference`` (streamlines, densified to ``step`` mm, or an ``(N, 3)`` array)."""
     from scipy.spatial import cKDTree
@@ -62,8 +63,9 @@ def mean_closest_distances(streamlines: Sequence[np.ndarray], reference: Sequenc
     return np.array([float(tree.query(densify(s, step))[0].mean()) for s in streamlines])
 
 
-def closest_streamline_distances(streamlines: Sequence[np.ndarray], reference: Sequence[np.ndarray],
-                                 n_points: int = 12) -> np.ndarray:
+def closest_streamline_distances(
+    streamlines: Sequence[np.ndarray], reference: Sequence[np.ndarray], n_points: int = 12
+) -> np.ndarray:
     """For each streamline, its minimum direct-flip distance (MDF, mm) to any reference
     streamline: both resampled to ``n_points`` equidistant points, the mean distance between
     corresponding points, in the better of the two orders (Garyfallidis et al. 2012). It
@@ -78,8 +80,9 @@ def closest_streamline_distances(streamlines: Sequence[np.ndarray], reference: S
     test = set_number_of_points([np.asarray(s, np.float64) for s in streamlines], n_points)
     ref = set_number_of_points([np.asarray(s, np.float64) for s in reference], n_points)
     rows = max(1, 2_000_000 // len(ref))  # about 16 MB of distances at a time
-    return np.concatenate([np.asarray(bundles_distances_mdf(test[i:i + rows], ref)).min(axis=1)
-                           for i in range(0, len(test), rows)])
+    return np.concatenate(
+        [np.asarray(bundles_distances_mdf(test[i : i + rows], ref)).min(axis=1) for i in range(0, len(test), rows)]
+    )
 
 
 def tdi_correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -177,8 +180,10 @@ def evaluate_tractography(
     """Evaluation mode: native-LR and super-resolved tractograms against the HR reference on
     the HR grid (see :func:`compare_tractograms`); ``far_mm`` defaults to one HR voxel."""
     far = far_mm if far_mm is not None else voxel_size(hr_affine)
-    return {name: compare_tractograms(hr, test, hr_affine, hr_shape, far, bundles, mask)
-            for name, test in (("native", native), ("sr", sr))}
+    return {
+        name: compare_tractograms(hr, test, hr_affine, hr_shape, far, bundles, mask)
+        for name, test in (("native", native), ("sr", sr))
+    }
 
 
 def _grid_mask(value, affine, shape, what: str) -> np.ndarray:
@@ -223,8 +228,16 @@ def evaluate_files(
             if np.isin(data, (0, 1)).all() and data.any():
                 mask = data > 0
     regions = {name: _grid_mask(v, affine, shape, f"bundle mask {name}") for name, v in (bundles or {}).items()}
-    result = evaluate_tractography(load_streamlines(hr_file), load_streamlines(native_file),
-                                   load_streamlines(sr_file), affine, shape, far_mm, regions or None, mask)
+    result = evaluate_tractography(
+        load_streamlines(hr_file),
+        load_streamlines(native_file),
+        load_streamlines(sr_file),
+        affine,
+        shape,
+        far_mm,
+        regions or None,
+        mask,
+    )
     if out_tsv is not None:
         columns = ["tractogram", *result["sr"]]
         write_tsv([{"tractogram": k, **v} for k, v in result.items()], columns, out_tsv, TSV_FLOAT)

@@ -10,8 +10,9 @@ Streamlines are in world millimetres (RAS+), the space of ``.tck`` files and of 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import nibabel as nb
 import numpy as np
@@ -28,13 +29,13 @@ STREAMLINE_COLUMNS = {
     "length_mm": "length along the streamline (mm)",
     "n_points": "number of points",
     "mean_uncertainty": "mean over the streamline's points of the total Frobenius sd of the super-resolved "
-                        "tensor in the voxel holding the point (mm^2/s); n/a without an uncertainty map",
+    "tensor in the voxel holding the point (mm^2/s); n/a without an uncertainty map",
     "max_uncertainty": "maximum of the same (mm^2/s); n/a without an uncertainty map",
 }
 #: Columns of the per-run summary TSV (one row per tractogram).
 SUMMARY_COLUMNS = {
     "tractogram": "space, software and algorithm, e.g. sr_dipydet (sr: super-resolved tensors; "
-                  "native: the native-resolution fit)",
+    "native: the native-resolution fit)",
     "space": "native or sr",
     "software": "dipy or mrtrix",
     "algorithm": "det (deterministic, principal direction) or prob (probabilistic)",
@@ -73,8 +74,9 @@ def load_on_grid(path: str | os.PathLike, affine: np.ndarray, shape: Sequence[in
     """A 3-D map that must lie on a given grid (one-line :class:`InputError` otherwise)."""
     data, data_affine, _ = load_nifti(path)
     if data.shape[:3] != tuple(shape[:3]) or not np.allclose(data_affine, affine, atol=1e-3):
-        raise InputError(f"{path}: the {what}'s grid differs from the tracked image's; use the {what} of the "
-                         "same run and resolution")
+        raise InputError(
+            f"{path}: the {what}'s grid differs from the tracked image's; use the {what} of the same run and resolution"
+        )
     return data
 
 
@@ -100,8 +102,9 @@ def save_trk(
     from nibabel.streamlines import Field, Tractogram, TrkFile
 
     data = {k: np.asarray(v, np.float32).reshape(-1, 1) for k, v in (data_per_streamline or {}).items()}
-    tractogram = Tractogram([np.asarray(s, np.float32) for s in streamlines], data_per_streamline=data,
-                            affine_to_rasmm=np.eye(4))
+    tractogram = Tractogram(
+        [np.asarray(s, np.float32) for s in streamlines], data_per_streamline=data, affine_to_rasmm=np.eye(4)
+    )
     header = {
         Field.VOXEL_TO_RASMM: np.asarray(affine, np.float32),
         Field.VOXEL_SIZES: nb.affines.voxel_sizes(affine).astype(np.float32),
@@ -211,12 +214,19 @@ def finish_tractogram(
     counts = {"n_stopped": 0, "n_dropped": 0}
     if max_uncertainty is not None:
         if uncertainty is None:
-            raise InputError("--max-uncertainty needs an uncertainty map; the model predicts none (use a hetero "
-                             "variant, or a variational one with --mc-samples above 1)")
+            raise InputError(
+                "--max-uncertainty needs an uncertainty map; the model predicts none (use a hetero "
+                "variant, or a variational one with --mc-samples above 1)"
+            )
         tracks, counts = limit_uncertainty(tracks, uncertainty, reference_affine, max_uncertainty, action, min_length)
     paths, table = write_tractogram(tracks, prefix, reference_affine, reference_shape, uncertainty)
-    row = summarise_tractogram(tracks, table, counts, uncertainty_threshold=max_uncertainty,
-                    uncertainty_action=action if max_uncertainty is not None else None)
+    row = summarise_tractogram(
+        tracks,
+        table,
+        counts,
+        uncertainty_threshold=max_uncertainty,
+        uncertainty_action=action if max_uncertainty is not None else None,
+    )
     return paths, row
 
 
@@ -237,6 +247,7 @@ def resample_to_grid(
 
     points = voxel_centres(tuple(dst_shape[:3]), dst_affine)
     ijk = nb.affines.apply_affine(np.linalg.inv(src_affine), points)
-    out = ndimage.map_coordinates(np.asarray(volume, np.float64), np.moveaxis(ijk, -1, 0), order=order,
-                                  mode="nearest", prefilter=order > 1)
+    out = ndimage.map_coordinates(
+        np.asarray(volume, np.float64), np.moveaxis(ijk, -1, 0), order=order, mode="nearest", prefilter=order > 1
+    )
     return out.astype(np.float32)

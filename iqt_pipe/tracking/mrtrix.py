@@ -55,7 +55,7 @@ def synthesize_dwi(tensors_world: np.ndarray, s0: np.ndarray, bvals: np.ndarray,
     out = np.zeros(s0.shape + (len(bvals),), dtype=np.float32)
     inside = s0 > 0
     for start in range(0, int(inside.sum()), 200000):  # bounded memory on large grids
-        idx = tuple(a[start:start + 200000] for a in np.nonzero(inside))
+        idx = tuple(a[start : start + 200000] for a in np.nonzero(inside))
         out[idx] = synthesize_signal(s0[idx].astype(float), tensors[idx].astype(float), bvals, bvecs_world)
     return out
 
@@ -97,8 +97,9 @@ def run_noise_sigma(
         return None
     img = nb.load(str(dwi_file))
     if len(img.shape) != 4 or img.shape[3] != len(bvals):
-        raise InputError(f"{dwi_file}: expected a 4-D series of {len(bvals)} volumes (one per b-value), "
-                         f"got shape {img.shape}")
+        raise InputError(
+            f"{dwi_file}: expected a 4-D series of {len(bvals)} volumes (one per b-value), got shape {img.shape}"
+        )
     b0 = np.stack([np.asarray(img.dataobj[..., int(i)], dtype=np.float32) for i in b0_index], axis=-1)
     if mask_file is not None:
         mask, mask_affine, _ = load_nifti(mask_file)
@@ -174,7 +175,7 @@ def prepare_mrtrix_inputs(
         noisy_dwi = dwi  # the noise-free series is written; add the noise in place, in bounded chunks
         where = np.nonzero(mask & (s0 > 0))
         for start in range(0, len(where[0]), 200000):
-            idx = tuple(a[start:start + 200000] for a in where)
+            idx = tuple(a[start : start + 200000] for a in where)
             noisy_dwi[idx] = add_rician_noise(dwi[idx].astype(np.float64), sigma, rng).astype(np.float32)
         out["noisy_dwi_file"] = save_nifti(noisy_dwi, affine, prefix + "_noisy_dwi.nii.gz")
         out["noise"] = {"Type": "Rician", "Sigma": sigma, "Estimate": how, "RandomSeed": params.random_seed}

@@ -58,8 +58,9 @@ discards every streamline that enters one; both report how many streamlines they
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
 
 import nibabel as nb
 import numpy as np
@@ -111,12 +112,15 @@ class TrackingParams:
     max_length: float = DEFAULT_MAX_LENGTH
     random_seed: int = 0
 
-    def check(self) -> "TrackingParams":
+    def check(self) -> TrackingParams:
         """Raise :class:`InputError` (one line) for an unusable setting; returns self."""
         if self.algorithm not in ALGORITHMS:
             raise InputError(f"tracking algorithm {self.algorithm!r} unknown; choose one of {', '.join(ALGORITHMS)}")
-        positive = {"seed density": self.seed_density, "minimum length": self.min_length,
-                    "maximum length": self.max_length}
+        positive = {
+            "seed density": self.seed_density,
+            "minimum length": self.min_length,
+            "maximum length": self.max_length,
+        }
         if self.step_mm is not None:
             positive["step size"] = self.step_mm
         for what, value in positive.items():
@@ -128,11 +132,13 @@ class TrackingParams:
             if not 0 <= value < 1:
                 raise InputError(f"the {what} must lie in [0, 1), got {value!r}")
         if self.min_length >= self.max_length:
-            raise InputError(f"the minimum streamline length ({self.min_length:g} mm) must be below the "
-                             f"maximum ({self.max_length:g} mm)")
+            raise InputError(
+                f"the minimum streamline length ({self.min_length:g} mm) must be below the "
+                f"maximum ({self.max_length:g} mm)"
+            )
         return self
 
-    def resolved(self, voxel_size: float) -> "TrackingParams":
+    def resolved(self, voxel_size: float) -> TrackingParams:
         """The settings with step and angle filled in for this voxel size (mm)."""
         self.check()
         step = self.step_mm if self.step_mm is not None else 0.5 * float(voxel_size)
@@ -144,8 +150,9 @@ def check_uncertainty_limit(max_uncertainty: float | None, action: str) -> None:
     if action not in UNCERTAINTY_ACTIONS:
         raise InputError(f"uncertainty action {action!r} unknown; choose stop or drop")
     if max_uncertainty is not None and not (math.isfinite(max_uncertainty) and max_uncertainty > 0):
-        raise InputError(f"--max-uncertainty must be a positive number in mm^2/s (e.g. 1.5e-4), "
-                         f"got {max_uncertainty!r}")
+        raise InputError(
+            f"--max-uncertainty must be a positive number in mm^2/s (e.g. 1.5e-4), got {max_uncertainty!r}"
+        )
 
 
 # --------------------------------------------------------------------------- streamlines
@@ -167,8 +174,9 @@ class Tracks:
 
 def streamline_lengths(streamlines: Sequence[np.ndarray]) -> np.ndarray:
     """Length (mm) of each streamline."""
-    return np.array([float(np.sum(np.linalg.norm(np.diff(s, axis=0), axis=1))) if len(s) > 1 else 0.0
-                     for s in streamlines])
+    return np.array(
+        [float(np.sum(np.linalg.norm(np.diff(s, axis=0), axis=1))) if len(s) > 1 else 0.0 for s in streamlines]
+    )
 
 
 def voxel_size(affine: np.ndarray) -> float:
@@ -220,8 +228,7 @@ def densify_many(streamlines: Sequence[np.ndarray], max_step: float) -> tuple[np
     seg = np.repeat(np.arange(len(d)), n)
     t = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)) / np.repeat(n, n)
     last = np.cumsum(lengths)[lengths > 0] - 1  # each streamline's last point closes it
-    return (np.vstack([pts[seg] + d[seg] * t[:, None], pts[last]]),
-            np.concatenate([owner[seg], owner[last]]))
+    return (np.vstack([pts[seg] + d[seg] * t[:, None], pts[last]]), np.concatenate([owner[seg], owner[last]]))
 
 
 def track_density(streamlines: Sequence[np.ndarray], affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -232,7 +239,7 @@ def track_density(streamlines: Sequence[np.ndarray], affine: np.ndarray, shape: 
     counts = np.zeros(n_voxels, dtype=np.int64)
     step = 0.25 * voxel_size(affine)
     for start in range(0, len(streamlines), 5000):  # bounded memory on whole-brain tractograms
-        pts, sid = densify_many(streamlines[start:start + 5000], step)
+        pts, sid = densify_many(streamlines[start : start + 5000], step)
         ijk = voxel_indices(pts, affine)
         inside = np.all((ijk >= 0) & (ijk < np.array(shape)), axis=1)
         flat = np.ravel_multi_index(tuple(ijk[inside].T), shape)
@@ -269,7 +276,10 @@ def _psd_fa(eigenvalues: np.ndarray) -> np.ndarray:
 
 
 def seed_mask(
-    tensors: np.ndarray, mask: np.ndarray, seed_fa: float = DEFAULT_SEED_FA, source: str = "the tensor image",
+    tensors: np.ndarray,
+    mask: np.ndarray,
+    seed_fa: float = DEFAULT_SEED_FA,
+    source: str = "the tensor image",
     fa: np.ndarray | None = None,
 ) -> np.ndarray:
     """Where seeds go, for DIPY and MRtrix3 alike: brain-mask voxels whose FA (:func:`fa_map`;
@@ -279,8 +289,9 @@ def seed_mask(
     fa = fa_map(tensors, mask) if fa is None else np.nan_to_num(fa)
     seeds = mask & (fa >= seed_fa)
     if not seeds.any():
-        raise InputError(f"{source}: no voxel with FA ≥ {seed_fa:g} in the brain mask to seed from; "
-                         "check the tensors and the mask")
+        raise InputError(
+            f"{source}: no voxel with FA ≥ {seed_fa:g} in the brain mask to seed from; check the tensors and the mask"
+        )
     return seeds
 
 
@@ -340,14 +351,13 @@ def tensor_odf_sh(eigenvalues: np.ndarray, eigenvectors: np.ndarray, chunk: int 
     from dipy.reconst.shm import sh_to_sf_matrix
 
     hemisphere = tracking_hemisphere()
-    _, inverse = sh_to_sf_matrix(hemisphere, sh_order_max=SH_ORDER, basis_type=SH_BASIS, return_inv=True,
-                                 legacy=False)
+    _, inverse = sh_to_sf_matrix(hemisphere, sh_order_max=SH_ORDER, basis_type=SH_BASIS, return_inv=True, legacy=False)
     basis = _quadratic_form_basis(hemisphere.vertices)
     out = np.empty((len(eigenvalues), inverse.shape[1]), dtype=np.float64)
     for start in range(0, len(eigenvalues), chunk):
-        odf = _odf_from_eig(eigenvalues[start:start + chunk], eigenvectors[start:start + chunk], basis)
+        odf = _odf_from_eig(eigenvalues[start : start + chunk], eigenvectors[start : start + chunk], basis)
         # normalised over the whole sphere: each hemisphere value stands for two vertices
-        out[start:start + chunk] = (odf / (2 * odf.sum(axis=-1, keepdims=True))) @ inverse
+        out[start : start + chunk] = (odf / (2 * odf.sum(axis=-1, keepdims=True))) @ inverse
     return out
 
 
@@ -392,8 +402,11 @@ def _principal_peaks(eigenvalues: np.ndarray, eigenvectors: np.ndarray, mask: np
     row[tuple(axis[valid] for axis in np.nonzero(mask))] = np.arange(int(valid.sum()))
     nearest = ndimage.distance_transform_edt(row < 0, return_distances=False, return_indices=True)
     indices = row[tuple(nearest)].astype(np.int32)[..., None]
-    return SimpleNamespace(peak_indices=indices, peak_values=np.ones(indices.shape, dtype=np.float64),
-                           odf_vertices=np.ascontiguousarray(eigenvectors[valid, :, -1]))
+    return SimpleNamespace(
+        peak_indices=indices,
+        peak_values=np.ones(indices.shape, dtype=np.float64),
+        odf_vertices=np.ascontiguousarray(eigenvectors[valid, :, -1]),
+    )
 
 
 def _seed_directions(voxel_tensors: np.ndarray, seeds_voxel: np.ndarray) -> np.ndarray:
@@ -402,8 +415,9 @@ def _seed_directions(voxel_tensors: np.ndarray, seeds_voxel: np.ndarray) -> np.n
     from scipy import ndimage
 
     coords = np.asarray(seeds_voxel, dtype=np.float64).T
-    interpolated = np.stack([ndimage.map_coordinates(voxel_tensors[..., c], coords, order=1, mode="nearest")
-                             for c in range(6)], axis=-1)
+    interpolated = np.stack(
+        [ndimage.map_coordinates(voxel_tensors[..., c], coords, order=1, mode="nearest") for c in range(6)], axis=-1
+    )
     w, v = _eigh(interpolated)
     return np.ascontiguousarray(np.where(w[:, -1:] > 0, v[:, :, -1], 0.0))
 
@@ -453,8 +467,9 @@ def track_tensors(
 
     if seeds is None:
         seeding = seed_mask(voxel_tensors, mask, params.seed_fa, source, fa=fa)
-        seeds = random_seeds(seeding, affine_box, seed_count(seeding, affine_box, params.seed_density),
-                             params.random_seed)
+        seeds = random_seeds(
+            seeding, affine_box, seed_count(seeding, affine_box, params.seed_density), params.random_seed
+        )
     seeds = np.ascontiguousarray(np.asarray(seeds, dtype=np.float64).reshape(-1, 3))
     info = {"step_mm": params.step_mm, "max_angle_deg": params.max_angle, "voxel_size_mm": voxel_size(affine)}
     if not len(seeds):
@@ -467,12 +482,17 @@ def track_tensors(
     # DIPY keeps streamlines of at most int(max_len / step) points: room for max_length and more,
     # so the length limits below decide, as before.
     max_points = math.ceil(params.max_length / params.step_mm) + 3
-    limits = dict(min_len=0, max_len=int(math.ceil(max_points * params.step_mm)),
-                  step_size=params.step_mm, voxel_size=nb.affines.voxel_sizes(affine_box).astype(np.float64),
-                  max_angle=params.max_angle, return_all=True,
-                  # DIPY seeds each streamline's generator from its seed point times this (> 0:
-                  # reproducible whatever the threads; 0 would mean the clock)
-                  random_seed=params.random_seed + 1)
+    limits = dict(
+        min_len=0,
+        max_len=int(math.ceil(max_points * params.step_mm)),
+        step_size=params.step_mm,
+        voxel_size=nb.affines.voxel_sizes(affine_box).astype(np.float64),
+        max_angle=params.max_angle,
+        return_all=True,
+        # DIPY seeds each streamline's generator from its seed point times this (> 0:
+        # reproducible whatever the threads; 0 would mean the clock)
+        random_seed=params.random_seed + 1,
+    )
     if params.algorithm == "det":
         peaks = _principal_peaks(eigenvalues, eigenvectors, mask)
         if peaks is None:
@@ -480,16 +500,22 @@ def track_tensors(
         # EuDX's propagator on them: the principal eigenvectors of the 8 voxels around the point
         # that lie within the angle limit of the previous step, signed along it and averaged with
         # their trilinear weights; it stops where they hold less than DET_MIN_WEIGHT of the weight.
-        settings = generate_tracking_parameters("eudx", angle_threshold=params.max_angle, peak_values_threshold=0.0,
-                                                min_total_weight=DET_MIN_WEIGHT, **limits)
+        settings = generate_tracking_parameters(
+            "eudx",
+            angle_threshold=params.max_angle,
+            peak_values_threshold=0.0,
+            min_total_weight=DET_MIN_WEIGHT,
+            **limits,
+        )
         field_kw = {"pam": peaks}
     else:
         sh = np.zeros(mask.shape + ((SH_ORDER + 1) * (SH_ORDER + 2) // 2,), dtype=np.float64)
         sh[mask] = tensor_odf_sh(eigenvalues, eigenvectors)
         settings = generate_tracking_parameters("prob", pmf_threshold=PMF_THRESHOLD, **limits)
         field_kw = {"sh": sh, "sphere": tracking_hemisphere(), "basis_type": SH_BASIS, "legacy": False}
-    tracker = generic_tracking(seeds, directions, stopping, settings, affine=affine_box, nbr_threads=int(nthreads),
-                               save_seeds=True, **field_kw)
+    tracker = generic_tracking(
+        seeds, directions, stopping, settings, affine=affine_box, nbr_threads=int(nthreads), save_seeds=True, **field_kw
+    )
     del eigenvalues, eigenvectors
     streamlines, seed_index = [], []
     for line, seed in tracker:
@@ -550,7 +576,7 @@ def limit_uncertainty(
             run = next(((a, b) for a, b in runs if a <= seed < b), None)
         else:
             run = max(runs, key=lambda ab: ab[1] - ab[0], default=None)
-        piece = line[run[0]:run[1]] if run is not None else line[:0]
+        piece = line[run[0] : run[1]] if run is not None else line[:0]
         if len(piece) < 2 or streamline_lengths([piece])[0] < min_length:
             n_dropped += 1
             continue
