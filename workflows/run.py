@@ -7,8 +7,7 @@ pipeline of one's own (the derivatives are named after ``source_file``, a file o
     from nipype.pipeline import engine as pe
     from iqt_pipe.workflows import init_dwi_run_wf
 
-    run_wf = init_dwi_run_wf(model="models/mine", output_dir="/data/derivatives/iqt-pipe",
-                             denoise="dipy", degibbs=True, upsample=2)
+    run_wf = init_dwi_run_wf(model="models/mine", output_dir="/data/derivatives/iqt-pipe", upsample=2)
     raw = "/data/bids/sub-01/dwi/sub-01_dwi"
     run_wf.inputs.inputnode.dwi_file = run_wf.inputs.inputnode.source_file = f"{raw}.nii.gz"
     run_wf.inputs.inputnode.bval_file, run_wf.inputs.inputnode.bvec_file = f"{raw}.bval", f"{raw}.bvec"
@@ -34,6 +33,7 @@ from iqt_pipe.config import (
 )
 from iqt_pipe.dmri.prepare import Preprocessing
 from iqt_pipe.interfaces.preproc import NoiseCorrelation
+from iqt_pipe.models.files import read_card
 from iqt_pipe.workflows.dwi import init_dti_wf, init_dwi_preproc_wf
 from iqt_pipe.workflows.outputs import (
     NATIVE_DERIVATIVES,
@@ -53,8 +53,8 @@ def init_dwi_run_wf(
     *,
     model: str | Sequence[str],
     output_dir: str,
-    denoise: str = "auto",
-    degibbs: bool = True,
+    denoise: str | None = None,
+    degibbs: bool | None = None,
     gibbs_tool: str | None = None,
     mc_samples: int = DEFAULT_MC_SAMPLES,
     symmetries: str = DEFAULT_SYMMETRIES,
@@ -83,7 +83,7 @@ def init_dwi_run_wf(
 
             from iqt_pipe.workflows.run import init_dwi_run_wf
             wf = init_dwi_run_wf(model="model.json", output_dir="derivatives/iqt-pipe", denoise="dipy",
-                                 tractography=("dipy",))
+                                 degibbs=False, tractography=("dipy",))
 
     Parameters
     ----------
@@ -92,8 +92,9 @@ def init_dwi_run_wf(
     output_dir
         Root of the derivative dataset.
     denoise, degibbs, gibbs_tool
-        Preprocessing (:func:`~iqt_pipe.workflows.dwi.init_dwi_preproc_wf`): as the model's training
-        series had it (its card's ``training.preprocessing``).
+        Preprocessing (:func:`~iqt_pipe.workflows.dwi.init_dwi_preproc_wf`); ``None`` (the default):
+        as the model's training series had it, its card's ``training.preprocessing`` (the first
+        model's, for an ensemble), as the BIDS App does.
     mc_samples, symmetries, precision, seed, use_gpu, omp_nthreads, mem_mb, mem_gb, preprocessing
         Super-resolution (:func:`~iqt_pipe.workflows.sr.init_sr_wf`); ``seed`` and ``omp_nthreads``
         also seed and thread the tracking.
@@ -124,6 +125,10 @@ def init_dwi_run_wf(
         With ``tractography``: per key of :func:`~iqt_pipe.workflows.tractography.tractogram_keys`,
         the tractogram and its track-density image; the run's tractography summary.
     """
+    if denoise is None or degibbs is None:
+        trained = Preprocessing.of_model(read_card(model if isinstance(model, str) else model[0]))
+        denoise = trained.denoise if denoise is None else denoise
+        degibbs = trained.degibbs if degibbs is None else degibbs
     keys = tractogram_keys(tuple(tractography)) if tractography else []
     workflow = Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=RUN_INPUTS), name="inputnode")

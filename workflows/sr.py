@@ -11,7 +11,7 @@ from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
 from iqt_pipe.dmri.prepare import Preprocessing
 from iqt_pipe.interfaces.sr import SuperResolve
-from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES
+from iqt_pipe.sr.options import DEFAULT_MC_SAMPLES, DEFAULT_PRECISION, DEFAULT_SYMMETRIES
 
 SR_OUTPUTS = [
     "tensor_file",
@@ -30,7 +30,7 @@ SR_OUTPUTS = [
 def init_sr_wf(
     *,
     model: str | Sequence[str],
-    mc_samples: int = 8,
+    mc_samples: int = DEFAULT_MC_SAMPLES,
     symmetries: str = DEFAULT_SYMMETRIES,
     precision: str = DEFAULT_PRECISION,
     scalar_samples: int = 32,

@@ -50,7 +50,7 @@ def _folds(text: str) -> int | str:
 def _build_parser() -> argparse.ArgumentParser:
     from iqt_pipe.cli.train import add_recipe_arguments
     from iqt_pipe.evaluation.protocol import MODES
-    from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISIONS, SYMMETRIES
+    from iqt_pipe.sr.options import DEFAULT_MC_SAMPLES, DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISIONS, SYMMETRIES
 
     p = Parser(
         prog=PROG,
@@ -125,9 +125,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mc-samples",
         type=int_at_least(1, "the number of Monte-Carlo samples"),
-        default=8,
+        default=DEFAULT_MC_SAMPLES,
         metavar="T",
-        help="Monte-Carlo weight samples per model (default: 8)",
+        help=f"Monte-Carlo weight samples per model (default: {DEFAULT_MC_SAMPLES})",
     )
     p.add_argument(
         "--symmetries",

@@ -23,7 +23,7 @@ from iqt_pipe.bids import find_dwi_runs_multi
 from iqt_pipe.evaluation.protocol import Figures, Method, evaluate
 from iqt_pipe.io import InputError
 from iqt_pipe.models import ModelFileError, load_model
-from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES
+from iqt_pipe.sr.options import DEFAULT_MC_SAMPLES, DEFAULT_PRECISION, DEFAULT_SYMMETRIES
 from iqt_pipe.sr.patches import build_library
 from iqt_pipe.sr.training import TrainSettings, holds_training, learnt_nothing_warning, train
 
@@ -149,7 +149,7 @@ def cross_validate(
     r: int = 2,
     modes: Sequence[str] = ("raw",),
     snr: float | None = None,
-    mc_samples: int = 8,
+    mc_samples: int = DEFAULT_MC_SAMPLES,
     device="cpu",
     mem_mb: float = 1024,
     symmetries: Sequence[str] = (DEFAULT_SYMMETRIES,),

@@ -56,7 +56,7 @@ from iqt_pipe.dmri.signal import add_rician_noise, dti_design, synthesize_signal
 from iqt_pipe.evaluation import metrics
 from iqt_pipe.sr.baselines import ORDERS, interpolate_tensors
 from iqt_pipe.sr.inference import Prediction, frobenius_sd, predict_ensemble
-from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES
+from iqt_pipe.sr.options import DEFAULT_MC_SAMPLES, DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES
 
 MODES = ("raw", "known-truth", "lesion")
 #: Lesion: radius (mm), diffusivities (mm²/s, principal first) and b = 0 signal gain.
@@ -280,7 +280,13 @@ def interpolation_methods(names: Sequence[str]) -> list[Method]:
 
 
 def predict(
-    method: Method, case: Case, *, mc_samples: int = 8, seed: int = 0, device="cpu", mem_mb: float = 1024
+    method: Method,
+    case: Case,
+    *,
+    mc_samples: int = DEFAULT_MC_SAMPLES,
+    seed: int = 0,
+    device="cpu",
+    mem_mb: float = 1024,
 ) -> Prediction | np.ndarray:
     """HR tensors (interpolation of the LR fit) or a :class:`Prediction` (model, ensemble) for
     ``case``: the whole brain predicted from the LR series as the app does
@@ -495,7 +501,7 @@ def evaluate(
     modes: Sequence[str] = ("raw",),
     snr: float | None = None,
     seed: int = 0,
-    mc_samples: int = 8,
+    mc_samples: int = DEFAULT_MC_SAMPLES,
     device="cpu",
     mem_mb: float = 1024,
     calibration_runs: Sequence = (),
