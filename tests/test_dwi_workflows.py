@@ -88,6 +88,7 @@ def test_run_wf_embeds_alone_in_another_pipeline(tractography, tmp_path):
         model=str(tmp_path / "model"),
         output_dir=str(tmp_path / "out"),
         denoise="dipy",
+        degibbs=True,
         tractography=tractography,
         name="my_run_wf",
     )
@@ -109,6 +110,21 @@ def test_run_wf_embeds_alone_in_another_pipeline(tractography, tmp_path):
     assert {f"user_pipeline.my_run_wf.{name}" for name in inside} <= names
     desc = run_wf.visit_desc()
     assert "DIPY's `mppca`" in desc and "@tanno2017" in desc and ("tractography" in desc) == bool(tractography)
+
+
+@pytest.mark.parametrize("trained", [{"denoise": "dipy", "degibbs": True}, None], ids=["dipy-degibbs", "old-card"])
+def test_run_wf_preprocesses_as_the_model_was_trained(trained, tmp_path):
+    """Left out, denoise/degibbs follow the (first) model's card, as the app's defaults do; a card
+    without training.preprocessing is a model trained on series as acquired."""
+    from iqt_pipe.models import IQTNet, save_model
+    from iqt_pipe.workflows import init_dwi_run_wf
+
+    card = {"training": {"preprocessing": trained}} if trained else {}
+    save_model(IQTNet("espcn", 2), tmp_path / "m" / "model.safetensors", card)
+    run_wf = init_dwi_run_wf(model=[str(tmp_path / "m")], output_dir=str(tmp_path / "out"))
+    preproc = {n.name for n in run_wf.get_node("dwi_preproc_wf")._graph.nodes()}
+    steps = ("denoise_mppca" in preproc, "remove_gibbs" in preproc)
+    assert steps == ((True, True) if trained else (False, False)), preproc
 
 
 @pytest.fixture(scope="module")

@@ -158,6 +158,13 @@ def init_tractography_outputs_wf(
             from iqt_pipe.workflows.outputs import init_tractography_outputs_wf
             wf = init_tractography_outputs_wf(output_dir="derivatives/iqt-pipe", keys=["sr_dipydet"])
 
+    Parameters
+    ----------
+    output_dir
+        Root of the derivative dataset (files go to ``sub-<label>[/ses-<label>]/dwi/``).
+    keys
+        The tractograms to write (:func:`~iqt_pipe.workflows.tractography.tractogram_keys`).
+
     Inputs
     ------
     source_file
@@ -174,25 +181,12 @@ def init_tractography_outputs_wf(
     <key>_tck, <key>_tdi, summary_file
         Paths of the written derivatives.
     """
-    from iqt_pipe.interfaces.bids import DerivativesDataSink
-    from iqt_pipe.workflows.tractography import TRACTOGRAM_FIELDS, split_key
+    from iqt_pipe.workflows.tractography import TRACTOGRAM_FIELDS
 
     workflow = Workflow(name=name)
     fields = [f"{k}_{f}" for k in keys for f in TRACTOGRAM_FIELDS]
-    inputnode = pe.Node(
-        niu.IdentityInterface(
-            fields=[
-                "source_file",
-                "tensor_file",
-                "sr_tensor_file",
-                "sr_sd_total_file",
-                "upsample",
-                *fields,
-                "summary_file",
-            ]
-        ),
-        name="inputnode",
-    )
+    sources = ["source_file", "tensor_file", "sr_tensor_file", "sr_sd_total_file"]
+    inputnode = pe.Node(niu.IdentityInterface(fields=[*sources, "upsample", *fields, "summary_file"]), name="inputnode")
     outputnode = pe.Node(
         niu.IdentityInterface(fields=[*(f"{k}_{f}" for k in keys for f in ("tck", "tdi")), "summary_file"]),
         name="outputnode",
@@ -200,37 +194,55 @@ def init_tractography_outputs_wf(
     sr_sources = pe.Node(niu.Merge(2), name="sr_sources", run_without_submitting=True)
     connections = [(inputnode, sr_sources, [("sr_tensor_file", "in1"), ("sr_sd_total_file", "in2")])]
     for key in keys:
-        space, sw, alg = split_key(key)
-        entities = {"model": "tensor", "track": f"{sw}{alg}", **({"res": SR_RES} if space == "sr" else {})}
-        meta, tck_sink = _sink_nodes(
-            f"{key}_tck",
-            {**entities, "suffix": "tractogram", "compress": False},
-            TRACTOGRAM_SIDECAR,
-            output_dir,
-            optional=False,
+        connections += _tractogram_sinks(inputnode, outputnode, sr_sources, key, output_dir)
+    connections += _summary_sink(inputnode, outputnode, output_dir)
+    workflow.connect(connections)
+    return workflow
+
+
+def _tractogram_sinks(inputnode, outputnode, sr_sources, key: str, output_dir: str) -> list:
+    """The sinks of one tractogram: its .tck with the sidecar (``Sources``: the tensor it was tracked on, and for
+    super-resolved ones the uncertainty map), the .trk and .tsv beside it, and its track-density image with its
+    own sidecar (``Sources``: the .tck as written)."""
+    from iqt_pipe.interfaces.bids import DerivativesDataSink
+    from iqt_pipe.workflows.tractography import split_key
+
+    space, sw, alg = split_key(key)
+    entities = {"model": "tensor", "track": f"{sw}{alg}", **({"res": SR_RES} if space == "sr" else {})}
+    meta, tck_sink = _sink_nodes(
+        f"{key}_tck",
+        {**entities, "suffix": "tractogram", "compress": False},
+        TRACTOGRAM_SIDECAR,
+        output_dir,
+        optional=False,
+    )
+    connections = [  # no in_file for the sidecar: a tractogram has no voxel size of its own
+        (inputnode, meta, [(f"{key}_metadata", "provenance")]),
+        (sr_sources, meta, [("out", "derived_sources")])
+        if space == "sr"
+        else (inputnode, meta, [("tensor_file", "derived_sources")]),
+        (inputnode, tck_sink, [("source_file", "source_file"), (f"{key}_tck", "in_file")]),
+        (meta, tck_sink, [("meta_dict", "meta_dict")]),
+        (tck_sink, outputnode, [("out_file", f"{key}_tck")]),
+    ]
+    for ext in ("trk", "tsv"):  # beside the .tck, sharing its sidecar
+        other = pe.Node(
+            DerivativesDataSink(base_directory=str(output_dir), suffix="tractogram", compress=False, **entities),
+            name=f"ds_{key}_{ext}",
+            run_without_submitting=True,
         )
-        connections += [  # no in_file for the sidecar: a tractogram has no voxel size of its own
-            (inputnode, meta, [(f"{key}_metadata", "provenance")]),
-            (sr_sources, meta, [("out", "derived_sources")])
-            if space == "sr"
-            else (inputnode, meta, [("tensor_file", "derived_sources")]),
-            (inputnode, tck_sink, [("source_file", "source_file"), (f"{key}_tck", "in_file")]),
-            (meta, tck_sink, [("meta_dict", "meta_dict")]),
-            (tck_sink, outputnode, [("out_file", f"{key}_tck")]),
-        ]
-        for ext in ("trk", "tsv"):  # beside the .tck, sharing its sidecar
-            other = pe.Node(
-                DerivativesDataSink(base_directory=str(output_dir), suffix="tractogram", compress=False, **entities),
-                name=f"ds_{key}_{ext}",
-                run_without_submitting=True,
-            )
-            connections.append((inputnode, other, [("source_file", "source_file"), (f"{key}_{ext}", "in_file")]))
-        meta, sink = _sink_nodes(f"{key}_tdi", {**entities, "suffix": "tdi"}, TDI_SIDECAR, output_dir, optional=False)
-        meta.inputs.super_resolved = space == "sr"
-        connections += _sink_connections(inputnode, outputnode, f"{key}_tdi", meta, sink)
-        connections.append((tck_sink, meta, [("out_file", "derived_sources")]))
-        if space == "sr":
-            connections.append((inputnode, meta, [("upsample", "upsample")]))
+        connections.append((inputnode, other, [("source_file", "source_file"), (f"{key}_{ext}", "in_file")]))
+    meta, sink = _sink_nodes(f"{key}_tdi", {**entities, "suffix": "tdi"}, TDI_SIDECAR, output_dir, optional=False)
+    meta.inputs.super_resolved = space == "sr"
+    connections += _sink_connections(inputnode, outputnode, f"{key}_tdi", meta, sink)
+    connections.append((tck_sink, meta, [("out_file", "derived_sources")]))
+    if space == "sr":
+        connections.append((inputnode, meta, [("upsample", "upsample")]))
+    return connections
+
+
+def _summary_sink(inputnode, outputnode, output_dir: str) -> list:
+    """The sink of the run's tractography summary TSV and its sidecar (``Sources``: the raw series)."""
     meta, sink = _sink_nodes(
         "summary_file",
         {"model": "tensor", "desc": "summary", "suffix": "tractogram", "compress": False},
@@ -238,14 +250,12 @@ def init_tractography_outputs_wf(
         output_dir,
         optional=False,
     )
-    connections += [  # no in_file for the sidecar: a TSV has no voxel size
+    return [  # no in_file for the sidecar: a TSV has no voxel size
         (inputnode, meta, [("source_file", "raw_sources")]),
         (inputnode, sink, [("source_file", "source_file"), ("summary_file", "in_file")]),
         (meta, sink, [("meta_dict", "meta_dict")]),
         (sink, outputnode, [("out_file", "summary_file")]),
     ]
-    workflow.connect(connections)
-    return workflow
 
 
 def _sink_nodes(field: str, entities: dict, sidecar: dict, output_dir: str, optional: bool):

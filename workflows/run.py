@@ -72,9 +72,8 @@ def init_dwi_run_wf(
     uncertainty_action: str = "stop",
     name: str = "dwi_run_wf",
 ) -> Workflow:
-    """One DWI run: preprocessing → DTI fit → super-resolution → derivatives, and tractography
-    of the native and super-resolved tensors when asked (the BIDS App's chain, with the
-    noise-correlation check of the acquired series recorded in the native tensor's sidecar).
+    """One DWI run: preprocessing → DTI fit → super-resolution → derivatives, and tractography of the native and
+    super-resolved tensors when asked (the BIDS App's chain, with the acquired series' noise-correlation check).
 
     Workflow Graph
         .. workflow::
@@ -87,87 +86,84 @@ def init_dwi_run_wf(
 
     Parameters
     ----------
-    model
-        Model folder, ``model.json`` or ``model.safetensors``, or several (an ensemble).
-    output_dir
-        Root of the derivative dataset.
+    model, output_dir
+        Model folder, ``model.json`` or ``model.safetensors``, or several (an ensemble); root of the derivative dataset.
     denoise, degibbs, gibbs_tool
-        Preprocessing (:func:`~iqt_pipe.workflows.dwi.init_dwi_preproc_wf`); ``None`` (the default):
-        as the model's training series had it, its card's ``training.preprocessing`` (the first
-        model's, for an ensemble), as the BIDS App does.
+        Preprocessing (:func:`~iqt_pipe.workflows.dwi.init_dwi_preproc_wf`); ``None`` (default, as in the BIDS App):
+        as the model's training series had it, its card's ``training.preprocessing`` (an ensemble's first model's).
     mc_samples, symmetries, precision, seed, use_gpu, omp_nthreads, mem_mb, mem_gb, preprocessing
-        Super-resolution (:func:`~iqt_pipe.workflows.sr.init_sr_wf`); ``seed`` and ``omp_nthreads``
-        also seed and thread the tracking.
+        Super-resolution (:func:`~iqt_pipe.workflows.sr.init_sr_wf`); ``seed`` and ``omp_nthreads`` also seed and
+        thread the tracking.
     upsample
         Super-resolution factor r per axis, for the sidecars' Resolution; default: the model's.
-    tractography
-        Tracking software, ``"dipy"`` and/or ``"mrtrix"``; empty: no tractography.
-    seed_density, max_uncertainty, uncertainty_action
-        Tracking settings (:func:`~iqt_pipe.workflows.tractography.init_tractography_wf`).
+    tractography, seed_density, max_uncertainty, uncertainty_action
+        Tracking software, ``"dipy"`` and/or ``"mrtrix"`` (empty: no tractography), and the tracking settings
+        (:func:`~iqt_pipe.workflows.tractography.init_tractography_wf`).
 
     Inputs
     ------
-    dwi_file, bval_file, bvec_file
-        The run's DWI series (raw, or preprocessed elsewhere) and its FSL gradient files.
-    mask_file
-        Optional brain mask on the series' grid; median_otsu's when left undefined.
+    dwi_file, bval_file, bvec_file, mask_file
+        The run's DWI series (raw, or preprocessed elsewhere), its FSL gradient files and, optionally, a brain mask
+        on its grid (median_otsu's when left undefined).
     source_file
         The BIDS file whose entities name the derivatives (the BIDS App: ``dwi_file``).
 
     Outputs
     -------
     tensor_file, fa_file, md_file, mask_file
-        Native-resolution derivatives, as written.
-    sr_tensor_file, sr_fa_file, sr_fa_sd_file, sr_md_file, sr_md_sd_file, sr_sd_intrinsic_file,
-    sr_sd_parameter_file, sr_sd_total_file, sr_mask_file
+        Native-resolution derivatives, as written (the tensor's sidecar records the noise-correlation check).
+    sr_tensor_file, sr_fa_file, sr_fa_sd_file, sr_md_file, sr_md_sd_file, sr_sd_intrinsic_file, sr_sd_parameter_file,
+    sr_sd_total_file, sr_mask_file
         Super-resolved derivatives, as written (undefined for maps the model lacks).
     <key>_tck, <key>_tdi, summary_file
-        With ``tractography``: per key of :func:`~iqt_pipe.workflows.tractography.tractogram_keys`,
-        the tractogram and its track-density image; the run's tractography summary.
+        With ``tractography``: per key of :func:`~iqt_pipe.workflows.tractography.tractogram_keys`, the tractogram
+        and its track-density image; the run's tractography summary.
     """
+    software = tuple(tractography)
+    keys = tractogram_keys(software) if software else []
+    workflow = Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=RUN_INPUTS), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=_run_outputs(keys)), name="outputnode")
+    network = dict(mc_samples=mc_samples, symmetries=symmetries, precision=precision, seed=seed, use_gpu=use_gpu)
+    resources = dict(omp_nthreads=omp_nthreads, mem_mb=mem_mb, mem_gb=mem_gb)
+    tracking = dict(seed_density=seed_density, max_uncertainty=max_uncertainty, uncertainty_action=uncertainty_action)
+    steps = dict(
+        preproc_wf=_init_preproc_wf(model, denoise, degibbs, gibbs_tool, omp_nthreads),
+        dti_wf=init_dti_wf(),
+        sr_wf=init_sr_wf(model=model, preprocessing=preprocessing, **network, **resources),
+        outputs_wf=_with_upsample(init_outputs_wf(output_dir=output_dir), upsample),
+    )
+    _connect_run(workflow, inputnode, outputnode, **steps)
+    if keys:
+        tract_wf = init_tractography_wf(software=software, random_seed=seed, omp_nthreads=omp_nthreads, **tracking)
+        tract_outputs_wf = _with_upsample(init_tractography_outputs_wf(output_dir=output_dir, keys=keys), upsample)
+        _connect_tractography(workflow, inputnode, outputnode, tract_wf, tract_outputs_wf, keys, **steps)
+    return workflow
+
+
+def _init_preproc_wf(
+    model, denoise: str | None, degibbs: bool | None, gibbs_tool: str | None, omp_nthreads: int
+) -> Workflow:
+    """The run's preprocessing; ``denoise``/``degibbs`` left as ``None`` follow the (first) model's card, what its
+    training series had (``training.preprocessing``)."""
     if denoise is None or degibbs is None:
         trained = Preprocessing.of_model(read_card(model if isinstance(model, str) else model[0]))
         denoise = trained.denoise if denoise is None else denoise
         degibbs = trained.degibbs if degibbs is None else degibbs
-    keys = tractogram_keys(tuple(tractography)) if tractography else []
-    workflow = Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=RUN_INPUTS), name="inputnode")
-    outputnode = pe.Node(
-        niu.IdentityInterface(fields=[*NATIVE_DERIVATIVES, *SR_DERIVATIVES, *_written_tractography(keys)]),
-        name="outputnode",
-    )
-    preproc_wf = init_dwi_preproc_wf(denoise=denoise, degibbs=degibbs, gibbs_tool=gibbs_tool, omp_nthreads=omp_nthreads)
-    sr_wf = init_sr_wf(
-        model=model,
-        mc_samples=mc_samples,
-        symmetries=symmetries,
-        precision=precision,
-        seed=seed,
-        use_gpu=use_gpu,
-        omp_nthreads=omp_nthreads,
-        mem_mb=mem_mb,
-        mem_gb=mem_gb,
-        preprocessing=preprocessing,
-    )
-    outputs_wf = init_outputs_wf(output_dir=output_dir)
+    return init_dwi_preproc_wf(denoise=denoise, degibbs=degibbs, gibbs_tool=gibbs_tool, omp_nthreads=omp_nthreads)
+
+
+def _with_upsample(workflow: Workflow, upsample: int | None) -> Workflow:
+    """An outputs workflow with the super-resolution factor of its sidecars' Resolution set (``None``: left
+    undefined, the model's)."""
     if upsample is not None:
-        outputs_wf.inputs.inputnode.upsample = upsample
-    steps = dict(preproc_wf=preproc_wf, dti_wf=init_dti_wf(), sr_wf=sr_wf, outputs_wf=outputs_wf)
-    _connect_run(workflow, inputnode, outputnode, **steps)
-    if keys:
-        tract_wf = init_tractography_wf(
-            software=tuple(tractography),
-            seed_density=seed_density,
-            max_uncertainty=max_uncertainty,
-            uncertainty_action=uncertainty_action,
-            random_seed=seed,
-            omp_nthreads=omp_nthreads,
-        )
-        tract_outputs_wf = init_tractography_outputs_wf(output_dir=output_dir, keys=keys)
-        if upsample is not None:
-            tract_outputs_wf.inputs.inputnode.upsample = upsample
-        _connect_tractography(workflow, inputnode, outputnode, tract_wf, tract_outputs_wf, keys, **steps)
+        workflow.inputs.inputnode.upsample = upsample
     return workflow
+
+
+def _run_outputs(keys: list[str]) -> list[str]:
+    """Outputnode fields: the native and super-resolved derivatives, then those of the tractography."""
+    return [*NATIVE_DERIVATIVES, *SR_DERIVATIVES, *_written_tractography(keys)]
 
 
 def _written_tractography(keys: list[str]) -> list[str]:

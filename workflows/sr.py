@@ -13,6 +13,7 @@ from iqt_pipe.dmri.prepare import Preprocessing
 from iqt_pipe.interfaces.sr import SuperResolve
 from iqt_pipe.sr.options import DEFAULT_MC_SAMPLES, DEFAULT_PRECISION, DEFAULT_SYMMETRIES
 
+SR_INPUTS = ["tensor_file", "mask_file", "bval_file", "bvec_file"]
 SR_OUTPUTS = [
     "tensor_file",
     "fa_file",
@@ -57,25 +58,19 @@ def init_sr_wf(
     model
         Model folder, ``model.json`` or ``model.safetensors`` (see :mod:`iqt_pipe.models`), or
         several: their inverse-variance ensemble.
-    mc_samples
-        Monte-Carlo weight samples of variational models.
+    mc_samples, scalar_samples
+        Monte-Carlo weight samples of variational models; tensor samples per voxel behind the FA/MD sd maps.
     symmetries
         Test-time symmetry ensemble: ``none``, ``mirrors`` (8) or ``cube`` (48 symmetries).
     precision
         The network's arithmetic: ``auto`` (bfloat16 on CPUs with AMX), ``float32``, ``bfloat16``.
-    scalar_samples
-        Tensor samples per voxel behind the FA/MD sd maps.
     seed
         Random seed; the same inputs, seed and device give identical outputs.
-    use_gpu
-        Run on CUDA; the node then takes one of MultiProc's GPU slots.
-    omp_nthreads
-        CPU threads of the super-resolution node.
-    mem_mb
-        Memory for the network's tiles in flight (MB).
-    mem_gb
-        The node's whole memory use for Nipype's scheduler (GB; default: the tiles plus 1 GB
-        for the arrays of the super-resolved grid).
+    use_gpu, omp_nthreads
+        Run on CUDA (the node then takes one of MultiProc's GPU slots); CPU threads of the node.
+    mem_mb, mem_gb
+        Memory for the network's tiles in flight (MB), and the node's whole memory use for Nipype's
+        scheduler (GB; default: the tiles plus 1 GB for the arrays of the super-resolved grid).
     preprocessing
         What the native series had before the fit (:class:`iqt_pipe.dmri.prepare.Preprocessing`):
         recorded in the sidecars beside what the model was trained with (``Preprocessing``).
@@ -102,27 +97,20 @@ def init_sr_wf(
     models = [str(model)] if isinstance(model, (str, os.PathLike)) else [str(m) for m in model]
     workflow = Workflow(name=name)
     workflow.__desc__ = _methods(mc_samples, symmetries, precision, len(models))
-    inputnode = pe.Node(
-        niu.IdentityInterface(fields=["tensor_file", "mask_file", "bval_file", "bvec_file"]), name="inputnode"
-    )
+    inputnode = pe.Node(niu.IdentityInterface(fields=SR_INPUTS), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=SR_OUTPUTS), name="outputnode")
-    steps = {} if preprocessing is None else {"denoise": preprocessing.denoise, "degibbs": preprocessing.degibbs}
-    super_resolve = pe.Node(
-        SuperResolve(
-            model=models,
-            mc_samples=mc_samples,
-            symmetries=symmetries,
-            precision=precision,
-            scalar_samples=scalar_samples,
-            seed=seed,
-            use_gpu=use_gpu,
-            num_threads=omp_nthreads,
-            mem_mb=mem_mb,
-            **steps,
-        ),
-        name="super_resolve",
-        n_procs=omp_nthreads,
-        mem_gb=mem_gb if mem_gb is not None else max(mem_mb, 512) / 1024 + 1,
+    super_resolve = _super_resolve_node(
+        models,
+        mc_samples=mc_samples,
+        symmetries=symmetries,
+        precision=precision,
+        scalar_samples=scalar_samples,
+        seed=seed,
+        use_gpu=use_gpu,
+        omp_nthreads=omp_nthreads,
+        mem_mb=mem_mb,
+        mem_gb=mem_gb,
+        preprocessing=preprocessing,
     )
     workflow.connect([
         (inputnode, super_resolve, [("tensor_file", "tensor_file"), ("mask_file", "mask_file"),
@@ -130,6 +118,27 @@ def init_sr_wf(
         (super_resolve, outputnode, [(out, out) for out in SR_OUTPUTS]),
     ])  # fmt:skip
     return workflow
+
+
+def _super_resolve_node(
+    models: list[str],
+    *,
+    omp_nthreads: int,
+    mem_mb: float,
+    mem_gb: float | None,
+    preprocessing: Preprocessing | None,
+    **options,
+) -> pe.Node:
+    """The network's node (``options``: :class:`~iqt_pipe.interfaces.sr.SuperResolve`'s): ``omp_nthreads``
+    threads, ``mem_mb`` of tiles in flight, the run's ``preprocessing`` recorded when given, and ``mem_gb``
+    for Nipype's scheduler (default: the tiles, at least 512 MB, plus 1 GB)."""
+    steps = {} if preprocessing is None else {"denoise": preprocessing.denoise, "degibbs": preprocessing.degibbs}
+    return pe.Node(
+        SuperResolve(model=models, **options, num_threads=omp_nthreads, mem_mb=mem_mb, **steps),
+        name="super_resolve",
+        n_procs=omp_nthreads,
+        mem_gb=mem_gb if mem_gb is not None else max(mem_mb, 512) / 1024 + 1,
+    )
 
 
 def _methods(mc_samples: int, symmetries: str, precision: str, n_models: int) -> str:

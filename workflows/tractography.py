@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
@@ -82,30 +84,26 @@ def init_tractography_wf(
             from iqt_pipe.workflows.tractography import init_tractography_wf
             wf = init_tractography_wf(software=("dipy", "mrtrix"))
 
-    DIPY tracks the tensors themselves; MRtrix3 (``tckgen -algorithm Tensor_Det/Tensor_Prob``,
-    then ``tckmap``) a DWI series synthesised from them and the subject's S0 and gradient table,
-    with Rician noise at the run's noise level for ``Tensor_Prob``. Every tractogram then gets
-    the uncertainty limit (super-resolved ones only), its ``.tck``/``.trk``/per-streamline TSV
-    and a track-density image; the summary TSV has one row per tractogram.
+    DIPY tracks the tensors themselves; MRtrix3 (``tckgen -algorithm Tensor_Det/Tensor_Prob``, then ``tckmap``) a
+    DWI series synthesised from them and the subject's S0 and gradient table, with Rician noise at the run's noise
+    level for ``Tensor_Prob``. Every tractogram then gets the uncertainty limit (super-resolved ones only), its
+    ``.tck``/``.trk``/per-streamline TSV and a track-density image; the summary TSV has one row per tractogram.
 
     Parameters
     ----------
-    software
-        ``"dipy"`` and/or ``"mrtrix"``.
-    algorithms
-        ``"det"`` (deterministic) and/or ``"prob"`` (probabilistic).
-    spaces
-        ``"native"`` and/or ``"sr"`` (super-resolved).
-    seed_density
+    software, algorithms, spaces
+        ``"dipy"`` and/or ``"mrtrix"``; ``"det"`` (deterministic) and/or ``"prob"`` (probabilistic);
+        ``"native"`` and/or ``"sr"`` (super-resolved): one tractogram per combination (:func:`tractogram_keys`).
+    seed_density, seed_fa
         Seeds per mm³ of white matter (FA ≥ ``seed_fa`` in the brain mask), whatever the voxel size.
     step_mm, max_angle
-        Step size (mm) and angle limit (degrees per step); default half a voxel and
-        60° × step / voxel, so each grid is tracked at its own resolution.
+        Step size (mm) and angle limit (degrees per step); default half a voxel and 60° × step / voxel, so each
+        grid is tracked at its own resolution.
     fa_threshold, min_length, max_length
         Stopping FA, and the streamline lengths kept (mm).
     max_uncertainty, uncertainty_action
-        Threshold on the super-resolution's total Frobenius sd (mm²/s) and what happens to a
-        streamline entering a voxel above it: ``"stop"`` or ``"drop"``.
+        Threshold on the super-resolution's total Frobenius sd (mm²/s) and what happens to a streamline entering
+        a voxel above it: ``"stop"`` or ``"drop"``.
     random_seed
         Seeds of the random seeding and of the probabilistic steps (``MRTRIX_RNG_SEED`` for tckgen).
     omp_nthreads
@@ -113,10 +111,9 @@ def init_tractography_wf(
 
     Inputs
     ------
-    tensor_file, mask_file, s0_file
-        Native tensors (world frame), brain mask and fitted b=0 (``init_dti_wf``'s).
-    bval_file, bvec_file
-        The subject's gradient table (for the MRtrix3 synthesis).
+    tensor_file, mask_file, s0_file, bval_file, bvec_file
+        Native tensors (world frame), brain mask and fitted b=0 (``init_dti_wf``'s), and the subject's gradient
+        table (for the MRtrix3 synthesis).
     dwi_file
         The run's native DWI series (optional; MRtrix3 ``Tensor_Prob``: its noise level).
     sr_tensor_file, sr_mask_file, sr_sd_total_file
@@ -125,17 +122,11 @@ def init_tractography_wf(
     Outputs
     -------
     <key>_tck, <key>_trk, <key>_tsv, <key>_tdi, <key>_metadata
-        For each key of :func:`tractogram_keys`: the tractogram files, its track-density image
-        and the sidecar fields.
+        Per key of :func:`tractogram_keys`: the tractogram files, its track-density image and the sidecar fields.
     summary_file
         Per-run summary TSV.
     """
-    keys = _checked_keys(
-        software,
-        algorithms,
-        spaces,
-        max_uncertainty,
-        uncertainty_action,
+    params = TrackingParams(
         seed_density=seed_density,
         step_mm=step_mm,
         max_angle=max_angle,
@@ -143,66 +134,57 @@ def init_tractography_wf(
         seed_fa=seed_fa,
         min_length=min_length,
         max_length=max_length,
-    )
-    workflow = Workflow(name=name)
-    workflow.__desc__ = _methods(
-        software,
-        algorithms,
-        spaces,
-        seed_density,
-        fa_threshold,
-        seed_fa,
-        min_length,
-        max_length,
-        max_uncertainty,
-        uncertainty_action,
-    )
-    inputnode = pe.Node(niu.IdentityInterface(fields=_INPUTS), name="inputnode")
-    outputnode = pe.Node(
-        niu.IdentityInterface(fields=[f"{k}_{f}" for k in keys for f in TRACTOGRAM_FIELDS] + ["summary_file"]),
-        name="outputnode",
-    )
-    finish = _add_finishing(workflow, inputnode, outputnode, keys, max_uncertainty, uncertainty_action, min_length)
-    settings = dict(
-        seed_density=seed_density,
-        seed_fa=seed_fa,
         random_seed=random_seed,
-        **({"step_mm": step_mm} if step_mm is not None else {}),
-        **({"max_angle": max_angle} if max_angle is not None else {}),
     )
-    limits = dict(fa_threshold=fa_threshold, min_length=min_length, max_length=max_length)
-    branch = {sw: {key: node for key, node in finish.items() if split_key(key)[1] == sw} for sw in SOFTWARE}
-    if branch["dipy"]:
-        _add_dipy_branch(workflow, inputnode, outputnode, branch["dipy"], settings, limits, omp_nthreads)
-    if branch["mrtrix"]:
-        _add_mrtrix_branch(
-            workflow,
-            inputnode,
-            outputnode,
-            branch["mrtrix"],
-            settings,
-            limits,
-            omp_nthreads,
-            noisy="prob" in algorithms,
-        )
+    keys = _checked_keys(software, algorithms, spaces, params, max_uncertainty, uncertainty_action)
+    workflow = Workflow(name=name)
+    workflow.__desc__ = _methods(software, algorithms, spaces, params, max_uncertainty, uncertainty_action)
+    inputnode, outputnode = _io_nodes(keys)
+    finish = _add_finishing(workflow, inputnode, outputnode, keys, max_uncertainty, uncertainty_action, min_length)
+    if "dipy" in software:
+        _add_dipy_branch(workflow, inputnode, outputnode, finish, params, omp_nthreads)
+    if "mrtrix" in software:
+        _add_mrtrix_branch(workflow, inputnode, outputnode, finish, params, omp_nthreads, noisy="prob" in algorithms)
     return workflow
 
 
-def _checked_keys(software, algorithms, spaces, max_uncertainty, uncertainty_action, **params) -> list[str]:
-    """The tractogram keys, once the settings are valid (``params``: :class:`TrackingParams`'s)."""
+def _checked_keys(software, algorithms, spaces, params: TrackingParams, max_uncertainty, action) -> list[str]:
+    """The tractogram keys, once the settings are valid (``params`` for each algorithm)."""
     for sw in software:
         if sw not in SOFTWARE:
             raise ValueError(f"unknown tractography software {sw!r}; choose from {', '.join(SOFTWARE)}")
     for space in spaces:
         if space not in SPACES:
             raise ValueError(f"unknown space {space!r}; choose from {', '.join(SPACES)}")
-    check_uncertainty_limit(max_uncertainty, uncertainty_action)
+    check_uncertainty_limit(max_uncertainty, action)
     for alg in algorithms:
-        TrackingParams(algorithm=alg, **params).check()
+        replace(params, algorithm=alg).check()
     keys = tractogram_keys(software, algorithms, spaces)
     if not keys:
         raise ValueError("nothing to track: give at least one software, algorithm and space")
     return keys
+
+
+def _io_nodes(keys: list[str]) -> tuple[pe.Node, pe.Node]:
+    """The inputnode (:data:`_INPUTS`) and the outputnode (``<key>_<field>`` per tractogram, ``summary_file``)."""
+    inputnode = pe.Node(niu.IdentityInterface(fields=_INPUTS), name="inputnode")
+    outputnode = pe.Node(
+        niu.IdentityInterface(fields=[f"{k}_{f}" for k in keys for f in TRACTOGRAM_FIELDS] + ["summary_file"]),
+        name="outputnode",
+    )
+    return inputnode, outputnode
+
+
+def _seeding(params: TrackingParams) -> dict:
+    """The seeding and stepping inputs shared by DIPY's tracker and the MRtrix3 preparation (step and angle
+    only when set: otherwise scaled to each grid's voxel size at run time)."""
+    return dict(
+        seed_density=params.seed_density,
+        seed_fa=params.seed_fa,
+        random_seed=params.random_seed,
+        **({"step_mm": params.step_mm} if params.step_mm is not None else {}),
+        **({"max_angle": params.max_angle} if params.max_angle is not None else {}),
+    )
 
 
 def _add_finishing(workflow, inputnode, outputnode, keys, max_uncertainty, action, min_length) -> dict:
@@ -237,20 +219,22 @@ def _add_finishing(workflow, inputnode, outputnode, keys, max_uncertainty, actio
     return finish
 
 
-def _add_dipy_branch(
-    workflow, inputnode, outputnode, finish: dict, settings: dict, limits: dict, omp_nthreads: int
-) -> None:
+def _add_dipy_branch(workflow, inputnode, outputnode, finish: dict, params: TrackingParams, omp_nthreads: int) -> None:
     """DIPY's multi-threaded tracker on the tensors (:class:`~iqt_pipe.interfaces.tractography.DipyTracking`,
     ``omp_nthreads`` threads): deterministic along the principal eigenvector, probabilistic from the
-    tensor ODF; then each tractogram's track-density image. ``finish``: the DIPY tractograms' nodes."""
+    tensor ODF; then each tractogram's track-density image. ``finish``: every tractogram's node; this branch
+    feeds DIPY's."""
     from iqt_pipe.interfaces.tractography import DipyTracking, TrackDensity
 
+    limits = dict(fa_threshold=params.fa_threshold, min_length=params.min_length, max_length=params.max_length)
     connections = []
     for key, node in finish.items():
-        space, _, alg = split_key(key)
+        space, sw, alg = split_key(key)
+        if sw != "dipy":
+            continue
         tensor, mask = _SPACE_INPUTS[space]
         track = pe.Node(
-            DipyTracking(algorithm=alg, **limits, nthreads=omp_nthreads, **settings),
+            DipyTracking(algorithm=alg, **limits, nthreads=omp_nthreads, **_seeding(params)),
             name=f"track_{key}",
             n_procs=omp_nthreads,
         )
@@ -277,25 +261,29 @@ def _add_dipy_branch(
 
 
 def _add_mrtrix_branch(
-    workflow, inputnode, outputnode, finish: dict, settings: dict, limits: dict, omp_nthreads: int, noisy: bool
+    workflow, inputnode, outputnode, finish: dict, params: TrackingParams, omp_nthreads: int, noisy: bool
 ) -> None:
     """MRtrix3 on a DWI series synthesised from the tensors and the subject's S0 and gradient table
     (one synthesis per space, shared by its algorithms), then ``tckgen -algorithm Tensor_Det/Tensor_Prob``
     (Nipype's ``Tractography``) and ``tckmap`` (``ComputeTDI``). ``Tensor_Prob`` tracks the series with
     Rician noise added (``noisy``) at the run's noise level (measured on ``dwi_file``'s repeated b=0
     volumes, else SNR :data:`~iqt_pipe.tracking.mrtrix.DEFAULT_SYNTH_SNR` of the synthesised b=0),
-    so its wild bootstrap has residuals to resample. ``finish``: the MRtrix3 tractograms' nodes."""
+    so its wild bootstrap has residuals to resample. ``finish``: every tractogram's node; this branch feeds
+    MRtrix3's."""
     from nipype.interfaces.mrtrix3 import ComputeTDI
 
-    from iqt_pipe.interfaces.tractography import PrepareMRtrixTracking, TensorTractography
+    from iqt_pipe.interfaces.tractography import PrepareMRtrixTracking
 
     connections, prepared = [], {}
     for key, node in finish.items():
-        space, _, alg = split_key(key)
+        space, sw, alg = split_key(key)
+        if sw != "mrtrix":
+            continue
         tensor, mask = _SPACE_INPUTS[space]
         if space not in prepared:
             prepared[space] = pe.Node(
-                PrepareMRtrixTracking(noisy=noisy, snr=DEFAULT_SYNTH_SNR, **settings), name=f"mrtrix_inputs_{space}"
+                PrepareMRtrixTracking(noisy=noisy, snr=DEFAULT_SYNTH_SNR, **_seeding(params)),
+                name=f"mrtrix_inputs_{space}",
             )
             connections.append(
                 (
@@ -314,20 +302,7 @@ def _add_mrtrix_branch(
             )
         prep = prepared[space]
         dwi = "dwi_file" if alg == "det" else "noisy_dwi_file"  # Tensor_Prob's bootstrap needs noise
-        track = pe.Node(
-            TensorTractography(
-                algorithm="Tensor_Det" if alg == "det" else "Tensor_Prob",
-                cutoff=limits["fa_threshold"],
-                min_length=limits["min_length"],
-                max_length=limits["max_length"],
-                out_file="tracked.tck",
-                out_seeds="seeds.txt",
-                nthreads=omp_nthreads,
-                environ={"MRTRIX_RNG_SEED": str(settings["random_seed"])},
-            ),
-            name=f"tckgen_{key}",
-            n_procs=omp_nthreads,
-        )
+        track = _tckgen_node(key, alg, params, omp_nthreads)
         tdi = pe.Node(
             ComputeTDI(out_file="tdi.nii.gz", args="-quiet", nthreads=omp_nthreads),
             name=f"tckmap_{key}",
@@ -366,6 +341,27 @@ def _add_mrtrix_branch(
     workflow.connect(connections)
 
 
+def _tckgen_node(key: str, alg: str, params: TrackingParams, omp_nthreads: int) -> pe.Node:
+    """``tckgen -algorithm Tensor_Det/Tensor_Prob`` for one tractogram, with ``params``' stopping FA, lengths and
+    seed (``MRTRIX_RNG_SEED``); the series, masks, step and angle come from its space's preparation."""
+    from iqt_pipe.interfaces.tractography import TensorTractography
+
+    return pe.Node(
+        TensorTractography(
+            algorithm="Tensor_Det" if alg == "det" else "Tensor_Prob",
+            cutoff=params.fa_threshold,
+            min_length=params.min_length,
+            max_length=params.max_length,
+            out_file="tracked.tck",
+            out_seeds="seeds.txt",
+            nthreads=omp_nthreads,
+            environ={"MRTRIX_RNG_SEED": str(params.random_seed)},
+        ),
+        name=f"tckgen_{key}",
+        n_procs=omp_nthreads,
+    )
+
+
 def _finish_interface(key, space, sw, alg, max_uncertainty, action, min_length):
     from iqt_pipe.interfaces.tractography import FinishTractogram
 
@@ -383,7 +379,8 @@ def _summary_interface():
     return TractographySummary()
 
 
-def _methods(software, algorithms, spaces, density, fa, seed_fa, min_len, max_len, max_unc, action) -> str:
+def _methods(software, algorithms, spaces, params: TrackingParams, max_unc, action) -> str:
+    """The methods paragraph: what was tracked, with which software, seeds, stopping rules and limits."""
     what = {"native": "the native-resolution tensors", "sr": "the super-resolved tensors"}
     text = [f"Whole-brain streamline tractography was run on {' and on '.join(what[s] for s in spaces)}."]
     algs = " and ".join({"det": "deterministic", "prob": "probabilistic"}[a] for a in algorithms)
@@ -410,11 +407,11 @@ def _methods(software, algorithms, spaces, density, fa, seed_fa, min_len, max_le
                 f"an SNR of {DEFAULT_SYNTH_SNR:g} for the synthesised b=0)."
             )
     text.append(
-        f"Seeds were placed at random in white matter (FA ≥ {seed_fa:g} in the brain mask) at "
-        f"{density:g} seeds per mm³; tracking stopped where FA fell below {fa:g} or the brain mask "
-        "ended, with a step of half a voxel and at most 60° × step / voxel between steps unless set "
-        f"otherwise, keeping streamlines {min_len:g}–{max_len:g} mm long. Each streamline's length and "
-        "the mean and maximum of the super-resolution's total uncertainty along it were recorded."
+        f"Seeds were placed at random in white matter (FA ≥ {params.seed_fa:g} in the brain mask) at "
+        f"{params.seed_density:g} seeds per mm³; tracking stopped where FA fell below {params.fa_threshold:g} "
+        "or the brain mask ended, with a step of half a voxel and at most 60° × step / voxel between steps unless "
+        f"set otherwise, keeping streamlines {params.min_length:g}–{params.max_length:g} mm long. Each streamline's "
+        "length and the mean and maximum of the super-resolution's total uncertainty along it were recorded."
     )
     if max_unc is not None:
         verb = "cut where they entered" if action == "stop" else "discarded when they entered"

@@ -48,15 +48,24 @@ def _folds(text: str) -> int | str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from iqt_pipe.cli.train import add_recipe_arguments
-    from iqt_pipe.evaluation.protocol import MODES
-    from iqt_pipe.sr.options import DEFAULT_MC_SAMPLES, DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISIONS, SYMMETRIES
-
     p = Parser(
         prog=PROG,
         description="Score super-resolution (interpolation, models, ensembles) against HR "
         "references made from BIDS DWI runs: accuracy and calibrated uncertainty.",
     )
+    _add_data_arguments(p)
+    _add_method_arguments(p)
+    _add_mode_arguments(p)
+    _add_prediction_arguments(p)
+    _add_cross_validation_arguments(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return p
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The datasets, the output folder and the participants and sessions scored."""
     p.add_argument("bids_dirs", nargs="+", type=Path, metavar="BIDS_DIR", help="BIDS dataset root(s)")
     p.add_argument(
         "-o",
@@ -68,6 +77,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--participant-label", nargs="+", metavar="L", help="participants to score (default: all)")
     p.add_argument("--session-label", nargs="+", metavar="S", help="sessions to score (default: all)")
+
+
+def _add_method_arguments(p: argparse.ArgumentParser) -> None:
+    """The methods scored: models, ensembles and interpolation baselines."""
     p.add_argument(
         "--model",
         nargs="+",
@@ -93,6 +106,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=list(BASELINES),
         help="interpolation baselines (default: all three; cubic is the reference of the ratios)",
     )
+
+
+def _add_mode_arguments(p: argparse.ArgumentParser) -> None:
+    """The evaluation modes, their noise level and the calibration participants."""
+    from iqt_pipe.evaluation.protocol import MODES
+
     p.add_argument(
         "--mode",
         nargs="+",
@@ -115,6 +134,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="participants (not scored) on which the risky-voxel threshold is chosen; default: the "
         "model cards' training subjects found in BIDS_DIR and not scored",
     )
+
+
+def _add_prediction_arguments(p: argparse.ArgumentParser) -> None:
+    """How the models predict (r, sampling, symmetries, precision, device, memory) and what is written."""
+    from iqt_pipe.sr.options import DEFAULT_MC_SAMPLES, DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISIONS, SYMMETRIES
+
     p.add_argument(
         "-r",
         "--upsample",
@@ -161,6 +186,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="score (and calibrate on) only the first N DWI runs of each subject (default: all)",
     )
     p.add_argument("--no-figures", action="store_true", help="write the tables only")
+
+
+def _add_cross_validation_arguments(p: argparse.ArgumentParser) -> None:
+    """The "cross-validation" group: folds, resuming, and iqt-train's recipe options."""
+    from iqt_pipe.cli.train import add_recipe_arguments
+
     cv = p.add_argument_group("cross-validation (one model per fold, trained with iqt-train's recipe options)")
     cv.add_argument(
         "--cross-validate",
@@ -176,10 +207,6 @@ def _build_parser() -> argparse.ArgumentParser:
         "folds' models are reused, an unfinished fold resumes from its last epoch",
     )
     add_recipe_arguments(cv)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
-    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    return p
 
 
 def _methods(args, device):

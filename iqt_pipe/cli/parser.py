@@ -94,7 +94,16 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=["participant", "group"],
         help="participant: process each subject; group: summarise the processed subjects",
     )
+    _add_selecting_data_arguments(p)
+    _add_processing_arguments(p)
+    _add_execution_arguments(p)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more messages; tracebacks on errors")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return p
 
+
+def _add_selecting_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The "selecting data" group: which participants, sessions and DWI runs are processed."""
     g = p.add_argument_group("selecting data")
     g.add_argument(
         "--participant-label",
@@ -118,7 +127,17 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--skip-bids-validation", action="store_true", help="do not run the BIDS validator on bids_dir")
 
+
+def _add_processing_arguments(p: argparse.ArgumentParser) -> None:
+    """The "processing" group: the network, the native series' preprocessing, the tractography."""
     g = p.add_argument_group("processing")
+    _add_network_arguments(g)
+    _add_preprocessing_arguments(g)
+    _add_tractography_arguments(g)
+
+
+def _add_network_arguments(g) -> None:
+    """Processing: the model(s), device, Monte-Carlo sampling, precision and symmetry ensemble."""
     g.add_argument(
         "--model",
         nargs="+",
@@ -166,6 +185,10 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"random seed of the MC sampling (default: {DEFAULT_SEED})",
     )
+
+
+def _add_preprocessing_arguments(g) -> None:
+    """Processing: denoising and Gibbs-ringing removal of the native series."""
     g.add_argument(
         "--denoise",
         choices=DENOISE,
@@ -181,6 +204,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "with; the bundled model: off; off for a derivatives dataset). A setting that differs from the model's "
         "training is warned about and recorded in the sidecars",
     )
+
+
+def _add_tractography_arguments(g) -> None:
+    """Processing: tractography on the native and super-resolved tensors."""
     g.add_argument(
         "--tractography",
         choices=TRACTOGRAPHY,
@@ -209,6 +236,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="what --max-uncertainty does: stop a streamline there, or drop it (default: stop)",
     )
 
+
+def _add_execution_arguments(p: argparse.ArgumentParser) -> None:
+    """The "execution" group: work folder, parallelism, memory, Nipype plugin, what to run."""
     g = p.add_argument_group("execution")
     g.add_argument(
         "-w",
@@ -254,10 +284,6 @@ def _build_parser() -> argparse.ArgumentParser:
         help="only rebuild the visual reports (sub-<label>.html; group.html at the group level) "
         "from the outputs already in output_dir, without processing",
     )
-
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more messages; tracebacks on errors")
-    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

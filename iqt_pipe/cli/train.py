@@ -59,21 +59,17 @@ def add_recipe_arguments(p) -> None:
     and ``iqt-eval --cross-validate``; :func:`train_settings` turns them into a
     :class:`~iqt_pipe.sr.training.TrainSettings` and :func:`library_options` into
     :func:`~iqt_pipe.sr.patches.build_library`'s keywords."""
+    _add_optimiser_arguments(p)
+    _add_loss_arguments(p)
+    _add_architecture_arguments(p)
+    _add_preprocessing_arguments(p)
+
+
+def _add_optimiser_arguments(p) -> None:
+    """Recipe: the variant, the patch pairs, the epochs, the batch, the learning rate and the validation split."""
     from iqt_pipe.models import VARIANTS
-    from iqt_pipe.models.espcn import KERNELS, WIDTHS
-    from iqt_pipe.sr.normalise import TARGETS
     from iqt_pipe.sr.patches import DEFAULT_PATCHES_PER_SUBJECT
-    from iqt_pipe.sr.training import (
-        DEFAULT_BATCH,
-        DEFAULT_EPOCHS,
-        DEFAULT_LOSS_MASK,
-        DEFAULT_LR,
-        DEFAULT_TARGET,
-        DEFAULT_VAL_FRACTION,
-        DEFAULT_VARIANT,
-        LOSS_MASKS,
-        SCHEDULES,
-    )
+    from iqt_pipe.sr.training import DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_VAL_FRACTION, DEFAULT_VARIANT
 
     p.add_argument(
         "--variant",
@@ -116,6 +112,13 @@ def add_recipe_arguments(p) -> None:
         metavar="X",
         help=f"fraction of patch pairs held out for validation (default: {DEFAULT_VAL_FRACTION:g})",
     )
+
+
+def _add_loss_arguments(p) -> None:
+    """Recipe: the loss schedule, what the network predicts, the augmentation, the voxels the loss averages over."""
+    from iqt_pipe.sr.normalise import TARGETS
+    from iqt_pipe.sr.training import DEFAULT_LOSS_MASK, DEFAULT_TARGET, LOSS_MASKS, SCHEDULES
+
     p.add_argument(
         "--schedule",
         choices=list(SCHEDULES),
@@ -149,6 +152,12 @@ def add_recipe_arguments(p) -> None:
         help="voxels the loss averages over: none = every target voxel (the paper), brain = the "
         f"HR brain mask only (default: {DEFAULT_LOSS_MASK})",
     )
+
+
+def _add_architecture_arguments(p) -> None:
+    """Recipe: the network's kernel sizes and hidden-layer widths."""
+    from iqt_pipe.models.espcn import KERNELS, WIDTHS
+
     p.add_argument(
         "--kernels",
         type=int_at_least(1, "a kernel size"),
@@ -167,6 +176,10 @@ def add_recipe_arguments(p) -> None:
         metavar="W",
         help="channels of each hidden layer, one fewer than --kernels (default: 50 100)",
     )
+
+
+def _add_preprocessing_arguments(p) -> None:
+    """Recipe: denoising and Gibbs-ringing removal of each HR series, recorded in the model card."""
     p.add_argument(
         "--denoise",
         choices=["none", "dipy"],

@@ -21,180 +21,141 @@ def _row(*cells: Any) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def _table(*columns: str) -> list[str]:
-    """A Markdown table's header and separator lines."""
+def _table(header: str) -> list[str]:
+    """A Markdown table's header and separator lines, from ``"column | column | …"``."""
+    columns = [c.strip() for c in header.split("|")]
     return [_row(*columns), "|" + "---|" * len(columns)]
 
 
+def _mean(values: dict, key: str) -> str:
+    return format_number(values.get(key, {}).get("mean"))
+
+
+_INTRO = (
+    "Tensor and MD RMSE in 1e-4 mm²/s over 6 components (tensor) or voxels (MD, FA); ratios are to cubic "
+    "B-spline interpolation of the LR tensors on the same voxels. *Interior*: HR voxels whose parent LR "
+    "voxel's 5³ neighbourhood lies in the LR brain mask; *exterior*: the rest of the HR brain mask. "
+    "*Floor*: the RMS noise of the HR reference itself (WLS delta method from an MP-PCA σ); *corrected* "
+    "= sqrt(max(RMSE² − floor², 0))."
+)
+
+
 def markdown(results: dict[str, Any]) -> str:
-    """Tables: per mode, the mean over runs per method; then every run; then the goals."""
+    """Tables: per mode, the mean over runs per method and the goals; the scans; every run; the
+    uncertainty against the training domain; the noise correction against known truth."""
     lines = ["# iqt-eval results", ""]
-    settings = results.get("settings", {})
+    settings = {k: v for k, v in results.get("settings", {}).items() if not isinstance(v, list | dict)}
     if settings:
-        lines += [
-            "Settings: " + "; ".join(f"{k} = {v}" for k, v in settings.items() if not isinstance(v, (list, dict))),
-            "",
-        ]
-    lines += [
-        "Tensor and MD RMSE in 1e-4 mm²/s over 6 components (tensor) or voxels (MD, FA); ratios are to cubic "
-        "B-spline interpolation of the LR tensors on the same voxels. *Interior*: HR voxels whose parent LR "
-        "voxel's 5³ neighbourhood lies in the LR brain mask; *exterior*: the rest of the HR brain mask. "
-        "*Floor*: the RMS noise of the HR reference itself (WLS delta method from an MP-PCA σ); *corrected* "
-        "= sqrt(max(RMSE² − floor², 0)).",
-        "",
-    ]
+        lines += ["Settings: " + "; ".join(f"{k} = {v}" for k, v in settings.items()), ""]
+    lines += [_INTRO, ""]
     for mode, methods in results["summary"].items():
-        lines += [f"## Mode: {mode} (mean over runs; [min, max] of ratios)", ""]
+        lines += _mode_section(mode, methods)
+    lines += _scans_section(results["records"])
+    lines += _runs_section(results["records"])
+    lines += _domain_section(results)
+    lines += _truth_section(results["records"])
+    return "\n".join(lines) + "\n"
+
+
+def _mode_section(mode: str, methods: dict[str, Any]) -> list[str]:
+    """One mode: accuracy per method, the uncertainty of those that have one, the goals."""
+    lines = [f"## Mode: {mode} (mean over runs; [min, max] of ratios)", ""]
+    lines += _table(
+        "method | runs | tensor int. | ratio int. | tensor ext. | ratio ext. | MD brain | FA brain | FA ratio"
+    )
+    for name, slot in methods.items():
+        v = slot["values"]
+        means = [
+            _mean(v, k) for k in ("tensor_rmse.interior", "tensor_rmse.exterior", "md_rmse.brain", "fa_rmse.brain")
+        ]
+        spans = [_span(v.get(f"{k}_ratio.{region}")) for k, region in
+                 (("tensor_rmse", "interior"), ("tensor_rmse", "exterior"), ("fa_rmse", "brain"))]  # fmt: skip
+        lines.append(_row(name, slot["runs"], means[0], spans[0], means[1], spans[1], means[2], means[3], spans[2]))
+    lines.append("")
+    unc = {n: s["values"] for n, s in methods.items() if "spearman.brain" in s["values"]}
+    if unc:
         lines += _table(
-            "method",
-            "runs",
-            "tensor int.",
-            "ratio int.",
-            "tensor ext.",
-            "ratio ext.",
-            "MD brain",
-            "FA brain",
-            "FA ratio",
+            "method | Spearman(sd, err) | cov. 50 % | cov. 80 % | cov. 95 % [min, max] | MD cov. 95 % [min, max] | "
+            "RMS error / sd [min, max] | cov. 95 %, scale from other subjects [min, max] | risky AUC | "
+            "risky precision | risky recall | risky F1 | lesion AUC (intrinsic / parameter sd)"
         )
-        for name, slot in methods.items():
-            v = slot["values"]
-
-            def mean(key, v=v):
-                return format_number(v.get(key, {}).get("mean"))
-
-            def ratio(key, v=v):
-                return _span(v.get(key))
-
-            lines.append(
-                _row(
-                    name,
-                    slot["runs"],
-                    mean("tensor_rmse.interior"),
-                    ratio("tensor_rmse_ratio.interior"),
-                    mean("tensor_rmse.exterior"),
-                    ratio("tensor_rmse_ratio.exterior"),
-                    mean("md_rmse.brain"),
-                    mean("fa_rmse.brain"),
-                    ratio("fa_rmse_ratio.brain"),
-                )
-            )
+        for name, v in unc.items():
+            g = [_mean(v, k) for k in ("spearman.brain", "coverage0.5.brain", "coverage0.8.brain")]
+            g += [_span(v.get(k)) for k in ("coverage0.95.brain", "md_coverage0.95.brain", "error_sd_ratio.brain")]
+            g.append(_span(v.get("coverage0.95_loso.brain")))
+            g += [_mean(v, k) for k in ("risky.auc", "risky.precision", "risky.recall", "risky.f1", "lesion.auc")]
+            if "lesion.auc_parameter" in v:
+                g[-1] += f" ({_mean(v, 'lesion.auc_intrinsic')} / {_mean(v, 'lesion.auc_parameter')})"
+            lines.append(_row(name, *g))
         lines.append("")
-        unc = {n: s for n, s in methods.items() if "spearman.brain" in s["values"]}
-        if unc:
-            lines += _table(
-                "method",
-                "Spearman(sd, err)",
-                "cov. 50 %",
-                "cov. 80 %",
-                "cov. 95 % [min, max]",
-                "MD cov. 95 % [min, max]",
-                "RMS error / sd [min, max]",
-                "cov. 95 %, scale from other subjects [min, max]",
-                "risky AUC",
-                "risky precision",
-                "risky recall",
-                "risky F1",
-                "lesion AUC (intrinsic / parameter sd)",
-            )
+    goals = {n: s["goals"] for n, s in methods.items() if s.get("goals") and n not in ("nearest", "trilinear", "cubic")}
+    if goals:
+        lines += ["Goals (every run):", ""]
+        for name, g in goals.items():
+            lines += [f"- {name}: " + "; ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in g.items())]
+        lines.append("")
+    return lines
 
-            for name, slot in unc.items():
-                v = slot["values"]
-                g = [
-                    format_number(v.get(k, {}).get("mean"))
-                    for k in ("spearman.brain", "coverage0.5.brain", "coverage0.8.brain")
-                ]
-                g += [_span(v.get(k)) for k in ("coverage0.95.brain", "md_coverage0.95.brain", "error_sd_ratio.brain")]
-                g.append(_span(v.get("coverage0.95_loso.brain")))
-                g += [
-                    format_number(v.get(k, {}).get("mean"))
-                    for k in ("risky.auc", "risky.precision", "risky.recall", "risky.f1", "lesion.auc")
-                ]
-                if "lesion.auc_parameter" in v:
-                    intrinsic, parameter = (v[f"lesion.auc_{k}"]["mean"] for k in ("intrinsic", "parameter"))
-                    g[-1] += f" ({format_number(intrinsic)} / {format_number(parameter)})"
-                lines.append(_row(name, *g))
-            lines.append("")
-        goals = {
-            n: s["goals"] for n, s in methods.items() if s.get("goals") and n not in ("nearest", "trilinear", "cubic")
-        }
-        if goals:
-            lines += ["Goals (every run):", ""]
-            for name, g in goals.items():
-                lines += [f"- {name}: " + "; ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in g.items())]
-            lines.append("")
+
+def _scans_section(records: list[dict]) -> list[str]:
     scans = {}
-    for rec in results["records"]:
+    for rec in records:
         scans.setdefault(rec["run"], rec.get("info", {}))
-    lines += [
+    lines = [
         "## The scans",
         "",
         "Noise correlation: of the MP-PCA residual between neighbouring voxels along each voxel axis; "
         "≈ 0 for independent noise, 0.5 or more where the scanner interpolated (less detail to recover "
         "than the voxel size suggests).",
         "",
-        *_table("run", "voxel size (mm)", "volumes", "b-values (s/mm²)", "noise σ", "noise correlation x / y / z"),
+        *_table("run | voxel size (mm) | volumes | b-values (s/mm²) | noise σ | noise correlation x / y / z"),
     ]
     for run, info in scans.items():
-        size = " × ".join(f"{v:.2f}" for v in info.get("voxel_size_mm", []))
+        size = " × ".join(f"{v:.2f}" for v in info.get("voxel_size_mm", [])) or MISSING
         corr = " / ".join(format_number(v, ".2f") for v in info.get("noise_neighbour_correlation", [])) or MISSING
         sigma = f"{info['noise_sigma']:.4g}" if "noise_sigma" in info else MISSING
-        lines.append(
-            f"| {run} | {size or MISSING} | {info.get('volumes', MISSING)} | "
-            f"{', '.join(map(str, info.get('bvals', []))) or MISSING} | {sigma} | {corr} |"
-        )
-    lines += [
-        "",
-        "## Every run",
-        "",
-        *_table(
-            "run",
-            "mode",
-            "floor int.",
-            "method",
-            "tensor int.",
-            "corrected int.",
-            "ratio int.",
-            "tensor ext.",
-            "ratio ext.",
-            "FA ratio",
-        ),
-    ]
-    for rec in results["records"]:
-        floor = rec.get("noise_floor", {}).get("interior")
+        bvals = ", ".join(map(str, info.get("bvals", []))) or MISSING
+        lines.append(_row(run, size, info.get("volumes", MISSING), bvals, sigma, corr))
+    return lines
+
+
+def _runs_section(records: list[dict]) -> list[str]:
+    lines = ["", "## Every run", ""]
+    lines += _table(
+        "run | mode | floor int. | method | tensor int. | corrected int. | ratio int. | tensor ext. | ratio ext. | "
+        "FA ratio"
+    )
+    for rec in records:
+        floor = format_number(rec.get("noise_floor", {}).get("interior"))
         for name, s in rec["methods"].items():
             corr = s.get("tensor_rmse_corrected", s.get("tensor_rmse_vs_noisy_reference_corrected", {})).get("interior")
             rmse, ratio = s["tensor_rmse"], s.get("tensor_rmse_ratio", {})
-            cells = (
-                floor,
-                rmse.get("interior"),
-                corr,
-                ratio.get("interior"),
-                rmse.get("exterior"),
-                ratio.get("exterior"),
-                s.get("fa_rmse_ratio", {}).get("brain"),
-            )
-            lines.append(
-                _row(rec["run"], rec["mode"], *map(format_number, cells[:1]), name, *map(format_number, cells[1:]))
-            )
-    lines += _domain_section(results)
-    truth = [r for r in results["records"] if r["mode"] == "known-truth"]
-    if truth:
-        lines += [
-            "",
-            "## Noise correction against known truth",
-            "",
-            "Known-truth mode scores each method against the noise-free truth and against the noisy series' own "
-            "HR fit (raw and noise-corrected), so the correction used in raw mode can be checked.",
-            "",
-            *_table("run", "method", "true RMSE int.", "vs noisy ref.", "corrected", "corrected / true"),
-        ]
-        for rec in truth:
-            for name, s in rec["methods"].items():
-                t = s["tensor_rmse"].get("interior")
-                noisy = s["tensor_rmse_vs_noisy_reference"].get("interior")
-                corr = s["tensor_rmse_vs_noisy_reference_corrected"].get("interior")
-                lines.append(_row(rec["run"], name, *map(format_number, (t, noisy, corr, corr / t if t else None))))
-    return "\n".join(lines) + "\n"
+            cells = (rmse.get("interior"), corr, ratio.get("interior"), rmse.get("exterior"), ratio.get("exterior"),
+                     s.get("fa_rmse_ratio", {}).get("brain"))  # fmt: skip
+            lines.append(_row(rec["run"], rec["mode"], floor, name, *map(format_number, cells)))
+    return lines
+
+
+def _truth_section(records: list[dict]) -> list[str]:
+    truth = [r for r in records if r["mode"] == "known-truth"]
+    if not truth:
+        return []
+    lines = [
+        "",
+        "## Noise correction against known truth",
+        "",
+        "Known-truth mode scores each method against the noise-free truth and against the noisy series' own "
+        "HR fit (raw and noise-corrected), so the correction used in raw mode can be checked.",
+        "",
+        *_table("run | method | true RMSE int. | vs noisy ref. | corrected | corrected / true"),
+    ]
+    for rec in truth:
+        for name, s in rec["methods"].items():
+            t = s["tensor_rmse"].get("interior")
+            noisy = s["tensor_rmse_vs_noisy_reference"].get("interior")
+            corr = s["tensor_rmse_vs_noisy_reference_corrected"].get("interior")
+            lines.append(_row(rec["run"], name, *map(format_number, (t, noisy, corr, corr / t if t else None))))
+    return lines
 
 
 def _domain_section(results: dict[str, Any]) -> list[str]:
@@ -218,45 +179,19 @@ def _domain_section(results: dict[str, Any]) -> list[str]:
         "with the error from run to run?",
         "",
         *_table(
-            "mode",
-            "method",
-            "runs outside",
-            "Spearman(parameter sd, error)",
-            "Spearman(total sd, error)",
-            "error ratio inside / outside",
-            "parameter sd inside / outside",
-            "total sd inside / outside",
+            "mode | method | runs outside | Spearman(parameter sd, error) | Spearman(total sd, error) | "
+            "error ratio inside / outside | parameter sd inside / outside | total sd inside / outside"
         ),
     ]
     for (mode, name), d in found.items():
-
-        def pair(key, d=d):
-            return f"{format_number(d[f'{key}_inside'])} / {format_number(d[f'{key}_outside'])}"
-
-        lines.append(
-            _row(
-                mode,
-                name,
-                d["runs_outside"],
-                format_number(d["spearman_parameter_sd_error"]),
-                format_number(d["spearman_total_sd_error"]),
-                pair("error_ratio"),
-                pair("parameter_sd"),
-                pair("total_sd"),
-            )
-        )
+        pairs = [f"{format_number(d[f'{k}_inside'])} / {format_number(d[f'{k}_outside'])}"
+                 for k in ("error_ratio", "parameter_sd", "total_sd")]  # fmt: skip
+        spearman = [format_number(d[f"spearman_{k}_sd_error"]) for k in ("parameter", "total")]
+        lines.append(_row(mode, name, d["runs_outside"], *spearman, *pairs))
     lines += [
         "",
         *_table(
-            "run",
-            "mode",
-            "method",
-            "vendor",
-            "outside the training domain",
-            "tensor RMSE",
-            "ratio",
-            "parameter sd",
-            "total sd",
+            "run | mode | method | vendor | outside the training domain | tensor RMSE | ratio | parameter sd | total sd"
         ),
     ]
     for rec in results["records"]:
@@ -264,22 +199,10 @@ def _domain_section(results: dict[str, Any]) -> list[str]:
             dom, sd = s.get("domain"), s.get("uncertainty", {}).get("sd_rms", {})
             if dom is None:
                 continue
-            numbers = (
-                s["tensor_rmse"].get("brain"),
-                s.get("tensor_rmse_ratio", {}).get("brain"),
-                sd.get("parameter"),
-                sd.get("total"),
-            )
-            lines.append(
-                _row(
-                    rec["run"],
-                    rec["mode"],
-                    name,
-                    dom.get("manufacturer") or MISSING,
-                    "; ".join(dom["problems"]) or "no",
-                    *map(format_number, numbers),
-                )
-            )
+            numbers = (s["tensor_rmse"].get("brain"), s.get("tensor_rmse_ratio", {}).get("brain"),
+                       sd.get("parameter"), sd.get("total"))  # fmt: skip
+            lines.append(_row(rec["run"], rec["mode"], name, dom.get("manufacturer") or MISSING,
+                              "; ".join(dom["problems"]) or "no", *map(format_number, numbers)))  # fmt: skip
     return lines
 
 

@@ -26,6 +26,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -669,21 +670,28 @@ def predict_volume(
         region=hr_region,
         affine=upsample_affine(lr_affine, r),
         info={
-            "precision": str(dtype).removeprefix("torch."),
-            "mc_samples": passes.count if passes.draws > 1 else 1,
-            "symmetries": len(passes.symmetries),
-            "passes": passes.count,
-            "scalar_samples": passes.count * passes.per_sample,
+            **_settings_info(dtype, passes, plan, device),
             "target": target,
             "variance_scale": s,
-            "tile": plan.tiler.t,
-            "tiles": len(plan.tiles),
-            "tiles_total": int(np.prod(plan.tiler.n_tiles)),
             "seed": seed,
-            "device": str(device),
             "guards": guards,
-        },
+        },  # fmt: skip
     )
+
+
+def _settings_info(dtype: torch.dtype, passes: _Passes, plan: _TilePlan, device: torch.device) -> dict[str, Any]:
+    """What a prediction ran with: arithmetic, passes, samples, tiles, device (its ``info``)."""
+    return {
+        "precision": str(dtype).removeprefix("torch."),
+        "mc_samples": passes.count if passes.draws > 1 else 1,
+        "symmetries": len(passes.symmetries),
+        "passes": passes.count,
+        "scalar_samples": passes.count * passes.per_sample,
+        "tile": plan.tiler.t,
+        "tiles": len(plan.tiles),
+        "tiles_total": int(np.prod(plan.tiler.n_tiles)),
+        "device": str(device),
+    }
 
 
 def predict_brain(

@@ -493,30 +493,46 @@ def track_tensors(
         # reproducible whatever the threads; 0 would mean the clock)
         random_seed=params.random_seed + 1,
     )
-    if params.algorithm == "det":
-        peaks = _principal_peaks(eigenvalues, eigenvectors, mask)
-        if peaks is None:
-            return Tracks([], np.zeros(0, dtype=int), len(seeds), info)
-        # EuDX's propagator on them: the principal eigenvectors of the 8 voxels around the point
-        # that lie within the angle limit of the previous step, signed along it and averaged with
-        # their trilinear weights; it stops where they hold less than DET_MIN_WEIGHT of the weight.
-        settings = generate_tracking_parameters(
-            "eudx",
-            angle_threshold=params.max_angle,
-            peak_values_threshold=0.0,
-            min_total_weight=DET_MIN_WEIGHT,
-            **limits,
-        )
-        field_kw = {"pam": peaks}
-    else:
-        sh = np.zeros(mask.shape + ((SH_ORDER + 1) * (SH_ORDER + 2) // 2,), dtype=np.float64)
-        sh[mask] = tensor_odf_sh(eigenvalues, eigenvectors)
-        settings = generate_tracking_parameters("prob", pmf_threshold=PMF_THRESHOLD, **limits)
-        field_kw = {"sh": sh, "sphere": tracking_hemisphere(), "basis_type": SH_BASIS, "legacy": False}
+    field = _direction_field(params, eigenvalues, eigenvectors, mask)
+    del eigenvalues, eigenvectors
+    if field is None:
+        return Tracks([], np.zeros(0, dtype=int), len(seeds), info)
+    kind, settings_kw, field_kw = field
+    settings = generate_tracking_parameters(kind, **limits, **settings_kw)
     tracker = generic_tracking(
         seeds, directions, stopping, settings, affine=affine_box, nbr_threads=int(nthreads), save_seeds=True, **field_kw
     )
-    del eigenvalues, eigenvectors
+    streamlines, seed_index = _within_length_limits(tracker, params)
+    return Tracks(streamlines, seed_index, len(seeds), info)
+
+
+def _direction_field(
+    params: TrackingParams, eigenvalues: np.ndarray, eigenvectors: np.ndarray, mask: np.ndarray
+) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    """DIPY's propagator, its settings beside the step and length limits, and what it tracks on:
+    the principal eigenvectors as peaks ("det"; None where no voxel has one) or the tensor ODF's
+    SH coefficients ("prob")."""
+    if params.algorithm == "det":
+        peaks = _principal_peaks(eigenvalues, eigenvectors, mask)
+        if peaks is None:
+            return None
+        # EuDX's propagator on them: the principal eigenvectors of the 8 voxels around the point
+        # that lie within the angle limit of the previous step, signed along it and averaged with
+        # their trilinear weights; it stops where they hold less than DET_MIN_WEIGHT of the weight.
+        settings = {
+            "angle_threshold": params.max_angle,
+            "peak_values_threshold": 0.0,
+            "min_total_weight": DET_MIN_WEIGHT,
+        }
+        return "eudx", settings, {"pam": peaks}
+    sh = np.zeros(mask.shape + ((SH_ORDER + 1) * (SH_ORDER + 2) // 2,), dtype=np.float64)
+    sh[mask] = tensor_odf_sh(eigenvalues, eigenvectors)
+    field = {"sh": sh, "sphere": tracking_hemisphere(), "basis_type": SH_BASIS, "legacy": False}
+    return "prob", {"pmf_threshold": PMF_THRESHOLD}, field
+
+
+def _within_length_limits(tracker, params: TrackingParams) -> tuple[list[np.ndarray], np.ndarray]:
+    """The streamlines within the length limits, with the index of the point nearest their seed."""
     streamlines, seed_index = [], []
     for line, seed in tracker:
         line = np.asarray(line, dtype=np.float32)
@@ -526,7 +542,7 @@ def track_tensors(
         if params.min_length <= length <= params.max_length:
             streamlines.append(line)
             seed_index.append(int(np.argmin(np.linalg.norm(line - seed, axis=1))))
-    return Tracks(streamlines, np.asarray(seed_index, dtype=int), len(seeds), info)
+    return streamlines, np.asarray(seed_index, dtype=int)
 
 
 # --------------------------------------------------------------------------- uncertainty
