@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from iqt_pipe import __version__
+from iqt_pipe.dmri.prepare import DENOISE
 from iqt_pipe.io import InputError, save_text
 from iqt_pipe.sr.options import DEFAULT_MC_SAMPLES, DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISIONS, SYMMETRIES
 from iqt_pipe.tracking.track import DEFAULT_SEED_DENSITY, UNCERTAINTY_ACTIONS
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 
 DEVICES = ("auto", "cpu", "cuda")
 TRACTOGRAPHY = ("none", "dipy", "mrtrix", "both")
-DENOISE = ("auto", "mrtrix", "dipy", "none")  # as workflows.dwi.DENOISE_CHOICES (not imported: Nipype is slow)
 DEFAULT_SEED = 0
 #: File name of the configuration archived in ``sub-<label>/log/<run_uuid>/``.
 CONFIG_NAME = "iqt-pipe.toml"

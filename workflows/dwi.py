@@ -9,9 +9,9 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from niworkflows.engine.workflows import LiterateWorkflow as Workflow
 
+from iqt_pipe.dmri.prepare import DENOISE
 from iqt_pipe.interfaces.dti import FitDTI
 
-DENOISE_CHOICES = ("none", "mrtrix", "dipy", "auto")
 DTI_OUTPUTS = ["tensor_file", "fa_file", "md_file", "ad_file", "rd_file", "s0_file", "mask_file"]
 
 
@@ -69,8 +69,8 @@ def init_dwi_preproc_wf(
     noise_file
         Map of the noise standard deviation estimated by MP-PCA (undefined without denoising).
     """
-    if denoise not in DENOISE_CHOICES:
-        raise ValueError(f"denoise must be one of {', '.join(DENOISE_CHOICES)}, got {denoise!r}")
+    if denoise not in DENOISE:
+        raise ValueError(f"denoise must be one of {', '.join(DENOISE)}, got {denoise!r}")
     if slice_axis not in (0, 1, 2):
         raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis!r}")
     if gibbs_tool not in (None, "dipy", "mrtrix"):

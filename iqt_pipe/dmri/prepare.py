@@ -36,7 +36,9 @@ from iqt_pipe.dmri.fit import DTIFit, brain_mask, fit_dti
 from iqt_pipe.dmri.gradients import GradientTable, select_dti_volumes
 
 #: ``--denoise`` values: no denoising, or MP-PCA with DIPY or MRtrix3 (``auto``: MRtrix3 when on PATH).
-DENOISE = ("none", "dipy", "mrtrix", "auto")
+#: MP-PCA denoising: ``auto`` (MRtrix3 when on PATH, else DIPY), a tool, or ``none`` (the one list of
+#: ``iqt-pipe --denoise``, ``iqt-train --denoise``, model cards and the preprocessing workflow).
+DENOISE = ("auto", "mrtrix", "dipy", "none")
 
 
 @dataclass(frozen=True)
