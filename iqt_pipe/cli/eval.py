@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = train_settings(args) if args.cross_validate else None
     if args.cross_validate:
-        settings.check_options()
+        settings.check()
     elif args.resume:
         raise InputError("--resume continues a --cross-validate run; give --cross-validate as before")
     device = resolve_device(args.device)

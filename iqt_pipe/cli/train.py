@@ -305,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
     from iqt_pipe.sr.training import check_training_dir, learnt_nothing_warning, split_indices, train
 
     settings = train_settings(args)
-    settings.check_options()  # before the patch library is built
+    settings.check()  # before the patch library is built
     device = resolve_device(args.device)
     if args.nthreads:
         torch.set_num_threads(args.nthreads)

@@ -120,8 +120,9 @@ NORMALISATION = {
 @dataclass
 class TrainSettings:
     """The training recipe (see the module docstring): network, loss, optimiser, augmentation
-    and seed; the defaults are ``iqt-train``'s. :meth:`check` raises :func:`train`'s one-line
-    errors for settings that cannot work, :meth:`check_options` the command lines' ones."""
+    and seed; the defaults are ``iqt-train``'s. :meth:`check` raises one-line errors for settings
+    that cannot work, naming the setting and its command-line option: :func:`train` runs it, and
+    ``iqt-train`` and ``iqt-eval --cross-validate`` before any data is read."""
 
     variant: str = DEFAULT_VARIANT
     epochs: int = DEFAULT_EPOCHS
@@ -153,33 +154,19 @@ class TrainSettings:
             raise InputError(f"unknown schedule {self.schedule!r}; choose fixed or anneal")
         if self.schedule == "anneal" and not VARIANTS[self.variant][0]:
             raise InputError(
-                f"the anneal schedule switches MSE to the heteroscedastic NLL; variant {self.variant} has "
-                "no precision network (use a hetero variant or --schedule fixed)"
+                f"the anneal schedule (--schedule anneal) switches MSE to the heteroscedastic NLL; variant "
+                f"{self.variant} has no precision network (use a hetero variant or --schedule fixed)"
             )
         if self.loss_mask not in LOSS_MASKS:
             raise InputError(f"unknown loss mask {self.loss_mask!r}; choose {' or '.join(LOSS_MASKS)}")
         if self.axis_swap and not self.augment:
-            raise InputError("axis swaps are part of the augmentation; turn augmentation on to use them")
+            raise InputError("axis swaps (--axis-swap) extend the mirror augmentation; turn it on: drop --no-augment")
         if problem := architecture_problem(self.widths, self.kernels):
             raise InputError(problem)
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise InputError(
                 f"epochs ({self.epochs}) and batch size ({self.batch_size}) must be ≥ 1 and the "
                 f"learning rate ({self.lr}) > 0"
-            )
-
-    def check_options(self) -> None:
-        """One-line errors worded for the recipe options of ``iqt-train`` and ``iqt-eval
-        --cross-validate``, for the combinations their parsers let through: they run it before
-        any data is read."""
-        if problem := architecture_problem(self.widths, self.kernels):
-            raise InputError(problem)
-        if self.axis_swap and not self.augment:
-            raise InputError("--axis-swap extends the augmentation; drop --no-augment")
-        if self.schedule == "anneal" and not VARIANTS[self.variant][0]:
-            raise InputError(
-                f"--schedule anneal switches to the heteroscedastic NLL; variant {self.variant} has none "
-                "(use a hetero variant)"
             )
 
     def resolved(self) -> TrainSettings:
