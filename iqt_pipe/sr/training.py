@@ -160,7 +160,7 @@ class TrainSettings:
         if self.loss_mask not in LOSS_MASKS:
             raise InputError(f"unknown loss mask {self.loss_mask!r}; choose {' or '.join(LOSS_MASKS)}")
         if self.axis_swap and not self.augment:
-            raise InputError("axis swaps (--axis-swap) extend the mirror augmentation; turn it on: drop --no-augment")
+            raise InputError("--axis-swap extends the augmentation; drop --no-augment (axis swaps need augment on)")
         if problem := architecture_problem(self.widths, self.kernels):
             raise InputError(problem)
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
