@@ -58,7 +58,7 @@ class _SuperResolveInputSpec(BaseInterfaceInputSpec):
         "recorded, with whether it matches the model's training, as Preprocessing",
     )
     degibbs = traits.Bool(desc="whether Gibbs ringing was removed from the native series (with denoise)")
-    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="CPU threads for PyTorch")
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="CPU threads (PyTorch, output compression)")
     mem_mb = traits.Float(1024, usedefault=True, nohash=True, desc="memory budget for the tiles (MB)")
 
 
@@ -124,7 +124,7 @@ class SuperResolve(SimpleInterface):
                 series_manufacturer(self.inputs.bval_file),
             )
         metadata = prediction_metadata(cards, pred, preprocessing, domain)
-        paths = write_prediction(pred, prefix, metadata, sidecars=False)
+        paths = write_prediction(pred, prefix, metadata, sidecars=False, threads=self.inputs.num_threads)
         self._results["metadata"] = metadata
         names = {
             "tensor": "tensor_file",

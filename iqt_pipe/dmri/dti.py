@@ -100,12 +100,22 @@ def fsl_flip(affine: np.ndarray) -> np.ndarray:
     return flip
 
 
-def rotate_tensors(d6: np.ndarray, rotation: np.ndarray) -> np.ndarray:
-    """Express tensors in a new frame: ``D' = R D Rᵀ`` for every voxel."""
-    m = to_matrix(np.asarray(d6, dtype=np.float64))
+def rotation_operator(rotation: np.ndarray) -> np.ndarray:
+    """The ``(6, 6)`` matrix ``M`` with ``from_matrix(R D Rᵀ) = M @ d6`` for BEP016 ``d6``: the
+    change of frame is linear in the six components, column ``c`` being the rotated unit
+    tensor of component ``c``."""
     r = np.asarray(rotation, dtype=np.float64)
-    out = from_matrix(np.einsum("ij,...jk,lk->...il", r, m, r))
-    return out.astype(np.result_type(d6, np.float32), copy=False)
+    units = to_matrix(np.eye(6))  # (6, 3, 3): one symmetric unit tensor per component
+    return from_matrix(np.einsum("ij,cjk,lk->cil", r, units, r)).T
+
+
+def rotate_tensors(d6: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """Express tensors in a new frame: ``D' = R D Rᵀ`` for every voxel (one ``6 × 6`` product
+    per voxel, :func:`rotation_operator`; float32 input stays float32)."""
+    d6 = _check6(d6)
+    dtype = np.result_type(d6, np.float32)
+    flat = np.ascontiguousarray(d6, dtype=dtype).reshape(-1, 6)
+    return (flat @ rotation_operator(rotation).T.astype(dtype)).reshape(d6.shape)
 
 
 def tensors_voxel_to_world(d6: np.ndarray, affine: np.ndarray) -> np.ndarray:

@@ -26,19 +26,20 @@ def interpolate_tensors(lr: np.ndarray, r: int, method: str = "cubic") -> np.nda
         return np.ascontiguousarray(lr[np.ix_(*idx)]).astype(np.float32)
     # The B-spline interpolant is a tensor product, so on a grid it is a 1-D interpolation along
     # each axis in turn: what map_coordinates(mode="nearest") gives at these coordinates (edges
-    # padded by _PAD voxels, then the spline prefilter), ~5× faster. Channels first: contiguous.
-    fields = np.moveaxis(lr.reshape(lr.shape[:3] + (-1,)), -1, 0)
-    out = np.empty((fields.shape[0],) + tuple(s * r for s in lr.shape[:3]), np.float32)
-    for c, field in enumerate(fields):
-        coeffs = np.pad(field.astype(np.float64), _PAD, mode="edge")
-        if order > 1:
-            coeffs = ndimage.spline_filter(coeffs, order=order, mode="nearest", output=np.float64)
-        trim = _PAD - _TAPS  # the taps reach _TAPS coefficients beyond the volume
-        coeffs = coeffs[trim:-trim, trim:-trim, trim:-trim]
+    # padded by _PAD voxels, then the spline prefilter in float64 on the LR grid), the r
+    # sub-positions of each axis in float32 on PyTorch's threads (the HR grid is the large part).
+    import torch
+
+    fields = lr.reshape(lr.shape[:3] + (-1,))
+    coeffs = np.pad(fields.astype(np.float64), [(_PAD, _PAD)] * 3 + [(0, 0)], mode="edge")
+    if order > 1:
         for axis in range(3):
-            coeffs = _upsample_axis(coeffs, axis, r, order)
-        out[c] = coeffs
-    return np.ascontiguousarray(np.moveaxis(out, 0, -1)).reshape(out.shape[1:] + lr.shape[3:])
+            coeffs = ndimage.spline_filter1d(coeffs, order=order, axis=axis, mode="nearest", output=np.float64)
+    trim = _PAD - _TAPS  # the taps reach _TAPS coefficients beyond the volume
+    out = torch.from_numpy(coeffs[trim:-trim, trim:-trim, trim:-trim].astype(np.float32))
+    for axis in range(3):
+        out = _upsample_axis(out, axis, r, order)
+    return out.numpy().reshape(out.shape[:3] + lr.shape[3:])
 
 
 #: Edge padding before the prefilter (scipy's own for mode="nearest"), and how far beyond the
@@ -53,19 +54,21 @@ def _bspline(t: float, order: int) -> float:
     return 2 / 3 - t**2 + t**3 / 2 if t < 1 else (2 - t) ** 3 / 6 if t < 2 else 0.0
 
 
-def _upsample_axis(coeffs: np.ndarray, axis: int, r: int, order: int) -> np.ndarray:
-    """Interpolate along ``axis`` (padded by ``_TAPS``, which it drops) at the r sub-positions of
-    each voxel: sub-position q of voxel p sits at p + (q − (r − 1)/2)/r, so each q is a fixed
-    (order + 1)-tap weighted sum of shifted slices."""
+def _upsample_axis(coeffs, axis: int, r: int, order: int):
+    """Interpolate the torch tensor ``coeffs`` along ``axis`` (padded by ``_TAPS``, which it
+    drops) at the r sub-positions of each voxel: sub-position q of voxel p sits at
+    p + (q − (r − 1)/2)/r, so each q is a fixed (order + 1)-tap weighted sum of shifted slices."""
+    import torch
+
     n = coeffs.shape[axis] - 2 * _TAPS
-    shape = list(coeffs.shape)
-    shape[axis] = n * r
-    out = np.zeros(shape)
+    phases = []
     for q in range(r):
         x = (q - (r - 1) / 2) / r
         base = int(np.floor(x))
-        view = out[(slice(None),) * axis + (slice(q, None, r),)]
+        acc = None
         for k in range(-(order // 2), order // 2 + 2):
-            start = _TAPS + base + k
-            view += _bspline(x - (base + k), order) * coeffs[(slice(None),) * axis + (slice(start, start + n),)]
-    return out
+            w = _bspline(x - (base + k), order)
+            shifted = coeffs.narrow(axis, _TAPS + base + k, n)
+            acc = shifted * w if acc is None else acc.add_(shifted, alpha=w)
+        phases.append(acc)
+    return torch.stack(phases, dim=axis + 1).flatten(axis, axis + 1)

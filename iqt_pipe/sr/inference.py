@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -294,69 +294,6 @@ def _target_of(model: IQTNet, target: str | None) -> str:
     return target or own or "hr"
 
 
-class _Accumulator:
-    """Running per-voxel statistics over the MC samples, kept per tile in the tile's own
-    contiguous (6, x, y, z) layout (Welford for mean and variance; FA/MD sums over the tile's
-    in-mask voxels), turned into statistics and written into whole-volume arrays at the end."""
-
-    def __init__(self):
-        self.tiles: dict[tuple, dict[str, torch.Tensor]] = {}
-
-    def add(
-        self,
-        tile,
-        k: int,
-        mu: torch.Tensor,
-        var_i: torch.Tensor | None,
-        fa: torch.Tensor,
-        md: torch.Tensor,
-        md_var: torch.Tensor | None,
-    ):
-        """MC sample ``k`` of ``tile``: ``mu``/``var_i`` (6, x, y, z); ``fa`` (S, K) tensor
-        samples' FA; ``md`` (K,) the MD of ``mu`` and ``md_var`` its predicted variance (MD is
-        linear: its moments need no samples)."""
-        acc = self.tiles.get(tile)
-        if acc is None:
-            acc = self.tiles[tile] = {"mean": torch.zeros_like(mu), "m2": torch.zeros_like(mu)}
-            if var_i is not None:
-                acc["var_int"] = torch.zeros_like(var_i)
-            for key in ("fa", "fa2", "md", "md2"):
-                acc[key] = torch.zeros(fa.shape[1], dtype=torch.float64, device=fa.device)
-        delta = mu - acc["mean"]
-        acc["mean"] += delta / (k + 1)
-        acc["m2"] += delta * (mu - acc["mean"])
-        if var_i is not None:
-            acc["var_int"] += var_i
-        fa, md = fa.double(), md.double()
-        acc["fa"] += fa.sum(0)
-        acc["fa2"] += (fa * fa).sum(0)
-        acc["md"] += md
-        acc["md2"] += md * md if md_var is None else md * md + md_var
-
-    def finish(self, passes: int, samples: int) -> None:
-        """Each tile's sums → float32 statistics over ``passes`` MC samples (``samples`` FA
-        samples): ``mean``, ``var_int`` and ``m2`` per component, ``fa``, ``md`` and their sd."""
-        for acc in self.tiles.values():
-            for key in ("var_int", "m2"):
-                if key in acc:
-                    acc[key] /= passes
-            for key, count in (("fa", samples), ("md", passes)):
-                first, second = acc.pop(key) / count, acc.pop(key + "2") / count
-                acc[key] = first.float()
-                acc[key + "_sd"] = (second - first * first).clamp_min(0).sqrt().float()
-
-    def write(self, key: str, out: np.ndarray, slices, inside) -> None:
-        """Copy one statistic of every tile into ``out`` (whole HR grid)."""
-        for tile, acc in self.tiles.items():
-            hs = slices(tile)
-            val = acc[key].cpu().numpy()
-            if val.ndim == 4:  # (6, x, y, z) → (x, y, z, 6)
-                out[hs] = np.moveaxis(val, 0, -1)
-            else:  # in-mask voxels of the tile
-                view = out[hs]
-                view[inside[hs]] = val
-
-
 @dataclass
 class _Passes:
     """The T forward passes, T = max(weight draws, symmetries): pass k runs weight draw k (the
@@ -409,27 +346,98 @@ def _pass_network(net: IQTNet, k: int, passes: _Passes, seed: int) -> IQTNet:
     return draw.to(memory_format=torch.channels_last_3d) if passes.channels_last else draw
 
 
+class _Batch:
+    """One forward call's tiles and everything the passes reuse for them: the input
+    (B, 6, t + 2m, t + 2m, t + 2m) in the passes' arithmetic and layout, and over the tiles'
+    HR blocks (B, ·, t·r, t·r, t·r; voxels beyond the volume included) the baseline the
+    de-standardised outputs are added to, which voxels are in the region (``inside``; their
+    flat indices in the blocks, ``index``), and the running statistics over the passes
+    (Welford for the mean and its variance, float32, over the blocks; sums for the intrinsic
+    variance, and float64 sums of FA/MD and their squares over the region's voxels)."""
+
+    def __init__(self, tiles: list[tuple[int, int, int]], x: torch.Tensor, base: torch.Tensor, inside: torch.Tensor):
+        self.tiles, self.x, self.base, self.inside = tiles, x, base, inside
+        self.index = inside.reshape(-1).nonzero().squeeze(1)
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def region(self, block: torch.Tensor) -> torch.Tensor:
+        """(B, 6, T, T, T) → (6, K): the components of the region's K voxels."""
+        return block.transpose(0, 1).reshape(block.shape[1], -1)[:, self.index]
+
+    def add(self, k: int, mu: torch.Tensor, var_i: torch.Tensor | None, fa: torch.Tensor, md, md_var) -> None:
+        """Pass ``k``: ``mu``/``var_i`` (B, 6, T, T, T); over the region's K voxels, ``fa`` (S, K)
+        the FA of S tensor samples per voxel, ``md`` (K,) the MD of ``mu`` and ``md_var`` its
+        predicted variance (MD is linear: its moments need no samples)."""
+        st = self.stats
+        if not st:
+            st["mean"], st["m2"] = torch.zeros_like(mu), torch.zeros_like(mu)
+            if var_i is not None:
+                st["var_int"] = torch.zeros_like(var_i)
+            for key in ("fa", "fa2", "md", "md2"):
+                st[key] = torch.zeros(md.shape, dtype=torch.float64, device=md.device)
+        delta = mu - st["mean"]
+        st["mean"] += delta / (k + 1)
+        st["m2"] += delta * (mu - st["mean"])
+        if var_i is not None:
+            st["var_int"] += var_i
+        st["fa"] += fa.sum(0).double()
+        st["fa2"] += (fa * fa).sum(0).double()
+        md = md.double()
+        st["md"] += md
+        st["md2"] += md * md if md_var is None else md * md + md_var.double()
+
+    def finish(self, passes: int, samples: int) -> dict[str, torch.Tensor]:
+        """The statistics over ``passes`` MC samples (``samples`` FA samples), float32 blocks:
+        ``mean``, ``var_int`` and ``m2`` per component, ``fa``, ``md`` and their sd (zero
+        outside the region)."""
+        st = self.stats
+        out = {key: st[key] / passes for key in ("var_int", "m2") if key in st}
+        out["mean"] = st["mean"]
+        for key, count in (("fa", samples), ("md", passes)):
+            first, second = st[key] / count, st[key + "2"] / count
+            for name, value in ((key, first), (key + "_sd", (second - first * first).clamp_min(0).sqrt())):
+                out[name] = torch.zeros(self.inside.shape, dtype=torch.float32, device=value.device)
+                out[name].view(-1)[self.index] = value.float()
+        return out
+
+
 @dataclass
 class _TilePlan:
-    """Which LR tiles run, and how many per forward call: ``z`` is the standardised LR volume
-    padded by the receptive-field margin (with background), ``tiles`` the tiles whose LR
-    positions touch the region to predict."""
+    """Which LR tiles run, in batches of up to ``per_call`` per forward call: ``z`` is the
+    standardised LR volume padded by the receptive-field margin (with background), ``tiles``
+    the tiles whose LR positions touch the region to predict."""
 
     tiler: _Tiler
     z: np.ndarray
     tiles: list[tuple[int, int, int]]
     per_call: int
 
-    def batches(self, passes: _Passes) -> Iterator[tuple[list[tuple[int, int, int]], torch.Tensor]]:
-        """The tiles, ``per_call`` at a time, with their inputs (B, 6, t + 2m, t + 2m, t + 2m)
-        on the passes' device, in their arithmetic and memory layout."""
+    def batches(self, passes: _Passes, baseline: np.ndarray, hr_region: np.ndarray) -> list[_Batch]:
+        """The :class:`_Batch` of every forward call, on the passes' device; ``baseline`` is
+        (6,) or the HR grid's (X, Y, Z, 6), ``hr_region`` the HR voxels predicted."""
+        out = []
         for start in range(0, len(self.tiles), self.per_call):
             chunk = self.tiles[start : start + self.per_call]
             x = torch.from_numpy(np.stack([self.z[self.tiler.input_slices(tl)] for tl in chunk]))
             x = x.to(passes.device, passes.dtype).permute(0, 4, 1, 2, 3)
             if passes.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            yield chunk, x
+            inside = torch.from_numpy(self._blocks(chunk, hr_region))
+            if baseline.ndim == 1:
+                base = torch.from_numpy(baseline).view(1, 6, 1, 1, 1)
+            else:
+                base = torch.from_numpy(self._blocks(chunk, baseline)).permute(0, 4, 1, 2, 3).contiguous()
+            out.append(_Batch(chunk, x, base.to(passes.device), inside.to(passes.device)))
+        return out
+
+    def _blocks(self, chunk, volume: np.ndarray) -> np.ndarray:
+        """``volume`` (HR grid, any trailing axes) cut into the tiles' HR blocks, zero beyond it."""
+        n = self.tiler.t * self.tiler.r
+        out = np.zeros((len(chunk), n, n, n) + volume.shape[3:], dtype=volume.dtype)
+        for j, tl in enumerate(chunk):
+            hs = self.tiler.hr_slices(tl)
+            out[(j,) + tuple(slice(0, s.stop - s.start) for s in hs)] = volume[hs]
+        return out
 
 
 def _plan_tiles(
@@ -452,105 +460,74 @@ def _plan_tiles(
     return _TilePlan(tiler, z, tiler.tiles_touching(region), per_call)
 
 
-@dataclass
-class _TileDecoder:
-    """One tile's network outputs in one pass → what :class:`_Accumulator` keeps of that MC
-    sample: the mean tensors on the HR grid (times the channel sd ``sd``, plus ``baseline``),
-    their intrinsic variances, and FA and MD of the tile's voxels in ``hr_region`` (FA of tensor
-    samples drawn with ``scalar_gen`` when the passes draw them)."""
-
-    tiler: _Tiler
-    hr_region: np.ndarray
-    baseline: np.ndarray
-    sd: torch.Tensor  # (6, 1, 1, 1), on the passes' device
-    passes: _Passes
-    scalar_gen: torch.Generator
-
-    def decode(self, tile, mean: torch.Tensor, prec: torch.Tensor | None):
-        """``mean`` (already times ``sd``) and ``prec``: the tile's (6, t·r, t·r, t·r) float32
-        outputs; returns the arguments of :meth:`_Accumulator.add` after ``tile`` and k."""
-        hs = self.tiler.hr_slices(tile)
-        crop = (slice(None),) + tuple(slice(0, s.stop - s.start) for s in hs)
-        mu = (mean[crop] + self._baseline(hs)).contiguous()  # (6, x, y, z)
-        inside = torch.from_numpy(self.hr_region[hs]).to(self.passes.device)
-        mu_in = mu[:, inside]  # (6, K)
-        var_i = self.sd**2 / prec[crop] if prec is not None else None
-        fa, md = _fa_md(mu_in, axis=0)
-        md_var = None
-        if self.passes.draw_scalars:
-            fa, md_var = self._sampled_fa(mu_in, var_i[:, inside])
-        return mu, var_i, fa.view(-1, md.shape[0]), md, md_var
-
-    def _baseline(self, hs) -> torch.Tensor:
-        """The baseline of the HR block ``hs``, broadcastable to (6, x, y, z)."""
-        baseline = self.baseline
-        base = torch.from_numpy(baseline if baseline.ndim == 1 else baseline[hs]).to(self.passes.device)
-        return base.view(6, 1, 1, 1) if baseline.ndim == 1 else base.permute(3, 0, 1, 2)
-
-    def _sampled_fa(self, mu_in: torch.Tensor, var_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """FA of ``per_sample`` tensor samples (S, K) of the predictive Gaussians (mean ``mu_in``,
-        variances ``var_in``, both (6, K)), and MD's predicted variance (K,), exact: MD is linear."""
-        # Antithetic pairs μ ± ε·sd: half the random numbers, and each voxel's samples have
-        # exactly its predicted mean.
-        half = (
-            torch.randn(
-                (self.passes.per_sample // 2,) + tuple(mu_in.shape),
-                generator=self.scalar_gen,
-                device=self.passes.device,
-            )
-            * var_in.sqrt()
-        )
-        fa = torch.cat([_fa_md(mu_in + half, axis=1)[0], _fa_md(mu_in - half, axis=1)[0]])
-        return fa, (var_in[0] + var_in[3] + var_in[5]) / 9
-
-
-def _run_pass(draw: IQTNet, k: int, plan: _TilePlan, decoder: _TileDecoder, acc: _Accumulator) -> None:
-    """MC sample k: the network ``draw`` over every planned tile, a batch at a time, into ``acc``."""
-    for chunk, x in plan.batches(decoder.passes):
-        mean, prec = draw(x, sample=False)
+def _run_pass(draw: IQTNet, k: int, batches: list[_Batch], passes: _Passes, sd: torch.Tensor, gen) -> None:
+    """MC sample k: the network ``draw`` over every batch; its outputs (times the channel sd
+    ``sd``, plus the baseline) and their intrinsic variances, and the FA and MD of tensor
+    samples drawn with ``gen`` when the passes draw them (else of the pass's mean), into the
+    batches' statistics."""
+    for b in batches:
+        mean, prec = draw(b.x, sample=False)
         # Plain layout (elementwise work on channels_last views is slow), float32.
-        mean = mean.contiguous().float() * decoder.sd
-        prec = prec.contiguous().float() if prec is not None else None
-        for j, tl in enumerate(chunk):
-            acc.add(tl, k, *decoder.decode(tl, mean[j], prec[j] if prec is not None else None))
+        mu = mean.contiguous().float() * sd + b.base
+        var_i = sd**2 / prec.contiguous().float() if prec is not None else None
+        mu_in = b.region(mu)
+        fa, md = _fa_md(mu_in, axis=0)
+        fa, md_var = fa[None], None
+        if passes.draw_scalars:
+            # Antithetic pairs μ ± ε·sd: half the random numbers, and each voxel's samples have
+            # exactly its predicted mean.
+            var_in = b.region(var_i)
+            half = torch.randn((passes.per_sample // 2,) + mu_in.shape, generator=gen, device=mu.device)
+            half *= var_in.sqrt()
+            fa = torch.cat([_fa_md(mu_in + half, axis=1)[0], _fa_md(mu_in - half, axis=1)[0]])
+            md_var = (var_in[0] + var_in[3] + var_in[5]) / 9
+        b.add(k, mu, var_i, fa, md, md_var)
 
 
 def _volumes(
-    acc: _Accumulator, passes: _Passes, tiler: _Tiler, hr_region: np.ndarray, hetero: bool
+    batches: list[_Batch], passes: _Passes, tiler: _Tiler, start: dict[str, np.ndarray], hetero: bool
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """The accumulated statistics on the whole HR grid, float32, zero outside ``hr_region``:
-    ``mean``, ``fa``, ``md``, ``var_int`` (hetero variants) and ``m2`` (the parameter variance,
-    with more than one pass) by name, then FA sd and MD sd."""
-    acc.finish(passes.count, passes.count * passes.per_sample)
+    """The statistics on the whole HR grid, float32: in the region what the batches
+    accumulated, elsewhere ``start``'s ``mean``, ``fa`` and ``md`` (the cubic upsampling, or
+    zero) and zero. By name ``mean``, ``fa``, ``md``, ``var_int`` (hetero variants) and ``m2``
+    (the parameter variance, with more than one pass), then FA sd and MD sd."""
     keys = ["mean", "fa", "md", "fa_sd", "md_sd"] + ["var_int"] * hetero + ["m2"] * (passes.count > 1)
     hr_shape = tuple(s * tiler.r for s in tiler.shape)
-    arrays = {}
-    for key in keys:
-        arrays[key] = np.zeros(hr_shape + ((6,) if key in ("mean", "var_int", "m2") else ()), np.float32)
-        acc.write(key, arrays[key], tiler.hr_slices, hr_region)
+    arrays = {
+        key: start[key] if key in start else np.zeros(hr_shape + ((6,) if key in ("var_int", "m2") else ()), np.float32)
+        for key in keys
+    }
+    for b in batches:
+        stats = b.finish(passes.count, passes.count * passes.per_sample)
+        inside = b.inside.cpu().numpy()
+        for key in keys:
+            block = stats[key]
+            block = (block.permute(0, 2, 3, 4, 1) if block.dim() == 5 else block).contiguous().cpu().numpy()
+            for j, tl in enumerate(b.tiles):
+                hs = tiler.hr_slices(tl)
+                crop = (j,) + tuple(slice(0, s.stop - s.start) for s in hs)
+                where = inside[crop]
+                np.copyto(arrays[key][hs], block[crop], where=where[..., None] if block.ndim == 5 else where)
+        b.stats.clear()
     fa_sd, md_sd = arrays.pop("fa_sd"), arrays.pop("md_sd")  # zero without samples or passes to spread
-    for key in ("mean", "var_int", "m2"):
-        if key in arrays:
-            arrays[key][~hr_region] = 0
     return arrays, fa_sd, md_sd
 
 
-def _fill_outside(
-    arrays: dict[str, np.ndarray],
-    lr_tensors: np.ndarray,
-    baseline: np.ndarray,
-    target: str,
-    r: int,
-    hr_region: np.ndarray,
-) -> None:
-    """``outside="cubic"``: outside the predicted voxels, the mean tensor and FA/MD of the cubic
-    B-spline upsampling of the input (already the baseline of a residual-cubic model)."""
+def _outside_values(lr_tensors: np.ndarray, baseline: np.ndarray, target: str, r: int, outside: str, shape):
+    """What the mean tensor, FA and MD are outside the predicted voxels: those of the cubic
+    B-spline upsampling of the input (``outside="cubic"``; already the baseline of a
+    residual-cubic model), or zero."""
     from iqt_pipe.sr.baselines import interpolate_tensors
 
+    if outside == "zero":
+        return {
+            "mean": np.zeros(tuple(shape) + (6,), np.float32),
+            "fa": np.zeros(shape, np.float32),
+            "md": np.zeros(shape, np.float32),
+        }
     cubic = baseline if target == "residual-cubic" else interpolate_tensors(lr_tensors, r, "cubic")
-    arrays["mean"][~hr_region] = cubic[~hr_region]
-    fa, md = _fa_md(torch.from_numpy(cubic[~hr_region]))
-    arrays["fa"][~hr_region], arrays["md"][~hr_region] = fa.numpy(), md.numpy()
+    fa, md = _fa_md(torch.from_numpy(cubic))
+    return {"mean": cubic, "fa": fa.numpy(), "md": md.numpy()}
 
 
 def _calibrate(
@@ -644,17 +621,14 @@ def predict_volume(
     baseline = _hr_baseline(lr_tensors, stats, r, target)
     # Independent streams: weights from (seed, sample), FA/MD noise from (seed, "scalars").
     seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(passes.count + 1)]
-    sd = torch.as_tensor(stats.sd, dtype=torch.float32, device=device).view(6, 1, 1, 1)
-    decoder = _TileDecoder(
-        plan.tiler, hr_region, baseline, sd, passes, torch.Generator(device=device).manual_seed(seeds[-1])
-    )
-    acc = _Accumulator()
+    sd = torch.as_tensor(stats.sd, dtype=torch.float32, device=device).view(1, 6, 1, 1, 1)
+    scalar_gen = torch.Generator(device=device).manual_seed(seeds[-1])
+    batches = plan.batches(passes, baseline, hr_region)
     with _torch_threads(threads):
         for k in range(passes.count):
-            _run_pass(_pass_network(net, k, passes, seeds[k]), k, plan, decoder, acc)
-    arrays, fa_sd, md_sd = _volumes(acc, passes, plan.tiler, hr_region, net.hetero)
-    if outside == "cubic":
-        _fill_outside(arrays, lr_tensors, baseline, target, r, hr_region)
+            _run_pass(_pass_network(net, k, passes, seeds[k]), k, batches, passes, sd, scalar_gen)
+        start = _outside_values(lr_tensors, baseline, target, r, outside, hr_region.shape)
+        arrays, fa_sd, md_sd = _volumes(batches, passes, plan.tiler, start, net.hetero)
     s = float(getattr(model, "variance_scale", 1.0))
     fa_sd, md_sd = _calibrate(arrays, fa_sd, md_sd, s)
     guards = guard_outputs(arrays, fa_sd, md_sd, hr_region)
@@ -747,36 +721,49 @@ def guard_outputs(
     """
     from iqt_pipe.dmri.dti import not_positive_definite
 
-    mean = arrays["mean"]
-    bad_mean = ~np.all(np.isfinite(mean), axis=-1) & mask
-    mean[bad_mean] = 0
-    counts = {"NonFiniteTensors": int(bad_mean.sum())}
+    inside = np.flatnonzero(mask)  # the work is over the mask's voxels, gathered once
+    mean = arrays["mean"].reshape(-1, 6)
+    mean_in = mean[inside]
+    bad = ~np.all(np.isfinite(mean_in), axis=-1)
+    bad_at = inside[bad]
+    mean[bad_at] = 0
+    counts = {"NonFiniteTensors": int(bad.sum())}
     if "var_int" in arrays:
-        var = arrays["var_int"]
-        inside = mask[..., None]
-        zero = (var <= 0) & inside & np.isfinite(var)
-        infinite = ~np.isfinite(var) & inside
+        var = arrays["var_int"].reshape(-1, 6)
+        var_in = var[inside]
+        zero = (var_in <= 0) & np.isfinite(var_in)
+        infinite = ~np.isfinite(var_in)
         counts["InfinitePrecision"] = int(np.any(zero, axis=-1).sum())
         counts["ZeroPrecision"] = int(np.any(infinite, axis=-1).sum())
-        var[zero] = VAR_FLOOR
-        var[infinite] = VAR_CAP
+        if zero.any() or infinite.any():
+            var_in[zero] = VAR_FLOOR
+            var_in[infinite] = VAR_CAP
+            var[inside] = var_in
     for key in ("var_int", "m2"):
         if key in arrays:
-            arrays[key][bad_mean] = VAR_CAP
-            arrays[key][~np.isfinite(arrays[key])] = VAR_CAP
-    bad_scalars = np.zeros(mask.shape, bool)
+            arrays[key].reshape(-1, 6)[bad_at] = VAR_CAP
+            _replace_non_finite(arrays[key], VAR_CAP)
+    bad_scalars = np.zeros(mask.size, bool)
     for key in ("fa", "md"):
         if key in arrays:
-            bad = ~np.isfinite(arrays[key])
-            bad_scalars |= bad
-            arrays[key][bad] = 0
+            bad_scalars |= _replace_non_finite(arrays[key], 0)
     for sd, unknown in ((fa_sd, 0.5), (md_sd, math.sqrt(VAR_CAP))):
-        bad = ~np.isfinite(sd)
-        bad_scalars |= bad
-        sd[bad | bad_mean] = unknown
-    counts["NonFiniteScalars"] = int((bad_scalars & ~bad_mean).sum())
-    counts["NonPositiveDefinite"] = int(not_positive_definite(mean[mask & ~bad_mean]).sum())
+        bad_scalars |= _replace_non_finite(sd, unknown)
+        sd.reshape(-1)[bad_at] = unknown
+    bad_scalars[bad_at] = False
+    counts["NonFiniteScalars"] = int(bad_scalars.sum())
+    counts["NonPositiveDefinite"] = int(not_positive_definite(mean_in[~bad]).sum())
     return counts
+
+
+def _replace_non_finite(a: np.ndarray, value: float) -> np.ndarray:
+    """Set the non-finite elements of ``a`` to ``value`` in place; returns, per voxel (flat),
+    whether it held one (a whole-array check first: usually there is none)."""
+    if np.isfinite(a).all():
+        return np.zeros(a.shape[:3], bool).reshape(-1)
+    bad = ~np.isfinite(a)
+    a[bad] = value
+    return (np.any(bad, axis=-1) if a.ndim == 4 else bad).reshape(-1)
 
 
 @torch.no_grad()

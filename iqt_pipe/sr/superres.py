@@ -85,18 +85,26 @@ def _model_fields(card: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_prediction(
-    pred: Prediction, prefix: str | os.PathLike, metadata: dict[str, Any] | None = None, sidecars: bool = True
+    pred: Prediction,
+    prefix: str | os.PathLike,
+    metadata: dict[str, Any] | None = None,
+    sidecars: bool = True,
+    threads: int = 1,
 ) -> dict[str, Path]:
     """Write a prediction as ``<prefix>_<name>.nii.gz`` files, with JSON sidecars unless
     ``sidecars=False`` (a Nipype data sink writes them from the interface's metadata).
 
     Names: ``tensor`` (world frame, BEP016), ``fa``, ``fasd``, ``md``, ``mdsd``, ``sdint``,
     ``sdpar``, ``sdtot`` (Frobenius sd, mm²/s; the parts the model predicts) and ``mask``.
-    Returns the paths by name.
+    ``threads`` compress each file (:func:`~iqt_pipe.io.write_gzip`). Returns the paths by name.
     """
     meta = {"Software": f"iqt-pipe {__version__}", **(metadata or {})}
     prefix = str(prefix)
-    paths = {"tensor": save_tensors(pred.mean, pred.affine, f"{prefix}_tensor.nii.gz", meta, sidecar=sidecars)}
+    paths = {
+        "tensor": save_tensors(
+            pred.mean, pred.affine, f"{prefix}_tensor.nii.gz", meta, sidecar=sidecars, threads=threads
+        )
+    }
     maps = {"fa": pred.fa_mean, "fasd": pred.fa_sd, "md": pred.md_mean, "mdsd": pred.md_sd}
     if pred.var_intrinsic is not None:
         maps["sdint"] = frobenius_sd(pred.var_intrinsic)
@@ -107,7 +115,7 @@ def write_prediction(
     maps["mask"] = pred.mask.astype(np.uint8)
     for name, data in maps.items():
         dtype = np.uint8 if name == "mask" else np.float32
-        paths[name] = save_nifti(data, pred.affine, f"{prefix}_{name}.nii.gz", dtype=dtype)
+        paths[name] = save_nifti(data, pred.affine, f"{prefix}_{name}.nii.gz", dtype=dtype, threads=threads)
         if sidecars:
             save_json({**MAP_SIDECARS[name], **meta}, sidecar_path(paths[name]))
     return paths
