@@ -27,7 +27,7 @@ import numpy as np
 from iqt_pipe.dmri.signal import add_rician_noise, synthesize_signal
 from iqt_pipe.io import InputError, atomic_open, load_nifti, load_tensor_image, save_nifti
 from iqt_pipe.tracking.files import resample_to_grid
-from iqt_pipe.tracking.track import TrackingParams, seed_count, seed_mask, voxel_size
+from iqt_pipe.tracking.track import TrackingParams, bounding_box, seed_count, seed_mask, voxel_size
 
 #: SNR of the synthesised b=0 that sets the noise added for ``Tensor_Prob`` when the run's own
 #: noise level cannot be measured (fewer than two b=0 volumes).
@@ -47,16 +47,17 @@ def synthesis_scheme(bvals: np.ndarray, bvecs_world: np.ndarray) -> tuple[np.nda
 
 
 def synthesize_dwi(tensors_world: np.ndarray, s0: np.ndarray, bvals: np.ndarray, bvecs_world: np.ndarray) -> np.ndarray:
-    """Noise-free ``S0·exp(−b gᵀDg)`` for world-frame tensors and world directions, float32."""
+    """Noise-free ``S0·exp(−b gᵀDg)`` for world-frame tensors and world directions, float32,
+    zero where S0 is not positive; in Fortran order, as NIfTI stores it (written without a copy)."""
     from iqt_pipe.dmri.dti import project_psd
 
-    tensors, _ = project_psd(np.nan_to_num(tensors_world), 0.0)
     s0 = np.clip(np.nan_to_num(s0), 0, None)
-    out = np.zeros(s0.shape + (len(bvals),), dtype=np.float32)
-    inside = s0 > 0
-    for start in range(0, int(inside.sum()), 200000):  # bounded memory on large grids
-        idx = tuple(a[start : start + 200000] for a in np.nonzero(inside))
-        out[idx] = synthesize_signal(s0[idx].astype(float), tensors[idx].astype(float), bvals, bvecs_world)
+    out = np.zeros(s0.shape + (len(bvals),), dtype=np.float32, order="F")
+    inside = np.nonzero(s0 > 0)
+    for start in range(0, len(inside[0]), 200000):  # bounded memory on large grids
+        idx = tuple(a[start : start + 200000] for a in inside)
+        tensors, _ = project_psd(np.nan_to_num(np.asarray(tensors_world[idx], dtype=np.float64)), 0.0)
+        out[idx] = synthesize_signal(s0[idx].astype(float), tensors, bvals, bvecs_world)
     return out
 
 
@@ -129,7 +130,7 @@ def prepare_mrtrix_inputs(
     a DWI series synthesised from the tensors and S0 (trilinearly resampled to the tensor grid
     when the grids differ) with the subject's gradient table in world coordinates, the brain
     mask, the white-matter seed mask (:func:`seed_mask`), and the seed count and step/angle for
-    this voxel size.
+    this voxel size. The images are cut to the brain mask's bounding box (one voxel around it).
 
     With ``noisy`` (for ``Tensor_Prob``, whose wild bootstrap needs residuals) also
     ``noisy_dwi_file``: the same series with Rician noise (seeded by ``params.random_seed``)
@@ -139,21 +140,26 @@ def prepare_mrtrix_inputs(
     """
     from iqt_pipe.dmri.gradients import read_gradients
 
-    tensors, mask, affine = load_tensor_image(tensor_file, mask_file)
+    tensors, mask, full_affine = load_tensor_image(tensor_file, mask_file)
     s0, s0_affine, _ = load_nifti(s0_file)
     if s0.ndim != 3:
         raise InputError(f"{s0_file}: expected a 3-D S0 image, got shape {s0.shape}")
     gtab = read_gradients(bval_file, bvec_file)
-    if s0.shape != mask.shape or not np.allclose(s0_affine, affine, atol=1e-3):
-        s0 = resample_to_grid(s0, s0_affine, affine, mask.shape)
+    # Every file is cut to the brain's bounding box (tckgen tracks in world mm: the same
+    # streamlines, from a series half the size or less).
+    same_grid = s0.shape == mask.shape and np.allclose(s0_affine, full_affine, atol=1e-3)
+    box, affine = bounding_box(mask, full_affine)
+    tensors, mask = tensors[box], mask[box]
+    s0 = s0[box] if same_grid else resample_to_grid(s0, s0_affine, affine, mask.shape)
     bvals, bvecs = synthesis_scheme(gtab.bvals, gtab.bvecs_world(s0_affine))
     params = (params or TrackingParams()).resolved(voxel_size(affine))
     seeds = seed_mask(tensors, mask, params.seed_fa, str(tensor_file))
     prefix = str(prefix)
     s0 = np.where(mask, s0, 0)
-    dwi = synthesize_dwi(np.where(mask[..., None], tensors, 0), s0, bvals, bvecs)
+    dwi = synthesize_dwi(tensors, s0, bvals, bvecs)  # S0 is zero outside the mask
+    # The series are tckgen's work files: uncompressed (gzip of float data takes longer than tracking)
     out = {
-        "dwi_file": save_nifti(dwi, affine, prefix + "_dwi.nii.gz"),
+        "dwi_file": save_nifti(dwi, affine, prefix + "_dwi.nii"),
         "grad_file": write_mrtrix_grad(bvals, bvecs, prefix + "_grad.b"),
         "mask_file": save_nifti(mask.astype(np.uint8), affine, prefix + "_mask.nii.gz", dtype=np.uint8),
         "seed_mask_file": save_nifti(seeds.astype(np.uint8), affine, prefix + "_seeds.nii.gz", dtype=np.uint8),
@@ -177,6 +183,6 @@ def prepare_mrtrix_inputs(
         for start in range(0, len(where[0]), 200000):
             idx = tuple(a[start : start + 200000] for a in where)
             noisy_dwi[idx] = add_rician_noise(dwi[idx].astype(np.float64), sigma, rng).astype(np.float32)
-        out["noisy_dwi_file"] = save_nifti(noisy_dwi, affine, prefix + "_noisy_dwi.nii.gz")
+        out["noisy_dwi_file"] = save_nifti(noisy_dwi, affine, prefix + "_noisy_dwi.nii")
         out["noise"] = {"Type": "Rician", "Sigma": sigma, "Estimate": how, "RandomSeed": params.random_seed}
     return out

@@ -173,10 +173,15 @@ class Tracks:
 
 
 def streamline_lengths(streamlines: Sequence[np.ndarray]) -> np.ndarray:
-    """Length (mm) of each streamline."""
-    return np.array(
-        [float(np.sum(np.linalg.norm(np.diff(s, axis=0), axis=1))) if len(s) > 1 else 0.0 for s in streamlines]
-    )
+    """Length (mm) of each streamline: the steps of all of them at once (in the points' own
+    precision), summed per streamline as differences of one float64 running sum."""
+    points = np.fromiter((len(s) for s in streamlines), np.int64, len(streamlines))
+    if points.sum() < 2:
+        return np.zeros(len(points))
+    steps = np.linalg.norm(np.diff(np.concatenate([np.reshape(s, (-1, 3)) for s in streamlines]), axis=0), axis=1)
+    total = np.r_[0.0, np.cumsum(steps, dtype=np.float64)]  # total[k]: the first k steps
+    ends = np.cumsum(points)
+    return np.where(points > 1, total[np.maximum(ends - 1, 0)] - total[np.maximum(ends - points, 0)], 0.0)
 
 
 def voxel_size(affine: np.ndarray) -> float:
@@ -185,8 +190,12 @@ def voxel_size(affine: np.ndarray) -> float:
 
 
 def voxel_indices(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Nearest voxel index of world points ``(N, 3)``."""
-    return np.rint(nb.affines.apply_affine(np.linalg.inv(affine), np.asarray(points, dtype=float))).astype(int)
+    """Nearest voxel index of world points ``(N, 3)`` (computed in the points' precision, at
+    least float32)."""
+    points = np.asarray(points)
+    points = points.astype(np.result_type(points, np.float32), copy=False).reshape(-1, 3)
+    to_voxel = np.linalg.inv(np.asarray(affine, dtype=np.float64)).astype(points.dtype)
+    return np.rint(points @ to_voxel[:3, :3].T + to_voxel[:3, 3]).astype(int)
 
 
 def sample_nearest(volume: np.ndarray, affine: np.ndarray, points: np.ndarray, outside: float = np.nan) -> np.ndarray:
@@ -214,36 +223,34 @@ def densify(streamline: np.ndarray, max_step: float, return_index: bool = False)
     return (out, np.r_[0, np.cumsum(n)]) if return_index else out
 
 
-def densify_many(streamlines: Sequence[np.ndarray], max_step: float) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`densify` of every streamline at once: the points ``(N, 3)`` and the index of the
-    streamline each belongs to (no Python loop over streamlines)."""
-    lengths = np.array([len(s) for s in streamlines], dtype=np.int64)
-    if not lengths.sum():
-        return np.zeros((0, 3)), np.zeros(0, dtype=np.int64)
-    pts = np.concatenate([np.asarray(s, dtype=np.float64).reshape(-1, 3) for s in streamlines])
-    owner = np.repeat(np.arange(len(lengths)), lengths)
-    d = np.diff(pts, axis=0)
-    within = owner[1:] == owner[:-1]  # segments inside one streamline
-    n = np.where(within, np.maximum(1, np.ceil(np.linalg.norm(d, axis=1) / max_step)), 0).astype(np.int64)
-    seg = np.repeat(np.arange(len(d)), n)
-    t = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)) / np.repeat(n, n)
-    last = np.cumsum(lengths)[lengths > 0] - 1  # each streamline's last point closes it
-    return (np.vstack([pts[seg] + d[seg] * t[:, None], pts[last]]), np.concatenate([owner[seg], owner[last]]))
-
-
 def track_density(streamlines: Sequence[np.ndarray], affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Track-density image: how many streamlines pass through each voxel of the grid
-    (each streamline counts once per voxel; the polylines are densified to a quarter voxel)."""
+    (each streamline counts once per voxel: :func:`densify` in voxel coordinates, a quarter
+    voxel, then the nearest voxel of every point; all streamlines at once, float32)."""
     shape = tuple(int(s) for s in shape[:3])
     n_voxels = int(np.prod(shape))
     counts = np.zeros(n_voxels, dtype=np.int64)
-    step = 0.25 * voxel_size(affine)
+    to_voxel = np.linalg.inv(np.asarray(affine, dtype=np.float64)).astype(np.float32)
     for start in range(0, len(streamlines), 5000):  # bounded memory on whole-brain tractograms
-        pts, sid = densify_many(streamlines[start : start + 5000], step)
-        ijk = voxel_indices(pts, affine)
+        chunk = [np.asarray(s, np.float32).reshape(-1, 3) for s in streamlines[start : start + 5000]]
+        lengths = np.array([len(s) for s in chunk], dtype=np.int64)
+        if not lengths.sum():
+            continue
+        pts = np.concatenate(chunk) @ to_voxel[:3, :3].T + to_voxel[:3, 3]
+        owner = np.repeat(np.arange(len(lengths)), lengths)
+        d = np.diff(pts, axis=0)
+        within = owner[1:] == owner[:-1]  # segments inside one streamline
+        n = np.where(within, np.maximum(1, np.ceil(np.linalg.norm(d, axis=1) / 0.25)), 0).astype(np.int64)
+        seg = np.repeat(np.arange(len(d)), n)
+        t = ((np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)) / np.repeat(n, n)).astype(np.float32)
+        last = np.cumsum(lengths)[lengths > 0] - 1  # each streamline's last point closes it
+        ijk = np.rint(np.vstack([pts[seg] + d[seg] * t[:, None], pts[last]])).astype(np.int64)
+        sid = np.concatenate([owner[seg], owner[last]])
         inside = np.all((ijk >= 0) & (ijk < np.array(shape)), axis=1)
-        flat = np.ravel_multi_index(tuple(ijk[inside].T), shape)
-        pairs = np.unique(sid[inside] * n_voxels + flat)  # one count per streamline and voxel
+        pairs = sid[inside] * n_voxels + np.ravel_multi_index(tuple(ijk[inside].T), shape)
+        # One count per streamline and voxel: consecutive repeats first (most of them), then
+        # the voxels a streamline comes back to.
+        pairs = np.unique(pairs[np.r_[True, pairs[1:] != pairs[:-1]]])
         counts += np.bincount(pairs % n_voxels, minlength=n_voxels)
     return counts.reshape(shape).astype(np.int32)
 
@@ -371,11 +378,16 @@ def tracking_hemisphere():
     return HemiSphere.from_sphere(get_sphere(name=SPHERE))
 
 
-def _bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
+def bounding_box(mask: np.ndarray, affine: np.ndarray, margin: int = 1) -> tuple[tuple[slice, ...], np.ndarray]:
+    """The slices of the smallest box holding ``mask`` (with ``margin`` voxels around it, within
+    the grid) and the affine of that box: tracking, seeds and files on it are those of the whole
+    grid, in less memory."""
     idx = np.argwhere(mask)
     lo = np.maximum(idx.min(axis=0) - margin, 0)
     hi = np.minimum(idx.max(axis=0) + margin + 1, mask.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    offset = np.eye(4)
+    offset[:3, 3] = lo
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), np.asarray(affine, dtype=np.float64) @ offset
 
 
 def _check_no_shear(affine: np.ndarray, source: str) -> None:
@@ -453,10 +465,7 @@ def track_tensors(
     if not mask.any():
         raise InputError(f"{source}: the brain mask is empty; nothing to track")
     _check_no_shear(affine, source)
-    box = _bounding_box(mask)
-    offset = np.eye(4)
-    offset[:3, 3] = [s.start for s in box]
-    affine_box = np.asarray(affine, dtype=np.float64) @ offset
+    box, affine_box = bounding_box(mask, affine)
     mask = mask[box]
     # One eigendecomposition of the brain's voxel-frame tensors serves FA, directions and ODF.
     voxel_tensors = np.zeros(mask.shape + (6,), dtype=np.float64)
