@@ -555,6 +555,41 @@ def _segments(lines: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(segs), np.concatenate(owner)
 
 
+#: Streamline panels: pixels along the longer side, samples per pixel along each segment, and
+#: the opacity one sample adds (``1 − exp(−OPACITY · samples)`` per pixel).
+RASTER_PIXELS, RASTER_SAMPLING, RASTER_OPACITY = 480, 2.0, 0.6
+
+
+def rasterise_segments(
+    segments: np.ndarray, values: np.ndarray, lo: Sequence[float], hi: Sequence[float], pixels: int = RASTER_PIXELS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw 2-D segments ``(N, 2, 2)`` into an image over ``[lo, hi]``: each segment is sampled
+    :data:`RASTER_SAMPLING` times per pixel; a pixel takes the mean of its samples' ``values``
+    (``(N, C)``, one row per segment) and an opacity that grows with their number. Returns the
+    mean values ``(rows, columns, C)`` and the opacity ``(rows, columns)``, row 0 at ``lo[1]``
+    (all segments at once: a figure of 10⁵ segments takes a fraction of a second, where one
+    matplotlib path per segment takes seconds)."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    size = float(np.max(hi - lo)) / pixels
+    shape = tuple(int(np.ceil(v)) for v in (hi - lo)[::-1] / size)  # (rows: vertical, columns)
+    values = np.asarray(values, np.float64).reshape(len(segments), -1)
+    sums = np.zeros((values.shape[1], shape[0] * shape[1]))
+    counts = np.zeros(shape[0] * shape[1])
+    if len(segments):
+        start, step = segments[:, 0], segments[:, 1] - segments[:, 0]
+        n = np.maximum(1, np.ceil(np.linalg.norm(step, axis=1) / size * RASTER_SAMPLING)).astype(np.int64)
+        owner = np.repeat(np.arange(len(segments)), n)
+        t = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + 0.5) / np.repeat(n, n)
+        points = start[owner] + step[owner] * t[:, None]
+        col, row = (np.floor((points - lo) / size).astype(np.int64)).T
+        keep = (row >= 0) & (row < shape[0]) & (col >= 0) & (col < shape[1])
+        flat, owner = row[keep] * shape[1] + col[keep], owner[keep]
+        counts = np.bincount(flat, minlength=counts.size).astype(np.float64)
+        sums = np.stack([np.bincount(flat, weights=v[owner], minlength=counts.size) for v in values.T])
+    mean = (sums / np.maximum(counts, 1)).T.reshape(shape + (values.shape[1],))
+    return mean, (1 - np.exp(-RASTER_OPACITY * counts)).reshape(shape)
+
+
 def streamlines_figure(
     native: Tractogram | None,
     sr: Tractogram,
@@ -568,7 +603,7 @@ def streamlines_figure(
     and super-resolved coloured by its mean uncertainty (10⁻⁴ mm²/s) when it has one. At
     most ``max_streamlines`` random streamlines (fixed seed) of each are drawn; every panel
     of a row shares its limits. Returns ``(figure, info)`` with the counts drawn and total."""
-    from matplotlib.collections import LineCollection
+    from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
@@ -613,14 +648,19 @@ def streamlines_figure(
                 ax.text(0.5, 0.5, "no tractogram", color="white", ha="center", va="center", transform=ax.transAxes)
                 continue
             segs, _, unc = drawn[key]
-            flat = segs[:, :, [h, v]]
+            extent = (lo[h], hi[h], lo[v], hi[v])
             if colour == "direction":
-                lc = LineCollection(flat, colors=direction_colours(segs), linewidths=0.35, alpha=0.8)
+                rgb, alpha = rasterise_segments(segs[:, :, [h, v]], direction_colours(segs), lo[[h, v]], hi[[h, v]])
+                rgba = np.dstack([rgb, alpha])
             else:
-                lc = LineCollection(flat, cmap="plasma", norm=norm, linewidths=0.35, alpha=0.85)
-                lc.set_array(np.where(np.isfinite(unc), unc / SD_SCALE, np.nan))
-            lc.set_gid(f"streamlines_{key}_{colour}_{view}")
-            ax.add_collection(lc)
+                finite = np.isfinite(unc)
+                mean, alpha = rasterise_segments(
+                    segs[finite][:, :, [h, v]], unc[finite] / SD_SCALE, lo[[h, v]], hi[[h, v]]
+                )
+                rgba = ScalarMappable(norm, "plasma").to_rgba(mean[..., 0])
+                rgba[..., 3] = alpha
+            image = ax.imshow(rgba, origin="lower", extent=extent, interpolation="antialiased")
+            image.set_gid(f"streamlines_{key}_{colour}_{view}")
             what = "by direction" if colour == "direction" else "by mean uncertainty"
             ax.set_title(
                 f"{labels[key]} ({info['n_drawn'][key]} of {info['n_total'][key]}), {what}\n"
@@ -628,7 +668,7 @@ def streamlines_figure(
                 fontsize=7,
             )
             if colour == "uncertainty":
-                bar = fig.colorbar(lc, ax=ax, fraction=0.05, pad=0.02)
+                bar = fig.colorbar(ScalarMappable(norm, "plasma"), ax=ax, fraction=0.05, pad=0.02)
                 bar.set_label(f"mean total sd ({SD_UNITS})", fontsize=7)
                 bar.ax.tick_params(labelsize=6)
     if title:
