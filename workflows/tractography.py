@@ -282,8 +282,9 @@ def _add_mrtrix_branch(
         tensor, mask = _SPACE_INPUTS[space]
         if space not in prepared:
             prepared[space] = pe.Node(
-                PrepareMRtrixTracking(noisy=noisy, snr=DEFAULT_SYNTH_SNR, **_seeding(params)),
+                PrepareMRtrixTracking(noisy=noisy, snr=DEFAULT_SYNTH_SNR, nthreads=omp_nthreads, **_seeding(params)),
                 name=f"mrtrix_inputs_{space}",
+                n_procs=omp_nthreads,
             )
             connections.append(
                 (

@@ -125,6 +125,7 @@ def prepare_mrtrix_inputs(
     noise_dwi_file: str | os.PathLike | None = None,
     noise_mask_file: str | os.PathLike | None = None,
     snr: float = DEFAULT_SYNTH_SNR,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Everything ``tckgen -algorithm Tensor_Det/Tensor_Prob`` needs for a tensor image:
     a DWI series synthesised from the tensors and S0 (trilinearly resampled to the tensor grid
@@ -136,7 +137,8 @@ def prepare_mrtrix_inputs(
     ``noisy_dwi_file``: the same series with Rician noise (seeded by ``params.random_seed``)
     inside the mask, σ from the repeated b=0 volumes of ``noise_dwi_file`` (the run's native
     DWI, same gradient table; ``noise_mask_file`` its brain mask) or, failing that, median S0
-    in the mask / ``snr``; ``noise`` describes it for the sidecar.
+    in the mask / ``snr``; ``noise`` describes it for the sidecar. ``threads`` compress the
+    series.
     """
     from iqt_pipe.dmri.gradients import read_gradients
 
@@ -157,9 +159,10 @@ def prepare_mrtrix_inputs(
     prefix = str(prefix)
     s0 = np.where(mask, s0, 0)
     dwi = synthesize_dwi(tensors, s0, bvals, bvecs)  # S0 is zero outside the mask
-    # The series are tckgen's work files: uncompressed (gzip of float data takes longer than tracking)
+    # Compressed, though gzip of float data takes a while: tckgen reads a .nii.gz into memory, and
+    # tracks on that several times faster than on a memory-mapped .nii (measured 2.9 vs 8.6–12 s).
     out = {
-        "dwi_file": save_nifti(dwi, affine, prefix + "_dwi.nii"),
+        "dwi_file": save_nifti(dwi, affine, prefix + "_dwi.nii.gz", threads=threads),
         "grad_file": write_mrtrix_grad(bvals, bvecs, prefix + "_grad.b"),
         "mask_file": save_nifti(mask.astype(np.uint8), affine, prefix + "_mask.nii.gz", dtype=np.uint8),
         "seed_mask_file": save_nifti(seeds.astype(np.uint8), affine, prefix + "_seeds.nii.gz", dtype=np.uint8),
@@ -183,6 +186,6 @@ def prepare_mrtrix_inputs(
         for start in range(0, len(where[0]), 200000):
             idx = tuple(a[start : start + 200000] for a in where)
             noisy_dwi[idx] = add_rician_noise(dwi[idx].astype(np.float64), sigma, rng).astype(np.float32)
-        out["noisy_dwi_file"] = save_nifti(noisy_dwi, affine, prefix + "_noisy_dwi.nii")
+        out["noisy_dwi_file"] = save_nifti(noisy_dwi, affine, prefix + "_noisy_dwi.nii.gz", threads=threads)
         out["noise"] = {"Type": "Rician", "Sigma": sigma, "Estimate": how, "RandomSeed": params.random_seed}
     return out
