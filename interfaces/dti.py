@@ -18,6 +18,7 @@ class _FitDTIInputSpec(BaseInterfaceInputSpec):
     bval_file = File(exists=True, mandatory=True, desc="FSL b-value file")
     bvec_file = File(exists=True, mandatory=True, desc="FSL b-vector file")
     mask_file = File(exists=True, desc="brain mask; median_otsu on the mean b=0 when not given")
+    nthreads = traits.Int(1, usedefault=True, nohash=True, desc="threads of the fit (the result does not depend on it)")
 
 
 class _FitDTIOutputSpec(TraitedSpec):
@@ -50,7 +51,9 @@ class FitDTI(SimpleInterface):
 
         series = load_dwi(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file)
         mask = load_mask(self.inputs.mask_file, series.data.shape) if self.inputs.mask_file else None
-        fit, mask = fit_series(series.data, series.affine, series.gtab, mask, source=self.inputs.dwi_file)
+        fit, mask = fit_series(
+            series.data, series.affine, series.gtab, mask, source=self.inputs.dwi_file, threads=self.inputs.nthreads
+        )
 
         def out(suffix):
             return fname_presuffix(self.inputs.dwi_file, suffix=suffix, newpath=runtime.cwd)

@@ -114,7 +114,7 @@ class NoiseCorrelation(SimpleInterface):
     def _run_interface(self, runtime):
         from iqt_pipe.dmri.dwi import load_dwi
         from iqt_pipe.dmri.gradients import select_dti_volumes
-        from iqt_pipe.dmri.preproc import noise_neighbour_correlation
+        from iqt_pipe.dmri.preproc import NOISE_SLICES, noise_neighbour_correlation
         from iqt_pipe.io import load_mask
         from iqt_pipe.qc import CORRELATED_NOISE, NOISE_CORRELATION_FIELD
 
@@ -129,7 +129,7 @@ class NoiseCorrelation(SimpleInterface):
                 "Values": [None if c != c else round(c, 4) for c in correlation],
                 "Description": "Pearson correlation of the noise between face-neighbouring brain voxels along voxel "
                 "axes i, j, k: the residual of MP-PCA (DIPY) on the b=0 and DTI-shell volumes of the "
-                "series as reconstructed, central 12 slices of the brain. Independent noise gives about "
+                f"series as reconstructed, central {NOISE_SLICES} slices of the brain. Independent noise gives about "
                 f"0; above {CORRELATED_NOISE} the scanner interpolated the series, and super-resolution "
                 "has little to recover.",
             },

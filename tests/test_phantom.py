@@ -118,6 +118,14 @@ def test_noise_free_fit_recovers_world_truth(orientation):
     np.testing.assert_allclose(maps["md"][m], p.md[m], rtol=1e-4)
 
 
+def test_threaded_fit_is_the_same_to_the_bit():
+    p = ph.make_phantom("tiny", seed=3, snr=20)
+    one, three = fit_dti(p.dwi, p.affine, p.gtab), fit_dti(p.dwi, p.affine, p.gtab, threads=3)
+    np.testing.assert_array_equal(one.tensors, three.tensors)
+    np.testing.assert_array_equal(one.s0, three.s0)
+    assert one.guards == three.guards
+
+
 def test_world_truth_does_not_depend_on_voxel_orientation():
     ras = ph.make_phantom("tiny", seed=2, snr=None)
     for codes in ("LAS", "PIR"):

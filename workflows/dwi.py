@@ -141,7 +141,7 @@ def _degibbs_node(mrtrix: bool, slice_axis: int, omp_nthreads: int):
     return node, "DIPY's `gibbs_removal` [@dipy; @netohenriques2018]"
 
 
-def init_dti_wf(*, name: str = "dti_wf") -> Workflow:
+def init_dti_wf(*, omp_nthreads: int = 1, name: str = "dti_wf") -> Workflow:
     """Fit diffusion tensors at native resolution (IQT protocol) and estimate a brain mask.
 
     Workflow Graph
@@ -152,8 +152,8 @@ def init_dti_wf(*, name: str = "dti_wf") -> Workflow:
             from iqt_pipe.workflows.dwi import init_dti_wf
             wf = init_dti_wf()
 
-    The fit runs on one thread (NumPy), so Nipype can run other nodes beside it (another
-    run's fit, say).
+    The fit runs on ``omp_nthreads`` threads (equal parts of the voxels; the same result on any
+    number).
 
     Inputs
     ------
@@ -188,7 +188,7 @@ mask was estimated with DIPY's `median_otsu` on the mean b=0 image.
         niu.IdentityInterface(fields=["dwi_file", "bval_file", "bvec_file", "mask_file"]), name="inputnode"
     )
     outputnode = pe.Node(niu.IdentityInterface(fields=[*DTI_OUTPUTS, "metadata"]), name="outputnode")
-    fit_dti = pe.Node(FitDTI(), name="fit_dti")
+    fit_dti = pe.Node(FitDTI(nthreads=omp_nthreads), name="fit_dti", n_procs=omp_nthreads)
     workflow.connect([
         (inputnode, fit_dti, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"),
                               ("bvec_file", "bvec_file"), ("mask_file", "mask_file")]),

@@ -129,7 +129,7 @@ def init_dwi_run_wf(
     tracking = dict(seed_density=seed_density, max_uncertainty=max_uncertainty, uncertainty_action=uncertainty_action)
     steps = dict(
         preproc_wf=_init_preproc_wf(model, denoise, degibbs, gibbs_tool, omp_nthreads),
-        dti_wf=init_dti_wf(),
+        dti_wf=init_dti_wf(omp_nthreads=omp_nthreads),
         sr_wf=init_sr_wf(model=model, preprocessing=preprocessing, **network, **resources),
         outputs_wf=_with_upsample(init_outputs_wf(output_dir=output_dir), upsample),
     )

@@ -100,12 +100,14 @@ def fit_series(
     gtab: GradientTable,
     mask: np.ndarray | None = None,
     source: str = "DWI series",
+    threads: int = 1,
 ) -> tuple[DTIFit, np.ndarray]:
-    """The DTI fit of every voxel with a positive signal (voxel frame) and the brain mask:
-    ``mask`` when given, else ``median_otsu``'s on the mean b = 0 (see :mod:`iqt_pipe.dmri.fit`)."""
+    """The DTI fit of every voxel with a positive signal (voxel frame; on ``threads`` threads)
+    and the brain mask: ``mask`` when given, else ``median_otsu``'s on the mean b = 0 (see
+    :mod:`iqt_pipe.dmri.fit`)."""
     if mask is None:
         mask = brain_mask(dwi, gtab, nb.affines.voxel_sizes(affine))
-    return fit_dti(dwi, affine, gtab, source=source), np.asarray(mask, dtype=bool)
+    return fit_dti(dwi, affine, gtab, source=source, threads=threads), np.asarray(mask, dtype=bool)
 
 
 # ------------------------------------------------------------------------ domain of validity
