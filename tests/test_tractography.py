@@ -461,7 +461,8 @@ def test_tensor_odf_is_finite_and_free_of_units():
 
 def test_tensor_odf_sh_is_the_projection_on_the_whole_sphere():
     """The coefficients fitted on one vertex of each antipodal pair (half the work) are the
-    least-squares projection of the normalised ODF on the whole sphere."""
+    least-squares projection of the normalised ODF on the whole sphere (to float32's precision,
+    in which they are computed)."""
     from dipy.data import get_sphere
     from dipy.reconst.shm import sh_to_sf_matrix
 
@@ -475,7 +476,7 @@ def test_tensor_odf_sh_is_the_projection_on_the_whole_sphere():
     expected = T.tensor_odf(tensors, sphere.vertices) @ inverse
     assert len(T.tracking_hemisphere().vertices) == len(sphere.vertices) // 2
     np.testing.assert_allclose(
-        T.tensor_odf_sh(*T._eigh(tensors), chunk=64), expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max()
+        T.tensor_odf_sh(*T._eigh(tensors), chunk=64), expected, rtol=0, atol=5e-6 * np.abs(expected).max()
     )
 
 
