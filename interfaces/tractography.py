@@ -229,7 +229,8 @@ class _FinishTractogramOutputSpec(TraitedSpec):
 
 class FinishTractogram(SimpleInterface):
     """Apply ``--max-uncertainty`` (stop or drop) and write ``.tck``, ``.trk`` and the
-    per-streamline TSV (:func:`iqt_pipe.tracking.files.finish_tractogram`)."""
+    per-streamline TSV (:func:`iqt_pipe.tracking.files.finish_tractogram`; without a limit, the
+    input ``.tck`` is the tractogram's, copied)."""
 
     input_spec = _FinishTractogramInputSpec
     output_spec = _FinishTractogramOutputSpec
@@ -271,6 +272,7 @@ class FinishTractogram(SimpleInterface):
             _optional(self.inputs.max_uncertainty),
             self.inputs.uncertainty_action,
             self.inputs.min_length,
+            tck_source=self.inputs.in_file,
         )
         row = {
             "tractogram": self.inputs.tractogram,

@@ -380,6 +380,13 @@ def test_uncertainty_limit_stops_or_drops(tmp_path):
     assert row["max_uncertainty_seen"] == pytest.approx(1e-5) and row["uncertainty_action"] == "drop"
     with pytest.raises(InputError, match="needs an uncertainty map"):
         F.finish_tractogram(tracks, tmp_path / "y", affine, unc.shape, None, 1e-4)
+    # the tracker's .tck is the tractogram's when no limit applies, copied; never when one does
+    source = F.save_tck(tracks.streamlines, tmp_path / "tracked.tck")
+    plain, _ = F.finish_tractogram(tracks, tmp_path / "z", affine, unc.shape, unc, tck_source=source)
+    assert plain["tck"].read_bytes() == source.read_bytes()
+    limited, row = F.finish_tractogram(tracks, tmp_path / "w", affine, unc.shape, unc, 1e-4, tck_source=source)
+    assert row["n_stopped"] > 0 and limited["tck"].read_bytes() != source.read_bytes()
+    assert len(F.load_streamlines(limited["tck"])) == row["n_streamlines"]
     with pytest.raises(InputError, match="--max-uncertainty must be a positive number"):
         T.limit_uncertainty(tracks, unc, affine, -1.0)
 

@@ -160,9 +160,12 @@ def write_tractogram(
     reference_affine: np.ndarray,
     reference_shape: Sequence[int],
     uncertainty: np.ndarray | None = None,
+    tck_source: str | os.PathLike | None = None,
 ) -> tuple[dict[str, Path], dict[str, np.ndarray]]:
     """``<prefix>.tck``, ``<prefix>.trk`` (length and uncertainty per streamline as
-    ``data_per_streamline``) and ``<prefix>.tsv`` (the same values) for tracks on a reference grid."""
+    ``data_per_streamline``) and ``<prefix>.tsv`` (the same values) for tracks on a reference grid.
+    ``tck_source``: a ``.tck`` file holding exactly these streamlines, copied as it is (its
+    header keeps the tracker's provenance, and a copy is quicker than writing them again)."""
     table = streamline_table(tracks.streamlines, uncertainty, reference_affine)
     prefix = str(prefix)
     dps = {"length_mm": table["length_mm"]}
@@ -170,11 +173,19 @@ def write_tractogram(
         dps.update(mean_uncertainty=table["mean_uncertainty"], max_uncertainty=table["max_uncertainty"])
     rows = [{c: table[c][k] for c in STREAMLINE_COLUMNS} for k in range(len(tracks))]
     paths = {
-        "tck": save_tck(tracks.streamlines, prefix + ".tck"),
+        "tck": _copy(tck_source, prefix + ".tck") if tck_source else save_tck(tracks.streamlines, prefix + ".tck"),
         "trk": save_trk(tracks.streamlines, prefix + ".trk", reference_affine, reference_shape, dps),
         "tsv": write_tsv(rows, list(STREAMLINE_COLUMNS), prefix + ".tsv", TSV_FLOAT),
     }
     return paths, table
+
+
+def _copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    import shutil
+
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)
+    return Path(path)
 
 
 def summarise_tractogram(
@@ -208,9 +219,11 @@ def finish_tractogram(
     max_uncertainty: float | None = None,
     action: str = "stop",
     min_length: float = 0.0,
+    tck_source: str | os.PathLike | None = None,
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """The uncertainty limit (when a threshold is given and a map exists), then the
-    tractogram files; returns their paths and the summary row."""
+    tractogram files; returns their paths and the summary row. ``tck_source``: the ``.tck``
+    the tracks were read from, copied as the tractogram's when no limit applies."""
     counts = {"n_stopped": 0, "n_dropped": 0}
     if max_uncertainty is not None:
         if uncertainty is None:
@@ -219,7 +232,10 @@ def finish_tractogram(
                 "variant, or a variational one with --mc-samples above 1)"
             )
         tracks, counts = limit_uncertainty(tracks, uncertainty, reference_affine, max_uncertainty, action, min_length)
-    paths, table = write_tractogram(tracks, prefix, reference_affine, reference_shape, uncertainty)
+    unchanged = max_uncertainty is None and tck_source is not None and str(tck_source).endswith(".tck")
+    paths, table = write_tractogram(
+        tracks, prefix, reference_affine, reference_shape, uncertainty, tck_source if unchanged else None
+    )
     row = summarise_tractogram(
         tracks,
         table,
