@@ -569,6 +569,8 @@ def rasterise_segments(
     mean values ``(rows, columns, C)`` and the opacity ``(rows, columns)``, row 0 at ``lo[1]``
     (all segments at once: a figure of 10⁵ segments takes a fraction of a second, where one
     matplotlib path per segment takes seconds)."""
+    from iqt_pipe.tracking.track import segment_steps
+
     lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
     size = float(np.max(hi - lo)) / pixels
     shape = tuple(int(np.ceil(v)) for v in (hi - lo)[::-1] / size)  # (rows: vertical, columns)
@@ -578,8 +580,8 @@ def rasterise_segments(
     if len(segments):
         start, step = segments[:, 0], segments[:, 1] - segments[:, 0]
         n = np.maximum(1, np.ceil(np.linalg.norm(step, axis=1) / size * RASTER_SAMPLING)).astype(np.int64)
-        owner = np.repeat(np.arange(len(segments)), n)
-        t = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + 0.5) / np.repeat(n, n)
+        owner, t = segment_steps(n)
+        t += 0.5 / n[owner]  # the middle of each step
         points = start[owner] + step[owner] * t[:, None]
         col, row = (np.floor((points - lo) / size).astype(np.int64)).T
         keep = (row >= 0) & (row < shape[0]) & (col >= 0) & (col < shape[1])

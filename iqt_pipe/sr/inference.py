@@ -314,6 +314,11 @@ class _Passes:
     dtype: torch.dtype
 
     @property
+    def precision(self) -> str:
+        """The arithmetic's name: ``float32`` or ``bfloat16``."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def channels_last(self) -> bool:
         """On CPU the network and its inputs use the channels-last memory layout."""
         return self.device.type == "cpu"
@@ -455,8 +460,7 @@ def _plan_tiles(
 ) -> _TilePlan:
     """Equal tiles of edge ``tile`` (default :func:`tile_size_for_budget`) over the LR volume;
     those touching ``region`` run, as many per forward call as ``mem_mb`` allows."""
-    precision = str(passes.dtype).removeprefix("torch.")
-    t = tile or tile_size_for_budget(net, mem_mb, passes.per_sample, passes.device.type, precision)
+    t = tile or tile_size_for_budget(net, mem_mb, passes.per_sample, passes.device.type, passes.precision)
     # Tiles per forward call: what the budget allows, at most 16 (larger batches run slower
     # on CPU: measured 0.78 s vs 0.67 s for an HCP-sized espcn pass).
     per_call = max(1, min(16, int(mem_mb * 2**20 // _bytes_per_tile(net, t, passes.per_sample))))
@@ -649,7 +653,7 @@ def predict_volume(
         region=hr_region,
         affine=upsample_affine(lr_affine, r),
         info={
-            **_settings_info(dtype, passes, plan, device),
+            **_settings_info(passes, plan),
             "target": target,
             "variance_scale": s,
             "seed": seed,
@@ -658,10 +662,10 @@ def predict_volume(
     )
 
 
-def _settings_info(dtype: torch.dtype, passes: _Passes, plan: _TilePlan, device: torch.device) -> dict[str, Any]:
+def _settings_info(passes: _Passes, plan: _TilePlan) -> dict[str, Any]:
     """What a prediction ran with: arithmetic, passes, samples, tiles, device (its ``info``)."""
     return {
-        "precision": str(dtype).removeprefix("torch."),
+        "precision": passes.precision,
         "mc_samples": passes.count if passes.draws > 1 else 1,
         "symmetries": len(passes.symmetries),
         "passes": passes.count,
@@ -669,7 +673,7 @@ def _settings_info(dtype: torch.dtype, passes: _Passes, plan: _TilePlan, device:
         "tile": plan.tiler.t,
         "tiles": len(plan.tiles),
         "tiles_total": int(np.prod(plan.tiler.n_tiles)),
-        "device": str(device),
+        "device": str(passes.device),
     }
 
 

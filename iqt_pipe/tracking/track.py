@@ -207,6 +207,17 @@ def sample_nearest(volume: np.ndarray, affine: np.ndarray, points: np.ndarray, o
     return out
 
 
+def segment_steps(n: np.ndarray, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """For segments cut into ``n[i]`` equal steps: the segment each step starts on and how far
+    along it, ``k / n[i]`` for k = 0 … n[i] − 1 (all segments at once, in ``dtype``)."""
+    n = np.asarray(n, dtype=np.int64)
+    seg = np.repeat(np.arange(len(n)), n)
+    t = np.arange(n.sum(), dtype=dtype)
+    t -= np.repeat((np.cumsum(n) - n).astype(dtype), n)
+    t /= np.repeat(n.astype(dtype), n)
+    return seg, t
+
+
 def densify(streamline: np.ndarray, max_step: float, return_index: bool = False):
     """Points along the polyline no further than ``max_step`` mm apart (the original ones kept).
 
@@ -217,8 +228,7 @@ def densify(streamline: np.ndarray, max_step: float, return_index: bool = False)
         return (s, np.arange(len(s))) if return_index else s
     d = np.diff(s, axis=0)
     n = np.maximum(1, np.ceil(np.linalg.norm(d, axis=1) / max_step).astype(int))
-    seg = np.repeat(np.arange(len(d)), n)
-    t = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)) / np.repeat(n, n)
+    seg, t = segment_steps(n)
     out = np.vstack([s[seg] + d[seg] * t[:, None], s[-1:]])
     return (out, np.r_[0, np.cumsum(n)]) if return_index else out
 
@@ -241,10 +251,7 @@ def track_density(streamlines: Sequence[np.ndarray], affine: np.ndarray, shape: 
         d = np.diff(pts, axis=0)
         within = owner[1:] == owner[:-1]  # segments inside one streamline
         n = np.where(within, np.maximum(1, np.ceil(np.linalg.norm(d, axis=1) / 0.25)), 0).astype(np.int64)
-        seg = np.repeat(np.arange(len(d)), n)
-        t = np.arange(n.sum(), dtype=np.float32)
-        t -= np.repeat((np.cumsum(n) - n).astype(np.float32), n)
-        t /= np.repeat(n.astype(np.float32), n)
+        seg, t = segment_steps(n, np.float32)
         last = np.cumsum(lengths)[lengths > 0] - 1  # each streamline's last point closes it
         ijk = np.rint(np.vstack([pts[seg] + d[seg] * t[:, None], pts[last]])).astype(np.int64)
         sid = np.concatenate([owner[seg], owner[last]])
