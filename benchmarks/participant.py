@@ -12,12 +12,14 @@ listed too. Goals (issue [Speed], 2 cores): default run ≤ 90 s, ``--tractograp
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,17 +44,38 @@ PREFIXES = {
 }
 
 
-def node_times(work: Path) -> dict[str, float]:
-    """Seconds of every node that ran, by its path in the work folder."""
+def node_spans(work: Path) -> dict[str, tuple[float, float]]:
+    """(start, end) in seconds since the epoch of every node that ran, by its path in the work
+    folder (Nipype's runtime records: the interface's own run, not the worker's set-up)."""
     from nipype.utils.filemanip import loadpkl
 
-    times = {}
+    spans = {}
     for result in work.rglob("result_*.pklz"):
         runtime = getattr(loadpkl(result), "runtime", None)
-        duration = getattr(runtime, "duration", None) if runtime is not None else None
-        if duration is not None:
-            times[str(result.parent.relative_to(work))] = float(duration)
-    return times
+        if getattr(runtime, "startTime", None) and getattr(runtime, "endTime", None):
+            start, end = (
+                datetime.fromisoformat(t).replace(tzinfo=UTC).timestamp() for t in (runtime.startTime, runtime.endTime)
+            )
+            spans[str(result.parent.relative_to(work))] = (start, end)
+    return spans
+
+
+def timeline(launch: float, spans: dict[str, tuple[float, float]], finish: float) -> dict[str, float]:
+    """Where the wall time went: before the first node started (imports, the BIDS query, the
+    checks, building the graph, Nipype's set-up), while no node was running between the first
+    start and the last end (scheduling: polling, workers starting, node set-up), and after the
+    last node (the subject report, the closing checks)."""
+    intervals = sorted(spans.values())
+    busy, cursor = 0.0, intervals[0][0]
+    for start, end in intervals:
+        busy += max(0.0, end - max(start, cursor))
+        cursor = max(cursor, end)
+    first, last = intervals[0][0], max(end for _, end in intervals)
+    return {
+        "before the first node": first - launch,
+        "no node running (scheduling)": (last - first) - busy,
+        "after the last node (report)": finish - last,
+    }
 
 
 def stage_of(node: str) -> str:
@@ -85,24 +108,32 @@ def main():
             "--skip-bids-validation",
             *args.extra,
         ]
-        t0 = time.perf_counter()
+        launch = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
+        finish = time.time()
+        wall = finish - launch
         if proc.returncode:
             sys.exit(f"iqt-pipe failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        nodes = node_times(tmp / "work")
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peak_mb, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+        spans = node_spans(tmp / "work")
+    nodes = {node: end - start for node, (start, end) in spans.items()}
     stages: dict[str, float] = defaultdict(float)
     for node, seconds in nodes.items():
         stages[stage_of(node)] += seconds
     total = sum(stages.values())
+    cores = len(os.sched_getaffinity(0))
     print(f"sub-{args.subject}: wall {wall:.1f} s, peak memory of the largest process {peak_mb:.0f} MB")
+    print(f"CPU time {cpu:.1f} s: {cpu / (wall * cores):.0%} of the {cores} cores' wall time")
     for stage, seconds in sorted(stages.items(), key=lambda kv: -kv[1]):
         print(f"  {stage:<22} {seconds:7.1f} s  {seconds / total:6.1%} of node time")
-    print(f"  {'(start-up, scheduling)':<22} {wall - total:7.1f} s (negative: nodes ran side by side)")
-    print("slowest nodes:")
-    for node, seconds in sorted(nodes.items(), key=lambda kv: -kv[1])[:8]:
-        print(f"  {seconds:7.1f} s  {node}")
+    print("outside the nodes:")
+    for part, seconds in timeline(launch, spans, finish).items():
+        print(f"  {part:<30} {seconds:7.1f} s")
+    print("slowest nodes (seconds from launch: start - end):")
+    for node, seconds in sorted(nodes.items(), key=lambda kv: -kv[1])[:40]:
+        start, end = (t - launch for t in spans[node])
+        print(f"  {seconds:7.1f} s  {start:6.1f} - {end:6.1f}  {node}")
 
 
 if __name__ == "__main__":

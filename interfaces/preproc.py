@@ -30,6 +30,7 @@ class _DenoiseMPPCAInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="DWI series (4-D NIfTI), before any interpolation")
     mask_file = File(exists=True, desc="denoise only these voxels (all voxels when not given)")
     patch_radius = traits.Int(2, usedefault=True, desc="patch radius in voxels (2: 5×5×5 patches)")
+    nprocs = traits.Int(1, usedefault=True, desc="worker processes (identical result with any number)")
 
 
 class _DenoiseMPPCAOutputSpec(TraitedSpec):
@@ -49,7 +50,9 @@ class DenoiseMPPCA(SimpleInterface):
 
         data, affine, header = _load_series(self.inputs.in_file)
         mask = load_mask(self.inputs.mask_file, data.shape) if self.inputs.mask_file else None
-        denoised, sigma = denoise_mppca(data, mask=mask, patch_radius=self.inputs.patch_radius)
+        denoised, sigma = denoise_mppca(
+            data, mask=mask, patch_radius=self.inputs.patch_radius, processes=self.inputs.nprocs
+        )
         out = _out_path(self.inputs.in_file, "_denoised", runtime.cwd)
         noise = _out_path(self.inputs.in_file, "_noise", runtime.cwd)
         self._results["out_file"] = str(save_nifti(denoised, affine, out, header=header))
@@ -60,6 +63,7 @@ class DenoiseMPPCA(SimpleInterface):
 class _RemoveGibbsInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="DWI series (4-D NIfTI), before any interpolation")
     slice_axis = traits.Enum(2, 0, 1, usedefault=True, desc="voxel axis across the acquired slices")
+    nprocs = traits.Int(1, usedefault=True, desc="worker processes (identical result with any number)")
 
 
 class _RemoveGibbsOutputSpec(TraitedSpec):
@@ -79,7 +83,7 @@ class RemoveGibbs(SimpleInterface):
 
         data, affine, header = _load_series(self.inputs.in_file)
         out = _out_path(self.inputs.in_file, "_unringed", runtime.cwd)
-        unringed = remove_gibbs(data, slice_axis=self.inputs.slice_axis)
+        unringed = remove_gibbs(data, slice_axis=self.inputs.slice_axis, processes=self.inputs.nprocs)
         self._results["out_file"] = str(save_nifti(unringed, affine, out, header=header))
         return runtime
 
@@ -95,6 +99,7 @@ class _NoiseCorrelationInputSpec(BaseInterfaceInputSpec):
         usedefault=True,
         desc="sidecar fields to extend (e.g. FitDTI's); returned with the correlation added",
     )
+    nprocs = traits.Int(1, usedefault=True, desc="worker processes (identical result with any number)")
 
 
 class _NoiseCorrelationOutputSpec(TraitedSpec):
@@ -121,7 +126,7 @@ class NoiseCorrelation(SimpleInterface):
         series = load_dwi(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file)
         mask = load_mask(self.inputs.mask_file, series.data.shape)
         keep = select_dti_volumes(series.gtab, self.inputs.bval_file)
-        correlation = noise_neighbour_correlation(series.data[..., keep], mask)
+        correlation = noise_neighbour_correlation(series.data[..., keep], mask, processes=self.inputs.nprocs)
         self._results["correlation"] = correlation
         self._results["metadata"] = {
             **self.inputs.metadata,

@@ -122,7 +122,8 @@ def _denoise_node(mrtrix: bool, omp_nthreads: int):
         return node, "noise", "MRtrix3's `dwidenoise` [@mrtrix3]"
     from iqt_pipe.interfaces.preproc import DenoiseMPPCA
 
-    return pe.Node(DenoiseMPPCA(), name="denoise_mppca"), "noise_file", "DIPY's `mppca` [@dipy]"
+    node = pe.Node(DenoiseMPPCA(nprocs=omp_nthreads), name="denoise_mppca", n_procs=omp_nthreads)
+    return node, "noise_file", "DIPY's `mppca` [@dipy]"
 
 
 def _degibbs_node(mrtrix: bool, slice_axis: int, omp_nthreads: int):
@@ -137,7 +138,7 @@ def _degibbs_node(mrtrix: bool, slice_axis: int, omp_nthreads: int):
         return node, "MRtrix3's `mrdegibbs` [@mrtrix3]"
     from iqt_pipe.interfaces.preproc import RemoveGibbs
 
-    node = pe.Node(RemoveGibbs(slice_axis=slice_axis), name="remove_gibbs")
+    node = pe.Node(RemoveGibbs(slice_axis=slice_axis, nprocs=omp_nthreads), name="remove_gibbs", n_procs=omp_nthreads)
     return node, "DIPY's `gibbs_removal` [@dipy; @netohenriques2018]"
 
 

@@ -133,7 +133,7 @@ def init_dwi_run_wf(
         sr_wf=init_sr_wf(model=model, preprocessing=preprocessing, **network, **resources),
         outputs_wf=_with_upsample(init_outputs_wf(output_dir=output_dir), upsample),
     )
-    _connect_run(workflow, inputnode, outputnode, **steps)
+    _connect_run(workflow, inputnode, outputnode, omp_nthreads=omp_nthreads, **steps)
     if keys:
         tract_wf = init_tractography_wf(software=software, random_seed=seed, omp_nthreads=omp_nthreads, **tracking)
         tract_outputs_wf = _with_upsample(init_tractography_outputs_wf(output_dir=output_dir, keys=keys), upsample)
@@ -171,11 +171,11 @@ def _written_tractography(keys: list[str]) -> list[str]:
     return [f"{k}_{f}" for k in keys for f in WRITTEN_TRACTOGRAM_FIELDS] + (["summary_file"] if keys else [])
 
 
-def _connect_run(workflow, inputnode, outputnode, *, preproc_wf, dti_wf, sr_wf, outputs_wf) -> None:
+def _connect_run(workflow, inputnode, outputnode, *, omp_nthreads, preproc_wf, dti_wf, sr_wf, outputs_wf) -> None:
     """Chain the run's steps, with the noise-correlation check of the acquired series."""
     # The noise as acquired, correlated between neighbours where the scanner interpolated:
     # recorded in the native tensor's sidecar, warned about at the end of the run.
-    noise_corr = pe.Node(NoiseCorrelation(), name="noise_corr")
+    noise_corr = pe.Node(NoiseCorrelation(nprocs=omp_nthreads), name="noise_corr", n_procs=omp_nthreads)
     workflow.connect([
         (inputnode, preproc_wf, [("dwi_file", "inputnode.dwi_file"), ("bval_file", "inputnode.bval_file"),
                                  ("bvec_file", "inputnode.bvec_file")]),
