@@ -60,20 +60,26 @@ def node_spans(work: Path) -> dict[str, tuple[float, float]]:
     return spans
 
 
+def idle_gaps(spans: dict[str, tuple[float, float]]) -> list[tuple[float, float, str, str]]:
+    """``(start, end, node before, node after)`` of every interval between the first node's start
+    and the last node's end while no node was running (polling, workers starting, node set-up)."""
+    gaps, cursor, last_node = [], None, ""
+    for node, (start, end) in sorted(spans.items(), key=lambda kv: kv[1]):
+        if cursor is not None and start > cursor:
+            gaps.append((cursor, start, last_node, node))
+        if cursor is None or end > cursor:
+            cursor, last_node = end, node
+    return gaps
+
+
 def timeline(launch: float, spans: dict[str, tuple[float, float]], finish: float) -> dict[str, float]:
-    """Where the wall time went: before the first node started (imports, the BIDS query, the
-    checks, building the graph, Nipype's set-up), while no node was running between the first
-    start and the last end (scheduling: polling, workers starting, node set-up), and after the
-    last node (the subject report, the closing checks)."""
-    intervals = sorted(spans.values())
-    busy, cursor = 0.0, intervals[0][0]
-    for start, end in intervals:
-        busy += max(0.0, end - max(start, cursor))
-        cursor = max(cursor, end)
-    first, last = intervals[0][0], max(end for _, end in intervals)
+    """Where the wall time went outside the nodes: before the first node started (imports, the
+    BIDS query, the checks, building the graph, Nipype's set-up), between nodes while none was
+    running (:func:`idle_gaps`), and after the last node (the subject report, the closing checks)."""
+    first, last = min(s for s, _ in spans.values()), max(e for _, e in spans.values())
     return {
         "before the first node": first - launch,
-        "no node running (scheduling)": (last - first) - busy,
+        "no node running (scheduling)": sum(end - start for start, end, _, _ in idle_gaps(spans)),
         "after the last node (report)": finish - last,
     }
 
@@ -130,6 +136,10 @@ def main():
     print("outside the nodes:")
     for part, seconds in timeline(launch, spans, finish).items():
         print(f"  {part:<30} {seconds:7.1f} s")
+    print("longest waits with no node running (seconds from launch):")
+    for start, end, before, after in sorted(idle_gaps(spans), key=lambda g: g[0] - g[1])[:5]:
+        between = f"after {Path(before).name}, before {Path(after).name}"
+        print(f"  {end - start:5.1f} s  {start - launch:6.1f} - {end - launch:6.1f}  {between}")
     print("slowest nodes (seconds from launch: start - end):")
     for node, seconds in sorted(nodes.items(), key=lambda kv: -kv[1])[:40]:
         start, end = (t - launch for t in spans[node])

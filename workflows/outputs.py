@@ -234,6 +234,11 @@ def _tractogram_sinks(inputnode, outputnode, sr_sources, key: str, output_dir: s
         connections.append((inputnode, other, [("source_file", "source_file"), (f"{key}_{ext}", "in_file")]))
     meta, sink = _sink_nodes(f"{key}_tdi", {**entities, "suffix": "tdi"}, TDI_SIDECAR, output_dir, optional=False)
     meta.inputs.super_resolved = space == "sr"
+    if sw == "mrtrix":
+        # tckmap's header says its 3-D image's time unit is seconds; niworkflows would rewrite the
+        # whole image (gunzip, gzip at level 9: 3 s for a super-resolved one, in the scheduler's
+        # process) to drop the unit. Its codes and spatial units are already the derivative's.
+        sink.inputs.check_hdr = False
     connections += _sink_connections(inputnode, outputnode, f"{key}_tdi", meta, sink)
     connections.append((tck_sink, meta, [("out_file", "derived_sources")]))
     if space == "sr":
