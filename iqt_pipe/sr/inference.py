@@ -480,16 +480,17 @@ def _run_pass(draw: IQTNet, k: int, batches: list[_Batch], passes: _Passes, sd: 
         mu = mean.contiguous().float() * sd + b.base
         var_i = sd**2 / prec.contiguous().float() if prec is not None else None
         mu_in = b.region(mu)
-        fa, md = _fa_md(mu_in, axis=0)
-        fa, md_var = fa[None], None
         if passes.draw_scalars:
             # Antithetic pairs μ ± ε·sd: half the random numbers, and each voxel's samples have
-            # exactly its predicted mean.
+            # exactly its predicted mean; MD is linear, its mean and variance exact.
             var_in = b.region(var_i)
             half = torch.randn((passes.per_sample // 2,) + mu_in.shape, generator=gen, device=mu.device)
             half *= var_in.sqrt()
             fa = torch.cat([_fa_md(mu_in + half, axis=1)[0], _fa_md(mu_in - half, axis=1)[0]])
-            md_var = (var_in[0] + var_in[3] + var_in[5]) / 9
+            md, md_var = (mu_in[0] + mu_in[3] + mu_in[5]) / 3, (var_in[0] + var_in[3] + var_in[5]) / 9
+        else:
+            fa, md = _fa_md(mu_in, axis=0)
+            fa, md_var = fa[None], None
         b.add(k, mu, var_i, fa, md, md_var)
 
 
