@@ -52,6 +52,8 @@ def test_raw_case_noise_floor_predicts_the_reference_error(phantom, runs):
         m = getattr(case, region) if region != "brain" else case.hr_mask
         actual = metrics.rmse(case.reference, truth, m) / ev.UNIT
         assert floor[region] == pytest.approx(actual, rel=0.3), region
+    two = ev.prepare_case(runs[0], mode="raw", processes=2)  # MP-PCA on two processes: the same floor
+    assert two.info == case.info and np.array_equal(two.floor_var, case.floor_var)
     # Interior and exterior partition the HR mask; the LR grid is half the HR one.
     assert np.array_equal(case.interior | case.exterior, case.hr_mask)
     assert case.lr_tensors.shape[:3] == tuple(s // 2 for s in case.reference.shape[:3])

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -178,6 +179,14 @@ def _add_prediction_arguments(p: argparse.ArgumentParser) -> None:
         default=2048,
         metavar="MB",
         help="memory budget for prediction tiles (default: 2048)",
+    )
+    p.add_argument(
+        "--nprocs",
+        type=int_at_least(1, "--nprocs"),
+        default=len(os.sched_getaffinity(0)),
+        metavar="N",
+        help="processes for MP-PCA of the reference scans (the noise floor; identical result with any "
+        "number; default: this machine's cores)",
     )
     p.add_argument(
         "--runs-per-subject",
@@ -366,6 +375,7 @@ def _score(args, device, runs, methods, scored):
         calibration_runs=calibration,
         quiet=args.quiet,
         figures=figures,
+        processes=args.nprocs,
     )
     return results, figures
 

@@ -176,12 +176,19 @@ def insert_lesion(
 
 
 def prepare_case(
-    run, r: int = 2, mode: str = "raw", snr: float | None = None, seed: int = 0, noise_floor: bool = True
+    run,
+    r: int = 2,
+    mode: str = "raw",
+    snr: float | None = None,
+    seed: int = 0,
+    noise_floor: bool = True,
+    processes: int = 1,
 ) -> Case:
     """Load a DWI run (:class:`~iqt_pipe.bids.DWIRun`) and make its :class:`Case`.
 
     ``snr`` (known-truth mode): mean brain b = 0 signal over the added noise's σ; default
     the run's own (its MP-PCA σ), so the synthetic series is as noisy as the scan.
+    ``processes``: MP-PCA's (:func:`~iqt_pipe.dmri.preproc.denoise_mppca`; the same result).
     """
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; choose from {', '.join(MODES)}")
@@ -202,7 +209,7 @@ def prepare_case(
     sigma_map = None
     noise = mode != "raw" or noise_floor
     if noise:
-        denoised, sigma_map = denoise_mppca_brain(hr_dwi, mask)
+        denoised, sigma_map = denoise_mppca_brain(hr_dwi, mask, processes=processes)
         info["noise_sigma"] = float(np.median(sigma_map[mask]))
         # The scan's own noise (before any synthetic change): correlated between neighbours
         # where the scanner interpolated, which leaves super-resolution less to recover.
@@ -245,7 +252,7 @@ def prepare_case(
     if mode == "known-truth":
         case.noisy_reference = pair.hr.tensors
         # The floor of the noisy reference, as raw mode would estimate it (MP-PCA on that series).
-        _, sigma_noisy = denoise_mppca_brain(hr_dwi, mask)
+        _, sigma_noisy = denoise_mppca_brain(hr_dwi, mask, processes=processes)
         case.noisy_floor_var = _floor_variance(pair.hr, gtab, affine, sigma_noisy, mask)
     elif noise_floor:
         case.floor_var = _floor_variance(pair.hr, gtab, affine, sigma_map, mask)
@@ -508,12 +515,14 @@ def evaluate(
     quiet: bool = False,
     figures: Figures | None = None,
     scatter_points: int = 20000,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """Score ``methods`` on ``test_runs`` in each of ``modes``; see the module docstring.
 
     For every model method, the risky-voxel threshold is chosen on ``calibration_runs``
     (training subjects; raw mode) when given. Returns JSON-ready results: one record per
     (run, mode) with the reference's floor and each method's scores, ratios to cubic spline.
+    ``processes``: MP-PCA's, for the noise floor (:func:`prepare_case`).
     """
     thresholds: dict[str, float] = {}
     model_methods = [m for m in methods if m.is_model]
@@ -533,7 +542,7 @@ def evaluate(
     records = []
     jobs = [(run, mode) for run in test_runs for mode in modes]
     for run, mode in _case_progress(jobs, "evaluation", quiet):
-        case = prepare_case(run, r=r, mode=mode, snr=snr, seed=seed)
+        case = prepare_case(run, r=r, mode=mode, snr=snr, seed=seed, processes=processes)
         rec: dict[str, Any] = {
             "run": case.name,
             "subject": case.subject,
