@@ -388,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _kept(average_epochs: int) -> str:
-    return f"the mean of the last {average_epochs} epochs" if average_epochs else "the lowest validation loss"
+    return f"the mean of the last {average_epochs} epochs" if average_epochs else "the best epoch"
 
 
 def main(argv: list[str] | None = None) -> int:
