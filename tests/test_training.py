@@ -347,43 +347,6 @@ def test_resume_reaches_the_uninterrupted_weights(runs, cache, tmp_path):
     assert state["epoch"] == 3 and state["best_epoch"] == full.best_epoch
 
 
-def test_weight_averaging_keeps_the_mean_of_the_last_epochs(runs, cache, tmp_path):
-    """``average_epochs=2`` keeps the mean of the weights after epochs 2 and 3 (those of an
-    independent run stopped after 2, and of its own last epoch), validated as the card says;
-    a run resumed after epoch 2 reaches the same model; the setting is part of the recipe."""
-    from safetensors.torch import load_file
-
-    from iqt_pipe.sr.training import validate
-
-    def epoch_weights(out: Path, epoch: int) -> dict[str, torch.Tensor]:
-        tensors = load_file(str(out / "checkpoint" / f"epoch-{epoch:04d}.safetensors"))
-        return {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-
-    lib = _lib(runs, cache, n=24)
-    avg = train(lib, tmp_path / "avg", epochs=3, average_epochs=2, **SMALL)
-    train(lib, tmp_path / "two", epochs=2, **SMALL)
-    w2, w3, got = epoch_weights(tmp_path / "two", 2), epoch_weights(tmp_path / "avg", 3), _weights(tmp_path / "avg")
-    assert got.keys() == w2.keys()
-    for k in got:
-        assert torch.equal(got[k], ((w2[k].double() + w3[k].double()) / 2).to(w2[k].dtype)), k
-    assert not any(torch.equal(got[k], w3[k]) for k in got if got[k].is_floating_point())
-    v = avg.card["validation"]
-    assert v["averaged_epochs"] == [2, 3] and avg.card["training"]["average_epochs"] == 2
-    assert "last 2 epochs" in v["weights"]
-    _, val_idx = split_indices(len(lib), 0.5, SMALL["seed"])
-    again = validate(load_model(tmp_path / "avg")[0], lib, val_idx, loss_mask="brain")
-    assert again["loss"] == pytest.approx(v["loss"], rel=1e-6)
-    assert again["rmse"] == pytest.approx(v["rmse"]["model"], rel=1e-6)
-
-    train(lib, tmp_path / "part", epochs=2, average_epochs=2, **SMALL)
-    train(lib, tmp_path / "part", epochs=3, average_epochs=2, resume=True, **SMALL)
-    assert _same(_weights(tmp_path / "part"), got)
-    with pytest.raises(InputError, match="average_epochs = 2"):
-        train(lib, tmp_path / "part", epochs=4, average_epochs=1, resume=True, **SMALL)
-    with pytest.raises(InputError, match=r"--average-epochs \(3\) must lie between 0 and --epochs \(2\)"):
-        train(lib, tmp_path / "bad", epochs=2, average_epochs=3, **SMALL)
-
-
 def test_anneal_schedule_resumes_exactly(runs, cache, tmp_path):
     lib = _lib(runs, cache, n=24)
     kw = dict(SMALL, variant="hetero", schedule="anneal", anneal_start=1, anneal_epochs=1)

@@ -106,14 +106,6 @@ def _add_optimiser_arguments(p) -> None:
         help=f"Adam learning rate (default: {DEFAULT_LR:g})",
     )
     p.add_argument(
-        "--average-epochs",
-        type=int_at_least(0, "the epochs to average"),
-        default=0,
-        metavar="N",
-        help="keep the mean of the weights after each of the last N epochs (stochastic weight "
-        "averaging) instead of the epoch with the best validation loss (default: 0, the best epoch)",
-    )
-    p.add_argument(
         "--val-fraction",
         type=_fraction,
         default=DEFAULT_VAL_FRACTION,
@@ -221,7 +213,6 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
         widths=args.widths,
         kernels=args.kernels,
         loss_mask=args.loss_mask,
-        average_epochs=args.average_epochs,
         seed=args.seed,
     )
 
@@ -347,7 +338,6 @@ def run(args: argparse.Namespace) -> int:
                 f"{PROG}: variant {args.variant}, target {args.target}, schedule {args.schedule}, "
                 f"augment {augment}, kernels {'-'.join(map(str, args.kernels))} × widths "
                 f"{'-'.join(map(str, args.widths))}, loss mask {args.loss_mask}, "
-                f"weights kept: {_kept(args.average_epochs)}, "
                 f"preprocessing: {options['preprocessing'].describe()}, {args.epochs} epochs, "
                 f"batch {args.batch_size}, lr {args.lr:g}, seed {args.seed}; "
                 f"device {dist.device if dist.distributed else device}"
@@ -371,12 +361,8 @@ def run(args: argparse.Namespace) -> int:
         if dist.is_main:
             v = result.card["validation"]
             rm = v["rmse"]
-            kept = f"best epoch {v['best_epoch']}/{result.epochs}"
-            if "averaged_epochs" in v:
-                first, last = v["averaged_epochs"][0], v["averaged_epochs"][-1]
-                kept = f"mean of epochs {first}-{last}/{result.epochs}" if first != last else f"epoch {last}"
             print(
-                f"{PROG}: {kept}: validation loss {v['loss']:.4g}; "
+                f"{PROG}: best epoch {v['best_epoch']}/{result.epochs}: validation loss {v['loss']:.4g}; "
                 f"RMSE ×1e-4 mm²/s: model {_fmt_rmse(rm['model'])}, trilinear {_fmt_rmse(rm['trilinear'])}, "
                 f"cubic {_fmt_rmse(rm['cubic'])} → {result.model_path}"
             )
@@ -385,10 +371,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         dist.close()
     return 0
-
-
-def _kept(average_epochs: int) -> str:
-    return f"the mean of the last {average_epochs} epochs" if average_epochs else "the best epoch"
 
 
 def main(argv: list[str] | None = None) -> int:

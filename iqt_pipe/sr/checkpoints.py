@@ -40,29 +40,20 @@ _RESUME_KEYS = (
     "loss_mask",
     "widths",
     "kernels",
-    "average_epochs",
     "library_key",
     "patches",
 )
 #: What checkpoints written before a setting existed were trained with.
-_RESUME_DEFAULTS = {
-    "axis_swap": False,
-    "loss_mask": "none",
-    "widths": list(WIDTHS),
-    "kernels": list(KERNELS),
-    "average_epochs": 0,
-}
+_RESUME_DEFAULTS = {"axis_swap": False, "loss_mask": "none", "widths": list(WIDTHS), "kernels": list(KERNELS)}
 
 
 def _tensor_dict(
-    model: IQTNet, optimizer: torch.optim.Optimizer, best_state: dict[str, torch.Tensor], recent=()
+    model: IQTNet, optimizer: torch.optim.Optimizer, best_state: dict[str, torch.Tensor]
 ) -> tuple[dict, dict]:
-    """The tensors of a checkpoint (model, best weights, the last epochs' weights for an average,
-    Adam state, RNG states) and the Adam parameter groups, JSON-ready."""
+    """The tensors of a checkpoint (model, best weights, Adam state, RNG states) and the Adam
+    parameter groups, JSON-ready."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
-    for i, weights in enumerate(recent):
-        tensors.update({f"recent.{i}.{k}": v.detach().cpu().contiguous() for k, v in weights.items()})
     opt = optimizer.state_dict()
     for pid, st in opt["state"].items():
         for k, v in st.items():
@@ -77,15 +68,14 @@ def _tensor_dict(
     return tensors, {"param_groups": groups}
 
 
-def save_checkpoint(out_dir: Path, model: IQTNet, optimizer, best_state, state: dict, recent=()) -> Path:
+def save_checkpoint(out_dir: Path, model: IQTNet, optimizer, best_state, state: dict) -> Path:
     """Write ``checkpoint/epoch-NNNN.safetensors`` then ``checkpoint.json`` pointing at it
-    (atomically, so a crash leaves the previous checkpoint intact); remove older weights.
-    ``recent``: the weights after each of the last epochs (oldest first), for an average."""
+    (atomically, so a crash leaves the previous checkpoint intact); remove older weights."""
     from safetensors.torch import save_file
 
     folder = out_dir / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    tensors, extra = _tensor_dict(model, optimizer, best_state, recent)
+    tensors, extra = _tensor_dict(model, optimizer, best_state)
     name = f"epoch-{state['epoch']:04d}.safetensors"
     with atomic_path(folder / name) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "iqt-pipe-checkpoint"})
@@ -134,9 +124,8 @@ def check_resumable(out_dir: Path, saved: dict, settings: dict) -> None:
 
 def restore_checkpoint(
     model: IQTNet, optimizer, state: dict, tensors: dict[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """Load a checkpoint's model and Adam state and the torch RNG state; return its best weights
-    and the last epochs' weights kept for an average (oldest first; none before that option)."""
+) -> dict[str, torch.Tensor]:
+    """Load a checkpoint's model and Adam state and the torch RNG state; return its best weights."""
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state: dict[int, dict] = {}
     for k, v in tensors.items():
@@ -151,13 +140,7 @@ def restore_checkpoint(
         groups.append(g)
     optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     torch.set_rng_state(tensors["rng.cpu"])
-    recent: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith("recent."):
-            _, i, name = k.split(".", 2)
-            recent.setdefault(int(i), {})[name] = v.clone()
-    best = {k[5:]: v.clone() for k, v in tensors.items() if k.startswith("best.")}
-    return best, [recent[i] for i in sorted(recent)]
+    return {k[5:]: v.clone() for k, v in tensors.items() if k.startswith("best.")}
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -141,9 +141,6 @@ class TrainSettings:
     loss_mask: str = DEFAULT_LOSS_MASK
     #: Initialisation, split, shuffles, mirror codes and weight noise.
     seed: int = 0
-    #: The model kept is the mean of the weights after each of the last ``average_epochs`` epochs
-    #: (stochastic weight averaging, Izmailov et al. 2018); 0 keeps the best epoch's.
-    average_epochs: int = 0
     #: The anneal schedule's MSE epochs and switch epochs (default: a quarter of ``epochs`` each, at least 1).
     anneal_start: int | None = None
     anneal_epochs: int | None = None
@@ -166,10 +163,6 @@ class TrainSettings:
             raise InputError("--axis-swap extends the augmentation; drop --no-augment (axis swaps need augment on)")
         if problem := architecture_problem(self.widths, self.kernels):
             raise InputError(problem)
-        if not 0 <= self.average_epochs <= self.epochs:
-            raise InputError(
-                f"--average-epochs ({self.average_epochs}) must lie between 0 and --epochs ({self.epochs})"
-            )
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise InputError(
                 f"epochs ({self.epochs}) and batch size ({self.batch_size}) must be ≥ 1 and the "
@@ -435,10 +428,6 @@ class _Progress:
     best_epoch: int = 0
     best_rmse: float = math.nan
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: The weights after each of the last ``average_epochs`` epochs, oldest first.
-    recent: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    #: Validation of the averaged weights (loss, rmse), once they are made.
-    averaged: dict[str, float] | None = None
 
 
 def _epoch_progress(quiet: bool, dist: DistContext):
@@ -541,12 +530,11 @@ def train(
             metrics.append(row)
             epoch_bar.set_postfix(val_loss=f"{row['val_loss']:.4g}", rmse=f"{row['val_rmse']:.3e}")
         epoch_bar.close()
-        final = _average(run, progress) if run.settings.average_epochs else progress.best_state
 
     card = _card(run, progress)
     weights = model_paths(out)[0]
     if dist.is_main:
-        weights = _save_best(final, run.model, out, card)
+        weights = _save_best(progress.best_state, run.model, out, card)
     dist.barrier()
     return TrainResult(weights, card, metrics, progress.best_epoch, progress.epoch)
 
@@ -638,7 +626,6 @@ def _record(settings: TrainSettings, library: PatchLibrary) -> dict:
         "loss_mask": settings.loss_mask,
         "widths": [int(w) for w in settings.widths],
         "kernels": [int(k) for k in settings.kernels],
-        "average_epochs": int(settings.average_epochs),
         "library_key": library.meta.get("key"),
         "patches": len(library),
     }
@@ -668,14 +655,13 @@ def _resume(run: _Run, resume: bool) -> _Progress:
                 anneal_epochs=saved.get("anneal_epochs", s.anneal_epochs),
             )
         check_resumable(run.out, saved, _record(run.settings, run.library))
-        best_state, recent = restore_checkpoint(run.model, run.optimizer, state, tensors)
+        best_state = restore_checkpoint(run.model, run.optimizer, state, tensors)
         progress = _Progress(
             state["epoch"],
             state["best_val_loss"],
             state["best_epoch"],
             state.get("best_val_rmse", math.nan),
             best_state,
-            recent,
         )
         if run.dist.is_main:
             log.info(
@@ -712,8 +698,6 @@ def _epoch(run: _Run, progress: _Progress, epoch: int) -> dict:
         progress.best_val, progress.best_epoch, progress.best_rmse = val["loss"], epoch + 1, val["rmse"]
         progress.best_state = _state(run.model)
     progress.epoch = epoch + 1
-    if s.average_epochs:
-        progress.recent = [*progress.recent, _state(run.model)][-s.average_epochs :]
     row = {
         "epoch": epoch + 1,
         "train_loss": train_loss,
@@ -741,7 +725,6 @@ def _epoch(run: _Run, progress: _Progress, epoch: int) -> dict:
                 "best_val_rmse": progress.best_rmse,
                 "settings": _record(s, run.library),
             },
-            recent=progress.recent,
         )
     log.debug("epoch %d: %s", epoch + 1, row)
     return row
@@ -797,31 +780,6 @@ def _train_steps(run: _Run, epoch: int) -> float:
     return train_sum / max(1, train_n)
 
 
-def _average(run: _Run, progress: _Progress) -> dict[str, torch.Tensor]:
-    """The mean of ``progress.recent`` (the last epochs' weights, float64 sums), validated like an
-    epoch (every process takes part); its loss and RMSE go to ``progress.averaged``."""
-    s = run.settings
-    averaged = {
-        k: torch.stack([w[k].double() for w in progress.recent]).mean(0).to(v.dtype)
-        for k, v in progress.recent[-1].items()
-    }
-    model = IQTNet(s.variant, run.library.r, s.widths, s.kernels)
-    model.load_state_dict(averaged)
-    model = model.to(run.device, memory_format=memory_format(run.device))
-    val = validate(
-        model,
-        run.library,
-        run.val_idx,
-        batch_size=max(s.batch_size, 32),
-        device=run.device,
-        dist=run.dist,
-        quiet=run.quiet,
-        loss_mask=s.loss_mask,
-    )
-    progress.averaged = {"loss": val["loss"], "rmse": val["rmse"], "epochs": len(progress.recent)}
-    return averaged
-
-
 def _save_best(best_state: dict, model: IQTNet, out: Path, card: dict) -> Path:
     best = IQTNet(model.variant, model.r, model.widths, model.kernels)
     best.load_state_dict(best_state)
@@ -856,7 +814,6 @@ def _card(run: _Run, progress: _Progress) -> dict:
         "val_fraction": settings["val_fraction"],
         "loss": loss_description(settings["variant"], settings["schedule"], settings["loss_mask"]),
         "loss_mask": settings["loss_mask"],
-        "average_epochs": settings["average_epochs"],
         "world_size": run.dist.world_size,
         "device": run.device.type,
         "patch_library": settings["library_key"],
@@ -867,25 +824,16 @@ def _card(run: _Run, progress: _Progress) -> dict:
         training["domain"] = library.meta["domain"]
     if settings["schedule"] == "anneal":
         training["anneal"] = {"mse_epochs": settings["anneal_start"], "switch_epochs": settings["anneal_epochs"]}
-    validation = {
-        "best_epoch": int(progress.best_epoch),
-        "loss": float(progress.best_val),
-        "rmse": {"model": float(progress.best_rmse), **{k: float(v) for k, v in run.baselines.items()}},
-        "units": "mm^2/s",
-        "voxels": "HR brain-mask voxels of the validation patches' targets, 6 components",
-        "weights": "mean (no Monte-Carlo sampling)",
-    }
-    if progress.averaged is not None:  # the model kept is the average, not the best epoch
-        n = progress.averaged["epochs"]
-        validation.update(
-            loss=float(progress.averaged["loss"]),
-            averaged_epochs=list(range(progress.epoch - n + 1, progress.epoch + 1)),
-            weights=f"mean (no Monte-Carlo sampling) of the weights after each of the last {n} epochs",
-        )
-        validation["rmse"]["model"] = float(progress.averaged["rmse"])
     return {
         "target": settings["target"],
         "normalisation": dict(NORMALISATION),
         "training": training,
-        "validation": validation,
+        "validation": {
+            "best_epoch": int(progress.best_epoch),
+            "loss": float(progress.best_val),
+            "rmse": {"model": float(progress.best_rmse), **{k: float(v) for k, v in run.baselines.items()}},
+            "units": "mm^2/s",
+            "voxels": "HR brain-mask voxels of the validation patches' targets, 6 components",
+            "weights": "mean (no Monte-Carlo sampling)",
+        },
     }
