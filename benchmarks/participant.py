@@ -14,7 +14,6 @@ nodes with their start and end. Goals (issue [Speed], 2 cores): default run ≤ 
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import subprocess
 import sys
@@ -130,7 +129,9 @@ def main():
     for node, seconds in nodes.items():
         stages[stage_of(node)] += seconds
     total = sum(stages.values())
-    cores = len(os.sched_getaffinity(0))
+    from iqt_pipe.cli.parser import default_nprocs
+
+    cores = default_nprocs()
     print(f"sub-{args.subject}: wall {wall:.1f} s, peak memory of the largest process {peak_mb:.0f} MB")
     print(f"CPU time {cpu:.1f} s: {cpu / (wall * cores):.0%} of the {cores} cores' wall time")
     for stage, seconds in sorted(stages.items(), key=lambda kv: -kv[1]):

@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
 from iqt_pipe import __version__
 from iqt_pipe.cli._common import Parser, int_at_least, positive_float, run_guarded
+from iqt_pipe.cli.parser import default_nprocs
 
 PROG = "iqt-eval"
 BASELINES = ("nearest", "trilinear", "cubic")
@@ -183,7 +183,7 @@ def _add_prediction_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--nprocs",
         type=int_at_least(1, "--nprocs"),
-        default=len(os.sched_getaffinity(0)),
+        default=default_nprocs(),
         metavar="N",
         help="processes for MP-PCA of the reference scans (the noise floor; identical result with any "
         "number; default: this machine's cores)",
