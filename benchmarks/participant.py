@@ -91,6 +91,8 @@ def stage_of(node: str) -> str:
 
 
 def main():
+    from iqt_pipe.cli.parser import default_nprocs
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--bids", type=Path, default=REPO.parent / "shared/data/ds-realdwi")
@@ -129,8 +131,6 @@ def main():
     for node, seconds in nodes.items():
         stages[stage_of(node)] += seconds
     total = sum(stages.values())
-    from iqt_pipe.cli.parser import default_nprocs
-
     cores = default_nprocs()
     print(f"sub-{args.subject}: wall {wall:.1f} s, peak memory of the largest process {peak_mb:.0f} MB")
     print(f"CPU time {cpu:.1f} s: {cpu / (wall * cores):.0%} of the {cores} cores' wall time")

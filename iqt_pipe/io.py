@@ -100,7 +100,6 @@ def move_atomic(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Move a finished file onto ``dest`` so that ``dest`` is never seen half-written: a
     rename on the same file system, else a copy beside ``dest`` renamed onto it."""
     import errno
-    import shutil
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -109,10 +108,18 @@ def move_atomic(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        with atomic_path(dest) as tmp:
-            shutil.copyfile(src, tmp)
+        copy_atomic(src, dest)
         os.unlink(src)
     return dest
+
+
+def copy_atomic(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Copy a file onto ``dest`` through a temporary file beside it, renamed when complete."""
+    import shutil
+
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dest)
 
 
 @contextlib.contextmanager

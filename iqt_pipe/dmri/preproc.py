@@ -28,7 +28,8 @@ def denoise_mppca(
     Returns the denoised series (float32, non-negative; zero outside ``mask`` when given)
     and the 3-D map of the estimated noise standard deviation (float32). ``processes`` > 1
     splits the grid along its first axis into overlapping parts that DIPY denoises side by side
-    (:func:`_mppca_parts`): the result is identical to one process's.
+    in forked processes, on Linux (elsewhere one process; :func:`_mppca_parts`): the result is
+    identical to one process's.
     """
     data = _check_series(dwi)
     mask = np.ones(data.shape[:3], bool) if mask is None else np.asarray(mask, dtype=bool)

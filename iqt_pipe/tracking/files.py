@@ -17,7 +17,7 @@ from typing import Any
 import nibabel as nb
 import numpy as np
 
-from iqt_pipe.io import InputError, atomic_open, atomic_path, load_nifti, write_tsv
+from iqt_pipe.io import InputError, atomic_open, atomic_path, copy_atomic, load_nifti, write_tsv
 from iqt_pipe.tracking.track import Tracks, limit_uncertainty, streamline_table
 
 #: Float format of the tractography TSVs.
@@ -173,19 +173,13 @@ def write_tractogram(
         dps.update(mean_uncertainty=table["mean_uncertainty"], max_uncertainty=table["max_uncertainty"])
     rows = [{c: table[c][k] for c in STREAMLINE_COLUMNS} for k in range(len(tracks))]
     paths = {
-        "tck": _copy(tck_source, prefix + ".tck") if tck_source else save_tck(tracks.streamlines, prefix + ".tck"),
+        "tck": copy_atomic(tck_source, prefix + ".tck")
+        if tck_source
+        else save_tck(tracks.streamlines, prefix + ".tck"),
         "trk": save_trk(tracks.streamlines, prefix + ".trk", reference_affine, reference_shape, dps),
         "tsv": write_tsv(rows, list(STREAMLINE_COLUMNS), prefix + ".tsv", TSV_FLOAT),
     }
     return paths, table
-
-
-def _copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
-    import shutil
-
-    with atomic_path(path) as tmp:
-        shutil.copyfile(source, tmp)
-    return Path(path)
 
 
 def summarise_tractogram(
