@@ -157,6 +157,11 @@ def test_ensemble_weights_by_inverse_variance():
     same = combine_ensemble([_pred(m1, v1, mask), _pred(m1, v1, mask)])
     np.testing.assert_allclose(same.mean, m1)
     np.testing.assert_allclose(same.var_parameter, 0, atol=1e-20)
+    # Members whose diagonal components correlate by 0.5: MD var (3v + 2·0.5·3v)/9 = 2v/3.
+    corr = [_pred(m1, v1, mask), _pred(m1, v1, mask)]
+    for p in corr:
+        p.info["diagonal_correlation"] = 0.5
+    np.testing.assert_allclose(combine_ensemble(corr, scalar_samples=4000).md_sd, np.sqrt(2e-8 / 3), rtol=0.06)
     # Weights are per voxel: a member that is sure at one voxel dominates there only.
     v3 = v2.copy()
     v3[0, 0, 0] = 1e-12
@@ -245,6 +250,27 @@ def test_card_calibration_scales_every_predictive_variance(field, tmp_path):
         load_model(tmp_path / "b")
 
 
+def test_card_diagonal_correlation_widens_only_the_md_interval(field, tmp_path):
+    from iqt_pipe.models import ModelFileError, load_model, save_model
+
+    lr, mask = field
+    model = net("hetero-var2")
+    save_model(model, tmp_path / "a" / "model.safetensors", {"calibration": {"diagonal_correlation": 0.5}})
+    loaded, _ = load_model(tmp_path / "a")
+    assert loaded.diagonal_correlation == 0.5
+    a = predict_volume(model, lr, mask, np.eye(4), mc_samples=3, seed=1, tile=8)
+    b = predict_volume(loaded, lr, mask, np.eye(4), mc_samples=3, seed=1, tile=8)
+    for key in ("mean", "var_intrinsic", "var_parameter", "md_mean"):
+        np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
+    m = a.mask
+    assert np.all(b.md_sd[m] > a.md_sd[m])
+    assert b.info["diagonal_correlation"] == 0.5 and a.info["diagonal_correlation"] == 0.0
+    for bad in (1.0, -0.1, "0.5", float("nan")):
+        save_model(model, tmp_path / "b" / "model.safetensors", {"calibration": {"diagonal_correlation": bad}})
+        with pytest.raises(ModelFileError, match="diagonal_correlation must be a number in"):
+            load_model(tmp_path / "b")
+
+
 def _inverse_code(code):
     x = np.random.default_rng(1).standard_normal((5, 5, 5, 6))
     return next(d for d in range(48) if np.allclose(transform_field(transform_field(x, code), d), x))
@@ -310,20 +336,29 @@ def test_mirror_ensemble_is_the_mean_of_the_mirrored_scans_predictions(field):
     assert var.info["passes"] == 8 and var.info["mc_samples"] == 8
 
 
-def test_fa_and_md_moments_of_the_predictive_distribution(field):
+@pytest.mark.parametrize("rho", [0.0, 0.6])
+def test_fa_and_md_moments_of_the_predictive_distribution(field, rho):
     """A deterministic hetero pass: MD mean and sd are exact (MD is linear: MD of the mean, and
-    the sd of (D11 + D22 + D33)/3 under the predicted variances); FA mean and sd from the
-    32 antithetic samples per voxel agree with 4000 independent ones."""
+    the sd of (D11 + D22 + D33)/3 under the predicted variances, the diagonal components
+    correlated by the model's ``diagonal_correlation``); FA mean and sd from the 32 antithetic
+    samples per voxel agree with 4000 independent draws of that Gaussian."""
     lr, mask = field
     model = net("hetero", seed=4)
+    model.diagonal_correlation = rho
     p = predict_volume(model, lr, mask, np.eye(4), target="hr", scalar_samples=32)
+    assert p.info["diagonal_correlation"] == rho
     m = p.mask
     mean, var = p.mean[m].astype(np.float64), p.var_intrinsic[m].astype(np.float64)
     np.testing.assert_allclose(p.md_mean[m], mean[:, [0, 3, 5]].sum(1) / 3, rtol=1e-5, atol=1e-12)
-    np.testing.assert_allclose(p.md_sd[m], np.sqrt(var[:, [0, 3, 5]].sum(1)) / 3, rtol=1e-4)
+    sd = np.sqrt(var[:, [0, 3, 5]])
+    cross = sd[:, 0] * sd[:, 1] + sd[:, 0] * sd[:, 2] + sd[:, 1] * sd[:, 2]
+    np.testing.assert_allclose(p.md_sd[m], np.sqrt(var[:, [0, 3, 5]].sum(1) + 2 * rho * cross) / 3, rtol=1e-4)
     rng = np.random.default_rng(0)
     pick = rng.choice(len(mean), 300, replace=False)
-    draws = mean[pick] + rng.standard_normal((4000, 300, 6)) * np.sqrt(var[pick])
+    corr = np.eye(6)  # the reference Gaussian, built from its correlation matrix
+    corr[np.ix_([0, 3, 5], [0, 3, 5])] = rho + (1 - rho) * np.eye(3)
+    noise = rng.standard_normal((4000, 300, 6)) @ np.linalg.cholesky(corr).T
+    draws = mean[pick] + noise * np.sqrt(var[pick])
     fa, _ = _fa_md(torch.from_numpy(draws))
     fa_mean, fa_sd = fa.numpy().mean(0), fa.numpy().std(0)
     # Within the sampling error of 32 samples: sd/√32 for the mean, ~1/√64 relative for the sd.

@@ -35,7 +35,13 @@ from iqt_pipe.sr.patches import (
     transform_field,
     transform_patch,
 )
-from iqt_pipe.sr.training import check_training_dir, learnt_nothing_warning, split_indices, train
+from iqt_pipe.sr.training import (
+    check_training_dir,
+    diagonal_correlation,
+    learnt_nothing_warning,
+    split_indices,
+    train,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -451,6 +457,48 @@ def test_resume_accepts_checkpoints_from_before_the_architecture_options(runs, c
     assert res.epochs == 2
     with pytest.raises(InputError, match="axis_swap"):
         train(lib, tmp_path / "a", epochs=3, resume=True, **{**SMALL, "axis_swap": True})
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.3, 0.65, -0.3])
+def test_diagonal_correlation_of_standardised_errors(rho):
+    """The mean correlation of the three pairs, from the sums; a negative one counts as 0."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((200_000, 3)) @ np.linalg.cholesky(rho + (1 - rho) * np.eye(3)).T
+    z *= [1.0, 2.0, 0.5]  # the scale of each component does not matter
+    sums = [float(np.sum(z[:, a] * z[:, b])) for a, b in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))]
+    assert diagonal_correlation(sums) == pytest.approx(max(rho, 0.0), abs=0.01)
+    assert diagonal_correlation([0.0] * 6) == 0.0
+
+
+def test_card_records_the_best_weights_diagonal_correlation(runs, cache, tmp_path):
+    """Hetero training writes the validation patches' correlation of the diagonal components'
+    standardised errors ((mean − target)·√precision, brain voxels) to the card, as the best
+    epoch measured it; a checkpoint from before it was kept gets it from the best weights."""
+    lib = _lib(runs, cache, n=24)
+    res = train(lib, tmp_path / "a", epochs=2, **SMALL)
+    best = next(m for m in res.metrics if m["epoch"] == res.best_epoch)
+    rho = res.card["calibration"]["diagonal_correlation"]
+    assert rho == best["val_diagonal_correlation"] and 0 <= rho < 1
+    # The same from the model file, by hand, over the validation patches.
+    model, card = load_model(tmp_path / "a")
+    assert model.diagonal_correlation == rho and card["calibration"] == res.card["calibration"]
+    _, val_idx = split_indices(len(lib), 0.5, SMALL["seed"])
+    x, y = lib.get(val_idx)
+    with torch.no_grad():
+        mean, prec = model(torch.from_numpy(x), sample=False)
+    z = ((mean - torch.from_numpy(y)) * prec.sqrt()).double().numpy()[:, [0, 3, 5]]
+    z = np.moveaxis(z, 1, -1)[lib.brain(val_idx)]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    r = [np.sum(z[:, a] * z[:, b]) / np.sqrt(np.sum(z[:, a] ** 2) * np.sum(z[:, b] ** 2)) for a, b in pairs]
+    assert rho == pytest.approx(min(0.99, max(0.0, np.mean(r))), rel=1e-4, abs=1e-6)
+    js = tmp_path / "a" / "checkpoint" / "checkpoint.json"
+    state = json.loads(js.read_text())
+    del state["best_diagonal_correlation"]
+    js.write_text(json.dumps(state))
+    again = train(lib, tmp_path / "a", epochs=2, resume=True, **SMALL)
+    assert again.card["calibration"]["diagonal_correlation"] == pytest.approx(rho, rel=1e-9)
+    plain = train(lib, tmp_path / "b", epochs=1, **{**SMALL, "variant": "espcn"})
+    assert "calibration" not in plain.card and "val_diagonal_correlation" not in plain.metrics[0]
 
 
 def test_same_seed_same_weights(runs, cache, tmp_path):

@@ -22,6 +22,8 @@ import numpy as np
 
 #: Names of the components in BEP016 order.
 COMPONENTS = ("D11", "D12", "D13", "D22", "D23", "D33")
+#: Positions of the diagonal components (D11, D22, D33) in BEP016 order.
+DIAGONAL = (0, 3, 5)
 
 # (row, col) of each BEP016 component in the 3×3 matrix.
 _ROWS = np.array([0, 0, 0, 1, 1, 2])

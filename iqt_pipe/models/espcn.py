@@ -91,6 +91,10 @@ class IQTNet(nn.Module):
         self.target: str | None = None
         #: Factor on every predictive variance (calibration on held-out data); from the card.
         self.variance_scale: float = 1.0
+        #: Correlation of the intrinsic errors of the three diagonal components (Dxx, Dyy,
+        #: Dzz), which the per-component noise model leaves out; from the card (estimated on
+        #: the validation patches by training). It widens the MD interval and shapes FA samples.
+        self.diagonal_correlation: float = 0.0
         self.mean_net = ESPCN(self.r, widths=widths, kernels=kernels, var=var)
         self.prec_net = ESPCN(self.r, widths=widths, kernels=kernels, var=var) if hetero else None
 

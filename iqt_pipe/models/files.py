@@ -191,6 +191,11 @@ def check_model_file(path: str | os.PathLike, expect_r: int | None = None) -> tu
     scale = card.get("calibration", {}).get("variance_scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
         raise ModelFileError(f"{card_path}: calibration.variance_scale must be a positive number; fix or remove it")
+    rho = card.get("calibration", {}).get("diagonal_correlation", 0.0)
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 <= rho < 1:
+        raise ModelFileError(
+            f"{card_path}: calibration.diagonal_correlation must be a number in [0, 1); fix or remove it"
+        )
     return card, state
 
 
@@ -203,4 +208,5 @@ def load_model(
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     model.target = card.get("target", "hr")
     model.variance_scale = float(card.get("calibration", {}).get("variance_scale", 1.0))
+    model.diagonal_correlation = float(card.get("calibration", {}).get("diagonal_correlation", 0.0))
     return model.to(device).eval(), card

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from iqt_pipe.dmri.dti import DIAGONAL
 from iqt_pipe.io import InputError
 from iqt_pipe.models.espcn import IQTNet
 from iqt_pipe.sr.normalise import TARGETS, ChannelStats, channel_stats, decode_output
@@ -132,6 +133,27 @@ def prediction_region(brain: np.ndarray, margin: int) -> np.ndarray:
     if margin < 1:
         return brain
     return ndimage.binary_dilation(brain, structure=np.ones((3, 3, 3), bool), iterations=int(margin))
+
+
+def correlate_diagonal(noise, shared, loading) -> None:
+    """Give independent standard normal tensor noise (components on the last axis) correlated
+    diagonal components, in place: ε_a ← λ_a·c + √(1 − λ_a²)·ε_a for a in D11, D22, D33, with
+    the standard normal ``shared`` factor c (``noise``'s shape less the last axis) and
+    ``loading`` λ (a number, or one per diagonal component on a last axis); each ε_a stays
+    standard normal and two of them correlate by λ_a·λ_b. NumPy arrays or torch tensors."""
+    diag = list(DIAGONAL)
+    noise[..., diag] = loading * shared[..., None] + (1 - loading * loading) ** 0.5 * noise[..., diag]
+
+
+def md_variance(var, rho: float, axis: int = -1):
+    """The variance of MD = tr(D)/3 for tensor errors with per-component variances ``var``
+    (components on ``axis``) whose diagonal components correlate by ``rho``:
+    (Σ_a v_a + 2ρ Σ_{a<b} √(v_a v_b)) / 9."""
+    v11, v22, v33 = (var.select(axis, a) if isinstance(var, torch.Tensor) else np.take(var, a, axis) for a in DIAGONAL)
+    out = v11 + v22 + v33
+    if rho:
+        out = out + 2 * rho * ((v11 * v22) ** 0.5 + (v11 * v33) ** 0.5 + (v22 * v33) ** 0.5)
+    return out / 9
 
 
 def _fa_md(d: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,6 +334,8 @@ class _Passes:
     per_sample: int
     device: torch.device
     dtype: torch.dtype
+    #: The model's correlation of the diagonal components' intrinsic errors.
+    diagonal_correlation: float = 0.0
 
     @property
     def precision(self) -> str:
@@ -340,7 +364,7 @@ def _plan_passes(
     # moments are exact (MD is linear in the components).
     draw_scalars = model.hetero and scalar_samples > 0
     per_sample = 2 * math.ceil(scalar_samples / (2 * T)) if draw_scalars else 1  # antithetic pairs
-    return _Passes(T, draws, symmetries, draw_scalars, per_sample, device, dtype)
+    return _Passes(T, draws, symmetries, draw_scalars, per_sample, device, dtype, model.diagonal_correlation)
 
 
 def _pass_network(net: IQTNet, k: int, passes: _Passes, seed: int) -> IQTNet:
@@ -484,10 +508,14 @@ def _run_pass(draw: IQTNet, k: int, batches: list[_Batch], passes: _Passes, sd: 
             # Antithetic pairs μ ± ε·sd: half the random numbers, and each voxel's samples have
             # exactly its predicted mean; MD is linear, its mean and variance exact.
             var_in = b.region(var_i)
+            rho = passes.diagonal_correlation
             half = torch.randn((passes.per_sample // 2,) + mu_in.shape, generator=gen, device=mu.device)
+            if rho:
+                shared = torch.randn((passes.per_sample // 2, mu_in.shape[1]), generator=gen, device=mu.device)
+                correlate_diagonal(half.movedim(1, -1), shared, math.sqrt(rho))
             half *= var_in.sqrt()
             fa = torch.cat([_fa_md(mu_in + half, axis=1)[0], _fa_md(mu_in - half, axis=1)[0]])
-            md, md_var = (mu_in[0] + mu_in[3] + mu_in[5]) / 3, (var_in[0] + var_in[3] + var_in[5]) / 9
+            md, md_var = (mu_in[0] + mu_in[3] + mu_in[5]) / 3, md_variance(var_in, rho, axis=0)
         else:
             fa, md = _fa_md(mu_in, axis=0)
             fa, md_var = fa[None], None
@@ -657,6 +685,7 @@ def predict_volume(
             **_settings_info(passes, plan),
             "target": target,
             "variance_scale": s,
+            "diagonal_correlation": passes.diagonal_correlation,
             "seed": seed,
             "guards": guards,
         },  # fmt: skip
@@ -819,6 +848,20 @@ def predict_patchwise(
     return out
 
 
+def _intrinsic_diagonal_correlation(predictions: list[Prediction], idx: np.ndarray) -> np.ndarray:
+    """(M, K, 3): at the flat voxels ``idx``, the correlation of each member's total errors of
+    D11, D22 and D33 per unit of their product's sd: its diagonal correlation times the
+    intrinsic share of each component's variance (the parameter part is independent)."""
+    out = np.zeros((len(predictions), idx.size, len(DIAGONAL)))
+    for m, p in enumerate(predictions):
+        rho = p.info.get("diagonal_correlation", 0.0)
+        if rho and p.var_intrinsic is not None:
+            intrinsic = p.var_intrinsic.reshape(-1, 6)[idx][:, list(DIAGONAL)].astype(np.float64)
+            total = p.var_total.reshape(-1, 6)[idx][:, list(DIAGONAL)].astype(np.float64)
+            out[m] = rho * np.divide(intrinsic, total, out=np.zeros_like(total), where=total > 0)
+    return out
+
+
 def combine_ensemble(predictions: list[Prediction], scalar_samples: int = 32, seed: int = 0) -> Prediction:
     """Average several models' predictions, each weighted per voxel by the inverse of its
     predicted total variance (``sd_frobenius²``; equal weights at voxels where any member
@@ -846,7 +889,8 @@ def combine_ensemble(predictions: list[Prediction], scalar_samples: int = 32, se
         for wm, p in zip(w, predictions)
     )
     member_var = np.stack([p.var_total.astype(np.float64) for p in predictions])
-    # Mixture samples: per voxel and sample, pick a member by weight, then draw its Gaussian.
+    # Mixture samples: per voxel and sample, pick a member by weight, then draw its Gaussian
+    # (whose intrinsic part correlates the diagonal components by the member's correlation).
     rng = np.random.default_rng(seed)
     idx = np.flatnonzero(first.predicted)
     cum = np.cumsum(w.reshape(len(predictions), -1)[:, idx], axis=0)
@@ -855,7 +899,11 @@ def combine_ensemble(predictions: list[Prediction], scalar_samples: int = 32, se
     mu_k = mus.reshape(len(predictions), -1, 6)[:, idx]  # (M, K, 6)
     sd_k = np.sqrt(member_var.reshape(len(predictions), -1, 6)[:, idx])
     cols = np.arange(idx.size)
-    draws = mu_k[pick, cols] + rng.standard_normal((scalar_samples, idx.size, 6)) * sd_k[pick, cols]
+    noise = rng.standard_normal((scalar_samples, idx.size, 6))
+    rho_k = _intrinsic_diagonal_correlation(predictions, idx)  # (M, K, 3)
+    if rho_k.any():
+        correlate_diagonal(noise, rng.standard_normal((scalar_samples, idx.size)), np.sqrt(rho_k[pick, cols]))
+    draws = mu_k[pick, cols] + noise * sd_k[pick, cols]
     fa, md = (a.numpy() for a in _fa_md(torch.from_numpy(draws)))
     scal = {}
     for name, val, fn in (
@@ -880,6 +928,7 @@ def combine_ensemble(predictions: list[Prediction], scalar_samples: int = 32, se
             "scalar_samples": scalar_samples,
             "seed": seed,
             "variance_scale": [p.info.get("variance_scale", 1.0) for p in predictions],
+            "diagonal_correlation": [p.info.get("diagonal_correlation", 0.0) for p in predictions],
             "guards": {
                 k: sum(p.info.get("guards", {}).get(k, 0) for p in predictions) for k in first.info.get("guards", {})
             },

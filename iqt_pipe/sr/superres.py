@@ -157,6 +157,7 @@ def prediction_metadata(
     return {
         "Model": _model_fields(card),
         "VarianceScale": pred.info.get("variance_scale", 1.0),
+        "DiagonalCorrelation": pred.info.get("diagonal_correlation", 0.0),
         "MonteCarloSamples": pred.info["mc_samples"],
         "TestTimeSymmetries": pred.info.get("symmetries", 1),
         "ScalarSamples": pred.info["scalar_samples"],

@@ -71,6 +71,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iqt_pipe.dmri.dti import DIAGONAL
 from iqt_pipe.dmri.prepare import NONE, Preprocessing
 from iqt_pipe.io import InputError
 from iqt_pipe.models import VARIANTS, IQTNet, gaussian_nll, save_model
@@ -428,6 +429,8 @@ class _Progress:
     best_epoch: int = 0
     best_rmse: float = math.nan
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: The best weights' :func:`diagonal_correlation` (hetero variants; None until known).
+    best_correlation: float | None = None
 
 
 def _epoch_progress(quiet: bool, dist: DistContext):
@@ -459,6 +462,7 @@ def validate(
     mine = np.asarray(indices)[dist.rank :: dist.world_size]
     model.eval()
     loss_sum = n_el = sse = n_brain = 0.0
+    z_sums = np.zeros(len(_PAIRS))  # Σ z_a z_b over brain voxels, hetero variants
     starts = range(0, len(mine), batch_size)
     for s in tqdm(starts, desc="validation", leave=False, unit="batch", disable=_epoch_progress(quiet, dist)):
         idx = mine[s : s + batch_size]
@@ -475,8 +479,36 @@ def validate(
         err = (mean - yt).double().cpu().numpy() * library.sd(idx)[:, :, None, None, None]
         sse += float(np.sum(err**2 * brain))
         n_brain += float(brain.sum())
-    loss_sum, n_el, sse, n_brain = dist.all_sum([loss_sum, n_el, sse, n_brain])
-    return {"loss": loss_sum / max(1.0, n_el), "rmse": math.sqrt(sse / max(1.0, 6 * n_brain))}
+        if prec is not None:
+            # Standardised errors of the diagonal components: (mean − y)·√precision.
+            z = ((mean - yt) * prec.sqrt()).double().cpu().numpy()[:, list(DIAGONAL)] * brain
+            z_sums += [float(np.sum(z[:, a] * z[:, b])) for a, b in _PAIRS]
+    loss_sum, n_el, sse, n_brain, *z_sums = dist.all_sum([loss_sum, n_el, sse, n_brain, *z_sums])
+    out = {"loss": loss_sum / max(1.0, n_el), "rmse": math.sqrt(sse / max(1.0, 6 * n_brain))}
+    if model.hetero:
+        out["diagonal_correlation"] = diagonal_correlation(z_sums)
+    return out
+
+
+#: Pairs of the three diagonal components (positions in DIAGONAL): the squares, then the products.
+_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+
+
+def diagonal_correlation(z_sums: Sequence[float]) -> float:
+    """The correlation of the intrinsic errors of the diagonal components, from the sums over
+    voxels of the standardised errors' squares and products (in the order of ``_PAIRS``): the
+    mean of the three pairs' correlations, clipped to [0, 0.99].
+
+    The heteroscedastic model gives each component its own variance, as if the errors were
+    independent; on real data the diagonal ones are not (an error in the b = 0 signal or a
+    partial volume moves all three together), so the variance of MD, a sum of them, would be
+    underestimated. Inference adds this correlation back (:func:`~iqt_pipe.sr.inference.predict_volume`).
+    """
+    sq, cross = np.asarray(z_sums[:3], float), np.asarray(z_sums[3:], float)
+    norms = np.sqrt([sq[a] * sq[b] for (a, b) in _PAIRS[3:]])
+    if not np.all(norms > 0):
+        return 0.0
+    return float(np.clip(np.mean(cross / norms), 0.0, 0.99))
 
 
 def train(
@@ -530,6 +562,8 @@ def train(
             metrics.append(row)
             epoch_bar.set_postfix(val_loss=f"{row['val_loss']:.4g}", rmse=f"{row['val_rmse']:.3e}")
         epoch_bar.close()
+    if run.model.hetero and progress.best_correlation is None:  # a checkpoint from before it was kept
+        progress.best_correlation = _best_correlation(run, progress)
 
     card = _card(run, progress)
     weights = model_paths(out)[0]
@@ -662,6 +696,7 @@ def _resume(run: _Run, resume: bool) -> _Progress:
             state["best_epoch"],
             state.get("best_val_rmse", math.nan),
             best_state,
+            state.get("best_diagonal_correlation"),
         )
         if run.dist.is_main:
             log.info(
@@ -697,12 +732,14 @@ def _epoch(run: _Run, progress: _Progress, epoch: int) -> dict:
     if improved:
         progress.best_val, progress.best_epoch, progress.best_rmse = val["loss"], epoch + 1, val["rmse"]
         progress.best_state = _state(run.model)
+        progress.best_correlation = val.get("diagonal_correlation")
     progress.epoch = epoch + 1
     row = {
         "epoch": epoch + 1,
         "train_loss": train_loss,
         "val_loss": val["loss"],
         "val_rmse": val["rmse"],
+        **({"val_diagonal_correlation": val["diagonal_correlation"]} if "diagonal_correlation" in val else {}),
         "seconds": round(seconds, 3),
         "best": improved,
     }
@@ -723,6 +760,7 @@ def _epoch(run: _Run, progress: _Progress, epoch: int) -> dict:
                 "best_val_loss": progress.best_val,
                 "best_epoch": progress.best_epoch,
                 "best_val_rmse": progress.best_rmse,
+                "best_diagonal_correlation": progress.best_correlation,
                 "settings": _record(s, run.library),
             },
         )
@@ -780,6 +818,24 @@ def _train_steps(run: _Run, epoch: int) -> float:
     return train_sum / max(1, train_n)
 
 
+def _best_correlation(run: _Run, progress: _Progress) -> float:
+    """:func:`diagonal_correlation` of the best weights on the validation patches."""
+    best = IQTNet(run.model.variant, run.model.r, run.model.widths, run.model.kernels).to(run.device)
+    best.load_state_dict(progress.best_state)
+    s = run.settings
+    val = validate(
+        best,
+        run.library,
+        run.val_idx,
+        batch_size=max(s.batch_size, 32),
+        device=run.device,
+        dist=run.dist,
+        quiet=run.quiet,
+        loss_mask=s.loss_mask,
+    )
+    return val["diagonal_correlation"]
+
+
 def _save_best(best_state: dict, model: IQTNet, out: Path, card: dict) -> Path:
     best = IQTNet(model.variant, model.r, model.widths, model.kernels)
     best.load_state_dict(best_state)
@@ -824,10 +880,15 @@ def _card(run: _Run, progress: _Progress) -> dict:
         training["domain"] = library.meta["domain"]
     if settings["schedule"] == "anneal":
         training["anneal"] = {"mse_epochs": settings["anneal_start"], "switch_epochs": settings["anneal_epochs"]}
+    calibration = {}
+    if progress.best_correlation is not None:
+        calibration["diagonal_correlation"] = progress.best_correlation
+        calibration["estimated_on"] = "validation patches, HR brain voxels, best epoch's mean weights"
     return {
         "target": settings["target"],
         "normalisation": dict(NORMALISATION),
         "training": training,
+        **({"calibration": calibration} if calibration else {}),
         "validation": {
             "best_epoch": int(progress.best_epoch),
             "loss": float(progress.best_val),
