@@ -97,7 +97,7 @@ def phantom(tmp_path_factory):
     save_model(
         IQTNet("hetero-var2", 2),
         tmp / "model" / "model.safetensors",
-        {"target": "residual-cubic", "training": {"domain": domain}},
+        {"target": "residual-cubic", "training": {"domain": domain}, "calibration": {"diagonal_correlation": 0.4}},
     )
     return tmp, find_dwi_runs(root)[0]
 
@@ -106,7 +106,8 @@ def phantom(tmp_path_factory):
 def test_the_app_writes_what_iqt_eval_scores(phantom):
     """The same LR series through ``iqt-pipe … participant`` (defaults: the card's preprocessing,
     8 MC samples, seed 0) and through ``iqt-eval``'s prediction give the same super-resolved
-    tensors, brain mask and scores; both cover the HR scan's whole brain mask, rim included."""
+    tensors, brain mask, MD sd (the card's diagonal correlation applied by both) and scores;
+    both cover the HR scan's whole brain mask, rim included."""
     tmp, run = phantom
     case = ev.prepare_case(run, mode="raw", noise_floor=False)
     proc = run_app(write_lr_dataset(case, tmp / "lr"), tmp / "out", "--model", tmp / "model")
@@ -118,6 +119,9 @@ def test_the_app_writes_what_iqt_eval_scores(phantom):
     pred = ev.predict(ev.Method("model", models=[(model, card, None)]), case, mc_samples=8, seed=0)
     assert_same_prediction(tensors, pred.mean)
     np.testing.assert_array_equal(mask, pred.mask)
+    md_sd = next((tmp / "out" / "sub-lr" / "dwi").glob("*_res-hi_*param-md_desc-sd_dwimap.nii.gz"))
+    assert_same_prediction(np.asarray(nb.load(md_sd).dataobj), pred.md_sd)
+    assert sidecar["DiagonalCorrelation"] == pred.info["diagonal_correlation"] == 0.4
     assert pred.predicted[case.hr_mask].all()  # the rim of the HR scan's own mask too
     ours, theirs = ev.score(case, tensors), ev.score(case, pred)
     for region in ("interior", "exterior", "brain"):

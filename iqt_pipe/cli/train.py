@@ -361,10 +361,13 @@ def run(args: argparse.Namespace) -> int:
         if dist.is_main:
             v = result.card["validation"]
             rm = v["rmse"]
+            rho = result.card.get("calibration", {}).get("diagonal_correlation")
             print(
                 f"{PROG}: best epoch {v['best_epoch']}/{result.epochs}: validation loss {v['loss']:.4g}; "
                 f"RMSE ×1e-4 mm²/s: model {_fmt_rmse(rm['model'])}, trilinear {_fmt_rmse(rm['trilinear'])}, "
-                f"cubic {_fmt_rmse(rm['cubic'])} → {result.model_path}"
+                f"cubic {_fmt_rmse(rm['cubic'])}"
+                + ("" if rho is None else f"; diagonal error correlation {rho:.2f}")
+                + f" → {result.model_path}"
             )
             if warning := learnt_nothing_warning(result.card):
                 print(f"{PROG}: warning: {warning}", file=sys.stderr)
