@@ -381,57 +381,61 @@ def _pass_network(net: IQTNet, k: int, passes: _Passes, seed: int) -> IQTNet:
 
 class _Batch:
     """One forward call's tiles and everything the passes reuse for them: the input
-    (B, 6, t + 2m, t + 2m, t + 2m) in the passes' arithmetic and layout, and over the tiles'
-    HR blocks (B, ·, t·r, t·r, t·r; voxels beyond the volume included) the baseline the
-    de-standardised outputs are added to, which voxels are in the region (``inside``; their
-    flat indices in the blocks, ``index``), and the running statistics over the passes
-    (Welford for the mean and its variance, float32, over the blocks; sums for the intrinsic
-    variance, and float64 sums of FA/MD and their squares over the region's voxels)."""
+    (B, 6, t + 2m, t + 2m, t + 2m) in the passes' arithmetic and layout; the K voxels of the
+    tiles' HR blocks (B, t·r, t·r, t·r; voxels beyond the volume included) that are in the
+    region, as rows of the blocks' outputs (``index``, on the device) and as flat indices of
+    the HR grid (``voxels``); the baseline the de-standardised outputs are added to over them
+    ((K, 6), or (6,) when constant); and the running statistics over the passes at those
+    voxels (Welford for the mean and its variance, a sum for the intrinsic variance, float32;
+    float64 sums of FA/MD and their squares), components on the last axis."""
 
-    def __init__(self, tiles: list[tuple[int, int, int]], x: torch.Tensor, base: torch.Tensor, inside: torch.Tensor):
-        self.tiles, self.x, self.base, self.inside = tiles, x, base, inside
-        self.index = inside.reshape(-1).nonzero().squeeze(1)
+    def __init__(self, tiles: list[tuple[int, int, int]], x: torch.Tensor, index: torch.Tensor, voxels, base):
+        self.tiles, self.x, self.index, self.voxels, self.base = tiles, x, index, voxels, base
         self.stats: dict[str, torch.Tensor] = {}
 
     def region(self, block: torch.Tensor) -> torch.Tensor:
-        """(B, 6, T, T, T) → (6, K): the components of the region's K voxels."""
-        return block.transpose(0, 1).reshape(block.shape[1], -1)[:, self.index]
+        """(B, 6, T, T, T) → (K, 6): the components of the region's K voxels (a view of the
+        channels-last blocks the CPU passes give, then one gather)."""
+        return block.permute(0, 2, 3, 4, 1).reshape(-1, block.shape[1])[self.index]
 
     def add(self, k: int, mu: torch.Tensor, var_i: torch.Tensor | None, fa: torch.Tensor, md, md_var) -> None:
-        """Pass ``k``: ``mu``/``var_i`` (B, 6, T, T, T); over the region's K voxels, ``fa`` (S, K)
-        the FA of S tensor samples per voxel, ``md`` (K,) the MD of ``mu`` and ``md_var`` its
-        predicted variance (MD is linear: its moments need no samples)."""
+        """Pass ``k`` over the region's K voxels: ``mu``/``var_i`` (K, 6), ``fa`` (S, K) the FA
+        of S tensor samples per voxel, ``md`` (K,) the MD of ``mu`` and ``md_var`` its predicted
+        variance (MD is linear: its moments need no samples). The first pass's values start
+        the sums (Welford's first step, exactly)."""
         st = self.stats
-        if not st:
-            st["mean"], st["m2"] = torch.zeros_like(mu), torch.zeros_like(mu)
+        md = md.double()
+        moments = {
+            "fa": fa.sum(0).double(),
+            "fa2": (fa * fa).sum(0).double(),
+            "md": md,
+            "md2": md * md if md_var is None else md * md + md_var.double(),
+        }
+        if k == 0:
+            st["mean"], st["m2"] = mu, torch.zeros_like(mu)
             if var_i is not None:
-                st["var_int"] = torch.zeros_like(var_i)
-            for key in ("fa", "fa2", "md", "md2"):
-                st[key] = torch.zeros(md.shape, dtype=torch.float64, device=md.device)
+                st["var_int"] = var_i
+            st.update(moments)
+            return
         delta = mu - st["mean"]
         st["mean"] += delta / (k + 1)
         st["m2"] += delta * (mu - st["mean"])
         if var_i is not None:
             st["var_int"] += var_i
-        st["fa"] += fa.sum(0).double()
-        st["fa2"] += (fa * fa).sum(0).double()
-        md = md.double()
-        st["md"] += md
-        st["md2"] += md * md if md_var is None else md * md + md_var.double()
+        for key, value in moments.items():
+            st[key] += value
 
-    def finish(self, passes: int, samples: int) -> dict[str, torch.Tensor]:
-        """The statistics over ``passes`` MC samples (``samples`` FA samples), float32 blocks:
-        ``mean``, ``var_int`` and ``m2`` per component, ``fa``, ``md`` and their sd (zero
-        outside the region)."""
+    def finish(self, passes: int, samples: int) -> dict[str, np.ndarray]:
+        """The statistics over ``passes`` MC samples (``samples`` FA samples) at the region's K
+        voxels, float32 NumPy: ``mean``, ``var_int`` and ``m2`` (K, 6), ``fa``, ``md`` and their
+        sd (K,)."""
         st = self.stats
-        out = {key: st[key] / passes for key in ("var_int", "m2") if key in st}
+        out = {key: st[key] / passes if passes > 1 else st[key] for key in ("var_int", "m2") if key in st}
         out["mean"] = st["mean"]
         for key, count in (("fa", samples), ("md", passes)):
             first, second = st[key] / count, st[key + "2"] / count
-            for name, value in ((key, first), (key + "_sd", (second - first * first).clamp_min(0).sqrt())):
-                out[name] = torch.zeros(self.inside.shape, dtype=torch.float32, device=value.device)
-                out[name].view(-1)[self.index] = value.float()
-        return out
+            out[key], out[key + "_sd"] = first, (second - first * first).clamp_min(0).sqrt()
+        return {key: value.float().cpu().numpy() for key, value in out.items()}
 
 
 @dataclass
@@ -449,18 +453,18 @@ class _TilePlan:
         """The :class:`_Batch` of every forward call, on the passes' device; ``baseline`` is
         (6,) or the HR grid's (X, Y, Z, 6), ``hr_region`` the HR voxels predicted."""
         out = []
+        flat = np.arange(hr_region.size).reshape(hr_region.shape)  # each HR voxel's flat index
         for start in range(0, len(self.tiles), self.per_call):
             chunk = self.tiles[start : start + self.per_call]
             x = torch.from_numpy(np.stack([self.z[self.tiler.input_slices(tl)] for tl in chunk]))
             x = x.to(passes.device, passes.dtype).permute(0, 4, 1, 2, 3)
             if passes.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            inside = torch.from_numpy(self._blocks(chunk, hr_region))
-            if baseline.ndim == 1:
-                base = torch.from_numpy(baseline).view(1, 6, 1, 1, 1)
-            else:
-                base = torch.from_numpy(self._blocks(chunk, baseline)).permute(0, 4, 1, 2, 3).contiguous()
-            out.append(_Batch(chunk, x, base.to(passes.device), inside.to(passes.device)))
+            rows = np.flatnonzero(self._blocks(chunk, hr_region))
+            voxels = self._blocks(chunk, flat).reshape(-1)[rows]
+            base = baseline if baseline.ndim == 1 else baseline.reshape(-1, 6)[voxels]
+            index = torch.from_numpy(rows).to(passes.device)
+            out.append(_Batch(chunk, x, index, voxels, torch.from_numpy(base).to(passes.device)))
         return out
 
     def _blocks(self, chunk, volume: np.ndarray) -> np.ndarray:
@@ -494,30 +498,27 @@ def _plan_tiles(
 
 
 def _run_pass(draw: IQTNet, k: int, batches: list[_Batch], passes: _Passes, sd: torch.Tensor, gen) -> None:
-    """MC sample k: the network ``draw`` over every batch; its outputs (times the channel sd
-    ``sd``, plus the baseline) and their intrinsic variances, and the FA and MD of tensor
-    samples drawn with ``gen`` when the passes draw them (else of the pass's mean), into the
-    batches' statistics."""
+    """MC sample k: the network ``draw`` over every batch; at the region's voxels its outputs
+    (times the channel sd ``sd``, plus the baseline) and their intrinsic variances, and the FA
+    and MD of tensor samples drawn with ``gen`` when the passes draw them (else of the pass's
+    mean), into the batches' statistics."""
     for b in batches:
         mean, prec = draw(b.x, sample=False)
-        # Plain layout (elementwise work on channels_last views is slow), float32.
-        mu = mean.contiguous().float() * sd + b.base
-        var_i = sd**2 / prec.contiguous().float() if prec is not None else None
-        mu_in = b.region(mu)
+        mu = b.region(mean).float() * sd + b.base  # (K, 6), float32
+        var_i = sd**2 / b.region(prec).float() if prec is not None else None
         if passes.draw_scalars:
             # Antithetic pairs μ ± ε·sd: half the random numbers, and each voxel's samples have
             # exactly its predicted mean; MD is linear, its mean and variance exact.
-            var_in = b.region(var_i)
             rho = passes.diagonal_correlation
-            half = torch.randn((passes.per_sample // 2,) + mu_in.shape, generator=gen, device=mu.device)
+            half = torch.randn((passes.per_sample // 2,) + mu.shape, generator=gen, device=mu.device)
             if rho:
-                shared = torch.randn((passes.per_sample // 2, mu_in.shape[1]), generator=gen, device=mu.device)
-                correlate_diagonal(half.movedim(1, -1), shared, math.sqrt(rho))
-            half *= var_in.sqrt()
-            fa = torch.cat([_fa_md(mu_in + half, axis=1)[0], _fa_md(mu_in - half, axis=1)[0]])
-            md, md_var = (mu_in[0] + mu_in[3] + mu_in[5]) / 3, md_variance(var_in, rho, axis=0)
+                shared = torch.randn(half.shape[:-1], generator=gen, device=mu.device)
+                correlate_diagonal(half, shared, math.sqrt(rho))
+            half *= var_i.sqrt()
+            fa = torch.cat([_fa_md(mu + half)[0], _fa_md(mu - half)[0]])
+            md, md_var = (mu[:, 0] + mu[:, 3] + mu[:, 5]) / 3, md_variance(var_i, rho)
         else:
-            fa, md = _fa_md(mu_in, axis=0)
+            fa, md = _fa_md(mu)
             fa, md_var = fa[None], None
         b.add(k, mu, var_i, fa, md, md_var)
 
@@ -532,20 +533,15 @@ def _volumes(
     keys = ["mean", "fa", "md", "fa_sd", "md_sd"] + ["var_int"] * hetero + ["m2"] * (passes.count > 1)
     hr_shape = tuple(s * tiler.r for s in tiler.shape)
     arrays = {
-        key: start[key] if key in start else np.zeros(hr_shape + ((6,) if key in ("var_int", "m2") else ()), np.float32)
+        key: np.ascontiguousarray(start[key])
+        if key in start
+        else np.zeros(hr_shape + ((6,) if key in ("var_int", "m2") else ()), np.float32)
         for key in keys
     }
     for b in batches:
         stats = b.finish(passes.count, passes.count * passes.per_sample)
-        inside = b.inside.cpu().numpy()
         for key in keys:
-            block = stats[key]
-            block = (block.permute(0, 2, 3, 4, 1) if block.dim() == 5 else block).contiguous().cpu().numpy()
-            for j, tl in enumerate(b.tiles):
-                hs = tiler.hr_slices(tl)
-                crop = (j,) + tuple(slice(0, s.stop - s.start) for s in hs)
-                where = inside[crop]
-                np.copyto(arrays[key][hs], block[crop], where=where[..., None] if block.ndim == 5 else where)
+            arrays[key].reshape((-1, 6) if stats[key].ndim == 2 else -1)[b.voxels] = stats[key]  # a view
         b.stats.clear()
     fa_sd, md_sd = arrays.pop("fa_sd"), arrays.pop("md_sd")  # zero without samples or passes to spread
     return arrays, fa_sd, md_sd
@@ -659,7 +655,7 @@ def predict_volume(
     baseline = _hr_baseline(lr_tensors, stats, r, target)
     # Independent streams: weights from (seed, sample), FA/MD noise from (seed, "scalars").
     seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(passes.count + 1)]
-    sd = torch.as_tensor(stats.sd, dtype=torch.float32, device=device).view(1, 6, 1, 1, 1)
+    sd = torch.as_tensor(stats.sd, dtype=torch.float32, device=device)
     scalar_gen = torch.Generator(device=device).manual_seed(seeds[-1])
     batches = plan.batches(passes, baseline, hr_region)
     with _torch_threads(threads):
