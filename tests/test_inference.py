@@ -13,6 +13,7 @@ from iqt_pipe.io import InputError
 from iqt_pipe.models import IQTNet
 from iqt_pipe.sr.inference import (
     Prediction,
+    _antithetic_fa,
     _fa_md,
     combine_ensemble,
     expand_mask,
@@ -123,6 +124,11 @@ def test_scalar_samples_match_dti_functions():
     w, _ = dti.eig(d)
     np.testing.assert_allclose(fa.numpy(), dti.fractional_anisotropy(w), atol=1e-6)
     np.testing.assert_allclose(md.numpy(), dti.mean_diffusivity(w), atol=1e-12)
+    # The antithetic samples' FA, without forming the samples: that of μ + ε, then of μ − ε.
+    eps = torch.from_numpy(rng.normal(scale=2e-4, size=(3, 500, 6)))
+    mu = torch.from_numpy(d)
+    expected = torch.cat([_fa_md(mu + eps)[0], _fa_md(mu - eps)[0]])
+    np.testing.assert_allclose(_antithetic_fa(mu, eps).numpy(), expected.numpy(), atol=1e-9)
 
 
 def _pred(mean, var, mask):

@@ -166,6 +166,20 @@ def _fa_md(d: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]
     return fa, trace / 3
 
 
+def _antithetic_fa(mu: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """FA (2S, K) of the tensor samples μ + ε and μ − ε, for ``mu`` (K, 6) and ``eps``
+    (S, K, 6), as :func:`_fa_md` gives it, without forming the samples: tr(μ ± ε) = tr μ ± tr ε
+    and ‖μ ± ε‖²_F = ‖μ‖²_F + ‖ε‖²_F ± 2⟨μ, ε⟩_F."""
+    w = torch.tensor([1.0, 2.0, 2.0, 1.0, 2.0, 1.0], dtype=mu.dtype, device=mu.device)  # Frobenius weights
+    tr_mu, tr_eps = mu[:, 0] + mu[:, 3] + mu[:, 5], eps[..., 0] + eps[..., 3] + eps[..., 5]
+    norm2 = (mu * mu) @ w + (eps * eps) @ w
+    cross = (eps * (2 * w * mu)).sum(-1)
+    out = []
+    for trace, n2 in ((tr_mu + tr_eps, norm2 + cross), (tr_mu - tr_eps, norm2 - cross)):
+        out.append(torch.sqrt((1.5 - 0.5 * trace * trace / n2.clamp_min(1e-30)).clamp(0, 1)))
+    return torch.cat(out)
+
+
 def _spatial(w: torch.Tensor, perm, mirror: int, inverse: bool = False) -> torch.Tensor:
     """Symmetry (axis permutation ``perm``, then mirror mask ``mirror``) on the last three
     dimensions of ``w``, or its inverse."""
@@ -515,7 +529,7 @@ def _run_pass(draw: IQTNet, k: int, batches: list[_Batch], passes: _Passes, sd: 
                 shared = torch.randn(half.shape[:-1], generator=gen, device=mu.device)
                 correlate_diagonal(half, shared, math.sqrt(rho))
             half *= var_i.sqrt()
-            fa = torch.cat([_fa_md(mu + half)[0], _fa_md(mu - half)[0]])
+            fa = _antithetic_fa(mu, half)
             md, md_var = (mu[:, 0] + mu[:, 3] + mu[:, 5]) / 3, md_variance(var_i, rho)
         else:
             fa, md = _fa_md(mu)
