@@ -717,16 +717,7 @@ def _epoch(run: _Run, progress: _Progress, epoch: int) -> dict:
     s = run.settings
     t0 = time.perf_counter()
     train_loss = _train_steps(run, epoch)
-    val = validate(
-        run.model,
-        run.library,
-        run.val_idx,
-        batch_size=max(s.batch_size, 32),
-        device=run.device,
-        dist=run.dist,
-        quiet=run.quiet,
-        loss_mask=s.loss_mask,
-    )
+    val = _validate(run, run.model)
     seconds = time.perf_counter() - t0
     improved = val["loss"] < progress.best_val
     if improved:
@@ -818,22 +809,25 @@ def _train_steps(run: _Run, epoch: int) -> float:
     return train_sum / max(1, train_n)
 
 
+def _validate(run: _Run, model: IQTNet) -> dict[str, float]:
+    """:func:`validate` of ``model`` on the run's validation patches."""
+    return validate(
+        model,
+        run.library,
+        run.val_idx,
+        batch_size=max(run.settings.batch_size, 32),
+        device=run.device,
+        dist=run.dist,
+        quiet=run.quiet,
+        loss_mask=run.settings.loss_mask,
+    )
+
+
 def _best_correlation(run: _Run, progress: _Progress) -> float:
     """:func:`diagonal_correlation` of the best weights on the validation patches."""
     best = IQTNet(run.model.variant, run.model.r, run.model.widths, run.model.kernels).to(run.device)
     best.load_state_dict(progress.best_state)
-    s = run.settings
-    val = validate(
-        best,
-        run.library,
-        run.val_idx,
-        batch_size=max(s.batch_size, 32),
-        device=run.device,
-        dist=run.dist,
-        quiet=run.quiet,
-        loss_mask=s.loss_mask,
-    )
-    return val["diagonal_correlation"]
+    return _validate(run, best)["diagonal_correlation"]
 
 
 def _save_best(best_state: dict, model: IQTNet, out: Path, card: dict) -> Path:
