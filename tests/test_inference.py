@@ -236,16 +236,24 @@ def test_model_target_comes_from_the_card(field, tmp_path):
         predict_volume(loaded, lr, mask, np.eye(4), target="hr")
 
 
-def test_card_calibration_scales_every_predictive_variance(field, tmp_path):
-    from iqt_pipe.models import ModelFileError, load_model, save_model
+def _with_calibration(field, tmp_path, calibration: dict):
+    """A hetero-var2 network, the same saved with ``calibration`` in its card and loaded, and
+    both one's and the other's prediction of ``field`` (3 MC samples, seed 1)."""
+    from iqt_pipe.models import load_model, save_model
 
     lr, mask = field
     model = net("hetero-var2")
-    save_model(model, tmp_path / "a" / "model.safetensors", {"calibration": {"variance_scale": 4.0}})
+    save_model(model, tmp_path / "a" / "model.safetensors", {"calibration": calibration})
     loaded, _ = load_model(tmp_path / "a")
+    a, b = (predict_volume(m, lr, mask, np.eye(4), mc_samples=3, seed=1, tile=8) for m in (model, loaded))
+    return model, loaded, a, b
+
+
+def test_card_calibration_scales_every_predictive_variance(field, tmp_path):
+    from iqt_pipe.models import ModelFileError, load_model, save_model
+
+    model, loaded, a, b = _with_calibration(field, tmp_path, {"variance_scale": 4.0})
     assert loaded.variance_scale == 4.0
-    a = predict_volume(model, lr, mask, np.eye(4), mc_samples=3, seed=1, tile=8)
-    b = predict_volume(loaded, lr, mask, np.eye(4), mc_samples=3, seed=1, tile=8)
     np.testing.assert_array_equal(a.mean, b.mean)
     np.testing.assert_allclose(b.var_intrinsic, 4 * a.var_intrinsic, rtol=1e-6)
     np.testing.assert_allclose(b.var_parameter, 4 * a.var_parameter, rtol=1e-6)
@@ -259,13 +267,8 @@ def test_card_calibration_scales_every_predictive_variance(field, tmp_path):
 def test_card_diagonal_correlation_widens_only_the_md_interval(field, tmp_path):
     from iqt_pipe.models import ModelFileError, load_model, save_model
 
-    lr, mask = field
-    model = net("hetero-var2")
-    save_model(model, tmp_path / "a" / "model.safetensors", {"calibration": {"diagonal_correlation": 0.5}})
-    loaded, _ = load_model(tmp_path / "a")
+    model, loaded, a, b = _with_calibration(field, tmp_path, {"diagonal_correlation": 0.5})
     assert loaded.diagonal_correlation == 0.5
-    a = predict_volume(model, lr, mask, np.eye(4), mc_samples=3, seed=1, tile=8)
-    b = predict_volume(loaded, lr, mask, np.eye(4), mc_samples=3, seed=1, tile=8)
     for key in ("mean", "var_intrinsic", "var_parameter", "md_mean"):
         np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
     m = a.mask

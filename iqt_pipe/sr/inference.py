@@ -145,11 +145,11 @@ def correlate_diagonal(noise, shared, loading) -> None:
     noise[..., diag] = loading * shared[..., None] + (1 - loading * loading) ** 0.5 * noise[..., diag]
 
 
-def md_variance(var, rho: float, axis: int = -1):
+def md_variance(var: torch.Tensor, rho: float) -> torch.Tensor:
     """The variance of MD = tr(D)/3 for tensor errors with per-component variances ``var``
-    (components on ``axis``) whose diagonal components correlate by ``rho``:
+    (components on the last axis) whose diagonal components correlate by ``rho``:
     (Σ_a v_a + 2ρ Σ_{a<b} √(v_a v_b)) / 9."""
-    v11, v22, v33 = (var.select(axis, a) if isinstance(var, torch.Tensor) else np.take(var, a, axis) for a in DIAGONAL)
+    v11, v22, v33 = (var[..., a] for a in DIAGONAL)
     out = v11 + v22 + v33
     if rho:
         out = out + 2 * rho * ((v11 * v22) ** 0.5 + (v11 * v33) ** 0.5 + (v22 * v33) ** 0.5)

@@ -476,12 +476,14 @@ def validate(
         elements = yt.numel() if weights is None else float(brain.sum()) * yt.shape[1]
         loss_sum += float(loss) * elements
         n_el += elements
-        err = (mean - yt).double().cpu().numpy() * library.sd(idx)[:, :, None, None, None]
+        diff = mean - yt
+        err = diff.double().cpu().numpy() * library.sd(idx)[:, :, None, None, None]
         sse += float(np.sum(err**2 * brain))
         n_brain += float(brain.sum())
         if prec is not None:
             # Standardised errors of the diagonal components: (mean − y)·√precision.
-            z = ((mean - yt) * prec.sqrt()).double().cpu().numpy()[:, list(DIAGONAL)] * brain
+            diag = list(DIAGONAL)
+            z = (diff[:, diag] * prec[:, diag].sqrt()).double().cpu().numpy() * brain
             z_sums += [float(np.sum(z[:, a] * z[:, b])) for a, b in _PAIRS]
     loss_sum, n_el, sse, n_brain, *z_sums = dist.all_sum([loss_sum, n_el, sse, n_brain, *z_sums])
     out = {"loss": loss_sum / max(1.0, n_el), "rmse": math.sqrt(sse / max(1.0, 6 * n_brain))}
