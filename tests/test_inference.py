@@ -11,6 +11,7 @@ import torch
 from iqt_pipe.dmri import dti
 from iqt_pipe.io import InputError
 from iqt_pipe.models import IQTNet
+from iqt_pipe.sr import inference
 from iqt_pipe.sr.inference import (
     Prediction,
     _antithetic_fa,
@@ -345,12 +346,30 @@ def test_mirror_ensemble_is_the_mean_of_the_mirrored_scans_predictions(field):
     assert var.info["passes"] == 8 and var.info["mc_samples"] == 8
 
 
-@pytest.mark.parametrize("rho", [0.0, 0.6])
-def test_fa_and_md_moments_of_the_predictive_distribution(field, rho):
+def test_fa_samples_do_not_depend_on_the_thread_count(field, monkeypatch):
+    """The FA samples' chunks (here 16 voxels each) draw from their own streams: one thread or
+    two give the same FA mean and sd, and another seed other ones."""
+    monkeypatch.setattr(inference, "_FA_CHUNK", 2**8)
+    lr, mask = field
+    model = net("hetero-var2", seed=4)
+    one, two, other = (
+        predict_volume(model, lr, mask, np.eye(4), mc_samples=2, threads=n, seed=seed)
+        for n, seed in ((1, 3), (2, 3), (2, 4))
+    )
+    for key in ("fa_mean", "fa_sd", "md_sd"):
+        np.testing.assert_array_equal(getattr(one, key), getattr(two, key))
+    assert not np.array_equal(one.fa_sd, other.fa_sd)
+
+
+@pytest.mark.parametrize("rho, chunk", [(0.0, None), (0.6, None), (0.6, 2**8)])
+def test_fa_and_md_moments_of_the_predictive_distribution(field, rho, chunk, monkeypatch):
     """A deterministic hetero pass: MD mean and sd are exact (MD is linear: MD of the mean, and
     the sd of (D11 + D22 + D33)/3 under the predicted variances, the diagonal components
     correlated by the model's ``diagonal_correlation``); FA mean and sd from the 32 antithetic
-    samples per voxel agree with 4000 independent draws of that Gaussian."""
+    samples per voxel agree with 4000 independent draws of that Gaussian, also when the
+    samples come in many chunks (16 voxels each), each from its own stream."""
+    if chunk:
+        monkeypatch.setattr(inference, "_FA_CHUNK", chunk)
     lr, mask = field
     model = net("hetero", seed=4)
     model.diagonal_correlation = rho

@@ -19,7 +19,24 @@ from iqt_pipe.models import (
     periodic_unshuffle,
     save_model,
 )
-from iqt_pipe.models.layers import KL_C1, KL_C2, KL_C3, VarConv3d, kl_log_uniform
+from iqt_pipe.models.layers import KL_C1, KL_C2, KL_C3, VarConv3d, fused_conv_relu_applies, kl_log_uniform
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_convolution_and_relu_equal_the_two_steps(dtype):
+    """CPU inference on a channels-last input runs each hidden layer as one oneDNN call (the
+    ReLU as its post-op); with gradients on, the same network runs conv then ReLU."""
+    torch.manual_seed(0)
+    model = IQTNet("hetero-var2", 2).eval().to(dtype).to(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 6, 12, 12, 12).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        if not fused_conv_relu_applies(x):
+            pytest.skip("this PyTorch build has no oneDNN convolution with a post-op")
+        fused = model(x, sample=False)
+    assert not fused_conv_relu_applies(x)
+    two_steps = model(x, sample=False)  # gradients on: no fusion
+    for a, b in zip(fused, two_steps):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

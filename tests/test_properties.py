@@ -154,7 +154,6 @@ def test_block_average_conserves_the_mean_signal(shape, r, seed):
 def test_numerical_guards_leave_only_finite_values_and_count_them(seed, n_nan, n_inf, n_zero):
     rng = np.random.default_rng(seed)
     shape = (6, 6, 6)
-    mask = np.ones(shape, bool)
     arrays_ = {
         "mean": rng.uniform(0.2e-3, 1e-3, shape + (6,)).astype(np.float32),
         "var_int": rng.uniform(1e-9, 1e-8, shape + (6,)).astype(np.float32),
@@ -169,7 +168,8 @@ def test_numerical_guards_leave_only_finite_values_and_count_them(seed, n_nan, n
     arrays_["var_int"].reshape(-1, 6)[zero_at, 4] = 0
     fa_sd, md_sd = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     fa_sd.reshape(-1)[inf_at] = np.nan  # a non-finite sd where the tensor itself is fine
-    counts = guard_outputs(arrays_, fa_sd, md_sd, mask)
+    arrays_ |= {"fa_sd": fa_sd, "md_sd": md_sd}
+    counts = guard_outputs(arrays_)
     for a in (*arrays_.values(), fa_sd, md_sd):
         assert np.all(np.isfinite(a))
     assert counts["NonFiniteTensors"] == n_nan

@@ -190,8 +190,9 @@ def scalar_maps(d6: np.ndarray) -> dict[str, np.ndarray]:
 
 def not_positive_definite(d6: np.ndarray) -> np.ndarray:
     """Tensors with an eigenvalue ≤ 0, by Sylvester's criterion on the leading principal
-    minors (D11, D11·D22 − D12², det D): no 3×3 matrices, a few bytes per tensor."""
-    d = np.asarray(d6, dtype=np.float64)
+    minors (D11, D11·D22 − D12², det D): no 3×3 matrices, a few bytes per tensor. A torch
+    tensor gives a torch tensor (on its threads)."""
+    d = d6.double() if hasattr(d6, "double") else np.asarray(d6, dtype=np.float64)
     d11, d12, d13, d22, d23, d33 = (d[..., k] for k in range(6))
     minor2 = d11 * d22 - d12**2
     det = d11 * (d22 * d33 - d23**2) - d12 * (d12 * d33 - d23 * d13) + d13 * (d12 * d23 - d22 * d13)

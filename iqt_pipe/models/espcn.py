@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iqt_pipe.models.layers import VarConv3d
+from iqt_pipe.models.layers import VarConv3d, fused_conv_relu, fused_conv_relu_applies
 from iqt_pipe.models.shuffle import periodic_shuffle
 
 #: variant → (heteroscedastic, variational dropout granularity or None)
@@ -63,12 +63,17 @@ class ESPCN(nn.Module):
         make = (lambda i, o, k: VarConv3d(i, o, k, per=var)) if var else nn.Conv3d
         self.convs = nn.ModuleList(make(sizes[n], sizes[n + 1], kernels[n]) for n in range(len(kernels)))
 
-    def forward(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sample: bool = True, shuffle: bool = True) -> torch.Tensor:
+        """The HR output, or with ``shuffle=False`` the last convolution's (B, C·r³, X, Y, Z)."""
+        sampled = sample and isinstance(self.convs[0], VarConv3d)  # local reparameterisation
         for n, conv in enumerate(self.convs):
-            x = conv(x, sample) if isinstance(conv, VarConv3d) else conv(x)
-            if n < len(self.convs) - 1:
-                x = F.relu(x, inplace=True)
-        return periodic_shuffle(x, self.r)
+            if n == len(self.convs) - 1:
+                x = conv(x, sample) if isinstance(conv, VarConv3d) else conv(x)
+            elif not sampled and fused_conv_relu_applies(x):
+                x = fused_conv_relu(conv, x)
+            else:
+                x = F.relu(conv(x, sample) if isinstance(conv, VarConv3d) else conv(x), inplace=True)
+        return periodic_shuffle(x, self.r) if shuffle else x
 
     def kl(self) -> torch.Tensor:
         terms = [c.kl() for c in self.convs if isinstance(c, VarConv3d)]
@@ -106,12 +111,15 @@ class IQTNet(nn.Module):
     def stochastic(self) -> bool:
         return self.var is not None
 
-    def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the HR mean and precision (None for non-hetero variants)."""
-        mean = self.mean_net(x, sample)
+    def forward(
+        self, x: torch.Tensor, sample: bool = True, shuffle: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the HR mean and precision (None for non-hetero variants); with
+        ``shuffle=False`` both before the periodic shuffle (see :meth:`ESPCN.forward`)."""
+        mean = self.mean_net(x, sample, shuffle)
         if self.prec_net is None:
             return mean, None
-        return mean, F.softplus(self.prec_net(x, sample)) + PRECISION_FLOOR
+        return mean, F.softplus(self.prec_net(x, sample, shuffle)) + PRECISION_FLOOR
 
     @torch.no_grad()
     def sample_weights(self, generator: torch.Generator | None = None) -> IQTNet:

@@ -6,6 +6,8 @@ voxel coordinate (h − (r − 1)/2) / r.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from scipy import ndimage
 
@@ -26,17 +28,22 @@ def interpolate_tensors(lr: np.ndarray, r: int, method: str = "cubic") -> np.nda
         return np.ascontiguousarray(lr[np.ix_(*idx)]).astype(np.float32)
     # The B-spline interpolant is a tensor product, so on a grid it is a 1-D interpolation along
     # each axis in turn: what map_coordinates(mode="nearest") gives at these coordinates (edges
-    # padded by _PAD voxels, then the spline prefilter in float64 on the LR grid), the r
-    # sub-positions of each axis in float32 on PyTorch's threads (the HR grid is the large part).
+    # padded by _PAD voxels, then the spline prefilter in float64 on the LR grid, one field per
+    # thread: SciPy releases the GIL), the r sub-positions of each axis in float32 on PyTorch's
+    # threads (the HR grid is the large part).
     import torch
 
-    fields = lr.reshape(lr.shape[:3] + (-1,))
-    coeffs = np.pad(fields.astype(np.float64), [(_PAD, _PAD)] * 3 + [(0, 0)], mode="edge")
-    if order > 1:
-        for axis in range(3):
-            coeffs = ndimage.spline_filter1d(coeffs, order=order, axis=axis, mode="nearest", output=np.float64)
+    fields = np.moveaxis(lr.reshape(lr.shape[:3] + (-1,)), -1, 0)  # one LR field per channel
     trim = _PAD - _TAPS  # the taps reach _TAPS coefficients beyond the volume
-    out = torch.from_numpy(coeffs[trim:-trim, trim:-trim, trim:-trim].astype(np.float32))
+
+    def coefficients(field: np.ndarray) -> np.ndarray:
+        c = np.pad(field.astype(np.float64), _PAD, mode="edge")
+        for axis in range(3 if order > 1 else 0):
+            c = ndimage.spline_filter1d(c, order=order, axis=axis, mode="nearest", output=np.float64)
+        return c[trim:-trim, trim:-trim, trim:-trim].astype(np.float32)
+
+    with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(fields)))) as pool:
+        out = torch.from_numpy(np.stack(list(pool.map(coefficients, fields)), axis=-1))
     for axis in range(3):
         out = _upsample_axis(out, axis, r, order)
     return out.numpy().reshape(out.shape[:3] + lr.shape[3:])

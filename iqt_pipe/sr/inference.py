@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,9 +141,13 @@ def correlate_diagonal(noise, shared, loading) -> None:
     diagonal components, in place: ε_a ← λ_a·c + √(1 − λ_a²)·ε_a for a in D11, D22, D33, with
     the standard normal ``shared`` factor c (``noise``'s shape less the last axis) and
     ``loading`` λ (a number, or one per diagonal component on a last axis); each ε_a stays
-    standard normal and two of them correlate by λ_a·λ_b. NumPy arrays or torch tensors."""
-    diag = list(DIAGONAL)
-    noise[..., diag] = loading * shared[..., None] + (1 - loading * loading) ** 0.5 * noise[..., diag]
+    standard normal and two of them correlate by λ_a·λ_b. NumPy arrays or torch tensors (a
+    view of any layout: each component is updated where it lies)."""
+    for i, a in enumerate(DIAGONAL):
+        lam = loading if np.ndim(loading) == 0 else loading[..., i]
+        eps = noise[..., a]  # a view
+        eps *= (1 - lam * lam) ** 0.5
+        eps += lam * shared
 
 
 def md_variance(var: torch.Tensor, rho: float) -> torch.Tensor:
@@ -166,18 +171,29 @@ def _fa_md(d: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]
     return fa, trace / 3
 
 
-def _antithetic_fa(mu: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def _antithetic_fa(mu: torch.Tensor, eps: torch.Tensor, squared: bool = False) -> torch.Tensor:
     """FA (2S, K) of the tensor samples μ + ε and μ − ε, for ``mu`` (K, 6) and ``eps``
-    (S, K, 6), as :func:`_fa_md` gives it, without forming the samples: tr(μ ± ε) = tr μ ± tr ε
-    and ‖μ ± ε‖²_F = ‖μ‖²_F + ‖ε‖²_F ± 2⟨μ, ε⟩_F."""
-    w = torch.tensor([1.0, 2.0, 2.0, 1.0, 2.0, 1.0], dtype=mu.dtype, device=mu.device)  # Frobenius weights
-    tr_mu, tr_eps = mu[:, 0] + mu[:, 3] + mu[:, 5], eps[..., 0] + eps[..., 3] + eps[..., 5]
-    norm2 = (mu * mu) @ w + (eps * eps) @ w
-    cross = (eps * (2 * w * mu)).sum(-1)
-    out = []
-    for trace, n2 in ((tr_mu + tr_eps, norm2 + cross), (tr_mu - tr_eps, norm2 - cross)):
-        out.append(torch.sqrt((1.5 - 0.5 * trace * trace / n2.clamp_min(1e-30)).clamp(0, 1)))
-    return torch.cat(out)
+    (S, K, 6), as :func:`_fa_md` gives it (FA² with ``squared``), without forming the samples:
+    tr(μ ± ε) = tr μ ± tr ε and ‖μ ± ε‖²_F = ‖μ‖²_F + ‖ε‖²_F ± 2⟨μ, ε⟩_F. Component by component,
+    so ``eps`` may be a view whose components are each contiguous (the fastest layout)."""
+    m, e = mu.unbind(-1), eps.unbind(-1)
+    tr_mu, tr_eps = m[0] + m[3] + m[5], e[0] + e[3] + e[5]
+    norm2_mu = sum(w * mj * mj for w, mj in zip(_FROBENIUS, m))
+    norm2 = e[0] * e[0]
+    cross = e[0] * (2 * m[0])
+    for w, mj, ej in list(zip(_FROBENIUS, m, e))[1:]:
+        norm2.addcmul_(ej, ej, value=w)
+        cross.addcmul_(ej, 2 * w * mj)
+    norm2 += norm2_mu
+    out = torch.empty((2,) + norm2.shape, dtype=norm2.dtype, device=norm2.device)
+    for half, trace, n2 in ((out[0], tr_mu + tr_eps, norm2 + cross), (out[1], tr_mu - tr_eps, norm2.sub_(cross))):
+        torch.div(trace.mul_(trace), n2.clamp_min_(1e-30), out=half)
+        half.mul_(-0.5).add_(1.5).clamp_(0, 1)
+    return (out if squared else out.sqrt_()).flatten(0, 1)
+
+
+#: The weights of the six BEP016 components in a Frobenius norm.
+_FROBENIUS = (1.0, 2.0, 2.0, 1.0, 2.0, 1.0)
 
 
 def _spatial(w: torch.Tensor, perm, mirror: int, inverse: bool = False) -> torch.Tensor:
@@ -396,32 +412,34 @@ def _pass_network(net: IQTNet, k: int, passes: _Passes, seed: int) -> IQTNet:
 class _Batch:
     """One forward call's tiles and everything the passes reuse for them: the input
     (B, 6, t + 2m, t + 2m, t + 2m) in the passes' arithmetic and layout; the K voxels of the
-    tiles' HR blocks (B, t·r, t·r, t·r; voxels beyond the volume included) that are in the
-    region, as rows of the blocks' outputs (``index``, on the device) and as flat indices of
-    the HR grid (``voxels``); the baseline the de-standardised outputs are added to over them
-    ((K, 6), or (6,) when constant); and the running statistics over the passes at those
-    voxels (Welford for the mean and its variance, a sum for the intrinsic variance, float32;
-    float64 sums of FA/MD and their squares), components on the last axis."""
+    tiles' HR blocks that are in the region, as their LR positions and sub-positions in the
+    network's output before the periodic shuffle (``lr_pos``, ``sub``, on the device) and as
+    flat indices of the HR grid (``voxels``); the baseline the de-standardised outputs are
+    added to over them ((K, 6), or (6,) when constant); and the running statistics over the
+    passes at those voxels (Welford for the mean and its variance, a sum for the intrinsic
+    variance, float32; float64 sums of FA/MD and their squares), components on the last axis."""
 
-    def __init__(self, tiles: list[tuple[int, int, int]], x: torch.Tensor, index: torch.Tensor, voxels, base):
-        self.tiles, self.x, self.index, self.voxels, self.base = tiles, x, index, voxels, base
+    def __init__(self, tiles, x: torch.Tensor, lr_pos: torch.Tensor, sub: torch.Tensor, voxels, base):
+        self.tiles, self.x, self.lr_pos, self.sub, self.voxels, self.base = tiles, x, lr_pos, sub, voxels, base
         self.stats: dict[str, torch.Tensor] = {}
 
-    def region(self, block: torch.Tensor) -> torch.Tensor:
-        """(B, 6, T, T, T) → (K, 6): the components of the region's K voxels (a view of the
-        channels-last blocks the CPU passes give, then one gather)."""
-        return block.permute(0, 2, 3, 4, 1).reshape(-1, block.shape[1])[self.index]
+    def region(self, raw: torch.Tensor) -> torch.Tensor:
+        """(B, 6·r³, t, t, t), the output before the periodic shuffle → (K, 6): the components
+        of the region's K voxels in one gather (on CPU from a view of the channels-last output:
+        the shuffle is never materialised)."""
+        per_position = raw.permute(0, 2, 3, 4, 1).reshape(-1, 6, raw.shape[1] // 6)  # (B·t³, 6, r³)
+        return per_position[self.lr_pos, :, self.sub]
 
-    def add(self, k: int, mu: torch.Tensor, var_i: torch.Tensor | None, fa: torch.Tensor, md, md_var) -> None:
-        """Pass ``k`` over the region's K voxels: ``mu``/``var_i`` (K, 6), ``fa`` (S, K) the FA
-        of S tensor samples per voxel, ``md`` (K,) the MD of ``mu`` and ``md_var`` its predicted
-        variance (MD is linear: its moments need no samples). The first pass's values start
-        the sums (Welford's first step, exactly)."""
+    def add(self, k: int, mu: torch.Tensor, var_i: torch.Tensor | None, fa, md, md_var) -> None:
+        """Pass ``k`` over the region's K voxels: ``mu``/``var_i`` (K, 6), ``fa`` the sums of FA
+        and FA² (K,) over the pass's tensor samples, ``md`` (K,) the MD of ``mu`` and ``md_var``
+        its predicted variance (MD is linear: its moments need no samples). The first pass's
+        values start the sums (Welford's first step, exactly)."""
         st = self.stats
         md = md.double()
         moments = {
-            "fa": fa.sum(0).double(),
-            "fa2": (fa * fa).sum(0).double(),
+            "fa": fa[0].double(),
+            "fa2": fa[1].double(),
             "md": md,
             "md2": md * md if md_var is None else md * md + md_var.double(),
         }
@@ -467,6 +485,7 @@ class _TilePlan:
         """The :class:`_Batch` of every forward call, on the passes' device; ``baseline`` is
         (6,) or the HR grid's (X, Y, Z, 6), ``hr_region`` the HR voxels predicted."""
         out = []
+        t, r = self.tiler.t, self.tiler.r
         flat = np.arange(hr_region.size).reshape(hr_region.shape)  # each HR voxel's flat index
         for start in range(0, len(self.tiles), self.per_call):
             chunk = self.tiles[start : start + self.per_call]
@@ -477,8 +496,21 @@ class _TilePlan:
             rows = np.flatnonzero(self._blocks(chunk, hr_region))
             voxels = self._blocks(chunk, flat).reshape(-1)[rows]
             base = baseline if baseline.ndim == 1 else baseline.reshape(-1, 6)[voxels]
-            index = torch.from_numpy(rows).to(passes.device)
-            out.append(_Batch(chunk, x, index, voxels, torch.from_numpy(base).to(passes.device)))
+            # Row (tile j, HR offset h) of the blocks: LR position h // r of tile j, sub-position
+            # h mod r, numbered as the periodic shuffle's channels (i + r·j + r²·k).
+            j, hx, hy, hz = np.unravel_index(rows, (len(chunk),) + (t * r,) * 3)
+            lr_pos = np.ravel_multi_index((j, hx // r, hy // r, hz // r), (len(chunk), t, t, t))
+            sub = hx % r + r * (hy % r) + r * r * (hz % r)
+            out.append(
+                _Batch(
+                    chunk,
+                    x,
+                    torch.from_numpy(lr_pos).to(passes.device),
+                    torch.from_numpy(sub).to(passes.device),
+                    voxels,
+                    torch.from_numpy(base).to(passes.device),
+                )
+            )
         return out
 
     def _blocks(self, chunk, volume: np.ndarray) -> np.ndarray:
@@ -511,39 +543,76 @@ def _plan_tiles(
     return _TilePlan(tiler, z, tiler.tiles_touching(region), per_call)
 
 
-def _run_pass(draw: IQTNet, k: int, batches: list[_Batch], passes: _Passes, sd: torch.Tensor, gen) -> None:
+def _run_pass(draw: IQTNet, k: int, batches: list[_Batch], passes: _Passes, sd: torch.Tensor, seed: int) -> None:
     """MC sample k: the network ``draw`` over every batch; at the region's voxels its outputs
     (times the channel sd ``sd``, plus the baseline) and their intrinsic variances, and the FA
-    and MD of tensor samples drawn with ``gen`` when the passes draw them (else of the pass's
-    mean), into the batches' statistics."""
-    for b in batches:
-        mean, prec = draw(b.x, sample=False)
+    and MD of tensor samples (streams from ``seed``, k and the batch) when the passes draw
+    them (else of the pass's mean), into the batches' statistics."""
+    for j, b in enumerate(batches):
+        mean, prec = draw(b.x, sample=False, shuffle=False)
         mu = b.region(mean).float() * sd + b.base  # (K, 6), float32
         var_i = sd**2 / b.region(prec).float() if prec is not None else None
         if passes.draw_scalars:
-            # Antithetic pairs μ ± ε·sd: half the random numbers, and each voxel's samples have
-            # exactly its predicted mean; MD is linear, its mean and variance exact.
+            # MD is linear: its mean and variance are exact.
             rho = passes.diagonal_correlation
-            half = torch.randn((passes.per_sample // 2,) + mu.shape, generator=gen, device=mu.device)
-            if rho:
-                shared = torch.randn(half.shape[:-1], generator=gen, device=mu.device)
-                correlate_diagonal(half, shared, math.sqrt(rho))
-            half *= var_i.sqrt()
-            fa = _antithetic_fa(mu, half)
+            fa = _sampled_fa(mu, var_i, rho, passes.per_sample // 2, (seed, k, j))
             md, md_var = (mu[:, 0] + mu[:, 3] + mu[:, 5]) / 3, md_variance(var_i, rho)
         else:
             fa, md = _fa_md(mu)
-            fa, md_var = fa[None], None
+            fa, md_var = (fa, fa * fa), None
         b.add(k, mu, var_i, fa, md, md_var)
 
 
+#: Tensor samples (voxels × pairs) per chunk of the FA samples. Each chunk's samples come from
+#: its own stream and are reduced while they are in cache, the chunks shared among PyTorch's
+#: CPU threads: on 2 cores 4× faster than one draw of every voxel's samples (single-threaded
+#: in PyTorch).
+_FA_CHUNK = 2**17
+
+
+def _sampled_fa(
+    mu: torch.Tensor, var: torch.Tensor, rho: float, half: int, stream: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ FA and Σ FA² (K,) over 2·``half`` tensor samples per voxel from N(``mu``, ``var``)
+    (K, 6), antithetic pairs μ ± ε (half the random numbers, and each voxel's samples have
+    exactly its predicted mean), the diagonal components' noise correlated by ``rho``. Chunk c
+    of :data:`_FA_CHUNK` samples draws from the generator seeded by (``stream``, c): the same
+    numbers whatever the thread count. On a GPU, one chunk."""
+    n = mu.shape[0] if mu.device.type == "cuda" else max(1, _FA_CHUNK // half)
+    chunks = [(c, slice(a, a + n)) for c, a in enumerate(range(0, mu.shape[0], n))]
+
+    def chunk(item):
+        c, sl = item
+        seed = int(np.random.SeedSequence(list(stream) + [c]).generate_state(1)[0])
+        gen = torch.Generator(device=mu.device).manual_seed(seed)
+        n_c = min(sl.stop, mu.shape[0]) - sl.start
+        # Components first, each contiguous: ``eps`` (S, n, 6) and ``m`` (n, 6) are views.
+        z = torch.randn((6, half, n_c), generator=gen, device=mu.device)
+        eps = z.movedim(0, -1)
+        if rho:
+            correlate_diagonal(eps, torch.randn((half, n_c), generator=gen, device=mu.device), math.sqrt(rho))
+        z *= var[sl].t().sqrt()[:, None]
+        m = mu[sl].t().contiguous().t()
+        fa2 = _antithetic_fa(m, eps, squared=True)
+        return fa2.sqrt().sum(0), fa2.sum(0)
+
+    workers = torch.get_num_threads() if len(chunks) > 1 else 1
+    if workers > 1:
+        with _torch_threads(1), ThreadPoolExecutor(workers) as pool:  # one thread per chunk
+            sums = list(pool.map(chunk, chunks))
+    else:
+        sums = [chunk(item) for item in chunks]
+    return torch.cat([s for s, _ in sums]), torch.cat([s2 for _, s2 in sums])
+
+
 def _volumes(
-    batches: list[_Batch], passes: _Passes, tiler: _Tiler, start: dict[str, np.ndarray], hetero: bool
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    batches: list[_Batch], passes: _Passes, tiler: _Tiler, start: dict[str, np.ndarray], hetero: bool, s: float
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, int]]:
     """The statistics on the whole HR grid, float32: in the region what the batches
-    accumulated, elsewhere ``start``'s ``mean``, ``fa`` and ``md`` (the cubic upsampling, or
-    zero) and zero. By name ``mean``, ``fa``, ``md``, ``var_int`` (hetero variants) and ``m2``
-    (the parameter variance, with more than one pass), then FA sd and MD sd."""
+    accumulated, calibrated by the variance scale ``s`` and guarded (:func:`guard_outputs`),
+    elsewhere ``start``'s ``mean``, ``fa`` and ``md`` (the cubic upsampling, or zero) and zero.
+    By name ``mean``, ``fa``, ``md``, ``var_int`` (hetero variants) and ``m2`` (the parameter
+    variance, with more than one pass), then FA sd, MD sd and the guards' counts."""
     keys = ["mean", "fa", "md", "fa_sd", "md_sd"] + ["var_int"] * hetero + ["m2"] * (passes.count > 1)
     hr_shape = tuple(s * tiler.r for s in tiler.shape)
     arrays = {
@@ -552,43 +621,53 @@ def _volumes(
         else np.zeros(hr_shape + ((6,) if key in ("var_int", "m2") else ()), np.float32)
         for key in keys
     }
+    counts: dict[str, int] = {}
     for b in batches:
         stats = b.finish(passes.count, passes.count * passes.per_sample)
-        for key in keys:
-            arrays[key].reshape((-1, 6) if stats[key].ndim == 2 else -1)[b.voxels] = stats[key]  # a view
+        _calibrate(stats, s)
+        for name, n in guard_outputs(stats).items():
+            counts[name] = counts.get(name, 0) + n
+        at = torch.from_numpy(b.voxels)
+        for key in keys:  # into a view of the volume, on PyTorch's threads
+            volume = arrays[key].reshape((-1, 6) if stats[key].ndim == 2 else -1)
+            torch.from_numpy(volume).index_copy_(0, at, torch.from_numpy(stats[key]))
         b.stats.clear()
+    # Beyond the region, the values of the input's upsampling: non-finite only where it is.
+    outside = _replace_non_finite(arrays["mean"], 0, tensor=True)
+    arrays["mean"].reshape(-1, 6)[outside] = 0
+    counts["NonFiniteTensors"] = counts.get("NonFiniteTensors", 0) + int(outside.sum())
+    scalars = _replace_non_finite(arrays["fa"], 0) | _replace_non_finite(arrays["md"], 0)
+    counts["NonFiniteScalars"] = counts.get("NonFiniteScalars", 0) + int((scalars & ~outside).sum())
     fa_sd, md_sd = arrays.pop("fa_sd"), arrays.pop("md_sd")  # zero without samples or passes to spread
-    return arrays, fa_sd, md_sd
+    return arrays, fa_sd, md_sd, counts
 
 
-def _outside_values(lr_tensors: np.ndarray, baseline: np.ndarray, target: str, r: int, outside: str, shape):
-    """What the mean tensor, FA and MD are outside the predicted voxels: those of the cubic
-    B-spline upsampling of the input (``outside="cubic"``; already the baseline of a
-    residual-cubic model), or zero."""
+def _outside_values(lr_tensors: np.ndarray, baseline: np.ndarray, target: str, r: int, outside: str, region):
+    """What the mean tensor, FA and MD are outside the predicted HR ``region``: those of the
+    cubic B-spline upsampling of the input (``outside="cubic"``; already the baseline of a
+    residual-cubic model), or zero (FA and MD are zero in the region, which is predicted)."""
     from iqt_pipe.sr.baselines import interpolate_tensors
 
+    fa, md = np.zeros(region.shape, np.float32), np.zeros(region.shape, np.float32)
     if outside == "zero":
-        return {
-            "mean": np.zeros(tuple(shape) + (6,), np.float32),
-            "fa": np.zeros(shape, np.float32),
-            "md": np.zeros(shape, np.float32),
-        }
+        return {"mean": np.zeros(region.shape + (6,), np.float32), "fa": fa, "md": md}
     cubic = baseline if target == "residual-cubic" else interpolate_tensors(lr_tensors, r, "cubic")
-    fa, md = _fa_md(torch.from_numpy(cubic))
-    return {"mean": cubic, "fa": fa.numpy(), "md": md.numpy()}
+    beyond = np.flatnonzero(~region)
+    fa_out, md_out = _fa_md(torch.from_numpy(cubic.reshape(-1, 6)[beyond]))
+    fa.reshape(-1)[beyond], md.reshape(-1)[beyond] = fa_out.numpy(), md_out.numpy()
+    return {"mean": cubic, "fa": fa, "md": md}
 
 
-def _calibrate(
-    arrays: dict[str, np.ndarray], fa_sd: np.ndarray, md_sd: np.ndarray, s: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """The model card's calibration: every variance in ``arrays`` times ``s`` (in place); returns
-    the FA and MD sd times √s (to first order)."""
+def _calibrate(stats: dict[str, np.ndarray], s: float) -> None:
+    """The model card's calibration, in place: every variance in ``stats`` times ``s``, the FA
+    and MD sd times √s (to first order)."""
     if s == 1.0:
-        return fa_sd, md_sd
+        return
     for key in ("var_int", "m2"):
-        if key in arrays:
-            arrays[key] *= s
-    return fa_sd * np.float32(math.sqrt(s)), md_sd * np.float32(math.sqrt(s))
+        if key in stats:
+            stats[key] *= s
+    for key in ("fa_sd", "md_sd"):
+        stats[key] *= np.float32(math.sqrt(s))
 
 
 def _checked_masks(
@@ -667,19 +746,16 @@ def predict_volume(
     net = copy.deepcopy(model).to(device).eval()
     plan = _plan_tiles(net, lr_tensors, stats, region, tile, mem_mb, passes)
     baseline = _hr_baseline(lr_tensors, stats, r, target)
-    # Independent streams: weights from (seed, sample), FA/MD noise from (seed, "scalars").
+    # Independent streams: weights from (seed, sample), FA noise from (seed, "scalars").
     seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(passes.count + 1)]
     sd = torch.as_tensor(stats.sd, dtype=torch.float32, device=device)
-    scalar_gen = torch.Generator(device=device).manual_seed(seeds[-1])
     batches = plan.batches(passes, baseline, hr_region)
     with _torch_threads(threads):
         for k in range(passes.count):
-            _run_pass(_pass_network(net, k, passes, seeds[k]), k, batches, passes, sd, scalar_gen)
-        start = _outside_values(lr_tensors, baseline, target, r, outside, hr_region.shape)
-        arrays, fa_sd, md_sd = _volumes(batches, passes, plan.tiler, start, net.hetero)
-    s = float(getattr(model, "variance_scale", 1.0))
-    fa_sd, md_sd = _calibrate(arrays, fa_sd, md_sd, s)
-    guards = guard_outputs(arrays, fa_sd, md_sd, hr_region)
+            _run_pass(_pass_network(net, k, passes, seeds[k]), k, batches, passes, sd, seeds[-1])
+        start = _outside_values(lr_tensors, baseline, target, r, outside, hr_region)
+        s = float(getattr(model, "variance_scale", 1.0))
+        arrays, fa_sd, md_sd, guards = _volumes(batches, passes, plan.tiler, start, net.hetero, s)
     return Prediction(
         mean=arrays["mean"],
         var_intrinsic=arrays.get("var_int"),
@@ -754,65 +830,74 @@ def predict_ensemble(
 VAR_FLOOR, VAR_CAP = 1e-16, 1e-4
 
 
-def guard_outputs(
-    arrays: dict[str, np.ndarray], fa_sd: np.ndarray, md_sd: np.ndarray, mask: np.ndarray
-) -> dict[str, int]:
-    """Make every output finite, in place, and count the voxels that needed it (for the sidecars).
+def guard_outputs(stats: dict[str, np.ndarray]) -> dict[str, int]:
+    """Make the predicted statistics finite, in place, and count the voxels that needed it (for
+    the sidecars). ``stats`` holds the predicted voxels' ``mean`` (..., 6) and, where present,
+    ``var_int`` and ``m2`` (..., 6), ``fa``, ``md``, ``fa_sd`` and ``md_sd`` (...).
 
-    In the mask: a non-finite mean tensor (a numerical failure of the network) becomes zero
-    with every variance at ``VAR_CAP`` and FA/MD sd at their "nothing is known" values (FA
-    sd 0.5, MD sd √VAR_CAP), so no failed voxel reads as certain; an intrinsic variance of 0
-    (infinite precision) is raised to ``VAR_FLOOR``, an infinite one (zero precision) lowered
-    to ``VAR_CAP``; other non-finite FA/MD moments become 0 (means) or the same caps (sd).
+    A non-finite mean tensor (a numerical failure of the network) becomes zero with every
+    variance at ``VAR_CAP`` and FA/MD sd at their "nothing is known" values (FA sd 0.5, MD sd
+    √VAR_CAP), so no failed voxel reads as certain; an intrinsic variance of 0 (infinite
+    precision) is raised to ``VAR_FLOOR``, an infinite one (zero precision) lowered to
+    ``VAR_CAP``; other non-finite FA/MD moments become 0 (means) or the same caps (sd).
     Non-positive-definite mean tensors are counted, not changed: the mean is the estimate
     (as DIPY and MRtrix3 write theirs); FA is clipped to [0, 1] and tractography projects
-    onto positive semi-definite tensors.
+    onto positive semi-definite tensors. Each check is one pass over an array when, as
+    usual, nothing needs it.
     """
     from iqt_pipe.dmri.dti import not_positive_definite
 
-    inside = np.flatnonzero(mask)  # the work is over the mask's voxels, gathered once
-    mean = arrays["mean"].reshape(-1, 6)
-    mean_in = mean[inside]
-    bad = ~np.all(np.isfinite(mean_in), axis=-1)
-    bad_at = inside[bad]
-    mean[bad_at] = 0
-    counts = {"NonFiniteTensors": int(bad.sum())}
-    if "var_int" in arrays:
-        var = arrays["var_int"].reshape(-1, 6)
-        var_in = var[inside]
-        zero = (var_in <= 0) & np.isfinite(var_in)
-        infinite = ~np.isfinite(var_in)
-        counts["InfinitePrecision"] = int(np.any(zero, axis=-1).sum())
-        counts["ZeroPrecision"] = int(np.any(infinite, axis=-1).sum())
-        if zero.any() or infinite.any():
-            var_in[zero] = VAR_FLOOR
-            var_in[infinite] = VAR_CAP
-            var[inside] = var_in
-    for key in ("var_int", "m2"):
-        if key in arrays:
-            arrays[key].reshape(-1, 6)[bad_at] = VAR_CAP
-            _replace_non_finite(arrays[key], VAR_CAP)
-    bad_scalars = np.zeros(mask.size, bool)
-    for key in ("fa", "md"):
-        if key in arrays:
-            bad_scalars |= _replace_non_finite(arrays[key], 0)
-    for sd, unknown in ((fa_sd, 0.5), (md_sd, math.sqrt(VAR_CAP))):
-        bad_scalars |= _replace_non_finite(sd, unknown)
-        sd.reshape(-1)[bad_at] = unknown
-    bad_scalars[bad_at] = False
-    counts["NonFiniteScalars"] = int(bad_scalars.sum())
-    counts["NonPositiveDefinite"] = int(not_positive_definite(mean_in[~bad]).sum())
+    mean = stats["mean"].reshape(-1, 6)
+    bad = _replace_non_finite(mean, 0, tensor=True)
+    mean[bad] = 0
+    n_bad = int(bad.sum())
+    counts = {"NonFiniteTensors": n_bad}
+    if "var_int" in stats:
+        var = stats["var_int"].reshape(-1, 6)
+        if _surely_finite(var) and (var.size == 0 or var.min() > 0):
+            counts["InfinitePrecision"] = counts["ZeroPrecision"] = 0
+        else:
+            zero = (var <= 0) & np.isfinite(var)
+            infinite = ~np.isfinite(var)
+            counts["InfinitePrecision"] = int(np.any(zero, axis=-1).sum())
+            counts["ZeroPrecision"] = int(np.any(infinite, axis=-1).sum())
+            var[zero] = VAR_FLOOR
+            var[infinite] = VAR_CAP
+    bad_scalars = np.zeros(mean.shape[0], bool)
+    for key, value in (("var_int", VAR_CAP), ("m2", VAR_CAP), ("fa", 0), ("md", 0)):
+        if key in stats:
+            a = stats[key].reshape(-1, 6) if key in ("var_int", "m2") else stats[key].reshape(-1)
+            a[bad] = value
+            flags = _replace_non_finite(a, value, tensor=a.ndim == 2)
+            if key in ("fa", "md"):
+                bad_scalars |= flags
+    for key, unknown in (("fa_sd", 0.5), ("md_sd", math.sqrt(VAR_CAP))):
+        if key in stats:
+            sd = stats[key].reshape(-1)
+            bad_scalars |= _replace_non_finite(sd, unknown)
+            sd[bad] = unknown
+    counts["NonFiniteScalars"] = int((bad_scalars & ~bad).sum())
+    counts["NonPositiveDefinite"] = int(not_positive_definite(torch.from_numpy(mean[~bad] if n_bad else mean)).sum())
     return counts
 
 
-def _replace_non_finite(a: np.ndarray, value: float) -> np.ndarray:
-    """Set the non-finite elements of ``a`` to ``value`` in place; returns, per voxel (flat),
-    whether it held one (a whole-array check first: usually there is none)."""
-    if np.isfinite(a).all():
-        return np.zeros(a.shape[:3], bool).reshape(-1)
+def _surely_finite(a: np.ndarray) -> bool:
+    """Whether every element of the float array ``a`` is finite, from its float64 sum: a
+    non-finite element makes the sum non-finite, and float32 values cannot overflow it (an
+    overflow of float64 values only answers False, sending the caller to the exact check)."""
+    return bool(np.isfinite(a.sum(dtype=np.float64)))
+
+
+def _replace_non_finite(a: np.ndarray, value: float, tensor: bool = False) -> np.ndarray:
+    """Set the non-finite elements of ``a`` to ``value`` in place; returns, per voxel (flat;
+    a voxel is the last axis's components when ``tensor``), whether it held one (a
+    whole-array check first: usually there is none)."""
+    voxels = a.shape[:-1] if tensor else a.shape
+    if _surely_finite(a):
+        return np.zeros(voxels, bool).reshape(-1)
     bad = ~np.isfinite(a)
     a[bad] = value
-    return (np.any(bad, axis=-1) if a.ndim == 4 else bad).reshape(-1)
+    return (np.any(bad, axis=-1) if tensor else bad).reshape(-1)
 
 
 @torch.no_grad()
