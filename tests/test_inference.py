@@ -18,6 +18,7 @@ from iqt_pipe.sr.inference import (
     _fa_md,
     combine_ensemble,
     expand_mask,
+    predict_brain,
     predict_patchwise,
     predict_volume,
     resolve_device,
@@ -130,6 +131,22 @@ def test_scalar_samples_match_dti_functions():
     mu = torch.from_numpy(d)
     expected = torch.cat([_fa_md(mu + eps)[0], _fa_md(mu - eps)[0]])
     np.testing.assert_allclose(_antithetic_fa(mu, eps).numpy(), expected.numpy(), atol=1e-9)
+
+
+def test_fa_of_a_negligible_tensor_is_zero(field):
+    """FA is 0 for a tensor of no size, as DIPY's of a zero tensor: in the background of a
+    super-resolved FA map it is 0, not the FA of the cubic upsampling's rounding noise."""
+    d = torch.zeros(3, 6, dtype=torch.float64)
+    d[1] = 1e-7 * torch.tensor([2.0, 1.0, -0.1, 0.5, -0.3, 3.5])
+    d[2] = torch.tensor([1.5e-3, 0, 0, 0.4e-3, 0, 0.4e-3])
+    fa, _ = _fa_md(d)
+    assert fa[0] == 0 and fa[1] == 0 and 0.6 < fa[2] < 0.7
+    assert torch.all(_antithetic_fa(d[:2], torch.full((4, 2, 6), 1e-8, dtype=torch.float64)) == 0)
+    lr, mask = field
+    p = predict_brain(net("hetero"), lr * mask[..., None], mask, np.eye(4))
+    background = ~p.region & (np.abs(p.mean).max(-1) < 1e-7)
+    assert background.sum() > 100 and np.abs(p.mean[background]).max() > 0  # rounding noise, not zeros
+    assert np.all(p.fa_mean[background] == 0)
 
 
 def _pred(mean, var, mask):

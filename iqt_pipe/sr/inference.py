@@ -161,14 +161,22 @@ def md_variance(var: torch.Tensor, rho: float) -> torch.Tensor:
     return out / 9
 
 
+#: ‖D‖²_F (mm²/s)² at or below which a tensor is no tissue's (‖D‖_F ≤ 1e-6 mm²/s, a hundredth of
+#: the lowest mean diffusivity of tissue, ~1e-4 mm²/s): the background, where the cubic
+#: upsampling of the fit's zeros leaves the spline's tails and rounding noise. Its FA is 0,
+#: as DIPY's of a zero tensor.
+_NEGLIGIBLE_NORM2 = 1e-12
+
+
 def _fa_md(d: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """FA and MD of BEP016 tensors (components on ``axis``) without an eigendecomposition:
-    FA² = 3/2·‖D − MD·I‖²_F / ‖D‖²_F = 3/2 − (tr D)² / (2‖D‖²_F) (clipped to [0, 1])."""
+    FA² = 3/2·‖D − MD·I‖²_F / ‖D‖²_F = 3/2 − (tr D)² / (2‖D‖²_F) (clipped to [0, 1]; 0 for a
+    negligible tensor)."""
     d11, d12, d13, d22, d23, d33 = d.unbind(axis)
     trace = d11 + d22 + d33
     norm2 = d11 * d11 + d22 * d22 + d33 * d33 + 2 * (d12 * d12 + d13 * d13 + d23 * d23)
-    fa = torch.sqrt((1.5 - 0.5 * trace * trace / norm2.clamp_min(1e-30)).clamp(0, 1))
-    return fa, trace / 3
+    fa2 = (1.5 - 0.5 * trace * trace / norm2.clamp_min(_NEGLIGIBLE_NORM2)).clamp(0, 1)
+    return torch.sqrt(fa2.masked_fill_(norm2 <= _NEGLIGIBLE_NORM2, 0)), trace / 3
 
 
 def _antithetic_fa(mu: torch.Tensor, eps: torch.Tensor, squared: bool = False) -> torch.Tensor:
@@ -187,8 +195,9 @@ def _antithetic_fa(mu: torch.Tensor, eps: torch.Tensor, squared: bool = False) -
     norm2 += norm2_mu
     out = torch.empty((2,) + norm2.shape, dtype=norm2.dtype, device=norm2.device)
     for half, trace, n2 in ((out[0], tr_mu + tr_eps, norm2 + cross), (out[1], tr_mu - tr_eps, norm2.sub_(cross))):
-        torch.div(trace.mul_(trace), n2.clamp_min_(1e-30), out=half)
-        half.mul_(-0.5).add_(1.5).clamp_(0, 1)
+        negligible = n2 <= _NEGLIGIBLE_NORM2
+        torch.div(trace.mul_(trace), n2.clamp_min_(_NEGLIGIBLE_NORM2), out=half)
+        half.mul_(-0.5).add_(1.5).clamp_(0, 1).masked_fill_(negligible, 0)
     return (out if squared else out.sqrt_()).flatten(0, 1)
 
 
