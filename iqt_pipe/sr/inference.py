@@ -623,7 +623,7 @@ def _volumes(
     By name ``mean``, ``fa``, ``md``, ``var_int`` (hetero variants) and ``m2`` (the parameter
     variance, with more than one pass), then FA sd, MD sd and the guards' counts."""
     keys = ["mean", "fa", "md", "fa_sd", "md_sd"] + ["var_int"] * hetero + ["m2"] * (passes.count > 1)
-    hr_shape = tuple(s * tiler.r for s in tiler.shape)
+    hr_shape = tuple(n * tiler.r for n in tiler.shape)
     arrays = {
         key: np.ascontiguousarray(start[key])
         if key in start
