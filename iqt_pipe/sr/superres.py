@@ -106,12 +106,10 @@ def write_prediction(
         )
     }
     maps = {"fa": pred.fa_mean, "fasd": pred.fa_sd, "md": pred.md_mean, "mdsd": pred.md_sd}
-    if pred.var_intrinsic is not None:
-        maps["sdint"] = frobenius_sd(pred.var_intrinsic)
-    if pred.var_parameter is not None:
-        maps["sdpar"] = frobenius_sd(pred.var_parameter)
-    if pred.var_intrinsic is not None or pred.var_parameter is not None:
-        maps["sdtot"] = pred.sd_frobenius
+    parts = {"sdint": pred.var_intrinsic, "sdpar": pred.var_parameter}
+    maps |= {name: frobenius_sd(var) for name, var in parts.items() if var is not None}
+    if maps.keys() & parts.keys():  # E‖D − D̂‖²_F of the total is the sum of the parts'
+        maps["sdtot"] = np.sqrt(sum(maps[name] ** 2 for name in parts if name in maps))
     maps["mask"] = pred.mask.astype(np.uint8)
     for name, data in maps.items():
         dtype = np.uint8 if name == "mask" else np.float32
