@@ -39,6 +39,29 @@ def test_fused_convolution_and_relu_equal_the_two_steps(dtype):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
 
 
+def test_a_fused_operator_that_fails_its_check_is_not_used(monkeypatch):
+    """oneDNN's fused convolution is a private operator: one whose signature or result differs
+    fails the one-time check, and inference runs conv then ReLU."""
+    from iqt_pipe.models import layers
+
+    def changed(*args):
+        raise TypeError("unexpected arguments")
+
+    monkeypatch.setattr(layers, "_CONV_POINTWISE", changed)
+    layers._conv_pointwise_works.cache_clear()
+    try:
+        torch.manual_seed(0)
+        model = IQTNet("hetero", 2).eval().to(memory_format=torch.channels_last_3d)
+        x = torch.randn(1, 6, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+        with torch.no_grad():
+            assert not fused_conv_relu_applies(x)
+            mean, prec = model(x, sample=False)
+        assert mean.shape == (1, 6, 8, 8, 8) and torch.all(prec > 0)
+    finally:
+        monkeypatch.undo()
+        layers._conv_pointwise_works.cache_clear()
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("r", [2, 3])
 def test_shapes_of_every_variant(variant, r):

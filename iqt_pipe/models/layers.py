@@ -8,6 +8,7 @@ mean + sd·ε. ``per="weight"`` is Var.(I) (one α per weight), ``per="filter"``
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -77,16 +78,33 @@ class VarConv3d(nn.Conv3d):
 _CONV_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
 
 
+@functools.cache
+def _conv_pointwise_works() -> bool:
+    """Whether oneDNN's fused convolution runs in this build and equals conv then ReLU (a
+    private operator: checked once, on a tiny fixed input, rather than trusted)."""
+    if _CONV_POINTWISE is None or not torch.backends.mkldnn.is_available():
+        return False
+    layout = torch.channels_last_3d
+    x = torch.linspace(-1, 1, 54).reshape(1, 2, 3, 3, 3).contiguous(memory_format=layout)
+    w = torch.linspace(-1, 1, 12).reshape(3, 2, 1, 1, 2).contiguous(memory_format=layout)
+    b = torch.tensor([0.1, -0.2, 0.3])
+    try:
+        with torch.no_grad():
+            fused = _CONV_POINTWISE(x, w, b, [0, 0, 0], [1, 1, 1], [1, 1, 1], 1, "relu", [], "")
+            return bool(torch.allclose(fused, F.relu(F.conv3d(x, w, b))))
+    except (RuntimeError, TypeError):
+        return False
+
+
 def fused_conv_relu_applies(x: torch.Tensor) -> bool:
     """Whether :func:`fused_conv_relu` can run on ``x``: CPU inference (no gradients) on a
-    channels-last input, in a PyTorch build with oneDNN."""
+    channels-last input, in a PyTorch build whose oneDNN fusion works."""
     return (
-        _CONV_POINTWISE is not None
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and x.dim() == 5
         and x.is_contiguous(memory_format=torch.channels_last_3d)
-        and torch.backends.mkldnn.is_available()
+        and _conv_pointwise_works()
     )
 
 
