@@ -67,12 +67,13 @@ class ESPCN(nn.Module):
         """The HR output, or with ``shuffle=False`` the last convolution's (B, C·r³, X, Y, Z)."""
         sampled = sample and isinstance(self.convs[0], VarConv3d)  # local reparameterisation
         for n, conv in enumerate(self.convs):
-            if n == len(self.convs) - 1:
-                x = conv(x, sample) if isinstance(conv, VarConv3d) else conv(x)
-            elif not sampled and fused_conv_relu_applies(x):
+            hidden = n < len(self.convs) - 1
+            if hidden and not sampled and fused_conv_relu_applies(x):
                 x = fused_conv_relu(conv, x)
-            else:
-                x = F.relu(conv(x, sample) if isinstance(conv, VarConv3d) else conv(x), inplace=True)
+                continue
+            x = conv(x, sample) if isinstance(conv, VarConv3d) else conv(x)
+            if hidden:
+                x = F.relu(x, inplace=True)
         return periodic_shuffle(x, self.r) if shuffle else x
 
     def kl(self) -> torch.Tensor:

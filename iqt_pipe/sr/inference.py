@@ -175,8 +175,16 @@ def _fa_md(d: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]
     d11, d12, d13, d22, d23, d33 = d.unbind(axis)
     trace = d11 + d22 + d33
     norm2 = d11 * d11 + d22 * d22 + d33 * d33 + 2 * (d12 * d12 + d13 * d13 + d23 * d23)
-    fa2 = (1.5 - 0.5 * trace * trace / norm2.clamp_min(_NEGLIGIBLE_NORM2)).clamp(0, 1)
-    return torch.sqrt(fa2.masked_fill_(norm2 <= _NEGLIGIBLE_NORM2, 0)), trace / 3
+    md = trace / 3
+    return _fa_squared(trace, norm2).sqrt_(), md
+
+
+def _fa_squared(trace: torch.Tensor, norm2: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """FA² = 3/2 − (tr D)² / (2‖D‖²_F), clipped to [0, 1], 0 for a negligible tensor, from
+    the trace and squared Frobenius norm (both overwritten: they are the caller's temporaries)."""
+    negligible = norm2 <= _NEGLIGIBLE_NORM2
+    out = torch.div(trace.mul_(trace), norm2.clamp_min_(_NEGLIGIBLE_NORM2), out=out)
+    return out.mul_(-0.5).add_(1.5).clamp_(0, 1).masked_fill_(negligible, 0)
 
 
 def _antithetic_fa(mu: torch.Tensor, eps: torch.Tensor, squared: bool = False) -> torch.Tensor:
@@ -194,10 +202,8 @@ def _antithetic_fa(mu: torch.Tensor, eps: torch.Tensor, squared: bool = False) -
         cross.addcmul_(ej, 2 * w * mj)
     norm2 += norm2_mu
     out = torch.empty((2,) + norm2.shape, dtype=norm2.dtype, device=norm2.device)
-    for half, trace, n2 in ((out[0], tr_mu + tr_eps, norm2 + cross), (out[1], tr_mu - tr_eps, norm2.sub_(cross))):
-        negligible = n2 <= _NEGLIGIBLE_NORM2
-        torch.div(trace.mul_(trace), n2.clamp_min_(_NEGLIGIBLE_NORM2), out=half)
-        half.mul_(-0.5).add_(1.5).clamp_(0, 1).masked_fill_(negligible, 0)
+    _fa_squared(tr_mu + tr_eps, norm2 + cross, out[0])
+    _fa_squared(tr_mu - tr_eps, norm2.sub_(cross), out[1])
     return (out if squared else out.sqrt_()).flatten(0, 1)
 
 
@@ -876,7 +882,8 @@ def guard_outputs(stats: dict[str, np.ndarray]) -> dict[str, int]:
     for key, value in (("var_int", VAR_CAP), ("m2", VAR_CAP), ("fa", 0), ("md", 0)):
         if key in stats:
             a = stats[key].reshape(-1, 6) if key in ("var_int", "m2") else stats[key].reshape(-1)
-            a[bad] = value
+            if n_bad:
+                a[bad] = value
             flags = _replace_non_finite(a, value, tensor=a.ndim == 2)
             if key in ("fa", "md"):
                 bad_scalars |= flags
@@ -884,7 +891,8 @@ def guard_outputs(stats: dict[str, np.ndarray]) -> dict[str, int]:
         if key in stats:
             sd = stats[key].reshape(-1)
             bad_scalars |= _replace_non_finite(sd, unknown)
-            sd[bad] = unknown
+            if n_bad:
+                sd[bad] = unknown
     counts["NonFiniteScalars"] = int((bad_scalars & ~bad).sum())
     counts["NonPositiveDefinite"] = int(not_positive_definite(torch.from_numpy(mean[~bad] if n_bad else mean)).sum())
     return counts
