@@ -112,15 +112,23 @@ class IQTNet(nn.Module):
     def stochastic(self) -> bool:
         return self.var is not None
 
-    def forward(
-        self, x: torch.Tensor, sample: bool = True, shuffle: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the HR mean and precision (None for non-hetero variants); with
-        ``shuffle=False`` both before the periodic shuffle (see :meth:`ESPCN.forward`)."""
-        mean = self.mean_net(x, sample, shuffle)
+    def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the HR mean and precision (None for non-hetero variants)."""
+        mean = self.mean_net(x, sample)
         if self.prec_net is None:
             return mean, None
-        return mean, F.softplus(self.prec_net(x, sample, shuffle)) + PRECISION_FLOOR
+        return mean, self.precision(self.prec_net(x, sample))
+
+    def raw(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Both networks' last convolutions (B, 6·r³, X, Y, Z), before the periodic shuffle
+        and the precision's :meth:`precision`: prediction takes only the voxels it keeps."""
+        mean = self.mean_net(x, sample, shuffle=False)
+        return mean, None if self.prec_net is None else self.prec_net(x, sample, shuffle=False)
+
+    @staticmethod
+    def precision(h: torch.Tensor) -> torch.Tensor:
+        """The precision network's output h → precision softplus(h) + 1e-6."""
+        return F.softplus(h) + PRECISION_FLOOR
 
     @torch.no_grad()
     def sample_weights(self, generator: torch.Generator | None = None) -> IQTNet:

@@ -465,8 +465,8 @@ class _Batch:
             st.update(moments)
             return
         delta = mu - st["mean"]
-        st["mean"] += delta / (k + 1)
-        st["m2"] += delta * (mu - st["mean"])
+        st["mean"].add_(delta, alpha=1 / (k + 1))
+        st["m2"].addcmul_(delta, mu.sub_(st["mean"]))  # ``mu`` is the caller's temporary
         if var_i is not None:
             st["var_int"] += var_i
         for key, value in moments.items():
@@ -501,27 +501,31 @@ class _TilePlan:
         (6,) or the HR grid's (X, Y, Z, 6), ``hr_region`` the HR voxels predicted."""
         out = []
         t, r = self.tiler.t, self.tiler.r
-        flat = np.arange(hr_region.size).reshape(hr_region.shape)  # each HR voxel's flat index
+        n = t * r
+        # Per HR offset h of a tile's block: its LR position h // r in the tile and sub-position
+        # h mod r, numbered as the periodic shuffle's channels (i + r·j + r²·k), and its offset
+        # in the HR grid from the block's corner; a row (tile j, offset h) adds tile j's own.
+        hx, hy, hz = np.unravel_index(np.arange(n**3), (n, n, n))
+        lr_of = np.ravel_multi_index((hx // r, hy // r, hz // r), (t, t, t))
+        sub_of = hx % r + r * (hy % r) + r * r * (hz % r)
+        _, Y, Z = hr_region.shape
+        offset_of = (hx * Y + hy) * Z + hz
         for start in range(0, len(self.tiles), self.per_call):
             chunk = self.tiles[start : start + self.per_call]
             x = torch.from_numpy(np.stack([self.z[self.tiler.input_slices(tl)] for tl in chunk]))
             x = x.to(passes.device, passes.dtype).permute(0, 4, 1, 2, 3)
             if passes.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            rows = np.flatnonzero(self._blocks(chunk, hr_region))
-            voxels = self._blocks(chunk, flat).reshape(-1)[rows]
+            j, h = np.divmod(np.flatnonzero(self._blocks(chunk, hr_region)), n**3)
+            corners = np.array([((a * Y + b) * Z + c) * n for a, b, c in chunk], dtype=np.int64)
+            voxels = corners[j] + offset_of[h]
             base = baseline if baseline.ndim == 1 else baseline.reshape(-1, 6)[voxels]
-            # Row (tile j, HR offset h) of the blocks: LR position h // r of tile j, sub-position
-            # h mod r, numbered as the periodic shuffle's channels (i + r·j + r²·k).
-            j, hx, hy, hz = np.unravel_index(rows, (len(chunk),) + (t * r,) * 3)
-            lr_pos = np.ravel_multi_index((j, hx // r, hy // r, hz // r), (len(chunk), t, t, t))
-            sub = hx % r + r * (hy % r) + r * r * (hz % r)
             out.append(
                 _Batch(
                     chunk,
                     x,
-                    torch.from_numpy(lr_pos).to(passes.device),
-                    torch.from_numpy(sub).to(passes.device),
+                    torch.from_numpy(j * t**3 + lr_of[h]).to(passes.device),
+                    torch.from_numpy(sub_of[h]).to(passes.device),
                     voxels,
                     torch.from_numpy(base).to(passes.device),
                 )
@@ -564,9 +568,9 @@ def _run_pass(draw: IQTNet, k: int, batches: list[_Batch], passes: _Passes, sd: 
     and MD of tensor samples (streams from ``seed``, k and the batch) when the passes draw
     them (else of the pass's mean), into the batches' statistics."""
     for j, b in enumerate(batches):
-        mean, prec = draw(b.x, sample=False, shuffle=False)
+        mean, prec = draw.raw(b.x, sample=False)
         mu = b.region(mean).float() * sd + b.base  # (K, 6), float32
-        var_i = sd**2 / b.region(prec).float() if prec is not None else None
+        var_i = sd**2 / draw.precision(b.region(prec).float()) if prec is not None else None
         if passes.draw_scalars:
             # MD is linear: its mean and variance are exact.
             rho = passes.diagonal_correlation
@@ -663,14 +667,14 @@ def _outside_values(lr_tensors: np.ndarray, baseline: np.ndarray, target: str, r
     residual-cubic model), or zero (FA and MD are zero in the region, which is predicted)."""
     from iqt_pipe.sr.baselines import interpolate_tensors
 
-    fa, md = np.zeros(region.shape, np.float32), np.zeros(region.shape, np.float32)
     if outside == "zero":
+        fa, md = np.zeros(region.shape, np.float32), np.zeros(region.shape, np.float32)
         return {"mean": np.zeros(region.shape + (6,), np.float32), "fa": fa, "md": md}
     cubic = baseline if target == "residual-cubic" else interpolate_tensors(lr_tensors, r, "cubic")
-    beyond = np.flatnonzero(~region)
-    fa_out, md_out = _fa_md(torch.from_numpy(cubic.reshape(-1, 6)[beyond]))
-    fa.reshape(-1)[beyond], md.reshape(-1)[beyond] = fa_out.numpy(), md_out.numpy()
-    return {"mean": cubic, "fa": fa, "md": md}
+    # Of every voxel, on PyTorch's threads (faster than gathering those beyond the region,
+    # whose values the prediction then overwrites).
+    fa, md = _fa_md(torch.from_numpy(cubic))
+    return {"mean": cubic, "fa": fa.numpy(), "md": md.numpy()}
 
 
 def _calibrate(stats: dict[str, np.ndarray], s: float) -> None:
