@@ -19,6 +19,10 @@ from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, PRECISION
 class _SuperResolveInputSpec(BaseInterfaceInputSpec):
     tensor_file = File(exists=True, mandatory=True, desc="LR tensors, BEP016 order, world frame")
     mask_file = File(exists=True, mandatory=True, desc="LR brain mask on the same grid")
+    s0_file = File(
+        exists=True,
+        desc="the fit's S0 on the same grid: the input of models with the S0 channel (their card's inputs)",
+    )
     model = InputMultiObject(
         Str,
         mandatory=True,
@@ -90,17 +94,24 @@ class SuperResolve(SimpleInterface):
 
         from iqt_pipe.dmri.gradients import read_gradients
         from iqt_pipe.dmri.prepare import Preprocessing, series_domain, series_manufacturer
+        from iqt_pipe.io import InputError, load_scalar_image
         from iqt_pipe.models import load_model
         from iqt_pipe.sr.superres import load_tensor_image, prediction_metadata, super_resolve_tensors, write_prediction
 
         device = "cuda" if self.inputs.use_gpu else "cpu"
         models, cards = zip(*(load_model(path, device=device) for path in self.inputs.model))
         tensors, mask, affine = load_tensor_image(self.inputs.tensor_file, self.inputs.mask_file)
+        s0 = None
+        if any("s0" in model.inputs for model in models):
+            if not isdefined(self.inputs.s0_file):
+                raise InputError(f"{self.inputs.model[0]}: the model takes the fit's S0 as an input; connect s0_file")
+            s0 = load_scalar_image(self.inputs.s0_file, affine, tensors.shape[:3])
         pred = super_resolve_tensors(
             tensors,
             mask,
             affine,
             models,
+            s0=s0,
             symmetries=SYMMETRIES[self.inputs.symmetries],
             precision=self.inputs.precision,
             mc_samples=self.inputs.mc_samples,

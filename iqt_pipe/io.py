@@ -278,6 +278,15 @@ def load_tensor_image(
     return np.nan_to_num(tensors), mask, affine
 
 
+def load_scalar_image(path: str | os.PathLike, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A 3D image (float32, non-finite values as 0) that must lie on the grid ``shape`` /
+    ``affine`` of another of the same run (one-line :class:`InputError` otherwise)."""
+    data, img_affine, _ = load_nifti(path)
+    if data.shape != tuple(shape) or not np.allclose(img_affine, affine, atol=1e-3):
+        raise InputError(f"{path}: its grid differs from the tensor image's; use the image of the same run and fit")
+    return np.nan_to_num(np.asarray(data, dtype=np.float32))
+
+
 #: BEP016 sidecar fields of a tensor file written by iqt-pipe (world frame).
 TENSOR_ORIENTATION = {"Type": "tensor", "Reference": "xyz", "TensorRank": 2, "EncodingAxis": 3}
 

@@ -304,17 +304,34 @@ def _inverse_code(code):
 
 
 @pytest.mark.parametrize(
-    "variant, kernels, r", [("hetero-var2", (3, 1, 3), 2), ("hetero-var1", (3, 3, 3), 3), ("espcn", (3, 1, 3), 2)]
+    "variant, kernels, r, inputs",
+    [
+        ("hetero-var2", (3, 1, 3), 2, ("tensor",)),
+        ("hetero-var1", (3, 3, 3), 3, ("tensor",)),
+        ("espcn", (3, 1, 3), 2, ("tensor",)),
+        ("hetero-var2", (3, 1, 3), 2, ("tensor", "s0")),
+    ],
 )
-def test_symmetric_network_is_the_network_on_the_transformed_field(variant, kernels, r):
+def test_symmetric_network_is_the_network_on_the_transformed_field(variant, kernels, r, inputs):
     """For each of the 48 cube symmetries g, the folded copy computes g⁻¹(f(g z)) exactly: voxels
-    moved back, tensor components permuted and signed (the mean), permuted (the precision)."""
+    moved back, tensor components permuted and signed (the mean), permuted (the precision); an
+    S0 input channel is only moved."""
     torch.manual_seed(0)
-    model = IQTNet(variant, r, kernels=kernels).eval()
+    model = IQTNet(variant, r, kernels=kernels, inputs=inputs).eval()
     for conv in model.modules():
         if isinstance(conv, torch.nn.Conv3d):
             torch.nn.init.normal_(conv.bias)  # non-zero biases: the output channel order shows
     z = np.random.default_rng(0).standard_normal((9, 10, 11, 6)).astype(np.float32)
+    s0 = np.random.default_rng(1).standard_normal((9, 10, 11, 1)).astype(np.float32)
+
+    def transform_input(field, code):
+        moved = transform_field(field[..., :6], code)
+        if field.shape[-1] == 6:
+            return moved
+        return np.concatenate([moved, transform_volume(field[..., 6:], code)], axis=-1)
+
+    if "s0" in inputs:
+        z = np.concatenate([z, s0], axis=-1)
 
     def run(net, field):
         with torch.no_grad():
@@ -323,7 +340,7 @@ def test_symmetric_network_is_the_network_on_the_transformed_field(variant, kern
 
     for code in range(48):
         back = _inverse_code(code)
-        mean, prec = run(model, transform_field(z, code))
+        mean, prec = run(model, transform_input(z, code))
         got_mean, got_prec = run(symmetric_network(model, code), z)
         np.testing.assert_allclose(got_mean, transform_field(mean, back), atol=1e-5)
         if prec is not None:  # precisions: the same move without the mirror's signs
@@ -331,6 +348,55 @@ def test_symmetric_network_is_the_network_on_the_transformed_field(variant, kern
     # Code 0 is the identity: an exact copy, dropout rates included.
     same = symmetric_network(model, 0)
     assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_model_with_the_s0_input_sees_it(field):
+    """A network with the S0 channel: the tiled prediction equals the patch loop and one call on
+    the whole padded volume (S0 / brain median − 1, background −1 beyond the volume); the S0
+    changes the prediction; without it the prediction is refused in one line."""
+    lr, mask = field
+    torch.manual_seed(0)
+    model = IQTNet("hetero", 2, inputs=("tensor", "s0")).eval()
+    s0 = (1000 + 200 * np.random.default_rng(3).standard_normal(SHAPE)).astype(np.float32)
+    s0[0] = 0  # background: no signal
+    tiled = predict_volume(model, lr, mask, np.eye(4), tile=8, s0=s0)
+    reference = predict_patchwise(model, lr, mask, s0=s0)
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(tiled.mean, reference, atol=1e-5 * scale, rtol=0)
+    stats = channel_stats(lr, mask)
+    z = np.zeros((SHAPE[0] + 4, SHAPE[1] + 4, SHAPE[2] + 4, 7), np.float32)
+    z[..., :6], z[..., 6] = stats.standardise(np.zeros(6)), -1
+    z[2:-2, 2:-2, 2:-2, :6] = stats.standardise(lr)
+    z[2:-2, 2:-2, 2:-2, 6] = np.clip(s0 / np.median(s0[mask]) - 1, -1, 5)
+    with torch.no_grad():
+        whole = model(torch.from_numpy(z).permute(3, 0, 1, 2)[None], sample=False)[0][0].permute(1, 2, 3, 0).numpy()
+    hr_mask = expand_mask(mask, 2)
+    np.testing.assert_allclose(tiled.mean[hr_mask], stats.destandardise(whole)[hr_mask], atol=1e-5 * scale, rtol=0)
+    flat = predict_volume(model, lr, mask, np.eye(4), tile=8, s0=np.full(SHAPE, 1000, np.float32))
+    assert np.abs(flat.mean - tiled.mean)[hr_mask].max() > 1e-3 * scale
+    with pytest.raises(InputError, match="S0"):
+        predict_volume(model, lr, mask, np.eye(4), tile=8)
+    with pytest.raises(InputError, match="not on the same grid"):
+        predict_volume(model, lr, mask, np.eye(4), tile=8, s0=s0[1:])
+
+
+def test_the_s0_channel():
+    """S0 over its median in the brain, minus 1: 0 at the median, −1 without signal (zero, NaN,
+    negative), at most 5 (S0 six times the median: a bad fit, not tissue)."""
+    from iqt_pipe.sr.normalise import network_input, s0_channel
+
+    s0 = np.array([[[100.0, 200.0, 300.0, 0.0, np.nan, -5.0, 1e6]]])
+    brain = np.array([[[True, True, True, True, True, False, False]]])
+    np.testing.assert_allclose(s0_channel(s0, brain)[0, 0], [-0.5, 0, 0.5, -1, -1, -1, 5])
+    with pytest.raises(InputError, match="S0"):
+        s0_channel(np.zeros((2, 2, 2)), np.ones((2, 2, 2), bool))
+    lr = np.ones((1, 1, 7, 6)) * 1e-3
+    stats = channel_stats(np.random.default_rng(0).normal(size=(1, 1, 7, 6)), np.ones((1, 1, 7), bool))
+    z, background = network_input(lr, stats, s0, brain)
+    assert z.shape == (1, 1, 7, 7) and background.shape == (7,) and background[6] == -1
+    np.testing.assert_allclose(z[..., :6], stats.standardise(lr))
+    z6, background6 = network_input(lr, stats)
+    assert z6.shape == (1, 1, 7, 6) and background6.shape == (6,)
 
 
 def test_mirror_ensemble_is_the_mean_of_the_mirrored_scans_predictions(field):

@@ -135,10 +135,10 @@ def test_gaussian_nll_formula():
     assert gaussian_nll(mean, prec, y).item() == pytest.approx(4 * 0.25 - np.log(4))
 
 
-@pytest.mark.parametrize("variant,r", [("hetero-var2", 2), ("espcn", 3)])
-def test_model_file_round_trip(tmp_path, variant, r):
+@pytest.mark.parametrize("variant,r,inputs", [("hetero-var2", 2, ["tensor"]), ("espcn", 3, ["tensor", "s0"])])
+def test_model_file_round_trip(tmp_path, variant, r, inputs):
     torch.manual_seed(3)
-    net = IQTNet(variant, r)
+    net = IQTNet(variant, r, inputs=inputs)
     save_model(net, tmp_path / "m" / "model.safetensors", {"target": "hr", "normalisation": {"method": "per-subject"}})
     card = json.loads((tmp_path / "m" / "model.json").read_text())
     # Readable like any other output (safetensors alone would leave the weights 0600).
@@ -146,10 +146,11 @@ def test_model_file_round_trip(tmp_path, variant, r):
     os.umask(umask)
     assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     assert card["variant"] == variant and card["upsample"] == r and card["widths"] == [50, 100]
+    assert card["inputs"] == inputs
     assert len(card["weights"]["sha256"]) == 64 and card["iqt_pipe_version"] and card["created"]
     loaded, card2 = load_model(tmp_path / "m")
-    assert not loaded.training and card2 == card
-    x = torch.randn(1, 6, 11, 11, 11)
+    assert not loaded.training and card2 == card and loaded.inputs == tuple(inputs)
+    x = torch.randn(1, 5 + len(inputs), 11, 11, 11)
     torch.testing.assert_close(loaded(x, sample=False)[0], net(x, sample=False)[0])
 
 
@@ -184,6 +185,8 @@ BAD_FILES = {
     "missing card": (lambda d: (d / "model.json").unlink(), "model card not found"),
     "missing weights": (lambda d: (d / "model.safetensors").unlink(), "weights file not found"),
     "future format": (lambda d: _edit_card(d, format_version=99), "format version 99 is not supported"),
+    "unknown inputs": (lambda d: _edit_card(d, inputs=["tensor", "t1w"]), "unknown network inputs"),
+    "inputs of another model": (lambda d: _edit_card(d, inputs=["tensor", "s0"]), "tensors do not match"),
 }
 
 
@@ -206,3 +209,5 @@ def test_unknown_variant_and_bad_r_in_constructor():
         IQTNet("unet")
     with pytest.raises(ValueError, match="integer ≥ 2"):
         IQTNet("espcn", 1)
+    with pytest.raises(ValueError, match="give tensor, or tensor s0"):
+        IQTNet("espcn", 2, inputs=("s0", "tensor"))

@@ -146,11 +146,11 @@ def test_iqt_eval_prepares_the_lr_series_as_the_card_says(phantom):
     masked as the app would make it; a model of series as acquired sees the LR fit itself."""
     _, run = phantom
     case = ev.prepare_case(run, mode="raw", noise_floor=False)
-    tensors, brain = case.network_input(NONE)
+    tensors, brain, _ = case.network_input(NONE)
     assert tensors is case.lr_tensors and brain is case.lr_mask
     degibbs = Preprocessing("none", True)
     fit, mask = fit_series(preprocess_series(case.lr_dwi, degibbs), case.lr_affine, case.gtab)
-    tensors, brain = case.network_input(degibbs)
+    tensors, brain, _ = case.network_input(degibbs)
     np.testing.assert_array_equal(tensors, fit.tensors)
     np.testing.assert_array_equal(brain, mask)
     assert not np.array_equal(tensors, case.lr_tensors)
@@ -319,7 +319,7 @@ def test_gibbs_removal_blurs_a_series_without_ringing(realdwi):
     case = ev.prepare_case(run, mode="raw", noise_floor=False)
     rmse = {}
     for name, steps in (("raw", NONE), ("degibbs", Preprocessing("none", True))):
-        tensors, _ = case.network_input(steps)
+        tensors, _, _ = case.network_input(steps)
         rmse[name] = ev.score(case, interpolate_tensors(tensors, 2, "cubic"))["tensor_rmse"]["interior"]
     assert rmse["degibbs"] > 1.05 * rmse["raw"], rmse
 
@@ -327,10 +327,16 @@ def test_gibbs_removal_blurs_a_series_without_ringing(realdwi):
 @pytest.mark.slow
 def test_the_apps_ensemble_with_mirrors_is_what_iqt_eval_scores(phantom):
     """``--model A B --symmetries mirrors``: the inverse-variance ensemble of two models, each
-    run over the 8 mirrors, is what ``iqt-eval`` predicts for the same series and settings."""
+    run over the 8 mirrors, is what ``iqt-eval`` predicts for the same series and settings. The
+    second takes the fit's S0 as an input too: the app feeds it the native fit's, as ``iqt-eval``
+    the LR series' fit's."""
     tmp, run = phantom
     torch.manual_seed(1)
-    save_model(IQTNet("hetero-var2", 2), tmp / "model2" / "model.safetensors", {"target": "residual-cubic"})
+    save_model(
+        IQTNet("hetero-var2", 2, inputs=("tensor", "s0")),
+        tmp / "model2" / "model.safetensors",
+        {"target": "residual-cubic"},
+    )
     case = ev.prepare_case(run, mode="raw", noise_floor=False)
     out = tmp / "out-ensemble"
     proc = run_app(

@@ -34,6 +34,7 @@ from iqt_pipe.sr.patches import (
     build_library,
     transform_field,
     transform_patch,
+    transform_volume,
 )
 from iqt_pipe.sr.training import (
     check_training_dir,
@@ -457,6 +458,32 @@ def test_resume_accepts_checkpoints_from_before_the_architecture_options(runs, c
     assert res.epochs == 2
     with pytest.raises(InputError, match="axis_swap"):
         train(lib, tmp_path / "a", epochs=3, resume=True, **{**SMALL, "axis_swap": True})
+
+
+def test_training_with_the_s0_input(runs, cache, tmp_path):
+    """``inputs=("tensor", "s0")`` (``iqt-train --inputs tensor s0``): the library's pairs carry
+    the LR fit's S0 as a 7th channel, moved (never signed) by the symmetries like the voxels;
+    the model file records the inputs and loads as a 7-channel network; a resume must repeat
+    them; inputs without the tensor are refused in one line."""
+    lib = _lib(runs, cache, n=24)
+    x, y = lib.pair(0, 0, s0=True)
+    assert x.shape == (7,) + lib.input_shape[1:] and np.array_equal(x[:6], lib.pair(0)[0])
+    assert x[6].min() >= -1 and np.ptp(x[6]) > 0.1  # S0 / brain median − 1: structure, not a constant
+    for code in (5, 29):
+        moved, _ = lib.pair(0, code, s0=True)
+        np.testing.assert_array_equal(moved[:6], transform_patch(x[:6], code))
+        np.testing.assert_array_equal(moved[6], transform_volume(x[6], code))
+    train(lib, tmp_path / "s", epochs=1, inputs=("tensor", "s0"), **SMALL)
+    model, card = load_model(tmp_path / "s")
+    assert card["inputs"] == ["tensor", "s0"] and model.inputs == ("tensor", "s0")
+    assert model.mean_net.convs[0].weight.shape[1] == model.prec_net.convs[0].weight.shape[1] == 7
+    from iqt_pipe.workflows.sr import init_sr_wf  # the methods paragraph says so
+
+    assert "took the fitted non-diffusion-weighted signal (S0" in init_sr_wf(model=tmp_path / "s").__desc__
+    with pytest.raises(InputError, match="inputs = \\['tensor', 's0'\\], this run asks for \\['tensor'\\]"):
+        train(lib, tmp_path / "s", epochs=2, resume=True, **SMALL)
+    with pytest.raises(InputError, match="--inputs s0: give tensor"):
+        train(lib, tmp_path / "x", epochs=1, inputs=("s0",), **SMALL)
 
 
 @pytest.mark.parametrize("rho", [0.0, 0.3, 0.65, -0.3])

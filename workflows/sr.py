@@ -13,7 +13,7 @@ from iqt_pipe.dmri.prepare import Preprocessing
 from iqt_pipe.interfaces.sr import SuperResolve
 from iqt_pipe.sr.options import DEFAULT_MC_SAMPLES, DEFAULT_PRECISION, DEFAULT_SYMMETRIES
 
-SR_INPUTS = ["tensor_file", "mask_file", "bval_file", "bvec_file"]
+SR_INPUTS = ["tensor_file", "mask_file", "s0_file", "bval_file", "bvec_file"]
 SR_OUTPUTS = [
     "tensor_file",
     "fa_file",
@@ -82,6 +82,9 @@ def init_sr_wf(
         the whole volume as in training.
     mask_file
         Native-resolution brain mask on the same grid.
+    s0_file
+        The fit's S0 on the same grid (``FitDTI``'s): needed by models with the S0 input
+        (their card's ``inputs``), unused by others.
     bval_file, bvec_file
         Optional: the native series' gradient files; the run is then checked against the
         model's training domain (``ModelDomain`` in the sidecars).
@@ -96,7 +99,7 @@ def init_sr_wf(
     """
     models = [str(model)] if isinstance(model, (str, os.PathLike)) else [str(m) for m in model]
     workflow = Workflow(name=name)
-    workflow.__desc__ = _methods(mc_samples, symmetries, precision, len(models))
+    workflow.__desc__ = _methods(mc_samples, symmetries, precision, len(models), _takes_s0(models))
     inputnode = pe.Node(niu.IdentityInterface(fields=SR_INPUTS), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=SR_OUTPUTS), name="outputnode")
     super_resolve = _super_resolve_node(
@@ -114,6 +117,7 @@ def init_sr_wf(
     )
     workflow.connect([
         (inputnode, super_resolve, [("tensor_file", "tensor_file"), ("mask_file", "mask_file"),
+                                    ("s0_file", "s0_file"),
                                     ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
         (super_resolve, outputnode, [(out, out) for out in SR_OUTPUTS]),
     ])  # fmt:skip
@@ -141,7 +145,18 @@ def _super_resolve_node(
     )
 
 
-def _methods(mc_samples: int, symmetries: str, precision: str, n_models: int) -> str:
+def _takes_s0(models: list[str]) -> bool:
+    """Whether any of the models takes the fit's S0 as an input (its card's ``inputs``; an
+    unreadable card is the super-resolution node's error to report)."""
+    from iqt_pipe.models.files import ModelFileError, read_card
+
+    try:
+        return any("s0" in read_card(m).get("inputs", ["tensor"]) for m in models)
+    except ModelFileError:
+        return False
+
+
+def _methods(mc_samples: int, symmetries: str, precision: str, n_models: int, s0: bool = False) -> str:
     """The methods paragraph: the network and its uncertainty, then the options that change it."""
     text = f"""\
 Diffusion tensors were super-resolved with Bayesian Image Quality Transfer
@@ -152,6 +167,11 @@ parameter uncertainty where the model has them. The predictive mean and variance
 estimated from {mc_samples} Monte-Carlo weight samples (variational models); FA mean and
 standard deviation from samples of the predictive distribution, MD's exactly (MD is linear in
 the tensor).
+"""
+    if s0:
+        text += """\
+Besides the tensor components, the network took the fitted non-diffusion-weighted signal (S0,
+relative to its median in the brain) as an input.
 """
     if symmetries != "none":
         n = {"mirrors": "8 mirror", "cube": "48"}[symmetries]

@@ -176,6 +176,16 @@ def _add_architecture_arguments(p) -> None:
         metavar="W",
         help="channels of each hidden layer, one fewer than --kernels (default: 50 100)",
     )
+    p.add_argument(
+        "--inputs",
+        nargs="+",
+        choices=["tensor", "s0"],
+        default=["tensor"],
+        metavar="INPUT",
+        help="the network's input channels: tensor (the six components, the paper's), or tensor s0 "
+        "(also the LR fit's S0: T2-weighted structure at a higher SNR; recorded in the card, and "
+        "iqt-pipe then feeds the native fit's S0). Default: tensor",
+    )
 
 
 def _add_preprocessing_arguments(p) -> None:
@@ -212,6 +222,7 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
         axis_swap=args.axis_swap,
         widths=args.widths,
         kernels=args.kernels,
+        inputs=tuple(args.inputs),
         loss_mask=args.loss_mask,
         seed=args.seed,
     )

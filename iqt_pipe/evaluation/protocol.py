@@ -77,6 +77,7 @@ class Case:
     r: int
     lr_tensors: np.ndarray  # (x, y, z, 6) LR fit of the whole LR volume (series as acquired)
     lr_mask: np.ndarray  # LR brain mask (normalisation statistics, interior definition)
+    lr_s0: np.ndarray  # (x, y, z) the LR fit's S0
     lr_affine: np.ndarray
     lr_dwi: np.ndarray  # (x, y, z, N) the LR series: b = 0 and the DTI shell
     gtab: GradientTable  # its gradient table
@@ -102,13 +103,14 @@ class Case:
         with the scanner vendor of the run's sidecar."""
         return series_domain(self.lr_affine, self.gtab, self.name, series_manufacturer(self.info.get("dwi", "")))
 
-    def network_input(self, preprocessing: Preprocessing = NONE) -> tuple[np.ndarray, np.ndarray]:
-        """LR tensors (voxel frame) and brain mask as the app makes them from the LR series for
-        a model trained with ``preprocessing`` (:mod:`iqt_pipe.dmri.prepare`); computed once each."""
+    def network_input(self, preprocessing: Preprocessing = NONE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """LR tensors (voxel frame), brain mask and fitted S0 as the app makes them from the LR
+        series for a model trained with ``preprocessing`` (:mod:`iqt_pipe.dmri.prepare`);
+        computed once each."""
         key = (preprocessing.denoises, preprocessing.degibbs)
         if key not in self._inputs:
             if preprocessing.same_steps(NONE):
-                self._inputs[key] = (self.lr_tensors, self.lr_mask)
+                self._inputs[key] = (self.lr_tensors, self.lr_mask, self.lr_s0)
             else:
                 fit, brain = fit_series(
                     preprocess_series(self.lr_dwi, preprocessing),
@@ -116,7 +118,7 @@ class Case:
                     self.gtab,
                     source=f"{self.name} (LR, preprocessed)",
                 )
-                self._inputs[key] = (fit.tensors, brain)
+                self._inputs[key] = (fit.tensors, brain, fit.s0)
         return self._inputs[key]
 
 
@@ -239,6 +241,7 @@ def prepare_case(
         r=r,
         lr_tensors=pair.lr.tensors,
         lr_mask=pair.lr_mask,
+        lr_s0=pair.lr.s0,
         lr_affine=pair.lr_affine,
         lr_dwi=pair.lr_dwi,
         gtab=gtab,

@@ -48,6 +48,14 @@ def architecture_problem(widths, kernels) -> str | None:
     return None
 
 
+def inputs_problem(inputs) -> str | None:
+    """Why ``inputs`` are no network inputs (one line), or None: the tensor components first,
+    then optionally the S0 (:data:`iqt_pipe.sr.normalise.INPUTS`)."""
+    if tuple(inputs) not in (("tensor",), ("tensor", "s0")):
+        return f"inputs {' '.join(map(str, inputs))}: give tensor, or tensor s0 (the components and the fitted S0)"
+    return None
+
+
 def margin(kernels=KERNELS) -> int:
     """LR voxels lost on each side by the valid convolutions (2 for 3-1-3)."""
     return sum(k - 1 for k in kernels) // 2
@@ -56,10 +64,18 @@ def margin(kernels=KERNELS) -> int:
 class ESPCN(nn.Module):
     """One 3D-ESPCN: LR (B, C, X, Y, Z) → HR (B, C, r(X−4), r(Y−4), r(Z−4))."""
 
-    def __init__(self, r: int, channels: int = N_COMPONENTS, widths=WIDTHS, kernels=KERNELS, var: str | None = None):
+    def __init__(
+        self,
+        r: int,
+        channels: int = N_COMPONENTS,
+        widths=WIDTHS,
+        kernels=KERNELS,
+        var: str | None = None,
+        in_channels: int | None = None,
+    ):
         super().__init__()
         self.r = r
-        sizes = (channels, *widths, channels * r**3)
+        sizes = (in_channels or channels, *widths, channels * r**3)
         make = (lambda i, o, k: VarConv3d(i, o, k, per=var)) if var else nn.Conv3d
         self.convs = nn.ModuleList(make(sizes[n], sizes[n + 1], kernels[n]) for n in range(len(kernels)))
 
@@ -84,14 +100,18 @@ class ESPCN(nn.Module):
 class IQTNet(nn.Module):
     """The mean network and, for ``hetero`` variants, the precision network."""
 
-    def __init__(self, variant: str = "hetero-var2", r: int = 2, widths=WIDTHS, kernels=KERNELS):
+    def __init__(self, variant: str = "hetero-var2", r: int = 2, widths=WIDTHS, kernels=KERNELS, inputs=("tensor",)):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
         if int(r) != r or r < 2:
             raise ValueError(f"the upsampling factor must be an integer ≥ 2, got {r!r}")
+        if problem := inputs_problem(inputs):
+            raise ValueError(problem)
         hetero, var = VARIANTS[variant]
         self.variant, self.r, self.widths, self.kernels = variant, int(r), tuple(widths), tuple(kernels)
+        #: The input channels (see :mod:`iqt_pipe.sr.normalise`): the tensor components, and the S0.
+        self.inputs = tuple(inputs)
         self.hetero, self.var = hetero, var
         #: What the network predicts ("hr" or "residual-cubic"); set from the model card.
         self.target: str | None = None
@@ -101,8 +121,9 @@ class IQTNet(nn.Module):
         #: Dzz), which the per-component noise model leaves out; from the card (estimated on
         #: the validation patches by training). It widens the MD interval and shapes FA samples.
         self.diagonal_correlation: float = 0.0
-        self.mean_net = ESPCN(self.r, widths=widths, kernels=kernels, var=var)
-        self.prec_net = ESPCN(self.r, widths=widths, kernels=kernels, var=var) if hetero else None
+        n_in = N_COMPONENTS + len(self.inputs) - 1
+        self.mean_net = ESPCN(self.r, widths=widths, kernels=kernels, var=var, in_channels=n_in)
+        self.prec_net = ESPCN(self.r, widths=widths, kernels=kernels, var=var, in_channels=n_in) if hetero else None
 
     @property
     def margin(self) -> int:

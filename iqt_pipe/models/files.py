@@ -19,7 +19,7 @@ import torch
 
 from iqt_pipe import __version__
 from iqt_pipe.io import InputError, atomic_path, save_json
-from iqt_pipe.models.espcn import KERNELS, VARIANTS, WIDTHS, IQTNet
+from iqt_pipe.models.espcn import KERNELS, VARIANTS, WIDTHS, IQTNet, inputs_problem
 from iqt_pipe.sr.normalise import TARGETS
 
 FORMAT = "iqt-pipe-model"
@@ -90,6 +90,7 @@ def save_model(model: IQTNet, path: str | os.PathLike, card: dict[str, Any] | No
         "variant": model.variant,
         "upsample": model.r,
         "channels": 6,
+        "inputs": list(model.inputs),
         "widths": list(model.widths),
         "kernels": list(model.kernels),
         **(card or {}),
@@ -132,6 +133,9 @@ def read_card(path: str | os.PathLike) -> dict[str, Any]:
         value = card.get(key)
         if value is not None and not (isinstance(value, list) and all(isinstance(v, int) and v > 0 for v in value)):
             raise ModelFileError(f"{card_path}: {key} must be a list of positive integers, got {value!r}")
+    inputs = card.get("inputs", ["tensor"])
+    if not isinstance(inputs, list) or inputs_problem(inputs):
+        raise ModelFileError(f'{card_path}: unknown network inputs {inputs!r}; known: ["tensor"] and ["tensor", "s0"]')
     if not isinstance(card.get("weights"), dict) or "sha256" not in card["weights"]:
         raise ModelFileError(f"{card_path}: the card records no weights checksum; re-export the model")
     return card
@@ -174,7 +178,7 @@ def check_model_file(path: str | os.PathLike, expect_r: int | None = None) -> tu
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{weights}: not a readable safetensors file ({exc})") from None
     with torch.device("meta"):
-        shapes = IQTNet(card["variant"], card["upsample"], card.get("widths", WIDTHS), card.get("kernels", KERNELS))
+        shapes = network_of_card(card)
     expected = {k: tuple(v.shape) for k, v in shapes.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:
@@ -199,12 +203,24 @@ def check_model_file(path: str | os.PathLike, expect_r: int | None = None) -> tu
     return card, state
 
 
+def network_of_card(card: dict[str, Any]) -> IQTNet:
+    """The (untrained) network a checked model card describes; cards from before ``inputs``
+    (or ``widths``/``kernels``) describe the paper's: the tensor components, 50-100, 3-1-3."""
+    return IQTNet(
+        card["variant"],
+        card["upsample"],
+        card.get("widths", WIDTHS),
+        card.get("kernels", KERNELS),
+        inputs=card.get("inputs", ["tensor"]),
+    )
+
+
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", expect_r: int | None = None
 ) -> tuple[IQTNet, dict[str, Any]]:
     """Load a model for inference (``eval()`` mode) after :func:`check_model_file`."""
     card, state = check_model_file(path, expect_r)
-    model = IQTNet(card["variant"], card["upsample"], card.get("widths", WIDTHS), card.get("kernels", KERNELS))
+    model = network_of_card(card)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     model.target = card.get("target", "hr")
     model.variance_scale = float(card.get("calibration", {}).get("variance_scale", 1.0))

@@ -40,11 +40,18 @@ _RESUME_KEYS = (
     "loss_mask",
     "widths",
     "kernels",
+    "inputs",
     "library_key",
     "patches",
 )
 #: What checkpoints written before a setting existed were trained with.
-_RESUME_DEFAULTS = {"axis_swap": False, "loss_mask": "none", "widths": list(WIDTHS), "kernels": list(KERNELS)}
+_RESUME_DEFAULTS = {
+    "axis_swap": False,
+    "loss_mask": "none",
+    "widths": list(WIDTHS),
+    "kernels": list(KERNELS),
+    "inputs": ["tensor"],
+}
 
 
 def _tensor_dict(

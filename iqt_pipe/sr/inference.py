@@ -35,7 +35,7 @@ import torch
 from iqt_pipe.dmri.dti import DIAGONAL
 from iqt_pipe.io import InputError
 from iqt_pipe.models.espcn import IQTNet
-from iqt_pipe.sr.normalise import TARGETS, ChannelStats, channel_stats, decode_output
+from iqt_pipe.sr.normalise import TARGETS, ChannelStats, channel_stats, decode_output, network_input
 from iqt_pipe.sr.options import (
     DEFAULT_MC_SAMPLES,
     PRECISIONS,
@@ -251,9 +251,9 @@ def symmetric_network(net: IQTNet, code: int) -> IQTNet:
     in_sign = sign.view(1, 6, 1, 1, 1)
     for n, last, signed, key, w in _conv_parameters(out):
         moved_w = _spatial(w, perm, mirror, inverse=True) if w.dim() == 5 else w
-        if n == 0 and w.dim() == 5 and w.shape[1] == 6:  # z_d enters where g puts it, signed
-            folded = torch.empty_like(moved_w)
-            folded[:, source] = moved_w * (in_sign.to(w) if key == "weight" else 1)
+        if n == 0 and w.dim() == 5 and w.shape[1] > 1:  # z_d enters where g puts it, signed (S0 only moves)
+            folded = moved_w.clone()
+            folded[:, source] = moved_w[:, :6] * (in_sign.to(w) if key == "weight" else 1)
             moved_w = folded
         if n == last:
             moved_w = moved_w[rows]
@@ -544,22 +544,21 @@ class _TilePlan:
 
 def _plan_tiles(
     net: IQTNet,
-    lr_tensors: np.ndarray,
-    stats: ChannelStats,
+    inputs: tuple[np.ndarray, np.ndarray],
     region: np.ndarray,
     tile: int | None,
     mem_mb: float,
     passes: _Passes,
 ) -> _TilePlan:
-    """Equal tiles of edge ``tile`` (default :func:`tile_size_for_budget`) over the LR volume;
-    those touching ``region`` run, as many per forward call as ``mem_mb`` allows."""
+    """Equal tiles of edge ``tile`` (default :func:`tile_size_for_budget`) over the LR volume
+    of network ``inputs`` (:func:`~iqt_pipe.sr.normalise.network_input`: the volume and its
+    background); those touching ``region`` run, as many per forward call as ``mem_mb`` allows."""
     t = tile or tile_size_for_budget(net, mem_mb, passes.per_sample, passes.device.type, passes.precision)
     # Tiles per forward call: what the budget allows, at most 16 (larger batches run slower
     # on CPU: measured 0.78 s vs 0.67 s for an HCP-sized espcn pass).
     per_call = max(1, min(16, int(mem_mb * 2**20 // _bytes_per_tile(net, t, passes.per_sample))))
     tiler = _Tiler(region.shape, t, net.margin, net.r)
-    z = tiler.pad(stats.standardise(lr_tensors), stats.standardise(np.zeros(6)))
-    return _TilePlan(tiler, z, tiler.tiles_touching(region), per_call)
+    return _TilePlan(tiler, tiler.pad(*inputs), tiler.tiles_touching(region), per_call)
 
 
 def _run_pass(draw: IQTNet, k: int, batches: list[_Batch], passes: _Passes, sd: torch.Tensor, seed: int) -> None:
@@ -725,6 +724,7 @@ def predict_volume(
     outside: str = "zero",
     symmetries: Sequence[int] = SYMMETRIES["none"],
     precision: str = "float32",
+    s0: np.ndarray | None = None,
 ) -> Prediction:
     """Super-resolve a voxel-frame LR tensor field; see the module docstring.
 
@@ -750,6 +750,8 @@ def predict_volume(
     model's own (from its card); ``threads`` sets PyTorch's CPU threads for this call.
     The model's ``variance_scale`` (its card's calibration) multiplies every predictive
     variance, and the FA/MD sd by its square root.
+    ``s0`` is the LR fit's S0 (X, Y, Z), which a model with the S0 input needs (its
+    ``inputs``; ignored by others).
     The caller's model is not modified.
     """
     from iqt_pipe.dmri.degrade import upsample_affine
@@ -763,7 +765,7 @@ def predict_volume(
     passes = _plan_passes(model, mc_samples, symmetries, scalar_samples, device, dtype)
     hr_region = expand_mask(region, r)  # the voxels predicted
     net = copy.deepcopy(model).to(device).eval()
-    plan = _plan_tiles(net, lr_tensors, stats, region, tile, mem_mb, passes)
+    plan = _plan_tiles(net, _inputs_of(model, lr_tensors, stats, lr_mask, s0), region, tile, mem_mb, passes)
     baseline = _hr_baseline(lr_tensors, stats, r, target)
     # Independent streams: weights from (seed, sample), FA noise from (seed, "scalars").
     seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(passes.count + 1)]
@@ -795,6 +797,20 @@ def predict_volume(
             "guards": guards,
         },  # fmt: skip
     )
+
+
+def _inputs_of(
+    model: IQTNet, lr_tensors: np.ndarray, stats: ChannelStats, brain: np.ndarray, s0: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`~iqt_pipe.sr.normalise.network_input` for ``model``'s inputs: with the S0 when it
+    takes it (a clear error when it is missing)."""
+    if "s0" not in getattr(model, "inputs", ("tensor",)):
+        return network_input(lr_tensors, stats)
+    if s0 is None:
+        raise InputError(
+            "this model takes the LR fit's S0 as an input (its card's inputs: tensor s0); pass the S0 image"
+        )
+    return network_input(lr_tensors, stats, s0, brain)
 
 
 def _settings_info(passes: _Passes, plan: _TilePlan) -> dict[str, Any]:
@@ -829,16 +845,18 @@ def predict_ensemble(
 ) -> Prediction:
     """What the app writes, and ``iqt-eval`` scores, for one model or several: each model's
     :func:`predict_brain`, combined by :func:`combine_ensemble` when there are several.
-    ``inputs`` is the LR ``(tensors, brain)`` of every model, or a list of one pair per model
-    (models trained on differently prepared series, in ``iqt-eval``)."""
+    ``inputs`` is the LR ``(tensors, brain)`` or ``(tensors, brain, s0)`` (the fit's S0, for
+    models with the S0 input) of every model, or a list of one per model (models trained on
+    differently prepared series, in ``iqt-eval``)."""
     if not models:
         raise ValueError("predict_ensemble needs at least one model")
-    pairs = list(inputs) if isinstance(inputs, list) else [inputs] * len(models)
-    if len(pairs) != len(models):
-        raise ValueError(f"{len(models)} models but {len(pairs)} inputs")
+    each = list(inputs) if isinstance(inputs, list) else [inputs] * len(models)
+    if len(each) != len(models):
+        raise ValueError(f"{len(models)} models but {len(each)} inputs")
     preds = [
-        predict_brain(model, tensors, brain, lr_affine, seed=seed, scalar_samples=scalar_samples, **kwargs)
-        for model, (tensors, brain) in zip(models, pairs)
+        predict_brain(model, tensors, brain, lr_affine, seed=seed, scalar_samples=scalar_samples, s0=s0, **kwargs)
+        for model, (tensors, brain, *rest) in zip(models, each)
+        for s0 in [rest[0] if rest else None]
     ]
     return preds[0] if len(preds) == 1 else combine_ensemble(preds, scalar_samples=scalar_samples, seed=seed)
 
@@ -932,6 +950,7 @@ def predict_patchwise(
     batch: int = 64,
     device: str | torch.device = "cpu",
     target: str | None = None,
+    s0: np.ndarray | None = None,
 ) -> np.ndarray:
     """The original implementation's deterministic prediction: overlapping LR patches of
     ``patch``³ voxels (stride patch − 2m), run in batches and stitched. Reference for tests
@@ -942,7 +961,7 @@ def predict_patchwise(
     stride = patch - 2 * m
     stats = stats or channel_stats(lr_tensors, lr_mask)
     tiler = _Tiler(lr_mask.shape, stride, m, r)
-    z = tiler.pad(stats.standardise(lr_tensors), stats.standardise(np.zeros(6)))
+    z = tiler.pad(*_inputs_of(model, lr_tensors, stats, lr_mask, s0))
     out = np.zeros(tuple(s * r for s in lr_mask.shape) + (6,), np.float32)
     model = copy.deepcopy(model).to(device).eval()
     corners = [tl for tl in np.ndindex(*tiler.n_tiles)]

@@ -67,7 +67,7 @@ from iqt_pipe.dmri.prepare import (
 )
 from iqt_pipe.io import InputError, atomic_path
 from iqt_pipe.sr.baselines import interpolate_tensors
-from iqt_pipe.sr.normalise import TARGETS, ChannelStats, channel_stats, encode_target
+from iqt_pipe.sr.normalise import TARGETS, ChannelStats, channel_stats, encode_target, network_input
 
 LIBRARY_FORMAT = "iqt-pipe-patches"
 LIBRARY_VERSION = 1
@@ -166,6 +166,9 @@ class RunPatches:
     sse_trilinear: np.ndarray  # (n,) float64, Σ over brain voxels and components, (mm²/s)²
     sse_cubic: np.ndarray  # (n,)
     n_brain: np.ndarray  # (n,) int, brain voxels in each target block
+    #: (Xi, Yi, Zi) float32, the LR S0 input channel cropped and padded as ``inputs`` (None:
+    #: built without the S0, which a model with the S0 input cannot train on).
+    s0: np.ndarray | None = None
     input_size: int = INPUT_SIZE
     margin: int = MARGIN
 
@@ -188,6 +191,14 @@ class RunPatches:
         a = self._corner(j)
         n = self.input_size
         return self.inputs[a[0] : a[0] + n, a[1] : a[1] + n, a[2] : a[2] + n].transpose(3, 0, 1, 2)
+
+    def s0_input(self, j: int) -> np.ndarray:
+        """``(n, n, n)`` S0 input channel of patch ``j``."""
+        if self.s0 is None:
+            raise InputError(f"{self.name}: this patch library holds no S0 input; rebuild it (delete the cache)")
+        a = self._corner(j)
+        n = self.input_size
+        return self.s0[a[0] : a[0] + n, a[1] : a[1] + n, a[2] : a[2] + n]
 
     def _hr_slices(self, j: int):
         a = self._corner(j) * self.r
@@ -219,8 +230,10 @@ class RunPatches:
         input_size: int = INPUT_SIZE,
         margin: int = MARGIN,
         name: str = "run",
+        lr_s0: np.ndarray | None = None,
     ) -> RunPatches:
-        """Patches from voxel-frame LR ``(X, Y, Z, 6)`` and HR ``(rX, rY, rZ, 6)`` tensors.
+        """Patches from voxel-frame LR ``(X, Y, Z, 6)`` and HR ``(rX, rY, rZ, 6)`` tensors, and
+        with ``lr_s0`` (the LR fit's S0) the S0 input channel.
 
         ``centres`` (full-volume LR indices) fixes the patches; otherwise ``n_patches``
         (all candidates when None) are drawn with ``numpy.random.default_rng(seed)``.
@@ -252,10 +265,10 @@ class RunPatches:
             raise ValueError(f"patch centres must keep their {core}³ block inside the volume")
         stats = stats or channel_stats(lr_tensors, lr_mask)
         lo, hi = centres.min(0) - h, centres.max(0) + h + 1  # LR crop [lo, hi)
-        # Standardised LR, padded by the margin with zero tensors (as in prediction), cropped.
-        z = stats.standardise(lr_tensors)
-        padded = np.empty(tuple(shape + 2 * margin) + (6,), np.float32)
-        padded[...] = stats.standardise(np.zeros(6))
+        # The network's input, padded by the margin with background (as in prediction), cropped.
+        z, background = network_input(lr_tensors, stats, lr_s0, lr_mask)
+        padded = np.empty(tuple(shape + 2 * margin) + z.shape[3:], np.float32)
+        padded[...] = background
         padded[margin : margin + shape[0], margin : margin + shape[1], margin : margin + shape[2]] = z
         inputs = padded[lo[0] : hi[0] + 2 * margin, lo[1] : hi[1] + 2 * margin, lo[2] : hi[2] + 2 * margin]
         hr_crop = tuple(slice(a * r, b * r) for a, b in zip(lo, hi))
@@ -267,7 +280,8 @@ class RunPatches:
         run = cls(
             name=name,
             r=int(r),
-            inputs=np.ascontiguousarray(inputs),
+            inputs=np.ascontiguousarray(inputs[..., :6]),
+            s0=None if lr_s0 is None else np.ascontiguousarray(inputs[..., 6]),
             targets=np.ascontiguousarray(targets),
             hr_mask=np.ascontiguousarray(hr_mask_c),
             centres=centres - lo,
@@ -304,12 +318,14 @@ class RunPatches:
     )
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}{k}": getattr(self, k) for k in self._ARRAYS}
+        arrays = {f"{prefix}{k}": getattr(self, k) for k in self._ARRAYS}
+        return arrays if self.s0 is None else arrays | {f"{prefix}s0": self.s0}
 
     @classmethod
     def from_npz(cls, data, prefix: str, name: str, r: int, input_size: int, margin: int) -> RunPatches:
         arrays = {k: data[f"{prefix}{k}"] for k in cls._ARRAYS}
         arrays["hr_mask"] = arrays["hr_mask"].astype(bool)
+        arrays["s0"] = data[f"{prefix}s0"] if f"{prefix}s0" in data else None
         return cls(name=name, r=r, input_size=input_size, margin=margin, **arrays)
 
 
@@ -343,24 +359,31 @@ class PatchLibrary:
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
+        """The tensor components' input shape (one channel more with the S0)."""
         return (6,) + (self.input_size,) * 3
 
     @property
     def target_shape(self) -> tuple[int, int, int, int]:
         return (6,) + (self.r * self.core,) * 3
 
-    def pair(self, i: int, symmetry: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def pair(self, i: int, symmetry: int = 0, s0: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Channels-first float32 ``(input, target)`` of patch ``i``, optionally transformed by
-        a symmetry code (mirrors, axis swaps; see the module doc)."""
+        a symmetry code (mirrors, axis swaps; see the module doc); with ``s0`` the input's last
+        channel is the S0 (moved like the voxels: a scalar has no components to sign)."""
         run, j = self.index[i]
         rp = self.runs[run]
-        return transform_patch(rp.input(j), symmetry), transform_patch(rp.target(j), symmetry)
+        x = transform_patch(rp.input(j), symmetry)
+        if s0:
+            x = np.concatenate([x, transform_volume(rp.s0_input(j), symmetry)[None]])
+        return x, transform_patch(rp.target(j), symmetry)
 
-    def get(self, indices: Iterable[int], symmetries: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Stacked ``(B, 6, n, n, n)`` inputs and ``(B, 6, m, m, m)`` targets."""
+    def get(
+        self, indices: Iterable[int], symmetries: Iterable[int] | None = None, s0: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Stacked ``(B, 6, n, n, n)`` inputs (7 channels with ``s0``) and ``(B, 6, m, m, m)`` targets."""
         indices = list(indices)
         symmetries = [0] * len(indices) if symmetries is None else list(symmetries)
-        pairs = [self.pair(i, f) for i, f in zip(indices, symmetries)]
+        pairs = [self.pair(i, f, s0) for i, f in zip(indices, symmetries)]
         return (
             np.stack([p[0] for p in pairs]).astype(np.float32, copy=False),
             np.stack([p[1] for p in pairs]).astype(np.float32, copy=False),
@@ -574,7 +597,8 @@ def build_library(
     cache = Path(cache_dir) / f"patches-{key[:20]}.npz" if cache_dir is not None else None
     if cache is not None and cache.exists():
         lib = PatchLibrary.load(cache)
-        if lib.meta.get("key") == key:
+        # (A library cached before the S0 input was kept is built again, under the same key.)
+        if lib.meta.get("key") == key and all(rp.s0 is not None for rp in lib.runs):
             lib.from_cache = True
             return lib
     from tqdm.auto import tqdm
@@ -607,6 +631,7 @@ def build_library(
                 input_size=input_size,
                 margin=margin,
                 name=name,
+                lr_s0=pair.lr.s0,
             )
         )
     meta = {

@@ -65,13 +65,15 @@ def super_resolve_tensors(
     mask: np.ndarray,
     affine: np.ndarray,
     model: IQTNet | Sequence[IQTNet],
+    s0: np.ndarray | None = None,
     **predict_kwargs,
 ) -> Prediction:
     """:func:`~iqt_pipe.sr.inference.predict_ensemble` (one model or several) on world-frame
-    tensors: the whole brain ``mask`` and its rim (result in the voxel frame of the HR grid,
-    as ``predict_volume`` returns it)."""
+    tensors (and the fit's ``s0``, for models with the S0 input): the whole brain ``mask`` and
+    its rim (result in the voxel frame of the HR grid, as ``predict_volume`` returns it)."""
     models = [model] if isinstance(model, IQTNet) else list(model)
-    return predict_ensemble(models, (tensors_world_to_voxel(world_tensors, affine), mask), affine, **predict_kwargs)
+    inputs = (tensors_world_to_voxel(world_tensors, affine), mask, s0)
+    return predict_ensemble(models, inputs, affine, **predict_kwargs)
 
 
 def _model_fields(card: dict[str, Any]) -> dict[str, Any]:

@@ -75,7 +75,7 @@ from iqt_pipe.dmri.dti import DIAGONAL
 from iqt_pipe.dmri.prepare import NONE, Preprocessing
 from iqt_pipe.io import InputError
 from iqt_pipe.models import VARIANTS, IQTNet, gaussian_nll, save_model
-from iqt_pipe.models.espcn import KERNELS, WIDTHS, architecture_problem, margin, masked_mean
+from iqt_pipe.models.espcn import KERNELS, WIDTHS, architecture_problem, inputs_problem, margin, masked_mean
 from iqt_pipe.models.files import model_paths
 from iqt_pipe.sr.checkpoints import (
     CHECKPOINT_DIR,
@@ -138,6 +138,8 @@ class TrainSettings:
     #: The architecture (the paper's 50, 100 and 3-1-3 by default), whose margin must be the library's.
     widths: Sequence[int] = WIDTHS
     kernels: Sequence[int] = KERNELS
+    #: The network's input channels: the tensor components, and optionally the LR fit's S0.
+    inputs: Sequence[str] = ("tensor",)
     #: ``"brain"``: the data term averages (and the KL term is scaled) over the HR brain voxels only.
     loss_mask: str = DEFAULT_LOSS_MASK
     #: Initialisation, split, shuffles, mirror codes and weight noise.
@@ -164,6 +166,8 @@ class TrainSettings:
             raise InputError("--axis-swap extends the augmentation; drop --no-augment (axis swaps need augment on)")
         if problem := architecture_problem(self.widths, self.kernels):
             raise InputError(problem)
+        if problem := inputs_problem(self.inputs):
+            raise InputError(problem.replace("inputs ", "--inputs ", 1))
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise InputError(
                 f"epochs ({self.epochs}) and batch size ({self.batch_size}) must be ≥ 1 and the "
@@ -231,9 +235,10 @@ class PatchDataset(torch.utils.data.Dataset):
         seed: int = 0,
         axis_swap: bool = False,
         with_brain: bool = False,
+        s0: bool = False,
     ):
         self.library, self.indices, self.augment, self.seed = library, np.asarray(indices), augment, int(seed)
-        self.with_brain = with_brain
+        self.with_brain, self.s0 = with_brain, s0
         self.n_codes = N_SYMMETRIES if axis_swap else N_MIRRORS
         self.symmetries = np.zeros(len(self.indices), np.int64)
 
@@ -248,7 +253,7 @@ class PatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int):
         """``(input, target)``, and with ``with_brain`` the target's HR brain mask (1, m, m, m) as floats."""
         i, code = int(self.indices[k]), int(self.symmetries[k])
-        x, y = self.library.pair(i, code)
+        x, y = self.library.pair(i, code, self.s0)
         item = (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)))
         if self.with_brain:
             item += (torch.from_numpy(self.library.brain_patch(i, code)[None].astype(np.float32)),)
@@ -466,7 +471,7 @@ def validate(
     starts = range(0, len(mine), batch_size)
     for s in tqdm(starts, desc="validation", leave=False, unit="batch", disable=_epoch_progress(quiet, dist)):
         idx = mine[s : s + batch_size]
-        x, y = library.get(idx)
+        x, y = library.get(idx, s0="s0" in model.inputs)
         xt = torch.from_numpy(x).to(device, memory_format=memory_format(device))
         yt = torch.from_numpy(y).to(device)
         mean, prec = model(xt, sample=False)
@@ -601,7 +606,7 @@ def _start(
     ceil(batch_size / world_size) pairs per step."""
     train_idx, val_idx = split_indices(len(library), settings.val_fraction, settings.seed)
     torch.manual_seed(settings.seed)
-    model = IQTNet(settings.variant, library.r, settings.widths, settings.kernels)
+    model = IQTNet(settings.variant, library.r, settings.widths, settings.kernels, tuple(settings.inputs))
     model = model.to(device, memory_format=memory_format(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     dataset = PatchDataset(
@@ -611,6 +616,7 @@ def _start(
         settings.seed,
         settings.axis_swap,
         with_brain=settings.loss_mask == "brain",
+        s0="s0" in settings.inputs,
     )
     sampler = torch.utils.data.DistributedSampler(
         dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=int(settings.seed), drop_last=False
@@ -662,6 +668,7 @@ def _record(settings: TrainSettings, library: PatchLibrary) -> dict:
         "loss_mask": settings.loss_mask,
         "widths": [int(w) for w in settings.widths],
         "kernels": [int(k) for k in settings.kernels],
+        "inputs": list(settings.inputs),
         "library_key": library.meta.get("key"),
         "patches": len(library),
     }
@@ -825,15 +832,20 @@ def _validate(run: _Run, model: IQTNet) -> dict[str, float]:
     )
 
 
+def _same_network(model: IQTNet) -> IQTNet:
+    """A fresh network of ``model``'s architecture and inputs."""
+    return IQTNet(model.variant, model.r, model.widths, model.kernels, model.inputs)
+
+
 def _best_correlation(run: _Run, progress: _Progress) -> float:
     """:func:`diagonal_correlation` of the best weights on the validation patches."""
-    best = IQTNet(run.model.variant, run.model.r, run.model.widths, run.model.kernels).to(run.device)
+    best = _same_network(run.model).to(run.device)
     best.load_state_dict(progress.best_state)
     return _validate(run, best)["diagonal_correlation"]
 
 
 def _save_best(best_state: dict, model: IQTNet, out: Path, card: dict) -> Path:
-    best = IQTNet(model.variant, model.r, model.widths, model.kernels)
+    best = _same_network(model)
     best.load_state_dict(best_state)
     return save_model(best, out, card)
 
