@@ -79,32 +79,35 @@ _CONV_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_poin
 
 
 @functools.cache
-def _conv_pointwise_works() -> bool:
-    """Whether oneDNN's fused convolution runs in this build and equals conv then ReLU (a
-    private operator: checked once, on a tiny fixed input, rather than trusted)."""
+def _conv_pointwise_works(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's fused convolution runs in ``dtype`` in this build on this CPU and
+    equals conv then ReLU (a private operator: checked once per dtype, on a tiny fixed input,
+    rather than trusted; oneDNN's bfloat16 path needs AVX-512 or AVX-NE-CONVERT, which plain
+    convolutions do without)."""
     if _CONV_POINTWISE is None or not torch.backends.mkldnn.is_available():
         return False
     layout = torch.channels_last_3d
-    x = torch.linspace(-1, 1, 54).reshape(1, 2, 3, 3, 3).contiguous(memory_format=layout)
-    w = torch.linspace(-1, 1, 12).reshape(3, 2, 1, 1, 2).contiguous(memory_format=layout)
-    b = torch.tensor([0.1, -0.2, 0.3])
+    x = torch.linspace(-1, 1, 54).reshape(1, 2, 3, 3, 3).to(dtype).contiguous(memory_format=layout)
+    w = torch.linspace(-1, 1, 12).reshape(3, 2, 1, 1, 2).to(dtype).contiguous(memory_format=layout)
+    b = torch.tensor([0.1, -0.2, 0.3], dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # the check is of the operator, not of rounding
     try:
         with torch.no_grad():
             fused = _CONV_POINTWISE(x, w, b, [0, 0, 0], [1, 1, 1], [1, 1, 1], 1, "relu", [], "")
-            return bool(torch.allclose(fused, F.relu(F.conv3d(x, w, b))))
+            return bool(torch.allclose(fused.float(), F.relu(F.conv3d(x, w, b)).float(), rtol=tol, atol=tol))
     except (RuntimeError, TypeError):
         return False
 
 
 def fused_conv_relu_applies(x: torch.Tensor) -> bool:
     """Whether :func:`fused_conv_relu` can run on ``x``: CPU inference (no gradients) on a
-    channels-last input, in a PyTorch build whose oneDNN fusion works."""
+    channels-last input, in a PyTorch build whose oneDNN fusion works in ``x``'s dtype here."""
     return (
         x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and x.dim() == 5
         and x.is_contiguous(memory_format=torch.channels_last_3d)
-        and _conv_pointwise_works()
+        and _conv_pointwise_works(x.dtype)
     )
 
 
