@@ -854,10 +854,10 @@ def predict_ensemble(
     if len(each) != len(models):
         raise ValueError(f"{len(models)} models but {len(each)} inputs")
     preds = [
-        predict_brain(model, tensors, brain, lr_affine, seed=seed, scalar_samples=scalar_samples, s0=s0, **kwargs)
-        for model, (tensors, brain, *rest) in zip(models, each)
-        for s0 in [rest[0] if rest else None]
-    ]
+        predict_brain(model, *model_inputs[:2], lr_affine, seed=seed, scalar_samples=scalar_samples,
+                      s0=model_inputs[2] if len(model_inputs) > 2 else None, **kwargs)
+        for model, model_inputs in zip(models, each)
+    ]  # fmt: skip
     return preds[0] if len(preds) == 1 else combine_ensemble(preds, scalar_samples=scalar_samples, seed=seed)
 
 
