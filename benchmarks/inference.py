@@ -1,7 +1,7 @@
 """Whole-volume super-resolution speed on an HCP-sized box (run on demand, not a test).
 
     .venv/bin/python benchmarks/inference.py [--json FILE] [--threads N] [--device cpu|cuda]
-                                             [--precisions float32 bfloat16] [--quick]
+                                             [--precisions float32 bfloat16] [--quick] [--kernels 3 3 3]
 
 LR 72×87×72 → HR 145×174×145 (r = 2; HR cropped to the HCP box when reported), brain an
 ellipsoid of ~40 % of the box. For `espcn` and `hetero-var2`: a deterministic whole-brain
@@ -10,7 +10,11 @@ mirrors) and T = 32 Monte-Carlo samples, in each ``--precisions`` arithmetic; th
 implementation's patch-by-patch loop
 (11³ patches, stride 7) on the same input, whose output the whole-volume path must equal; the
 peak of a large conv3d measured in the same run. Each case runs in a fresh process so its peak
-memory (RSS) is its own. Prints HR voxels/s, GFLOP/s and the fraction of the conv3d peak.
+memory (RSS) is its own. Prints HR voxels/s, the convolutions' GFLOP/s (those run: the tiles'
+and the hidden layers' blocks) and their fraction of the conv3d peak, and the share of them
+the region needs (each of its voxels once per layer, after the receptive field's dilation).
+``--kernels`` sets the networks' kernels (default 3 1 3, ``iqt-train``'s; the bundled model's
+are 3 3 3).
 """
 
 from __future__ import annotations
@@ -29,14 +33,32 @@ LR_SHAPE = (72, 87, 72)
 R = 2
 
 
-def espcn_flops(shape, r=R, widths=(50, 100), kernels=(3, 1, 3), channels=6) -> float:
-    """Multiply-adds ×2 of one valid 3-1-3 ESPCN pass giving every LR position of ``shape``."""
+def layer_flops(kernels, r=R, widths=(50, 100), channels=6) -> list[float]:
+    """Multiply-adds ×2 per output position of each layer of an ESPCN."""
     sizes = (channels, *widths, channels * r**3)
-    margin_left = [sum(k - 1 for k in kernels[i + 1 :]) // 2 for i in range(len(kernels))]
+    return [2.0 * sizes[i] * sizes[i + 1] * k**3 for i, k in enumerate(kernels)]
+
+
+def run_flops(info: dict, kernels) -> float:
+    """The convolutions one network ran in a prediction (its ``info``): each hidden layer's
+    blocks and the last layer's tiles, t³ output positions each."""
+    per = layer_flops(kernels)
+    counts = [*info["hidden_blocks"], info["tiles"]]
+    return sum(f * n * info["tile"] ** 3 for f, n in zip(per, counts))
+
+
+def needed_flops(mask, kernels) -> float:
+    """The convolutions one network needs for the app's region (the brain dilated by the
+    receptive field): each layer over the region dilated by what the layers after it add."""
+    from scipy import ndimage
+
+    from iqt_pipe.sr.inference import prediction_region
+
+    region = prediction_region(mask, sum(k - 1 for k in kernels) // 2)
     total = 0.0
-    for i, k in enumerate(kernels):
-        out_voxels = np.prod([s + 2 * margin_left[i] for s in shape])
-        total += 2 * sizes[i] * sizes[i + 1] * k**3 * out_voxels
+    for i, f in enumerate(layer_flops(kernels)):
+        rest = sum(k - 1 for k in kernels[i + 1 :]) // 2
+        total += f * (ndimage.maximum_filter(region, size=2 * rest + 1) if rest else region).sum()
     return float(total)
 
 
@@ -71,7 +93,7 @@ def conv3d_peak(device, precision: str = "float32") -> float:
     return flops / best / 1e9
 
 
-def run_case(variant: str, case: str, precision: str, device: str, threads: int) -> dict:
+def run_case(variant: str, case: str, precision: str, device: str, threads: int, kernels) -> dict:
     import iqt_pipe.dmri.degrade  # noqa: F401
     import iqt_pipe.sr.baselines  # noqa: F401 - imports are not part of the timing
     from iqt_pipe.models import IQTNet
@@ -81,7 +103,7 @@ def run_case(variant: str, case: str, precision: str, device: str, threads: int)
     torch.set_num_threads(threads)
     lr, mask = synthetic_case()
     torch.manual_seed(0)
-    model = IQTNet(variant, R)
+    model = IQTNet(variant, R, kernels=kernels)
     dev = torch.device(device)
 
     def once():
@@ -145,35 +167,37 @@ def main():
         "CPUs with AMX)",
     )
     p.add_argument("--quick", action="store_true", help="skip T = 32")
+    p.add_argument("--kernels", nargs=3, type=int, default=[3, 1, 3], help="the networks' kernels (default 3 1 3)")
     p.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._one:
-        print(json.dumps(run_case(*args._one, args.device, args.threads)))
+        print(json.dumps(run_case(*args._one, args.device, args.threads, tuple(args.kernels))))
         return
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     peaks = {prec: conv3d_peak(device, prec) for prec in args.precisions}
     lr, mask = synthetic_case()
-    flops = espcn_flops(LR_SHAPE)
+    kernels = tuple(args.kernels)
+    needed = needed_flops(mask, kernels)
     print(
         f"box LR {LR_SHAPE} → HR {tuple(2 * s for s in LR_SHAPE)}, brain {mask.mean():.0%} of the box, "
-        f"{args.threads} threads, device {args.device}"
+        f"{args.threads} threads, device {args.device}, kernels {' '.join(map(str, kernels))}"
     )
     print(
         "conv3d peak: "
         + ", ".join(f"{peak:.0f} GFLOP/s ({prec})" for prec, peak in peaks.items())
-        + f"; one ESPCN pass over the whole box: {flops / 1e9:.0f} GFLOP"
+        + f"; one ESPCN pass over the region needs {needed / 1e9:.0f} GFLOP"
     )
     print("seconds: second call in a fresh process (the first, in brackets, also creates oneDNN's kernels);")
     print(
         "deterministic: mean weights + 32 tensor samples per voxel for FA sd (hetero); network-only: no FA "
         "samples; mc8/mc32: Monte-Carlo weight samples, one test-time mirror each; 'of peak': of the conv3d peak "
-        "in the same arithmetic"
+        "in the same arithmetic; needed: the share of the convolutions run that the region needs"
     )
     print(
         f"{'variant':<12} {'case':<14} {'precision':<9} {'seconds':>8} {'(cold)':>8} {'HR vox/s':>10} "
-        f"{'GFLOP/s':>8} {'of peak':>8} {'RSS MB':>7}"
+        f"{'GFLOP/s':>8} {'of peak':>8} {'needed':>7} {'RSS MB':>7}"
     )
     results = {}
     cases = ["deterministic", "network-only", "mc8"] + ([] if args.quick else ["mc32"])
@@ -194,25 +218,28 @@ def main():
                     str(args.threads),
                     "--device",
                     args.device,
+                    "--kernels",
+                    *map(str, kernels),
                 ],
                 check=True,
                 capture_output=True,
                 text=True,
             ).stdout
             res = json.loads(out.strip().splitlines()[-1])
-            # Convolutions actually run: only tiles touching the brain (their margins
-            # ignored), once per network and Monte-Carlo weight sample.
+            # Convolutions run, once per network and pass (Monte-Carlo weight sample or mirror).
             nets = 2 if variant.startswith("hetero") else 1
-            samples = {"mc8": 8, "mc32": 32}.get(case, 1) if "var" in variant else 1
             info = res["info"]
-            frac = info["tiles"] / info["tiles_total"] if info else 1.0
-            res["gflops_per_s"] = flops * frac * nets * samples / 1e9 / res["seconds"]
+            ran = run_flops(info, kernels) if info else needed  # the patch loop: counted as needed
+            passes = info.get("passes", 1) if info else 1
+            res["gflops_per_s"] = ran * nets * passes / 1e9 / res["seconds"]
             res["conv3d_peak_fraction"] = res["gflops_per_s"] / peaks.get(prec, peaks[args.precisions[0]])
+            res["needed_fraction"] = needed / ran
             results[(variant, case, prec)] = res
             print(
                 f"{variant:<12} {case:<14} {prec:<9} {res['seconds']:8.2f} {res['cold_seconds']:8.2f} "
                 f"{res['hr_voxels_in_mask'] / res['seconds']:10.3g} "
-                f"{res['gflops_per_s']:8.0f} {res['conv3d_peak_fraction']:8.0%} {res['peak_mem_mb']:7.0f}"
+                f"{res['gflops_per_s']:8.0f} {res['conv3d_peak_fraction']:8.0%} {res['needed_fraction']:7.0%} "
+                f"{res['peak_mem_mb']:7.0f}"
             )
         patchwise = np.load(f"/tmp/iqt-bench-{variant}-patchwise-float32.npy")
         inside = np.any(patchwise != 0, axis=-1)  # the patch loop predicts the brain mask only

@@ -444,7 +444,7 @@ def test_memory_estimate_and_tile_budget_honour_mem_mb(pristine, tmp_path):
 
     for variant in ("hetero", "hetero-var2"):  # the CPU tile never shrinks below --mem-mb's floor
         assert tile_size_for_budget(IQTNet(variant, 2), MIN_TILE_MB, scalar_samples=32) == 16
-        assert tile_size_for_budget(IQTNet(variant, 2), MIN_TILE_MB, 32, precision="float32") == 12
+        assert tile_size_for_budget(IQTNet(variant, 2), MIN_TILE_MB, 32, precision="float32") == 6
     assert tile_budget_mb(shape, 2, None) == tile_budget_mb(shape, 2, 10**6) == DEFAULT_TILE_MB
     from iqt_pipe.io import InputError
 

@@ -73,6 +73,25 @@ def test_tiled_prediction_equals_patch_by_patch(field, r, tile, target):
     np.testing.assert_allclose(tiled.mean[hr_mask], whole[hr_mask], atol=1e-5 * scale, rtol=0)
 
 
+def test_layer_by_layer_slabs_and_tiles_give_the_same_prediction(field):
+    """The hidden layers' blocks, the tiles and the slabs are bookkeeping: the bundled model's
+    7³ receptive field over one slab of 6³ tiles, over thin slabs of 4³ tiles (a memory
+    budget of 1 MB) and patch by patch predict the same tensors, and Monte-Carlo statistics."""
+    lr, mask = field
+    torch.manual_seed(0)
+    model = IQTNet("hetero-var2", 2, kernels=(3, 3, 3))
+    one = predict_volume(model, lr, mask, np.eye(4), mc_samples=3, seed=2, tile=6)
+    thin = predict_volume(model, lr, mask, np.eye(4), mc_samples=3, seed=2, tile=4, mem_mb=1)
+    assert one.info["slabs"] == 1 and thin.info["slabs"] >= 3
+    assert thin.info["hidden_blocks"][0] >= thin.info["hidden_blocks"][1] > 0  # each where the next needs it
+    scale = np.abs(one.mean).max()
+    for key in ("mean", "var_intrinsic", "var_parameter"):
+        np.testing.assert_allclose(getattr(thin, key), getattr(one, key), atol=1e-5 * np.abs(getattr(one, key)).max())
+    deterministic = predict_volume(model, lr, mask, np.eye(4), mc_samples=1, tile=4, mem_mb=1)
+    reference = predict_patchwise(model, lr, mask, patch=13)
+    np.testing.assert_allclose(deterministic.mean, reference, atol=1e-5 * scale, rtol=0)
+
+
 def test_every_in_mask_voxel_predicted_and_only_touching_tiles_run(field):
     lr, mask = field
     p = predict_volume(net("espcn"), lr, mask, np.diag([2.0, 2, 2, 1]), tile=8)

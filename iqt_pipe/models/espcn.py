@@ -83,14 +83,22 @@ class ESPCN(nn.Module):
         """The HR output, or with ``shuffle=False`` the last convolution's (B, C·r³, X, Y, Z)."""
         sampled = sample and isinstance(self.convs[0], VarConv3d)  # local reparameterisation
         for n, conv in enumerate(self.convs):
-            hidden = n < len(self.convs) - 1
-            if hidden and not sampled and fused_conv_relu_applies(x):
-                x = fused_conv_relu(conv, x)
+            if not sampled:
+                x = self.layer(n, x)
                 continue
-            x = conv(x, sample) if isinstance(conv, VarConv3d) else conv(x)
-            if hidden:
+            x = conv(x, sample)
+            if n < len(self.convs) - 1:
                 x = F.relu(x, inplace=True)
         return periodic_shuffle(x, self.r) if shuffle else x
+
+    def layer(self, n: int, x: torch.Tensor) -> torch.Tensor:
+        """Convolution ``n`` with its mean weights, and the ReLU after a hidden one (one oneDNN
+        call on CPU where :func:`fused_conv_relu_applies`): prediction runs the layers one by one."""
+        conv, hidden = self.convs[n], n < len(self.convs) - 1
+        if hidden and fused_conv_relu_applies(x):
+            return fused_conv_relu(conv, x)
+        x = F.conv3d(x, conv.weight, conv.bias)
+        return F.relu(x, inplace=True) if hidden else x
 
     def kl(self) -> torch.Tensor:
         terms = [c.kl() for c in self.convs if isinstance(c, VarConv3d)]

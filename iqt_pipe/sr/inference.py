@@ -2,10 +2,15 @@
 
 The 3D-ESPCN is fully convolutional: an LR tile of (t + 2m)³ voxels (m = 2 lost to the valid
 convolutions on each side) gives the HR voxels of its t³ central LR positions. The LR volume
-is padded by m with background (zero tensors), split into equal tiles, and only tiles whose
-LR positions touch the region to predict run, in batches. No per-patch Python loop, and every
-HR voxel of the region is predicted. The app and ``iqt-eval`` predict the brain mask dilated by
-the receptive field (:func:`predict_brain`), so the brain's rim is predicted too.
+is padded by m with background (zero tensors) and split into equal tiles; only tiles whose LR
+positions touch the region to predict run. The layers run one at a time over the volume: each
+hidden layer's features are computed once, in t³ blocks where a later layer needs them, into
+a volume that the next layer reads its blocks' windows from, so no tile recomputes its
+neighbours' margins (on a brain-shaped region the 7³-receptive-field network does 0.6× the
+convolutions of independent tiles); large volumes run in slabs that fit the memory budget.
+No per-patch Python loop, and every HR voxel of the region is predicted. The app and
+``iqt-eval`` predict the brain mask dilated by the receptive field (:func:`predict_brain`), so
+the brain's rim is predicted too.
 
 Monte-Carlo. Each of the T samples draws one set of weights from the variational posterior,
 w = η·(1 + √α·ε), and runs it over the whole volume (every tile uses the same draw), so the
@@ -278,26 +283,24 @@ def _conv_parameters(net: IQTNet) -> list[tuple[int, int, bool, str, torch.Tenso
 
 
 def _bytes_per_tile(model: IQTNet, t: int, scalar_samples: int) -> int:
-    """Rough peak bytes of one tile in one forward pass: the widest activations (twice for the
-    hetero twin), the shuffled outputs, and the tensor samples behind FA/MD."""
-    n_in = (t + 2 * model.margin) ** 3
+    """Rough peak bytes of one tile in one forward call of the last layer: its input window and
+    output, both networks' outputs at its HR voxels, and the tensor samples behind FA/MD."""
+    window = (t + model.kernels[-1] - 1) ** 3 * model.widths[-1]
     n_hr = (t * model.r) ** 3
-    widest = max(model.widths) * (2 if model.hetero else 1)
-    return n_in * (6 + 2 * widest) * _F32 + n_hr * 6 * _F32 * (6 + 2 * scalar_samples)
+    return (window + t**3 * 6 * model.r**3) * _F32 + n_hr * 6 * _F32 * (6 + 2 * scalar_samples)
 
 
 def tile_size_for_budget(
     model: IQTNet, mem_mb: float, scalar_samples: int = 1, device_type: str = "cpu", precision: str = "bfloat16"
 ) -> int:
-    """LR tile edge t: on CPU 16 in bfloat16 and 12 in float32 (measured fastest: the working set
-    stays in cache, 32 is ~50 % slower; smaller float32 tiles hug the brain, 15–20 % faster on
-    an HCP-sized box, while bfloat16's convolutions lose more on them than that), up to 48 on
-    GPUs; smaller when a tile would not fit ``mem_mb``."""
-    start = 48 if device_type == "cuda" else 12 if precision == "float32" else 16
-    for t in range(start, 7, -4):
-        if _bytes_per_tile(model, t, scalar_samples) <= mem_mb * 2**20:
-            return t
-    return 8
+    """LR tile edge t: on CPU 6 in float32 (no tile recomputes another's margin, so small tiles
+    and blocks hug the brain: on an HCP-sized box 4–8 ran within the timing noise of each
+    other, 12 ~20 % slower) and 16 in bfloat16 (measured fastest with AMX, whose convolutions
+    lose more on small tiles), 48 on GPUs; smaller when a tile would not fit ``mem_mb``."""
+    t = 48 if device_type == "cuda" else 6 if precision == "float32" else 16
+    while t > 4 and _bytes_per_tile(model, t, scalar_samples) > mem_mb * 2**20:
+        t -= 2
+    return t
 
 
 class _Tiler:
@@ -425,8 +428,9 @@ def _pass_network(net: IQTNet, k: int, passes: _Passes, seed: int) -> IQTNet:
 
 
 class _Batch:
-    """One forward call's tiles and everything the passes reuse for them: the input
-    (B, 6, t + 2m, t + 2m, t + 2m) in the passes' arithmetic and layout; the K voxels of the
+    """One forward call's tiles and everything the passes reuse for them: where the last
+    layer reads its input, slab ``slab``'s last hidden features (flat indices ``win`` of the
+    tiles' windows, :class:`_Slab`); the K voxels of the
     tiles' HR blocks that are in the region, as their LR positions and sub-positions in the
     network's output before the periodic shuffle (``lr_pos``, ``sub``, on the device) and as
     flat indices of the HR grid (``voxels``); the baseline the de-standardised outputs are
@@ -434,8 +438,9 @@ class _Batch:
     passes at those voxels (Welford for the mean and its variance, a sum for the intrinsic
     variance, float32; float64 sums of FA/MD and their squares), components on the last axis."""
 
-    def __init__(self, tiles, x: torch.Tensor, lr_pos: torch.Tensor, sub: torch.Tensor, voxels, base):
-        self.tiles, self.x, self.lr_pos, self.sub, self.voxels, self.base = tiles, x, lr_pos, sub, voxels, base
+    def __init__(self, tiles, slab: int, win: torch.Tensor, lr_pos: torch.Tensor, sub: torch.Tensor, voxels, base):
+        self.tiles, self.slab, self.win = tiles, slab, win
+        self.lr_pos, self.sub, self.voxels, self.base = lr_pos, sub, voxels, base
         self.stats: dict[str, torch.Tensor] = {}
 
     def region(self, raw: torch.Tensor) -> torch.Tensor:
@@ -485,22 +490,70 @@ class _Batch:
         return {key: value.float().cpu().numpy() for key, value in out.items()}
 
 
+#: Output positions per forward call of a layer (16 tiles of 12³: larger calls ran no faster).
+_POSITIONS_PER_CALL = 16 * 12**3
+
+
+@dataclass
+class _Slab:
+    """A slab of the tile grid along its first axis and how the network runs over it, layer by
+    layer, in a local frame: index u is the padded volume's ``origin`` + u, over ``shape`` (the
+    slab's tiles with the receptive-field margin, and t more voxels at the far end of each axis,
+    so that every block's window lies inside). ``z`` is the input there, (*shape, C) in the
+    passes' arithmetic on their device. Hidden layer i computes its features in t³ blocks
+    where a later layer needs them (the region dilated by the rest of the receptive field):
+    ``hidden[i]`` holds per forward call the flat indices of the blocks' input windows and of
+    their outputs, and the window edge. Elsewhere a feature volume holds what it held; no
+    needed output reads it."""
+
+    origin: tuple[int, int, int]
+    shape: tuple[int, int, int]
+    z: torch.Tensor
+    hidden: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]]
+    tiles: list[tuple[int, int, int]]
+    #: Per hidden layer, the local corners of its blocks.
+    blocks: list[np.ndarray]
+
+
+def _flat(corners: np.ndarray, edge: int, shape) -> np.ndarray:
+    """Flat indices (row-major ``shape``) of the ``edge``³ cubes at ``corners`` (N, 3), cube by cube."""
+    strides = np.array([shape[1] * shape[2], shape[2], 1], dtype=np.int64)
+    r = np.arange(edge, dtype=np.int64)
+    offsets = (r[:, None, None] * strides[0] + r[None, :, None] * strides[1] + r[None, None, :]).ravel()
+    return ((corners.astype(np.int64) @ strides)[:, None] + offsets[None, :]).ravel()
+
+
+def _calls(n: int, per_call: int) -> list[slice]:
+    return [slice(a, min(a + per_call, n)) for a in range(0, n, per_call)]
+
+
 @dataclass
 class _TilePlan:
-    """Which LR tiles run, in batches of up to ``per_call`` per forward call: ``z`` is the
-    standardised LR volume padded by the receptive-field margin (with background), ``tiles``
-    the tiles whose LR positions touch the region to predict."""
+    """Which LR tiles run (``tiles``, those whose LR positions touch the region to predict),
+    split into :class:`_Slab` s, up to ``per_call`` tiles per forward call of the last layer."""
 
     tiler: _Tiler
-    z: np.ndarray
     tiles: list[tuple[int, int, int]]
+    slabs: list[_Slab]
     per_call: int
+    #: Blocks computed per hidden layer, over all slabs.
+    blocks: list[int]
+    #: Feature volumes' elements per hidden layer (the largest slab's).
+    workspace: list[int]
+    #: The last layer's kernel edge.
+    last_kernel: int
+
+    def features(self, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Zeroed flat buffers for the hidden layers' feature volumes, reused by every slab,
+        network and pass."""
+        return [torch.zeros(n, dtype=dtype, device=device) for n in self.workspace]
 
     def batches(self, passes: _Passes, baseline: np.ndarray, hr_region: np.ndarray) -> list[_Batch]:
-        """The :class:`_Batch` of every forward call, on the passes' device; ``baseline`` is
-        (6,) or the HR grid's (X, Y, Z, 6), ``hr_region`` the HR voxels predicted."""
+        """The :class:`_Batch` of every forward call of the last layer, slab by slab, on the
+        passes' device; ``baseline`` is (6,) or the HR grid's (X, Y, Z, 6), ``hr_region`` the HR
+        voxels predicted."""
         out = []
-        t, r = self.tiler.t, self.tiler.r
+        t, r, m = self.tiler.t, self.tiler.r, self.tiler.m
         n = t * r
         # Per HR offset h of a tile's block: its LR position h // r in the tile and sub-position
         # h mod r, numbered as the periodic shuffle's channels (i + r·j + r²·k), and its offset
@@ -510,26 +563,27 @@ class _TilePlan:
         sub_of = hx % r + r * (hy % r) + r * r * (hz % r)
         _, Y, Z = hr_region.shape
         offset_of = (hx * Y + hy) * Z + hz
-        for start in range(0, len(self.tiles), self.per_call):
-            chunk = self.tiles[start : start + self.per_call]
-            x = torch.from_numpy(np.stack([self.z[self.tiler.input_slices(tl)] for tl in chunk]))
-            x = x.to(passes.device, passes.dtype).permute(0, 4, 1, 2, 3)
-            if passes.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last_3d)
-            j, h = np.divmod(np.flatnonzero(self._blocks(chunk, hr_region)), n**3)
-            corners = np.array([((a * Y + b) * Z + c) * n for a, b, c in chunk], dtype=np.int64)
-            voxels = corners[j] + offset_of[h]
-            base = baseline if baseline.ndim == 1 else baseline.reshape(-1, 6)[voxels]
-            out.append(
-                _Batch(
-                    chunk,
-                    x,
-                    torch.from_numpy(j * t**3 + lr_of[h]).to(passes.device),
-                    torch.from_numpy(sub_of[h]).to(passes.device),
-                    voxels,
-                    torch.from_numpy(base).to(passes.device),
+        edge, q = t + self.last_kernel - 1, self.last_kernel // 2
+        for s, slab in enumerate(self.slabs):
+            for call in _calls(len(slab.tiles), self.per_call):
+                chunk = slab.tiles[call]
+                corners = np.array(chunk) * t + m - q - np.array(slab.origin)  # of the windows
+                win = _flat(corners, edge, slab.shape)
+                j, h = np.divmod(np.flatnonzero(self._blocks(chunk, hr_region)), n**3)
+                hr_corners = np.array([((a * Y + b) * Z + c) * n for a, b, c in chunk], dtype=np.int64)
+                voxels = hr_corners[j] + offset_of[h]
+                base = baseline if baseline.ndim == 1 else baseline.reshape(-1, 6)[voxels]
+                out.append(
+                    _Batch(
+                        chunk,
+                        s,
+                        torch.from_numpy(win).to(passes.device),
+                        torch.from_numpy(j * t**3 + lr_of[h]).to(passes.device),
+                        torch.from_numpy(sub_of[h]).to(passes.device),
+                        voxels,
+                        torch.from_numpy(base).to(passes.device),
+                    )
                 )
-            )
         return out
 
     def _blocks(self, chunk, volume: np.ndarray) -> np.ndarray:
@@ -552,24 +606,122 @@ def _plan_tiles(
 ) -> _TilePlan:
     """Equal tiles of edge ``tile`` (default :func:`tile_size_for_budget`) over the LR volume
     of network ``inputs`` (:func:`~iqt_pipe.sr.normalise.network_input`: the volume and its
-    background); those touching ``region`` run, as many per forward call as ``mem_mb`` allows."""
+    background); those touching ``region`` run, in slabs whose feature volumes take at most a
+    quarter of ``mem_mb`` (a slab's edge recomputes the receptive field's margin: thinner slabs
+    cost little), and as many tiles per forward call as half of it allows."""
     t = tile or tile_size_for_budget(net, mem_mb, passes.per_sample, passes.device.type, passes.precision)
-    # Tiles per forward call: what the budget allows, at most 16 (larger batches run slower
-    # on CPU: measured 0.78 s vs 0.67 s for an HCP-sized espcn pass).
-    per_call = max(1, min(16, int(mem_mb * 2**20 // _bytes_per_tile(net, t, passes.per_sample))))
+    budget = mem_mb * 2**20 / 2
+    per_call = max(1, min(_POSITIONS_PER_CALL // t**3, int(budget // _bytes_per_tile(net, t, passes.per_sample))))
     tiler = _Tiler(region.shape, t, net.margin, net.r)
-    return _TilePlan(tiler, tiler.pad(*inputs), tiler.tiles_touching(region), per_call)
+    tiles = tiler.tiles_touching(region)
+    m, itemsize = net.margin, torch.tensor([], dtype=passes.dtype).element_size()
+    z = tiler.pad(*inputs)
+    padded_region = np.zeros(tuple(n * t for n in tiler.n_tiles), bool)
+    padded_region[tuple(slice(0, s) for s in region.shape)] = region
+    lo, hi = (np.array(tiles).min(0), np.array(tiles).max(0) + 1) if tiles else (np.zeros(3, int),) * 2
+    across = [int(hi[a] - lo[a]) * t + 2 * m for a in (1, 2)]
+    per_x = (across[0] + t) * (across[1] + t) * sum(net.widths) * itemsize
+    along = max(1, int((budget / 2 / per_x - 2 * m - t) // t))  # tiles per slab along the first axis
+    slabs = []
+    for a in range(int(lo[0]), int(hi[0]), along):
+        b = min(a + along, int(hi[0]))
+        if slab_tiles := [tl for tl in tiles if a <= tl[0] < b]:
+            origin = (a * t, int(lo[1]) * t, int(lo[2]) * t)
+            extent = ((b - a) * t + 2 * m, *across)
+            slabs.append(_slab(net, z, padded_region, origin, extent, slab_tiles, t, budget, passes))
+    blocks = [sum(len(slab.blocks[i]) for slab in slabs) for i in range(len(net.widths))]
+    workspace = [max((math.prod(slab.shape) * w for slab in slabs), default=0) for w in net.widths]
+    return _TilePlan(tiler, tiles, slabs, per_call, blocks, workspace, net.kernels[-1])
 
 
-def _run_pass(draw: IQTNet, k: int, batches: list[_Batch], passes: _Passes, sd: torch.Tensor, seed: int) -> None:
+def _slab(net: IQTNet, z, padded_region, origin, extent, tiles, t: int, budget: float, passes: _Passes) -> _Slab:
+    """The :class:`_Slab` of ``tiles`` over the ``extent`` of the padded input ``z`` (and of the
+    region, padded to whole tiles) from ``origin``, with forward calls of at most ``budget``
+    bytes."""
+    from scipy import ndimage
+
+    m, half = net.margin, [(k - 1) // 2 for k in net.kernels]
+    device, itemsize = passes.device, torch.tensor([], dtype=passes.dtype).element_size()
+    shape = tuple(e + t for e in extent)
+    local = np.zeros(shape + z.shape[3:], np.float32)
+    local[: extent[0], : extent[1], : extent[2]] = z[tuple(slice(o, o + e) for o, e in zip(origin, extent))]
+    # The outputs the tiles need, at their local indices.
+    needed = np.zeros(shape, bool)
+    needed[m : extent[0] - m, m : extent[1] - m, m : extent[2] - m] = padded_region[
+        tuple(slice(o, o + e - 2 * m) for o, e in zip(origin, extent))
+    ]
+    hidden, corners_of = [], []
+    for i, width in enumerate(net.widths):
+        start = sum(half[: i + 1])  # the first index layer i is valid at
+        rest = m - start  # the receptive field the layers after it add
+        need = ndimage.maximum_filter(needed, size=2 * rest + 1, mode="constant") if rest else needed
+        nb = [math.ceil((e - 2 * start) / t) for e in extent]
+        grid = need[tuple(slice(start, start + n * t) for n in nb)].reshape(nb[0], t, nb[1], t, nb[2], t)
+        corners = np.argwhere(grid.any(axis=(1, 3, 5))) * t + start
+        edge = t + 2 * half[i]
+        call_bytes = (edge**3 * net.mean_net.convs[i].in_channels + t**3 * width) * itemsize
+        per_call = max(1, min(_POSITIONS_PER_CALL // t**3, int(budget // call_bytes)))
+        calls = [
+            (_index(corners[c] - half[i], edge, shape, device), _index(corners[c], t, shape, device))
+            for c in _calls(len(corners), per_call)
+        ]
+        hidden.append((edge, calls))
+        corners_of.append(corners)
+    return _Slab(origin, shape, torch.from_numpy(local).to(device, passes.dtype), hidden, tiles, corners_of)
+
+
+def _index(corners: np.ndarray, edge: int, shape, device) -> torch.Tensor:
+    return torch.from_numpy(_flat(corners, edge, shape)).to(device)
+
+
+def _windows(volume: torch.Tensor, index: torch.Tensor, edge: int, passes: _Passes) -> torch.Tensor:
+    """The ``edge``³ windows at flat ``index`` of a (X, Y, Z, C) volume as a batch (B, C, edge,
+    edge, edge): channels-last on CPU, as gathered."""
+    c = volume.shape[-1]
+    x = volume.view(-1, c).index_select(0, index).view(-1, edge, edge, edge, c).permute(0, 4, 1, 2, 3)
+    return x if passes.channels_last else x.contiguous()
+
+
+def _run_network(sub, plan: _TilePlan, batches: list[_Batch], passes: _Passes, buffers) -> list[torch.Tensor]:
+    """One ESPCN's raw outputs at the region's voxels of every batch ((K, 6·…) per batch, in
+    the passes' arithmetic), its layers run one by one over each slab."""
+    out: list[torch.Tensor | None] = [None] * len(batches)
+    last = len(sub.convs) - 1
+    for s, slab in enumerate(plan.slabs):
+        widths = [conv.out_channels for conv in sub.convs[:-1]]
+        volumes = [slab.z] + [buf[: math.prod(slab.shape) * w].view(*slab.shape, w) for buf, w in zip(buffers, widths)]
+        for i, (edge, calls) in enumerate(slab.hidden):
+            target = volumes[i + 1].view(-1, volumes[i + 1].shape[-1])
+            for win, at in calls:
+                y = sub.layer(i, _windows(volumes[i], win, edge, passes))
+                target.index_copy_(0, at, y.permute(0, 2, 3, 4, 1).reshape(-1, y.shape[1]))
+        edge = plan.tiler.t + plan.last_kernel - 1
+        for j, b in enumerate(batches):
+            if b.slab == s:
+                out[j] = b.region(sub.layer(last, _windows(volumes[-1], b.win, edge, passes)))
+    return out
+
+
+def _run_pass(
+    draw: IQTNet,
+    k: int,
+    plan: _TilePlan,
+    batches: list[_Batch],
+    passes: _Passes,
+    sd: torch.Tensor,
+    seed: int,
+    buffers: list[torch.Tensor],
+) -> None:
     """MC sample k: the network ``draw`` over every batch; at the region's voxels its outputs
     (times the channel sd ``sd``, plus the baseline) and their intrinsic variances, and the FA
     and MD of tensor samples (streams from ``seed``, k and the batch) when the passes draw
-    them (else of the pass's mean), into the batches' statistics."""
+    them (else of the pass's mean), into the batches' statistics. ``buffers``: the plan's
+    :meth:`_TilePlan.features`."""
+    means = _run_network(draw.mean_net, plan, batches, passes, buffers)
+    precs = None if draw.prec_net is None else _run_network(draw.prec_net, plan, batches, passes, buffers)
     for j, b in enumerate(batches):
-        mean, prec = draw.raw(b.x, sample=False)
-        mu = b.region(mean).float() * sd + b.base  # (K, 6), float32
-        var_i = sd**2 / draw.precision(b.region(prec).float()) if prec is not None else None
+        mu = means[j].float() * sd + b.base  # (K, 6), float32
+        var_i = sd**2 / draw.precision(precs[j].float()) if precs is not None else None
         if passes.draw_scalars:
             # MD is linear: its mean and variance are exact.
             rho = passes.diagonal_correlation
@@ -771,9 +923,10 @@ def predict_volume(
     seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(passes.count + 1)]
     sd = torch.as_tensor(stats.sd, dtype=torch.float32, device=device)
     batches = plan.batches(passes, baseline, hr_region)
+    buffers = plan.features(device, dtype)
     with _torch_threads(threads):
         for k in range(passes.count):
-            _run_pass(_pass_network(net, k, passes, seeds[k]), k, batches, passes, sd, seeds[-1])
+            _run_pass(_pass_network(net, k, passes, seeds[k]), k, plan, batches, passes, sd, seeds[-1], buffers)
         start = _outside_values(lr_tensors, baseline, target, r, outside, hr_region)
         s = float(getattr(model, "variance_scale", 1.0))
         arrays, fa_sd, md_sd, guards = _volumes(batches, passes, plan.tiler, start, net.hetero, s)
@@ -824,6 +977,8 @@ def _settings_info(passes: _Passes, plan: _TilePlan) -> dict[str, Any]:
         "tile": plan.tiler.t,
         "tiles": len(plan.tiles),
         "tiles_total": int(np.prod(plan.tiler.n_tiles)),
+        "hidden_blocks": plan.blocks,
+        "slabs": len(plan.slabs),
         "device": str(passes.device),
     }
 
