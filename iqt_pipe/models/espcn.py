@@ -79,8 +79,8 @@ class ESPCN(nn.Module):
         make = (lambda i, o, k: VarConv3d(i, o, k, per=var)) if var else nn.Conv3d
         self.convs = nn.ModuleList(make(sizes[n], sizes[n + 1], kernels[n]) for n in range(len(kernels)))
 
-    def forward(self, x: torch.Tensor, sample: bool = True, shuffle: bool = True) -> torch.Tensor:
-        """The HR output, or with ``shuffle=False`` the last convolution's (B, C·r³, X, Y, Z)."""
+    def forward(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """The HR output (the last convolution's (B, C·r³, X, Y, Z) periodically shuffled)."""
         sampled = sample and isinstance(self.convs[0], VarConv3d)  # local reparameterisation
         for n, conv in enumerate(self.convs):
             if not sampled:
@@ -89,7 +89,7 @@ class ESPCN(nn.Module):
             x = conv(x, sample)
             if n < len(self.convs) - 1:
                 x = F.relu(x, inplace=True)
-        return periodic_shuffle(x, self.r) if shuffle else x
+        return periodic_shuffle(x, self.r)
 
     def layer(self, n: int, x: torch.Tensor) -> torch.Tensor:
         """Convolution ``n`` with its mean weights, and the ReLU after a hidden one (one oneDNN
@@ -147,12 +147,6 @@ class IQTNet(nn.Module):
         if self.prec_net is None:
             return mean, None
         return mean, self.precision(self.prec_net(x, sample))
-
-    def raw(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Both networks' last convolutions (B, 6·r³, X, Y, Z), before the periodic shuffle
-        and the precision's :meth:`precision`: prediction takes only the voxels it keeps."""
-        mean = self.mean_net(x, sample, shuffle=False)
-        return mean, None if self.prec_net is None else self.prec_net(x, sample, shuffle=False)
 
     @staticmethod
     def precision(h: torch.Tensor) -> torch.Tensor:

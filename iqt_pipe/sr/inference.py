@@ -511,8 +511,8 @@ class _Slab:
     z: torch.Tensor
     hidden: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]]
     tiles: list[tuple[int, int, int]]
-    #: Per hidden layer, the local corners of its blocks.
-    blocks: list[np.ndarray]
+    #: Per hidden layer, how many blocks it computes.
+    blocks: list[int]
 
 
 def _flat(corners: np.ndarray, edge: int, shape) -> np.ndarray:
@@ -629,7 +629,7 @@ def _plan_tiles(
             origin = (a * t, int(lo[1]) * t, int(lo[2]) * t)
             extent = ((b - a) * t + 2 * m, *across)
             slabs.append(_slab(net, z, padded_region, origin, extent, slab_tiles, t, budget, passes))
-    blocks = [sum(len(slab.blocks[i]) for slab in slabs) for i in range(len(net.widths))]
+    blocks = [sum(slab.blocks[i] for slab in slabs) for i in range(len(net.widths))]
     workspace = [max((math.prod(slab.shape) * w for slab in slabs), default=0) for w in net.widths]
     return _TilePlan(tiler, tiles, slabs, per_call, blocks, workspace, net.kernels[-1])
 
@@ -650,7 +650,7 @@ def _slab(net: IQTNet, z, padded_region, origin, extent, tiles, t: int, budget: 
     needed[m : extent[0] - m, m : extent[1] - m, m : extent[2] - m] = padded_region[
         tuple(slice(o, o + e - 2 * m) for o, e in zip(origin, extent))
     ]
-    hidden, corners_of = [], []
+    hidden, counts = [], []
     for i, width in enumerate(net.widths):
         start = sum(half[: i + 1])  # the first index layer i is valid at
         rest = m - start  # the receptive field the layers after it add
@@ -666,8 +666,8 @@ def _slab(net: IQTNet, z, padded_region, origin, extent, tiles, t: int, budget: 
             for c in _calls(len(corners), per_call)
         ]
         hidden.append((edge, calls))
-        corners_of.append(corners)
-    return _Slab(origin, shape, torch.from_numpy(local).to(device, passes.dtype), hidden, tiles, corners_of)
+        counts.append(len(corners))
+    return _Slab(origin, shape, torch.from_numpy(local).to(device, passes.dtype), hidden, tiles, counts)
 
 
 def _index(corners: np.ndarray, edge: int, shape, device) -> torch.Tensor:
@@ -686,9 +686,8 @@ def _run_network(sub, plan: _TilePlan, batches: list[_Batch], passes: _Passes, b
     """One ESPCN's raw outputs at the region's voxels of every batch ((K, 6·…) per batch, in
     the passes' arithmetic), its layers run one by one over each slab."""
     out: list[torch.Tensor | None] = [None] * len(batches)
-    last = len(sub.convs) - 1
+    last, widths = len(sub.convs) - 1, [conv.out_channels for conv in sub.convs[:-1]]
     for s, slab in enumerate(plan.slabs):
-        widths = [conv.out_channels for conv in sub.convs[:-1]]
         volumes = [slab.z] + [buf[: math.prod(slab.shape) * w].view(*slab.shape, w) for buf, w in zip(buffers, widths)]
         for i, (edge, calls) in enumerate(slab.hidden):
             target = volumes[i + 1].view(-1, volumes[i + 1].shape[-1])
