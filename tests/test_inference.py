@@ -73,14 +73,17 @@ def test_tiled_prediction_equals_patch_by_patch(field, r, tile, target):
     np.testing.assert_allclose(tiled.mean[hr_mask], whole[hr_mask], atol=1e-5 * scale, rtol=0)
 
 
-def test_layer_by_layer_slabs_and_tiles_give_the_same_prediction(field):
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_layer_by_layer_slabs_and_tiles_give_the_same_prediction(field, channels_last, monkeypatch):
     """The hidden layers' blocks, the tiles and the slabs are bookkeeping: the bundled model's
     7³ receptive field over one slab of 6³ tiles, over thin slabs of 4³ tiles (a memory
-    budget of 1 MB) and patch by patch predict the same tensors, and Monte-Carlo statistics."""
+    budget of 1 MB) and patch by patch predict the same tensors, and Monte-Carlo statistics;
+    also in the default layout that GPUs use (checked here on the CPU)."""
     lr, mask = field
     torch.manual_seed(0)
     model = IQTNet("hetero-var2", 2, kernels=(3, 3, 3))
     one = predict_volume(model, lr, mask, np.eye(4), mc_samples=3, seed=2, tile=6)
+    monkeypatch.setattr(inference._Passes, "channels_last", property(lambda self: channels_last))
     thin = predict_volume(model, lr, mask, np.eye(4), mc_samples=3, seed=2, tile=4, mem_mb=1)
     assert one.info["slabs"] == 1 and thin.info["slabs"] >= 3
     assert thin.info["hidden_blocks"][0] >= thin.info["hidden_blocks"][1] > 0  # each where the next needs it
