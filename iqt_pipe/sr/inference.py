@@ -296,8 +296,10 @@ def tile_size_for_budget(
     """LR tile edge t: on CPU 6 in float32 (no tile recomputes another's margin, so small tiles
     and blocks hug the brain: on an HCP-sized box 4–8 ran within the timing noise of each
     other, 12 ~20 % slower) and 16 in bfloat16 (measured fastest with AMX, whose convolutions
-    lose more on small tiles), 48 on GPUs; smaller when a tile would not fit ``mem_mb``."""
-    t = 48 if device_type == "cuda" else 6 if precision == "float32" else 16
+    lose more on small tiles); 16 on GPUs, which take many tiles per call
+    (:func:`_positions_per_call`; not measured: no GPU at hand); smaller when a tile would not
+    fit ``mem_mb``."""
+    t = 6 if device_type == "cpu" and precision == "float32" else 16
     while t > 4 and _bytes_per_tile(model, t, scalar_samples) > mem_mb * 2**20:
         t -= 2
     return t
@@ -490,8 +492,10 @@ class _Batch:
         return {key: value.float().cpu().numpy() for key, value in out.items()}
 
 
-#: Output positions per forward call of a layer (16 tiles of 12³: larger calls ran no faster).
-_POSITIONS_PER_CALL = 16 * 12**3
+def _positions_per_call(device: torch.device) -> int:
+    """Output positions per forward call of a layer: on CPU 16 tiles of 12³ (larger calls ran no
+    faster), on a GPU 32 times as many (a GPU needs large calls to fill; within the budget)."""
+    return 16 * 12**3 * (32 if device.type == "cuda" else 1)
 
 
 @dataclass
@@ -611,7 +615,8 @@ def _plan_tiles(
     cost little), and as many tiles per forward call as half of it allows."""
     t = tile or tile_size_for_budget(net, mem_mb, passes.per_sample, passes.device.type, passes.precision)
     budget = mem_mb * 2**20 / 2
-    per_call = max(1, min(_POSITIONS_PER_CALL // t**3, int(budget // _bytes_per_tile(net, t, passes.per_sample))))
+    positions = _positions_per_call(passes.device)
+    per_call = max(1, min(positions // t**3, int(budget // _bytes_per_tile(net, t, passes.per_sample))))
     tiler = _Tiler(region.shape, t, net.margin, net.r)
     tiles = tiler.tiles_touching(region)
     m, itemsize = net.margin, torch.tensor([], dtype=passes.dtype).element_size()
@@ -660,7 +665,7 @@ def _slab(net: IQTNet, z, padded_region, origin, extent, tiles, t: int, budget: 
         corners = np.argwhere(grid.any(axis=(1, 3, 5))) * t + start
         edge = t + 2 * half[i]
         call_bytes = (edge**3 * net.mean_net.convs[i].in_channels + t**3 * width) * itemsize
-        per_call = max(1, min(_POSITIONS_PER_CALL // t**3, int(budget // call_bytes)))
+        per_call = max(1, min(_positions_per_call(device) // t**3, int(budget // call_bytes)))
         calls = [
             (_index(corners[c] - half[i], edge, shape, device), _index(corners[c], t, shape, device))
             for c in _calls(len(corners), per_call)
