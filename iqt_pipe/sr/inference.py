@@ -393,6 +393,11 @@ class _Passes:
         return str(self.dtype).removeprefix("torch.")
 
     @property
+    def itemsize(self) -> int:
+        """Bytes per number in the arithmetic."""
+        return torch.tensor([], dtype=self.dtype).element_size()
+
+    @property
     def channels_last(self) -> bool:
         """On CPU the network and its inputs use the channels-last memory layout."""
         return self.device.type == "cpu"
@@ -440,8 +445,8 @@ class _Batch:
     passes at those voxels (Welford for the mean and its variance, a sum for the intrinsic
     variance, float32; float64 sums of FA/MD and their squares), components on the last axis."""
 
-    def __init__(self, tiles, slab: int, win: torch.Tensor, lr_pos: torch.Tensor, sub: torch.Tensor, voxels, base):
-        self.tiles, self.slab, self.win = tiles, slab, win
+    def __init__(self, slab: int, win: torch.Tensor, lr_pos: torch.Tensor, sub: torch.Tensor, voxels, base):
+        self.slab, self.win = slab, win
         self.lr_pos, self.sub, self.voxels, self.base = lr_pos, sub, voxels, base
         self.stats: dict[str, torch.Tensor] = {}
 
@@ -579,7 +584,6 @@ class _TilePlan:
                 base = baseline if baseline.ndim == 1 else baseline.reshape(-1, 6)[voxels]
                 out.append(
                     _Batch(
-                        chunk,
                         s,
                         torch.from_numpy(win).to(passes.device),
                         torch.from_numpy(j * t**3 + lr_of[h]).to(passes.device),
@@ -619,13 +623,13 @@ def _plan_tiles(
     per_call = max(1, min(positions // t**3, int(budget // _bytes_per_tile(net, t, passes.per_sample))))
     tiler = _Tiler(region.shape, t, net.margin, net.r)
     tiles = tiler.tiles_touching(region)
-    m, itemsize = net.margin, torch.tensor([], dtype=passes.dtype).element_size()
+    m = net.margin
     z = tiler.pad(*inputs)
     padded_region = np.zeros(tuple(n * t for n in tiler.n_tiles), bool)
     padded_region[tuple(slice(0, s) for s in region.shape)] = region
     lo, hi = (np.array(tiles).min(0), np.array(tiles).max(0) + 1) if tiles else (np.zeros(3, int),) * 2
     across = [int(hi[a] - lo[a]) * t + 2 * m for a in (1, 2)]
-    per_x = (across[0] + t) * (across[1] + t) * sum(net.widths) * itemsize
+    per_x = (across[0] + t) * (across[1] + t) * sum(net.widths) * passes.itemsize
     along = max(1, int((budget / 2 / per_x - 2 * m - t) // t))  # tiles per slab along the first axis
     slabs = []
     for a in range(int(lo[0]), int(hi[0]), along):
@@ -646,7 +650,7 @@ def _slab(net: IQTNet, z, padded_region, origin, extent, tiles, t: int, budget: 
     from scipy import ndimage
 
     m, half = net.margin, [(k - 1) // 2 for k in net.kernels]
-    device, itemsize = passes.device, torch.tensor([], dtype=passes.dtype).element_size()
+    device = passes.device
     shape = tuple(e + t for e in extent)
     local = np.zeros(shape + z.shape[3:], np.float32)
     local[: extent[0], : extent[1], : extent[2]] = z[tuple(slice(o, o + e) for o, e in zip(origin, extent))]
@@ -664,7 +668,7 @@ def _slab(net: IQTNet, z, padded_region, origin, extent, tiles, t: int, budget: 
         grid = need[tuple(slice(start, start + n * t) for n in nb)].reshape(nb[0], t, nb[1], t, nb[2], t)
         corners = np.argwhere(grid.any(axis=(1, 3, 5))) * t + start
         edge = t + 2 * half[i]
-        call_bytes = (edge**3 * net.mean_net.convs[i].in_channels + t**3 * width) * itemsize
+        call_bytes = (edge**3 * net.mean_net.convs[i].in_channels + t**3 * width) * passes.itemsize
         per_call = max(1, min(_positions_per_call(device) // t**3, int(budget // call_bytes)))
         calls = [
             (_index(corners[c] - half[i], edge, shape, device), _index(corners[c], t, shape, device))
