@@ -130,7 +130,10 @@ def test_world_tensors_equal_mrtrix_dwi2tensor(realdwi, mrtrix, run, tmp_path):
     np.testing.assert_allclose(img.affine, series.affine, atol=1e-3)
     theirs = dti.from_mrtrix_order(img.get_fdata(dtype=np.float32))
     ours = dti.tensors_voxel_to_world(fit.tensors, series.affine)
-    mask = brain_mask(series.data, series.gtab, series.zooms) & fit.mask
+    # Where a volume's signal is 0 (cerebrospinal fluid at the scanner's floor) each program
+    # floors it its own way; the frames are compared where every reading is positive.
+    positive = np.all(series.data[..., fit.volumes] > 0, axis=-1)
+    mask = brain_mask(series.data, series.gtab, series.zooms) & fit.mask & positive
     a, b = ours[mask], theirs[mask]
     rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
     # dipy's WLS and MRtrix3's IWLS differ slightly in their weights (measured: median 0.2 %);

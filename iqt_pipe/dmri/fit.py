@@ -25,12 +25,31 @@ class DTIFit:
 
 
 def valid_signal_mask(dwi: np.ndarray) -> np.ndarray:
-    """Voxels whose signal is finite and positive in every volume.
+    """Voxels that can be fitted: a finite signal in every volume, positive in more than
+    half of them and in at least 7 (the tensor and S0).
 
-    Zero-filled background (or a volume with dropped-out voxels) gives absurd tensors
-    (up to 1e3 mm²/s) that interpolation would carry far into the brain.
+    Zero-filled background stays out, as it would give absurd tensors that interpolation
+    carries far into the brain. A brain voxel whose signal reached zero in a few
+    diffusion-weighted volumes stays in: that is cerebrospinal fluid (free water at b = 1000
+    s/mm² keeps ~5 % of its b = 0 signal, which the scanner can store as 0), and
+    :func:`positive_signal` gives its zeros a floor.
     """
-    return np.all(np.isfinite(dwi) & (dwi > 0), axis=-1)
+    positive = dwi > 0
+    count = positive.sum(-1)
+    enough = (count >= 7) & (2 * count > dwi.shape[-1])
+    return np.all(np.isfinite(dwi), axis=-1) & enough
+
+
+def positive_signal(data: np.ndarray) -> np.ndarray:
+    """``data`` (voxels × volumes) with each non-positive value raised to the smallest
+    positive value of its voxel: a measurement lost below the scanner's floor is taken to be
+    no larger than the voxel's weakest one seen, rather than DIPY's 1e-4, whose logarithm
+    would make that direction's diffusivity tens of times that of free water."""
+    low = data <= 0
+    if not low.any():
+        return data
+    floor = np.where(low, np.inf, data).min(-1, keepdims=True)
+    return np.where(low, floor, data)
 
 
 def brain_mask(dwi: np.ndarray, gtab: GradientTable, voxel_size=None) -> np.ndarray:
@@ -61,8 +80,9 @@ def fit_dti(
     """Fit DTI by WLS on b = 0 plus one shell (IQT protocol, see
     :func:`iqt_pipe.dmri.gradients.select_dti_volumes`), returning voxel-frame tensors.
 
-    ``mask`` limits the fit (all voxels when None); voxels without a positive finite signal
-    in every used volume are never fitted and stay zero. ``threads`` fit as many equal parts
+    ``mask`` limits the fit (all voxels when None); voxels without enough positive signal
+    (:func:`valid_signal_mask`) are never fitted and stay zero, and a fitted voxel's
+    non-positive values are raised to its smallest positive one (:func:`positive_signal`). ``threads`` fit as many equal parts
     of the voxels side by side (NumPy's linear algebra releases the interpreter; the result is
     the same to the bit).
     """
@@ -87,7 +107,7 @@ def fit_dti(
     if np.any(fit_mask):
 
         def fit(voxels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            result = model.fit(voxels.astype(np.float64))
+            result = model.fit(positive_signal(voxels.astype(np.float64)))
             return result.lower_triangular(), result.S0_hat
 
         parts = np.array_split(data[fit_mask], max(1, min(int(threads), int(fit_mask.sum()))))
