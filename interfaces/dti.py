@@ -36,9 +36,9 @@ class FitDTI(SimpleInterface):
     """Weighted least-squares DTI on b=0 plus one shell (IQT protocol), written in world
     coordinates with scalar maps.
 
-    Every voxel with a positive signal is fitted, not only the brain: super-resolution sees
-    the brain's surroundings through its 5³ receptive field, and was trained on whole-volume
-    fits (:func:`iqt_pipe.dmri.degrade.make_pair`). The brain mask is an output of its own."""
+    Every voxel with enough positive signal (:func:`iqt_pipe.dmri.fit.valid_signal_mask`) is
+    fitted, not only the brain: super-resolution sees the brain's surroundings through its
+    receptive field, and was trained on whole-volume fits (:func:`iqt_pipe.dmri.degrade.make_pair`). The brain mask is an output of its own."""
 
     input_spec = _FitDTIInputSpec
     output_spec = _FitDTIOutputSpec

@@ -167,7 +167,7 @@ def init_dti_wf(*, omp_nthreads: int = 1, name: str = "dti_wf") -> Workflow:
     -------
     tensor_file
         Tensors, BEP016 order (D11, D12, D13, D22, D23, D33), world frame, mm²/s; every
-        voxel with a positive signal is fitted, as super-resolution expects.
+        voxel with enough positive signal is fitted, as super-resolution expects.
     fa_file, md_file, ad_file, rd_file, s0_file
         Scalar maps of the tensors and the fitted b = 0 signal.
     mask_file
@@ -181,8 +181,10 @@ def init_dti_wf(*, omp_nthreads: int = 1, name: str = "dti_wf") -> Workflow:
 Diffusion tensors were fitted at the native resolution by weighted linear least squares
 with DIPY [@dipy], on the b=0 volumes and one diffusion-weighted shell, following the
 Image Quality Transfer protocol [@tanno2017]: the highest shell below b=1500 s/mm² or,
-without one, the lowest shell. Every voxel with a positive signal was fitted, and the
-tensors were expressed in scanner (world) coordinates. Unless one was supplied, a brain
+without one, the lowest shell. Every voxel with a positive signal in more than half of
+those volumes was fitted, a signal of zero (cerebrospinal fluid at the scanner's floor) taken
+as the voxel's smallest positive one, and the tensors were expressed in scanner (world)
+coordinates. Unless one was supplied, a brain
 mask was estimated with DIPY's `median_otsu` on the mean b=0 image.
 """
     inputnode = pe.Node(

@@ -75,7 +75,7 @@ def make_pair(
     """LR synthesis plus DTI fits of both resolutions, with a brain mask for each.
 
     Both resolutions go through :func:`iqt_pipe.dmri.prepare.fit_series`, as the app's native
-    series does: fits cover every voxel with a positive signal (masking is for scoring and
+    series does: fits cover every voxel with enough positive signal (masking is for scoring and
     sampling, not for the fit); each mask comes from ``median_otsu`` on its own mean b = 0.
     """
     from iqt_pipe.dmri.prepare import fit_series

@@ -8,8 +8,8 @@ the network's input in the same steps, so that what is measured is what users ge
    (DIPY here; the app's workflow runs the same steps as Nipype nodes). Training applies
    them to the HR series *before* its LR series is made, the app to the native series (the
    network's input grid), ``iqt-eval`` to its LR series — the series the app would be given.
-2. :func:`fit_series`: DTI by weighted least squares on every voxel with a positive signal,
-   and the brain mask (``median_otsu``) of the series.
+2. :func:`fit_series`: DTI by weighted least squares on every voxel with enough positive
+   signal (:func:`iqt_pipe.dmri.fit.valid_signal_mask`), and the brain mask (``median_otsu``) of the series.
 3. :func:`iqt_pipe.sr.inference.predict_brain`: channel statistics from the brain mask, and the
    prediction of the brain dilated by the receptive field.
 
@@ -102,7 +102,7 @@ def fit_series(
     source: str = "DWI series",
     threads: int = 1,
 ) -> tuple[DTIFit, np.ndarray]:
-    """The DTI fit of every voxel with a positive signal (voxel frame; on ``threads`` threads)
+    """The DTI fit of every voxel with enough positive signal (voxel frame; on ``threads`` threads)
     and the brain mask: ``mask`` when given, else ``median_otsu``'s on the mean b = 0 (see
     :mod:`iqt_pipe.dmri.fit`)."""
     if mask is None:

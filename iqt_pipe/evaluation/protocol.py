@@ -3,7 +3,7 @@
 A *case* is one DWI run made ready for scoring (:func:`prepare_case`):
 
 * ``raw``: the run's own DWI is the HR series. LR synthesis and both fits follow the IQT
-  protocol (:func:`iqt_pipe.dmri.degrade.make_pair`): fits cover every voxel with a positive signal,
+  protocol (:func:`iqt_pipe.dmri.degrade.make_pair`): fits cover every voxel with enough positive signal,
   masks only decide what is scored. The reference (the HR fit) is itself noisy; its noise
   floor is the per-voxel WLS covariance (:func:`iqt_pipe.evaluation.metrics.wls_tensor_variance`) from an
   MP-PCA noise map (dipy), reported beside the raw RMSE with the noise-corrected RMSE.
