@@ -38,7 +38,8 @@ class FitDTI(SimpleInterface):
 
     Every voxel with enough positive signal (:func:`iqt_pipe.dmri.fit.valid_signal_mask`) is
     fitted, not only the brain: super-resolution sees the brain's surroundings through its
-    receptive field, and was trained on whole-volume fits (:func:`iqt_pipe.dmri.degrade.make_pair`). The brain mask is an output of its own."""
+    receptive field, and was trained on whole-volume fits
+    (:func:`iqt_pipe.dmri.degrade.make_pair`). The brain mask is an output of its own."""
 
     input_spec = _FitDTIInputSpec
     output_spec = _FitDTIOutputSpec

@@ -82,9 +82,9 @@ def fit_dti(
 
     ``mask`` limits the fit (all voxels when None); voxels without enough positive signal
     (:func:`valid_signal_mask`) are never fitted and stay zero, and a fitted voxel's
-    non-positive values are raised to its smallest positive one (:func:`positive_signal`). ``threads`` fit as many equal parts
-    of the voxels side by side (NumPy's linear algebra releases the interpreter; the result is
-    the same to the bit).
+    non-positive values are raised to its smallest positive one (:func:`positive_signal`).
+    ``threads`` fit as many equal parts of the voxels side by side (NumPy's linear algebra
+    releases the interpreter; the result is the same to the bit).
     """
     from concurrent.futures import ThreadPoolExecutor
 
