@@ -34,8 +34,7 @@ def valid_signal_mask(dwi: np.ndarray) -> np.ndarray:
     s/mm² keeps ~5 % of its b = 0 signal, which the scanner can store as 0), and
     :func:`positive_signal` gives its zeros a floor.
     """
-    positive = dwi > 0
-    count = positive.sum(-1)
+    count = (dwi > 0).sum(-1)
     enough = (count >= 7) & (2 * count > dwi.shape[-1])
     return np.all(np.isfinite(dwi), axis=-1) & enough
 
