@@ -25,6 +25,7 @@ from iqt_pipe.cli import train as cli
 from iqt_pipe.dmri.dti import from_matrix, to_matrix
 from iqt_pipe.io import InputError
 from iqt_pipe.models import load_model
+from iqt_pipe.models.files import sha256
 from iqt_pipe.sr import patches as P
 from iqt_pipe.sr.patches import (
     AXIS_PERMUTATIONS,
@@ -354,6 +355,32 @@ def test_resume_reaches_the_uninterrupted_weights(runs, cache, tmp_path):
     assert state["epoch"] == 3 and state["best_epoch"] == full.best_epoch
 
 
+def test_init_starts_from_a_models_weights(runs, cache, tmp_path):
+    """--init (fine-tuning): the training starts from the model's weights, not the seed's; the
+    card and the checkpoint record the model, a resumed run must repeat it, and a model of
+    another network is refused in one line."""
+    lib = _lib(runs, cache, n=24)
+    first = train(lib, tmp_path / "first", epochs=1, **SMALL)
+    # A learning rate too small to move a weight: the result is the model it started from.
+    still = dict(SMALL, seed=5, lr=1e-30)
+    tuned = train(lib, tmp_path / "tuned", epochs=1, init=first.model_path, **still)
+    assert _same(_weights(tmp_path / "first"), _weights(tmp_path / "tuned"))
+    train(lib, tmp_path / "seed5", epochs=1, **still)
+    assert not _same(_weights(tmp_path / "first"), _weights(tmp_path / "seed5"))
+    record = tuned.card["training"]["initialised_from"]
+    assert record["sha256"] == sha256(first.model_path) and record["epochs"] == 1
+    assert record["model"] == "model.safetensors" and record["runs"] == first.card["training"]["runs"]
+    with pytest.raises(InputError, match="init"):
+        train(lib, tmp_path / "tuned", epochs=2, resume=True, **still)  # without --init
+    train(lib, tmp_path / "tuned", epochs=2, resume=True, init=first.model_path, **still)
+    with pytest.raises(InputError, match=r"first/model.safetensors: the --init model has widths \[50, 100\], this"):
+        train(lib, tmp_path / "w", epochs=1, init=first.model_path, **dict(SMALL, widths=(60, 100)))
+    with pytest.raises(InputError, match="--init model has variant 'hetero-var2', this training 'espcn'.*--variant"):
+        train(lib, tmp_path / "v", epochs=1, init=first.model_path, **dict(SMALL, variant="espcn"))
+    with pytest.raises(InputError, match="model card not found"):
+        train(lib, tmp_path / "none", epochs=1, init=tmp_path / "nothing.safetensors", **SMALL)
+
+
 def test_anneal_schedule_resumes_exactly(runs, cache, tmp_path):
     lib = _lib(runs, cache, n=24)
     kw = dict(SMALL, variant="hetero", schedule="anneal", anneal_start=1, anneal_epochs=1)
@@ -621,6 +648,8 @@ def test_cli_help():
         (["--kernels", "3", "2", "3"], "give odd kernel sizes"),
         (["--kernels", "0", "1", "3"], "a kernel size must be an integer ≥ 1"),
         (["--axis-swap", "--no-augment"], "drop --no-augment"),
+        (["--init", "bundled"], "the --init model has kernels [3, 3, 3], this training [3, 1, 3]; train with --kernels"),
+        (["--init", "nothing.safetensors"], "nothing.json: model card not found"),
     ],
 )
 def test_cli_bad_input_one_line_exit_2(bids_ds, tmp_path, capsys, extra, message):

@@ -3,6 +3,8 @@
 Example::
 
     iqt-train /data/hcp -o models/hetero-var2 --participant-label 01 02 --epochs 20
+    # fine-tune the bundled model on a lab's own scans (same architecture and target)
+    iqt-train /data/lab -o models/lab --init bundled --kernels 3 3 3 --lr 3e-4 --epochs 2
     torchrun --nproc_per_node 4 -m iqt_pipe.cli.train /data/hcp -o models/x   # data-parallel
     # several nodes: the same command on each, meeting at node01 (OUT_DIR on a shared disk)
     torchrun --nnodes 2 --nproc-per-node 4 --rdzv-id x --rdzv-backend c10d \
@@ -12,7 +14,8 @@ Each run is degraded by the IQT protocol (block averaging by r, DTI fitted at bo
 resolutions), a patch library is sampled (cached in OUT_DIR/cache, or --cache-dir), and the
 network is trained with Adam; the best validation checkpoint becomes OUT_DIR/model.safetensors
 plus its card OUT_DIR/model.json. OUT_DIR/metrics.jsonl logs every epoch; --resume continues
-from OUT_DIR/checkpoint/ to exactly the weights of an uninterrupted run.
+from OUT_DIR/checkpoint/ to exactly the weights of an uninterrupted run. --init MODEL starts
+from a model's weights instead of random ones; the card records which (training.initialised_from).
 
 Exit codes: 0 success, 1 unexpected failure, 2 bad command line or input (one line on stderr).
 """
@@ -292,6 +295,13 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="CPU threads per process (default: PyTorch's; torchrun sets 1)",
     )
+    p.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="start from this model file's weights instead of random ones, or 'bundled' for the bundled "
+        "model of -r (fine-tuning, e.g. on a lab's own scans): the same variant, --kernels, --widths, "
+        "--inputs, --target and r; the card records the model (default: random initialisation from --seed)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the training in OUT_DIR from its last checkpoint")
     p.add_argument(
         "--cache-dir", type=Path, metavar="DIR", help="folder for the patch library cache (default: OUT_DIR/cache)"
@@ -310,13 +320,18 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from iqt_pipe.bids import find_dwi_runs_multi
+    from iqt_pipe.models.files import bundled_model
     from iqt_pipe.sr.checkpoints import CHECKPOINT_DIR, CHECKPOINT_JSON
     from iqt_pipe.sr.distributed import build_library_distributed, init_distributed
     from iqt_pipe.sr.inference import resolve_device
-    from iqt_pipe.sr.training import check_training_dir, learnt_nothing_warning, split_indices, train
+    from iqt_pipe.sr.training import check_init, check_training_dir, learnt_nothing_warning, split_indices, train
 
     settings = train_settings(args)
     settings.check()  # before the patch library is built
+    if args.init == "bundled":
+        args.init = bundled_model(args.upsample)
+    if args.init is not None:
+        check_init(args.init, settings, args.upsample, args.target)
     device = resolve_device(args.device)
     if args.nthreads:
         torch.set_num_threads(args.nthreads)
@@ -342,9 +357,9 @@ def run(args: argparse.Namespace) -> int:
             )
             threads = torch.get_num_threads()
             augment = ("mirrors + axis swaps" if args.axis_swap else "mirrors") if args.augment else "off"
-            resuming = ""
+            resuming = "" if args.init is None else f"; starting from {args.init}"
             if args.resume and (out / CHECKPOINT_DIR / CHECKPOINT_JSON).exists():
-                resuming = "; resuming from OUT_DIR/checkpoint"
+                resuming = "; resuming from OUT_DIR/checkpoint"  # the checkpoint's weights win
             print(
                 f"{PROG}: variant {args.variant}, target {args.target}, schedule {args.schedule}, "
                 f"augment {augment}, kernels {'-'.join(map(str, args.kernels))} × widths "
@@ -361,6 +376,7 @@ def run(args: argparse.Namespace) -> int:
             settings,
             device=device,
             resume=args.resume,
+            init=args.init,
             quiet=quiet,
             dist=dist,
             data_summary={

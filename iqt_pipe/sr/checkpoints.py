@@ -43,6 +43,7 @@ _RESUME_KEYS = (
     "inputs",
     "library_key",
     "patches",
+    "init",
 )
 #: What checkpoints written before a setting existed were trained with.
 _RESUME_DEFAULTS = {
@@ -51,6 +52,7 @@ _RESUME_DEFAULTS = {
     "widths": list(WIDTHS),
     "kernels": list(KERNELS),
     "inputs": ["tensor"],
+    "init": None,
 }
 
 

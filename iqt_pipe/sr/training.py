@@ -76,7 +76,7 @@ from iqt_pipe.dmri.prepare import NONE, Preprocessing
 from iqt_pipe.io import InputError
 from iqt_pipe.models import VARIANTS, IQTNet, gaussian_nll, save_model
 from iqt_pipe.models.espcn import KERNELS, WIDTHS, architecture_problem, inputs_problem, margin, masked_mean
-from iqt_pipe.models.files import model_paths
+from iqt_pipe.models.files import check_model_file, model_paths
 from iqt_pipe.sr.checkpoints import (
     CHECKPOINT_DIR,
     CHECKPOINT_JSON,
@@ -423,6 +423,8 @@ class _Run:
     n_elements: int
     #: Validation RMSE of the interpolations (mm²/s).
     baselines: dict
+    #: The model file the weights started from (:func:`_initialise`), or None: from the seed.
+    init: dict | None = None
 
 
 @dataclass
@@ -525,6 +527,7 @@ def train(
     *,
     device: torch.device | str = "cpu",
     resume: bool = False,
+    init: str | os.PathLike | None = None,
     quiet: bool = False,
     dist: DistContext | None = None,
     data_summary: dict | None = None,
@@ -536,7 +539,10 @@ def train(
     ``seed=``, ``loss_mask=``, …), in place of ``settings`` or overriding its value.
     Writes ``OUT_DIR/model.safetensors`` + ``model.json`` (best validation loss),
     ``OUT_DIR/metrics.jsonl`` and ``OUT_DIR/checkpoint/``; ``resume`` continues from the
-    checkpoint. The architecture's margin must be the library's. ``data_summary`` (datasets,
+    checkpoint. ``init`` starts from the weights of that model file instead of the seed's
+    (fine-tuning: its network must be the one ``settings`` describe, for the library's r and
+    target; a resumed run must repeat it). The architecture's margin must be the library's.
+    ``data_summary`` (datasets,
     subjects, …) is merged into the card's ``training`` entry. Returns a :class:`TrainResult`
     (on every rank; only rank 0 writes).
     """
@@ -551,6 +557,8 @@ def train(
     if dist.is_main:
         check_training_dir(out, resume)
     run = _start(library, out, settings.resolved(), dist, device, quiet, data_summary)
+    if init is not None:
+        run.init = _initialise(run, init)
     progress = _resume(run, resume)
     start, epochs = progress.epoch, run.settings.epochs
     metrics = read_metrics(out / METRICS) if dist.is_main else []
@@ -649,8 +657,9 @@ def _start(
     )
 
 
-def _record(settings: TrainSettings, library: PatchLibrary) -> dict:
+def _record(run: _Run) -> dict:
     """The settings as checkpoints record them and a resumed run must repeat them."""
+    settings, library = run.settings, run.library
     anneal = settings.schedule == "anneal"
     return {
         "variant": settings.variant,
@@ -671,6 +680,43 @@ def _record(settings: TrainSettings, library: PatchLibrary) -> dict:
         "inputs": list(settings.inputs),
         "library_key": library.meta.get("key"),
         "patches": len(library),
+        "init": run.init["sha256"] if run.init else None,
+    }
+
+
+def check_init(path: str | os.PathLike, settings: TrainSettings, r: int, target: str) -> tuple[dict, dict]:
+    """Every check of a model file to fine-tune (``--init``) — the file itself
+    (:func:`~iqt_pipe.models.files.check_model_file`) and one-line errors when its network is
+    not the one ``settings`` train for ``r`` and ``target``. Returns ``(card, state)``."""
+    card, state = check_model_file(path, expect_r=r)
+    wanted = {
+        "variant": (settings.variant, card["variant"]),
+        "widths": (list(settings.widths), card.get("widths", list(WIDTHS))),
+        "kernels": (list(settings.kernels), card.get("kernels", list(KERNELS))),
+        "inputs": (list(settings.inputs), card.get("inputs", ["tensor"])),
+        "target": (target, card.get("target", "hr")),
+    }
+    for key, (ours, theirs) in wanted.items():
+        if ours != theirs:
+            raise InputError(
+                f"{path}: the --init model has {key} {theirs!r}, this training {ours!r}; "
+                f"train with --{key} as in its model.json, or without --init"
+            )
+    return card, state
+
+
+def _initialise(run: _Run, path: str | os.PathLike) -> dict:
+    """Load the weights of the model file at ``path`` into ``run.model`` (:func:`check_init`
+    first). Returns what the card records of it."""
+    card, state = check_init(path, run.settings, run.library.r, run.library.target)
+    run.model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    before = card.get("training", {})
+    return {
+        "model": model_paths(path)[0].name,
+        "sha256": card["weights"]["sha256"],
+        "epochs": before.get("epochs"),
+        "runs": before.get("runs"),
+        "preprocessing": before.get("preprocessing"),
     }
 
 
@@ -697,7 +743,7 @@ def _resume(run: _Run, resume: bool) -> _Progress:
                 anneal_start=saved.get("anneal_start", s.anneal_start),
                 anneal_epochs=saved.get("anneal_epochs", s.anneal_epochs),
             )
-        check_resumable(run.out, saved, _record(run.settings, run.library))
+        check_resumable(run.out, saved, _record(run))
         best_state = restore_checkpoint(run.model, run.optimizer, state, tensors)
         progress = _Progress(
             state["epoch"],
@@ -761,7 +807,7 @@ def _epoch(run: _Run, progress: _Progress, epoch: int) -> dict:
                 "best_epoch": progress.best_epoch,
                 "best_val_rmse": progress.best_rmse,
                 "best_diagonal_correlation": progress.best_correlation,
-                "settings": _record(s, run.library),
+                "settings": _record(run),
             },
         )
     log.debug("epoch %d: %s", epoch + 1, row)
@@ -853,7 +899,7 @@ def _save_best(best_state: dict, model: IQTNet, out: Path, card: dict) -> Path:
 def _card(run: _Run, progress: _Progress) -> dict:
     """The model card after ``progress.epoch`` epochs (:func:`~iqt_pipe.models.save_model` adds
     the architecture)."""
-    library, settings = run.library, _record(run.settings, run.library)
+    library, settings = run.library, _record(run)
     training = {
         **(run.data_summary or {}),
         "runs": [rp.name for rp in library.runs],
@@ -886,6 +932,8 @@ def _card(run: _Run, progress: _Progress) -> dict:
     }
     if library.meta.get("domain"):
         training["domain"] = library.meta["domain"]
+    if run.init:
+        training["initialised_from"] = run.init
     if settings["schedule"] == "anneal":
         training["anneal"] = {"mse_epochs": settings["anneal_start"], "switch_epochs": settings["anneal_epochs"]}
     calibration = {}
