@@ -255,6 +255,10 @@ def test_cache_is_reused_and_keyed(runs, tmp_path, monkeypatch):
     for kwargs in ({"seed": 6}, {"target": "residual-cubic"}, {"n": 17}, {"r": 3}):
         with pytest.raises(AssertionError, match="make_pair called"):
             _lib(runs, tmp_path, **{"n": 16, "target": "hr", "seed": 5, **kwargs})
+    with monkeypatch.context() as m:  # patches of the same files made differently (the fit changed)
+        m.setattr(P, "LIBRARY_VERSION", P.LIBRARY_VERSION + 1)
+        with pytest.raises(AssertionError, match="make_pair called"):
+            _lib(runs, tmp_path, n=16, target="hr", seed=5)
     # The key follows the files' content, not where they lie or when they were written.
     key = P.library_key(runs, 2, 16, 5, "hr")
     copies = []

@@ -70,7 +70,9 @@ from iqt_pipe.sr.baselines import interpolate_tensors
 from iqt_pipe.sr.normalise import TARGETS, ChannelStats, channel_stats, encode_target, network_input
 
 LIBRARY_FORMAT = "iqt-pipe-patches"
-LIBRARY_VERSION = 1
+#: Part of the cache key: bumped when the patches of the same files change. 2: the DTI fit
+#: floors lost readings (version 1's targets had zero tensors in CSF voxels with a reading of 0).
+LIBRARY_VERSION = 2
 INPUT_SIZE = 11
 MARGIN = 2
 #: LR positions per axis whose HR blocks a patch's target holds (7 → 14³ HR voxels at r = 2).
