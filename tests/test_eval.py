@@ -173,7 +173,7 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
         assert methods["hetero-var2"]["domain"]["inside"] and "domain" not in methods["cubic"]
     summary = res["summary"]["raw"]["hetero-var2"]
     assert summary["domain"]["runs_outside"] == 0 and summary["domain"]["parameter_sd_outside"] is None
-    assert summary["runs"] == 2 and "interior tensor RMSE ≤ 0.80 × cubic" in summary["goals"]
+    assert summary["runs"] == 2 and summary["goals"]["[SR path] interior tensor RMSE ≤ 0.87 × cubic"]["runs"] == 2
     # Cross-calibration: each subject gets the other subject's variance scale.
     raw = {rec["run"]: rec["methods"]["hetero-var2"]["uncertainty"] for rec in res["records"] if rec["mode"] == "raw"}
     loso = {row["run"]: row for row in summary["calibration_loso"]}
@@ -192,6 +192,7 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
         assert np.all(np.abs(rec["info"]["noise_neighbour_correlation"]) < 0.1), rec["info"]
     assert "## The scans" in text and text.count("| sub-01 | 6.50 × 6.50 × 6.50 |") == 1
     assert "cov. 95 %, scale from other subjects" in text
+    assert "- hetero-var2:\n  - [SR path] interior tensor RMSE ≤ 0.87 × cubic: " in text
     assert "## Uncertainty and the training domain" in text
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert "calibration.png" in figures
@@ -367,6 +368,22 @@ def test_noise_correlation_finds_the_interpolated_scan(realdwi):
         corr[label] = ev.prepare_case(run, mode="raw").info["noise_neighbour_correlation"]
     assert corr["galan02"][0] > 0.5 and abs(corr["galan02"][2]) < 0.1, corr
     assert max(abs(c) for c in corr["prisma01"]) < 0.2, corr
+
+
+def test_goals_count_the_runs_that_meet_them():
+    values = {
+        "tensor_rmse_ratio.interior": [0.82, 0.86, 0.96],
+        "coverage0.95.brain": [0.89, 0.95, float("nan")],  # a run without a value does not meet it
+        "lesion.auc": [float("nan")] * 3,  # not scored in this mode: no goal
+    }
+    g = ev.goals(values)
+    assert g["[SR path] interior tensor RMSE ≤ 0.87 × cubic"] == {"runs_met": 2, "runs": 3}
+    assert g["[SR model] interior tensor RMSE ≤ 0.83 × cubic"] == {"runs_met": 1, "runs": 3}
+    assert g["[SR model] interior tensor RMSE ≤ 0.95 × cubic"] == {"runs_met": 2, "runs": 3}
+    assert g["[SR model] interior tensor RMSE ≤ 0.85 × cubic, mean over runs"] == {"met": False}  # mean 0.88
+    assert g["[SR path] 95 % coverage in [0.88, 0.98]"] == {"runs_met": 2, "runs": 3}
+    assert g["[SR model] 95 % coverage in [0.90, 0.98]"] == {"runs_met": 1, "runs": 3}
+    assert not any("lesion" in k or "FA" in k for k in g)
 
 
 def test_out_of_domain_summary():

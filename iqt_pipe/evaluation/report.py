@@ -90,11 +90,18 @@ def _mode_section(mode: str, methods: dict[str, Any]) -> list[str]:
         lines.append("")
     goals = {n: s["goals"] for n, s in methods.items() if s.get("goals") and n not in ("nearest", "trilinear", "cubic")}
     if goals:
-        lines += ["Goals (every run):", ""]
+        lines += ["Goals of issues [SR path] and [SR model] (runs that meet each):", ""]
         for name, g in goals.items():
-            lines += [f"- {name}: " + "; ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in g.items())]
+            lines += [f"- {name}:", *(f"  - {k}: {_goal(v)}" for k, v in g.items())]
         lines.append("")
     return lines
+
+
+def _goal(g: dict) -> str:
+    """A goal's outcome: runs that meet it (all: ✓), or met / NOT met for a pooled goal."""
+    if "met" in g:
+        return "met" if g["met"] else "NOT met"
+    return f"{g['runs_met']}/{g['runs']}" + (" ✓" if g["runs_met"] == g["runs"] else "")
 
 
 def _scans_section(records: list[dict]) -> list[str]:
