@@ -80,7 +80,11 @@ def _relative(card: dict) -> dict:
     return card
 
 
-def _evaluation(folds: list[tuple[Path, str]], command: str | None) -> dict:
+#: What the evaluation's fold models are, unless ``--evaluation-protocol`` says otherwise.
+PROTOCOL = "iqt-eval on held-out subjects, each fold with a model of the same recipe trained without them"
+
+
+def _evaluation(folds: list[tuple[Path, str]], command: str | None, protocol: str = PROTOCOL) -> dict:
     records, info = [], []
     for k, (results, method) in enumerate(folds, 1):
         res = json.loads(results.read_text())
@@ -104,7 +108,7 @@ def _evaluation(folds: list[tuple[Path, str]], command: str | None) -> dict:
         values = methods["model"]["values"]
         summary[mode] = {k: v for k, v in values.items() if k.rsplit(".", 1)[0] in _KEEP and k.endswith(_SUFFIXES)}
     return {
-        "protocol": "iqt-eval on held-out subjects, each fold with a model of the same recipe trained without them",
+        "protocol": protocol,
         "runs": sorted({r["run"] for r in records}),
         "folds": info,
         "summary": summary,
@@ -125,10 +129,17 @@ def main() -> None:
         "method name of that recipe's model in it (repeatable)",
     )
     p.add_argument("--evaluation-command", help="the commands that reproduce the evaluation")
+    p.add_argument(
+        "--evaluation-protocol",
+        default=PROTOCOL,
+        help=f"how the fold models relate to the bundled one, where it is not the same recipe (default: {PROTOCOL!r})",
+    )
     args = p.parse_args()
     card = _relative(read_card(args.model))
     if args.evaluation:
-        card["evaluation"] = _evaluation([(Path(f), m) for f, m in args.evaluation], args.evaluation_command)
+        card["evaluation"] = _evaluation(
+            [(Path(f), m) for f, m in args.evaluation], args.evaluation_command, args.evaluation_protocol
+        )
     weights, _ = model_paths(args.model)
     r = card["upsample"]
     out = bundled_dir() / f"{BUNDLED[r]}.safetensors"

@@ -238,6 +238,8 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
     name = json.loads((phantom / "dataset_description.json").read_text())["Name"]
     assert relative["dataset_names"] == {"ds": name} and name.startswith("iqt-phantom synthetic DWI (preset tiny")
     pooled = bundle._evaluation(folds, "iqt-eval …")
+    assert pooled["protocol"] == bundle.PROTOCOL
+    assert bundle._evaluation(folds, None, "fold models: …")["protocol"] == "fold models: …"
     assert pooled["runs"] == ["sub-01", "sub-02"] and [f["runs"] for f in pooled["folds"]] == [["sub-01"], ["sub-02"]]
     assert pooled["folds"][1]["risky_threshold_md_sd"] == res["thresholds"]["fold-2"]["hetero-var2"]
     for mode in ("raw", "known-truth", "lesion"):

@@ -652,7 +652,7 @@ def test_cli_help():
         (["--kernels", "3", "2", "3"], "give odd kernel sizes"),
         (["--kernels", "0", "1", "3"], "a kernel size must be an integer ≥ 1"),
         (["--axis-swap", "--no-augment"], "drop --no-augment"),
-        (["--init", "bundled"], "the --init model has kernels [3, 3, 3], this training [3, 1, 3]; train with --kernels"),
+        (["--init", "bundled"], "--init model has kernels [3, 3, 3], this training [3, 1, 3]; train with --kernels"),
         (["--init", "nothing.safetensors"], "nothing.json: model card not found"),
     ],
 )

@@ -629,7 +629,9 @@ GOALS = (
     ("SR model", "lesion AUC ≥ 0.90", "lesion.auc", 0.90, math.inf),
 )
 #: Goals on the mean over runs: (issue, goal, metric key, high).
-POOLED_GOALS = (("SR model", "interior tensor RMSE ≤ 0.85 × cubic, mean over runs", "tensor_rmse_ratio.interior", 0.85),)
+POOLED_GOALS = (
+    ("SR model", "interior tensor RMSE ≤ 0.85 × cubic, mean over runs", "tensor_rmse_ratio.interior", 0.85),
+)
 
 
 def goals(values: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
