@@ -712,6 +712,11 @@ def test_cli_trains_then_refuses_without_resume(bids_ds, tmp_path, capsys):
         # A model no better than cubic spline gets the warning (12 patches, 2 epochs: either way).
         rmse = card["validation"]["rmse"]
         assert ("iqt-train: warning: the model's validation RMSE is" in err) == (rmse["model"] / rmse["cubic"] > 0.99)
+        # Fine-tuning from that model: its weights, recorded in the new card.
+        tuned = tmp_path / "tuned"
+        assert _main([*base[:2], str(tuned), *base[3:], "--epochs", "1", "--init", str(out / "model.safetensors")]) == 0
+        assert f"starting from {out / 'model.safetensors'}" in capsys.readouterr().out
+        assert json.loads((tuned / "model.json").read_text())["training"]["initialised_from"]["epochs"] == 2
     finally:
         torch.set_num_threads(1)
     assert check_training_dir(tmp_path / "fresh").is_dir()
