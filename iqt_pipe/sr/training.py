@@ -542,9 +542,8 @@ def train(
     checkpoint. ``init`` starts from the weights of that model file instead of the seed's
     (fine-tuning: its network must be the one ``settings`` describe, for the library's r and
     target; a resumed run must repeat it). The architecture's margin must be the library's.
-    ``data_summary`` (datasets,
-    subjects, …) is merged into the card's ``training`` entry. Returns a :class:`TrainResult`
-    (on every rank; only rank 0 writes).
+    ``data_summary`` (datasets, subjects, …) is merged into the card's ``training`` entry.
+    Returns a :class:`TrainResult` (on every rank; only rank 0 writes).
     """
     from tqdm.auto import tqdm
 
