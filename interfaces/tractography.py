@@ -135,10 +135,11 @@ class _PrepareMRtrixInputSpec(_TrackingSettingsSpec):
 
 
 class _PrepareMRtrixOutputSpec(TraitedSpec):
-    dwi_file = File(exists=True, desc="DWI series synthesised from the tensors and S0 on the tensor grid")
-    noisy_dwi_file = File(desc="the same with Rician noise at the run's noise level (when noisy)")
-    noise = traits.Dict(desc="the noise added: Type, Sigma, Estimate, RandomSeed (when noisy)")
+    dwi_file = File(exists=True, desc="noise-free DWI series synthesised from the tensors and S0 (b=0 and 6 directions)")
     grad_file = File(exists=True, desc="its MRtrix3 gradient table (x y z b, world coordinates)")
+    noisy_dwi_file = File(desc="a series on the subject's gradient table with Rician noise at the run's level (noisy)")
+    noisy_grad_file = File(desc="its MRtrix3 gradient table (when noisy)")
+    noise = traits.Dict(desc="the noise added: Type, Sigma, Estimate, RandomSeed (when noisy)")
     mask_file = File(exists=True, desc="brain mask (tckgen -mask)")
     seed_mask_file = File(exists=True, desc="white-matter seed mask (tckgen -seed_image)")
     n_seeds = traits.Int(desc="seeds for the requested density")
@@ -173,7 +174,7 @@ class PrepareMRtrixTracking(SimpleInterface):
             snr=self.inputs.snr,
             threads=self.inputs.nthreads,
         )
-        for key in ("dwi_file", "grad_file", "mask_file", "seed_mask_file", "noisy_dwi_file"):
+        for key in ("dwi_file", "grad_file", "mask_file", "seed_mask_file", "noisy_dwi_file", "noisy_grad_file"):
             if key in out:
                 self._results[key] = str(out[key])
         if "noise" in out:

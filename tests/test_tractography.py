@@ -524,9 +524,10 @@ def test_noise_level_from_repeated_b0():
 
 
 def test_tensor_prob_series_gets_the_runs_noise(tmp_path):
-    """MRtrix3's Tensor_Prob bootstraps the fit's residuals: its series carries Rician noise at
-    the run's level (measured on the native DWI's repeated b=0), reproducibly, and falls back
-    to SNR 30 of the synthesised b=0 without a native series."""
+    """MRtrix3's Tensor_Prob bootstraps the fit's residuals: its series has the subject's
+    gradient table and carries Rician noise at the run's level (measured on the native DWI's
+    repeated b=0), reproducibly, and falls back to SNR 30 of the synthesised b=0 without a
+    native series. Tensor_Det's noise-free series has b=0 and six directions."""
     from iqt_pipe.dmri.gradients import write_gradients
 
     p = make_phantom("tiny", seed=4, snr=20)
@@ -547,10 +548,15 @@ def test_tensor_prob_series_gets_the_runs_noise(tmp_path):
     assert noise["Sigma"] == pytest.approx(p.sigma, rel=0.15)
     clean = nb.load(prep["dwi_file"]).get_fdata()
     noisy = nb.load(prep["noisy_dwi_file"]).get_fdata()
+    table = np.loadtxt(prep["noisy_grad_file"])
+    b, g = M.synthesis_scheme(p.gtab.bvals, p.gtab.bvecs_world(p.affine))
+    np.testing.assert_allclose(table, np.c_[g, b], atol=1e-5)  # the .bvec file has 6 decimals
+    assert noisy.shape[-1] == len(b) > 7 and clean.shape[-1] == len(np.loadtxt(prep["grad_file"])) == 7
     box, _ = T.bounding_box(p.mask, p.affine)
     inside = p.mask[box] & (clean[..., 0] > 0)
-    assert np.std((noisy - clean)[..., 1:][inside]) == pytest.approx(noise["Sigma"], rel=0.2)
-    np.testing.assert_array_equal(noisy[~inside], clean[~inside])  # nothing outside the mask
+    # the b=0 volumes of both series are S0: their difference is the noise
+    assert np.std((noisy[..., 0] - clean[..., 0])[inside]) == pytest.approx(noise["Sigma"], rel=0.2)
+    assert not noisy[~inside].any()  # nothing outside the mask
     again = M.prepare_mrtrix_inputs(
         **files, prefix=tmp_path / "b", noisy=True, noise_dwi_file=dwi, noise_mask_file=files["mask_file"]
     )
@@ -758,8 +764,11 @@ def test_tractography_workflow_mrtrix_branch(tiny_inputs, mrtrix):
     assert "with Rician noise added" in prob["TrackingMethod"]
     assert prob["SynthesisedNoise"]["Sigma"] > 0 and "SNR 30" in prob["SynthesisedNoise"]["Estimate"]
     results = run_tractography_wf.results
-    assert results["tckgen_sr_mrtrixprob"].inputs["in_file"] == out["mrtrix_inputs_sr"].noisy_dwi_file
-    assert results["tckgen_sr_mrtrixdet"].inputs["in_file"] == out["mrtrix_inputs_sr"].dwi_file
+    prepared = out["mrtrix_inputs_sr"]
+    for alg, series in (("prob", "noisy_"), ("det", "")):
+        inputs = results[f"tckgen_sr_mrtrix{alg}"].inputs
+        assert inputs["in_file"] == getattr(prepared, f"{series}dwi_file")
+        assert inputs["grad_file"] == getattr(prepared, f"{series}grad_file")
 
 
 # --------------------------------------------------------------------------- SR vs native vs HR

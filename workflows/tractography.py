@@ -84,9 +84,9 @@ def init_tractography_wf(
             from iqt_pipe.workflows.tractography import init_tractography_wf
             wf = init_tractography_wf(software=("dipy", "mrtrix"))
 
-    DIPY tracks the tensors themselves; MRtrix3 (``tckgen -algorithm Tensor_Det/Tensor_Prob``, then ``tckmap``) a
-    DWI series synthesised from them and the subject's S0 and gradient table, with Rician noise at the run's noise
-    level for ``Tensor_Prob``. Every tractogram then gets the uncertainty limit (super-resolved ones only), its
+    DIPY tracks the tensors themselves; MRtrix3 (``tckgen -algorithm Tensor_Det/Tensor_Prob``, then ``tckmap``) DWI
+    series synthesised from them and the subject's S0: noise-free on b=0 and six directions for ``Tensor_Det``, on the
+    subject's gradient table with Rician noise at the run's noise level for ``Tensor_Prob``. Every tractogram then gets the uncertainty limit (super-resolved ones only), its
     ``.tck``/``.trk``/per-streamline TSV and a track-density image; the summary TSV has one row per tractogram.
 
     Parameters
@@ -263,9 +263,10 @@ def _add_dipy_branch(workflow, inputnode, outputnode, finish: dict, params: Trac
 def _add_mrtrix_branch(
     workflow, inputnode, outputnode, finish: dict, params: TrackingParams, omp_nthreads: int, noisy: bool
 ) -> None:
-    """MRtrix3 on a DWI series synthesised from the tensors and the subject's S0 and gradient table
-    (one synthesis per space, shared by its algorithms), then ``tckgen -algorithm Tensor_Det/Tensor_Prob``
-    (Nipype's ``Tractography``) and ``tckmap`` (``ComputeTDI``). ``Tensor_Prob`` tracks the series with
+    """MRtrix3 on DWI series synthesised from the tensors and the subject's S0 (one preparation per space,
+    shared by its algorithms), then ``tckgen -algorithm Tensor_Det/Tensor_Prob`` (Nipype's ``Tractography``) and
+    ``tckmap`` (``ComputeTDI``). ``Tensor_Det`` tracks a noise-free series on b=0 and six directions
+    (:func:`~iqt_pipe.tracking.mrtrix.exact_scheme`); ``Tensor_Prob`` one on the subject's gradient table with
     Rician noise added (``noisy``) at the run's noise level (measured on ``dwi_file``'s repeated b=0
     volumes, else SNR :data:`~iqt_pipe.tracking.mrtrix.DEFAULT_SYNTH_SNR` of the synthesised b=0),
     so its wild bootstrap has residuals to resample. ``finish``: every tractogram's node; this branch feeds
@@ -302,7 +303,8 @@ def _add_mrtrix_branch(
                 )
             )
         prep = prepared[space]
-        dwi = "dwi_file" if alg == "det" else "noisy_dwi_file"  # Tensor_Prob's bootstrap needs noise
+        # Tensor_Prob's bootstrap needs noise, and residuals: the subject's gradient table
+        series = "" if alg == "det" else "noisy_"
         track = _tckgen_node(key, alg, params, omp_nthreads)
         tdi = pe.Node(
             ComputeTDI(out_file="tdi.nii.gz", args="-quiet", nthreads=omp_nthreads),
@@ -314,8 +316,8 @@ def _add_mrtrix_branch(
                 prep,
                 track,
                 [
-                    (dwi, "in_file"),
-                    ("grad_file", "grad_file"),
+                    (f"{series}dwi_file", "in_file"),
+                    (f"{series}grad_file", "grad_file"),
                     ("mask_file", "roi_mask"),
                     ("seed_mask_file", "seed_image"),
                     ("step_mm", "step_size"),
@@ -395,15 +397,20 @@ def _methods(software, algorithms, spaces, params: TrackingParams, max_unc, acti
     if "mrtrix" in software:
         mrtrix_algs = ", ".join("Tensor_Det" if a == "det" else "Tensor_Prob" for a in algorithms)
         text.append(
-            "With MRtrix3 [@mrtrix3], a diffusion-weighted series was synthesised from each tensor "
-            "image and the fitted b=0 signal (interpolated to the tensor grid) with the subject's "
-            f"gradient table, and tracked with `tckgen` ({mrtrix_algs}); "
-            "track-density images were computed with `tckmap`."
+            "With MRtrix3 [@mrtrix3], diffusion-weighted series were synthesised from each tensor "
+            "image and the fitted b=0 signal (interpolated to the tensor grid) and tracked with "
+            f"`tckgen` ({mrtrix_algs}); track-density images were computed with `tckmap`."
         )
+        if "det" in algorithms:
+            text.append(
+                "For Tensor_Det the series was noise-free, with one b=0 volume and six directions (an "
+                "icosahedron's) at the subject's b-value, which give back the tensors exactly."
+            )
         if "prob" in algorithms:
             text.append(
-                "For Tensor_Prob, whose wild bootstrap resamples the residuals of the tensor fit, Rician "
-                "noise (fixed seed) was added to the synthesised series at the run's noise level, "
+                "For Tensor_Prob, whose wild bootstrap resamples the residuals of the tensor fit, the "
+                "series had the subject's gradient table and Rician "
+                "noise (fixed seed) at the run's noise level, "
                 "estimated from the repeated b=0 volumes of the native series (or, without repeats, at "
                 f"an SNR of {DEFAULT_SYNTH_SNR:g} for the synthesised b=0)."
             )
