@@ -173,14 +173,19 @@ def prepare_mrtrix_inputs(
     params = (params or TrackingParams()).resolved(voxel_size(affine))
     seeds = seed_mask(tensors, mask, params.seed_fa, str(tensor_file))
     prefix = str(prefix)
+    if noisy and not (math.isfinite(snr) and snr > 0):
+        raise InputError(f"the SNR of the synthesised b=0 must be a positive number, got {snr!r}")
     s0 = np.where(mask, s0, 0)  # the series are zero outside the mask
     exact_bvals, exact_bvecs = exact_scheme(bvals)
+    # Both series in one synthesis (projecting the tensors is its costly part); in Fortran
+    # order, each series is a contiguous block of the volumes.
+    series = synthesize_dwi(
+        tensors, s0, np.r_[exact_bvals, bvals if noisy else []], np.vstack([exact_bvecs, *([bvecs] if noisy else [])])
+    )
     # Compressed, though gzip of float data takes a while: tckgen reads a .nii.gz into memory, and
     # tracks on that several times faster than on a memory-mapped .nii (measured 2.9 vs 8.6–12 s).
     out = {
-        "dwi_file": save_nifti(
-            synthesize_dwi(tensors, s0, exact_bvals, exact_bvecs), affine, prefix + "_dwi.nii.gz", threads=threads
-        ),
+        "dwi_file": save_nifti(series[..., : len(exact_bvals)], affine, prefix + "_dwi.nii.gz", threads=threads),
         "grad_file": write_mrtrix_grad(exact_bvals, exact_bvecs, prefix + "_grad.b"),
         "mask_file": save_nifti(mask.astype(np.uint8), affine, prefix + "_mask.nii.gz", dtype=np.uint8),
         "seed_mask_file": save_nifti(seeds.astype(np.uint8), affine, prefix + "_seeds.nii.gz", dtype=np.uint8),
@@ -190,8 +195,6 @@ def prepare_mrtrix_inputs(
         "voxel_size_mm": voxel_size(affine),
     }
     if noisy:
-        if not (math.isfinite(snr) and snr > 0):
-            raise InputError(f"the SNR of the synthesised b=0 must be a positive number, got {snr!r}")
         sigma = run_noise_sigma(noise_dwi_file, gtab.bvals, noise_mask_file) if noise_dwi_file else None
         if sigma is not None:
             how = f"robust sd of the repeated b=0 volumes of {Path(noise_dwi_file).name}"
@@ -199,7 +202,7 @@ def prepare_mrtrix_inputs(
             sigma = float(np.median(s0[mask & (s0 > 0)])) / snr if (mask & (s0 > 0)).any() else 0.0
             how = f"median b=0 of the synthesised series / {snr:g} (SNR {snr:g}; the run's noise was not measurable)"
         rng = np.random.default_rng(params.random_seed)
-        dwi = synthesize_dwi(tensors, s0, bvals, bvecs)
+        dwi = series[..., len(exact_bvals) :]
         where = np.nonzero(mask & (s0 > 0))
         for start in range(0, len(where[0]), 200000):  # the noise added in place, in bounded chunks
             idx = tuple(a[start : start + 200000] for a in where)
