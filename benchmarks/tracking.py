@@ -93,9 +93,10 @@ def time_tckgen(files: dict, algorithm: str, threads: int, density: float, folde
         noise_dwi_file=files["dwi_file"],
         noise_mask_file=files["native_mask_file"],
     )
+    series = "noisy_" if algorithm == "prob" else ""  # Tensor_Prob's series (the workflow's choice)
     node = TensorTractography(
-        in_file=str(prep["noisy_dwi_file"] if algorithm == "prob" else prep["dwi_file"]),
-        grad_file=str(prep["grad_file"]),
+        in_file=str(prep[f"{series}dwi_file"]),
+        grad_file=str(prep[f"{series}grad_file"]),
         roi_mask=str(prep["mask_file"]),
         seed_image=str(prep["seed_mask_file"]),
         step_size=prep["step_mm"],
