@@ -565,6 +565,31 @@ def test_every_run_of_a_subject_gets_its_section(e2e, tmp_path):
     assert page.count("Native vs super-resolved colour FA") == 2 and "desc-dipyprob" not in page
 
 
+def test_figures_drawn_side_by_side_equal_one_by_one(e2e, tmp_path):
+    """A run's figures drawn by forked processes are the same bytes as drawn one by one, and a
+    figure that fails in a process is shown as such in its place, the others drawn."""
+    from iqt_pipe.reports import build_subject_report_with_problems
+
+    _, built, _, _ = e2e
+    figures = {}
+    for processes in (1, 3):
+        out = tmp_path / str(processes)
+        shutil.copytree(built, out)
+        report, problems = build_subject_report_with_problems(out, "01", processes=processes)
+        assert problems == []
+        figures[processes] = digests(out)
+    assert figures[1] == figures[3] and len(figures[1]) > 8
+    (md,) = (out / "sub-01" / "dwi").glob("sub-01_model-tensor_param-md_dwimap.nii.gz")  # native MD: one figure
+    md.write_bytes(b"not a NIfTI file")
+    report, problems = build_subject_report_with_problems(out, "01", processes=3)
+    assert len(problems) == 1 and problems[0].startswith("sub-01 FA/MD maps: "), problems
+    scalars = out / "sub-01" / "figures" / "sub-01_desc-scalars_dwi.html"
+    assert "Could not draw the FA/MD maps" in scalars.read_text()
+    assert not scalars.with_suffix(".svg").exists() and digests(out)["sub-01/figures/sub-01_desc-colourfa_dwi.svg"] == (
+        figures[1]["sub-01/figures/sub-01_desc-colourfa_dwi.svg"]
+    )
+
+
 def test_reports_only_refuses_a_folder_without_outputs(e2e, tmp_path):
     root, built, _, _ = e2e
     for level, message in (

@@ -276,7 +276,9 @@ def write_reports(config: RunConfig, subjects: list[str], run_uuid: str | None =
     ok = True
     for subject in subjects:
         try:
-            path, problems = build_subject_report_with_problems(config.output_dir, subject, run_uuid)
+            path, problems = build_subject_report_with_problems(
+                config.output_dir, subject, run_uuid, processes=config.nprocs
+            )
         except Exception as exc:  # noqa: BLE001 - one subject's report must not hide the others'
             print(f"{PROG}: warning: no report for sub-{subject}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
             ok = False

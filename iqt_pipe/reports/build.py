@@ -26,6 +26,7 @@ import datetime as _dt
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -175,36 +176,75 @@ def _write_html(path: Path, body: str) -> Path:
     return path
 
 
-def _error_html(what: str, exc: BaseException) -> str:
-    return (
-        f'<p class="iqt-alert">Could not draw the {escape(what)}: '
-        f"<code>{escape(exc.__class__.__name__)}: {escape(exc)}</code></p>"
-    )
+def _error_html(what: str, error: str) -> str:
+    return f'<p class="iqt-alert">Could not draw the {escape(what)}: <code>{escape(error)}</code></p>'
+
+
+#: A figure queued by :meth:`_Writer.figure`: where it goes, its entities, desc and name, and ``make``.
+_Figure = tuple[Path, dict, str, str, Callable[[], Any]]
+#: The figures a forked pool draws (:func:`_draw_all`): inherited by the processes, not pickled.
+_FORKED: list[_Figure] = []
+
+
+def _draw(figure: _Figure) -> str | None:
+    """Draw ``make() -> (fig, info)`` and save it; ``"Error: message"`` when that fails."""
+    path, *_, make = figure
+    try:
+        F.save_figure(make()[0], path)
+    except Exception as exc:  # noqa: BLE001 - the report shows the failure in the figure's place
+        return f"{exc.__class__.__name__}: {exc}"
+    return None
+
+
+def _draw_forked(index: int) -> str | None:
+    return _draw(_FORKED[index])
+
+
+def _draw_all(figures: list[_Figure], processes: int) -> list[str | None]:
+    """:func:`_draw` of every figure, in ``processes`` forked processes where there is more than
+    one of each and the platform forks (Linux: the figures' closures and the volumes they load
+    need no pickling; elsewhere, and with one process, here)."""
+    global _FORKED
+    processes = min(int(processes), len(figures))
+    if processes <= 1 or sys.platform != "linux":
+        return [_draw(figure) for figure in figures]
+    import multiprocessing
+
+    _FORKED = figures
+    try:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            return pool.map(_draw_forked, range(len(figures)), chunksize=1)
+    finally:
+        _FORKED = []
 
 
 class _Writer:
-    """Writes one participant's reportlets and remembers them (stale ones are removed after)."""
+    """Writes one participant's reportlets and remembers them (stale ones are removed after).
+    Figures are queued and drawn together by :meth:`draw`, in up to ``processes`` processes."""
 
-    def __init__(self, ctx: SubjectContext):
+    def __init__(self, ctx: SubjectContext, processes: int = 1):
         self.ctx = ctx
+        self.processes = processes
         self.written: list[Path] = []
         self.problems: list[str] = []
+        self.queued: list[_Figure] = []
 
     def html(self, entities: dict, desc: str, body: str) -> None:
         self.written.append(_write_html(figure_path(self.ctx.output_dir, entities, desc, ".html"), body))
 
-    def figure(self, entities: dict, desc: str, ext: str, what: str, make: Callable[[], Any]) -> Any:
-        """Draw with ``make() -> (fig, info)`` and save; on failure an HTML reportlet says why."""
-        path = figure_path(self.ctx.output_dir, entities, desc, ext)
-        try:
-            fig, info = make()
-            F.save_figure(fig, path)
-            self.written.append(path)
-            return info
-        except Exception as exc:  # noqa: BLE001 - the report shows the failure in the figure's place
-            self.problems.append(f"{run_label(entities)} {what}: {exc.__class__.__name__}: {exc}")
-            self.html(entities, desc, _error_html(what, exc))
-            return None
+    def figure(self, entities: dict, desc: str, ext: str, what: str, make: Callable[[], Any]) -> None:
+        """Queue the figure ``make() -> (fig, info)`` for :meth:`draw`."""
+        self.queued.append((figure_path(self.ctx.output_dir, entities, desc, ext), entities, desc, what, make))
+
+    def draw(self) -> None:
+        """Draw and save the queued figures; one that fails gets an HTML reportlet saying why."""
+        figures, self.queued = self.queued, []
+        for (path, entities, desc, what, _), error in zip(figures, _draw_all(figures, self.processes)):
+            if error is None:
+                self.written.append(path)
+            else:
+                self.problems.append(f"{run_label(entities)} {what}: {error}")
+                self.html(entities, desc, _error_html(what, error))
 
 
 def _about_html(ctx: SubjectContext) -> str:
@@ -671,24 +711,28 @@ def _write_run(writer: _Writer, run: RunOutputs) -> None:
             )
 
         writer.figure(ent, track, ".png", f"{title} streamlines", draw)
+    writer.draw()  # the run's figures, side by side (the volumes they share are loaded once per process)
     vol.clear()
 
 
 # --------------------------------------------------------------------------- assembly
 
 
-def build_subject_report(output_dir: str | os.PathLike, subject: str, run_uuid: str | None = None) -> Path:
+def build_subject_report(
+    output_dir: str | os.PathLike, subject: str, run_uuid: str | None = None, processes: int = 1
+) -> Path:
     """Write the reportlets of ``sub-<subject>`` and assemble ``output_dir/sub-<subject>.html``.
 
     ``run_uuid``: the run whose log folder (crash files, configuration) the report describes;
-    default the latest one. Returns the report's path; figures that failed are shown as such
+    default the latest one. ``processes``: the figures of a run are drawn by that many processes
+    at most (forked, on Linux). Returns the report's path; figures that failed are shown as such
     in the report (see :func:`build_subject_report_with_problems` for the list).
     """
-    return build_subject_report_with_problems(output_dir, subject, run_uuid)[0]
+    return build_subject_report_with_problems(output_dir, subject, run_uuid, processes)[0]
 
 
 def build_subject_report_with_problems(
-    output_dir: str | os.PathLike, subject: str, run_uuid: str | None = None
+    output_dir: str | os.PathLike, subject: str, run_uuid: str | None = None, processes: int = 1
 ) -> tuple[Path, list[str]]:
     """:func:`build_subject_report`, also returning the reportlets that could not be drawn."""
     from nireports.assembler.report import Report
@@ -698,7 +742,7 @@ def build_subject_report_with_problems(
     if not (out / f"sub-{subject}").is_dir():
         raise InputError(f"{out}: no outputs of sub-{subject}; run its participant level first")
     ctx = SubjectContext(out, subject, run_uuid)
-    writer = _Writer(ctx)
+    writer = _Writer(ctx, processes)
     subject_entities = {"subject": subject}
     writer.html(subject_entities, "about", _about_html(ctx))
     for run in ctx.runs:
