@@ -135,7 +135,7 @@ class _PrepareMRtrixInputSpec(_TrackingSettingsSpec):
 
 
 class _PrepareMRtrixOutputSpec(TraitedSpec):
-    dwi_file = File(exists=True, desc="noise-free DWI series synthesised from the tensors and S0 (b=0 and 6 directions)")
+    dwi_file = File(exists=True, desc="noise-free series synthesised from the tensors and S0 (b=0 and 6 directions)")
     grad_file = File(exists=True, desc="its MRtrix3 gradient table (x y z b, world coordinates)")
     noisy_dwi_file = File(desc="a series on the subject's gradient table with Rician noise at the run's level (noisy)")
     noisy_grad_file = File(desc="its MRtrix3 gradient table (when noisy)")

@@ -86,8 +86,9 @@ def init_tractography_wf(
 
     DIPY tracks the tensors themselves; MRtrix3 (``tckgen -algorithm Tensor_Det/Tensor_Prob``, then ``tckmap``) DWI
     series synthesised from them and the subject's S0: noise-free on b=0 and six directions for ``Tensor_Det``, on the
-    subject's gradient table with Rician noise at the run's noise level for ``Tensor_Prob``. Every tractogram then gets the uncertainty limit (super-resolved ones only), its
-    ``.tck``/``.trk``/per-streamline TSV and a track-density image; the summary TSV has one row per tractogram.
+    subject's gradient table with Rician noise at the run's noise level for ``Tensor_Prob``. Every tractogram then
+    gets the uncertainty limit (super-resolved ones only), its ``.tck``/``.trk``/per-streamline TSV and a
+    track-density image; the summary TSV has one row per tractogram.
 
     Parameters
     ----------
