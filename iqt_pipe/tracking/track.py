@@ -41,8 +41,9 @@ harmonics at every step, 61 % of the probabilistic tracker's time; the ODF preco
 hemisphere, DIPY's ``sf=``, tracked 1.7× faster on sub-achieva01's native tensors, but DIPY
 holds it as float64 for every vertex and voxel: 1.4 GB there, 11 GB on the super-resolved
 grid.) Tracking stops where FA falls below ``fa_threshold`` or the brain mask ends; seeds
-are drawn uniformly at random in white matter (:func:`seed_mask`: FA of the positive-semidefinite-projected tensors ≥
-``seed_fa`` in the mask, the same for DIPY and MRtrix3) at ``seed_density`` seeds per mm³,
+are drawn uniformly at random in white matter (:func:`seed_mask`: FA of the
+positive-semidefinite-projected tensors ≥ ``seed_fa`` in the mask, the same for DIPY and
+MRtrix3) at ``seed_density`` seeds per mm³,
 so native and super-resolved runs get the same density whatever their voxel size; a seed
 starts along the principal eigenvector of the tensor interpolated there. Step size (mm) and
 angle limit (degrees per step) default to values scaled to the voxel size: half a voxel, and
