@@ -699,3 +699,12 @@ def test_participant_level_failure_still_writes_both_reports(e2e, browser, tmp_p
     base = serve(out)
     check_page(driver, base, out, "sub-02.html", tmp_path / "sub-02.png")
     check_page(driver, base, out, "sub-01.html", tmp_path / "sub-01.png")
+
+
+def test_model_card_network_text():
+    """The network as the report names it: the card's kernels and widths, the paper's when the
+    card has none."""
+    from iqt_pipe.reports.build import _network
+
+    assert _network({"kernels": [3, 3, 3], "widths": [64, 128]}) == "3-3-3 × 64-128"
+    assert _network({}) == "3-1-3 × 50-100"
