@@ -411,9 +411,8 @@ def _methods(software, algorithms, spaces, params: TrackingParams, max_unc, acti
         if "prob" in algorithms:
             text.append(
                 "For Tensor_Prob, whose wild bootstrap resamples the residuals of the tensor fit, the "
-                "series had the subject's gradient table and Rician "
-                "noise (fixed seed) at the run's noise level, "
-                "estimated from the repeated b=0 volumes of the native series (or, without repeats, at "
+                "series had the subject's gradient table and Rician noise (fixed seed) at the run's "
+                "noise level, estimated from the repeated b=0 volumes of the native series (or, without repeats, at "
                 f"an SNR of {DEFAULT_SYNTH_SNR:g} for the synthesised b=0)."
             )
     text.append(

@@ -333,11 +333,12 @@ def _augmentation(training: dict) -> str:
 
 def _network(card: dict) -> str:
     """Kernel sizes × hidden widths, e.g. 3-1-3 × 50-100 (the paper's: a card without them)."""
-    kernels, widths = card.get("kernels"), card.get("widths")
-    if kernels is None or widths is None:  # the defaults' module imports PyTorch (~2 s): only when needed
+    if "kernels" in card and "widths" in card:  # the defaults' module imports PyTorch (~2 s)
+        kernels, widths = card["kernels"], card["widths"]
+    else:
         from iqt_pipe.models.espcn import KERNELS, WIDTHS
 
-        kernels, widths = kernels or KERNELS, widths or WIDTHS
+        kernels, widths = card.get("kernels", KERNELS), card.get("widths", WIDTHS)
     return f"{'-'.join(map(str, kernels))} × {'-'.join(map(str, widths))}"
 
 

@@ -179,9 +179,8 @@ def prepare_mrtrix_inputs(
     exact_bvals, exact_bvecs = exact_scheme(bvals)
     # Both series in one synthesis (projecting the tensors is its costly part); in Fortran
     # order, each series is a contiguous block of the volumes.
-    series = synthesize_dwi(
-        tensors, s0, np.r_[exact_bvals, bvals if noisy else []], np.vstack([exact_bvecs, *([bvecs] if noisy else [])])
-    )
+    both = (np.r_[exact_bvals, bvals], np.vstack([exact_bvecs, bvecs])) if noisy else (exact_bvals, exact_bvecs)
+    series = synthesize_dwi(tensors, s0, *both)
     # Compressed, though gzip of float data takes a while: tckgen reads a .nii.gz into memory, and
     # tracks on that several times faster than on a memory-mapped .nii (measured 2.9 vs 8.6–12 s).
     out = {

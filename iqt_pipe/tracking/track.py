@@ -300,11 +300,11 @@ def _eigh(tensors: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray
     from iqt_pipe.dmri.dti import to_matrix
 
     matrices = to_matrix(np.nan_to_num(np.asarray(tensors, dtype=np.float64)))
-    parts = np.array_split(np.arange(len(matrices)), max(1, min(int(threads), len(matrices))))
+    parts = np.array_split(matrices, max(1, min(int(threads), len(matrices))))
     if len(parts) == 1:
         return np.linalg.eigh(matrices)
     with ThreadPoolExecutor(len(parts)) as pool:
-        done = list(pool.map(lambda part: np.linalg.eigh(matrices[part[0] : part[-1] + 1]), parts))
+        done = list(pool.map(np.linalg.eigh, parts))
     return np.concatenate([w for w, _ in done]), np.concatenate([v for _, v in done])
 
 
