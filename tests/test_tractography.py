@@ -325,6 +325,67 @@ def test_tractograms_round_trip_through_nibabel_dipy_and_mrtrix(phantom, tmp_pat
         assert np.abs(shift).max() < 0.25, shift  # voxels (measured ≤ 0.09): no half-voxel slip
 
 
+def test_tractogram_files_are_nibabels(tmp_path):
+    """The .tck/.trk writers and the .tck reader, which handle all streamlines at once, give
+    what nibabel's TckFile/TrkFile (streamline by streamline) give: the same bytes for a .tck,
+    the same header, counts and values and points within float32 rounding for a .trk."""
+    from nibabel.streamlines import Field, TckFile, Tractogram, TrkFile
+
+    from iqt_pipe.io import write_columns_tsv, write_tsv
+
+    rng = np.random.default_rng(3)
+    lines = [rng.normal(size=(k, 3)).cumsum(axis=0).astype(np.float32) * 2 for k in (5, 1, 40, 2, 17)]
+    affine = np.array([[-1.5, 0, 0, 90], [0, 1.5, 0, -120], [0, 0, 2.0, -60], [0, 0, 0, 1]])
+    values = {"length_mm": rng.random(5), "mean_uncertainty": rng.random(5) * 1e-4}
+    F.save_tck(lines, tmp_path / "ours.tck")
+    TckFile(Tractogram(lines, affine_to_rasmm=np.eye(4))).save(str(tmp_path / "nibabel.tck"))
+    assert (tmp_path / "ours.tck").read_bytes() == (tmp_path / "nibabel.tck").read_bytes()
+    back = F.load_streamlines(tmp_path / "nibabel.tck")
+    assert len(back) == 5 and all(np.array_equal(a, b) for a, b in zip(back, lines))
+
+    F.save_trk(lines, tmp_path / "ours.trk", affine, (60, 80, 40), values)
+    header = {
+        Field.VOXEL_TO_RASMM: affine.astype(np.float32),
+        Field.VOXEL_SIZES: np.array([1.5, 1.5, 2.0], np.float32),
+        Field.DIMENSIONS: np.array([60, 80, 40], np.int16),
+        Field.VOXEL_ORDER: "LAS",
+    }
+    dps = {k: v.astype(np.float32)[:, None] for k, v in values.items()}
+    TrkFile(Tractogram(lines, data_per_streamline=dps, affine_to_rasmm=np.eye(4)), header=header).save(
+        str(tmp_path / "nibabel.trk")
+    )
+    ours, theirs = (tmp_path / "ours.trk").read_bytes(), (tmp_path / "nibabel.trk").read_bytes()
+    assert len(ours) == len(theirs) and ours[:1000] == theirs[:1000]
+    a, b = nb.streamlines.load(str(tmp_path / "ours.trk")), nb.streamlines.load(str(tmp_path / "nibabel.trk"))
+    assert [len(s) for s in a.streamlines] == [len(s) for s in lines]
+    for x, y in zip(a.streamlines, b.streamlines):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-5)
+    for k in values:
+        assert np.array_equal(a.tractogram.data_per_streamline[k], b.tractogram.data_per_streamline[k])
+
+    # an empty streamline in a file (skipped, as nibabel does); no streamline at all
+    raw = (tmp_path / "nibabel.tck").read_bytes()
+    offset = len(raw) - 12 * (sum(map(len, lines)) + len(lines) + 1)
+    nan = np.full((1, 3), np.nan, "<f4").tobytes()
+    (tmp_path / "gap.tck").write_bytes(raw[:offset] + nan + raw[offset:])
+    assert len(F.load_streamlines(tmp_path / "gap.tck")) == 5
+    for name, save in (("none.tck", F.save_tck), ("none.trk", lambda x, p: F.save_trk(x, p, affine, (9, 9, 9)))):
+        save([], tmp_path / name)
+        assert F.load_streamlines(tmp_path / name) == []
+        assert len(nb.streamlines.load(str(tmp_path / name)).streamlines) == 0
+    # a file cut short (no end-of-file marker) is refused in one line
+    (tmp_path / "cut.tck").write_bytes(raw[:-12])
+    with pytest.raises(InputError, match="cut.tck: cannot read as a .tck/.trk tractogram"):
+        F.load_streamlines(tmp_path / "cut.tck")
+
+    # the per-streamline TSV, written by column, as write_tsv writes its rows
+    table = {"i": np.arange(5), "x": np.array([0.1, np.nan, 1e-7, np.inf, 12345678.9]), "s": ["a", None, "c", "d", "e"]}
+    write_columns_tsv(table, list(table), tmp_path / "cols.tsv", ".6g")
+    write_tsv([{k: v[i] for k, v in table.items()} for i in range(5)], list(table), tmp_path / "rows.tsv", ".6g")
+    assert (tmp_path / "cols.tsv").read_text() == (tmp_path / "rows.tsv").read_text()
+    assert "n/a" in (tmp_path / "cols.tsv").read_text()
+
+
 def test_load_streamlines_refuses_a_bad_file(tmp_path):
     bad = tmp_path / "bad.tck"
     bad.write_text("not a tractogram\n")

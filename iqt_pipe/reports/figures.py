@@ -510,15 +510,18 @@ def load_tractogram(path: str | os.PathLike, label: str = "") -> Tractogram:
     import nibabel as nb
 
     from iqt_pipe.io import read_tsv
+    from iqt_pipe.tracking.files import load_streamlines
 
     path = Path(path)
-    loaded = nb.streamlines.load(str(path))
-    lines = [np.asarray(s, np.float32) for s in loaded.tractogram.streamlines]
     unc = None
-    dps = loaded.tractogram.data_per_streamline
-    if "mean_uncertainty" in dps:
-        unc = np.asarray(dps["mean_uncertainty"], np.float64).reshape(-1)
-    elif path.with_suffix(".tsv").exists():
+    if path.suffix == ".trk":
+        loaded = nb.streamlines.load(str(path)).tractogram
+        lines = [np.asarray(s, np.float32) for s in loaded.streamlines]
+        if "mean_uncertainty" in loaded.data_per_streamline:
+            unc = np.asarray(loaded.data_per_streamline["mean_uncertainty"], np.float64).reshape(-1)
+    else:
+        lines = load_streamlines(path)
+    if unc is None and path.with_suffix(".tsv").exists():
         rows = read_tsv(path.with_suffix(".tsv"))
         if rows and "mean_uncertainty" in rows[0]:
             unc = np.array([float(r["mean_uncertainty"]) if r["mean_uncertainty"] != "n/a" else np.nan for r in rows])

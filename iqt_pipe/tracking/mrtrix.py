@@ -61,18 +61,37 @@ def exact_scheme(bvals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.r_[0.0, np.full(6, b)], np.vstack([np.zeros((1, 3)), axes / np.linalg.norm(axes, axis=1, keepdims=True)])
 
 
-def synthesize_dwi(tensors_world: np.ndarray, s0: np.ndarray, bvals: np.ndarray, bvecs_world: np.ndarray) -> np.ndarray:
-    """Noise-free ``S0·exp(−b gᵀDg)`` for world-frame tensors and world directions, float32,
-    zero where S0 is not positive; in Fortran order, as NIfTI stores it (written without a copy)."""
+def synthesize_dwi(
+    tensors_world: np.ndarray,
+    s0: np.ndarray,
+    bvals: np.ndarray,
+    bvecs_world: np.ndarray,
+    noise: tuple[float, np.random.Generator, int] | None = None,
+) -> np.ndarray:
+    """Noise-free ``S0·exp(−b gᵀDg)`` for world-frame tensors (projected to positive
+    semidefinite) and world directions, float32, zero where S0 is not positive; in Fortran
+    order, as NIfTI stores it (written without a copy). ``noise = (σ, rng, k)`` adds Rician
+    noise of sd σ to volumes ``k`` onward (``rng``'s draws, voxel by voxel in storage order).
+
+    Voxels are taken in chunks in storage order and written one volume at a time (each a
+    contiguous block of the series): 5× sooner than scattering whole rows of the series."""
     from iqt_pipe.dmri.dti import project_psd
 
-    s0 = np.clip(np.nan_to_num(s0), 0, None)
-    out = np.zeros(s0.shape + (len(bvals),), dtype=np.float32, order="F")
-    inside = np.nonzero(s0 > 0)
-    for start in range(0, len(inside[0]), 200000):  # bounded memory on large grids
-        idx = tuple(a[start : start + 200000] for a in inside)
-        tensors, _ = project_psd(np.nan_to_num(np.asarray(tensors_world[idx], dtype=np.float64)), 0.0)
-        out[idx] = synthesize_signal(s0[idx].astype(float), tensors, bvals, bvecs_world)
+    shape = s0.shape
+    s0 = np.clip(np.nan_to_num(s0), 0, None).ravel(order="F")
+    out = np.zeros(shape + (len(bvals),), dtype=np.float32, order="F")
+    rows = out.reshape(-1, len(bvals), order="F")  # a view: one row per voxel
+    inside = np.flatnonzero(s0 > 0)
+    for start in range(0, len(inside), 200000):  # bounded memory on large grids
+        flat = inside[start : start + 200000]
+        voxel = np.unravel_index(flat, shape, order="F")
+        tensors, _ = project_psd(np.nan_to_num(np.asarray(tensors_world[voxel], dtype=np.float64)), 0.0)
+        signal = synthesize_signal(s0[flat].astype(float), tensors, bvals, bvecs_world)
+        if noise is not None:
+            sigma, rng, first = noise
+            signal[:, first:] = add_rician_noise(signal[:, first:].astype(np.float32), sigma, rng)  # float32 draws
+        for k in range(len(bvals)):
+            rows[flat, k] = signal[:, k]
     return out
 
 
@@ -177,10 +196,19 @@ def prepare_mrtrix_inputs(
         raise InputError(f"the SNR of the synthesised b=0 must be a positive number, got {snr!r}")
     s0 = np.where(mask, s0, 0)  # the series are zero outside the mask
     exact_bvals, exact_bvecs = exact_scheme(bvals)
+    noise = None
+    if noisy:
+        sigma = run_noise_sigma(noise_dwi_file, gtab.bvals, noise_mask_file) if noise_dwi_file else None
+        if sigma is not None:
+            how = f"robust sd of the repeated b=0 volumes of {Path(noise_dwi_file).name}"
+        else:
+            sigma = float(np.median(s0[mask & (s0 > 0)])) / snr if (mask & (s0 > 0)).any() else 0.0
+            how = f"median b=0 of the synthesised series / {snr:g} (SNR {snr:g}; the run's noise was not measurable)"
+        noise = (sigma, np.random.default_rng(params.random_seed), len(exact_bvals))
     # Both series in one synthesis (projecting the tensors is its costly part); in Fortran
     # order, each series is a contiguous block of the volumes.
     both = (np.r_[exact_bvals, bvals], np.vstack([exact_bvecs, bvecs])) if noisy else (exact_bvals, exact_bvecs)
-    series = synthesize_dwi(tensors, s0, *both)
+    series = synthesize_dwi(tensors, s0, *both, noise=noise)
     # Compressed, though gzip of float data takes a while: tckgen reads a .nii.gz into memory, and
     # tracks on that several times faster than on a memory-mapped .nii (measured 2.9 vs 8.6–12 s).
     out = {
@@ -194,18 +222,7 @@ def prepare_mrtrix_inputs(
         "voxel_size_mm": voxel_size(affine),
     }
     if noisy:
-        sigma = run_noise_sigma(noise_dwi_file, gtab.bvals, noise_mask_file) if noise_dwi_file else None
-        if sigma is not None:
-            how = f"robust sd of the repeated b=0 volumes of {Path(noise_dwi_file).name}"
-        else:
-            sigma = float(np.median(s0[mask & (s0 > 0)])) / snr if (mask & (s0 > 0)).any() else 0.0
-            how = f"median b=0 of the synthesised series / {snr:g} (SNR {snr:g}; the run's noise was not measurable)"
-        rng = np.random.default_rng(params.random_seed)
         dwi = series[..., len(exact_bvals) :]
-        where = np.nonzero(mask & (s0 > 0))
-        for start in range(0, len(where[0]), 200000):  # the noise added in place, in bounded chunks
-            idx = tuple(a[start : start + 200000] for a in where)
-            dwi[idx] = add_rician_noise(dwi[idx].astype(np.float64), sigma, rng).astype(np.float32)
         out["noisy_dwi_file"] = save_nifti(dwi, affine, prefix + "_noisy_dwi.nii.gz", threads=threads)
         out["noisy_grad_file"] = write_mrtrix_grad(bvals, bvecs, prefix + "_noisy_grad.b")
         out["noise"] = {"Type": "Rician", "Sigma": sigma, "Estimate": how, "RandomSeed": params.random_seed}

@@ -284,10 +284,22 @@ def _runs_collapsed(a: np.ndarray) -> np.ndarray:
 def fa_map(tensors: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """FA (float64) of the positive-semidefinite projection of ``(..., 6)`` tensors (any frame),
     zero outside ``mask``: the map tracking stops on and seeds are drawn from."""
+    from iqt_pipe.dmri.dti import not_positive_definite, to_matrix
+
     mask = np.asarray(mask, bool)
     out = np.zeros(mask.shape, dtype=np.float64)
-    w, _ = _eigh(np.asarray(tensors)[mask])
-    out[mask] = _psd_fa(w)
+    d = np.nan_to_num(np.asarray(tensors)[mask].astype(np.float64))
+    # FA from the components where the tensor is positive definite (the Frobenius norms of
+    # the tensor and its deviatoric part are those of its eigenvalues); from the eigenvalues,
+    # raised to 0, of the few others
+    md = (d[:, 0] + d[:, 3] + d[:, 5]) / 3
+    off = d[:, 1] ** 2 + d[:, 2] ** 2 + d[:, 4] ** 2
+    deviatoric = (d[:, 0] - md) ** 2 + (d[:, 3] - md) ** 2 + (d[:, 5] - md) ** 2 + 2 * off
+    norm = d[:, 0] ** 2 + d[:, 3] ** 2 + d[:, 5] ** 2 + 2 * off
+    fa = np.sqrt(1.5 * deviatoric / np.where(norm > 0, norm, 1.0)).clip(0.0, 1.0)
+    other = not_positive_definite(d)
+    fa[other] = _psd_fa(np.linalg.eigvalsh(to_matrix(d[other])))
+    out[mask] = fa
     return out
 
 
