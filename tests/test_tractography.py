@@ -543,9 +543,26 @@ def test_tensor_odf_sh_is_the_projection_on_the_whole_sphere():
     _, inverse = sh_to_sf_matrix(sphere, sh_order_max=T.SH_ORDER, basis_type=T.SH_BASIS, return_inv=True, legacy=False)
     expected = T.tensor_odf(tensors, sphere.vertices) @ inverse
     assert len(T.tracking_hemisphere().vertices) == len(sphere.vertices) // 2
-    np.testing.assert_allclose(
-        T.tensor_odf_sh(*T._eigh(tensors), chunk=64), expected, rtol=0, atol=5e-6 * np.abs(expected).max()
-    )
+    np.testing.assert_allclose(T.tensor_odf_sh(tensors, chunk=64), expected, rtol=0, atol=5e-6 * np.abs(expected).max())
+
+
+def test_clamped_inverse_and_fa_equal_the_eigendecompositions():
+    """The ODF's D⁻¹ (adjugate where no eigenvalue is raised) and FA of the PSD projection
+    (from the components where the tensor is positive definite) equal what the eigenvalues and
+    eigenvectors give, on tensors of every kind: ordinary, flat, nearly flat, negative, zero."""
+    from iqt_pipe.dmri.dti import fractional_anisotropy, from_matrix, to_matrix
+
+    rng = np.random.default_rng(1)
+    tensors = rng.normal(0, 3e-4, (3000, 6))
+    tensors[:, [0, 3, 5]] += rng.uniform(2e-4, 2e-3, (3000, 3))
+    tensors[:4] = [[1e-3, 0, 0, 0, 0, 0], [1e-3, 0, 0, 1e-5, 0, 1e-5], [-1e-3, 0, 0, -1e-3, 0, -1e-3], [0.0] * 6]
+    w, v = np.linalg.eigh(to_matrix(tensors))
+    largest = w[:, -1:]
+    raised = np.where(largest > 0, np.maximum(w, T.MIN_EIGENVALUE_RATIO * largest), 1.0)
+    expected = from_matrix(np.einsum("pij,pj,pkj->pik", v, 1 / raised, v))
+    assert (w[:, 0] < T.MIN_EIGENVALUE_RATIO * w[:, -1]).sum() > 100  # many need raising
+    np.testing.assert_allclose(T._clamped_inverse(tensors), expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
+    np.testing.assert_allclose(T._psd_fa_of(tensors), fractional_anisotropy(np.maximum(w, 0)), rtol=0, atol=1e-12)
 
 
 def test_s0_resampling_stays_positive():

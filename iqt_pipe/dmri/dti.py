@@ -64,7 +64,7 @@ def from_mrtrix_order(d6: np.ndarray) -> np.ndarray:
 
 
 #: The identity tensor in BEP016 order.
-_IDENTITY = np.array([1.0, 0.0, 0.0, 1.0, 0.0, 1.0])
+IDENTITY6 = np.array([1.0, 0.0, 0.0, 1.0, 0.0, 1.0])
 
 
 def to_matrix(d6: np.ndarray) -> np.ndarray:
@@ -212,7 +212,7 @@ def project_psd(d6: np.ndarray, min_eigenvalue: float = 0.0) -> tuple[np.ndarray
     """
     d6 = np.asarray(d6)
     out = d6.astype(np.result_type(d6, np.float32), copy=True)
-    candidates = not_positive_definite(d6.astype(np.float64) - min_eigenvalue * _IDENTITY)
+    candidates = not_positive_definite(d6.astype(np.float64) - min_eigenvalue * IDENTITY6)
     w, v = np.linalg.eigh(to_matrix(d6[candidates].astype(np.float64)))
     below = np.any(w < min_eigenvalue, axis=-1)
     changed = np.zeros(candidates.shape, dtype=bool)

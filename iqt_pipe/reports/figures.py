@@ -507,9 +507,11 @@ class Tractogram:
 def load_tractogram(path: str | os.PathLike, label: str = "") -> Tractogram:
     """A ``.trk`` (its ``mean_uncertainty`` per streamline) or a ``.tck`` (uncertainty from
     the ``.tsv`` of the same name beside it, when present)."""
+    import csv
+
     import nibabel as nb
 
-    from iqt_pipe.io import read_tsv
+    from iqt_pipe.io import MISSING
     from iqt_pipe.tracking.files import load_streamlines
 
     path = Path(path)
@@ -522,9 +524,12 @@ def load_tractogram(path: str | os.PathLike, label: str = "") -> Tractogram:
     else:
         lines = load_streamlines(path)
     if unc is None and path.with_suffix(".tsv").exists():
-        rows = read_tsv(path.with_suffix(".tsv"))
-        if rows and "mean_uncertainty" in rows[0]:
-            unc = np.array([float(r["mean_uncertainty"]) if r["mean_uncertainty"] != "n/a" else np.nan for r in rows])
+        with open(path.with_suffix(".tsv"), newline="") as fh:  # the one column (csv.DictReader: 3× longer)
+            rows = csv.reader(fh, delimiter="\t")
+            header = next(rows, [])
+            if "mean_uncertainty" in header:
+                k = header.index("mean_uncertainty")
+                unc = np.array([float(r[k]) if r[k] != MISSING else np.nan for r in rows])
     if unc is not None and (len(unc) != len(lines) or not np.isfinite(unc).any()):
         unc = None
     return Tractogram(lines, unc, label)

@@ -42,6 +42,7 @@ import numpy as np
 
 from iqt_pipe.dmri.degrade import voxel_centres
 from iqt_pipe.dmri.dti import (
+    IDENTITY6,
     from_matrix,
     fsl_flip,
     rotate_tensors,
@@ -326,13 +327,11 @@ def radial_field(points: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- tensors
 
-_IDENTITY6 = np.array([1.0, 0.0, 0.0, 1.0, 0.0, 1.0])
-
 
 def axial_tensors(iso_and_axial: tuple[float, float], v: np.ndarray) -> np.ndarray:
     """Tensors ``a·I + b·v vᵀ`` (BEP016, ``(P, 6)``) for vectors ``v`` of shape ``(P, 3)``."""
     a, b = iso_and_axial
-    return a * _IDENTITY6 + b * from_matrix(v[:, :, None] * v[:, None, :])
+    return a * IDENTITY6 + b * from_matrix(v[:, :, None] * v[:, None, :])
 
 
 def white_matter_tensors(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -364,7 +363,7 @@ def mix_compartments(fractions: np.ndarray, points: np.ndarray, wm: np.ndarray):
     radial = radial_field(points)
     unit = radial / np.maximum(np.linalg.norm(radial, axis=-1, keepdims=True), 1e-9)
     compartments = (
-        D_CSF * np.broadcast_to(_IDENTITY6, wm.shape),
+        D_CSF * np.broadcast_to(IDENTITY6, wm.shape),
         axial_tensors(GM_TENSOR, radial),
         wm,
         axial_tensors(LESION_TENSOR, unit),
