@@ -131,7 +131,6 @@ class _PrepareMRtrixInputSpec(_TrackingSettingsSpec):
     snr = traits.Float(
         DEFAULT_SYNTH_SNR, usedefault=True, desc="SNR of the synthesised b=0 when noise_dwi_file gives no noise level"
     )
-    nthreads = traits.Int(1, usedefault=True, nohash=True, desc="threads compressing the synthesised series")
 
 
 class _PrepareMRtrixOutputSpec(TraitedSpec):
@@ -172,7 +171,6 @@ class PrepareMRtrixTracking(SimpleInterface):
             noise_dwi_file=_optional(self.inputs.noise_dwi_file),
             noise_mask_file=_optional(self.inputs.noise_mask_file),
             snr=self.inputs.snr,
-            threads=self.inputs.nthreads,
         )
         for key in ("dwi_file", "grad_file", "mask_file", "seed_mask_file", "noisy_dwi_file", "noisy_grad_file"):
             if key in out:

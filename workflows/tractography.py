@@ -283,10 +283,9 @@ def _add_mrtrix_branch(
             continue
         tensor, mask = _SPACE_INPUTS[space]
         if space not in prepared:
-            # One slot: the synthesis runs on one core (only the compression of its series uses
-            # the node's threads, briefly), so the scheduler can run another node beside it.
+            # One slot: the synthesis runs on one core, so the scheduler can run another node beside it.
             prepared[space] = pe.Node(
-                PrepareMRtrixTracking(noisy=noisy, snr=DEFAULT_SYNTH_SNR, nthreads=omp_nthreads, **_seeding(params)),
+                PrepareMRtrixTracking(noisy=noisy, snr=DEFAULT_SYNTH_SNR, **_seeding(params)),
                 name=f"mrtrix_inputs_{space}",
             )
             connections.append(
