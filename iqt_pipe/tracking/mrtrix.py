@@ -260,8 +260,7 @@ def prepare_mrtrix_inputs(
             sigma = float(np.median(s0[mask & (s0 > 0)])) / snr if (mask & (s0 > 0)).any() else 0.0
             how = f"median b=0 of the synthesised series / {snr:g} (SNR {snr:g}; the run's noise was not measurable)"
         noise = (sigma, np.random.default_rng(params.random_seed), len(exact_bvals))
-    # Both series in one synthesis (projecting the tensors is its costly part); in Fortran
-    # order, each series is a contiguous block of the volumes.
+    # Both series in one synthesis (projecting the tensors is its costly part)
     both = (np.r_[exact_bvals, bvals], np.vstack([exact_bvecs, bvecs])) if noisy else (exact_bvals, exact_bvecs)
     series = synthesize_dwi(tensors, s0, *both, noise=noise)
     out = {
