@@ -19,12 +19,12 @@ or write is in world millimetres (RAS+), the space of ``.tck`` files and of niba
 Tracking (DIPY's ``generate_tractogram``: compiled, without the Python interpreter in the
 loop, seeds spread over ``nthreads`` threads). FA and the ODF come from the tensors'
 components (eigenvalues only where a tensor is not positive definite or too flat), the
-principal eigenvectors from one eigendecomposition of the brain's tensors. Deterministic ("det"): EuDX's propagator on
-the principal eigenvectors themselves (each voxel its own exact direction, not a sphere's
-vertex): each step follows the trilinearly weighted mean of the neighbouring voxels'
-eigenvectors that lie within the angle limit of the previous step, and stops where those hold
-less than :data:`DET_MIN_WEIGHT` (a third) of the weight — a turn sharper than the limit, as
-MRtrix3's ``Tensor_Det`` stops. (Tracking previously stepped along the closest peak of the
+principal eigenvectors from one eigendecomposition of the brain's tensors. Deterministic
+("det"): EuDX's propagator on the principal eigenvectors themselves (each voxel its own exact
+direction, not a sphere's vertex): each step follows the trilinearly weighted mean of the
+neighbouring voxels' eigenvectors that lie within the angle limit of the previous step, and
+stops where those hold less than :data:`DET_MIN_WEIGHT` (a third) of the weight — a turn
+sharper than the limit, as MRtrix3's ``Tensor_Det`` stops. (Tracking previously stepped along the closest peak of the
 interpolated ODF, which keeps a peak until it falls below half the largest, roughly a third
 of the weight; a half stopped streamlines sooner than that did, ~20 % shorter on the phantom,
 and then too short for a tensor field in the wrong frame to leave the bundles.
@@ -37,8 +37,8 @@ real spherical harmonics of order :data:`SH_ORDER` (trilinearly interpolated bet
 values below :data:`PMF_THRESHOLD` of the largest left out; it is evaluated on one vertex of
 each antipodal pair of :data:`SPHERE` (:func:`tracking_hemisphere`), which draws the same
 directions as the whole sphere at half the cost, and its coefficients come from the
-quadratic form ``uᵀD⁻¹u`` in closed form, ``D⁻¹`` by the adjugate (:func:`tensor_odf_sh`). (DIPY evaluates the
-harmonics at every step, 61 % of the probabilistic tracker's time; the ODF precomputed on the
+quadratic form ``uᵀD⁻¹u`` in closed form, ``D⁻¹`` by the adjugate (:func:`tensor_odf_sh`).
+(DIPY evaluates the harmonics at every step, 61 % of the probabilistic tracker's time; the ODF precomputed on the
 hemisphere, DIPY's ``sf=``, tracked 1.7× faster on sub-achieva01's native tensors, but DIPY
 holds it as float64 for every vertex and voxel: 1.4 GB there, 11 GB on the super-resolved
 grid.) Tracking stops where FA falls below ``fa_threshold`` or the brain mask ends; seeds
