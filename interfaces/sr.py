@@ -68,7 +68,7 @@ class _SuperResolveInputSpec(BaseInterfaceInputSpec):
 
 class _SuperResolveOutputSpec(TraitedSpec):
     tensor_file = File(exists=True, desc="HR mean tensor, BEP016 order, world frame (mm²/s)")
-    fa_file = File(exists=True, desc="FA mean over predictive samples")
+    fa_file = File(exists=True, desc="FA of the predictive mean tensor")
     fa_sd_file = File(exists=True, desc="FA sd over predictive samples")
     md_file = File(exists=True, desc="MD mean over predictive samples (mm²/s)")
     md_sd_file = File(exists=True, desc="MD sd over predictive samples (mm²/s)")

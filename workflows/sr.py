@@ -164,9 +164,9 @@ Diffusion tensors were super-resolved with Bayesian Image Quality Transfer
 (3D-ESPCN) predicted the high-resolution tensors of every brain voxel and of the brain's rim, with a
 heteroscedastic noise model for intrinsic uncertainty and variational dropout for
 parameter uncertainty where the model has them. The predictive mean and variance were
-estimated from {mc_samples} Monte-Carlo weight samples (variational models); FA mean and
-standard deviation from samples of the predictive distribution, MD's exactly (MD is linear in
-the tensor).
+estimated from {mc_samples} Monte-Carlo weight samples (variational models). FA and MD maps
+are those of the predictive mean tensor; FA's standard deviation was estimated from tensor
+samples of the predictive distribution, MD's exactly (MD is linear in the tensor).
 """
     if s0:
         text += """\

@@ -336,6 +336,15 @@ def _scalars(d6: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return fa, md
 
 
+def _written_scalars(result: Prediction | np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FA and MD as a method writes them: a model's FA and MD maps (the means over tensor
+    samples of its predictive distribution, which the app writes as ``param-fa`` and
+    ``param-md``), or those of an interpolation's tensors."""
+    if isinstance(result, Prediction):
+        return result.fa_mean, result.md_mean
+    return _scalars(result, mask)
+
+
 def reference_scores(case: Case) -> dict[str, Any]:
     """The reference's noise floor per region (×1e-4 mm²/s) and voxel counts."""
     out: dict[str, Any] = {"voxels": {k: int(v.sum()) for k, v in _regions(case).items()}}
@@ -356,7 +365,7 @@ def score(case: Case, result: Prediction | np.ndarray, md_threshold: float | Non
     pred = result.mean if isinstance(result, Prediction) else result
     regions = _regions(case)
     fa_ref, md_ref = case.reference_scalars
-    fa, md = _scalars(pred, case.hr_mask)
+    fa, md = _written_scalars(result, case.hr_mask)
     out: dict[str, Any] = {"tensor_rmse": {}, "md_rmse": {}, "fa_rmse": {}}
     floor = case.floor_var
     if floor is not None:
@@ -456,8 +465,7 @@ def risky_voxels(case: Case, pred: Prediction) -> tuple[np.ndarray, np.ndarray]:
     > 1.5e-4 mm²/s); :func:`metrics.best_f1_threshold` of several cases' pooled values is
     the risky-voxel threshold."""
     _, md_ref = case.reference_scalars
-    _, md = _scalars(pred.mean, case.hr_mask)
-    return pred.md_sd[case.hr_mask], np.abs(md - md_ref)[case.hr_mask] > metrics.RISKY_MD_ERROR
+    return pred.md_sd[case.hr_mask], np.abs(pred.md_mean - md_ref)[case.hr_mask] > metrics.RISKY_MD_ERROR
 
 
 def add_ratios(method_scores: dict[str, dict], reference_method: str = "cubic") -> None:

@@ -358,7 +358,7 @@ def scalar_maps_mosaic(
             units="FA (unitless)",
             mask=native_mask,
         ),
-        Row("sr_fa", "SR FA mean", sr_fa, cmap="gray", vmin=0.0, vmax=1.0, units="FA (unitless)", mask=sr_mask),
+        Row("sr_fa", "SR FA", sr_fa, cmap="gray", vmin=0.0, vmax=1.0, units="FA (unitless)", mask=sr_mask),
         Row("sr_fa_sd", "SR FA sd", sr_fa_sd, cmap="viridis", units="FA sd (unitless)", mask=sr_mask),
         Row(
             "native_md",
