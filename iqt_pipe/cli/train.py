@@ -72,7 +72,14 @@ def _add_optimiser_arguments(p) -> None:
     """Recipe: the variant, the patch pairs, the epochs, the batch, the learning rate and the validation split."""
     from iqt_pipe.models import VARIANTS
     from iqt_pipe.sr.patches import DEFAULT_PATCHES_PER_SUBJECT
-    from iqt_pipe.sr.training import DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_VAL_FRACTION, DEFAULT_VARIANT
+    from iqt_pipe.sr.training import (
+        DEFAULT_BATCH,
+        DEFAULT_EPOCHS,
+        DEFAULT_LR,
+        DEFAULT_VAL_FRACTION,
+        DEFAULT_VARIANT,
+        LR_DECAYS,
+    )
 
     p.add_argument(
         "--variant",
@@ -107,6 +114,13 @@ def _add_optimiser_arguments(p) -> None:
         default=DEFAULT_LR,
         metavar="X",
         help=f"Adam learning rate (default: {DEFAULT_LR:g})",
+    )
+    p.add_argument(
+        "--lr-decay",
+        choices=list(LR_DECAYS),
+        default="none",
+        help="none: the learning rate throughout; cosine: from --lr down to 0 over the --epochs, "
+        "step by step (a resumed run must keep --epochs; default: none)",
     )
     p.add_argument(
         "--val-fraction",
@@ -219,6 +233,7 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        lr_decay=args.lr_decay,
         val_fraction=args.val_fraction,
         schedule=args.schedule,
         augment=args.augment,

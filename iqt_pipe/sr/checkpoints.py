@@ -33,6 +33,8 @@ _RESUME_KEYS = (
     "lr",
     "val_fraction",
     "schedule",
+    "lr_decay",
+    "lr_decay_epochs",
     "anneal_start",
     "anneal_epochs",
     "augment",
@@ -47,6 +49,8 @@ _RESUME_KEYS = (
 )
 #: What checkpoints written before a setting existed were trained with.
 _RESUME_DEFAULTS = {
+    "lr_decay": "none",
+    "lr_decay_epochs": None,
     "axis_swap": False,
     "loss_mask": "none",
     "widths": list(WIDTHS),

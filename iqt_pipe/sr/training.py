@@ -2,6 +2,8 @@
 
 Protocol (DESIGN §1): Adam, learning rate 1e-3, batches of 12 patch pairs, a random half of
 the pairs held out for validation, the checkpoint with the best validation loss kept.
+``lr_decay="cosine"`` (beyond the paper) lowers the learning rate step by step from ``lr`` to 0
+over the run's epochs (:func:`decayed_lr`).
 
 Losses, per variant. The data term is a mean over target elements (patches × 6 components ×
 HR voxels):
@@ -95,6 +97,8 @@ from iqt_pipe.sr.patches import DEFAULT_PATCHES_PER_SUBJECT, N_MIRRORS, N_SYMMET
 log = logging.getLogger("iqt_pipe.sr.training")
 
 SCHEDULES = ("fixed", "anneal")
+#: The learning rate over the run: constant, or cosine decay from ``lr`` to 0 step by step.
+LR_DECAYS = ("none", "cosine")
 #: Which target voxels the data term averages over: every one (the paper) or the HR brain mask.
 LOSS_MASKS = ("none", "brain")
 #: Paper: Adam, lr 1e-3, batch 12, 50 % validation.
@@ -132,6 +136,8 @@ class TrainSettings:
     lr: float = DEFAULT_LR
     val_fraction: float = DEFAULT_VAL_FRACTION
     schedule: str = "fixed"
+    #: ``"cosine"``: the learning rate falls from ``lr`` to 0 over the ``epochs`` (half a cosine).
+    lr_decay: str = "none"
     #: Mirror augmentation; ``axis_swap`` adds the axis permutations to it.
     augment: bool = DEFAULT_AUGMENT
     axis_swap: bool = False
@@ -160,6 +166,8 @@ class TrainSettings:
                 f"the anneal schedule (--schedule anneal) switches MSE to the heteroscedastic NLL; variant "
                 f"{self.variant} has no precision network (use a hetero variant or --schedule fixed)"
             )
+        if self.lr_decay not in LR_DECAYS:
+            raise InputError(f"unknown learning-rate decay {self.lr_decay!r}; choose {' or '.join(LR_DECAYS)}")
         if self.loss_mask not in LOSS_MASKS:
             raise InputError(f"unknown loss mask {self.loss_mask!r}; choose {' or '.join(LOSS_MASKS)}")
         if self.axis_swap and not self.augment:
@@ -261,6 +269,14 @@ class PatchDataset(torch.utils.data.Dataset):
 
 
 # --------------------------------------------------------------------------- losses
+
+
+def decayed_lr(lr: float, decay: str, epoch_position: float, epochs: int) -> float:
+    """The learning rate at a (fractional) epoch position: ``lr``, or with ``decay="cosine"``
+    lr·(1 + cos(π·position/epochs))/2, which reaches 0 at the last step."""
+    if decay == "none":
+        return lr
+    return 0.5 * lr * (1 + math.cos(math.pi * min(1.0, epoch_position / epochs)))
 
 
 def anneal_weight(epoch_position: float, start: int, length: int) -> float:
@@ -669,6 +685,9 @@ def _record(run: _Run) -> dict:
         "lr": float(settings.lr),
         "val_fraction": float(settings.val_fraction),
         "schedule": settings.schedule,
+        "lr_decay": settings.lr_decay,
+        # A cosine decay spans the run's epochs: a resumed run must keep them.
+        "lr_decay_epochs": int(settings.epochs) if settings.lr_decay != "none" else None,
         "anneal_start": settings.anneal_start if anneal else None,
         "anneal_epochs": settings.anneal_epochs if anneal else None,
         "augment": bool(settings.augment),
@@ -841,6 +860,9 @@ def _train_steps(run: _Run, epoch: int) -> float:
         w = 1.0 if hetero else 0.0
         if s.schedule == "anneal":
             w = anneal_weight(epoch + (step + 1) / n_steps, s.anneal_start, s.anneal_epochs)
+        lr = decayed_lr(s.lr, s.lr_decay, epoch + step / n_steps, s.epochs)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
         mean, prec = run.net(x, sample=model.stochastic)
         loss = data_loss(mean, prec, y, w, brain)
         if brain is not None and dist.distributed:
@@ -919,6 +941,7 @@ def _card(run: _Run, progress: _Progress) -> dict:
         "axis_swap": settings["axis_swap"],
         "optimizer": "Adam",
         "learning_rate": settings["lr"],
+        "lr_decay": settings["lr_decay"],
         "batch_size": settings["batch_size"],
         "val_fraction": settings["val_fraction"],
         "loss": loss_description(settings["variant"], settings["schedule"], settings["loss_mask"]),
