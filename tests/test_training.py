@@ -9,6 +9,7 @@ slower than one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -396,6 +397,51 @@ def test_anneal_schedule_resumes_exactly(runs, cache, tmp_path):
     assert "MSE, then a linear switch" in full.card["training"]["loss"]
     with pytest.raises(InputError, match="anneal"):
         train(lib, tmp_path / "c", epochs=1, **dict(kw, variant="espcn"))
+
+
+def test_cosine_decay_lowers_the_learning_rate_to_zero_and_resumes_exactly(runs, cache, tmp_path, monkeypatch):
+    """--lr-decay cosine: each step's learning rate is lr·(1 + cos(π·position/epochs))/2 (the
+    first step at lr, the last near 0); the card records it; a resumed run reaches the
+    uninterrupted weights, and one with other --epochs (another decay) is refused."""
+    from iqt_pipe.sr import training as tr
+
+    assert tr.decayed_lr(1e-3, "none", 1.5, 2) == 1e-3
+    assert tr.decayed_lr(1e-3, "cosine", 0, 2) == 1e-3
+    assert tr.decayed_lr(1e-3, "cosine", 1, 2) == pytest.approx(5e-4)
+    assert tr.decayed_lr(1e-3, "cosine", 2, 2) == pytest.approx(0, abs=1e-18)
+    lib = _lib(runs, cache, n=24)
+    kw = dict(SMALL, lr_decay="cosine")
+    seen = []
+    step = torch.optim.Adam.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", record)
+    full = train(lib, tmp_path / "a", epochs=2, **kw)
+    n = len(seen) // 2  # steps per epoch
+    assert seen == pytest.approx([0.5e-3 * (1 + math.cos(math.pi * k / (2 * n))) for k in range(2 * n)])
+    assert full.card["training"]["lr_decay"] == "cosine" and full.card["training"]["learning_rate"] == 1e-3
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    # Stopped after its first epoch (a job's time limit), then resumed: the same weights.
+    first_epoch = tr._epoch
+
+    def stop_after_one(run, progress, epoch):
+        if epoch > 0:
+            raise KeyboardInterrupt
+        return first_epoch(run, progress, epoch)
+
+    monkeypatch.setattr(tr, "_epoch", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        train(lib, tmp_path / "b", epochs=2, **kw)
+    monkeypatch.setattr(tr, "_epoch", first_epoch)
+    train(lib, tmp_path / "b", epochs=2, resume=True, **kw)
+    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    with pytest.raises(InputError, match="lr_decay_epochs = 2, this run asks for 3"):
+        train(lib, tmp_path / "b", epochs=3, resume=True, **kw)
+    with pytest.raises(InputError, match="learning-rate decay 'linear'"):
+        train(lib, tmp_path / "c", epochs=1, **dict(kw, lr_decay="linear"))
 
 
 def test_wider_network_and_axis_swaps(runs, cache, tmp_path):

@@ -380,7 +380,8 @@ def run(args: argparse.Namespace) -> int:
                 f"augment {augment}, kernels {'-'.join(map(str, args.kernels))} × widths "
                 f"{'-'.join(map(str, args.widths))}, loss mask {args.loss_mask}, "
                 f"preprocessing: {options['preprocessing'].describe()}, {args.epochs} epochs, "
-                f"batch {args.batch_size}, lr {args.lr:g}, seed {args.seed}; "
+                f"batch {args.batch_size}, lr {args.lr:g}{' (cosine decay to 0)' * (args.lr_decay == 'cosine')}, "
+                f"seed {args.seed}; "
                 f"device {dist.device if dist.distributed else device}"
                 f" × {dist.world_size} process(es), {threads} thread(s) each{resuming}",
                 flush=True,
