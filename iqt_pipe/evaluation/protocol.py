@@ -337,9 +337,8 @@ def _scalars(d6: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _written_scalars(result: Prediction | np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """FA and MD as a method writes them: a model's FA and MD maps (the means over tensor
-    samples of its predictive distribution, which the app writes as ``param-fa`` and
-    ``param-md``), or those of an interpolation's tensors."""
+    """FA and MD as a method writes them: a model's FA and MD maps (those the app writes as
+    ``param-fa`` and ``param-md``), or those of an interpolation's tensors."""
     if isinstance(result, Prediction):
         return result.fa_mean, result.md_mean
     return _scalars(result, mask)
