@@ -126,7 +126,7 @@ def test_the_app_writes_what_iqt_eval_scores(phantom):
     pred = ev.predict(ev.Method("model", models=[(model, card, None)]), case, mc_samples=8, seed=0)
     assert_same_prediction(tensors, pred.mean)
     np.testing.assert_array_equal(mask, pred.mask)
-    # The FA and MD maps the app writes are those iqt-eval scores (means over tensor samples).
+    # The FA and MD maps the app writes (of the mean tensor) are those iqt-eval scores.
     for param, desc, expected in (("fa", "", pred.fa_mean), ("md", "", pred.md_mean), ("md", "desc-sd_", pred.md_sd)):
         assert_same_prediction(app_map(tmp / "out", param, desc), expected)
     assert sidecar["DiagonalCorrelation"] == pred.info["diagonal_correlation"] == 0.4
