@@ -16,6 +16,8 @@ from iqt_pipe.tracking.track import (
     DEFAULT_MIN_LENGTH,
     DEFAULT_SEED_DENSITY,
     DEFAULT_SEED_FA,
+    SH_ORDER,
+    SPHERE,
     TrackingParams,
     check_uncertainty_limit,
 )
@@ -393,7 +395,8 @@ def _methods(software, algorithms, spaces, params: TrackingParams, max_unc, acti
             f"With DIPY [@dipy], {algs} local tracking used the tensors expressed in the voxel frame "
             "of each grid: deterministic tracking followed the principal eigenvector (trilinearly "
             "weighted over the neighbouring voxels), probabilistic tracking drew each step from the "
-            "tensors' diffusion orientation distribution function."
+            "tensors' diffusion orientation distribution function (real spherical harmonics of order "
+            f"{SH_ORDER}, evaluated on the directions of DIPY's `{SPHERE}` sphere)."
         )
     if "mrtrix" in software:
         mrtrix_algs = ", ".join("Tensor_Det" if a == "det" else "Tensor_Prob" for a in algorithms)
