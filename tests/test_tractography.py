@@ -105,9 +105,9 @@ def assert_follows_bundles(p, tracks: T.Tracks, tolerance_voxels: float, label: 
         assert len(dist) >= 5, f"{label} {name}: {len(dist)} streamlines"
         # The criterion: mean closest-point distance to the true path below one voxel...
         assert dist.mean() < voxel, f"{label} {name}: {dist.mean():.2f} mm from the true path"
-        # ...measured on the part inside the tube, so also: most of each streamline is in its tube.
         # ...measured on the part inside the tube, so also: alongside the bundle, most of each
-        # streamline lies in the tubes (measured, det: medians ≥ 0.82; prob: ≥ 0.48).
+        # streamline lies in the tubes (measured, det: medians ≥ 0.82; prob: ≥ 0.44 on DIPY's
+        # symmetric362 sphere, ≥ 0.45 on repulsion724; mean distance 0.95–0.99 mm against 0.89–1.02).
         assert np.median(fraction) >= min_in_tubes, f"{label} {name}: median {np.median(fraction):.2f} in the tubes"
     assert all_dist.mean() < tolerance_voxels * voxel, f"{label}: {all_dist.mean():.2f} mm on average"
     # ...along a stretch of the bundle, not a stub.
