@@ -50,15 +50,37 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, nb.Nift
         raise InputError(f"{path}: file not found")
     try:
         img = nb.load(path)
-        # get_fdata applies the scale factors (Philips scans carry scl_slope up to ~2.4e6);
-        # float32 directly keeps the peak memory at one float32 copy.
-        data = img.get_fdata(dtype=np.float32)
+        data = _float32_data(img)
     except NIFTI_READ_ERRORS as exc:
         raise unreadable_nifti(path, exc) from exc
     affine = img.affine
     if affine is None or not np.all(np.isfinite(affine)):
         raise InputError(f"{path}: the header has no valid affine; fix the qform/sform")
     return data, np.asarray(affine, dtype=np.float64), img.header
+
+
+def _float32_data(img) -> np.ndarray:
+    """The image's data as float32 with its scale factors applied (Philips scans carry
+    ``scl_slope`` up to ~2.4e6), as ``get_fdata(dtype=np.float32)`` gives it. Integer data
+    scaled by a slope alone, one that float32 holds exactly (NIfTI-1 stores it as float32), is
+    scaled here in float32: the integers and the slope are exact in float32, so each product
+    is rounded once, to the same value as nibabel's float64 product cast to float32 — 3–4×
+    sooner and in half the memory (sub-achieva01's series: 1.9 → 0.5 s)."""
+    proxy = img.dataobj
+    slope, inter = (float(getattr(proxy, name, default)) for name, default in (("slope", 1.0), ("inter", 0.0)))
+    raw_dtype = np.dtype(getattr(proxy, "dtype", np.float64))
+    if not (
+        nb.is_proxy(proxy)
+        and np.issubdtype(raw_dtype, np.integer)
+        and raw_dtype.itemsize <= 2  # exact in float32
+        and slope != 1.0
+        and inter == 0.0
+        and float(np.float32(slope)) == slope
+    ):
+        return img.get_fdata(dtype=np.float32)
+    data = np.asarray(proxy.get_unscaled(), dtype=np.float32)
+    data *= np.float32(slope)
+    return data
 
 
 def load_mask(path: str | os.PathLike, shape: tuple[int, ...], of: str = "DWI") -> np.ndarray:

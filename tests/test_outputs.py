@@ -254,3 +254,32 @@ def test_sidecar_takes_the_factor_from_the_provenance(tmp_path):
     assert meta["Resolution"].startswith("Super-resolved 2× per axis")
     assert meta["Model"]["Description"] == "kept" and meta["Model"]["Variant"] == "hetero"
     assert "Sources" not in meta
+
+
+@pytest.mark.parametrize(
+    "dtype, slope, inter",
+    [
+        (np.int16, 704.1720581054688, 0.0),  # sub-achieva01's (Philips): scaled here in float32
+        (np.uint16, 3.3e-3, 0.0),
+        (np.uint8, 2.5e6, 0.0),
+        (np.int16, 1.5, 10.0),  # an intercept: nibabel's own scaling
+        (np.int32, 704.17, 0.0),  # beyond float32's exact integers: nibabel's
+        (np.int16, 1.0, 0.0),  # unscaled
+    ],
+)
+def test_load_nifti_scales_as_nibabel_does(tmp_path, dtype, slope, inter):
+    """``load_nifti``'s float32 data equal nibabel's ``get_fdata(dtype=float32)`` to the bit,
+    whichever way the scale factors are applied."""
+    from iqt_pipe.io import load_nifti
+
+    info = np.iinfo(dtype)
+    raw = np.random.default_rng(3).integers(info.min, info.max, (9, 8, 7, 5), endpoint=True).astype(dtype)
+    img = nb.Nifti1Image(raw, np.diag([2.0, 2.0, 2.5, 1.0]))
+    img.header.set_slope_inter(slope, inter)
+    nb.save(img, tmp_path / "s.nii.gz")
+    data = load_nifti(tmp_path / "s.nii.gz")[0]
+    expected = nb.load(tmp_path / "s.nii.gz").get_fdata(dtype=np.float32)
+    assert data.dtype == np.float32 and data.shape == raw.shape
+    np.testing.assert_array_equal(data, expected)
+    if slope != 1.0:  # the factors were applied, once
+        np.testing.assert_allclose(data, raw.astype(np.float64) * np.float32(slope) + inter, rtol=1e-6)
