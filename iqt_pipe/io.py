@@ -67,16 +67,11 @@ def _float32_data(img) -> np.ndarray:
     is rounded once, to the same value as nibabel's float64 product cast to float32 — 3–4×
     sooner and in half the memory (sub-achieva01's series: 1.9 → 0.5 s)."""
     proxy = img.dataobj
-    slope, inter = (float(getattr(proxy, name, default)) for name, default in (("slope", 1.0), ("inter", 0.0)))
-    raw_dtype = np.dtype(getattr(proxy, "dtype", np.float64))
-    if not (
-        nb.is_proxy(proxy)
-        and np.issubdtype(raw_dtype, np.integer)
-        and raw_dtype.itemsize <= 2  # exact in float32
-        and slope != 1.0
-        and inter == 0.0
-        and float(np.float32(slope)) == slope
-    ):
+    if not isinstance(proxy, nb.arrayproxy.ArrayProxy):
+        return img.get_fdata(dtype=np.float32)
+    slope, inter, raw_dtype = float(proxy.slope), float(proxy.inter), np.dtype(proxy.dtype)
+    exact = np.issubdtype(raw_dtype, np.integer) and raw_dtype.itemsize <= 2 and float(np.float32(slope)) == slope
+    if not exact or slope == 1.0 or inter != 0.0:
         return img.get_fdata(dtype=np.float32)
     data = np.asarray(proxy.get_unscaled(), dtype=np.float32)
     data *= np.float32(slope)
