@@ -39,7 +39,8 @@ class _DenoiseMPPCAOutputSpec(TraitedSpec):
 
 
 class DenoiseMPPCA(SimpleInterface):
-    """Marchenko–Pastur PCA denoising with DIPY (:func:`iqt_pipe.dmri.preproc.denoise_mppca`)."""
+    """Marchenko–Pastur PCA denoising, DIPY's ``mppca`` computed for many patches at once
+    (:func:`iqt_pipe.dmri.preproc.denoise_mppca`)."""
 
     input_spec = _DenoiseMPPCAInputSpec
     output_spec = _DenoiseMPPCAOutputSpec

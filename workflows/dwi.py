@@ -123,7 +123,7 @@ def _denoise_node(mrtrix: bool, omp_nthreads: int):
     from iqt_pipe.interfaces.preproc import DenoiseMPPCA
 
     node = pe.Node(DenoiseMPPCA(nprocs=omp_nthreads), name="denoise_mppca", n_procs=omp_nthreads)
-    return node, "noise_file", "DIPY's `mppca` [@dipy]"
+    return node, "noise_file", "DIPY's `mppca` [@dipy] (its method, computed for many patches at once)"
 
 
 def _degibbs_node(mrtrix: bool, slice_axis: int, omp_nthreads: int):
