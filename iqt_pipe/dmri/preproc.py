@@ -77,18 +77,22 @@ def _mppca(data: np.ndarray, mask: np.ndarray, patch_radius: int, origin: int = 
     from numpy.lib.stride_tricks import sliding_window_view
     from threadpoolctl import threadpool_limits
 
-    r, size = patch_radius, 2 * patch_radius + 1
-    n, dim = size**3, data.shape[-1]
+    # DIPY's patch: 2r + 1 voxels along each axis, one along an axis of one voxel
+    radii = [0 if n_axis == 1 else patch_radius for n_axis in data.shape[:3]]
+    sizes = tuple(2 * r + 1 for r in radii)
+    if any(n_axis < size for n_axis, size in zip(data.shape[:3], sizes)):
+        raise ValueError(f"a grid of {data.shape[:3]} voxels is smaller than MP-PCA's {sizes} patch")
+    n, dim = int(np.prod(sizes)), data.shape[-1]
     tau2 = np.float32((1 + np.sqrt(dim / n)) ** 2)
     inner = np.zeros(mask.shape, bool)
-    inner[r : mask.shape[0] - r, r : mask.shape[1] - r, r : mask.shape[2] - r] = True
-    corners = np.argwhere(mask & inner) - r  # the corners of the patches of every centre in the mask
-    # (..., size, size, size, volumes): a patch gathered as DIPY's (voxels, volumes) matrix
-    windows = np.moveaxis(sliding_window_view(data, (size, size, size), axis=(0, 1, 2)), 3, -1)
+    inner[tuple(slice(r, n_axis - r) for r, n_axis in zip(radii, mask.shape))] = True
+    corners = np.argwhere(mask & inner) - radii  # the corners of the patches of every centre in the mask
+    # (..., patch voxels along i, j, k, volumes): a patch gathered as DIPY's (voxels, volumes) matrix
+    windows = np.moveaxis(sliding_window_view(data, sizes, axis=(0, 1, 2)), 3, -1)
     weight = np.zeros(data.shape[:3], np.float32)  # Σ θ (DIPY's theta and thetavar)
     weighted = np.zeros(data.shape, np.float32)  # Σ θ x̂
     weighted_var = np.zeros(data.shape[:3], np.float32)  # Σ θ σ²
-    offsets = np.argwhere(np.ones((size,) * 3, bool))
+    offsets = np.argwhere(np.ones(sizes, bool))
     block = max(1, _MPPCA_BATCH // max(1, data.shape[2]))
     keys = (corners[:, 0] + origin) * (data.shape[1] // block + 1) + corners[:, 1] // block
     bounds = [0, *(np.flatnonzero(np.diff(keys)) + 1).tolist(), len(corners)]
@@ -108,7 +112,7 @@ def _mppca(data: np.ndarray, mask: np.ndarray, patch_radius: int, origin: int = 
             vectors *= (np.arange(dim) >= dropped[:, None])[:, None, :]
             theta = (1 / (1 + dim - dropped)).astype(np.float32)
             estimate = (centred @ vectors @ vectors.transpose(0, 2, 1) + mean) * theta[:, None, None]
-            estimate = estimate.reshape(hi - lo, size, size, size, dim)
+            estimate = estimate.reshape(hi - lo, *sizes, dim)
             theta_var = theta * var
             for a, b, c in offsets:
                 at = (i + a, j + b, k + c)
