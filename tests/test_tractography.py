@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import nibabel as nb
@@ -445,6 +446,36 @@ def _slab():
         "inside": int(np.argmin(abs(xs - 12.5))),
     }
     return affine, unc, line.astype(np.float32), short.astype(np.float32), seeds, xs
+
+
+def test_sample_nearest_is_the_voxel_holding_each_point():
+    """The flat gather against plain indexing by three arrays, on an oblique grid: points inside,
+    beyond each face, at NaN and far enough away that their voxel index needs 64 bits; and the
+    streamline table built on it (lengths, mean and maximum per streamline)."""
+    rng = np.random.default_rng(5)
+    shape = (7, 9, 5)
+    volume = rng.random(shape).astype(np.float32)
+    affine = nb.affines.from_matvec(nb.eulerangles.euler2mat(0.3, -0.2, 0.1) * [1.5, 2.0, 2.5], [-4.0, 3.0, 9.0])
+    ijk = np.vstack([rng.uniform(-2, np.array(shape) + 1, (2000, 3)), [[np.nan, 1, 1], [1e10, 1, 1], [-3e9, 0, 0]]])
+    points = nb.affines.apply_affine(affine, ijk).astype(np.float32)
+    got = T.sample_nearest(volume, affine, points, outside=-1.0)
+    nearest = np.rint(nb.affines.apply_affine(np.linalg.inv(affine), points.astype(np.float64)))
+    inside = np.all((nearest >= 0) & (nearest < shape), axis=1)
+    expected = np.full(len(points), -1.0)
+    expected[inside] = volume[tuple(nearest[inside].astype(int).T)]
+    assert 500 < inside.sum() < 1500 and not inside[-3:].any()  # a third inside
+    np.testing.assert_array_equal(got, expected)
+    assert T.voxel_indices(points[:-3], affine).dtype == np.int32 and T.voxel_indices(points, affine).dtype == np.int64
+    lines = [points[:10], points[10:11], points[11:2000]]
+    table = T.streamline_table(lines, volume, affine)
+    lengths = [np.linalg.norm(np.diff(line.astype(float), axis=0), axis=1).sum() for line in lines]
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the mean of a streamline outside the grid: NaN
+        values = [T.sample_nearest(volume, affine, line) for line in lines]
+        means, peaks = [np.nanmean(v) for v in values], [np.nanmax(v) for v in values]
+    np.testing.assert_allclose(table["length_mm"], lengths, rtol=1e-6)
+    np.testing.assert_allclose(table["mean_uncertainty"], means, rtol=1e-12)
+    np.testing.assert_array_equal(table["max_uncertainty"], peaks)
 
 
 def test_uncertainty_limit_stops_or_drops(tmp_path):

@@ -182,17 +182,20 @@ class Tracks:
         return len(self.streamlines)
 
 
-def streamline_lengths(streamlines: Sequence[np.ndarray]) -> np.ndarray:
+def streamline_lengths(streamlines: Sequence[np.ndarray], points: np.ndarray | None = None) -> np.ndarray:
     """Length (mm) of each streamline: the steps of all of them at once (in the points' own
-    precision), summed per streamline as differences of one float64 running sum."""
-    points = np.fromiter((len(s) for s in streamlines), np.int64, len(streamlines))
-    if points.sum() < 2:
-        return np.zeros(len(points))
-    d = np.diff(np.concatenate([np.reshape(s, (-1, 3)) for s in streamlines]), axis=0)
+    precision), summed per streamline as differences of one float64 running sum. ``points``:
+    the streamlines' points already concatenated, ``(N, 3)``, when the caller has them."""
+    counts = np.fromiter((len(s) for s in streamlines), np.int64, len(streamlines))
+    if counts.sum() < 2:
+        return np.zeros(len(counts))
+    if points is None:
+        points = np.concatenate([np.reshape(s, (-1, 3)) for s in streamlines])
+    d = np.diff(points, axis=0)
     steps = np.sqrt(d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2])  # np.linalg.norm's sum, 5× faster
     total = np.r_[0.0, np.cumsum(steps, dtype=np.float64)]  # total[k]: the first k steps
-    ends = np.cumsum(points)
-    return np.where(points > 1, total[np.maximum(ends - 1, 0)] - total[np.maximum(ends - points, 0)], 0.0)
+    ends = np.cumsum(counts)
+    return np.where(counts > 1, total[np.maximum(ends - 1, 0)] - total[np.maximum(ends - counts, 0)], 0.0)
 
 
 def voxel_size(affine: np.ndarray) -> float:
@@ -202,20 +205,31 @@ def voxel_size(affine: np.ndarray) -> float:
 
 def voxel_indices(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Nearest voxel index of world points ``(N, 3)`` (computed in the points' precision, at
-    least float32)."""
+    least float32; 32-bit integers, 64-bit ones beyond their range)."""
     points = np.asarray(points)
     points = points.astype(np.result_type(points, np.float32), copy=False).reshape(-1, 3)
     to_voxel = np.linalg.inv(np.asarray(affine, dtype=np.float64)).astype(points.dtype)
-    return np.rint(points @ to_voxel[:3, :3].T + to_voxel[:3, 3]).astype(int)
+    ijk = np.rint(points @ to_voxel[:3, :3].T + to_voxel[:3, 3])
+    fits = ijk.size == 0 or (np.abs(ijk).max() < 2**31)
+    return ijk.astype(np.int32 if fits else np.int64)
 
 
 def sample_nearest(volume: np.ndarray, affine: np.ndarray, points: np.ndarray, outside: float = np.nan) -> np.ndarray:
     """Value of the voxel holding each world point (``outside`` beyond the grid) of a 3-D
-    ``volume``: one flat gather (indexing with three index arrays is several times slower)."""
+    ``volume``: one flat gather (indexing with three index arrays is several times slower), the
+    grid test and the flat index column by column, in 32-bit integers where the grid allows
+    (the 10 M points of a super-resolved tractogram: 1.0–1.9 → 0.4–0.6 s)."""
     ijk = voxel_indices(points, affine)
-    shape = np.array(volume.shape[:3])
-    inside = np.all((ijk >= 0) & (ijk < shape), axis=1)
-    out = np.take(np.asarray(volume).reshape(-1), np.ravel_multi_index(ijk.T, shape, mode="clip")).astype(np.float64)
+    shape = volume.shape[:3]
+    index_type = np.int32 if np.prod(shape, dtype=np.int64) < 2**31 else np.int64
+    inside = np.ones(len(ijk), dtype=bool)
+    flat = np.zeros(len(ijk), dtype=index_type)
+    for axis, size in enumerate(shape):  # row-major flat index; 4× sooner than np.all(…, axis=1)
+        column = ijk[:, axis]
+        inside &= (column >= 0) & (column < size)
+        flat *= size
+        flat += column.astype(index_type, copy=False)
+    out = np.take(np.asarray(volume).reshape(-1), np.where(inside, flat, 0)).astype(np.float64)
     out[~inside] = outside
     return out
 
@@ -712,18 +726,19 @@ def streamline_table(
     """Per streamline: length (mm), number of points, and the mean and maximum uncertainty
     over the voxels of its points (NaN without an uncertainty map)."""
     n = len(streamlines)
+    counts = np.array([len(s) for s in streamlines], dtype=int)
+    # Every point at once (lengths, then the uncertainty sampled and reduced per streamline)
+    points_all = np.concatenate([np.asarray(s).reshape(-1, 3) for s in streamlines]) if counts.sum() else None
     table = {
         "streamline": np.arange(n),
-        "length_mm": streamline_lengths(streamlines),
-        "n_points": np.array([len(s) for s in streamlines], dtype=int),
+        "length_mm": streamline_lengths(streamlines, points_all),
+        "n_points": counts,
         "mean_uncertainty": np.full(n, np.nan),
         "max_uncertainty": np.full(n, np.nan),
     }
-    points = table["n_points"]
+    points = counts
     if uncertainty is not None and points.sum():
-        # All points sampled at once, then reduced per streamline (NaN: outside the map).
-        points_all = np.concatenate([np.asarray(s).reshape(-1, 3) for s in streamlines])
-        values = sample_nearest(uncertainty, affine, points_all)
+        values = sample_nearest(uncertainty, affine, points_all)  # NaN: outside the map
         has = points > 0
         starts = (np.cumsum(points) - points)[has]
         finite = np.isfinite(values)
