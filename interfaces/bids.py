@@ -110,6 +110,7 @@ class DerivativesDataSink(_BaseDerivativesDataSink):
         self._results["out_file"] = moved(files) if isinstance(files, str) else [moved(f) for f in files]
         if "out_meta" in self._results:
             self._results["out_meta"] = moved(self._results["out_meta"])
+        shutil.rmtree(stage, ignore_errors=True)  # the emptied folders (a sink run outside a workflow: in its cwd)
         return runtime
 
 

@@ -196,10 +196,11 @@ def test_sink_gzips_by_default():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_sink_copies_what_save_nifti_wrote(tmp_path, threads):
+def test_the_sink_copies_what_save_nifti_wrote(tmp_path, threads, monkeypatch):
     """Files written by ``save_nifti`` (on one thread or several) already carry the header the
     sink checks (qform/sform code 1, mm) and a reproducible gzip header: it copies them byte
-    for byte instead of decompressing them and compressing them again at level 9."""
+    for byte instead of decompressing them and compressing them again at level 9. Run outside a
+    workflow, it leaves nothing in its working folder (its staging folder once did)."""
     from iqt_pipe.interfaces.bids import DerivativesDataSink
     from iqt_pipe.io import save_nifti
 
@@ -217,9 +218,12 @@ def test_the_sink_copies_what_save_nifti_wrote(tmp_path, threads):
         param="tensor",
         suffix="dwimap",
     )
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     result = sink.run()
     assert result.outputs.fixed_hdr == [False]
     assert Path(result.outputs.out_file).read_bytes() == written.read_bytes()
+    assert not any((tmp_path / "cwd").iterdir())
 
 
 def test_threaded_gzip_is_one_valid_stream_of_the_same_bytes(tmp_path):
