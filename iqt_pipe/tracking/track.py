@@ -282,12 +282,16 @@ def track_density(streamlines: Sequence[np.ndarray], affine: np.ndarray, shape: 
         last = np.cumsum(lengths)[lengths > 0] - 1  # each streamline's last point closes it
         samples = pts[seg]
         samples += d[seg] * t[:, None]
-        ijk = np.rint(np.concatenate([samples, pts[last]])).astype(np.int64)
+        ijk = np.rint(np.concatenate([samples, pts[last]]))
         sid = np.concatenate([owner[seg], owner[last]])
         inside = np.ones(len(ijk), dtype=bool)
-        for axis, size in enumerate(shape):  # column by column: 4× sooner than np.all(…, axis=1)
-            inside &= (ijk[:, axis] >= 0) & (ijk[:, axis] < size)
-        pairs = sid[inside] * n_voxels + ijk[inside] @ np.array([shape[1] * shape[2], shape[2], 1])
+        flat = np.zeros(len(ijk), dtype=np.int64)
+        for axis, size in enumerate(shape):  # row-major flat index, column by column: 4× sooner than by rows
+            column = ijk[:, axis]
+            inside &= (column >= 0) & (column < size)
+            flat *= size
+            flat += np.where(inside, column, 0).astype(np.int64)
+        pairs = (sid * n_voxels + flat)[inside]
         # One count per streamline and voxel: consecutive repeats first (most of them), then
         # the voxels a streamline comes back to.
         visits.append(_runs_collapsed(np.sort(_runs_collapsed(pairs))) % n_voxels)
