@@ -210,7 +210,8 @@ def voxel_indices(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
     points = points.astype(np.result_type(points, np.float32), copy=False).reshape(-1, 3)
     to_voxel = np.linalg.inv(np.asarray(affine, dtype=np.float64)).astype(points.dtype)
     ijk = np.rint(points @ to_voxel[:3, :3].T + to_voxel[:3, 3])
-    ijk = np.nan_to_num(ijk, nan=-1, posinf=-1, neginf=-1)  # a non-finite point lies on no grid
+    if not np.isfinite(ijk).all():  # a non-finite point lies on no grid
+        ijk = np.nan_to_num(ijk, nan=-1, posinf=-1, neginf=-1)
     fits = ijk.size == 0 or (np.abs(ijk).max() < 2**31)
     return ijk.astype(np.int32 if fits else np.int64)
 
@@ -230,16 +231,16 @@ def sample_nearest(volume: np.ndarray, affine: np.ndarray, points: np.ndarray, o
 
 def _flat_voxel_index(ijk: np.ndarray, shape: Sequence[int], dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
     """Row-major flat index of voxel indices ``(N, 3)`` (integers, or rounded floats) on a grid of
-    ``shape``, and whether each lies on the grid; outside it the index is that of a voxel on the
-    grid (the axes beyond the first one outside count as 0). Column by column: 4× sooner than by
-    rows."""
+    ``shape``, and whether each lies on the grid (0 where it does not). Column by column: 4× sooner
+    than by rows."""
     inside = np.ones(len(ijk), dtype=bool)
     flat = np.zeros(len(ijk), dtype=dtype)
     for axis, size in enumerate(shape[:3]):
         column = ijk[:, axis]
         inside &= (column >= 0) & (column < size)
         flat *= size
-        flat += np.where(inside, column, 0).astype(dtype, copy=False)
+        flat += column.astype(dtype, copy=False)
+    flat[~inside] = 0
     return flat, inside
 
 
