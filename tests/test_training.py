@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nb
 import numpy as np
 import pytest
 import torch
@@ -166,6 +167,54 @@ def test_target_block_aligned_with_input(r, m):
         # and the input really is the LR field around the full-volume centre
         c = rp.centres[j] + rp.origin
         np.testing.assert_allclose(x[c0, c0, c0], lr[tuple(c)], rtol=1e-5)
+
+
+def test_grid_shifts_sample_the_same_anatomy_on_every_block_grid(runs, tmp_path):
+    """Each alignment's LR series is the block mean of the HR series shifted by its offset, at
+    the world position of its blocks' centres; its HR target is the same fit, cut to its blocks;
+    the patches of a run are shared among the r³ alignments."""
+    from iqt_pipe.dmri.degrade import block_average, grid_offsets, make_pair, make_pairs, shift_grid
+    from iqt_pipe.dmri.dwi import load_dwi
+
+    assert grid_offsets(2)[0] == (0, 0, 0) and len(set(grid_offsets(2))) == 8 and len(grid_offsets(3)) == 27
+    s = load_dwi(runs[0].dwi)
+    one = make_pair(s.data, s.affine, s.gtab, 2)
+    pairs = make_pairs(s.data, s.affine, s.gtab, 2, [(0, 0, 0), (1, 0, 1)])
+    # The IQT protocol's own grid gives make_pair's tensors.
+    np.testing.assert_array_equal(pairs[0].lr.tensors, one.lr.tensors)
+    np.testing.assert_allclose(pairs[0].hr.tensors, one.hr.tensors, rtol=1e-5, atol=1e-12)  # (batched rounding)
+    assert pairs[0].hr_mask.shape == one.hr_mask.shape and np.mean(pairs[0].hr_mask != one.hr_mask) < 0.01
+    shifted = pairs[1]
+    np.testing.assert_allclose(shifted.lr_dwi, block_average(s.data[1:, :, 1:], 2), rtol=1e-6)
+    # ... and make_pair's pair of the shifted series.
+    alone = make_pair(*shift_grid(s.data, s.affine, (1, 0, 1)), s.gtab, 2)
+    np.testing.assert_array_equal(shifted.lr.tensors, alone.lr.tensors)
+    np.testing.assert_allclose(shifted.hr.tensors, alone.hr.tensors, rtol=1e-5, atol=1e-12)
+    np.testing.assert_array_equal(shifted.hr_affine, alone.hr_affine)
+    # LR voxel 0 sits at the centre of HR voxels 1-2, 0-1, 1-2 of the original grid.
+    centre = nb.affines.apply_affine(s.affine, [1.5, 0.5, 1.5])
+    np.testing.assert_allclose(nb.affines.apply_affine(shifted.lr_affine, [0, 0, 0]), centre, atol=1e-9)
+    np.testing.assert_allclose(
+        nb.affines.apply_affine(shifted.hr_affine, [0, 0, 0]), nb.affines.apply_affine(s.affine, [1, 0, 1])
+    )
+
+    plain = build_library(runs[:1], patches_per_subject=40, cache_dir=tmp_path, quiet=True)
+    lib = build_library(runs[:1], patches_per_subject=40, cache_dir=tmp_path, grid_shifts=True, quiet=True)
+    assert [rp.name for rp in lib.runs] == [f"{plain.runs[0].name}_grid-{i}{j}{k}" for i, j, k in grid_offsets(2)]
+    assert [len(rp) for rp in lib.runs] == [5] * 8 and lib.meta["grid_shifts"] and not plain.meta["grid_shifts"]
+    assert lib.meta["key"] != plain.meta["key"] and len(list(tmp_path.glob("patches-*.npz"))) == 2
+    again = build_library(runs[:1], patches_per_subject=40, cache_dir=tmp_path, grid_shifts=True, quiet=True)
+    assert again.from_cache and [rp.name for rp in again.runs] == [rp.name for rp in lib.runs]
+    # Each alignment's patches are its own: other inputs for the same HR voxels.
+    assert not np.array_equal(lib.runs[0].inputs[:5, :5, :5], lib.runs[7].inputs[:5, :5, :5])
+    # The command line's option reaches the library.
+    args = cli._build_parser().parse_args([str(runs[0].dwi.parent), "-o", str(tmp_path / "o"), "--grid-shifts"])
+    assert (
+        cli.library_options(args)["grid_shifts"]
+        and not cli.library_options(
+            cli._build_parser().parse_args([str(runs[0].dwi.parent), "-o", str(tmp_path / "o")])
+        )["grid_shifts"]
+    )
 
 
 def test_symmetries_are_the_tensor_transforms():
@@ -755,6 +804,7 @@ def test_cli_trains_then_refuses_without_resume(bids_ds, tmp_path, capsys):
         assert "reused cache" in text and "resuming" in text and "best epoch" in text
         _, card = load_model(out)
         assert card["training"]["epochs"] == 2 and card["training"]["subjects"] == ["sub-01"]
+        assert card["training"]["patches"]["grid_shifts"] is False
         # A model no better than cubic spline gets the warning (12 patches, 2 epochs: either way).
         rmse = card["validation"]["rmse"]
         assert ("iqt-train: warning: the model's validation RMSE is" in err) == (rmse["model"] / rmse["cubic"] > 0.99)

@@ -95,6 +95,13 @@ def _add_optimiser_arguments(p) -> None:
         help=f"patch pairs sampled per subject (default: {DEFAULT_PATCHES_PER_SUBJECT}, the paper's)",
     )
     p.add_argument(
+        "--grid-shifts",
+        action="store_true",
+        help="make each run's LR series at every alignment of the r×r×r block grid (r³ of them), "
+        "sharing its patches among them: the same anatomy in r³ samplings (default: off, the "
+        "IQT protocol's one grid)",
+    )
+    p.add_argument(
         "--epochs",
         type=int_at_least(1, "epochs"),
         default=DEFAULT_EPOCHS,
@@ -255,6 +262,7 @@ def library_options(args: argparse.Namespace) -> dict:
         patches_per_subject=args.patches_per_subject,
         target=args.target,
         preprocessing=Preprocessing(args.denoise, args.degibbs),
+        grid_shifts=args.grid_shifts,
     )
 
 
@@ -367,7 +375,8 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"{PROG}: {len(args.bids_dirs)} dataset(s) ({datasets}): {len(subjects)} subject(s), "
                 f"{len(runs)} DWI run(s) → {len(library)} patch pairs "
-                f"({library.input_size}³ → {library.target_shape[1]}³, r = {args.upsample}; "
+                f"({library.input_size}³ → {library.target_shape[1]}³, r = {args.upsample}"
+                f"{f', {args.upsample**3} block-grid alignments' if args.grid_shifts else ''}; "
                 f"{len(library) - n_val} train / {n_val} validation; {cached})"
             )
             threads = torch.get_num_threads()

@@ -7,7 +7,9 @@ target. DWIs are downsampled first and fitted second — tensors are never downs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import nibabel as nb
 import numpy as np
@@ -94,6 +96,62 @@ def make_pair(
         lr_mask=lr_mask,
         lr_dwi=lr_dwi,
     )
+
+
+def grid_offsets(r: int) -> list[tuple[int, int, int]]:
+    """The r³ alignments of an r×r×r block grid on an HR grid: the HR index at which the first
+    block of each axis starts, ``(0, 0, 0)`` (the IQT protocol's) first."""
+    _check_factor(r)
+    return list(itertools.product(range(int(r)), repeat=3))
+
+
+def shift_grid(dwi: np.ndarray, affine: np.ndarray, offset: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``dwi`` without its first ``offset`` voxels along each axis, and the affine of what is left
+    (the same world positions: voxel i of the result is voxel i + offset of ``dwi``)."""
+    offset = np.asarray(offset, dtype=int)
+    shift = np.eye(4)
+    shift[:3, 3] = offset
+    return dwi[offset[0] :, offset[1] :, offset[2] :], np.asarray(affine, dtype=np.float64) @ shift
+
+
+def make_pairs(
+    dwi: np.ndarray,
+    affine: np.ndarray,
+    gtab: GradientTable,
+    r: int = 2,
+    offsets: Sequence[Sequence[int]] = ((0, 0, 0),),
+    source: str = "DWI",
+) -> list[TrainingPair]:
+    """:func:`make_pair`'s pair of the series at each block-grid ``offset`` (:func:`grid_offsets`):
+    the same anatomy sampled by LR voxels half a voxel (at r = 2) apart, for training.
+
+    A voxel's fit does not depend on its neighbours, so the HR series is fitted once, and its
+    brain mask made once, on the whole grid; each pair holds the part its blocks cover (the
+    fit's ``guards`` are the whole grid's). Each LR series is fitted on its own.
+    """
+    from iqt_pipe.dmri.prepare import fit_series
+
+    hr, hr_mask = fit_series(dwi, affine, gtab, source=source)
+    pairs = []
+    for offset in offsets:
+        hr_dwi, hr_affine = shift_grid(dwi, affine, offset)
+        hr_dwi = crop_to_multiple(hr_dwi, r)
+        part = tuple(slice(o, o + n) for o, n in zip(offset, hr_dwi.shape[:3]))
+        lr_dwi, lr_affine = degrade_dwi(hr_dwi, hr_affine, r)
+        lr, lr_mask = fit_series(lr_dwi, lr_affine, gtab, source=f"{source} (LR, grid offset {tuple(offset)})")
+        pairs.append(
+            TrainingPair(
+                r=r,
+                hr=replace(hr, tensors=hr.tensors[part], s0=hr.s0[part], mask=hr.mask[part]),
+                lr=lr,
+                hr_affine=hr_affine,
+                lr_affine=lr_affine,
+                hr_mask=hr_mask[part],
+                lr_mask=lr_mask,
+                lr_dwi=lr_dwi,
+            )
+        )
+    return pairs
 
 
 def voxel_centres(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:

@@ -129,12 +129,13 @@ def calibration_runs(
 
 
 def recipe_record(settings: TrainSettings, library_options: dict) -> dict:
-    """The folds' recipe as the results record it: the settings' options, the target and the
-    patch pairs per subject."""
+    """The folds' recipe as the results record it: the settings' options, the target, the
+    patch pairs per subject and whether they came from every alignment of the block grid."""
     return {
         **settings.recipe(),
         "target": library_options["target"],
         "patches_per_subject": library_options["patches_per_subject"],
+        "grid_shifts": bool(library_options.get("grid_shifts", False)),
     }
 
 

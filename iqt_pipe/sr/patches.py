@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iqt_pipe.dmri.degrade import make_pair
+from iqt_pipe.dmri.degrade import grid_offsets, make_pair, make_pairs
 from iqt_pipe.dmri.dwi import load_dwi
 from iqt_pipe.dmri.prepare import (
     NONE,
@@ -521,6 +521,7 @@ def library_key(
     input_size: int = INPUT_SIZE,
     margin: int = MARGIN,
     preprocessing: Preprocessing = NONE,
+    grid_shifts: bool = False,
 ) -> str:
     """sha256 over the runs' files (name and :func:`content_digest`) and every sampling setting:
     a copy of the data elsewhere, with new time stamps (a cluster job's scratch folder), has the
@@ -545,6 +546,8 @@ def library_key(
     }
     if preprocessing != NONE:  # (libraries of series as acquired keep their earlier keys)
         spec["preprocessing"] = preprocessing.to_card()
+    if grid_shifts:  # (and those of one grid theirs)
+        spec["grid_shifts"] = True
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -573,6 +576,7 @@ def build_library(
     input_size: int = INPUT_SIZE,
     margin: int = MARGIN,
     preprocessing: Preprocessing = NONE,
+    grid_shifts: bool = False,
     quiet: bool = False,
 ) -> PatchLibrary:
     """The patch library of DWI ``runs`` (:class:`~iqt_pipe.bids.DWIRun` or ``(dwi, bval, bvec)``).
@@ -581,6 +585,10 @@ def build_library(
     series is made, as the app preprocesses a native series; the library's ``meta`` records
     the preprocessing and the runs' domain (:func:`iqt_pipe.dmri.prepare.training_domain`) for the
     model card.
+
+    With ``grid_shifts``, each run gives one LR series per alignment of the block grid
+    (:func:`iqt_pipe.dmri.degrade.grid_offsets`, r³ of them, named ``<run>_grid-<ijk>``), its
+    patches shared among them: the same anatomy, and as many patches, in r³ samplings.
 
     With ``cache_dir``, reuse ``cache_dir/patches-<key>.npz`` when it exists (see
     :func:`library_key`), else build and write it. Each run's centres are drawn from
@@ -595,7 +603,7 @@ def build_library(
     runs = list(runs)
     if not runs:
         raise InputError("no DWI runs to train on")
-    key = library_key(runs, r, patches_per_subject, seed, target, input_size, margin, preprocessing)
+    key = library_key(runs, r, patches_per_subject, seed, target, input_size, margin, preprocessing, grid_shifts)
     cache = Path(cache_dir) / f"patches-{key[:20]}.npz" if cache_dir is not None else None
     if cache is not None and cache.exists():
         lib = PatchLibrary.load(cache)
@@ -619,29 +627,38 @@ def build_library(
             )
         domains.append(series_domain(series.affine, series.gtab, str(dwi), series_manufacturer(dwi)))
         hr_dwi = preprocess_series(series.data, preprocessing)
-        pair = make_pair(hr_dwi, series.affine, series.gtab, r, str(dwi))
-        built.append(
-            RunPatches.from_arrays(
-                pair.lr.tensors,
-                pair.hr.tensors,
-                pair.lr_mask,
-                pair.hr_mask,
-                r,
-                n_patches=n,
-                seed=[int(seed), i],
-                target=target,
-                input_size=input_size,
-                margin=margin,
-                name=name,
-                lr_s0=pair.lr.s0,
+        if grid_shifts:
+            offsets = grid_offsets(r)
+            pairs = make_pairs(hr_dwi, series.affine, series.gtab, r, offsets, str(dwi))
+            names = [f"{name}_grid-{''.join(map(str, o))}" for o in offsets]
+            seeds = [[int(seed), i, k] for k in range(len(offsets))]
+            n = -(-n // len(offsets))
+        else:
+            pairs, names, seeds = [make_pair(hr_dwi, series.affine, series.gtab, r, str(dwi))], [name], [[int(seed), i]]
+        for pair, pair_name, pair_seed in zip(pairs, names, seeds):
+            built.append(
+                RunPatches.from_arrays(
+                    pair.lr.tensors,
+                    pair.hr.tensors,
+                    pair.lr_mask,
+                    pair.hr_mask,
+                    r,
+                    n_patches=n,
+                    seed=pair_seed,
+                    target=target,
+                    input_size=input_size,
+                    margin=margin,
+                    name=pair_name,
+                    lr_s0=pair.lr.s0,
+                )
             )
-        )
     meta = {
         "key": key,
         "seed": int(seed),
         "patches_per_subject": int(patches_per_subject),
         "runs": [{"name": _run_id(run), "subject": _run_subject(run), "dwi": str(_run_files(run)[0])} for run in runs],
         "preprocessing": preprocessing.to_card(),
+        "grid_shifts": bool(grid_shifts),
         "domain": training_domain(domains, r),
     }
     lib = PatchLibrary(built, target, meta)

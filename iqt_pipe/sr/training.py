@@ -203,6 +203,7 @@ class TrainSettings:
         patches_per_subject: int = DEFAULT_PATCHES_PER_SUBJECT,
         target: str = DEFAULT_TARGET,
         preprocessing: Preprocessing = NONE,
+        grid_shifts: bool = False,
     ) -> dict:
         """:func:`~iqt_pipe.sr.patches.build_library`'s keywords for a patch library these settings
         can train on: patches cut for the margin of :attr:`kernels`, sampled with :attr:`seed`."""
@@ -212,6 +213,7 @@ class TrainSettings:
             "seed": self.seed,
             "target": target,
             "preprocessing": preprocessing,
+            "grid_shifts": grid_shifts,
             **patch_geometry(margin(self.kernels)),
         }
 
@@ -929,6 +931,7 @@ def _card(run: _Run, progress: _Progress) -> dict:
             "train": len(run.train_idx),
             "validation": len(run.val_idx),
             "per_subject": library.meta.get("patches_per_subject"),
+            "grid_shifts": bool(library.meta.get("grid_shifts", False)),
             "input_size": library.input_size,
             "target_size": library.r * library.core,
         },
