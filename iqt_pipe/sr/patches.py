@@ -39,8 +39,8 @@ mirror axis a). Codes 0–7 are the mirrors alone.
 
 Cache. :func:`build_library` writes ``patches-<key>.npz`` (atomic; read back with
 ``allow_pickle=False``) where the key hashes the runs' file names and contents, r, the patch
-counts, the seed, the target, the geometry and the preprocessing; a later call with the same
-key loads it instead of refitting.
+counts, the seed, the target, the geometry, the preprocessing and the grid shifts; a later
+call with the same key loads it instead of refitting.
 """
 
 from __future__ import annotations
@@ -546,7 +546,7 @@ def library_key(
     }
     if preprocessing != NONE:  # (libraries of series as acquired keep their earlier keys)
         spec["preprocessing"] = preprocessing.to_card()
-    if grid_shifts:  # (and those of one grid theirs)
+    if grid_shifts:  # (libraries of the one grid keep theirs too)
         spec["grid_shifts"] = True
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
@@ -592,7 +592,7 @@ def build_library(
 
     With ``cache_dir``, reuse ``cache_dir/patches-<key>.npz`` when it exists (see
     :func:`library_key`), else build and write it. Each run's centres are drawn from
-    ``default_rng([seed, run index])``.
+    ``default_rng([seed, run index])`` (``[seed, run index, alignment]`` with ``grid_shifts``).
     """
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
