@@ -118,12 +118,15 @@ def make_pairs(
     dwi: np.ndarray,
     affine: np.ndarray,
     gtab: GradientTable,
-    r: int = 2,
-    offsets: Sequence[Sequence[int]] = ((0, 0, 0),),
+    r: int,
+    offsets: Sequence[Sequence[int]],
     source: str = "DWI",
 ) -> list[TrainingPair]:
     """:func:`make_pair`'s pair of the series at each block-grid ``offset`` (:func:`grid_offsets`):
-    the same anatomy sampled by LR voxels half a voxel (at r = 2) apart, for training.
+    the same anatomy sampled by LR voxels half a voxel (at r = 2) apart, for training. At
+    offset 0 it can differ from :func:`make_pair`'s in a few HR-mask voxels at the grid's far
+    edge (the mask of the whole grid, not of the cropped one), so one-grid libraries keep
+    :func:`make_pair`.
 
     A voxel's fit does not depend on its neighbours, so the HR series is fitted once, and its
     brain mask made once, on the whole grid; each pair holds the part its blocks cover (the
