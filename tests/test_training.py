@@ -424,6 +424,11 @@ def test_init_starts_from_a_models_weights(runs, cache, tmp_path):
     record = tuned.card["training"]["initialised_from"]
     assert record["sha256"] == sha256(first.model_path) and record["epochs"] == 1
     assert record["model"] == "model.safetensors" and record["runs"] == first.card["training"]["runs"]
+    assert record["grid_shifts"] is False and "initialised_from" not in record
+    # Fine-tuned twice: the card keeps the whole history, the first model's record nested.
+    again = train(lib, tmp_path / "again", epochs=1, init=tuned.model_path, **still)
+    history = again.card["training"]["initialised_from"]
+    assert history["sha256"] == sha256(tuned.model_path) and history["initialised_from"] == record
     with pytest.raises(InputError, match="init"):
         train(lib, tmp_path / "tuned", epochs=2, resume=True, **still)  # without --init
     train(lib, tmp_path / "tuned", epochs=2, resume=True, init=first.model_path, **still)

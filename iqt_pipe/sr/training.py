@@ -727,17 +727,22 @@ def check_init(path: str | os.PathLike, settings: TrainSettings, r: int, target:
 
 def _initialise(run: _Run, path: str | os.PathLike) -> dict:
     """Load the weights of the model file at ``path`` into ``run.model`` (:func:`check_init`
-    first). Returns what the card records of it."""
+    first). Returns what the card records of it: its training, and where that one started
+    from in turn, so a model fine-tuned twice keeps its whole history."""
     card, state = check_init(path, run.settings, run.library.r, run.library.target)
     run.model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     before = card.get("training", {})
-    return {
+    record = {
         "model": model_paths(path)[0].name,
         "sha256": card["weights"]["sha256"],
         "epochs": before.get("epochs"),
         "runs": before.get("runs"),
         "preprocessing": before.get("preprocessing"),
+        "grid_shifts": bool(before.get("patches", {}).get("grid_shifts", False)),
     }
+    if before.get("initialised_from"):
+        record["initialised_from"] = before["initialised_from"]
+    return record
 
 
 def _state(model: IQTNet) -> dict[str, torch.Tensor]:
