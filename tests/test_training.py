@@ -42,6 +42,7 @@ from iqt_pipe.sr.patches import (
 from iqt_pipe.sr.training import (
     check_training_dir,
     diagonal_correlation,
+    fine_tuning_warning,
     learnt_nothing_warning,
     split_indices,
     train,
@@ -425,13 +426,22 @@ def test_init_starts_from_a_models_weights(runs, cache, tmp_path):
     assert record["sha256"] == sha256(first.model_path) and record["epochs"] == 1
     assert record["model"] == "model.safetensors" and record["runs"] == first.card["training"]["runs"]
     assert record["grid_shifts"] is False and "initialised_from" not in record
+    # The starting weights scored on this training's validation patches, before epoch 1: here
+    # they are the weights it ends with, so the scores agree and the warning says so.
+    assert record["validation"]["loss"] == pytest.approx(tuned.card["validation"]["loss"], rel=1e-6)
+    assert record["validation"]["rmse"] == pytest.approx(tuned.card["validation"]["rmse"]["model"], rel=1e-6)
+    assert "no epoch beat the starting model" in fine_tuning_warning(tuned.card)
+    assert fine_tuning_warning(first.card) is None
+    better = {"training": {"initialised_from": {"validation": {"loss": -0.5}}}, "validation": {"loss": -0.6}}
+    assert fine_tuning_warning(better) is None
     # Fine-tuned twice: the card keeps the whole history, the first model's record nested.
     again = train(lib, tmp_path / "again", epochs=1, init=tuned.model_path, **still)
     history = again.card["training"]["initialised_from"]
     assert history["sha256"] == sha256(tuned.model_path) and history["initialised_from"] == record
     with pytest.raises(InputError, match="init"):
         train(lib, tmp_path / "tuned", epochs=2, resume=True, **still)  # without --init
-    train(lib, tmp_path / "tuned", epochs=2, resume=True, init=first.model_path, **still)
+    resumed = train(lib, tmp_path / "tuned", epochs=2, resume=True, init=first.model_path, **still)
+    assert resumed.card["training"]["initialised_from"]["validation"] == record["validation"]  # from the checkpoint
     with pytest.raises(InputError, match=r"first/model.safetensors: the --init model has widths \[50, 100\], this"):
         train(lib, tmp_path / "w", epochs=1, init=first.model_path, **dict(SMALL, widths=(60, 100)))
     with pytest.raises(InputError, match="--init model has variant 'hetero-var2', this training 'espcn'.*--variant"):
@@ -816,8 +826,11 @@ def test_cli_trains_then_refuses_without_resume(bids_ds, tmp_path, capsys):
         # Fine-tuning from that model: its weights, recorded in the new card.
         tuned = tmp_path / "tuned"
         assert _main([*base[:2], str(tuned), *base[3:], "--epochs", "1", "--init", str(out / "model.safetensors")]) == 0
-        assert f"starting from {out / 'model.safetensors'}" in capsys.readouterr().out
-        assert json.loads((tuned / "model.json").read_text())["training"]["initialised_from"]["epochs"] == 2
+        text, err = capsys.readouterr()
+        start = json.loads((tuned / "model.json").read_text())["training"]["initialised_from"]
+        assert f"starting from {out / 'model.safetensors'}" in text and start["epochs"] == 2
+        assert f"(starting model {start['validation']['loss']:.4g})" in text
+        assert ("no epoch beat the starting model" in err) == (fine_tuning_warning(load_model(tuned)[1]) is not None)
     finally:
         torch.set_num_threads(1)
     assert check_training_dir(tmp_path / "fresh").is_dir()

@@ -347,7 +347,14 @@ def run(args: argparse.Namespace) -> int:
     from iqt_pipe.sr.checkpoints import CHECKPOINT_DIR, CHECKPOINT_JSON
     from iqt_pipe.sr.distributed import build_library_distributed, init_distributed
     from iqt_pipe.sr.inference import resolve_device
-    from iqt_pipe.sr.training import check_init, check_training_dir, learnt_nothing_warning, split_indices, train
+    from iqt_pipe.sr.training import (
+        check_init,
+        check_training_dir,
+        fine_tuning_warning,
+        learnt_nothing_warning,
+        split_indices,
+        train,
+    )
 
     settings = train_settings(args)
     settings.check()  # before the patch library is built
@@ -414,15 +421,22 @@ def run(args: argparse.Namespace) -> int:
             v = result.card["validation"]
             rm = v["rmse"]
             rho = result.card.get("calibration", {}).get("diagonal_correlation")
+            start = result.card["training"].get("initialised_from", {}).get("validation")
+            was = (
+                ("", "")
+                if start is None
+                else (f" (starting model {start['loss']:.4g})", f" (starting model {_fmt_rmse(start['rmse'])})")
+            )
             print(
-                f"{PROG}: best epoch {v['best_epoch']}/{result.epochs}: validation loss {v['loss']:.4g}; "
-                f"RMSE ×1e-4 mm²/s: model {_fmt_rmse(rm['model'])}, trilinear {_fmt_rmse(rm['trilinear'])}, "
+                f"{PROG}: best epoch {v['best_epoch']}/{result.epochs}: validation loss {v['loss']:.4g}{was[0]}; "
+                f"RMSE ×1e-4 mm²/s: model {_fmt_rmse(rm['model'])}{was[1]}, trilinear {_fmt_rmse(rm['trilinear'])}, "
                 f"cubic {_fmt_rmse(rm['cubic'])}"
                 + ("" if rho is None else f"; diagonal error correlation {rho:.2f}")
                 + f" → {result.model_path}"
             )
-            if warning := learnt_nothing_warning(result.card):
-                print(f"{PROG}: warning: {warning}", file=sys.stderr)
+            for warning in (learnt_nothing_warning(result.card), fine_tuning_warning(result.card)):
+                if warning:
+                    print(f"{PROG}: warning: {warning}", file=sys.stderr)
     finally:
         dist.close()
     return 0

@@ -348,6 +348,20 @@ def learnt_nothing_warning(card: dict) -> str | None:
     return None
 
 
+def fine_tuning_warning(card: dict) -> str | None:
+    """A one-line warning when a fine-tuned model (``--init``) scores no better on its
+    validation patches than the weights it started from, else None."""
+    start = card["training"].get("initialised_from", {}).get("validation")
+    best = card["validation"]["loss"]
+    if start is None or best < start["loss"]:
+        return None
+    return (
+        f"no epoch beat the starting model on the validation patches (loss {start['loss']:.4g}, best epoch "
+        f"{best:.4g}): the fine-tuned model is no better than the one it started from; keep that one, or train "
+        "with a lower --lr"
+    )
+
+
 def check_training_dir(out_dir: str | os.PathLike, resume: bool = False) -> Path:
     """Create and test ``out_dir``; refuse to overwrite a trained model unless resuming."""
     out = Path(out_dir).expanduser().absolute()
@@ -577,6 +591,9 @@ def train(
     if init is not None:
         run.init = _initialise(run, init)
     progress = _resume(run, resume)
+    if run.init is not None and progress.epoch == 0:
+        # The starting weights on the validation patches: the score fine-tuning has to beat.
+        run.init["validation"] = _validate(run, run.model)
     start, epochs = progress.epoch, run.settings.epochs
     metrics = read_metrics(out / METRICS) if dist.is_main else []
     with _deterministic(device):
@@ -728,7 +745,8 @@ def check_init(path: str | os.PathLike, settings: TrainSettings, r: int, target:
 def _initialise(run: _Run, path: str | os.PathLike) -> dict:
     """Load the weights of the model file at ``path`` into ``run.model`` (:func:`check_init`
     first). Returns what the card records of it: its training, and where that one started
-    from in turn, so a model fine-tuned twice keeps its whole history."""
+    from in turn, so a model fine-tuned twice keeps its whole history (:func:`train` adds its
+    score on this training's validation patches)."""
     card, state = check_init(path, run.settings, run.library.r, run.library.target)
     run.model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     before = card.get("training", {})
@@ -770,6 +788,8 @@ def _resume(run: _Run, resume: bool) -> _Progress:
             )
         check_resumable(run.out, saved, _record(run))
         best_state = restore_checkpoint(run.model, run.optimizer, state, tensors)
+        if run.init is not None and state.get("init_validation") is not None:
+            run.init["validation"] = state["init_validation"]
         progress = _Progress(
             state["epoch"],
             state["best_val_loss"],
@@ -832,6 +852,7 @@ def _epoch(run: _Run, progress: _Progress, epoch: int) -> dict:
                 "best_epoch": progress.best_epoch,
                 "best_val_rmse": progress.best_rmse,
                 "best_diagonal_correlation": progress.best_correlation,
+                "init_validation": run.init.get("validation") if run.init else None,
                 "settings": _record(run),
             },
         )
