@@ -302,9 +302,9 @@ def test_the_app_beats_cubic_spline_on_a_degraded_real_run(realdwi, tmp_path):
     """A real scan (UIH, 3.5×3.5×4.2 mm, the quickest) degraded 2× by block means, through
     ``iqt-pipe … participant`` with every default (the bundled model, its preprocessing):
     closer to the scan's own HR fit than cubic B-spline inside the brain, at its rim (the HR
-    scan's mask, all of it predicted) and in FA. Measured: 0.60 / 0.84 / 0.71 (library path, 2
-    Monte-Carlo samples, the bundled 7³ model: 10 epochs, then 2 on the corrected fit); a
-    regression of the app's path above 0.95 × cubic fails here."""
+    scan's mask, all of it predicted) and in FA. Measured: 0.61 / 0.84 / 0.70 (library path, 2
+    Monte-Carlo samples, the bundled 7³ model: 10 epochs, 2 on the corrected fit, 2 with every
+    block-grid alignment); a regression of the app's path above 0.95 × cubic fails here."""
     run = find_dwi_runs(realdwi, ["umr01"])[0]
     case = ev.prepare_case(run, mode="raw", noise_floor=False)
     run_app(write_lr_dataset(case, tmp_path / "lr"), tmp_path / "out")

@@ -339,6 +339,32 @@ def _fmt_rmse(v: float) -> str:
     return f"{v * 1e4:.3f}"
 
 
+def _report(result) -> None:
+    """The final line (best epoch, validation loss and RMSE beside the starting model's and the
+    interpolations') and the warnings about what the training learnt."""
+    from iqt_pipe.sr.training import fine_tuning_warning, learnt_nothing_warning
+
+    v = result.card["validation"]
+    rm = v["rmse"]
+    rho = result.card.get("calibration", {}).get("diagonal_correlation")
+    start = result.card["training"].get("initialised_from", {}).get("validation")
+    was = (
+        ("", "")
+        if start is None
+        else (f" (starting model {start['loss']:.4g})", f" (starting model {_fmt_rmse(start['rmse'])})")
+    )
+    print(
+        f"{PROG}: best epoch {v['best_epoch']}/{result.epochs}: validation loss {v['loss']:.4g}{was[0]}; "
+        f"RMSE ×1e-4 mm²/s: model {_fmt_rmse(rm['model'])}{was[1]}, trilinear {_fmt_rmse(rm['trilinear'])}, "
+        f"cubic {_fmt_rmse(rm['cubic'])}"
+        + ("" if rho is None else f"; diagonal error correlation {rho:.2f}")
+        + f" → {result.model_path}"
+    )
+    for warning in (learnt_nothing_warning(result.card), fine_tuning_warning(result.card)):
+        if warning:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -347,14 +373,7 @@ def run(args: argparse.Namespace) -> int:
     from iqt_pipe.sr.checkpoints import CHECKPOINT_DIR, CHECKPOINT_JSON
     from iqt_pipe.sr.distributed import build_library_distributed, init_distributed
     from iqt_pipe.sr.inference import resolve_device
-    from iqt_pipe.sr.training import (
-        check_init,
-        check_training_dir,
-        fine_tuning_warning,
-        learnt_nothing_warning,
-        split_indices,
-        train,
-    )
+    from iqt_pipe.sr.training import check_init, check_training_dir, split_indices, train
 
     settings = train_settings(args)
     settings.check()  # before the patch library is built
@@ -418,25 +437,7 @@ def run(args: argparse.Namespace) -> int:
             },
         )
         if dist.is_main:
-            v = result.card["validation"]
-            rm = v["rmse"]
-            rho = result.card.get("calibration", {}).get("diagonal_correlation")
-            start = result.card["training"].get("initialised_from", {}).get("validation")
-            was = (
-                ("", "")
-                if start is None
-                else (f" (starting model {start['loss']:.4g})", f" (starting model {_fmt_rmse(start['rmse'])})")
-            )
-            print(
-                f"{PROG}: best epoch {v['best_epoch']}/{result.epochs}: validation loss {v['loss']:.4g}{was[0]}; "
-                f"RMSE ×1e-4 mm²/s: model {_fmt_rmse(rm['model'])}{was[1]}, trilinear {_fmt_rmse(rm['trilinear'])}, "
-                f"cubic {_fmt_rmse(rm['cubic'])}"
-                + ("" if rho is None else f"; diagonal error correlation {rho:.2f}")
-                + f" → {result.model_path}"
-            )
-            for warning in (learnt_nothing_warning(result.card), fine_tuning_warning(result.card)):
-                if warning:
-                    print(f"{PROG}: warning: {warning}", file=sys.stderr)
+            _report(result)
     finally:
         dist.close()
     return 0
