@@ -252,6 +252,22 @@ def test_figures_are_written_atomically_and_reproducibly(phantoms, tmp_path):
         F.save_figure(fig, tmp_path / "x.pdf")
 
 
+def test_the_model_card_counts_dwi_runs_not_block_grid_alignments():
+    """The bundled model trained on 22 runs, each at the 8 alignments of the block grid: its
+    card's ``training.runs`` names 176 LR series; the report counts the runs and says why."""
+    from iqt_pipe.models import read_card
+    from iqt_pipe.models.files import bundled_model
+    from iqt_pipe.reports.build import _training_data
+
+    training = read_card(bundled_model(2))["training"]
+    assert len(training["runs"]) == 8 * len(training["dwi_runs"]) == 176
+    assert _training_data(training) == (
+        "ds-realdwi: 8 subject(s), 22 run(s) × 8 block-grid alignments, 64032 patch pairs"
+    )
+    one_grid = dict(training, dwi_runs=None, patches={"total": 12})
+    assert _training_data(one_grid).endswith("8 subject(s), 176 run(s), 12 patch pairs")
+
+
 def test_methods_text_cites_readably():
     bib = parse_bibtex("""
 @article{one, author = {Tanno, Ryutaro and Worrall, Daniel E. and Kaden, Enrico}, title = {Uncertainty {MRI}},

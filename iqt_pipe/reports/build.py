@@ -325,6 +325,19 @@ def _about_html(ctx: SubjectContext) -> str:
     return "\n".join(parts)
 
 
+def _training_data(training: dict) -> str:
+    """Datasets, subjects, DWI runs (each cut at every alignment of the block grid when the
+    card says so: ``training.runs`` then names the alignments) and patch pairs of a card."""
+    runs = training.get("dwi_runs") or training.get("runs") or []
+    patches = training.get("patches") or {}
+    shifts = f" × {training.get('upsample', 2) ** 3} block-grid alignments" if patches.get("grid_shifts") else ""
+    return (
+        f"{', '.join(training.get('datasets', [])) or 'unknown'}: "
+        f"{len(training.get('subjects', []))} subject(s), {len(runs)} run(s){shifts}, "
+        f"{patches.get('total', MISSING)} patch pairs"
+    )
+
+
 def _augmentation(training: dict) -> str:
     if not training.get("augment"):
         return "off"
@@ -384,16 +397,7 @@ def _model_card_html(ctx: SubjectContext) -> str:
             rows.append(("card check", check))
         training = card.get("training") if isinstance(card.get("training"), dict) else {}
         if training:
-            runs = training.get("runs") or training.get("dwi_runs") or []
-            patches = training.get("patches") or {}
-            rows.append(
-                (
-                    "training data",
-                    f"{', '.join(training.get('datasets', [])) or 'unknown'}: "
-                    f"{len(training.get('subjects', []))} subject(s), {len(runs)} run(s), "
-                    f"{patches.get('total', MISSING)} patch pairs",
-                )
-            )
+            rows.append(("training data", _training_data(training)))
             rows.append(
                 (
                     "training",
