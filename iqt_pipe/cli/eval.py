@@ -171,6 +171,12 @@ def _add_prediction_arguments(p: argparse.ArgumentParser) -> None:
         help="the network's arithmetic, as iqt-pipe's --precision; several: each model is scored once "
         f"per setting, as --symmetries (default: {DEFAULT_PRECISION})",
     )
+    p.add_argument(
+        "--no-self-calibration",
+        action="store_true",
+        help="as iqt-pipe's: keep the models' own variance calibration, not scaled to their errors on "
+        "each run's series degraded once more",
+    )
     p.add_argument("--seed", type=int_at_least(0, "the seed"), default=0, metavar="N", help="random seed (default: 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device (default: auto)")
     p.add_argument(
@@ -241,7 +247,7 @@ def _methods(args, device):
         methods.append(Method(name=name, models=[loaded[path]]))
     for i, group in enumerate(args.ensemble, 1):
         methods.append(Method(name=f"ensemble{i}", models=[loaded[p] for p in group]))
-    return prediction_settings(methods, args.symmetries, args.precision), r or 2
+    return prediction_settings(methods, args.symmetries, args.precision, not args.no_self_calibration), r or 2
 
 
 def _finite(obj):
@@ -312,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
             mem_mb=args.mem_mb,
             symmetries=args.symmetries,
             precisions=args.precision,
+            self_calibration=not args.no_self_calibration,
             runs_per_subject=args.runs_per_subject,
             resume=args.resume,
             figures=not args.no_figures,
@@ -327,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
         "mc_samples": args.mc_samples,
         "symmetries": args.symmetries,
         "precision": args.precision,
+        "self_calibration": not args.no_self_calibration,
         "seed": args.seed,
         "snr": args.snr or "own",
         "device": str(device),

@@ -82,9 +82,11 @@ def prediction_settings(
     methods: Sequence[Method],
     symmetries: Sequence[str] = (DEFAULT_SYMMETRIES,),
     precisions: Sequence[str] = (DEFAULT_PRECISION,),
+    self_calibration: bool = True,
 ) -> list[Method]:
     """Each model method once per test-time ``symmetries`` and ``precisions`` setting, named
-    ``NAME+SETTING`` for each of the two given several settings; interpolations once."""
+    ``NAME+SETTING`` for each of the two given several settings, self-calibrated or not;
+    interpolations once."""
     out = []
     for m in methods:
         if not m.is_model:
@@ -94,7 +96,9 @@ def prediction_settings(
             name = m.name + "".join(
                 f"+{s}" for s, options in ((symmetry, symmetries), (precision, precisions)) if len(options) > 1
             )
-            out.append(replace(m, name=name, symmetries=symmetry, precision=precision))
+            out.append(
+                replace(m, name=name, symmetries=symmetry, precision=precision, self_calibration=self_calibration)
+            )
     return out
 
 
@@ -155,6 +159,7 @@ def cross_validate(
     mem_mb: float = 1024,
     symmetries: Sequence[str] = (DEFAULT_SYMMETRIES,),
     precisions: Sequence[str] = (DEFAULT_PRECISION,),
+    self_calibration: bool = True,
     runs_per_subject: int | None = None,
     resume: bool = False,
     figures: bool = True,
@@ -163,7 +168,8 @@ def cross_validate(
 ) -> tuple[dict, Figures | None]:
     """Train one model per fold of subjects (``folds``) on every run of the other folds'
     subjects and score the held-out runs with ``methods`` and that model (named after the
-    variant, once per ``symmetries`` × ``precisions`` setting), as
+    variant, once per ``symmetries`` × ``precisions`` setting, self-calibrated unless
+    ``self_calibration`` is false), as
     :func:`~iqt_pipe.evaluation.protocol.evaluate` does with ``r``, ``modes``, ``snr``,
     ``mc_samples``, ``device`` and ``mem_mb``, seeded by ``settings.seed``.
 
@@ -201,7 +207,7 @@ def cross_validate(
             print(f"{prog}: warning: fold {k}: {warning}", file=sys.stderr)
         model = load_scored_model(result.model_path, device, r)
         fold_methods = list(methods) + prediction_settings(
-            [Method(name=settings.variant, models=[model])], symmetries, precisions
+            [Method(name=settings.variant, models=[model])], symmetries, precisions, self_calibration
         )
         res = evaluate(
             test_runs,

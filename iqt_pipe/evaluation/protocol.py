@@ -21,7 +21,7 @@ grid; :func:`score` compares it with the reference on the interior and exterior 
 (:func:`iqt_pipe.evaluation.metrics.region_masks`; both on the HR scan's own brain mask) and, for models,
 scores the uncertainty. A model sees the LR series exactly as ``iqt-pipe … participant`` would
 see it as its native series (:mod:`iqt_pipe.dmri.prepare`: the preprocessing of the model's card,
-the fit, the brain mask, :func:`~iqt_pipe.sr.inference.predict_ensemble`), so what is scored here is
+the fit, the brain mask, :func:`~iqt_pipe.sr.selfcal.predict_self_calibrated`), so what is scored here is
 what the app writes for that series.
 """
 
@@ -55,8 +55,9 @@ from iqt_pipe.dmri.preproc import denoise_mppca_brain
 from iqt_pipe.dmri.signal import add_rician_noise, dti_design, synthesize_signal
 from iqt_pipe.evaluation import metrics
 from iqt_pipe.sr.baselines import ORDERS, interpolate_tensors
-from iqt_pipe.sr.inference import Prediction, frobenius_sd, predict_ensemble
+from iqt_pipe.sr.inference import Prediction, frobenius_sd
 from iqt_pipe.sr.options import DEFAULT_MC_SAMPLES, DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES
+from iqt_pipe.sr.selfcal import predict_self_calibrated
 
 MODES = ("raw", "known-truth", "lesion")
 #: Lesion: radius (mm), diffusivities (mm²/s, principal first) and b = 0 signal gain.
@@ -103,17 +104,25 @@ class Case:
         with the scanner vendor of the run's sidecar."""
         return series_domain(self.lr_affine, self.gtab, self.name, series_manufacturer(self.info.get("dwi", "")))
 
+    def network_series(self, preprocessing: Preprocessing = NONE) -> np.ndarray:
+        """The LR series as the app's network input is fitted from it for a model trained with
+        ``preprocessing`` (:mod:`iqt_pipe.dmri.prepare`); computed once each."""
+        key = ("series", preprocessing.denoises, preprocessing.degibbs)
+        if key not in self._inputs:
+            same = preprocessing.same_steps(NONE)
+            self._inputs[key] = self.lr_dwi if same else preprocess_series(self.lr_dwi, preprocessing)
+        return self._inputs[key]
+
     def network_input(self, preprocessing: Preprocessing = NONE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """LR tensors (voxel frame), brain mask and fitted S0 as the app makes them from the LR
-        series for a model trained with ``preprocessing`` (:mod:`iqt_pipe.dmri.prepare`);
-        computed once each."""
+        """LR tensors (voxel frame), brain mask and fitted S0 as the app makes them from
+        :meth:`network_series`; computed once each."""
         key = (preprocessing.denoises, preprocessing.degibbs)
         if key not in self._inputs:
             if preprocessing.same_steps(NONE):
                 self._inputs[key] = (self.lr_tensors, self.lr_mask, self.lr_s0)
             else:
                 fit, brain = fit_series(
-                    preprocess_series(self.lr_dwi, preprocessing),
+                    self.network_series(preprocessing),
                     self.lr_affine,
                     self.gtab,
                     source=f"{self.name} (LR, preprocessed)",
@@ -276,6 +285,8 @@ class Method:
     symmetries: str = DEFAULT_SYMMETRIES
     #: The network's arithmetic (a key of :data:`~iqt_pipe.sr.inference.PRECISIONS`).
     precision: str = DEFAULT_PRECISION
+    #: Variances scaled to the errors on the run's series degraded once more (:mod:`iqt_pipe.sr.selfcal`).
+    self_calibration: bool = True
 
     @property
     def is_model(self) -> bool:
@@ -301,17 +312,20 @@ def predict(
     """HR tensors (interpolation of the LR fit) or a :class:`Prediction` (model, ensemble) for
     ``case``: the whole brain predicted from the LR series as the app does
     (:meth:`Case.network_input` with the preprocessing of each model's card, then
-    :func:`~iqt_pipe.sr.inference.predict_ensemble` with the method's test-time symmetries)."""
+    :func:`~iqt_pipe.sr.selfcal.predict_self_calibrated` with the method's test-time symmetries
+    and self-calibration; the series of the first model's preprocessing is the one degraded once more)."""
     if method.interpolation:
         return interpolate_tensors(case.lr_tensors, case.r, method.interpolation)
     for model, _, _ in method.models:
         if model.r != case.r:
             raise ValueError(f"{method.name}: the model upsamples by {model.r}, the evaluation by {case.r}")
-    inputs = [case.network_input(Preprocessing.of_model(card)) for _, card, _ in method.models]
-    return predict_ensemble(
+    preprocessing = [Preprocessing.of_model(card) for _, card, _ in method.models]
+    series = (case.network_series(preprocessing[0]), case.gtab) if method.self_calibration else None
+    return predict_self_calibrated(
         [model for model, _, _ in method.models],
-        inputs,
+        [case.network_input(p) for p in preprocessing],
         case.lr_affine,
+        series,
         mc_samples=mc_samples,
         seed=seed,
         device=device,
@@ -439,6 +453,8 @@ def uncertainty_scores(
     out["calibration_curve"] = {"nominal": levels.tolist(), "empirical": cov.tolist()}
     out["variance_scale_95"] = metrics.variance_scale(err[case.hr_mask], np.sqrt(var[case.hr_mask]))
     out["sd_ratio_quantiles"] = metrics.sd_ratio_quantiles(err[case.hr_mask], np.sqrt(var[case.hr_mask])).tolist()
+    if "self_calibration" in pred.info:
+        out["self_calibration"] = pred.info["self_calibration"]
     risky = np.abs(md - md_ref) > metrics.RISKY_MD_ERROR
     m = case.hr_mask
     out["risky"] = {"fraction": float(risky[m].mean()), "auc": metrics.roc_auc(pred.md_sd[m], risky[m])}
