@@ -53,6 +53,16 @@ class _SuperResolveInputSpec(BaseInterfaceInputSpec):
         "JSON sidecar beside it), recorded as ModelDomain",
     )
     bvec_file = File(exists=True, desc="the native series' b-vectors (with bval_file)")
+    dwi_file = File(
+        exists=True,
+        desc="the series tensor_file was fitted from (with bval_file and bvec_file): the run's self-calibration "
+        "degrades it once more (iqt_pipe.sr.selfcal)",
+    )
+    self_calibration = traits.Bool(
+        True,
+        usedefault=True,
+        desc="scale the predictive variances to the model's errors on dwi_file degraded once more (needs dwi_file)",
+    )
     denoise = traits.Enum(
         "none",
         "dipy",
@@ -106,12 +116,16 @@ class SuperResolve(SimpleInterface):
             if not isdefined(self.inputs.s0_file):
                 raise InputError(f"{self.inputs.model[0]}: the model takes the fit's S0 as an input; connect s0_file")
             s0 = load_scalar_image(self.inputs.s0_file, affine, tensors.shape[:3])
+        series = None
+        if self.inputs.self_calibration and isdefined(self.inputs.dwi_file):
+            series = self._series(tensors.shape[:3])
         pred = super_resolve_tensors(
             tensors,
             mask,
             affine,
             models,
             s0=s0,
+            series=series,
             symmetries=SYMMETRIES[self.inputs.symmetries],
             precision=self.inputs.precision,
             mc_samples=self.inputs.mc_samples,
@@ -151,3 +165,20 @@ class SuperResolve(SimpleInterface):
         for key, path in paths.items():
             self._results[names[key]] = str(path)
         return runtime
+
+    def _series(self, shape):
+        """The DWI series and gradients for the self-calibration, on the tensors' grid."""
+        from nipype.interfaces.base import isdefined
+
+        from iqt_pipe.dmri.dwi import load_dwi
+        from iqt_pipe.io import InputError
+
+        if not (isdefined(self.inputs.bval_file) and isdefined(self.inputs.bvec_file)):
+            raise InputError(f"{self.inputs.dwi_file}: the self-calibration needs bval_file and bvec_file too")
+        series = load_dwi(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file)
+        if series.data.shape[:3] != tuple(shape):
+            raise InputError(
+                f"{self.inputs.dwi_file}: grid {series.data.shape[:3]} differs from the tensors' {tuple(shape)}; "
+                "connect the series the tensors were fitted from"
+            )
+        return series.data, series.gtab

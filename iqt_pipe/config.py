@@ -68,6 +68,8 @@ class RunConfig:
     mc_samples: int = DEFAULT_MC_SAMPLES
     symmetries: str = DEFAULT_SYMMETRIES
     precision: str = DEFAULT_PRECISION
+    #: Variances scaled to the model's errors on each run's series degraded once more.
+    self_calibration: bool = True
     seed: int = DEFAULT_SEED
     denoise: str = "none"
     degibbs: bool = False
@@ -120,6 +122,7 @@ class RunConfig:
             mc_samples=args.mc_samples,
             symmetries=args.symmetries,
             precision=args.precision,
+            self_calibration=not args.no_self_calibration,
             seed=args.seed,
             denoise=args.denoise,
             degibbs=args.degibbs,
@@ -369,7 +372,8 @@ class RunConfig:
             (
                 "inference",
                 f"device {dev}, {self.precision} precision, {self.mc_samples} MC sample(s)"
-                f"{symmetric[self.symmetries]}, seed {self.seed}",
+                f"{symmetric[self.symmetries]}, seed {self.seed}"
+                f"{', self-calibrated' if self.self_calibration else ''}",
             )
         )
         steps = f"denoise {self.denoise}, Gibbs removal {'on' if self.degibbs else 'off'}"
@@ -439,6 +443,7 @@ _KINDS = {
     "mc_samples": "int",
     "symmetries": "str",
     "precision": "str",
+    "self_calibration": "bool",
     "seed": "int",
     "denoise": "str",
     "degibbs": "bool",

@@ -113,7 +113,8 @@ def phantom(tmp_path_factory):
 def test_the_app_writes_what_iqt_eval_scores(phantom):
     """The same LR series through ``iqt-pipe … participant`` (defaults: the card's preprocessing,
     8 MC samples, seed 0) and through ``iqt-eval``'s prediction give the same super-resolved
-    tensors, brain mask, MD sd (the card's diagonal correlation applied by both) and scores;
+    tensors, brain mask, MD sd (the card's diagonal correlation and the run's self-calibration
+    applied by both) and scores;
     both cover the HR scan's whole brain mask, rim included."""
     tmp, run = phantom
     case = ev.prepare_case(run, mode="raw", noise_floor=False)
@@ -130,6 +131,9 @@ def test_the_app_writes_what_iqt_eval_scores(phantom):
     for param, desc, expected in (("fa", "", pred.fa_mean), ("md", "", pred.md_mean), ("md", "desc-sd_", pred.md_sd)):
         assert_same_prediction(app_map(tmp / "out", param, desc), expected)
     assert sidecar["DiagonalCorrelation"] == pred.info["diagonal_correlation"] == 0.4
+    # Both self-calibrated on the series degraded once more, by the same scale.
+    assert sidecar["SelfCalibration"] == pytest.approx(pred.info["self_calibration"], rel=1e-4)
+    assert sidecar["SelfCalibration"]["ErrorSdRatio"] > 0
     assert pred.predicted[case.hr_mask].all()  # the rim of the HR scan's own mask too
     ours, theirs = ev.score(case, tensors), ev.score(case, pred)
     for region in ("interior", "exterior", "brain"):

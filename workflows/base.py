@@ -95,6 +95,7 @@ super-resolution follow @tanno2017 and @tanno2021.
             mc_samples=config.mc_samples,
             symmetries=config.symmetries,
             precision=config.precision,
+            self_calibration=config.self_calibration,
             seed=config.seed,
             use_gpu=use_gpu,
             omp_nthreads=config.omp_nthreads,

@@ -59,6 +59,7 @@ def init_dwi_run_wf(
     mc_samples: int = DEFAULT_MC_SAMPLES,
     symmetries: str = DEFAULT_SYMMETRIES,
     precision: str = DEFAULT_PRECISION,
+    self_calibration: bool = True,
     seed: int = DEFAULT_SEED,
     use_gpu: bool = False,
     omp_nthreads: int = 1,
@@ -91,7 +92,7 @@ def init_dwi_run_wf(
     denoise, degibbs, gibbs_tool
         Preprocessing (:func:`~iqt_pipe.workflows.dwi.init_dwi_preproc_wf`); ``None`` (default, as in the BIDS App):
         as the model's training series had it, its card's ``training.preprocessing`` (an ensemble's first model's).
-    mc_samples, symmetries, precision, seed, use_gpu, omp_nthreads, mem_mb, mem_gb, preprocessing
+    mc_samples, symmetries, precision, self_calibration, seed, use_gpu, omp_nthreads, mem_mb, mem_gb, preprocessing
         Super-resolution (:func:`~iqt_pipe.workflows.sr.init_sr_wf`); ``seed`` and ``omp_nthreads`` also seed and
         thread the tracking.
     upsample
@@ -124,7 +125,14 @@ def init_dwi_run_wf(
     workflow = Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=RUN_INPUTS), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=_run_outputs(keys)), name="outputnode")
-    network = dict(mc_samples=mc_samples, symmetries=symmetries, precision=precision, seed=seed, use_gpu=use_gpu)
+    network = dict(
+        mc_samples=mc_samples,
+        symmetries=symmetries,
+        precision=precision,
+        self_calibration=self_calibration,
+        seed=seed,
+        use_gpu=use_gpu,
+    )
     resources = dict(omp_nthreads=omp_nthreads, mem_mb=mem_mb, mem_gb=mem_gb)
     tracking = dict(seed_density=seed_density, max_uncertainty=max_uncertainty, uncertainty_action=uncertainty_action)
     steps = dict(
@@ -183,6 +191,7 @@ def _connect_run(workflow, inputnode, outputnode, *, omp_nthreads, preproc_wf, d
                               ("outputnode.bval_file", "inputnode.bval_file"),
                               ("outputnode.bvec_file", "inputnode.bvec_file")]),
         (inputnode, dti_wf, [("mask_file", "inputnode.mask_file")]),
+        (preproc_wf, sr_wf, [("outputnode.dwi_file", "inputnode.dwi_file")]),
         (dti_wf, sr_wf, [("outputnode.tensor_file", "inputnode.tensor_file"),
                          ("outputnode.mask_file", "inputnode.mask_file"),
                          ("outputnode.s0_file", "inputnode.s0_file")]),

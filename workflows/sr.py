@@ -13,7 +13,7 @@ from iqt_pipe.dmri.prepare import Preprocessing
 from iqt_pipe.interfaces.sr import SuperResolve
 from iqt_pipe.sr.options import DEFAULT_MC_SAMPLES, DEFAULT_PRECISION, DEFAULT_SYMMETRIES
 
-SR_INPUTS = ["tensor_file", "mask_file", "s0_file", "bval_file", "bvec_file"]
+SR_INPUTS = ["tensor_file", "mask_file", "s0_file", "bval_file", "bvec_file", "dwi_file"]
 SR_OUTPUTS = [
     "tensor_file",
     "fa_file",
@@ -34,6 +34,7 @@ def init_sr_wf(
     mc_samples: int = DEFAULT_MC_SAMPLES,
     symmetries: str = DEFAULT_SYMMETRIES,
     precision: str = DEFAULT_PRECISION,
+    self_calibration: bool = True,
     scalar_samples: int = 32,
     seed: int = 0,
     use_gpu: bool = False,
@@ -64,6 +65,9 @@ def init_sr_wf(
         Test-time symmetry ensemble: ``none``, ``mirrors`` (8) or ``cube`` (48 symmetries).
     precision
         The network's arithmetic: ``auto`` (bfloat16 on CPUs with AMX), ``float32``, ``bfloat16``.
+    self_calibration
+        Scale the predictive variances to the model's errors on the run's series degraded once more
+        (:mod:`iqt_pipe.sr.selfcal`; needs ``dwi_file``, ``bval_file`` and ``bvec_file``).
     seed
         Random seed; the same inputs, seed and device give identical outputs.
     use_gpu, omp_nthreads
@@ -88,6 +92,8 @@ def init_sr_wf(
     bval_file, bvec_file
         Optional: the native series' gradient files; the run is then checked against the
         model's training domain (``ModelDomain`` in the sidecars).
+    dwi_file
+        Optional: the series ``tensor_file`` was fitted from, for the self-calibration.
 
     Outputs
     -------
@@ -99,7 +105,7 @@ def init_sr_wf(
     """
     models = [str(model)] if isinstance(model, (str, os.PathLike)) else [str(m) for m in model]
     workflow = Workflow(name=name)
-    workflow.__desc__ = _methods(mc_samples, symmetries, precision, len(models), _takes_s0(models))
+    workflow.__desc__ = _methods(mc_samples, symmetries, precision, len(models), _takes_s0(models), self_calibration)
     inputnode = pe.Node(niu.IdentityInterface(fields=SR_INPUTS), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=SR_OUTPUTS), name="outputnode")
     super_resolve = _super_resolve_node(
@@ -107,6 +113,7 @@ def init_sr_wf(
         mc_samples=mc_samples,
         symmetries=symmetries,
         precision=precision,
+        self_calibration=self_calibration,
         scalar_samples=scalar_samples,
         seed=seed,
         use_gpu=use_gpu,
@@ -117,7 +124,7 @@ def init_sr_wf(
     )
     workflow.connect([
         (inputnode, super_resolve, [("tensor_file", "tensor_file"), ("mask_file", "mask_file"),
-                                    ("s0_file", "s0_file"),
+                                    ("s0_file", "s0_file"), ("dwi_file", "dwi_file"),
                                     ("bval_file", "bval_file"), ("bvec_file", "bvec_file")]),
         (super_resolve, outputnode, [(out, out) for out in SR_OUTPUTS]),
     ])  # fmt:skip
@@ -156,7 +163,9 @@ def _takes_s0(models: list[str]) -> bool:
         return False
 
 
-def _methods(mc_samples: int, symmetries: str, precision: str, n_models: int, s0: bool = False) -> str:
+def _methods(
+    mc_samples: int, symmetries: str, precision: str, n_models: int, s0: bool = False, self_calibration: bool = False
+) -> str:
     """The methods paragraph: the network and its uncertainty, then the options that change it."""
     text = f"""\
 Diffusion tensors were super-resolved with Bayesian Image Quality Transfer
@@ -189,5 +198,12 @@ The network's convolutions ran in bfloat16 arithmetic{where}.
         text += f"""\
 The predictions of {n_models} networks were combined with inverse-variance weights
 [@tanno2021], their disagreement added to the parameter uncertainty.
+"""
+    if self_calibration:
+        text += """\
+The predictive variances were self-calibrated on each run: its series was block-averaged over
+blocks of the upsampling factor's size and fitted again, the network super-resolved that coarser fit with the same
+settings, and every variance was divided by the squared ratio of the root-mean-square error
+(against the run's own fit, in the brain) to the root-mean-square predicted standard deviation.
 """
     return text

@@ -179,6 +179,13 @@ def _add_network_arguments(g) -> None:
         f"number of symmetries (default: {DEFAULT_SYMMETRIES})",
     )
     g.add_argument(
+        "--no-self-calibration",
+        action="store_true",
+        help="keep the model's own variance calibration: by default every predictive variance of a run "
+        "is scaled so that the model's RMS error / sd is 1 when it super-resolves the run's series "
+        "block-averaged once more (its own fit as the reference)",
+    )
+    g.add_argument(
         "--seed",
         type=int_at_least(0, "the seed"),
         default=DEFAULT_SEED,

@@ -431,6 +431,23 @@ def _model_card_html(ctx: SubjectContext) -> str:
     return "<h4>Model</h4>" + table(rows)
 
 
+def _self_calibration_note(calibration: dict) -> str:
+    """The report's line on the run's self-calibration (:mod:`iqt_pipe.sr.selfcal`): an alert
+    when it was not measured or its ratio was clipped."""
+    ratio, scale = calibration.get("ErrorSdRatio"), calibration.get("VarianceScale", 1.0)
+    note = calibration.get("Note")
+    text = "Self-calibration: "
+    if ratio is None:
+        text += f"{note or 'not measured'}; the model's own calibration is kept."
+    else:
+        text += (
+            "super-resolving this series degraded once more, the model's RMS error was "
+            f"{format_number(ratio, '.2f')}× its predicted sd ({calibration.get('Voxels')} brain voxels); "
+            f"every predictive variance was scaled by {format_number(scale, '.2f')}" + (f" ({note})." if note else ".")
+        )
+    return f'<p class="{"iqt-alert" if note else "iqt-note"}">{escape(text)}</p>'
+
+
 def _run_summary_html(ctx: SubjectContext, run: RunOutputs) -> str:
     from iqt_pipe.dmri.gradients import read_gradients, select_dti_volumes
 
@@ -497,6 +514,8 @@ def _run_summary_html(ctx: SubjectContext, run: RunOutputs) -> str:
             f'<p class="{"iqt-note" if matches else "iqt-alert"}">{escape(text)}'
             + (".</p>" if matches else ": they differ, expect less accurate maps and uncertainty.</p>")
         )
+    if sr.get("SelfCalibration"):
+        parts.append(_self_calibration_note(sr["SelfCalibration"]))
     if domain_warning := model_domain_warning(sr, run.name):
         parts.append(f'<p class="iqt-alert">{escape(domain_warning)}.</p>')
     correlation = noise_correlation(run.sidecar("tensor"))

@@ -26,7 +26,7 @@ from iqt_pipe.sr.inference import Prediction, frobenius_sd, predict_ensemble
 
 #: Fewest brain voxels of the run (the coarser pair's HR side) the ratio is measured on; below
 #: that (a tiny or cropped field of view) the model's card calibration is kept alone.
-MIN_VOXELS = 2000
+MIN_VOXELS = 500
 #: The error / sd ratio is clipped to this range before it scales the variances: a ratio
 #: outside says the run is not what the model knows (the warning says so), not a scale to trust.
 RATIO_LIMITS = (0.5, 2.0)

@@ -18,6 +18,7 @@ import numpy as np
 
 from iqt_pipe import __version__
 from iqt_pipe.dmri.dti import tensors_world_to_voxel
+from iqt_pipe.dmri.gradients import GradientTable
 from iqt_pipe.dmri.prepare import Preprocessing, card_domain, domain_problems
 from iqt_pipe.io import (
     load_tensor_image,  # noqa: F401 - re-exported; it lives in io so tractography needs no torch
@@ -27,7 +28,8 @@ from iqt_pipe.io import (
     sidecar_path,
 )
 from iqt_pipe.models.espcn import IQTNet
-from iqt_pipe.sr.inference import Prediction, frobenius_sd, predict_ensemble
+from iqt_pipe.sr.inference import Prediction, frobenius_sd
+from iqt_pipe.sr.selfcal import predict_self_calibrated
 
 _DIFFUSIVITY = "mm^2/s"
 #: Sidecar fields of each map :func:`write_prediction` writes (the BIDS outputs reuse them).
@@ -66,14 +68,16 @@ def super_resolve_tensors(
     affine: np.ndarray,
     model: IQTNet | Sequence[IQTNet],
     s0: np.ndarray | None = None,
+    series: tuple[np.ndarray, GradientTable] | None = None,
     **predict_kwargs,
 ) -> Prediction:
-    """:func:`~iqt_pipe.sr.inference.predict_ensemble` (one model or several) on world-frame
+    """:func:`~iqt_pipe.sr.selfcal.predict_self_calibrated` (one model or several) on world-frame
     tensors (and the fit's ``s0``, for models with the S0 input): the whole brain ``mask`` and
-    its rim (result in the voxel frame of the HR grid, as ``predict_volume`` returns it)."""
+    its rim (result in the voxel frame of the HR grid, as ``predict_volume`` returns it); with
+    ``series``, the DWI series and gradients the tensors were fitted from, self-calibrated."""
     models = [model] if isinstance(model, IQTNet) else list(model)
     inputs = (tensors_world_to_voxel(world_tensors, affine), mask, s0)
-    return predict_ensemble(models, inputs, affine, **predict_kwargs)
+    return predict_self_calibrated(models, inputs, affine, series, **predict_kwargs)
 
 
 def _model_fields(card: dict[str, Any]) -> dict[str, Any]:
@@ -157,6 +161,7 @@ def prediction_metadata(
     return {
         "Model": _model_fields(card),
         "VarianceScale": pred.info.get("variance_scale", 1.0),
+        **({"SelfCalibration": pred.info["self_calibration"]} if "self_calibration" in pred.info else {}),
         "DiagonalCorrelation": pred.info.get("diagonal_correlation", 0.0),
         "MonteCarloSamples": pred.info["mc_samples"],
         "TestTimeSymmetries": pred.info.get("symmetries", 1),
