@@ -66,8 +66,7 @@ def init_sr_wf(
     precision
         The network's arithmetic: ``auto`` (bfloat16 on CPUs with AMX), ``float32``, ``bfloat16``.
     self_calibration
-        Scale the predictive variances to the model's errors on the run's series degraded once more
-        (:mod:`iqt_pipe.sr.selfcal`; needs ``dwi_file``, ``bval_file`` and ``bvec_file``).
+        Scale the variances to the model's errors on ``dwi_file`` degraded once more (:mod:`iqt_pipe.sr.selfcal`).
     seed
         Random seed; the same inputs, seed and device give identical outputs.
     use_gpu, omp_nthreads
@@ -89,11 +88,9 @@ def init_sr_wf(
     s0_file
         The fit's S0 on the same grid (``FitDTI``'s): needed by models with the S0 input
         (their card's ``inputs``), unused by others.
-    bval_file, bvec_file
-        Optional: the native series' gradient files; the run is then checked against the
-        model's training domain (``ModelDomain`` in the sidecars).
-    dwi_file
-        Optional: the series ``tensor_file`` was fitted from, for the self-calibration.
+    bval_file, bvec_file, dwi_file
+        Optional: the native series' gradient files (the run is then checked against the model's training
+        domain, ``ModelDomain`` in the sidecars) and the series ``tensor_file`` was fitted from (self-calibration).
 
     Outputs
     -------
