@@ -66,7 +66,7 @@ def measure(
     on, voxel frame ``tensors`` that fit, ``brain`` its mask) block-averaged over r³ voxels
     and fitted as in training (:func:`~iqt_pipe.dmri.prepare.fit_series`), super-resolved by
     :func:`~iqt_pipe.sr.inference.predict_ensemble` with ``predict_kwargs`` (the run's own
-    settings), and scored against ``tensors`` in ``brain``."""
+    settings; its ``threads`` fit too), and scored against ``tensors`` in ``brain``."""
     from iqt_pipe.dmri.prepare import fit_series
 
     r = models[0].r
@@ -75,10 +75,16 @@ def measure(
     if min(brain.shape) < 2 * r or voxels < MIN_VOXELS:
         return SelfCalibration(None, 1.0, voxels, f"fewer than {MIN_VOXELS} brain voxels: not measured")
     coarse_dwi, coarse_affine = degrade_dwi(crop_to_multiple(dwi, r), affine, r)
-    fit, coarse_brain = fit_series(coarse_dwi, coarse_affine, gtab, source="the run's series, block-averaged")
+    threads = predict_kwargs.get("threads") or 1
+    fit, coarse_brain = fit_series(
+        coarse_dwi, coarse_affine, gtab, source="the run's series, block-averaged", threads=threads
+    )
     if not coarse_brain.any():
         return SelfCalibration(None, 1.0, voxels, "no brain left in the block-averaged series: not measured")
-    pred = predict_ensemble(models, (fit.tensors, coarse_brain, fit.s0), coarse_affine, **predict_kwargs)
+    # Only the tensor variances count: one model skips the FA/MD samples (an ensemble's
+    # mixture needs them), which leave the variances as they are.
+    kwargs = {**predict_kwargs, "scalar_samples": 0} if len(models) == 1 else predict_kwargs
+    pred = predict_ensemble(models, (fit.tensors, coarse_brain, fit.s0), coarse_affine, **kwargs)
     err = pred.mean[brain].astype(np.float64) - crop_to_multiple(tensors, r)[brain]
     mean_var = float(np.mean(frobenius_sd(pred.var_total[brain].astype(np.float64)) ** 2))
     if not mean_var > 0:
