@@ -1128,27 +1128,27 @@ def _tree(out: Path) -> list[str]:
     )
 
 
-def uncertainty_percentile(root: Path, model: Path, q: float, folder: Path) -> str:
-    """The q-th percentile of the model's total uncertainty (2 MC samples, the app's other
-    defaults) in the brain of sub-01, as the command line would take it: a threshold the run's
-    map crosses."""
-    from iqt_pipe.interfaces import FitDTI
+def uncertainty_percentile(root: Path, model: Path, q: float) -> str:
+    """The q-th percentile of the model's total uncertainty in the brain of sub-01 as the app
+    with ``FAST``'s options makes it (the series denoised by DIPY's MP-PCA, 2 MC samples, the
+    other defaults, self-calibration included), as the command line would take it: a threshold
+    the run's map crosses."""
+    from iqt_pipe.dmri.dwi import load_dwi
+    from iqt_pipe.dmri.prepare import Preprocessing, fit_series, preprocess_series
     from iqt_pipe.models import load_model
     from iqt_pipe.sr.options import DEFAULT_PRECISION, DEFAULT_SYMMETRIES, SYMMETRIES
-    from iqt_pipe.sr.superres import super_resolve_tensors
+    from iqt_pipe.sr.selfcal import predict_self_calibrated
 
     stem = root / "sub-01/dwi/sub-01_dwi"
-    folder.mkdir(parents=True, exist_ok=True)
-    fit = (
-        FitDTI(dwi_file=f"{stem}.nii.gz", bval_file=f"{stem}.bval", bvec_file=f"{stem}.bvec")
-        .run(cwd=str(folder))
-        .outputs
-    )
+    series = load_dwi(f"{stem}.nii.gz", f"{stem}.bval", f"{stem}.bvec")
+    dwi = preprocess_series(series.data, Preprocessing("dipy", False))
+    fit, brain = fit_series(dwi, series.affine, series.gtab)
     net, _ = load_model(model)
-    # The app's defaults: its map is the one the threshold has to cross.
-    pred = super_resolve_tensors(
-        *load_tensor_image(fit.tensor_file, fit.mask_file),
-        net,
+    pred = predict_self_calibrated(
+        [net],
+        (fit.tensors, brain, fit.s0),
+        series.affine,
+        (dwi, series.gtab),
         mc_samples=2,
         symmetries=SYMMETRIES[DEFAULT_SYMMETRIES],
         precision=DEFAULT_PRECISION,
@@ -1163,7 +1163,7 @@ def test_bids_app_tractography(app_data, tmp_path, choice):
     if choice == "both" and shutil.which("tckgen") is None:
         pytest.skip("MRtrix3 not installed")
     software = ("dipy",) if choice == "dipy" else ("dipy", "mrtrix")
-    threshold = uncertainty_percentile(root, model, 50, tmp_path / "fit")  # inside the map's range
+    threshold = uncertainty_percentile(root, model, 50)  # inside the map's range
     proc = iqt_pipe(
         root,
         tmp_path / "out",
