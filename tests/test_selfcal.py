@@ -174,3 +174,18 @@ def test_the_report_says_what_the_self_calibration_did():
     assert 'class="iqt-alert"' in skipped and "too small; the model's own calibration is kept" in skipped.replace(
         "&#x27;", "'"
     )
+
+
+def test_a_run_far_from_its_calibration_is_warned_about():
+    from iqt_pipe.qc import SELF_CALIBRATION_RANGE, self_calibration_warning
+    from iqt_pipe.reports.build import _self_calibration_note
+
+    low, high = SELF_CALIBRATION_RANGE
+    for ratio in (low, 1.0, high, None):
+        assert self_calibration_warning({"SelfCalibration": {"ErrorSdRatio": ratio}}, "sub-01_dwi") is None
+    assert self_calibration_warning({}, "sub-01_dwi") is None  # run with --no-self-calibration
+    line = self_calibration_warning({"SelfCalibration": {"ErrorSdRatio": 1.8}}, "sub-01_dwi")
+    assert line.startswith("sub-01_dwi: on this scan degraded once more the model's RMS error was 1.80× its")
+    assert "(outside 0.67–1.5): the scan differs from the training scans" in line and "\n" not in line
+    note = _self_calibration_note({"ErrorSdRatio": 1.8, "VarianceScale": 3.24, "Voxels": 5000}, warned=True)
+    assert 'class="iqt-alert"' in note and "A ratio outside 0.67–1.5: the scan differs" in note

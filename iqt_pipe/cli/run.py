@@ -293,8 +293,14 @@ def write_reports(config: RunConfig, subjects: list[str], run_uuid: str | None =
 def warn_about_runs(config: RunConfig, subjects: list[str]) -> None:
     """A warning for each run whose noise correlates between neighbouring voxels (recorded in
     its native tensor sidecar: the scanner interpolated it, super-resolution gains little) and
-    for each run outside the model's training domain (its super-resolved tensor sidecar)."""
-    from iqt_pipe.qc import model_domain_warning, noise_correlation, noise_correlation_warning
+    for each run outside the model's training domain or far from its calibration (its
+    super-resolved tensor sidecar)."""
+    from iqt_pipe.qc import (
+        model_domain_warning,
+        noise_correlation,
+        noise_correlation_warning,
+        self_calibration_warning,
+    )
     from iqt_pipe.reports.discover import find_runs
 
     for subject in subjects:
@@ -302,6 +308,7 @@ def warn_about_runs(config: RunConfig, subjects: list[str]) -> None:
             for warning in (
                 noise_correlation_warning(noise_correlation(run.sidecar("tensor")), run.name),
                 model_domain_warning(run.sidecar("sr_tensor"), run.name),
+                self_calibration_warning(run.sidecar("sr_tensor"), run.name),
             ):
                 if warning:
                     print(f"{PROG}: warning: {warning}", file=sys.stderr)

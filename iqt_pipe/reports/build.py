@@ -40,10 +40,13 @@ from iqt_pipe.qc import (
     DEFAULT_SD_THRESHOLD,
     INTERPOLATED,
     METRIC_COLUMNS,
+    RECALIBRATED,
+    SELF_CALIBRATION_RANGE,
     metrics_from_files,
     model_domain_warning,
     noise_correlation,
     noise_correlation_warning,
+    self_calibration_warning,
 )
 from iqt_pipe.reports import figures as F
 from iqt_pipe.reports.citations import methods_html
@@ -431,9 +434,10 @@ def _model_card_html(ctx: SubjectContext) -> str:
     return "<h4>Model</h4>" + table(rows)
 
 
-def _self_calibration_note(calibration: dict) -> str:
+def _self_calibration_note(calibration: dict, warned: bool = False) -> str:
     """The report's line on the run's self-calibration (:mod:`iqt_pipe.sr.selfcal`): an alert
-    when it was not measured or its ratio was clipped."""
+    when it was not measured, its ratio was clipped or the run is ``warned`` about
+    (:func:`~iqt_pipe.qc.self_calibration_warning`; what that means follows)."""
     ratio, scale = calibration.get("ErrorSdRatio"), calibration.get("VarianceScale", 1.0)
     note = calibration.get("Note")
     text = "Self-calibration: "
@@ -445,7 +449,10 @@ def _self_calibration_note(calibration: dict) -> str:
             f"{format_number(ratio, '.2f')}× its predicted sd ({calibration.get('Voxels')} brain voxels); "
             f"every predictive variance was scaled by {format_number(scale, '.2f')}" + (f" ({note})." if note else ".")
         )
-    return f'<p class="{"iqt-alert" if note else "iqt-note"}">{escape(text)}</p>'
+    if warned:
+        low, high = SELF_CALIBRATION_RANGE
+        text += f" A ratio outside {low:g}–{high:g}: {RECALIBRATED}."
+    return f'<p class="{"iqt-alert" if note or warned else "iqt-note"}">{escape(text)}</p>'
 
 
 def _run_summary_html(ctx: SubjectContext, run: RunOutputs) -> str:
@@ -515,7 +522,8 @@ def _run_summary_html(ctx: SubjectContext, run: RunOutputs) -> str:
             + (".</p>" if matches else ": they differ, expect less accurate maps and uncertainty.</p>")
         )
     if sr.get("SelfCalibration"):
-        parts.append(_self_calibration_note(sr["SelfCalibration"]))
+        warned = self_calibration_warning(sr, run.name) is not None
+        parts.append(_self_calibration_note(sr["SelfCalibration"], warned))
     if domain_warning := model_domain_warning(sr, run.name):
         parts.append(f'<p class="iqt-alert">{escape(domain_warning)}.</p>')
     correlation = noise_correlation(run.sidecar("tensor"))
