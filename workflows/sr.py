@@ -199,8 +199,9 @@ The predictions of {n_models} networks were combined with inverse-variance weigh
     if self_calibration:
         text += """\
 The predictive variances were self-calibrated on each run: its series was block-averaged over
-blocks of the upsampling factor's size and fitted again, the network super-resolved that coarser fit with the same
-settings, and every variance was divided by the squared ratio of the root-mean-square error
-(against the run's own fit, in the brain) to the root-mean-square predicted standard deviation.
+blocks of the upsampling factor's size and fitted again, the network super-resolved that
+coarser fit with the same settings, and every variance was multiplied by the squared ratio of
+the root-mean-square error (against the run's own fit, in the brain) to the root-mean-square
+predicted standard deviation.
 """
     return text

@@ -7,7 +7,7 @@ measure that factor: degraded once more by the IQT protocol (its series block-av
 voxels and fitted again), it is a pair of the kind the model was trained on, one scale coarser,
 whose HR side is the run's own fit. The model super-resolves the coarser series with the same
 settings, and the RMS of its Frobenius error over the RMS of its predicted Frobenius sd in the
-brain (1 when calibrated) is measured; the run's predictive variances are divided by its square.
+brain (1 when calibrated) is measured; the run's predictive variances are multiplied by its square.
 
 On the 13 held-out runs of the developers' two folds, that ratio one scale coarser followed the
 ratio at the run's own scale with correlation 0.88 (README, "Self-calibration").
