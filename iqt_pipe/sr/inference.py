@@ -810,7 +810,7 @@ def _volumes(
     counts: dict[str, int] = {}
     for b in batches:
         stats = b.finish(passes.count, passes.count * passes.per_sample)
-        _calibrate(stats, s)
+        scale_variances(stats, s)
         for name, n in guard_outputs(stats).items():
             counts[name] = counts.get(name, 0) + n
         at = torch.from_numpy(b.voxels)
@@ -844,9 +844,10 @@ def _outside_values(lr_tensors: np.ndarray, baseline: np.ndarray, target: str, r
     return {"mean": cubic, "fa": fa.numpy(), "md": md.numpy()}
 
 
-def _calibrate(stats: dict[str, np.ndarray], s: float) -> None:
-    """The model card's calibration, in place: every variance in ``stats`` times ``s``, the FA
-    and MD sd times √s (to first order)."""
+def scale_variances(stats: dict[str, np.ndarray], s: float) -> None:
+    """A variance scale (the model card's calibration, a run's self-calibration), in place:
+    every variance in ``stats`` (``var_int``, ``m2``) times ``s``, the FA and MD sd (``fa_sd``,
+    ``md_sd``) times √s (to first order)."""
     if s == 1.0:
         return
     for key in ("var_int", "m2"):

@@ -22,7 +22,7 @@ import numpy as np
 
 from iqt_pipe.dmri.degrade import crop_to_multiple, degrade_dwi
 from iqt_pipe.dmri.gradients import GradientTable
-from iqt_pipe.sr.inference import Prediction, frobenius_sd, predict_ensemble
+from iqt_pipe.sr.inference import Prediction, frobenius_sd, predict_ensemble, scale_variances
 
 #: Fewest brain voxels of the run (the coarser pair's HR side) the ratio is measured on; below
 #: that (a tiny or cropped field of view) the model's card calibration is kept alone.
@@ -101,13 +101,8 @@ def apply(pred: Prediction, calibration: SelfCalibration) -> Prediction:
     """``pred`` with every predictive variance times the calibration's scale and the FA/MD sd
     times its square root (to first order, as the card's calibration), in place; the
     calibration goes to ``pred.info["self_calibration"]``."""
-    s = calibration.variance_scale
-    if s != 1.0:
-        for var in (pred.var_intrinsic, pred.var_parameter):
-            if var is not None:
-                var *= np.float32(s)
-        pred.fa_sd *= np.float32(np.sqrt(s))
-        pred.md_sd *= np.float32(np.sqrt(s))
+    parts = {"var_int": pred.var_intrinsic, "m2": pred.var_parameter, "fa_sd": pred.fa_sd, "md_sd": pred.md_sd}
+    scale_variances({k: v for k, v in parts.items() if v is not None}, calibration.variance_scale)
     pred.info["self_calibration"] = calibration.metadata()
     return pred
 
