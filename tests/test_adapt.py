@@ -150,3 +150,12 @@ def test_the_node_adapts_as_the_core_function_and_needs_the_series(run, tmp_path
     alone = SuperResolve(model=str(model_dir), tensor_file=fit.tensor_file, mask_file=fit.mask_file, adapt_steps=2)
     with pytest.raises(InputError, match="adaptation needs dwi_file"):
         alone.run(cwd=str(tmp_path))
+
+
+def test_the_report_says_what_the_adaptation_did():
+    from iqt_pipe.reports.build import _adaptation_note
+
+    done = _adaptation_note({"Steps": 150, "Patches": 9000, "LossFirstLast": [0.1234, -0.05]})
+    assert 'class="iqt-note"' in done and "fine-tuned for 150 steps" in done and "0.123 → -0.050" in done
+    left = _adaptation_note({"Models": [{"Steps": 0, "Patches": 0, "Note": "nothing to learn from"}]})
+    assert 'class="iqt-alert"' in left and "nothing to learn from." in left

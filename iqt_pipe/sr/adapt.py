@@ -25,7 +25,15 @@ import torch
 from iqt_pipe.dmri.degrade import crop_to_multiple, degrade_dwi, grid_offsets, shift_grid
 from iqt_pipe.dmri.gradients import GradientTable
 from iqt_pipe.models.espcn import IQTNet
-from iqt_pipe.sr.patches import CORE, N_MIRRORS, RunPatches, patch_geometry, transform_patch, transform_volume
+from iqt_pipe.sr.patches import (
+    CORE,
+    N_MIRRORS,
+    RunPatches,
+    candidate_centres,
+    patch_geometry,
+    transform_patch,
+    transform_volume,
+)
 
 #: Adam's learning rate and the batch size of the adaptation's steps (training's batch).
 LEARNING_RATE = 1e-4
@@ -76,7 +84,6 @@ def coarse_pairs(
     ``tensors`` (the run's fit, voxel frame), encoded for ``model``; the targets' brain (the
     loss's voxels) is ``brain`` outside :func:`held_out`."""
     from iqt_pipe.dmri.prepare import fit_series
-    from iqt_pipe.sr.patches import candidate_centres
 
     r = model.r
     tuning = np.asarray(brain, dtype=bool) & ~held_out(brain.shape)
