@@ -63,13 +63,6 @@ class _SuperResolveInputSpec(BaseInterfaceInputSpec):
         usedefault=True,
         desc="scale the predictive variances to the model's errors on dwi_file degraded once more (needs dwi_file)",
     )
-    adapt_steps = traits.Range(
-        low=0,
-        value=0,
-        usedefault=True,
-        desc="fine-tune the model for this many steps on dwi_file degraded once more before predicting "
-        "(iqt_pipe.sr.adapt; needs dwi_file; 0: off)",
-    )
     denoise = traits.Enum(
         "none",
         "dipy",
@@ -124,9 +117,7 @@ class SuperResolve(SimpleInterface):
                 raise InputError(f"{self.inputs.model[0]}: the model takes the fit's S0 as an input; connect s0_file")
             s0 = load_scalar_image(self.inputs.s0_file, affine, tensors.shape[:3])
         series = None
-        if self.inputs.adapt_steps and not isdefined(self.inputs.dwi_file):
-            raise InputError(f"{self.inputs.tensor_file}: the test-time adaptation needs dwi_file, the fitted series")
-        if (self.inputs.self_calibration or self.inputs.adapt_steps) and isdefined(self.inputs.dwi_file):
+        if self.inputs.self_calibration and isdefined(self.inputs.dwi_file):
             series = self._series(tensors.shape[:3])
         pred = super_resolve_tensors(
             tensors,
@@ -135,8 +126,6 @@ class SuperResolve(SimpleInterface):
             models,
             s0=s0,
             series=series,
-            self_calibrate=self.inputs.self_calibration,
-            adapt_steps=self.inputs.adapt_steps,
             symmetries=SYMMETRIES[self.inputs.symmetries],
             precision=self.inputs.precision,
             mc_samples=self.inputs.mc_samples,
@@ -178,7 +167,7 @@ class SuperResolve(SimpleInterface):
         return runtime
 
     def _series(self, shape):
-        """The DWI series and gradients for the self-calibration and adaptation, on the tensors' grid."""
+        """The DWI series and gradients for the self-calibration, on the tensors' grid."""
         from nipype.interfaces.base import isdefined
 
         from iqt_pipe.dmri.dwi import load_dwi

@@ -70,8 +70,6 @@ class RunConfig:
     precision: str = DEFAULT_PRECISION
     #: Variances scaled to the model's errors on each run's series degraded once more.
     self_calibration: bool = True
-    #: Steps of fine-tuning on each run's series degraded once more before it is predicted (0: none).
-    adapt_steps: int = 0
     seed: int = DEFAULT_SEED
     denoise: str = "none"
     degibbs: bool = False
@@ -125,7 +123,6 @@ class RunConfig:
             symmetries=args.symmetries,
             precision=args.precision,
             self_calibration=not args.no_self_calibration,
-            adapt_steps=args.adapt_steps,
             seed=args.seed,
             denoise=args.denoise,
             degibbs=args.degibbs,
@@ -376,8 +373,7 @@ class RunConfig:
                 "inference",
                 f"device {dev}, {self.precision} precision, {self.mc_samples} MC sample(s)"
                 f"{symmetric[self.symmetries]}, seed {self.seed}"
-                f"{', self-calibrated' if self.self_calibration else ''}"
-                f"{f', adapted to each run ({self.adapt_steps} steps)' if self.adapt_steps else ''}",
+                f"{', self-calibrated' if self.self_calibration else ''}",
             )
         )
         steps = f"denoise {self.denoise}, Gibbs removal {'on' if self.degibbs else 'off'}"
@@ -448,7 +444,6 @@ _KINDS = {
     "symmetries": "str",
     "precision": "str",
     "self_calibration": "bool",
-    "adapt_steps": "int",
     "seed": "int",
     "denoise": "str",
     "degibbs": "bool",

@@ -96,7 +96,6 @@ super-resolution follow @tanno2017 and @tanno2021.
             symmetries=config.symmetries,
             precision=config.precision,
             self_calibration=config.self_calibration,
-            adapt_steps=config.adapt_steps,
             seed=config.seed,
             use_gpu=use_gpu,
             omp_nthreads=config.omp_nthreads,

@@ -60,7 +60,6 @@ def init_dwi_run_wf(
     symmetries: str = DEFAULT_SYMMETRIES,
     precision: str = DEFAULT_PRECISION,
     self_calibration: bool = True,
-    adapt_steps: int = 0,
     seed: int = DEFAULT_SEED,
     use_gpu: bool = False,
     omp_nthreads: int = 1,
@@ -93,9 +92,9 @@ def init_dwi_run_wf(
     denoise, degibbs, gibbs_tool
         Preprocessing (:func:`~iqt_pipe.workflows.dwi.init_dwi_preproc_wf`); ``None`` (default, as in the BIDS App):
         as the model's training series had it, its card's ``training.preprocessing`` (an ensemble's first model's).
-    mc_samples, symmetries, precision, self_calibration, adapt_steps, seed, use_gpu, omp_nthreads, mem_mb, mem_gb,
-    preprocessing
-        As :func:`~iqt_pipe.workflows.sr.init_sr_wf`'s; ``seed`` and ``omp_nthreads`` also seed and thread the tracking.
+    mc_samples, symmetries, precision, self_calibration, seed, use_gpu, omp_nthreads, mem_mb, mem_gb, preprocessing
+        Super-resolution (:func:`~iqt_pipe.workflows.sr.init_sr_wf`); ``seed`` and ``omp_nthreads`` also seed and
+        thread the tracking.
     upsample
         Super-resolution factor r per axis, for the sidecars' Resolution; default: the model's.
     tractography, seed_density, max_uncertainty, uncertainty_action
@@ -131,7 +130,6 @@ def init_dwi_run_wf(
         symmetries=symmetries,
         precision=precision,
         self_calibration=self_calibration,
-        adapt_steps=adapt_steps,
         seed=seed,
         use_gpu=use_gpu,
     )

@@ -35,7 +35,6 @@ def init_sr_wf(
     symmetries: str = DEFAULT_SYMMETRIES,
     precision: str = DEFAULT_PRECISION,
     self_calibration: bool = True,
-    adapt_steps: int = 0,
     scalar_samples: int = 32,
     seed: int = 0,
     use_gpu: bool = False,
@@ -58,16 +57,16 @@ def init_sr_wf(
     Parameters
     ----------
     model
-        Model folder, ``model.json`` or ``model.safetensors`` (:mod:`iqt_pipe.models`), or several: their ensemble.
+        Model folder, ``model.json`` or ``model.safetensors`` (see :mod:`iqt_pipe.models`), or
+        several: their inverse-variance ensemble.
     mc_samples, scalar_samples
         Monte-Carlo weight samples of variational models; tensor samples per voxel behind the FA/MD sd maps.
     symmetries
         Test-time symmetry ensemble: ``none``, ``mirrors`` (8) or ``cube`` (48 symmetries).
     precision
         The network's arithmetic: ``auto`` (bfloat16 on CPUs with AMX), ``float32``, ``bfloat16``.
-    self_calibration, adapt_steps
-        Scale the variances to the model's errors on ``dwi_file`` degraded once more (:mod:`iqt_pipe.sr.selfcal`),
-        after fine-tuning it for ``adapt_steps`` steps on that coarser pair (:mod:`iqt_pipe.sr.adapt`).
+    self_calibration
+        Scale the variances to the model's errors on ``dwi_file`` degraded once more (:mod:`iqt_pipe.sr.selfcal`).
     seed
         Random seed; the same inputs, seed and device give identical outputs.
     use_gpu, omp_nthreads
@@ -103,7 +102,7 @@ def init_sr_wf(
     """
     models = [str(model)] if isinstance(model, (str, os.PathLike)) else [str(m) for m in model]
     workflow = Workflow(name=name)
-    workflow.__desc__ = _methods(mc_samples, symmetries, precision, models, self_calibration, adapt_steps)
+    workflow.__desc__ = _methods(mc_samples, symmetries, precision, len(models), _takes_s0(models), self_calibration)
     inputnode = pe.Node(niu.IdentityInterface(fields=SR_INPUTS), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=SR_OUTPUTS), name="outputnode")
     super_resolve = _super_resolve_node(
@@ -112,7 +111,6 @@ def init_sr_wf(
         symmetries=symmetries,
         precision=precision,
         self_calibration=self_calibration,
-        adapt_steps=adapt_steps,
         scalar_samples=scalar_samples,
         seed=seed,
         use_gpu=use_gpu,
@@ -163,10 +161,9 @@ def _takes_s0(models: list[str]) -> bool:
 
 
 def _methods(
-    mc_samples: int, symmetries: str, precision: str, models: list[str], self_calibration: bool, adapt_steps: int
+    mc_samples: int, symmetries: str, precision: str, n_models: int, s0: bool = False, self_calibration: bool = False
 ) -> str:
     """The methods paragraph: the network and its uncertainty, then the options that change it."""
-    n_models = len(models)
     text = f"""\
 Diffusion tensors were super-resolved with Bayesian Image Quality Transfer
 [@tanno2017; @tanno2021]: a 3D efficient sub-pixel-shifting convolutional network
@@ -177,7 +174,7 @@ estimated from {mc_samples} Monte-Carlo weight samples (variational models). FA 
 are those of the predictive mean tensor; FA's standard deviation was estimated from tensor
 samples of the predictive distribution, MD's exactly (MD is linear in the tensor).
 """
-    if _takes_s0(models):
+    if s0:
         text += """\
 Besides the tensor components, the network took the fitted non-diffusion-weighted signal (S0,
 relative to its median in the brain) as an input.
@@ -198,14 +195,6 @@ The network's convolutions ran in bfloat16 arithmetic{where}.
         text += f"""\
 The predictions of {n_models} networks were combined with inverse-variance weights
 [@tanno2021], their disagreement added to the parameter uncertainty.
-"""
-    if adapt_steps:
-        text += f"""\
-Before predicting, the network was adapted to each run: its series was block-averaged over
-blocks of the upsampling factor's size (at every alignment of the block grid) and fitted again,
-and the network's weight means were fine-tuned for {adapt_steps} steps (Adam, learning rate 1e-4,
-12 patches a step) to map that coarser fit to the run's own, on half of the grid (alternate
-cubes of 8 voxels); the self-calibration below was measured on the other half.
 """
     if self_calibration:
         text += """\

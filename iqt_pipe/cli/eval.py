@@ -177,15 +177,6 @@ def _add_prediction_arguments(p: argparse.ArgumentParser) -> None:
         help="as iqt-pipe's: keep the models' own variance calibration, not scaled to their errors on "
         "each run's series degraded once more",
     )
-    p.add_argument(
-        "--adapt-steps",
-        nargs="+",
-        type=int_at_least(0, "--adapt-steps"),
-        default=[0],
-        metavar="N",
-        help="as iqt-pipe's: fine-tune every model on each run's series degraded once more for N steps "
-        "before predicting it; several: each model is scored once per setting, as --symmetries (default: 0)",
-    )
     p.add_argument("--seed", type=int_at_least(0, "the seed"), default=0, metavar="N", help="random seed (default: 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device (default: auto)")
     p.add_argument(
@@ -256,10 +247,7 @@ def _methods(args, device):
         methods.append(Method(name=name, models=[loaded[path]]))
     for i, group in enumerate(args.ensemble, 1):
         methods.append(Method(name=f"ensemble{i}", models=[loaded[p] for p in group]))
-    settings = prediction_settings(
-        methods, args.symmetries, args.precision, not args.no_self_calibration, args.adapt_steps
-    )
-    return settings, r or 2
+    return prediction_settings(methods, args.symmetries, args.precision, not args.no_self_calibration), r or 2
 
 
 def _finite(obj):
@@ -331,7 +319,6 @@ def run(args: argparse.Namespace) -> int:
             symmetries=args.symmetries,
             precisions=args.precision,
             self_calibration=not args.no_self_calibration,
-            adapt_steps=args.adapt_steps,
             runs_per_subject=args.runs_per_subject,
             resume=args.resume,
             figures=not args.no_figures,
@@ -348,7 +335,6 @@ def run(args: argparse.Namespace) -> int:
         "symmetries": args.symmetries,
         "precision": args.precision,
         "self_calibration": not args.no_self_calibration,
-        "adapt_steps": args.adapt_steps,
         "seed": args.seed,
         "snr": args.snr or "own",
         "device": str(device),

@@ -186,16 +186,6 @@ def _add_network_arguments(g) -> None:
         "block-averaged once more (its own fit as the reference)",
     )
     g.add_argument(
-        "--adapt-steps",
-        type=int_at_least(0, "--adapt-steps"),
-        default=0,
-        metavar="N",
-        help="test-time adaptation: before predicting a run, fine-tune the model for N steps on the run's "
-        "series block-averaged once more (its own fit as the target), on half of the grid; the "
-        "self-calibration is then measured on the other half. Sharper on scanners unlike the training "
-        "ones, at the cost of a short training per run (README, 'Test-time adaptation'; default: 0, off)",
-    )
-    g.add_argument(
         "--seed",
         type=int_at_least(0, "the seed"),
         default=DEFAULT_SEED,

@@ -83,28 +83,21 @@ def prediction_settings(
     symmetries: Sequence[str] = (DEFAULT_SYMMETRIES,),
     precisions: Sequence[str] = (DEFAULT_PRECISION,),
     self_calibration: bool = True,
-    adapt_steps: Sequence[int] = (0,),
 ) -> list[Method]:
-    """Each model method once per test-time ``symmetries``, ``precisions`` and ``adapt_steps``
-    setting, named ``NAME+SETTING`` (``+adaptN`` for N steps) for each of them given several
-    settings, self-calibrated or not; interpolations once."""
+    """Each model method once per test-time ``symmetries`` and ``precisions`` setting, named
+    ``NAME+SETTING`` for each of the two given several settings, self-calibrated or not;
+    interpolations once."""
     out = []
     for m in methods:
         if not m.is_model:
             out.append(m)
             continue
-        for symmetry, precision, steps in itertools.product(symmetries, precisions, adapt_steps):
-            settings = ((symmetry, symmetries), (precision, precisions), (f"adapt{steps}", adapt_steps))
-            name = m.name + "".join(f"+{s}" for s, options in settings if len(options) > 1)
+        for symmetry, precision in itertools.product(symmetries, precisions):
+            name = m.name + "".join(
+                f"+{s}" for s, options in ((symmetry, symmetries), (precision, precisions)) if len(options) > 1
+            )
             out.append(
-                replace(
-                    m,
-                    name=name,
-                    symmetries=symmetry,
-                    precision=precision,
-                    self_calibration=self_calibration,
-                    adapt_steps=int(steps),
-                )
+                replace(m, name=name, symmetries=symmetry, precision=precision, self_calibration=self_calibration)
             )
     return out
 
@@ -167,7 +160,6 @@ def cross_validate(
     symmetries: Sequence[str] = (DEFAULT_SYMMETRIES,),
     precisions: Sequence[str] = (DEFAULT_PRECISION,),
     self_calibration: bool = True,
-    adapt_steps: Sequence[int] = (0,),
     runs_per_subject: int | None = None,
     resume: bool = False,
     figures: bool = True,
@@ -176,8 +168,8 @@ def cross_validate(
 ) -> tuple[dict, Figures | None]:
     """Train one model per fold of subjects (``folds``) on every run of the other folds'
     subjects and score the held-out runs with ``methods`` and that model (named after the
-    variant, once per ``symmetries`` × ``precisions`` × ``adapt_steps`` setting, self-calibrated
-    unless ``self_calibration`` is false), as
+    variant, once per ``symmetries`` × ``precisions`` setting, self-calibrated unless
+    ``self_calibration`` is false), as
     :func:`~iqt_pipe.evaluation.protocol.evaluate` does with ``r``, ``modes``, ``snr``,
     ``mc_samples``, ``device`` and ``mem_mb``, seeded by ``settings.seed``.
 
@@ -215,7 +207,7 @@ def cross_validate(
             print(f"{prog}: warning: fold {k}: {warning}", file=sys.stderr)
         model = load_scored_model(result.model_path, device, r)
         fold_methods = list(methods) + prediction_settings(
-            [Method(name=settings.variant, models=[model])], symmetries, precisions, self_calibration, adapt_steps
+            [Method(name=settings.variant, models=[model])], symmetries, precisions, self_calibration
         )
         res = evaluate(
             test_runs,

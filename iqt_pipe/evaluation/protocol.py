@@ -287,8 +287,6 @@ class Method:
     precision: str = DEFAULT_PRECISION
     #: Variances scaled to the errors on the run's series degraded once more (:mod:`iqt_pipe.sr.selfcal`).
     self_calibration: bool = True
-    #: Steps of test-time adaptation to each run before it is predicted (:mod:`iqt_pipe.sr.adapt`; 0: none).
-    adapt_steps: int = 0
 
     @property
     def is_model(self) -> bool:
@@ -315,23 +313,19 @@ def predict(
     ``case``: the whole brain predicted from the LR series as the app does
     (:meth:`Case.network_input` with the preprocessing of each model's card, then
     :func:`~iqt_pipe.sr.selfcal.predict_self_calibrated` with the method's test-time symmetries
-    and self-calibration, adapted to the run first with its ``adapt_steps``; the series of the
-    first model's preprocessing is the one degraded once more)."""
+    and self-calibration; the series of the first model's preprocessing is the one degraded once more)."""
     if method.interpolation:
         return interpolate_tensors(case.lr_tensors, case.r, method.interpolation)
     for model, _, _ in method.models:
         if model.r != case.r:
             raise ValueError(f"{method.name}: the model upsamples by {model.r}, the evaluation by {case.r}")
     preprocessing = [Preprocessing.of_model(card) for _, card, _ in method.models]
-    needs_series = method.self_calibration or method.adapt_steps > 0
-    series = (case.network_series(preprocessing[0]), case.gtab) if needs_series else None
+    series = (case.network_series(preprocessing[0]), case.gtab) if method.self_calibration else None
     return predict_self_calibrated(
         [model for model, _, _ in method.models],
         [case.network_input(p) for p in preprocessing],
         case.lr_affine,
         series,
-        self_calibrate=method.self_calibration,
-        adapt_steps=method.adapt_steps,
         mc_samples=mc_samples,
         seed=seed,
         device=device,
@@ -459,9 +453,8 @@ def uncertainty_scores(
     out["calibration_curve"] = {"nominal": levels.tolist(), "empirical": cov.tolist()}
     out["variance_scale_95"] = metrics.variance_scale(err[case.hr_mask], np.sqrt(var[case.hr_mask]))
     out["sd_ratio_quantiles"] = metrics.sd_ratio_quantiles(err[case.hr_mask], np.sqrt(var[case.hr_mask])).tolist()
-    for key in ("self_calibration", "adaptation"):
-        if key in pred.info:
-            out[key] = pred.info[key]
+    if "self_calibration" in pred.info:
+        out["self_calibration"] = pred.info["self_calibration"]
     risky = np.abs(md - md_ref) > metrics.RISKY_MD_ERROR
     m = case.hr_mask
     out["risky"] = {"fraction": float(risky[m].mean()), "auc": metrics.roc_auc(pred.md_sd[m], risky[m])}

@@ -455,25 +455,6 @@ def _self_calibration_note(calibration: dict, warned: bool = False) -> str:
     return f'<p class="{"iqt-alert" if note or warned else "iqt-note"}">{escape(text)}</p>'
 
 
-def _adaptation_note(adaptation: dict) -> str:
-    """The report's line on the run's test-time adaptation (:mod:`iqt_pipe.sr.adapt`; one
-    clause per model of an ensemble): an alert when a model was left as trained."""
-    clauses, alert = [], False
-    for record in adaptation.get("Models", [adaptation]):
-        if record.get("Note"):
-            clauses.append(record["Note"])
-            alert = True
-            continue
-        first, last = record.get("LossFirstLast", [None, None])
-        clauses.append(
-            f"fine-tuned for {record.get('Steps')} steps on this series degraded once more "
-            f"({record.get('Patches')} patches, half of the grid), its training loss there "
-            f"{format_number(first, '.3f')} → {format_number(last, '.3f')}"
-        )
-    text = "Test-time adaptation: " + "; ".join(clauses) + "."
-    return f'<p class="{"iqt-alert" if alert else "iqt-note"}">{escape(text)}</p>'
-
-
 def _run_summary_html(ctx: SubjectContext, run: RunOutputs) -> str:
     from iqt_pipe.dmri.gradients import read_gradients, select_dti_volumes
 
@@ -540,8 +521,6 @@ def _run_summary_html(ctx: SubjectContext, run: RunOutputs) -> str:
             f'<p class="{"iqt-note" if matches else "iqt-alert"}">{escape(text)}'
             + (".</p>" if matches else ": they differ, expect less accurate maps and uncertainty.</p>")
         )
-    if sr.get("Adaptation"):
-        parts.append(_adaptation_note(sr["Adaptation"]))
     if sr.get("SelfCalibration"):
         warned = self_calibration_warning(sr, run.name) is not None
         parts.append(_self_calibration_note(sr["SelfCalibration"], warned))

@@ -358,8 +358,7 @@ def _hr_baseline(lr_tensors, stats: ChannelStats, r: int, target: str) -> np.nda
 
 
 @contextmanager
-def torch_threads(threads: int | None):
-    """PyTorch's CPU threads set to ``threads`` (when given) for the block, restored after."""
+def _torch_threads(threads: int | None):
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -785,7 +784,7 @@ def _sampled_fa(
 
     workers = torch.get_num_threads() if len(chunks) > 1 else 1
     if workers > 1:
-        with torch_threads(1), ThreadPoolExecutor(workers) as pool:  # one thread per chunk
+        with _torch_threads(1), ThreadPoolExecutor(workers) as pool:  # one thread per chunk
             sums = list(pool.map(chunk, chunks))
     else:
         sums = [chunk(item) for item in chunks]
@@ -942,7 +941,7 @@ def predict_volume(
     sd = torch.as_tensor(stats.sd, dtype=torch.float32, device=device)
     batches = plan.batches(passes, baseline, hr_region)
     buffers = plan.features(device, dtype)
-    with torch_threads(threads):
+    with _torch_threads(threads):
         for k in range(passes.count):
             _run_pass(_pass_network(net, k, passes, seeds[k]), k, plan, batches, passes, sd, seeds[-1], buffers)
         start = _outside_values(lr_tensors, baseline, target, r, outside, hr_region)

@@ -22,8 +22,7 @@ import numpy as np
 
 from iqt_pipe.dmri.degrade import crop_to_multiple, degrade_dwi
 from iqt_pipe.dmri.gradients import GradientTable
-from iqt_pipe.sr.adapt import adapt, coarse_pairs, held_out
-from iqt_pipe.sr.inference import Prediction, frobenius_sd, predict_ensemble, scale_variances, torch_threads
+from iqt_pipe.sr.inference import Prediction, frobenius_sd, predict_ensemble, scale_variances
 
 #: Fewest brain voxels of the run (the coarser pair's HR side) the ratio is measured on; below
 #: that (a tiny or cropped field of view) the model's card calibration is kept alone.
@@ -61,20 +60,16 @@ def measure(
     affine: np.ndarray,
     tensors: np.ndarray,
     brain: np.ndarray,
-    scored: np.ndarray | None = None,
     **predict_kwargs,
 ) -> SelfCalibration:
     """The run's :class:`SelfCalibration`: ``dwi`` (the series the network's input was fitted
     on, voxel frame ``tensors`` that fit, ``brain`` its mask) block-averaged over r³ voxels
     and fitted as in training (:func:`~iqt_pipe.dmri.prepare.fit_series`), super-resolved by
     :func:`~iqt_pipe.sr.inference.predict_ensemble` with ``predict_kwargs`` (the run's own
-    settings; its ``threads`` fit too), and scored against ``tensors`` in ``brain`` (and in
-    ``scored`` when given: the half of the grid a test-time adaptation left out)."""
+    settings; its ``threads`` fit too), and scored against ``tensors`` in ``brain``."""
     from iqt_pipe.dmri.prepare import fit_series
 
     r = models[0].r
-    if scored is not None:
-        brain = np.asarray(brain, dtype=bool) & scored
     brain = crop_to_multiple(np.asarray(brain, dtype=bool), r)
     voxels = int(brain.sum())
     if min(brain.shape) < 2 * r or voxels < MIN_VOXELS:
@@ -117,42 +112,15 @@ def predict_self_calibrated(
     inputs,
     lr_affine: np.ndarray,
     series: tuple[np.ndarray, GradientTable] | None = None,
-    *,
-    self_calibrate: bool = True,
-    adapt_steps: int = 0,
     **predict_kwargs,
 ) -> Prediction:
-    """:func:`~iqt_pipe.sr.inference.predict_ensemble` of ``inputs``; with ``series`` (the DWI
-    series and gradients the first input was fitted from), its variances self-calibrated
-    (:func:`measure`, :func:`apply`) unless ``self_calibrate`` is false, and with
-    ``adapt_steps`` each model first adapted to the run (:mod:`iqt_pipe.sr.adapt`; the
-    self-calibration then measured on the half of the grid the adaptation left out). What
-    the app writes and ``iqt-eval`` scores."""
-    first = inputs[0] if isinstance(inputs, list) else inputs
-    scored, adaptation = None, None
-    if adapt_steps > 0:
-        if series is None:
-            raise ValueError("the test-time adaptation needs the series the input was fitted from")
-        models, adaptation = _adapt(models, series, lr_affine, first, adapt_steps, predict_kwargs)
-        scored = held_out(first[1].shape)
+    """:func:`~iqt_pipe.sr.inference.predict_ensemble` of ``inputs``, then, with ``series``
+    (the DWI series and gradients the first input was fitted from), its variances
+    self-calibrated (:func:`measure`, :func:`apply`). What the app writes and ``iqt-eval``
+    scores."""
     pred = predict_ensemble(models, inputs, lr_affine, **predict_kwargs)
-    if adaptation is not None:
-        pred.info["adaptation"] = adaptation
-    if series is None or not self_calibrate:
+    if series is None:
         return pred
-    calibration = measure(models, *series, lr_affine, first[0], first[1], scored, **predict_kwargs)
+    first = inputs[0] if isinstance(inputs, list) else inputs
+    calibration = measure(models, *series, lr_affine, first[0], first[1], **predict_kwargs)
     return apply(pred, calibration)
-
-
-def _adapt(models, series, lr_affine, first, steps: int, predict_kwargs) -> tuple[list, dict[str, Any]]:
-    """Each model adapted to the run's coarser pair (:func:`~iqt_pipe.sr.adapt.adapt`, on the
-    prediction's threads and seed), and the sidecars' ``Adaptation`` (one entry per model)."""
-    threads, seed = predict_kwargs.get("threads"), int(predict_kwargs.get("seed", 0))
-    adapted, records = [], []
-    with torch_threads(threads):
-        for model in models:
-            patches = coarse_pairs(*series, lr_affine, first[0], first[1], model, threads)
-            tuned, record = adapt(model, patches, steps, seed)
-            adapted.append(tuned)
-            records.append(record.metadata())
-    return adapted, records[0] if len(records) == 1 else {"Models": records}

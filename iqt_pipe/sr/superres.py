@@ -162,7 +162,6 @@ def prediction_metadata(
         "Model": _model_fields(card),
         "VarianceScale": pred.info.get("variance_scale", 1.0),
         **({"SelfCalibration": pred.info["self_calibration"]} if "self_calibration" in pred.info else {}),
-        **({"Adaptation": pred.info["adaptation"]} if "adaptation" in pred.info else {}),
         "DiagonalCorrelation": pred.info.get("diagonal_correlation", 0.0),
         "MonteCarloSamples": pred.info["mc_samples"],
         "TestTimeSymmetries": pred.info.get("symmetries", 1),
