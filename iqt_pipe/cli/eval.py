@@ -78,6 +78,13 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--participant-label", nargs="+", metavar="L", help="participants to score (default: all)")
     p.add_argument("--session-label", nargs="+", metavar="S", help="sessions to score (default: all)")
+    p.add_argument(
+        "--register-volumes",
+        action="store_true",
+        help="register the DTI volumes of each raw series to each other (DIPY, affine: head motion "
+        "and eddy currents) before the reference and the LR series are made, as QSIPrep's series "
+        "are (with --cross-validate, the training series too; default: off, the series as acquired)",
+    )
 
 
 def _add_method_arguments(p: argparse.ArgumentParser) -> None:
@@ -337,6 +344,7 @@ def run(args: argparse.Namespace) -> int:
         "self_calibration": not args.no_self_calibration,
         "seed": args.seed,
         "snr": args.snr or "own",
+        "register_volumes": args.register_volumes,
         "device": str(device),
         "iqt_pipe_version": __version__,
         "models": [str(p) for p in args.model],
@@ -384,6 +392,7 @@ def _score(args, device, runs, methods, scored):
         quiet=args.quiet,
         figures=figures,
         processes=args.nprocs,
+        register_volumes=args.register_volumes,
     )
     return results, figures
 

@@ -263,6 +263,7 @@ def library_options(args: argparse.Namespace) -> dict:
         target=args.target,
         preprocessing=Preprocessing(args.denoise, args.degibbs),
         grid_shifts=args.grid_shifts,
+        register_volumes=args.register_volumes,
     )
 
 
@@ -297,6 +298,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=2,
         metavar="R",
         help="upsampling factor r, an integer ≥ 2 (default: 2)",
+    )
+    p.add_argument(
+        "--register-volumes",
+        action="store_true",
+        help="register the DTI volumes of each raw HR series to each other (DIPY, affine: head "
+        "motion and eddy currents) before its LR series is made, as QSIPrep's series are; "
+        "recorded in the card (default: off, the series as acquired)",
     )
     add_recipe_arguments(p)
     p.add_argument(

@@ -140,6 +140,7 @@ def recipe_record(settings: TrainSettings, library_options: dict) -> dict:
         "target": library_options["target"],
         "patches_per_subject": library_options["patches_per_subject"],
         "grid_shifts": bool(library_options.get("grid_shifts", False)),
+        "register_volumes": bool(library_options.get("register_volumes", False)),
     }
 
 
@@ -222,6 +223,7 @@ def cross_validate(
             calibration_runs=first_runs(train_runs, runs_per_subject),
             quiet=quiet,
             figures=collected,
+            register_volumes=bool(options.get("register_volumes", False)),
         )
         for rec in res["records"]:
             rec["fold"] = k

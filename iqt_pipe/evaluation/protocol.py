@@ -51,7 +51,7 @@ from iqt_pipe.dmri.prepare import (
     series_domain,
     series_manufacturer,
 )
-from iqt_pipe.dmri.preproc import denoise_mppca_brain
+from iqt_pipe.dmri.preproc import align_volumes, denoise_mppca_brain
 from iqt_pipe.dmri.signal import add_rician_noise, dti_design, synthesize_signal
 from iqt_pipe.evaluation import metrics
 from iqt_pipe.sr.baselines import ORDERS, interpolate_tensors
@@ -194,8 +194,13 @@ def prepare_case(
     seed: int = 0,
     noise_floor: bool = True,
     processes: int = 1,
+    register_volumes: bool = False,
 ) -> Case:
     """Load a DWI run (:class:`~iqt_pipe.bids.DWIRun`) and make its :class:`Case`.
+
+    ``register_volumes``: the run's DTI volumes registered to each other first
+    (:func:`~iqt_pipe.dmri.preproc.align_volumes`), so that the reference and the LR series
+    are those of a motion- and eddy-corrected scan, as an upstream pipeline delivers it.
 
     ``snr`` (known-truth mode): mean brain b = 0 signal over the added noise's σ; default
     the run's own (its MP-PCA σ), so the synthetic series is as noisy as the scan.
@@ -208,6 +213,8 @@ def prepare_case(
     gtab = series.gtab.subset(keep)
     hr_dwi = crop_to_multiple(series.data[..., keep], r)
     affine = series.affine
+    if register_volumes:
+        hr_dwi, gtab = align_volumes(hr_dwi, gtab, affine, processes=processes)
     zooms = series.zooms
     rng = np.random.default_rng([seed, 7])
     mask = brain_mask(hr_dwi, gtab, zooms)
@@ -216,6 +223,7 @@ def prepare_case(
         "volumes": int(keep.sum()),
         "bvals": sorted({int(round(b)) for b in gtab.bvals}),
         "voxel_size_mm": [float(z) for z in zooms],
+        "registered_volumes": bool(register_volumes),
     }
     sigma_map = None
     noise = mode != "raw" or noise_floor
@@ -542,20 +550,21 @@ def evaluate(
     figures: Figures | None = None,
     scatter_points: int = 20000,
     processes: int = 1,
+    register_volumes: bool = False,
 ) -> dict[str, Any]:
     """Score ``methods`` on ``test_runs`` in each of ``modes``; see the module docstring.
 
     For every model method, the risky-voxel threshold is chosen on ``calibration_runs``
     (training subjects; raw mode) when given. Returns JSON-ready results: one record per
     (run, mode) with the reference's floor and each method's scores, ratios to cubic spline.
-    ``processes``: MP-PCA's, for the noise floor (:func:`prepare_case`).
+    ``processes``: MP-PCA's, for the noise floor; ``register_volumes``: see :func:`prepare_case`.
     """
     thresholds: dict[str, float] = {}
     model_methods = [m for m in methods if m.is_model]
     if calibration_runs and model_methods:
         collected: dict[str, list] = {m.name: [] for m in model_methods}
         for run in _case_progress(calibration_runs, "thresholds (training runs)", quiet):
-            case = prepare_case(run, r=r, mode="raw", seed=seed, noise_floor=False)
+            case = prepare_case(run, r=r, mode="raw", seed=seed, noise_floor=False, register_volumes=register_volumes)
             for m in model_methods:
                 pred = predict(m, case, mc_samples=mc_samples, seed=seed, device=device, mem_mb=mem_mb)
                 collected[m.name].append(risky_voxels(case, pred))
@@ -568,7 +577,9 @@ def evaluate(
     records = []
     jobs = [(run, mode) for run in test_runs for mode in modes]
     for run, mode in _case_progress(jobs, "evaluation", quiet):
-        case = prepare_case(run, r=r, mode=mode, snr=snr, seed=seed, processes=processes)
+        case = prepare_case(
+            run, r=r, mode=mode, snr=snr, seed=seed, processes=processes, register_volumes=register_volumes
+        )
         rec: dict[str, Any] = {
             "run": case.name,
             "subject": case.subject,

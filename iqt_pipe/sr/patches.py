@@ -57,6 +57,7 @@ import numpy as np
 
 from iqt_pipe.dmri.degrade import grid_offsets, make_pair, make_pairs
 from iqt_pipe.dmri.dwi import load_dwi
+from iqt_pipe.dmri.gradients import select_dti_volumes
 from iqt_pipe.dmri.prepare import (
     NONE,
     Preprocessing,
@@ -65,6 +66,7 @@ from iqt_pipe.dmri.prepare import (
     series_manufacturer,
     training_domain,
 )
+from iqt_pipe.dmri.preproc import align_volumes
 from iqt_pipe.io import InputError, atomic_path
 from iqt_pipe.sr.baselines import interpolate_tensors
 from iqt_pipe.sr.normalise import TARGETS, ChannelStats, channel_stats, encode_target, network_input
@@ -522,6 +524,7 @@ def library_key(
     margin: int = MARGIN,
     preprocessing: Preprocessing = NONE,
     grid_shifts: bool = False,
+    register_volumes: bool = False,
 ) -> str:
     """sha256 over the runs' files (name and :func:`content_digest`) and every sampling setting:
     a copy of the data elsewhere, with new time stamps (a cluster job's scratch folder), has the
@@ -548,6 +551,8 @@ def library_key(
         spec["preprocessing"] = preprocessing.to_card()
     if grid_shifts:  # (libraries of the one grid keep theirs too)
         spec["grid_shifts"] = True
+    if register_volumes:  # (and those of series as acquired)
+        spec["register_volumes"] = True
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -577,6 +582,7 @@ def build_library(
     margin: int = MARGIN,
     preprocessing: Preprocessing = NONE,
     grid_shifts: bool = False,
+    register_volumes: bool = False,
     quiet: bool = False,
 ) -> PatchLibrary:
     """The patch library of DWI ``runs`` (:class:`~iqt_pipe.bids.DWIRun` or ``(dwi, bval, bvec)``).
@@ -589,6 +595,10 @@ def build_library(
     With ``grid_shifts``, each run gives one LR series per alignment of the block grid
     (:func:`iqt_pipe.dmri.degrade.grid_offsets`, r³ of them, named ``<run>_grid-<ijk>``), its
     patches shared among them: the same anatomy, and as many patches, in r³ samplings.
+
+    With ``register_volumes``, each HR series' DTI volumes are registered to each other after
+    its preprocessing (:func:`iqt_pipe.dmri.preproc.align_volumes`, as QSIPrep corrects motion
+    after denoising): raw scans then give targets without the misaligned volumes' bright rim.
 
     With ``cache_dir``, reuse ``cache_dir/patches-<key>.npz`` when it exists (see
     :func:`library_key`), else build and write it. Each run's centres are drawn from
@@ -603,7 +613,9 @@ def build_library(
     runs = list(runs)
     if not runs:
         raise InputError("no DWI runs to train on")
-    key = library_key(runs, r, patches_per_subject, seed, target, input_size, margin, preprocessing, grid_shifts)
+    key = library_key(
+        runs, r, patches_per_subject, seed, target, input_size, margin, preprocessing, grid_shifts, register_volumes
+    )
     cache = Path(cache_dir) / f"patches-{key[:20]}.npz" if cache_dir is not None else None
     if cache is not None and cache.exists():
         lib = PatchLibrary.load(cache)
@@ -626,15 +638,18 @@ def build_library(
                 f"{dwi}: matrix {series.data.shape[:3]} is too small for {input_size}³ LR patches at r = {r}"
             )
         domains.append(series_domain(series.affine, series.gtab, str(dwi), series_manufacturer(dwi)))
-        hr_dwi = preprocess_series(series.data, preprocessing)
+        hr_dwi, gtab = preprocess_series(series.data, preprocessing), series.gtab
+        if register_volumes:
+            keep = select_dti_volumes(gtab, str(dwi))
+            hr_dwi, gtab = align_volumes(hr_dwi[..., keep], gtab.subset(keep), series.affine)
         if grid_shifts:
             offsets = grid_offsets(r)
-            pairs = make_pairs(hr_dwi, series.affine, series.gtab, r, offsets, str(dwi))
+            pairs = make_pairs(hr_dwi, series.affine, gtab, r, offsets, str(dwi))
             names = [f"{name}_grid-{''.join(map(str, o))}" for o in offsets]
             seeds = [[int(seed), i, k] for k in range(len(offsets))]
             n = -(-n // len(offsets))
         else:
-            pairs, names, seeds = [make_pair(hr_dwi, series.affine, series.gtab, r, str(dwi))], [name], [[int(seed), i]]
+            pairs, names, seeds = [make_pair(hr_dwi, series.affine, gtab, r, str(dwi))], [name], [[int(seed), i]]
         for pair, pair_name, pair_seed in zip(pairs, names, seeds):
             built.append(
                 RunPatches.from_arrays(
@@ -659,6 +674,7 @@ def build_library(
         "runs": [{"name": _run_id(run), "subject": _run_subject(run), "dwi": str(_run_files(run)[0])} for run in runs],
         "preprocessing": preprocessing.to_card(),
         "grid_shifts": bool(grid_shifts),
+        "register_volumes": bool(register_volumes),
         "domain": training_domain(domains, r),
     }
     lib = PatchLibrary(built, target, meta)

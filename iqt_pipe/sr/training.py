@@ -204,6 +204,7 @@ class TrainSettings:
         target: str = DEFAULT_TARGET,
         preprocessing: Preprocessing = NONE,
         grid_shifts: bool = False,
+        register_volumes: bool = False,
     ) -> dict:
         """:func:`~iqt_pipe.sr.patches.build_library`'s keywords for a patch library these settings
         can train on: patches cut for the margin of :attr:`kernels`, sampled with :attr:`seed`."""
@@ -214,6 +215,7 @@ class TrainSettings:
             "target": target,
             "preprocessing": preprocessing,
             "grid_shifts": grid_shifts,
+            "register_volumes": register_volumes,
             **patch_geometry(margin(self.kernels)),
         }
 
@@ -958,6 +960,7 @@ def _card(run: _Run, progress: _Progress) -> dict:
             "validation": len(run.val_idx),
             "per_subject": library.meta.get("patches_per_subject"),
             "grid_shifts": bool(library.meta.get("grid_shifts", False)),
+            "registered_volumes": bool(library.meta.get("register_volumes", False)),
             "input_size": library.input_size,
             "target_size": library.r * library.core,
         },
