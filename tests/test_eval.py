@@ -201,7 +201,8 @@ def test_cli_cross_validation_end_to_end(phantom, tmp_path, capsys):
     card = json.loads((out / "cv" / "fold-1" / "model.json").read_text())
     assert card["training"]["loss_mask"] == "brain" and card["training"]["patches"]["per_subject"] == 24
     assert res["settings"]["recipe"]["loss_mask"] == "brain" and res["settings"]["recipe"]["epochs"] == 1
-    assert res["settings"]["recipe"]["grid_shifts"] is False
+    assert res["settings"]["recipe"]["grid_shifts"] is False and res["settings"]["recipe"]["register_volumes"] is False
+    assert res["settings"]["register_volumes"] is False
     # scripts/bundle_model.py pools one results.json per fold (as a maintainer runs them) into
     # the summary that one cross-validated run gives.
     folds = []

@@ -266,6 +266,8 @@ def test_the_model_card_counts_dwi_runs_not_block_grid_alignments():
     )
     one_grid = dict(training, dwi_runs=None, patches={"total": 12})
     assert _training_data(one_grid).endswith("8 subject(s), 176 run(s), 12 patch pairs")
+    registered = dict(one_grid, patches={"total": 12, "registered_volumes": True})
+    assert _training_data(registered).endswith("176 run(s) (volumes registered), 12 patch pairs")
 
 
 def test_methods_text_cites_readably():

@@ -208,7 +208,7 @@ def test_grid_shifts_sample_the_same_anatomy_on_every_block_grid(runs, tmp_path)
     assert again.from_cache and [rp.name for rp in again.runs] == [rp.name for rp in lib.runs]
     # Each alignment's patches are its own: other inputs for the same HR voxels.
     assert not np.array_equal(lib.runs[0].inputs[:5, :5, :5], lib.runs[7].inputs[:5, :5, :5])
-    # The command line's option reaches the library.
+    # The command line's options reach the library.
     args = cli._build_parser().parse_args([str(runs[0].dwi.parent), "-o", str(tmp_path / "o"), "--grid-shifts"])
     assert (
         cli.library_options(args)["grid_shifts"]
@@ -216,6 +216,18 @@ def test_grid_shifts_sample_the_same_anatomy_on_every_block_grid(runs, tmp_path)
             cli._build_parser().parse_args([str(runs[0].dwi.parent), "-o", str(tmp_path / "o")])
         )["grid_shifts"]
     )
+    args = cli._build_parser().parse_args([str(runs[0].dwi.parent), "-o", "o", "--register-volumes"])
+    assert (
+        cli.library_options(args)["register_volumes"]
+        and not cli.library_options(cli._build_parser().parse_args([str(runs[0].dwi.parent), "-o", "o"]))[
+            "register_volumes"
+        ]
+    )
+    # Registered series: their own library (key), recorded as such.
+    registered = build_library(runs[:1], patches_per_subject=40, cache_dir=tmp_path, register_volumes=True, quiet=True)
+    assert registered.meta["register_volumes"] and not plain.meta["register_volumes"]
+    assert registered.meta["key"] != plain.meta["key"]
+    assert not np.array_equal(registered.runs[0].targets, plain.runs[0].targets)
 
 
 def test_symmetries_are_the_tensor_transforms():
@@ -820,6 +832,7 @@ def test_cli_trains_then_refuses_without_resume(bids_ds, tmp_path, capsys):
         _, card = load_model(out)
         assert card["training"]["epochs"] == 2 and card["training"]["subjects"] == ["sub-01"]
         assert card["training"]["patches"]["grid_shifts"] is False
+        assert card["training"]["patches"]["registered_volumes"] is False
         # A model no better than cubic spline gets the warning (12 patches, 2 epochs: either way).
         rmse = card["validation"]["rmse"]
         assert ("iqt-train: warning: the model's validation RMSE is" in err) == (rmse["model"] / rmse["cubic"] > 0.99)

@@ -410,7 +410,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{PROG}: {len(args.bids_dirs)} dataset(s) ({datasets}): {len(subjects)} subject(s), "
                 f"{len(runs)} DWI run(s) → {len(library)} patch pairs "
                 f"({library.input_size}³ → {library.target_shape[1]}³, r = {args.upsample}"
-                f"{f', {args.upsample**3} block-grid alignments' if args.grid_shifts else ''}; "
+                f"{f', {args.upsample**3} block-grid alignments' if args.grid_shifts else ''}"
+                f"{', volumes registered' if args.register_volumes else ''}; "
                 f"{len(library) - n_val} train / {n_val} validation; {cached})"
             )
             threads = torch.get_num_threads()

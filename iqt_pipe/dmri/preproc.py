@@ -185,60 +185,86 @@ def remove_gibbs(dwi: np.ndarray, slice_axis: int = 2, processes: int = 1) -> np
     return np.asarray(out, dtype=np.float32)
 
 
-#: :func:`align_volumes`: DIPY's transforms, fitted in turn, and the optimiser's iterations
-#: at each level of the Gaussian pyramid, coarse to fine (DIPY's default, 1000, 500, 100, is
-#: slower for the same maps on ds-realdwi). The rigid step is needed: straight from the
+#: :func:`align_volumes`: the transforms DIPY fits in turn between volumes of one contrast
+#: (affine: motion and the linear part of eddy-current distortion), and between the mean
+#: diffusion-weighted volume and the mean b = 0 (rigid: an affine map between the two contrasts,
+#: DIPY's ``motion_correction``, shrank still phantom volumes by 1–2 %). The rigid step is needed: straight from the
 #: translation, the affine step found a 6° turn of a test volume only in part.
-REGISTRATION_PIPELINE = ("center_of_mass", "translation", "rigid", "affine")
+AFFINE_PIPELINE = ("center_of_mass", "translation", "rigid", "affine")
+RIGID_PIPELINE = ("center_of_mass", "translation", "rigid")
+#: The optimiser's iterations at each level of the Gaussian pyramid, coarse to fine (DIPY's
+#: default, 1000, 500, 100, is slower for the same maps on ds-realdwi).
 REGISTRATION_LEVEL_ITERS = (100, 50, 10)
 #: L-BFGS-B's tolerances: DIPY's earlier default. Its present one (ftol 1e-3) stops after a
 #: fraction of such a turn (0.5° of 6°) and shifts 0.4–0.8 mm short on real volumes.
 REGISTRATION_OPTIMIZER = {"gtol": 1e-4, "ftol": 2.220446049250313e-09}
 
 
-def _register(moving: np.ndarray, static: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``moving`` resampled onto ``static`` by DIPY's mutual-information registration
-    (:data:`REGISTRATION_PIPELINE`), and the map (4, 4) from static to moving world points."""
+def _registration_map(moving: np.ndarray, static: np.ndarray, affine: np.ndarray, pipeline: tuple) -> np.ndarray:
+    """DIPY's mutual-information registration of ``moving`` to ``static`` (one grid, ``affine``):
+    the map (4, 4) from static to moving world points."""
     import logging
 
     from dipy.align import affine_registration
 
-    logging.getLogger("dipy").setLevel(logging.ERROR)  # (a line per transform)
-    moved, transform = affine_registration(
-        moving,
-        static,
-        moving_affine=affine,
-        static_affine=affine,
-        pipeline=list(REGISTRATION_PIPELINE),
-        level_iters=list(REGISTRATION_LEVEL_ITERS),
-        optimizer_options=dict(REGISTRATION_OPTIMIZER),
-    )
-    return np.clip(np.asarray(moved, dtype=np.float32), 0, None), transform
+    log = logging.getLogger("dipy")
+    level = log.level
+    log.setLevel(logging.ERROR)  # (a line per transform)
+    try:
+        return affine_registration(
+            moving,
+            static,
+            moving_affine=affine,
+            static_affine=affine,
+            pipeline=list(pipeline),
+            level_iters=list(REGISTRATION_LEVEL_ITERS),
+            optimizer_options=dict(REGISTRATION_OPTIMIZER),
+        )[1]
+    finally:
+        log.setLevel(level)
 
 
-def _register_all(volumes: list[np.ndarray], static: np.ndarray, affine: np.ndarray, processes: int) -> list:
-    if processes <= 1 or len(volumes) <= 1 or sys.platform != "linux":
-        return [_register(v, static, affine) for v in volumes]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+def _maps_to_first(volumes: np.ndarray, affine: np.ndarray, processes: int) -> np.ndarray:
+    """The affine :func:`_registration_map` of each volume of ``volumes`` (x, y, z, n) to the
+    first (the identity for it): (n, 4, 4)."""
+    jobs = [(volumes[..., k], volumes[..., 0], affine, AFFINE_PIPELINE) for k in range(1, volumes.shape[-1])]
+    if processes <= 1 or len(jobs) <= 1 or sys.platform != "linux":
+        maps = [_registration_map(*job) for job in jobs]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(min(processes, len(volumes)), mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(_register, volumes, [static] * len(volumes), [affine] * len(volumes)))
+        # fork, as for MP-PCA: spawn would run the caller's main script again
+        with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=multiprocessing.get_context("fork")) as pool:
+            maps = list(pool.map(_registration_map, *zip(*jobs)))
+    return np.array([np.eye(4), *maps])
+
+
+def _resample(volume: np.ndarray, transform: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    from dipy.align.imaffine import AffineMap
+
+    grid = {"domain_grid_shape": volume.shape, "domain_grid2world": affine}
+    grid |= {"codomain_grid_shape": volume.shape, "codomain_grid2world": affine}
+    moved = AffineMap(transform, **grid).transform(volume)  # trilinear
+    return np.clip(np.asarray(moved, dtype=np.float32), 0, None)
 
 
 def align_volumes(dwi: np.ndarray, gtab, affine: np.ndarray, processes: int = 1):
     """A raw series with its volumes aligned, and its gradient table turned to match.
 
-    DIPY's scheme (``motion_correction``), volume by volume on ``processes`` processes: the
-    b = 0 volumes registered to the first and averaged, then every diffusion-weighted volume
-    registered to that mean, by the affine maps of :data:`REGISTRATION_PIPELINE` (head
-    motion, and the linear part of eddy-current distortion), resampled on the series' grid.
-    Each direction is turned by the inverse of its volume's rotation (DIPY's
-    ``reorient_bvecs``, in world coordinates). Misaligned volumes leave a bright rim of FA
-    along the brain's edge and a DTI misfit well above the noise: training targets and
-    evaluation references of raw scans need this, as the series an upstream pipeline
-    (QSIPrep) delivers have it. Returns the float32 series and the new
-    :class:`~iqt_pipe.dmri.gradients.GradientTable`.
+    Volume by volume (on ``processes`` processes), by DIPY's mutual-information registration:
+    the b = 0 volumes to the first, the diffusion-weighted ones to the first of them, each by
+    an affine map (head motion, and the linear part of eddy-current distortion); then the mean
+    of the aligned diffusion-weighted volumes to the mean b = 0 by a rigid one (across
+    contrasts). (Against the mean of the unaligned volumes, a test series with two of four
+    volumes moved had its maps found only in part.) Each volume is resampled once (trilinear)
+    on the series' grid, and its direction turned by the inverse of its rotation (DIPY's
+    ``reorient_bvecs``, in world coordinates).
+
+    Misaligned volumes leave a bright rim of FA along the brain's edge and a DTI misfit above
+    the noise: training targets and evaluation references of raw scans need this, as the
+    series an upstream pipeline (QSIPrep) delivers have it. Returns the float32 series and
+    the new :class:`~iqt_pipe.dmri.gradients.GradientTable`.
     """
     from dipy.core.gradients import gradient_table, reorient_bvecs
 
@@ -249,22 +275,16 @@ def align_volumes(dwi: np.ndarray, gtab, affine: np.ndarray, processes: int = 1)
     if data.shape[-1] != gtab.bvals.size:
         raise ValueError(f"{data.shape[-1]} volumes but {gtab.bvals.size} gradient table rows")
     b0 = gtab.b0_mask
-    if not b0.any():
-        raise ValueError("a series without b = 0 volumes has no reference to register its volumes to")
-    out = np.empty_like(data)
-    transforms = np.repeat(np.eye(4)[None], data.shape[-1], axis=0)
-    first, *others = np.flatnonzero(b0)
-    out[..., first] = data[..., first]
-    for k, (moved, transform) in zip(
-        others, _register_all([data[..., k] for k in others], data[..., first], affine, processes)
-    ):
-        out[..., k], transforms[k] = moved, transform
-    reference = out[..., b0].mean(axis=-1)
-    weighted = np.flatnonzero(~b0)
-    for k, (moved, transform) in zip(
-        weighted, _register_all([data[..., k] for k in weighted], reference, affine, processes)
-    ):
-        out[..., k], transforms[k] = moved, transform
+    if not b0.any() or b0.all():
+        raise ValueError("registering a series' volumes needs b = 0 and diffusion-weighted volumes")
+    transforms = np.empty((data.shape[-1], 4, 4))
+    means = []
+    for group in (b0, ~b0):
+        transforms[group] = _maps_to_first(data[..., group], affine, processes)
+        means.append(np.mean([_resample(data[..., k], transforms[k], affine) for k in np.flatnonzero(group)], axis=0))
+    across = _registration_map(means[1], means[0], affine, RIGID_PIPELINE)
+    transforms[~b0] = transforms[~b0] @ across  # b = 0 world → first DW volume's world → the volume's
+    out = np.stack([_resample(data[..., k], transforms[k], affine) for k in range(data.shape[-1])], axis=-1)
     world = gtab.bvecs_world(affine)
     world[~b0] /= np.linalg.norm(world[~b0], axis=1, keepdims=True)
     dipy_gtab = gradient_table(gtab.bvals, bvecs=np.where(b0[:, None], 0.0, world), b0_threshold=gtab.b0_threshold)

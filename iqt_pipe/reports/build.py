@@ -330,13 +330,15 @@ def _about_html(ctx: SubjectContext) -> str:
 
 def _training_data(training: dict) -> str:
     """Datasets, subjects, DWI runs (each cut at every alignment of the block grid when the
-    card says so: ``training.runs`` then names the alignments) and patch pairs of a card."""
+    card says so: ``training.runs`` then names the alignments; their volumes registered to
+    each other when it says so) and patch pairs of a card."""
     runs = training.get("dwi_runs") or training.get("runs") or []
     patches = training.get("patches") or {}
     shifts = f" × {training.get('upsample', 2) ** 3} block-grid alignments" if patches.get("grid_shifts") else ""
+    registered = " (volumes registered)" if patches.get("registered_volumes") else ""
     return (
         f"{', '.join(training.get('datasets', [])) or 'unknown'}: "
-        f"{len(training.get('subjects', []))} subject(s), {len(runs)} run(s){shifts}, "
+        f"{len(training.get('subjects', []))} subject(s), {len(runs)} run(s){shifts}{registered}, "
         f"{patches.get('total', MISSING)} patch pairs"
     )
 
