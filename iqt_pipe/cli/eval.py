@@ -199,7 +199,7 @@ def _add_prediction_arguments(p: argparse.ArgumentParser) -> None:
         default=default_nprocs(),
         metavar="N",
         help="processes for MP-PCA of the reference scans (the noise floor; identical result with any "
-        "number; default: this machine's cores)",
+        "number) and for --register-volumes (default: this machine's cores)",
     )
     p.add_argument(
         "--runs-per-subject",
