@@ -259,7 +259,8 @@ def align_volumes(dwi: np.ndarray, gtab, affine: np.ndarray, processes: int = 1)
     contrasts). (Against the mean of the unaligned volumes, a test series with two of four
     volumes moved had its maps found only in part.) Each volume is resampled once (trilinear)
     on the series' grid, and its direction turned by the inverse of its rotation (DIPY's
-    ``reorient_bvecs``, in world coordinates).
+    ``reorient_bvecs``, in world coordinates). Voxels some volume's map takes off the grid
+    are zero in every volume.
 
     Misaligned volumes leave a bright rim of FA along the brain's edge and a DTI misfit above
     the noise: training targets and evaluation references of raw scans need this, as the
@@ -285,6 +286,12 @@ def align_volumes(dwi: np.ndarray, gtab, affine: np.ndarray, processes: int = 1)
     across = _registration_map(means[1], means[0], affine, RIGID_PIPELINE)
     transforms[~b0] = transforms[~b0] @ across  # b = 0 world → first DW volume's world → the volume's
     out = np.stack([_resample(data[..., k], transforms[k], affine) for k in range(data.shape[-1])], axis=-1)
+    # A voxel that some volume's map takes outside the grid has lost that reading: it is left
+    # out (zero, as the fit's valid-signal mask drops it) rather than fitted without it (a b = 0
+    # lost leaves the fit of one shell singular).
+    ones = np.ones(data.shape[:3], np.float32)
+    covered = np.all([_resample(ones, transforms[k], affine) > 1 - 1e-4 for k in range(data.shape[-1])], axis=0)
+    out[~covered] = 0
     world = gtab.bvecs_world(affine)
     world[~b0] /= np.linalg.norm(world[~b0], axis=1, keepdims=True)
     dipy_gtab = gradient_table(gtab.bvals, bvecs=np.where(b0[:, None], 0.0, world), b0_threshold=gtab.b0_threshold)
