@@ -570,6 +570,34 @@ def patches_per_run(runs: Sequence, patches_per_subject: int) -> list[int]:
     return [-(-int(patches_per_subject) // counts[_run_subject(run)]) for run in runs]
 
 
+def _training_pairs(
+    series,
+    source: str,
+    name: str,
+    index: int,
+    r: int,
+    seed: int,
+    preprocessing: Preprocessing,
+    grid_shifts: bool,
+    register_volumes: bool,
+) -> list[tuple]:
+    """Run ``index``'s training pairs for :func:`build_library`, each with its name and seed:
+    its HR series preprocessed (then its DTI volumes registered), degraded on the one block
+    grid or at all r³ alignments of it."""
+    hr_dwi, gtab = preprocess_series(series.data, preprocessing), series.gtab
+    if register_volumes:
+        keep = select_dti_volumes(gtab, source)
+        hr_dwi, gtab = align_volumes(hr_dwi[..., keep], gtab.subset(keep), series.affine)
+    if not grid_shifts:
+        return [(make_pair(hr_dwi, series.affine, gtab, r, source), name, [int(seed), index])]
+    offsets = grid_offsets(r)
+    pairs = make_pairs(hr_dwi, series.affine, gtab, r, offsets, source)
+    return [
+        (p, f"{name}_grid-{''.join(map(str, o))}", [int(seed), index, k])
+        for k, (p, o) in enumerate(zip(pairs, offsets))
+    ]
+
+
 def build_library(
     runs: Sequence,
     r: int = 2,
@@ -638,19 +666,9 @@ def build_library(
                 f"{dwi}: matrix {series.data.shape[:3]} is too small for {input_size}³ LR patches at r = {r}"
             )
         domains.append(series_domain(series.affine, series.gtab, str(dwi), series_manufacturer(dwi)))
-        hr_dwi, gtab = preprocess_series(series.data, preprocessing), series.gtab
-        if register_volumes:
-            keep = select_dti_volumes(gtab, str(dwi))
-            hr_dwi, gtab = align_volumes(hr_dwi[..., keep], gtab.subset(keep), series.affine)
-        if grid_shifts:
-            offsets = grid_offsets(r)
-            pairs = make_pairs(hr_dwi, series.affine, gtab, r, offsets, str(dwi))
-            names = [f"{name}_grid-{''.join(map(str, o))}" for o in offsets]
-            seeds = [[int(seed), i, k] for k in range(len(offsets))]
-            n = -(-n // len(offsets))
-        else:
-            pairs, names, seeds = [make_pair(hr_dwi, series.affine, gtab, r, str(dwi))], [name], [[int(seed), i]]
-        for pair, pair_name, pair_seed in zip(pairs, names, seeds):
+        pairs = _training_pairs(series, str(dwi), name, i, r, seed, preprocessing, grid_shifts, register_volumes)
+        n = -(-n // len(pairs))  # (the run's patches shared among its alignments)
+        for pair, pair_name, pair_seed in pairs:
             built.append(
                 RunPatches.from_arrays(
                     pair.lr.tensors,
