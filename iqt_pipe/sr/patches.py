@@ -624,9 +624,8 @@ def build_library(
     (:func:`iqt_pipe.dmri.degrade.grid_offsets`, r³ of them, named ``<run>_grid-<ijk>``), its
     patches shared among them: the same anatomy, and as many patches, in r³ samplings.
 
-    With ``register_volumes``, each HR series' DTI volumes are registered to each other after
-    its preprocessing (:func:`iqt_pipe.dmri.preproc.align_volumes`, as QSIPrep corrects motion
-    after denoising): raw scans then give targets without the misaligned volumes' bright rim.
+    ``register_volumes``: each HR series' DTI volumes registered to each other after its
+    preprocessing (:func:`iqt_pipe.dmri.preproc.align_volumes`, as QSIPrep does after denoising).
 
     With ``cache_dir``, reuse ``cache_dir/patches-<key>.npz`` when it exists (see
     :func:`library_key`), else build and write it. Each run's centres are drawn from
