@@ -147,6 +147,28 @@ def test_wls_equals_dipys_tensor_model():
     np.testing.assert_allclose(s0, theirs.S0_hat, rtol=1e-9)
 
 
+def test_wls_survives_a_voxel_whose_weights_underflow():
+    """A voxel whose OLS fit is wild (a b = 0 reading of 1e300 beside floor-level diffusion
+    weighting) keeps only one weight above underflow: its normal equations are singular. The
+    chunk is then solved by pseudo-inverse, as DIPY solves every voxel, instead of failing;
+    the other voxels' estimates do not change."""
+    import dipy.reconst.dti as dipy_dti
+    from dipy.core.gradients import gradient_table
+
+    from iqt_pipe.dmri.fit import positive_signal, wls_tensors
+
+    p = ph.make_phantom("tiny", seed=4, snr=20)
+    g = p.gtab
+    design = dipy_dti.TensorModel(gradient_table(g.bvals, bvecs=g.bvecs), fit_method="WLS").design_matrix
+    signal = positive_signal(p.dwi[p.mask].astype(np.float64))[:500]
+    wild = np.where(g.b0_mask, 1e300, 1e-4)
+    tensors, s0 = wls_tensors(design, np.vstack([signal, wild]))
+    alone, alone_s0 = wls_tensors(design, signal)
+    np.testing.assert_allclose(tensors[:-1], alone, rtol=0, atol=1e-9 * np.abs(alone).max())
+    np.testing.assert_allclose(s0[:-1], alone_s0, rtol=1e-9)
+    assert np.isfinite(tensors[-1]).all()
+
+
 def test_world_truth_does_not_depend_on_voxel_orientation():
     ras = ph.make_phantom("tiny", seed=2, snr=None)
     for codes in ("LAS", "PIR"):

@@ -83,7 +83,9 @@ def wls_tensors(design: np.ndarray, signal: np.ndarray) -> tuple[np.ndarray, np.
     by one matrix product and solved together: the same estimates, within ~1e-10 relative
     on real scans, three times faster. ``design`` must have full column rank (as
     :func:`~iqt_pipe.dmri.gradients.select_dti_volumes` checks); the weights are positive, so
-    every system is then positive definite."""
+    every system is then positive definite — unless a voxel's wild OLS fit leaves fewer than
+    seven of them above underflow (seen at the edge of registered series), which a chunk then
+    solves, as DIPY does, by pseudo-inverse."""
     import dipy.reconst.dti as dipy_dti
 
     signal = np.maximum(signal, dipy_dti.MIN_POSITIVE_SIGNAL)  # as TensorModel.fit
@@ -95,9 +97,17 @@ def wls_tensors(design: np.ndarray, signal: np.ndarray) -> tuple[np.ndarray, np.
     for start in range(0, len(signal), WLS_CHUNK):
         s = signal[start : start + WLS_CHUNK]
         ols, _ = dipy_dti.ols_fit_tensor(design, s, return_lower_triangular=True)
-        w2 = np.exp(2.0 * (ols @ design.T))  # squared weights: DIPY's w = predicted signal
+        # Squared weights, DIPY's w = predicted signal, over each voxel's largest (the estimate
+        # does not depend on their scale; unscaled, a wild OLS fit overflows or underflows).
+        log_w2 = 2.0 * (ols @ design.T)
+        w2 = np.exp(log_w2 - log_w2.max(axis=1, keepdims=True))
         normal = (w2 @ outer).reshape(-1, k, k)
-        params[start : start + len(s)] = np.linalg.solve(normal, ((w2 * np.log(s)) @ x)[..., None])[..., 0] * scale
+        rhs = ((w2 * np.log(s)) @ x)[..., None]
+        try:
+            solved = np.linalg.solve(normal, rhs)
+        except np.linalg.LinAlgError:  # weights underflowed to fewer than k volumes: DIPY's pinv
+            solved = np.linalg.pinv(normal) @ rhs
+        params[start : start + len(s)] = solved[..., 0] * scale
     tensors = dipy_dti.eig_from_lo_tri(params, min_diffusivity=1e-6 / -design.min())  # DIPY's tol
     return dipy_dti.TensorFit(None, tensors).lower_triangular(), np.exp(-params[:, -1])
 
