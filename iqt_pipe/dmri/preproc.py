@@ -189,7 +189,7 @@ def remove_gibbs(dwi: np.ndarray, slice_axis: int = 2, processes: int = 1) -> np
 #: (affine: motion and the linear part of eddy-current distortion), and between the mean
 #: diffusion-weighted volume and the mean b = 0 (rigid: an affine map across the two contrasts,
 #: as DIPY's ``motion_correction`` fits, shrank a still phantom's volumes by up to 1.6 %; within
-#: one contrast by 0.3–0.7 %). The rigid step is needed: straight from the translation, the
+#: one contrast by 0.1–0.7 %). The rigid step is needed: straight from the translation, the
 #: affine step found a 6° turn of a test volume only in part.
 AFFINE_PIPELINE = ("center_of_mass", "translation", "rigid", "affine")
 RIGID_PIPELINE = ("center_of_mass", "translation", "rigid")
