@@ -53,9 +53,15 @@ def series():
     return dwi, GradientTable(bvals, bvecs), affine, gains, head
 
 
-def test_moved_volumes_are_brought_back(series):
+@pytest.fixture(scope="module")
+def aligned(series):
+    dwi, gtab, affine, *_ = series
+    return align_volumes(dwi, gtab, affine)
+
+
+def test_moved_volumes_are_brought_back(series, aligned):
     dwi, gtab, affine, gains, head = series
-    out, _ = align_volumes(dwi, gtab, affine)
+    out, _ = aligned
     assert out.shape == dwi.shape and out.dtype == np.float32 and (out >= 0).all()
     inside = ndimage.binary_erosion(head > 0, iterations=4)
     centre = (np.array(head.shape) - 1) / 2
@@ -74,10 +80,10 @@ def test_moved_volumes_are_brought_back(series):
     assert steady < 0.02
 
 
-def test_directions_turn_with_their_volumes(series):
+def test_directions_turn_with_their_volumes(series, aligned):
     dwi, gtab, affine, *_ = series
     q = MOTIONS[4][0]
-    _, turned = align_volumes(dwi, gtab, affine)
+    _, turned = aligned
     np.testing.assert_array_equal(turned.bvals, gtab.bvals)
     assert np.allclose(turned.bvecs[0], 0)
     # Unturned volumes (a shift is not a turn) keep their directions...

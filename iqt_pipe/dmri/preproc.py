@@ -280,13 +280,15 @@ def align_volumes(dwi: np.ndarray, gtab, affine: np.ndarray, processes: int = 1)
     if not b0.any() or b0.all():
         raise ValueError("registering a series' volumes needs b = 0 and diffusion-weighted volumes")
     transforms = np.empty((data.shape[-1], 4, 4))
-    means = []
+    out = np.empty_like(data)
     for group in (b0, ~b0):
         transforms[group] = _maps_to_first(data[..., group], affine, processes)
-        means.append(np.mean([_resample(data[..., k], transforms[k], affine) for k in np.flatnonzero(group)], axis=0))
-    across = _registration_map(means[1], means[0], affine, RIGID_PIPELINE)
+        for k in np.flatnonzero(group):
+            out[..., k] = _resample(data[..., k], transforms[k], affine)
+    across = _registration_map(out[..., ~b0].mean(axis=-1), out[..., b0].mean(axis=-1), affine, RIGID_PIPELINE)
     transforms[~b0] = transforms[~b0] @ across  # b = 0 world → first DW volume's world → the volume's
-    out = np.stack([_resample(data[..., k], transforms[k], affine) for k in range(data.shape[-1])], axis=-1)
+    for k in np.flatnonzero(~b0):  # (the b = 0 volumes stay as their group's maps put them)
+        out[..., k] = _resample(data[..., k], transforms[k], affine)
     # A voxel that some volume's map takes outside the grid has lost that reading: it is left
     # out (zero, as the fit's valid-signal mask drops it) rather than fitted without it (a b = 0
     # lost leaves the fit of one shell singular).
