@@ -154,3 +154,29 @@ def test_voxels_a_volume_lost_at_the_grid_edge_are_left_out(series):
     assert any(empty[face].all() for face in (np.s_[:1], np.s_[-1:]))
     assert any(empty[:, face].all() for face in (np.s_[:1], np.s_[-1:]))
     assert (out[~empty] > 0).all() and empty.mean() < 0.3  # (measured: 0.22, corners of the turn too)
+
+
+def test_a_registered_series_is_kept_and_read_back(series, aligned, tmp_path, monkeypatch):
+    """With ``cache_dir`` the result is written once and read back for the same series (as
+    iqt-train and iqt-eval share it); another series is registered, not taken from there."""
+    from iqt_pipe.dmri import preproc
+
+    dwi, gtab, affine, *_ = series
+    out, turned = align_volumes(dwi, gtab, affine, cache_dir=tmp_path)
+    np.testing.assert_array_equal(out, aligned[0])
+    np.testing.assert_array_equal(turned.bvecs, aligned[1].bvecs)
+    (kept,) = tmp_path.glob("aligned-*.npz")
+
+    def refuse(*args):
+        raise AssertionError("registered again")
+
+    monkeypatch.setattr(preproc, "_align", refuse)
+    again, turned_again = align_volumes(dwi.astype(np.float64), gtab, affine, cache_dir=tmp_path)
+    np.testing.assert_array_equal(again, aligned[0])
+    np.testing.assert_array_equal(turned_again.bvecs, aligned[1].bvecs)
+    assert list(tmp_path.glob("aligned-*.npz")) == [kept]
+    for other in (dwi * 1.01, dwi[..., :4]):
+        with pytest.raises(AssertionError, match="registered again"):
+            align_volumes(other, gtab.subset(np.arange(other.shape[-1])), affine, cache_dir=tmp_path)
+    with pytest.raises(AssertionError, match="registered again"):
+        align_volumes(dwi, gtab, affine @ np.diag([1.0, 1.0, 1.1, 1.0]), cache_dir=tmp_path)

@@ -85,6 +85,13 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
         "and eddy currents) before the reference and the LR series are made, as QSIPrep's series "
         "are (with --cross-validate, the training series too; default: off, the series as acquired)",
     )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="folder where registered series are kept and reused (iqt-train's --cache-dir shares them; "
+        "with --cross-validate, the patch libraries too; default: none, or each fold's cache/)",
+    )
 
 
 def _add_method_arguments(p: argparse.ArgumentParser) -> None:
@@ -328,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
             self_calibration=not args.no_self_calibration,
             runs_per_subject=args.runs_per_subject,
             resume=args.resume,
+            cache_dir=args.cache_dir,
             figures=not args.no_figures,
             quiet=args.quiet,
             prog=PROG,
@@ -393,6 +401,7 @@ def _score(args, device, runs, methods, scored):
         figures=figures,
         processes=args.nprocs,
         register_volumes=args.register_volumes,
+        cache_dir=args.cache_dir,
     )
     return results, figures
 

@@ -9,9 +9,13 @@ pipeline (QSIPrep) where the training and evaluation series are raw scans.
 
 from __future__ import annotations
 
+import hashlib
 import sys
+from pathlib import Path
 
 import numpy as np
+
+from iqt_pipe.io import atomic_path
 
 
 def _check_series(dwi: np.ndarray) -> np.ndarray:
@@ -250,7 +254,20 @@ def _resample(volume: np.ndarray, transform: np.ndarray, affine: np.ndarray) -> 
     return np.clip(np.asarray(moved, dtype=np.float32), 0, None)
 
 
-def align_volumes(dwi: np.ndarray, gtab, affine: np.ndarray, processes: int = 1):
+#: Changes when :func:`align_volumes` would give another result, so that the series cached
+#: by an earlier version are registered again.
+ALIGNMENT_VERSION = 1
+
+
+def _alignment_key(data: np.ndarray, gtab, affine: np.ndarray) -> str:
+    digest = hashlib.sha256(f"align_volumes {ALIGNMENT_VERSION} {data.shape} {gtab.b0_threshold}".encode())
+    digest.update(np.ascontiguousarray(data, dtype=np.float32).tobytes())
+    for table in (gtab.bvals, gtab.bvecs, affine):
+        digest.update(np.ascontiguousarray(table, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def align_volumes(dwi: np.ndarray, gtab, affine: np.ndarray, processes: int = 1, cache_dir=None):
     """A raw series with its volumes aligned, and its gradient table turned to match.
 
     Volume by volume (on ``processes`` processes), by DIPY's mutual-information registration:
@@ -267,13 +284,32 @@ def align_volumes(dwi: np.ndarray, gtab, affine: np.ndarray, processes: int = 1)
     the noise: training targets and evaluation references of raw scans need this, as the
     series an upstream pipeline (QSIPrep) delivers have it. Returns the float32 series and
     the new :class:`~iqt_pipe.dmri.gradients.GradientTable`.
-    """
-    from dipy.core.gradients import gradient_table, reorient_bvecs
 
-    from iqt_pipe.dmri.dti import fsl_flip, voxel_to_world_rotation
+    With ``cache_dir``, the result is kept there as ``aligned-<key>.npz`` (the key hashes the
+    series, its gradient table and affine) and read back the next time the same series is
+    registered: ``iqt-train`` and ``iqt-eval`` pointed at one folder register each run once.
+    """
     from iqt_pipe.dmri.gradients import GradientTable
 
     data = _check_series(dwi)
+    if cache_dir is not None:
+        cached = Path(cache_dir) / f"aligned-{_alignment_key(data, gtab, affine)[:24]}.npz"
+        if cached.exists():
+            with np.load(cached) as saved:
+                return saved["dwi"], GradientTable(gtab.bvals, saved["bvecs"], gtab.b0_threshold)
+    out, bvecs = _align(data, gtab, affine, processes)
+    if cache_dir is not None:
+        with atomic_path(cached) as tmp:
+            np.savez(tmp, dwi=out, bvecs=bvecs)
+    return out, GradientTable(gtab.bvals, bvecs, gtab.b0_threshold)
+
+
+def _align(data: np.ndarray, gtab, affine: np.ndarray, processes: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`align_volumes`' work: the aligned series and its turned bvecs (FSL frame)."""
+    from dipy.core.gradients import gradient_table, reorient_bvecs
+
+    from iqt_pipe.dmri.dti import fsl_flip, voxel_to_world_rotation
+
     if data.shape[-1] != gtab.bvals.size:
         raise ValueError(f"{data.shape[-1]} volumes but {gtab.bvals.size} gradient table rows")
     b0 = gtab.b0_mask
@@ -300,8 +336,7 @@ def align_volumes(dwi: np.ndarray, gtab, affine: np.ndarray, processes: int = 1)
     dipy_gtab = gradient_table(gtab.bvals, bvecs=np.where(b0[:, None], 0.0, world), b0_threshold=gtab.b0_threshold)
     turned = reorient_bvecs(dipy_gtab, np.moveaxis(transforms[~b0], 0, -1)).bvecs
     # World → the FSL frame of the bvec files (bvecs_world's steps taken back).
-    bvecs = np.where(b0[:, None], gtab.bvecs, turned @ voxel_to_world_rotation(affine) @ fsl_flip(affine))
-    return out, GradientTable(gtab.bvals, bvecs, gtab.b0_threshold)
+    return out, np.where(b0[:, None], gtab.bvecs, turned @ voxel_to_world_rotation(affine) @ fsl_flip(affine))
 
 
 #: Central slices of the brain the noise-correlation check looks at (MP-PCA denoises the middle

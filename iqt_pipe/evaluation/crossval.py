@@ -166,6 +166,7 @@ def cross_validate(
     figures: bool = True,
     quiet: bool = False,
     prog: str = "iqt-eval",
+    cache_dir: Path | None = None,
 ) -> tuple[dict, Figures | None]:
     """Train one model per fold of subjects (``folds``) on every run of the other folds'
     subjects and score the held-out runs with ``methods`` and that model (named after the
@@ -177,7 +178,8 @@ def cross_validate(
     ``runs``: every run found; the first ``runs_per_subject`` of each subject are scored (and
     calibrated on). ``library_options``: :func:`~iqt_pipe.sr.patches.build_library`'s keywords
     (default: ``settings.library_options(r=r)``). ``resume`` reuses the folds' models and
-    continues their unfinished trainings. Prints a line per fold and a warning for a model
+    continues their unfinished trainings. ``cache_dir``: the folder for every fold's patch
+    library and registered series (default: each fold's ``cache/``). Prints a line per fold and a warning for a model
     that learnt nothing, prefixed by ``prog``. Returns the results (records with their fold,
     thresholds per fold, folds) and the figures' data (None without ``figures``).
     """
@@ -194,7 +196,8 @@ def cross_validate(
             f"score {', '.join(held_out)}" + (f" (resuming from {earlier})" if earlier else ""),
             flush=True,
         )
-        library = build_library(train_runs, cache_dir=folder / "cache", quiet=quiet, **options)
+        cache = cache_dir or folder / "cache"
+        library = build_library(train_runs, cache_dir=cache, quiet=quiet, **options)
         result = train(
             library,
             folder,
@@ -224,6 +227,7 @@ def cross_validate(
             quiet=quiet,
             figures=collected,
             register_volumes=bool(options.get("register_volumes", False)),
+            cache_dir=cache,
         )
         for rec in res["records"]:
             rec["fold"] = k

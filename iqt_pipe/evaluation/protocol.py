@@ -195,12 +195,14 @@ def prepare_case(
     noise_floor: bool = True,
     processes: int = 1,
     register_volumes: bool = False,
+    cache_dir=None,
 ) -> Case:
     """Load a DWI run (:class:`~iqt_pipe.bids.DWIRun`) and make its :class:`Case`.
 
     ``register_volumes``: the run's DTI volumes registered to each other first
     (:func:`~iqt_pipe.dmri.preproc.align_volumes`), so that the reference and the LR series
-    are those of a motion- and eddy-corrected scan, as an upstream pipeline delivers it.
+    are those of a motion- and eddy-corrected scan, as an upstream pipeline delivers it (the
+    registered series kept in ``cache_dir`` when given, and read back from there).
 
     ``snr`` (known-truth mode): mean brain b = 0 signal over the added noise's σ; default
     the run's own (its MP-PCA σ), so the synthetic series is as noisy as the scan.
@@ -211,10 +213,11 @@ def prepare_case(
     series = load_dwi(run.dwi, run.bval, run.bvec)
     keep = select_dti_volumes(series.gtab, str(series.path))
     gtab = series.gtab.subset(keep)
-    hr_dwi = crop_to_multiple(series.data[..., keep], r)
+    hr_dwi = series.data[..., keep]
     affine = series.affine
-    if register_volumes:
-        hr_dwi, gtab = align_volumes(hr_dwi, gtab, affine, processes=processes)
+    if register_volumes:  # (the whole series, as iqt-train registers it: one cached result for both)
+        hr_dwi, gtab = align_volumes(hr_dwi, gtab, affine, processes=processes, cache_dir=cache_dir)
+    hr_dwi = crop_to_multiple(hr_dwi, r)
     zooms = series.zooms
     rng = np.random.default_rng([seed, 7])
     mask = brain_mask(hr_dwi, gtab, zooms)
@@ -551,20 +554,23 @@ def evaluate(
     scatter_points: int = 20000,
     processes: int = 1,
     register_volumes: bool = False,
+    cache_dir=None,
 ) -> dict[str, Any]:
     """Score ``methods`` on ``test_runs`` in each of ``modes``; see the module docstring.
 
     For every model method, the risky-voxel threshold is chosen on ``calibration_runs``
     (training subjects; raw mode) when given. Returns JSON-ready results: one record per
     (run, mode) with the reference's floor and each method's scores, ratios to cubic spline.
-    ``processes``: MP-PCA's, for the noise floor; ``register_volumes``: see :func:`prepare_case`.
+    ``processes``: MP-PCA's, for the noise floor, and the registration's; ``register_volumes``
+    and ``cache_dir``: see :func:`prepare_case`.
     """
+    registration = {"register_volumes": register_volumes, "cache_dir": cache_dir}
     thresholds: dict[str, float] = {}
     model_methods = [m for m in methods if m.is_model]
     if calibration_runs and model_methods:
         collected: dict[str, list] = {m.name: [] for m in model_methods}
         for run in _case_progress(calibration_runs, "thresholds (training runs)", quiet):
-            case = prepare_case(run, r=r, mode="raw", seed=seed, noise_floor=False, register_volumes=register_volumes)
+            case = prepare_case(run, r=r, mode="raw", seed=seed, noise_floor=False, processes=processes, **registration)
             for m in model_methods:
                 pred = predict(m, case, mc_samples=mc_samples, seed=seed, device=device, mem_mb=mem_mb)
                 collected[m.name].append(risky_voxels(case, pred))
@@ -577,9 +583,7 @@ def evaluate(
     records = []
     jobs = [(run, mode) for run in test_runs for mode in modes]
     for run, mode in _case_progress(jobs, "evaluation", quiet):
-        case = prepare_case(
-            run, r=r, mode=mode, snr=snr, seed=seed, processes=processes, register_volumes=register_volumes
-        )
+        case = prepare_case(run, r=r, mode=mode, snr=snr, seed=seed, processes=processes, **registration)
         rec: dict[str, Any] = {
             "run": case.name,
             "subject": case.subject,

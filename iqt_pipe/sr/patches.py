@@ -580,14 +580,15 @@ def _training_pairs(
     preprocessing: Preprocessing,
     grid_shifts: bool,
     register_volumes: bool,
+    cache_dir,
 ) -> list[tuple]:
     """Run ``index``'s training pairs for :func:`build_library`, each with its name and seed:
-    its HR series preprocessed (then its DTI volumes registered), degraded on the one block
-    grid or at all r³ alignments of it."""
+    its HR series preprocessed (then its DTI volumes registered, the result kept in
+    ``cache_dir``), degraded on the one block grid or at all r³ alignments of it."""
     hr_dwi, gtab = preprocess_series(series.data, preprocessing), series.gtab
     if register_volumes:
         keep = select_dti_volumes(gtab, source)
-        hr_dwi, gtab = align_volumes(hr_dwi[..., keep], gtab.subset(keep), series.affine)
+        hr_dwi, gtab = align_volumes(hr_dwi[..., keep], gtab.subset(keep), series.affine, cache_dir=cache_dir)
     if not grid_shifts:
         return [(make_pair(hr_dwi, series.affine, gtab, r, source), name, [int(seed), index])]
     offsets = grid_offsets(r)
@@ -625,7 +626,8 @@ def build_library(
     patches shared among them: the same anatomy, and as many patches, in r³ samplings.
 
     ``register_volumes``: each HR series' DTI volumes registered to each other after its
-    preprocessing (:func:`iqt_pipe.dmri.preproc.align_volumes`, as QSIPrep does after denoising).
+    preprocessing (:func:`iqt_pipe.dmri.preproc.align_volumes`, as QSIPrep does after denoising;
+    kept in ``cache_dir`` too, where ``iqt-eval --cache-dir`` finds them).
 
     With ``cache_dir``, reuse ``cache_dir/patches-<key>.npz`` when it exists (see
     :func:`library_key`), else build and write it. Each run's centres are drawn from
@@ -665,7 +667,9 @@ def build_library(
                 f"{dwi}: matrix {series.data.shape[:3]} is too small for {input_size}³ LR patches at r = {r}"
             )
         domains.append(series_domain(series.affine, series.gtab, str(dwi), series_manufacturer(dwi)))
-        pairs = _training_pairs(series, str(dwi), name, i, r, seed, preprocessing, grid_shifts, register_volumes)
+        pairs = _training_pairs(
+            series, str(dwi), name, i, r, seed, preprocessing, grid_shifts, register_volumes, cache_dir
+        )
         n = -(-n // len(pairs))  # (the run's patches shared among its alignments)
         for pair, pair_name, pair_seed in pairs:
             built.append(
