@@ -103,10 +103,11 @@ def test_series_and_table_must_match(series):
         align_volumes(dwi[..., :4], gtab, affine)
 
 
-def test_iqt_eval_registers_a_moving_scan_before_its_reference(tmp_path):
+def test_iqt_eval_registers_a_moving_scan_before_its_reference(tmp_path, monkeypatch):
     """A phantom scan whose diffusion-weighted volumes moved (head motion by 1-2 mm): its HR
     reference is far from the truth as acquired, and near the still scan's once both are
-    registered (registration resamples, which costs both some detail)."""
+    registered (registration resamples, which costs both some detail). The patch library
+    reads the registered series iqt-eval kept, not registering it again."""
     import shutil
 
     import nibabel as nb
@@ -133,14 +134,23 @@ def test_iqt_eval_registers_a_moving_scan_before_its_reference(tmp_path):
     truth = tensors_world_to_voxel(truth, affine)
     (still_run,) = find_dwi_runs(still)
     errors = {}
+    cache = tmp_path / "cache"
     for name, r, register in (("still", still_run, True), ("moving", run, False), ("registered", run, True)):
-        case = ev.prepare_case(r, mode="raw", noise_floor=False, register_volumes=register)
+        case = ev.prepare_case(r, mode="raw", noise_floor=False, register_volumes=register, cache_dir=cache)
         assert case.info["registered_volumes"] is register
         crop = truth[tuple(slice(0, s) for s in case.reference.shape[:3])]
         errors[name] = metrics.rmse(case.reference, crop, case.hr_mask)
     # Measured: 4.8, 7.5 and 5.75 × 1e-5 mm²/s (as acquired, the still scan's is 3.4).
     assert errors["moving"] > 1.4 * errors["still"], errors
     assert errors["registered"] < errors["still"] + 0.5 * (errors["moving"] - errors["still"]), errors
+
+    from iqt_pipe.dmri import preproc
+    from iqt_pipe.sr.patches import build_library
+
+    assert len(list(cache.glob("aligned-*.npz"))) == 2
+    monkeypatch.setattr(preproc, "_align", lambda *args: pytest.fail("registered again"))
+    lib = build_library([run], patches_per_subject=20, cache_dir=cache, register_volumes=True, quiet=True)
+    assert lib.meta["register_volumes"] and len(list(cache.glob("aligned-*.npz"))) == 2
 
 
 def test_voxels_a_volume_lost_at_the_grid_edge_are_left_out(series):
