@@ -335,7 +335,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue the training in OUT_DIR from its last checkpoint")
     p.add_argument(
-        "--cache-dir", type=Path, metavar="DIR", help="folder for the patch library cache (default: OUT_DIR/cache)"
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="folder for the patch library cache and the series --register-volumes registered (default: OUT_DIR/cache)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="more messages; tracebacks on errors")
