@@ -179,9 +179,10 @@ def cross_validate(
     calibrated on). ``library_options``: :func:`~iqt_pipe.sr.patches.build_library`'s keywords
     (default: ``settings.library_options(r=r)``). ``resume`` reuses the folds' models and
     continues their unfinished trainings. ``cache_dir``: the folder for every fold's patch
-    library and registered series (default: each fold's ``cache/``). Prints a line per fold and a warning for a model
-    that learnt nothing, prefixed by ``prog``. Returns the results (records with their fold,
-    thresholds per fold, folds) and the figures' data (None without ``figures``).
+    library and registered series (default: each fold's ``cache/``). Prints a line per fold
+    and a warning for a model that learnt nothing, prefixed by ``prog``. Returns the results
+    (records with their fold, thresholds per fold, folds) and the figures' data (None without
+    ``figures``).
     """
     options = library_options if library_options is not None else settings.library_options(r=r)
     records, thresholds, fold_info = [], {}, []

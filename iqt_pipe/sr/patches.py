@@ -572,7 +572,6 @@ def patches_per_run(runs: Sequence, patches_per_subject: int) -> list[int]:
 
 def _training_pairs(
     series,
-    source: str,
     name: str,
     index: int,
     r: int,
@@ -585,7 +584,7 @@ def _training_pairs(
     """Run ``index``'s training pairs for :func:`build_library`, each with its name and seed:
     its HR series preprocessed (then its DTI volumes registered, the result kept in
     ``cache_dir``), degraded on the one block grid or at all r³ alignments of it."""
-    hr_dwi, gtab = preprocess_series(series.data, preprocessing), series.gtab
+    hr_dwi, gtab, source = preprocess_series(series.data, preprocessing), series.gtab, str(series.path)
     if register_volumes:
         keep = select_dti_volumes(gtab, source)
         hr_dwi, gtab = align_volumes(hr_dwi[..., keep], gtab.subset(keep), series.affine, cache_dir=cache_dir)
@@ -626,12 +625,11 @@ def build_library(
     patches shared among them: the same anatomy, and as many patches, in r³ samplings.
 
     ``register_volumes``: each HR series' DTI volumes registered to each other after its
-    preprocessing (:func:`iqt_pipe.dmri.preproc.align_volumes`, as QSIPrep does after denoising;
-    kept in ``cache_dir`` too, where ``iqt-eval --cache-dir`` finds them).
+    preprocessing (:func:`iqt_pipe.dmri.preproc.align_volumes`, as QSIPrep does after denoising).
 
-    With ``cache_dir``, reuse ``cache_dir/patches-<key>.npz`` when it exists (see
-    :func:`library_key`), else build and write it. Each run's centres are drawn from
-    ``default_rng([seed, run index])`` (``[seed, run index, alignment]`` with ``grid_shifts``).
+    With ``cache_dir``, reuse ``cache_dir/patches-<key>.npz`` when it exists (see :func:`library_key`),
+    else build and write it; registered series are kept there too. Each run's centres are drawn
+    from ``default_rng([seed, run index])`` (``[seed, run index, alignment]`` with ``grid_shifts``).
     """
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
@@ -667,9 +665,7 @@ def build_library(
                 f"{dwi}: matrix {series.data.shape[:3]} is too small for {input_size}³ LR patches at r = {r}"
             )
         domains.append(series_domain(series.affine, series.gtab, str(dwi), series_manufacturer(dwi)))
-        pairs = _training_pairs(
-            series, str(dwi), name, i, r, seed, preprocessing, grid_shifts, register_volumes, cache_dir
-        )
+        pairs = _training_pairs(series, name, i, r, seed, preprocessing, grid_shifts, register_volumes, cache_dir)
         n = -(-n // len(pairs))  # (the run's patches shared among its alignments)
         for pair, pair_name, pair_seed in pairs:
             built.append(
